@@ -1,0 +1,159 @@
+"""The `appliance` command line: serve, inspect models and providers, provision, OTA, pool tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.errors import ApplianceError
+from appliance.settings import Settings, config_schema
+
+log = logging.getLogger("appliance")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        overrides.setdefault("server", {})["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides.setdefault("server", {})["port"] = args.port
+    if getattr(args, "model_repository", None):
+        overrides.setdefault("models", {})["repository"] = args.model_repository
+    return Settings.load(getattr(args, "config", None), overrides=overrides)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (default /etc/appliance/appliance.toml)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.service import Service
+
+    settings = _settings(args)
+    _configure_logging(settings.system.log_level)
+    return asyncio.run(Service(settings).run())
+
+
+def cmd_models_check(args: argparse.Namespace) -> int:
+    """Load each model of DIR (no warm-up timing) and print its signature or why it fails."""
+    from appliance.engine.model import LoadedModel
+    from appliance.engine.repository import Repository
+    from appliance.providers.registry import Registry
+
+    settings = _settings(args)
+    repository = Repository(args.directory)
+    registry = Registry.discover()
+    configs = registry.configs(settings.providers)
+    names = repository.names()
+    if not names:
+        print(f"no models in {args.directory}")
+        return 1
+    failures = 0
+    report = []
+    for name in names:
+        try:
+            model = LoadedModel.load(
+                repository.source(name),
+                registry=registry,
+                settings=settings.models,
+                provider_configs=configs,
+                cache_dir=settings.system.cache_dir,
+                threads_per_call=1,
+            )
+        except ApplianceError as exc:
+            failures += 1
+            report.append({"name": name, "state": "UNAVAILABLE", "reason": str(exc)})
+            continue
+        report.append(_describe_model(model))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for item in report:
+            print(_format_model(item))
+    return 1 if failures else 0
+
+
+def _describe_model(model: Any) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "version": model.version,
+        "state": "READY",
+        "provider": model.provider,
+        "precision": model.precision,
+        "sha256": model.digest,
+        "max_batch_size": model.limits.max_batch_size,
+        "inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in model.signature.inputs],
+        "outputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in model.signature.outputs],
+    }
+
+
+def _format_model(item: dict[str, Any]) -> str:
+    if item["state"] != "READY":
+        return f"{item['name']}: UNAVAILABLE: {item['reason']}"
+    lines = [
+        f"{item['name']} v{item['version']}: READY on {item['provider']} ({item['precision']}, "
+        f"max_batch_size {item['max_batch_size']})"
+    ]
+    for kind in ("inputs", "outputs"):
+        for spec in item[kind]:
+            lines.append(f"  {kind[:-1]:6} {spec['name']}: {spec['datatype']} {spec['shape']}")
+    return "\n".join(lines)
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    serve = verbs.add_parser("serve", help="serve the model repository over HTTP (KServe v2)")
+    _add_config(serve)
+    serve.add_argument("--model-repository", type=Path, help="model repository folder")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.set_defaults(func=cmd_serve)
+
+    models = verbs.add_parser("models", help="inspect a model repository")
+    model_verbs = models.add_subparsers(dest="models_verb", required=True, metavar="VERB")
+    check = model_verbs.add_parser("check", help="load each model and print its signature or why it fails")
+    _add_config(check)
+    check.add_argument("directory", type=Path)
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(func=cmd_models_check)
+
+    schema = verbs.add_parser("config-schema", help="print the JSON Schema of the settings")
+    schema.set_defaults(func=cmd_config_schema)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ApplianceError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Models on disk and in ONNX Runtime: repository, manifests, integrity, loaded sessions."""

@@ -1,0 +1,255 @@
+"""LoadedModel: an ORT session on the provider that took it, its signature, warm-up and `run`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from appliance.engine.manifest import Batching
+from appliance.engine.precision import detect_precision
+from appliance.engine.repository import ModelSource, file_digest
+from appliance.engine.signature import Signature, read_signature
+from appliance.errors import ApplianceError, InferenceFailed, InvalidInput, ModelLoadError
+from appliance.providers.base import SessionContext
+from appliance.providers.registry import Registry
+from appliance.providers.selection import Fallback, open_session
+from appliance.settings import ModelSettings
+from appliance.tensors import DYNAMIC, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """How rows may be batched for one model (max_batch_size 0: one request at a time)."""
+
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_delay_ms: float
+
+    @property
+    def is_batched(self) -> bool:
+        return self.max_batch_size > 0
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to run. `run` may be called from several threads at once (ORT allows it)."""
+
+    source: ModelSource
+    session: ort.InferenceSession
+    signature: Signature
+    digest: str
+    provider: str
+    fallbacks: list[Fallback]
+    precision: str
+    limits: BatchLimits
+    slo_p99_ms: float
+    threads_per_call: int
+    load_s: float
+    warmup: list[tuple[int, float]] = field(default_factory=list)  # (rows, seconds)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def version(self) -> str:
+        return str(self.source.version)
+
+    @classmethod
+    def load(
+        cls,
+        source: ModelSource,
+        *,
+        registry: Registry,
+        settings: ModelSettings,
+        provider_configs: Mapping[str, object],
+        cache_dir: Path,
+        threads_per_call: int,
+    ) -> LoadedModel:
+        """Verify, open and inspect a model; ModelLoadError with ORT's reason if it cannot serve."""
+        started = time.perf_counter()
+        manifest = source.manifest
+        try:
+            digest = file_digest(source.path)
+        except OSError as exc:
+            raise ModelLoadError(f"model {source.name!r}: cannot read {source.path}: {exc.strerror}") from exc
+        if manifest.sha256 and manifest.sha256 != digest:
+            raise ModelLoadError(
+                f"model {source.name!r}: {source.path.name} has sha256 {digest}; "
+                f"model.toml expects {manifest.sha256}"
+            )
+        chain = registry.chain(manifest.providers or settings.providers)
+        try:
+            placement = open_session(
+                source.path,
+                chain=chain,
+                registry=registry,
+                configs=provider_configs,  # type: ignore[arg-type]
+                context=SessionContext(source.name, digest, cache_dir),
+                session_options=lambda: session_options(threads_per_call),
+            )
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model {source.name!r} failed to load: {exc}") from exc
+        signature = read_signature(placement.session, manifest.inputs)
+        limits = _limits(signature, manifest.batching, settings)
+        return cls(
+            source=source,
+            session=placement.session,
+            signature=signature,
+            digest=digest,
+            provider=placement.provider,
+            fallbacks=placement.fallbacks,
+            precision=manifest.precision or detect_precision(source.path),
+            limits=limits,
+            slo_p99_ms=manifest.slo_p99_ms or settings.default_slo_p99_ms,
+            threads_per_call=threads_per_call,
+            load_s=time.perf_counter() - started,
+        )
+
+    def run(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        control: RunControl | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the session; InvalidInput when ORT rejects the values, InferenceFailed otherwise.
+
+        Releases the GIL while ORT computes, so several threads may call it at once.
+        """
+        names = list(outputs) if outputs is not None else self.signature.output_names
+        feed = {name: _ort_value(name, array) for name, array in inputs.items()}
+        try:
+            results = self.session.run(names, feed, control.options if control else None)
+        except Exception as exc:  # noqa: BLE001 - ORT raises pybind types; translate at our edge
+            if control is not None and control.is_terminated:
+                raise Terminated(f"model {self.name!r}: run stopped to make way for line work") from exc
+            raise _translate(self.name, exc) from exc
+        return dict(zip(names, results, strict=True))
+
+    def warm_up(self, runs: int) -> list[tuple[int, float]]:
+        """Run every preferred batch size `runs` times; check batched outputs keep their rows.
+
+        Returns (rows, seconds) observations that seed the latency profile. A model whose
+        outputs do not follow the batch dimension is downgraded to one request at a time.
+        """
+        sizes = self.limits.preferred_batch_sizes if self.limits.is_batched else (1,)
+        observations: list[tuple[int, float]] = []
+        for rows in sizes:
+            feed = self.example_inputs(rows)
+            if feed is None:
+                log.warning("model %s: warm-up skipped; set input shapes in model.toml", self.name)
+                return observations
+            try:
+                results = self.run(feed)  # first run allocates; not timed
+            except ApplianceError as exc:
+                log.warning("model %s: warm-up with %d rows failed: %s", self.name, rows, exc)
+                return observations
+            if self.limits.is_batched and rows > 1 and not _rows_follow(results, rows):
+                log.warning("model %s: outputs do not follow the batch dimension; not batching", self.name)
+                self.limits = BatchLimits(0, (), 0.0)
+                return self.warm_up(runs)
+            for _ in range(runs):
+                started = time.perf_counter()
+                self.run(feed)
+                observations.append((rows, time.perf_counter() - started))
+        self.warmup = observations
+        return observations
+
+    def example_inputs(self, rows: int) -> dict[str, np.ndarray] | None:
+        """Zero inputs of `rows` rows; None when a non-batch dim is dynamic (size unknown)."""
+        feed = {}
+        for spec in self.signature.inputs:
+            shape = _example_shape(spec, rows if self.limits.is_batched else None)
+            if shape is None:
+                return None
+            if spec.datatype == "BYTES":
+                feed[spec.name] = np.full(shape, b"", dtype=object)
+            else:
+                feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        return feed
+
+
+class Terminated(InferenceFailed):
+    """A run was stopped on purpose by RunControl.terminate (preemption); its work may be retried."""
+
+
+class RunControl:
+    """Lets another thread stop a run in progress (ORT checks RunOptions.terminate between nodes)."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.is_terminated = False
+
+    def terminate(self) -> None:
+        self.is_terminated = True
+        self.options.terminate = True
+
+
+def session_options(threads_per_call: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads_per_call
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning pool threads burn the cores the event loop and the other workers need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 4  # failures reach the caller with ORT's reason; no stderr noise
+    return options
+
+
+def _limits(signature: Signature, batching: Batching, settings: ModelSettings) -> BatchLimits:
+    if not signature.is_batchable:
+        return BatchLimits(0, (), 0.0)
+    max_rows = batching.max_batch_size if batching.max_batch_size is not None else settings.default_max_batch_size
+    if max_rows == 0:
+        return BatchLimits(0, (), 0.0)
+    preferred = tuple(size for size in batching.preferred_batch_sizes if size <= max_rows)
+    if not preferred:
+        preferred = tuple(sorted({1, *(2**k for k in range(max_rows.bit_length()) if 2**k <= max_rows), max_rows}))
+    delay = batching.max_queue_delay_ms
+    return BatchLimits(max_rows, preferred, settings.default_max_queue_delay_ms if delay is None else delay)
+
+
+def _example_shape(spec: TensorSpec, rows: int | None) -> tuple[int, ...] | None:
+    dims = list(spec.shape)
+    if rows is not None:
+        dims[0] = rows
+    if DYNAMIC in dims:
+        return None
+    return tuple(dims)
+
+
+def _rows_follow(results: Mapping[str, np.ndarray], rows: int) -> bool:
+    return all(array.ndim >= 1 and array.shape[0] == rows for array in results.values())
+
+
+def _ort_value(name: str, array: np.ndarray) -> np.ndarray:
+    """ONNX string tensors hold text: BYTES elements must be UTF-8."""
+    if array.dtype != object:
+        return array
+    try:
+        return np.vectorize(_decode, otypes=[object])(array) if array.size else array
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"input {name!r} holds bytes that are not UTF-8 text: {exc.reason}") from None
+
+
+def _decode(item: bytes | str) -> str:
+    return item.decode() if isinstance(item, bytes) else item
+
+
+_INPUT_ERRORS = ("INVALID_ARGUMENT", "InvalidArgument", "invalid argument")
+
+
+def _translate(model: str, exc: Exception) -> ApplianceError:
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:500]
+    if any(marker in text for marker in _INPUT_ERRORS) or type(exc).__name__ == "InvalidArgument":
+        return InvalidInput(f"model {model!r} rejected the input: {text}")
+    return InferenceFailed(f"model {model!r} failed: {text}")

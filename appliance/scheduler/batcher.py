@@ -1,0 +1,113 @@
+"""The batch former: what to run next, what has expired, when to look again. Pure; time is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from appliance.scheduler.profile import LatencyProfile
+from appliance.scheduler.queues import ClassQueue, Priority, Queues, Work
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRules:
+    """The limits a batch must respect (max_rows 0 or 1: one request at a time)."""
+
+    max_rows: int
+    max_queue_delay_s: float
+    max_interference_s: float  # longest predicted pool batch
+
+
+@dataclass(slots=True)
+class Batch:
+    items: list[Work]
+    rows: int
+    priority: Priority
+    predicted_s: float
+
+
+@dataclass(slots=True)
+class Decision:
+    """`batch` to run now (or None); `expired` to answer with DeadlineExceeded; `wake_s` to look again."""
+
+    batch: Batch | None = None
+    expired: list[Work] = field(default_factory=list)
+    wake_s: float | None = None
+
+
+class Batcher:
+    """Forms batches by rows, earliest deadline first, line before pool, never late work."""
+
+    def __init__(self, rules: BatchRules, profile: LatencyProfile) -> None:
+        self.rules = rules
+        self.profile = profile
+
+    @property
+    def row_limit(self) -> int:
+        return max(1, self.rules.max_rows)
+
+    def next(self, queues: Queues, now_s: float) -> Decision:
+        """Decide for one free worker. Pool work is considered only when no line work waits."""
+        decision = Decision(expired=self.expire(queues, now_s))
+        if len(queues.line):
+            batch, wake_s = self._form(queues.line, now_s, self.row_limit)
+            if batch is None:
+                decision.wake_s = wake_s
+            decision.batch = batch
+            return decision
+        if len(queues.pool):
+            decision.batch, decision.wake_s = self._form(queues.pool, now_s, self.pool_row_limit())
+        return decision
+
+    def pool_row_limit(self) -> int:
+        """The most rows of pool work whose predicted duration stays within the interference bound."""
+        rows = 0
+        for candidate in range(1, self.row_limit + 1):
+            if self.profile.bound_s(candidate) > self.rules.max_interference_s:
+                break
+            rows = candidate
+        return rows
+
+    def expire(self, queues: Queues, now_s: float) -> list[Work]:
+        """Remove work that is late: its deadline passed, or it cannot finish even if started alone now."""
+        expired: list[Work] = []
+        horizon_s = now_s + self.profile.expected_s(self.row_limit)
+        for queue in queues.by_class.values():
+            expired += queue.pop_late(
+                lambda w: now_s + self.profile.expected_s(w.rows) > w.deadline_s, horizon_s
+            )
+        return expired
+
+    def _form(self, queue: ClassQueue, now_s: float, row_limit: int) -> tuple[Batch | None, float | None]:
+        head = queue.head()
+        if head is None or row_limit < head.rows:
+            return None, None
+        items: list[Work] = []
+        rows = 0
+        for work in queue:
+            if work.group != head.group:
+                continue
+            if rows + work.rows > row_limit:
+                break
+            if items and now_s + self.profile.bound_s(rows + work.rows) > head.deadline_s:
+                break  # more rows would make the most urgent request late
+            items.append(work)
+            rows += work.rows
+        if rows < row_limit:
+            wake_s = self._wait_until(items, row_limit, now_s)
+            if wake_s is not None:
+                return None, wake_s
+        for work in items:
+            queue.remove(work)
+        return Batch(items, rows, head.priority, self.profile.expected_s(rows)), None
+
+    def _wait_until(self, items: list[Work], row_limit: int, now_s: float) -> float | None:
+        """When a partial batch is worth holding for more rows, the time to give up waiting."""
+        if self.rules.max_queue_delay_s <= 0:
+            return None
+        oldest_s = min(work.arrived_s for work in items)
+        earliest_deadline_s = min(work.deadline_s for work in items)
+        give_up_s = min(
+            oldest_s + self.rules.max_queue_delay_s,
+            earliest_deadline_s - self.profile.bound_s(row_limit),
+        )
+        return give_up_s if give_up_s > now_s else None

@@ -1,0 +1,75 @@
+"""Capacity from the latency profile: the best sustainable rate at the SLO, served rate and spare."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from appliance.scheduler.profile import LatencyProfile
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """Inferences (rows) per second: what the model can sustain at its SLO, serves, and has spare."""
+
+    max_ips_at_slo: float
+    best_batch_rows: int
+    served_ips: float
+    spare_ips_at_slo: float
+
+
+def max_ips_at_slo(
+    profile: LatencyProfile, *, instances: int, max_rows: int, slo_s: float, queue_delay_s: float
+) -> tuple[float, int]:
+    """The best rows/s over batch sizes whose request latency under saturation meets the SLO.
+
+    At a sustained rate near capacity a request waits for up to one running batch, may wait
+    the queue delay for its own batch to fill, then runs: latency ~ bound(r) + delay + bound(r).
+    Throughput with `instances` workers each running r-row batches back to back is
+    instances * r / expected(r). Checked against measurement in bench/capacity.py.
+    """
+    best_ips, best_rows = 0.0, 0
+    for rows in range(1, max(1, max_rows) + 1):
+        expected = profile.expected_s(rows)
+        if expected <= 0:
+            continue
+        latency = 2 * profile.bound_s(rows) + (queue_delay_s if rows > 1 else 0.0)
+        if latency > slo_s:
+            break
+        ips = instances * rows / expected
+        if ips > best_ips:
+            best_ips, best_rows = ips, rows
+    return best_ips, best_rows
+
+
+def spare(max_ips: float, served_ips: float, reserved_share: float) -> float:
+    """Spare = max * (1 - reserved share) - served, never negative."""
+    return max(0.0, max_ips * (1.0 - reserved_share) - served_ips)
+
+
+class RateMeter:
+    """An amount (rows, busy seconds) per second over a sliding window, on an injected clock (pure)."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._events: deque[tuple[float, float]] = deque()
+        self._total = 0.0
+        self._started_s: float | None = None
+
+    def add(self, now_s: float, amount: float) -> None:
+        if self._started_s is None:
+            self._started_s = now_s
+        self._events.append((now_s, amount))
+        self._total += amount
+        self._trim(now_s)
+
+    def rate(self, now_s: float) -> float:
+        self._trim(now_s)
+        if self._started_s is None:
+            return 0.0
+        span = min(self.window_s, max(now_s - self._started_s, 1e-3))
+        return max(0.0, self._total) / span
+
+    def _trim(self, now_s: float) -> None:
+        while self._events and self._events[0][0] <= now_s - self.window_s:
+            self._total -= self._events.popleft()[1]

@@ -1,0 +1,195 @@
+"""ModelHub: every model of the repository, its state, and atomic load/unload/reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from appliance.engine.model import LoadedModel
+from appliance.engine.repository import ModelSource, Repository
+from appliance.errors import ApplianceError, ModelNotFound, ModelNotReady
+from appliance.providers.registry import Registry
+from appliance.scheduler import instances as instance_choice
+from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
+from appliance.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class State(StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    name: str
+    state: State
+    reason: str = ""
+    scheduler: ModelScheduler | None = None
+    trials: list[instance_choice.Trial] = field(default_factory=list)
+
+    @property
+    def version(self) -> str:
+        return self.scheduler.model.version if self.scheduler else ""
+
+
+class ModelHub:
+    """Owns the schedulers. A reload builds and warms the new one first, then swaps, then drains the old."""
+
+    def __init__(self, settings: Settings, registry: Registry, repository: Repository) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.repository = repository
+        self.provider_configs = registry.configs(settings.providers)
+        self._entries: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.is_draining = False
+        self.is_loaded = False
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        return iter(list(self._entries.values()))
+
+    def entry(self, name: str) -> ModelEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model {name!r}; serving: {', '.join(self._entries) or 'none'}") from None
+
+    def scheduler(self, name: str, version: str | None = None) -> ModelScheduler:
+        """The scheduler serving `name` (and `version`, if given); raises ModelNotFound/ModelNotReady."""
+        entry = self.entry(name)
+        if self.is_draining:
+            raise ModelNotReady("the service is draining; not accepting requests", retry_after_s=5.0)
+        if entry.state is not State.READY or entry.scheduler is None:
+            detail = f": {entry.reason}" if entry.reason else ""
+            raise ModelNotReady(f"model {name!r} is {entry.state.value}{detail}")
+        if version is not None and version != entry.scheduler.model.version:
+            raise ModelNotFound(
+                f"model {name!r} version {version} is not served; serving version {entry.scheduler.model.version}"
+            )
+        return entry.scheduler
+
+    async def load_all(self) -> None:
+        """Load every model in the repository, one after another (warm-up measures; keep it quiet)."""
+        for name in self.repository.names():
+            await self.load(name)
+        self.is_loaded = True
+
+    async def load(self, name: str) -> ModelEntry:
+        """Load or reload `name`; the old scheduler (if any) keeps serving until the new one is ready."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            old = self._entries.get(name)
+            if old is None:
+                self._entries[name] = ModelEntry(name, State.LOADING)
+            try:
+                source = self.repository.source(name)
+                model, count, trials = await asyncio.to_thread(self._load_model, source)
+            except ModelNotFound:
+                if old is None:
+                    del self._entries[name]
+                raise
+            except ApplianceError as exc:
+                log.error("model %s unavailable: %s", name, exc)
+                if old is not None and old.scheduler is not None:
+                    raise  # a failed reload leaves the serving version in place
+                entry = ModelEntry(name, State.UNAVAILABLE, str(exc))
+                self._entries[name] = entry
+                return entry
+            scheduler = ModelScheduler(model, self._scheduler_config(count))
+            scheduler.start()
+            entry = ModelEntry(name, State.READY, scheduler=scheduler, trials=trials)
+            self._entries[name] = entry  # the swap: new requests go to the new scheduler from here
+            log.info(
+                "model %s version %s ready on %s (%s, %d instance(s), %.2f s)",
+                name, model.version, model.provider, model.precision, count, model.load_s,
+            )
+        if old is not None and old.scheduler is not None:
+            await self._retire(old.scheduler)
+        return entry
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`; requests already admitted finish first. It stays listed as unloaded."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            entry = self.entry(name)
+            self._entries[name] = ModelEntry(name, State.UNAVAILABLE, "unloaded")
+        if entry.scheduler is not None:
+            await self._retire(entry.scheduler)
+
+    async def _retire(self, scheduler: ModelScheduler) -> None:
+        drained = await scheduler.drain(self.settings.server.drain_timeout_s)
+        if not drained:
+            log.warning("model %s: %d requests still running at unload", scheduler.name, scheduler.inflight)
+        await scheduler.close()
+
+    def _load_model(self, source: ModelSource) -> tuple[LoadedModel, int, list[instance_choice.Trial]]:
+        cores = self.settings.scheduler.cpu_threads or _usable_cores()
+        wanted = source.manifest.instances or self.settings.scheduler.instances
+
+        def load(threads: int) -> LoadedModel:
+            model = LoadedModel.load(
+                source,
+                registry=self.registry,
+                settings=self.settings.models,
+                provider_configs=self.provider_configs,
+                cache_dir=self.settings.system.cache_dir,
+                threads_per_call=threads,
+            )
+            model.warm_up(self.settings.models.warmup_runs)
+            return model
+
+        if wanted:
+            return load(max(1, cores // wanted)), wanted, []
+        return instance_choice.choose(load, cores)
+
+    def _scheduler_config(self, instances: int) -> SchedulerConfig:
+        scheduler, pool = self.settings.scheduler, self.settings.pool
+        return SchedulerConfig(
+            instances=instances,
+            line_max_requests=scheduler.line_queue_max_requests,
+            pool_max_requests=scheduler.pool_queue_max_requests,
+            profile_window=scheduler.profile_window_batches,
+            max_interference_ms=pool.max_interference_ms,
+        )
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting everywhere and wait for every admitted request to be answered."""
+        self.is_draining = True
+        results = await asyncio.gather(
+            *(e.scheduler.drain(timeout_s) for e in self if e.scheduler is not None)
+        )
+        return all(results)
+
+    def resume(self) -> None:
+        self.is_draining = False
+        for entry in self:
+            if entry.scheduler is not None:
+                entry.scheduler.resume()
+
+    async def close(self) -> None:
+        for entry in self:
+            if entry.scheduler is not None:
+                await entry.scheduler.close()
+        self._entries.clear()
+
+    def hung_workers(self) -> dict[str, list[int]]:
+        hang_s = self.settings.system.watchdog_hang_s
+        hung = {}
+        for entry in self:
+            if entry.scheduler is not None and (workers := entry.scheduler.hung_workers(hang_s)):
+                hung[entry.name] = workers
+        return hung
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,76 @@
+"""Choose how many worker threads share a session (K) by measuring throughput at start-up."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.engine.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+_MEASURE_S = 0.6  # per candidate; enough for ~10 batches of a 224x224 CNN on 2 cores
+
+
+@dataclass(frozen=True, slots=True)
+class Trial:
+    instances: int
+    threads_per_call: int
+    rows_per_s: float
+
+
+def candidates(cores: int) -> list[tuple[int, int]]:
+    """(instances, threads per call) pairs that use every core: K in 1, 2, 4, ... with cores // K."""
+    pairs = []
+    instances = 1
+    while instances <= max(1, cores) and instances <= 4:
+        pairs.append((instances, max(1, cores // instances)))
+        instances *= 2
+    return pairs
+
+
+def measure(model: LoadedModel, instances: int, budget_s: float = _MEASURE_S) -> float:
+    """Rows/s with `instances` threads each running the largest warm batch back to back."""
+    rows = max(model.limits.preferred_batch_sizes or (1,))
+    feed = model.example_inputs(rows)
+    if feed is None:
+        return 0.0
+    done = [0] * instances
+    stop_at = time.perf_counter() + budget_s
+
+    def loop(index: int) -> None:
+        while time.perf_counter() < stop_at:
+            model.run(feed)
+            done[index] += rows
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.perf_counter() - started)
+
+
+def choose(load: Callable[[int], LoadedModel], cores: int) -> tuple[LoadedModel, int, list[Trial]]:
+    """Load one session per candidate, keep the fastest; ties (within 3%) go to fewer instances."""
+    best: tuple[LoadedModel, int] | None = None
+    best_rate = 0.0
+    trials: list[Trial] = []
+    for instances, threads in candidates(cores):
+        model = load(threads)
+        rate = measure(model, instances)
+        trials.append(Trial(instances, threads, rate))
+        if best is None or rate > best_rate * 1.03:
+            best, best_rate = (model, instances), rate
+    assert best is not None
+    log.info(
+        "model %s: %d instance(s) chosen; measured %s",
+        best[0].name,
+        best[1],
+        ", ".join(f"{t.instances}x{t.threads_per_call} threads: {t.rows_per_s:.0f} rows/s" for t in trials),
+    )
+    return best[0], best[1], trials

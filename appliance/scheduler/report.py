@@ -1,0 +1,47 @@
+"""The capacity report: what `/capacity` returns and the pool link publishes, per model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from appliance.scheduler.hub import ModelHub
+from appliance.scheduler.queues import Priority
+
+
+def capacity_report(hub: ModelHub) -> dict[str, Any]:
+    """Measured capacity at the SLO, served rate and spare per model, with the provider used."""
+    reserved_share = hub.settings.pool.reserved_pct / 100.0
+    models: dict[str, Any] = {}
+    for entry in hub:
+        scheduler = entry.scheduler
+        if scheduler is None:
+            models[entry.name] = {"state": entry.state.value, "reason": entry.reason}
+            continue
+        model = scheduler.model
+        capacity = scheduler.capacity(reserved_share)
+        models[entry.name] = {
+            "state": entry.state.value,
+            "version": model.version,
+            "provider": model.provider,
+            "precision": model.precision,
+            "slo_p99_ms": model.slo_p99_ms,
+            "instances": len(scheduler.workers),
+            "max_batch_size": model.limits.max_batch_size,
+            "max_ips_at_slo": round(capacity.max_ips_at_slo, 2),
+            "best_batch_rows": capacity.best_batch_rows,
+            "served_ips": round(capacity.served_ips, 2),
+            "spare_ips_at_slo": round(capacity.spare_ips_at_slo, 2),
+            "utilisation": round(scheduler.utilisation(), 4),
+            "queue_depth": {p.label: len(scheduler.queues.by_class[p]) for p in Priority},
+            "accepts_pool_jobs": hub.settings.pool.accept_jobs and scheduler.batcher.pool_row_limit() > 0,
+            "profile": scheduler.profile.as_dict(),
+        }
+    busy = [m["utilisation"] for m in models.values() if "utilisation" in m]
+    return {
+        "ts_ms": int(time.time() * 1000),
+        "reserved_pct": hub.settings.pool.reserved_pct,
+        "draining": hub.is_draining,
+        "utilisation": round(min(1.0, sum(busy)), 4),
+        "models": models,
+    }

@@ -1,0 +1,335 @@
+"""ModelScheduler: the asyncio shell around the pure core: admission, dispatch, outcomes, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from appliance.engine.model import LoadedModel, RunControl
+from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from appliance.scheduler.batcher import Batcher, BatchRules
+from appliance.scheduler.capacity import Capacity, RateMeter, max_ips_at_slo, spare
+from appliance.scheduler.profile import LatencyProfile
+from appliance.scheduler.queues import Priority, Queues, Work
+from appliance.scheduler.stats import ModelStats
+from appliance.scheduler.worker import BatchRun, Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """What one model's scheduler is tuned by (from settings and model.toml)."""
+
+    instances: int = 1
+    line_max_requests: int = 512
+    pool_max_requests: int = 256
+    profile_window: int = 256
+    max_interference_ms: float = 10.0
+    preempt_pool: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """The shell's part of a queued request."""
+
+    inputs: Mapping[str, np.ndarray]
+    future: asyncio.Future[dict[str, np.ndarray]]
+    priority: Priority
+    arrived_s: float
+    dispatched_s: float | None = None
+
+
+class ModelScheduler:
+    """Serves one LoadedModel: N requests in, N outcomes out, each error belonging to its request."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        config: SchedulerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.clock = clock
+        self.profile = LatencyProfile(window=config.profile_window)
+        self.profile.seed(model.warmup)
+        self.batcher = Batcher(
+            BatchRules(
+                max_rows=model.limits.max_batch_size,
+                max_queue_delay_s=model.limits.max_queue_delay_ms / 1e3,
+                max_interference_s=config.max_interference_ms / 1e3,
+            ),
+            self.profile,
+        )
+        self.queues = Queues(
+            line_max_requests=config.line_max_requests, pool_max_requests=config.pool_max_requests
+        )
+        self.stats = ModelStats()
+        self.served = {p: RateMeter() for p in Priority}
+        self.busy = RateMeter()  # worker-seconds per second
+        self.workers = [
+            Worker(i, model, self._worker_done, _inputs_of) for i in range(config.instances)
+        ]
+        self._idle: list[Worker] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_s = math.inf
+        self._inflight = 0
+        self._settled = asyncio.Event()
+        self.is_accepting = False
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            worker.start()
+        self._idle = list(reversed(self.workers))
+        self.is_accepting = True
+        self._settled.set()
+
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        priority: Priority = Priority.LINE,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Validate, admit, wait for the outcome. Raises the request's own error, never another's."""
+        if not self.is_accepting:
+            raise ModelNotReady(f"model {self.name!r} is draining; not accepting requests", retry_after_s=1.0)
+        limits = self.model.limits
+        rows = self.model.signature.check(inputs, limits.max_batch_size if limits.is_batched else None)
+        now = self.clock()
+        deadline_s = now + (timeout_s if timeout_s else self.model.slo_p99_ms / 1e3)
+        self._admit(rows, priority, now, deadline_s)
+        assert self._loop is not None
+        job = Job(inputs, self._loop.create_future(), priority, now)
+        work = Work(rows, priority, deadline_s, now, group=_group(inputs), payload=job)
+        self.queues.push(work)
+        self._inflight += 1
+        self._settled.clear()
+        job.future.add_done_callback(lambda future: self._answered(job, future))
+        self._dispatch()
+        return await job.future
+
+    def _admit(self, rows: int, priority: Priority, now_s: float, deadline_s: float) -> None:
+        if priority is Priority.POOL and self.profile.is_seeded:
+            limit = self.batcher.pool_row_limit()
+            if rows > limit:
+                raise Overloaded(
+                    f"model {self.name!r}: pool work of {rows} rows takes longer than "
+                    f"pool.max_interference_ms={self.config.max_interference_ms:g}; at most {limit} rows",
+                    retry_after_s=60.0,
+                )
+        wait_s = self._backlog_s(priority, now_s)
+        finish_s = now_s + wait_s + self.profile.bound_s(rows)
+        if finish_s > deadline_s:
+            raise Overloaded(
+                f"model {self.name!r}: a request of {rows} rows would finish in "
+                f"{(finish_s - now_s) * 1e3:.1f} ms, after its deadline of "
+                f"{(deadline_s - now_s) * 1e3:.1f} ms ({self.queues.rows_ahead(priority)} rows queued ahead)",
+                retry_after_s=max(wait_s, 0.05),
+            )
+
+    def _backlog_s(self, priority: Priority, now_s: float) -> float:
+        """Predicted wait before new work of `priority` starts: running batches, then rows ahead."""
+        if not self.profile.is_seeded:
+            return 0.0
+        running = sum(
+            max(0.0, w.current.started_s + w.current.predicted_s - now_s)
+            for w in self.workers
+            if w.current is not None
+        )
+        rows_ahead = self.queues.rows_ahead(priority)
+        if not rows_ahead:
+            return running / len(self.workers) if not self._idle else 0.0
+        rows_per_batch = self.batcher.row_limit
+        batch_s = self.profile.expected_s(rows_per_batch)
+        return (running + math.ceil(rows_ahead / rows_per_batch) * batch_s) / len(self.workers)
+
+    def _dispatch(self) -> None:
+        now = self.clock()
+        for work in self.batcher.expire(self.queues, now):
+            self._expire(work, now)
+        while self._idle:
+            decision = self.batcher.next(self.queues, self.clock())
+            for work in decision.expired:
+                self._expire(work, now)
+            if decision.batch is None:
+                if decision.wake_s is not None:
+                    self._wake_at(decision.wake_s)
+                break
+            batch = decision.batch
+            items = [w for w in batch.items if not w.payload.future.done()]  # cancelled meanwhile
+            if not items:
+                continue
+            dispatched = self.clock()
+            for work in items:
+                work.payload.dispatched_s = dispatched
+            is_pool = batch.priority is Priority.POOL
+            run = BatchRun(
+                items,
+                sum(w.rows for w in items),
+                batch.priority,
+                batch.predicted_s,
+                control=RunControl() if is_pool and self.config.preempt_pool else None,
+            )
+            run.started_s = dispatched
+            self._idle.pop().submit(run)
+        if len(self.queues.line) and not self._idle and self.config.preempt_pool:
+            self._preempt_one_pool_batch()
+        head_deadlines = [q.head().deadline_s for q in self.queues.by_class.values() if q.head()]
+        if head_deadlines:
+            self._wake_at(min(head_deadlines))
+
+    def _preempt_one_pool_batch(self) -> None:
+        for worker in self.workers:
+            run = worker.current
+            if run is not None and run.priority is Priority.POOL and not run.is_preempted:
+                run.preempt()
+                return
+
+    def _wake_at(self, when_s: float) -> None:
+        if when_s >= self._timer_s and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        delay = max(0.0, when_s - self.clock())
+        self._timer_s = when_s
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_s = None, math.inf
+        self._dispatch()
+
+    def _expire(self, work: Work, now_s: float) -> None:
+        future = work.payload.future
+        if not future.done():
+            waited_ms = (now_s - work.arrived_s) * 1e3
+            budget_ms = (work.deadline_s - work.arrived_s) * 1e3
+            future.set_exception(
+                DeadlineExceeded(
+                    f"model {self.name!r}: request expired in the queue after {waited_ms:.1f} ms "
+                    f"(deadline {budget_ms:.1f} ms); it was not run"
+                )
+            )
+
+    def _worker_done(self, worker: Worker, run: BatchRun) -> None:
+        """Called on the worker thread; hands the outcome to the event loop."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._settle, worker, run)
+
+    def _settle(self, worker: Worker, run: BatchRun) -> None:
+        worker.current = None
+        self._idle.append(worker)
+        if run.is_preempted:
+            self.stats.preemptions += 1
+            for work in run.items:
+                if not work.payload.future.done():
+                    self.queues.requeue(work)
+        else:
+            now = self.clock()
+            if run.is_whole and run.compute_s > 0:
+                self.profile.observe(run.rows, run.compute_s)
+                self.stats.record_batch(run.rows, run.compute_s, len(run.items))
+                self.busy.add(now, run.compute_s)
+            for work, outcome in zip(run.items, run.outcomes, strict=True):
+                future = work.payload.future
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+                    self.served[work.priority].add(now, work.rows)
+        self._dispatch()
+
+    def _answered(self, job: Job, future: asyncio.Future[dict[str, np.ndarray]]) -> None:
+        now = self.clock()
+        if future.cancelled():
+            outcome = "cancelled"
+        elif future.exception() is not None:
+            outcome = type(future.exception()).__name__
+        else:
+            outcome = "success"
+        queue_s = job.dispatched_s - job.arrived_s if job.dispatched_s is not None else None
+        self.stats.record_request(job.priority.label, outcome, now - job.arrived_s, queue_s)
+        self.stats.last_inference_ms = int(time.time() * 1e3)
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._settled.set()
+
+    def capacity(self, reserved_share: float) -> Capacity:
+        now = self.clock()
+        max_ips, rows = max_ips_at_slo(
+            self.profile,
+            instances=len(self.workers),
+            max_rows=self.batcher.row_limit,
+            slo_s=self.model.slo_p99_ms / 1e3,
+            queue_delay_s=self.batcher.rules.max_queue_delay_s,
+        )
+        served = sum(meter.rate(now) for meter in self.served.values())
+        return Capacity(max_ips, rows, served, spare(max_ips, served, reserved_share))
+
+    def utilisation(self) -> float:
+        """Share of worker time spent computing over the last window."""
+        return min(1.0, self.busy.rate(self.clock()) / len(self.workers))
+
+    def hung_workers(self, hang_s: float) -> list[int]:
+        now = time.monotonic()
+        return [w.index for w in self.workers if w.is_hung(now, hang_s)]
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting; wait until every admitted request is answered. True if it settled in time."""
+        self.is_accepting = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._settled.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def resume(self) -> None:
+        self.is_accepting = True
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the workers (after drain). Queued work still waiting is failed, never dropped."""
+        self.is_accepting = False
+        for queue in self.queues.by_class.values():
+            for work in list(queue):
+                queue.remove(work)
+                if not work.payload.future.done():
+                    work.payload.future.set_exception(
+                        ModelNotReady(f"model {self.name!r} was unloaded before the request ran")
+                    )
+        for worker in self.workers:
+            worker.stop()
+        for worker in self.workers:
+            if not await asyncio.to_thread(worker.join, timeout_s):
+                log.warning("model %s: worker %d did not stop in %.0f s", self.name, worker.index, timeout_s)
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _inputs_of(work: Work) -> Mapping[str, np.ndarray]:
+    return work.payload.inputs
+
+
+def _group(inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())

@@ -1,0 +1,154 @@
+"""Worker threads: assemble a batch into preallocated buffers, run ORT, split outputs back as views."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+import numpy as np
+
+from appliance.engine.model import LoadedModel, RunControl, Terminated
+from appliance.errors import ApplianceError, InferenceFailed
+from appliance.scheduler.queues import Priority, Work
+
+log = logging.getLogger(__name__)
+
+Outcome = dict[str, np.ndarray] | ApplianceError
+
+
+@dataclass(slots=True, eq=False)
+class BatchRun:
+    """One batch handed to a worker, and what came of it."""
+
+    items: list[Work]
+    rows: int
+    priority: Priority
+    predicted_s: float
+    control: RunControl | None = None  # set for preemptible (pool) batches
+    outcomes: list[Outcome] = field(default_factory=list)
+    compute_s: float = 0.0
+    started_s: float = 0.0
+    is_preempted: bool = False
+    is_whole: bool = True  # False when the batch failed and items ran one by one
+
+    def preempt(self) -> None:
+        if self.control is not None and not self.is_preempted:
+            self.is_preempted = True
+            self.control.terminate()
+
+
+class Worker:
+    """A thread that runs batches of one model; the scheduler hands it one batch at a time."""
+
+    def __init__(
+        self,
+        index: int,
+        model: LoadedModel,
+        on_done: Callable[[Worker, BatchRun], None],
+        inputs_of: Callable[[Work], dict[str, np.ndarray]],
+    ) -> None:
+        self.index = index
+        self.model = model
+        self.current: BatchRun | None = None
+        self.busy_since_s: float | None = None
+        self._on_done = on_done
+        self._inputs_of = inputs_of
+        self._inbox: queue.SimpleQueue[BatchRun | None] = queue.SimpleQueue()
+        self._buffers: dict[Hashable, dict[str, np.ndarray]] = {}
+        self._thread = threading.Thread(
+            target=self._loop, name=f"worker-{model.name}-{index}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, run: BatchRun) -> None:
+        self.current = run
+        self.busy_since_s = time.monotonic()
+        self._inbox.put(run)
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+
+    def join(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def is_hung(self, now_s: float, hang_s: float) -> bool:
+        return self.busy_since_s is not None and now_s - self.busy_since_s > hang_s
+
+    def _loop(self) -> None:
+        while (run := self._inbox.get()) is not None:
+            try:
+                self._execute(run)
+            except BaseException as exc:  # noqa: BLE001 - a worker must answer every item
+                log.exception("worker %s: batch failed unexpectedly", self._thread.name)
+                failure = InferenceFailed(f"model {self.model.name!r}: internal error: {exc}")
+                run.outcomes = [failure] * len(run.items)
+            self.busy_since_s = None
+            self._on_done(self, run)
+
+    def _execute(self, run: BatchRun) -> None:
+        try:
+            feed = self._assemble(run.items, run.rows)
+            started = time.perf_counter()
+            results = self.model.run(feed, control=run.control)
+            run.compute_s = time.perf_counter() - started
+            run.outcomes = self._split(results, run)
+        except Terminated:
+            run.is_preempted = True
+        except ApplianceError as exc:
+            if len(run.items) == 1:
+                run.outcomes = [exc]
+            else:  # find whose input broke the batch: each request gets its own outcome
+                run.is_whole = False
+                run.outcomes = [self._run_alone(work) for work in run.items]
+
+    def _run_alone(self, work: Work) -> Outcome:
+        try:
+            return self.model.run(self._inputs_of(work))
+        except ApplianceError as exc:
+            return exc
+
+    def _assemble(self, items: list[Work], rows: int) -> dict[str, np.ndarray]:
+        if len(items) == 1:
+            return self._inputs_of(items[0])  # zero-copy
+        buffers = self._buffers_for(items[0], rows)
+        feed = {}
+        for name, buffer in buffers.items():
+            np.concatenate([self._inputs_of(work)[name] for work in items], axis=0, out=buffer[:rows])
+            feed[name] = buffer[:rows]
+        return feed
+
+    def _buffers_for(self, head: Work, rows: int) -> dict[str, np.ndarray]:
+        buffers = self._buffers.get(head.group)
+        limit = max(rows, self.model.limits.max_batch_size)
+        if buffers is None or any(b.shape[0] < rows for b in buffers.values()):
+            if len(self._buffers) >= 8:  # many distinct non-batch shapes: keep memory bounded
+                self._buffers.clear()
+            buffers = {
+                name: np.empty((limit, *array.shape[1:]), dtype=array.dtype)
+                for name, array in self._inputs_of(head).items()
+            }
+            self._buffers[head.group] = buffers
+        return buffers
+
+    def _split(self, results: dict[str, np.ndarray], run: BatchRun) -> list[Outcome]:
+        if not self.model.limits.is_batched:
+            return [results]
+        for name, array in results.items():
+            if array.ndim == 0 or array.shape[0] != run.rows:
+                failure = InferenceFailed(
+                    f"model {self.model.name!r} output {name!r} has shape {list(array.shape)} "
+                    f"for a batch of {run.rows} rows; its outputs do not follow the batch dimension"
+                )
+                return [failure] * len(run.items)
+        outcomes: list[Outcome] = []
+        offset = 0
+        for work in run.items:
+            outcomes.append({name: array[offset : offset + work.rows] for name, array in results.items()})
+            offset += work.rows
+        return outcomes

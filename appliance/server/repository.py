@@ -1,0 +1,47 @@
+"""The repository extension: index, load (or reload, atomically) and unload models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from appliance.errors import ApplianceError, ModelLoadError
+from appliance.scheduler.hub import ModelHub, State
+from appliance.server.responses import json_response
+
+router = APIRouter()
+
+
+@router.post("/v2/repository/index")
+async def index(request: Request) -> Response:
+    """Every model on disk or in memory: name, version, state and the reason it is not READY."""
+    hub: ModelHub = request.app.state.hub
+    listed: dict[str, dict[str, str]] = {}
+    for name, source in hub.repository.index().items():
+        version = "" if isinstance(source, ApplianceError) else str(source.version)
+        listed[name] = {"name": name, "version": version, "state": State.UNAVAILABLE.value, "reason": "not loaded"}
+    for entry in hub:
+        listed[entry.name] = {
+            "name": entry.name,
+            "version": entry.version or listed.get(entry.name, {}).get("version", ""),
+            "state": entry.state.value,
+            "reason": entry.reason,
+        }
+    return json_response([listed[name] for name in sorted(listed)])
+
+
+@router.post("/v2/repository/models/{name}/load")
+async def load(name: str, request: Request) -> Response:
+    """Load or reload from disk. In-flight requests finish on the old version; none fail."""
+    hub: ModelHub = request.app.state.hub
+    entry = await hub.load(name)
+    if entry.state is not State.READY:
+        raise ModelLoadError(f"failed to load {name!r}: {entry.reason}")
+    return json_response({"name": name, "version": entry.version, "state": entry.state.value})
+
+
+@router.post("/v2/repository/models/{name}/unload")
+async def unload(name: str, request: Request) -> Response:
+    hub: ModelHub = request.app.state.hub
+    await hub.unload(name)
+    return json_response({"name": name, "state": State.UNAVAILABLE.value})

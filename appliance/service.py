@@ -1,0 +1,140 @@
+"""The composition root: settings -> repository -> models -> HTTP -> pool link, and the way back down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Sequence
+
+import uvicorn
+
+from appliance.engine.repository import Repository
+from appliance.providers.registry import Registry
+from appliance.scheduler.hub import ModelHub, State
+from appliance.server.app import create_app
+from appliance.settings import Settings
+from appliance.system.sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service drains first, then stops the server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]  # noqa: ANN201 - uvicorn's hook
+        yield
+
+
+class Service:
+    """One process per box. `run()` returns the exit code; `stop()` may be called from any thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sockets: Sequence[socket.socket] | None = None,
+        notifier: Notifier | None = None,
+        extensions: Sequence[Callable[[Service], object]] = (),
+    ) -> None:
+        self.settings = settings
+        self.sockets = list(sockets) if sockets else None
+        self.notifier = notifier or Notifier.from_env()
+        self.registry = Registry.discover()
+        self.hub = ModelHub(settings, self.registry, Repository(settings.models.repository))
+        self.app = create_app(self.hub, settings)
+        self.started = asyncio.Event()  # HTTP is listening
+        self.ready = asyncio.Event()  # every model tried; READY=1 sent
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: _Server | None = None
+        self._extensions = extensions
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.servers
+        return self._server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def run(self, *, install_signal_handlers: bool = True) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._stop.set)
+        server_settings = self.settings.server
+        config = uvicorn.Config(
+            self.app,
+            host=server_settings.host,
+            port=server_settings.port,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=30,
+        )
+        self._server = _Server(config)
+        serving = asyncio.create_task(self._server.serve(sockets=self.sockets), name="http")
+        watchdog: asyncio.Task[None] | None = None
+        try:
+            await self._wait_started(serving)
+            self.started.set()
+            self.notifier.status("loading models")
+            await self.hub.load_all()
+            summary = self._summary()
+            log.info("ready on http://%s:%d: %s", server_settings.host, self.port, summary)
+            self.notifier.ready(summary)
+            self.ready.set()
+            watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+            await self._stop.wait()
+        finally:
+            await self._shutdown(serving, watchdog)
+        return 0
+
+    async def _wait_started(self, serving: asyncio.Task[None]) -> None:
+        assert self._server is not None
+        while not self._server.started:
+            if serving.done():
+                serving.result()  # raises the bind error
+                raise OSError("HTTP server exited before it started")
+            await asyncio.sleep(0.01)
+
+    def _summary(self) -> str:
+        entries = list(self.hub)
+        ready = [e.name for e in entries if e.state is State.READY]
+        failed = [e.name for e in entries if e.state is not State.READY]
+        text = f"{len(ready)} model(s) ready"
+        return text + (f", {len(failed)} unavailable ({', '.join(failed)})" if failed else "")
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 only while this loop runs and no worker is stuck in one batch."""
+        interval = self.notifier.watchdog_interval_s()
+        if interval is None:
+            return
+        while True:
+            hung = self.hub.hung_workers()
+            if hung:
+                self.notifier.status(f"worker hung: {hung}")
+                log.error("not pinging the watchdog: hung workers %s", hung)
+            else:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _shutdown(self, serving: asyncio.Task[None], watchdog: asyncio.Task[None] | None) -> None:
+        if watchdog is not None:
+            watchdog.cancel()
+        self.notifier.stopping("draining")
+        timeout = self.settings.server.drain_timeout_s
+        if not await self.hub.drain(timeout):
+            log.warning("drain timed out after %.0f s; stopping anyway", timeout)
+        assert self._server is not None
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await serving
+        await self.hub.close()

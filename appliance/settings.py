@@ -1,0 +1,333 @@
+"""Settings: defaults < TOML file < $CREDENTIALS_DIRECTORY secrets < APPLIANCE_ env < CLI flags."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from appliance.errors import ConfigError
+
+ENV_PREFIX = "APPLIANCE_"
+ENV_NESTING = "__"
+SYSTEM_CONFIG_FILE = Path("/etc/appliance/appliance.toml")
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _section(title: str) -> ConfigDict:
+    return ConfigDict(extra="forbid", title=title, validate_default=True)
+
+
+class ServerSettings(BaseModel):
+    model_config = _section("HTTP server")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on; 0.0.0.0 exposes it.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API (0 picks a free one).")
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get 413."
+    )
+    api_token: SecretStr | None = Field(
+        None,
+        description="If set, every route but health and metrics requires 'Authorization: Bearer <token>'.",
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long accepted requests may take to finish."
+    )
+    retry_after_s: float = Field(
+        1.0, gt=0, description="Retry-After sent with 503 when not ready or draining."
+    )
+
+
+class ModelSettings(BaseModel):
+    model_config = _section("Models")
+
+    repository: Path = Field(
+        BUNDLED_MODELS, description="Model repository: <repo>/<model>/<version>/model.onnx."
+    )
+    providers: list[str] | None = Field(
+        None,
+        description="Execution provider preference, e.g. [\"cuda\", \"openvino\", \"cpu\"]; "
+        "unset picks every available accelerator in the registry's order, then cpu.",
+    )
+    default_slo_p99_ms: float = Field(
+        100.0, gt=0, description="Latency objective for models whose model.toml sets none."
+    )
+    default_max_batch_size: int = Field(
+        8, ge=1, description="Row limit per batch for batchable models whose model.toml sets none."
+    )
+    default_max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="Longest a request waits for others to fill a batch, by default."
+    )
+    warmup_runs: int = Field(
+        3, ge=1, description="Timed runs per warm-up batch size; they seed the latency profile."
+    )
+
+
+class SchedulerSettings(BaseModel):
+    model_config = _section("Scheduler")
+
+    instances: int = Field(
+        0, ge=0, description="Worker threads per model sharing one session; 0 measures at start-up."
+    )
+    cpu_threads: int = Field(
+        0, ge=0, description="CPU threads ORT may use per model, split across instances; 0 = all cores."
+    )
+    line_queue_max_requests: int = Field(
+        512, ge=1, description="Bound of the line (local) queue per model; beyond it 503."
+    )
+    pool_queue_max_requests: int = Field(
+        256, ge=1, description="Bound of the pool (MQTT job) queue per model; beyond it refused."
+    )
+    profile_window_batches: int = Field(
+        256, ge=8, description="Batches kept per model for the online latency fit."
+    )
+
+
+class PoolSettings(BaseModel):
+    model_config = _section("Pool link (MQTT)")
+
+    broker: str | None = Field(
+        None, description="mqtt://host:port or mqtts://host:port; unset runs without a pool link."
+    )
+    site: str = Field("default", description="Site name in the topic root ecp/v1/<site>/<node>/.")
+    node_id: str = Field(
+        default_factory=socket.gethostname, description="Node name in the topic root (default: hostname)."
+    )
+    topic_root: str = Field("ecp/v1", description="First topic levels before <site>/<node>/.")
+    report_interval_s: float = Field(
+        30.0, gt=0, description="Capacity report period, jittered by +-10%."
+    )
+    keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive interval.")
+    will_delay_s: int = Field(5, ge=0, description="MQTT 5 Will Delay before 'offline' is published.")
+    username: str | None = Field(None, description="MQTT user name.")
+    password: SecretStr | None = Field(
+        None, description="MQTT password; also read from $CREDENTIALS_DIRECTORY/pool.password."
+    )
+    ca_file: Path | None = Field(None, description="CA bundle to verify an mqtts:// broker.")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(None, description="Client private key for mutual TLS.")
+    reserved_pct: float = Field(
+        20.0, ge=0, le=100, description="Share of measured capacity kept for line traffic."
+    )
+    accept_jobs: bool = Field(True, description="Take inference jobs from the pool on spare capacity.")
+    max_interference_ms: float = Field(
+        10.0, gt=0, description="Longest predicted duration of one batch of pool work."
+    )
+    max_pending_responses: int = Field(
+        1000, ge=0, description="Job responses kept while the broker is unreachable."
+    )
+
+    @field_validator("broker")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class SystemSettings(BaseModel):
+    model_config = _section("System")
+
+    state_dir: Path = Field(
+        default_factory=lambda: _systemd_dir("STATE_DIRECTORY", "~/.local/state/appliance"),
+        description="Persistent state (pool session counter, OTA snapshots); $STATE_DIRECTORY wins.",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: _systemd_dir("CACHE_DIRECTORY", "~/.cache/appliance"),
+        description="Caches (compiled engines); $CACHE_DIRECTORY wins.",
+    )
+    runtime_dir: Path = Field(
+        default_factory=lambda: _systemd_dir("RUNTIME_DIRECTORY", "/tmp/appliance-%d" % os.getuid()),
+        description="Runtime files (admin socket); $RUNTIME_DIRECTORY wins.",
+    )
+    watchdog_hang_s: float = Field(
+        30.0, gt=0, description="A worker busy on one batch longer than this counts as hung."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class Settings(BaseSettings):
+    """Everything a box is configured with; see `appliance config-schema` for the JSON Schema."""
+
+    model_config = SettingsConfigDict(extra="forbid", title="appliance", validate_default=True)
+
+    server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP API.")
+    models: ModelSettings = Field(default_factory=ModelSettings, description="Model repository.")
+    scheduler: SchedulerSettings = Field(
+        default_factory=SchedulerSettings, description="Batching and workers."
+    )
+    pool: PoolSettings = Field(default_factory=PoolSettings, description="Pool link over MQTT.")
+    system: SystemSettings = Field(default_factory=SystemSettings, description="Paths and process.")
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-provider options, e.g. [providers.openvino] device = \"GPU\".",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        **_: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        layers = _layers.get(())
+        return (init_settings, *(_Layer(settings_cls, data) for _, data in layers))
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Build settings from every source; raise ConfigError naming the key and where it came from.
+
+        `environ` defaults to os.environ; tests pass a dict. `config_file` None means
+        /etc/appliance/appliance.toml if it exists.
+        """
+        environ = os.environ if environ is None else environ
+        if config_file is None and SYSTEM_CONFIG_FILE.is_file():
+            config_file = SYSTEM_CONFIG_FILE
+        layers = [("environment", _read_environ(environ))]  # highest priority first
+        if "CREDENTIALS_DIRECTORY" in environ:
+            credentials = Path(environ["CREDENTIALS_DIRECTORY"])
+            layers.append(("$CREDENTIALS_DIRECTORY", _read_credentials(credentials)))
+        if config_file is not None:
+            layers.append((str(config_file), _read_toml(config_file)))
+        init = _deep_copy(overrides or {})
+        token = _layers.set(tuple(layers))
+        try:
+            return cls(**init)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, [("command line", init), *layers])) from exc
+        finally:
+            _layers.reset(token)
+
+
+_layers: contextvars.ContextVar[tuple[tuple[str, dict[str, Any]], ...]] = contextvars.ContextVar(
+    "appliance_settings_layers"
+)
+
+
+class _Layer(PydanticBaseSettingsSource):
+    """One already-parsed source (TOML, environment, credentials) handed to pydantic-settings."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _deep_copy(self._data)
+
+
+def _systemd_dir(variable: str, fallback: str) -> Path:
+    value = os.environ.get(variable, "").split(":")[0]
+    return Path(value) if value else Path(fallback).expanduser()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from exc
+
+
+def _read_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty section name")
+        _assign(data, path, _env_value(raw))
+    return data
+
+
+def _env_value(raw: str) -> Any:
+    if raw[:1] in "[{":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _read_credentials(directory: Path) -> dict[str, Any]:
+    """Secrets from systemd LoadCredential=: a file named `pool.password` sets pool.password."""
+    data: dict[str, Any] = {}
+    known = {("pool", "password"), ("pool", "username"), ("server", "api_token")}
+    if not directory.is_dir():
+        return data
+    for entry in sorted(directory.iterdir()):
+        path = tuple(entry.name.split("."))
+        if path in known:
+            _assign(data, list(path), entry.read_text().strip())
+    return data
+
+
+def _assign(data: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"setting {'.'.join(path)}: {part} is a value, not a section")
+    data[path[-1]] = value
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def _origin(loc: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> str | None:
+    for label, data in layers:
+        node: Any = data
+        for part in loc:
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            if label == "environment":
+                return _env_name(loc, node)
+            return label
+    return None
+
+
+def _env_name(loc: tuple[Any, ...], node: Any) -> str:
+    """The variable that set `loc`, down to the first leaf when `loc` is a whole (unknown) section."""
+    path = [str(p) for p in loc]
+    while isinstance(node, Mapping) and node:
+        key, node = next(iter(node.items()))
+        path.append(str(key))
+    return ENV_PREFIX + ENV_NESTING.join(p.upper() for p in path)
+
+
+def _describe(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc)
+        origin = _origin(loc, layers)
+        where = f" (from {origin})" if origin else ""
+        if error["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {key!r}{where}")
+        else:
+            lines.append(f"setting {key!r}{where}: {error['msg']}, got {error.get('input')!r}")
+    return "; ".join(lines)
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of the settings, for `appliance config-schema` and the docs."""
+    return Settings.model_json_schema()

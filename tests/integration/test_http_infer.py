@@ -1,0 +1,242 @@
+"""Inference over HTTP: JSON and binary tensors both ways, every model shape, every error class."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from appliance.protocol import codec
+
+
+def infer(client: httpx.Client, model: str, inputs: dict[str, np.ndarray], **kwargs) -> httpx.Response:
+    encoded = codec.encode_request(inputs, **kwargs)
+    headers = {} if encoded.header_length is None else {codec.HEADER_LENGTH: str(encoded.header_length)}
+    return client.post(f"/v2/models/{model}/infer", content=encoded.body(), headers=headers)
+
+
+def outputs_of(response: httpx.Response) -> dict[str, np.ndarray]:
+    assert response.status_code == 200, response.text
+    length = response.headers.get(codec.HEADER_LENGTH)
+    return codec.decode_response(response.content, int(length) if length else None)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json-in", "binary-in"])
+@pytest.mark.parametrize("binary_output", [False, True], ids=["json-out", "binary-out"])
+def test_batchable_model_round_trips(client: httpx.Client, binary: bool, binary_output: bool) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    response = infer(client, "batchable", {"x": x}, binary=binary, binary_output=binary_output)
+    out = outputs_of(response)
+    np.testing.assert_array_equal(out["y"], x * 2 + 1)
+    np.testing.assert_array_equal(out["s"], x.sum(axis=1, keepdims=True))
+    is_binary = codec.HEADER_LENGTH in response.headers
+    assert is_binary == binary_output
+    assert response.headers["content-type"] == ("application/octet-stream" if is_binary else "application/json")
+
+
+def test_json_request_answers_in_v2_shape(client: httpx.Client) -> None:
+    body = {
+        "id": "r-1",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [[1, 2, 3, 4]]}],
+        "outputs": [{"name": "s"}],
+    }
+    response = client.post("/v2/models/batchable/infer", json=body)
+    assert response.status_code == 200
+    assert response.json() == {
+        "model_name": "batchable",
+        "model_version": "1",
+        "id": "r-1",
+        "outputs": [{"name": "s", "datatype": "FP32", "shape": [1, 1], "data": [10.0]}],
+    }
+
+
+def test_versioned_route_and_output_selection_mixed_binary(client: httpx.Client) -> None:
+    x = np.ones((2, 4), np.float32)
+    encoded = codec.encode_request({"x": x}, binary=True, outputs=["s"], binary_output=True)
+    response = client.post(
+        "/v2/models/batchable/versions/1/infer",
+        content=encoded.body(),
+        headers={codec.HEADER_LENGTH: str(encoded.header_length)},
+    )
+    out = outputs_of(response)
+    assert list(out) == ["s"]
+    np.testing.assert_array_equal(out["s"], [[4.0], [4.0]])
+
+
+def test_fixed_batch_scalar_strings_mixed_and_half(client: httpx.Client) -> None:
+    x = np.array([[1, -2, 3]], np.float32)
+    np.testing.assert_array_equal(outputs_of(infer(client, "fixed", {"x": x}))["y"], -x)
+
+    scalar = outputs_of(infer(client, "scalar", {"x": np.array(3.0, np.float32)}, binary=False))["y"]
+    assert scalar.shape == () and scalar == 9.0
+
+    text = np.array([b"caf\xc3\xa9", b"", b"line\nfeed"], dtype=object)
+    for binary in (False, True):
+        out = outputs_of(infer(client, "strings", {"text": text}, binary=binary, binary_output=binary))
+        assert list(out["echo"]) == list(text)
+        assert out["n"].tolist() == [3]
+
+    a = np.array([[1, 2], [3, 4]], np.int64)
+    b = np.array([[0.5, 0.5], [1.0, 1.0]], np.float32)
+    m = np.array([[True, False], [False, True]])
+    out = outputs_of(infer(client, "mixed", {"a": a, "b": b, "m": m}, binary=False, binary_output=False))
+    np.testing.assert_array_equal(out["c"], np.where(m, a + b, 0).astype(np.float32))
+    np.testing.assert_array_equal(out["k"], a * 3)
+    assert out["k"].dtype == np.int64
+
+    h = np.array([[1.5, -2.0]], np.float16)
+    out = outputs_of(infer(client, "half", {"x": h}))
+    assert out["y"].dtype == np.float16
+    np.testing.assert_array_equal(out["y"], h + h)
+
+
+def test_stock_http_client_without_content_type(client: httpx.Client) -> None:
+    """tritonclient sends binary with no Content-Type header at all."""
+    encoded = codec.encode_request({"x": np.zeros((1, 4), np.float32)}, binary=True)
+    request = client.build_request(
+        "POST", "/v2/models/batchable/infer", content=encoded.body(),
+        headers={codec.HEADER_LENGTH: str(encoded.header_length)},
+    )
+    request.headers.pop("content-type", None)
+    assert "content-type" not in request.headers
+    assert client.send(request).status_code == 200
+
+
+BAD_REQUESTS = [
+    ("not json", "not valid JSON"),
+    ('{"inputs": []}', "non-empty list"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}', "neither 'data' nor"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2]}]}', "has 2 values"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": ["a", "b", "c", "d"]}]}', "numbers"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}',
+     "input 'x' has shape [1, 3]; model expects [N, 4] with N <= 8"),
+    ('{"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}',
+     "input 'x' has datatype INT32; model expects FP32"),
+    ('{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}', "unknown input 'z'"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [9, 4], "data": ' + str([0] * 36) + "}]}",
+     "has 9 rows; model expects [N, 4] with N <= 8"),
+    ('{"inputs": [{"name": "x", "datatype": "BF16", "shape": [1, 4], "data": [1, 2, 3, 4]}]}', "BF16"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, -4], "data": [1]}]}', "non-negative"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], '
+     '"outputs": [{"name": "nope"}]}', "unknown output 'nope'"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], '
+     '"parameters": {"timeout": -5}}', "parameter 'timeout'"),
+    ('[1, 2]', "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_REQUESTS)
+def test_bad_requests_get_400_naming_the_problem(client: httpx.Client, body: str, message: str) -> None:
+    response = client.post("/v2/models/batchable/infer", content=body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def test_binary_errors(client: httpx.Client) -> None:
+    header = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 16}}]}'
+    short = client.post(
+        "/v2/models/batchable/infer", content=header + b"\0" * 8, headers={codec.HEADER_LENGTH: str(len(header))}
+    )
+    assert short.status_code == 400 and "only 8 bytes remain" in short.json()["error"]
+    extra = client.post(
+        "/v2/models/batchable/infer", content=header + b"\0" * 20, headers={codec.HEADER_LENGTH: str(len(header))}
+    )
+    assert extra.status_code == 400 and "4 bytes of binary data that no input claims" in extra.json()["error"]
+    beyond = client.post("/v2/models/batchable/infer", content=header, headers={codec.HEADER_LENGTH: "9999"})
+    assert beyond.status_code == 400 and "Inference-Header-Content-Length is 9999" in beyond.json()["error"]
+    garbage = client.post("/v2/models/batchable/infer", content=header, headers={codec.HEADER_LENGTH: "abc"})
+    assert garbage.status_code == 400
+    no_header = client.post("/v2/models/batchable/infer", content=header + b"\0" * 16)
+    assert no_header.status_code == 400 and "Inference-Header-Content-Length" in no_header.json()["error"]
+
+
+def test_runtime_rejection_of_input_values_is_a_400(client: httpx.Client) -> None:
+    response = infer(client, "gather", {"idx": np.array([[7]], np.int64)})
+    assert response.status_code == 400
+    assert "indices element out of data bounds" in response.json()["error"]
+
+
+def test_unknown_and_unavailable_models(client: httpx.Client) -> None:
+    x = {"x": np.zeros((1, 4), np.float32)}
+    missing = infer(client, "nope", x)
+    assert missing.status_code == 404 and "unknown model 'nope'" in missing.json()["error"]
+    version = client.post("/v2/models/batchable/versions/7/infer", content=b"{}")
+    assert version.status_code == 404 and "version 7 is not served" in version.json()["error"]
+    for name, reason in [
+        ("corrupt", "INVALID_PROTOBUF"),
+        ("unknown_op", "NoSuchOperator"),
+        ("future_opset", "Opset 99"),
+        ("missing_weights", "weights.bin"),
+        ("bad_digest", "model.toml expects 0000"),
+    ]:
+        response = infer(client, name, x)
+        assert response.status_code == 503, name
+        assert "UNAVAILABLE" in response.json()["error"] and reason in response.json()["error"], name
+        assert response.headers["retry-after"]
+    assert client.post("/v2/models/batchable/infer").status_code == 400
+    assert client.get("/v2/nothing-here").status_code == 404
+    assert client.get("/v2/nothing-here").json()["error"] == "no route GET /v2/nothing-here"
+    assert client.get("/v2/models/batchable/infer").status_code == 405
+
+
+def test_oversized_body_is_refused_before_it_is_read(serve, repository) -> None:
+    with serve(repository, server={"max_body_bytes": 1024}) as running, httpx.Client(base_url=running.url) as http:
+        big = infer(http, "batchable", {"x": np.zeros((8, 4), np.float32)}, binary=False)
+        assert big.status_code == 200
+        declared = http.post("/v2/models/batchable/infer", content=b"x" * 2048)
+        assert declared.status_code == 413 and "exceeds the limit of 1024 bytes" in declared.json()["error"]
+
+        def chunks():
+            for _ in range(64):
+                yield b"y" * 64
+
+        streamed = http.post("/v2/models/batchable/infer", content=chunks())
+        assert streamed.status_code == 413
+        assert infer(http, "batchable", {"x": np.zeros((1, 4), np.float32)}).status_code == 200
+
+
+def test_metadata_config_stats_and_index(client: httpx.Client) -> None:
+    assert client.get("/v2").json()["name"] == "appliance"
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    meta = client.get("/v2/models/batchable").json()
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    assert meta["parameters"]["provider"] == "cpu"
+    assert client.get("/v2/models/batchable/versions/1").status_code == 200
+    assert client.get("/v2/models/batchable/ready").json() == {"name": "batchable", "ready": True}
+    not_ready = client.get("/v2/models/corrupt/ready")
+    assert not_ready.status_code == 503 and "INVALID_PROTOBUF" in not_ready.json()["error"]
+    assert client.get("/v2/models/nope/ready").status_code == 404
+    config = client.get("/v2/models/batchable/config").json()
+    assert config["max_batch_size"] == 8
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 1000
+    assert config["appliance"]["provider"] == "cpu"
+    assert client.get("/v2/models/fixed/config").json()["max_batch_size"] == 0
+    infer(client, "batchable", {"x": np.zeros((3, 4), np.float32)})
+    stats = client.get("/v2/models/batchable/stats").json()["model_stats"][0]
+    assert stats["inference_count"] >= 3 and stats["inference_stats"]["success"]["count"] >= 1
+    assert stats["latency_profile"]["observations"] > 0
+    index = {m["name"]: m for m in client.post("/v2/repository/index").json()}
+    assert index["batchable"]["state"] == "READY"
+    assert index["corrupt"]["state"] == "UNAVAILABLE" and "INVALID_PROTOBUF" in index["corrupt"]["reason"]
+
+
+def test_metrics_are_prometheus_text(client: httpx.Client) -> None:
+    infer(client, "batchable", {"x": np.zeros((2, 4), np.float32)})
+    infer(client, "batchable", {"x": np.zeros((2, 3), np.float32)})
+    text = client.get("/metrics").text
+    assert 'appliance_requests_total{model="batchable",priority="line",outcome="success"}' in text
+    assert 'appliance_model_ready{model="corrupt",provider=""} 0' in text
+    assert 'appliance_batch_rows_bucket{model="batchable",le="2"}' in text
+    assert "# TYPE appliance_compute_duration_seconds histogram" in text
+    families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(families) == len(set(families))
+
+
+def test_capacity_report(client: httpx.Client) -> None:
+    report = client.get("/capacity").json()
+    batchable = report["models"]["batchable"]
+    assert batchable["provider"] == "cpu" and batchable["max_ips_at_slo"] > 0
+    assert batchable["spare_ips_at_slo"] <= batchable["max_ips_at_slo"]
+    assert report["models"]["corrupt"]["state"] == "UNAVAILABLE"
