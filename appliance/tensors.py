@@ -172,6 +172,8 @@ def to_bytes(array: np.ndarray) -> bytes | memoryview:
     """Raw little-endian bytes of a tensor for the binary extension; zero-copy when contiguous."""
     if array.dtype.kind in "OSU":
         return encode_bytes_tensor(array)
+    if array.size == 0:
+        return b""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    return memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")

@@ -267,7 +267,12 @@ def json_data(array: np.ndarray) -> Any:
 
 def _text(item: Any) -> str:
     if isinstance(item, bytes):
-        return item.decode("utf-8", errors="replace")
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                "a BYTES output holds bytes that are not UTF-8 text; request it with binary_data: true"
+            ) from None
     return str(item)
 
 
