@@ -40,6 +40,7 @@ class Batcher:
     def __init__(self, rules: BatchRules, profile: LatencyProfile) -> None:
         self.rules = rules
         self.profile = profile
+        self.is_flushing = False  # draining: nothing new will come, so never wait for more rows
 
     @property
     def row_limit(self) -> int:
@@ -102,7 +103,7 @@ class Batcher:
 
     def _wait_until(self, items: list[Work], row_limit: int, now_s: float) -> float | None:
         """When a partial batch is worth holding for more rows, the time to give up waiting."""
-        if self.rules.max_queue_delay_s <= 0:
+        if self.rules.max_queue_delay_s <= 0 or self.is_flushing:
             return None
         oldest_s = min(work.arrived_s for work in items)
         earliest_deadline_s = min(work.deadline_s for work in items)

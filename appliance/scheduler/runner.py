@@ -298,6 +298,9 @@ class ModelScheduler:
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting; wait until every admitted request is answered. True if it settled in time."""
         self.is_accepting = False
+        self.batcher.is_flushing = True
+        if self._loop is not None:
+            self._dispatch()
         try:
             async with asyncio.timeout(timeout_s):
                 await self._settled.wait()
@@ -306,6 +309,7 @@ class ModelScheduler:
         return True
 
     def resume(self) -> None:
+        self.batcher.is_flushing = False
         self.is_accepting = True
 
     async def close(self, timeout_s: float = 10.0) -> None:
