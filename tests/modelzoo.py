@@ -171,3 +171,25 @@ def standard_repository(repo: Path) -> Path:
     write_external_data_missing(repo, "missing_weights")
     write(repo, "bad_digest", batchable(), manifest=f'sha256 = "{"0" * 64}"\n')
     return repo
+
+
+def heavy(layers: int = 64, width: int = 512) -> onnx.ModelProto:
+    """x: FP32 [N, width] through `layers` MatMul+Relu layers: a model slow enough to queue behind."""
+    rng = np.random.default_rng(0)
+    nodes, initializers = [], []
+    previous = "x"
+    for index in range(layers):
+        weight = numpy_helper.from_array(
+            (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"w{index}"
+        )
+        initializers.append(weight)
+        nodes.append(helper.make_node("MatMul", [previous, f"w{index}"], [f"m{index}"]))
+        output = "y" if index == layers - 1 else f"r{index}"
+        nodes.append(helper.make_node("Relu", [f"m{index}"], [output]))
+        previous = output
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        initializers,
+    )

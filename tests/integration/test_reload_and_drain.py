@@ -1,0 +1,99 @@
+"""Hot reload swaps a model atomically under load with no failed request; drain and resume."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+
+import modelzoo
+from appliance.protocol import codec
+
+
+def _body(x: np.ndarray) -> bytes:
+    return codec.encode_request({"x": x}, binary=False, binary_output=False).body()
+
+
+def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
+    x = np.ones((2, 4), np.float32)
+
+    async def scenario(url: str) -> tuple[list[int], list[str], list[str]]:
+        statuses: list[int] = []
+        versions: list[str] = []
+        stop = asyncio.Event()
+        async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+
+            async def hammer() -> None:
+                while not stop.is_set():
+                    response = await client.post("/v2/models/batchable/infer", content=_body(x))
+                    statuses.append(response.status_code)
+                    if response.status_code == 200:
+                        versions.append(response.json()["model_version"])
+
+            workers = [asyncio.create_task(hammer()) for _ in range(8)]
+            reloads = []
+            for version in (2, 3):
+                modelzoo.write(repo, "batchable", modelzoo.batchable(), version=version)
+                loaded = await client.post("/v2/repository/models/batchable/load")
+                reloads.append(loaded.json()["version"])
+                before = len(statuses)
+                while len(statuses) < before + 16:  # let traffic run on the new version
+                    await asyncio.sleep(0)
+            stop.set()
+            await asyncio.gather(*workers)
+            after = await client.post("/v2/models/batchable/infer", content=_body(x))
+            versions.append(after.json()["model_version"])
+        return statuses, versions, reloads
+
+    with serve(repo) as running:
+        statuses, versions, reloads = asyncio.run(scenario(running.url))
+    assert reloads == ["2", "3"]
+    assert set(statuses) == {200}, f"failed statuses: {[s for s in statuses if s != 200]}"
+    assert versions[-1] == "3"
+    assert set(versions) <= {"1", "2", "3"}
+
+
+def test_failed_reload_keeps_the_serving_version(serve, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable())
+    with serve(repo) as running, httpx.Client(base_url=running.url) as client:
+        modelzoo.write(repo, "batchable", b"broken", version=2)
+        response = client.post("/v2/repository/models/batchable/load")
+        assert response.status_code == 400 and "INVALID_PROTOBUF" in response.json()["error"]
+        ok = client.post("/v2/models/batchable/infer", content=_body(np.ones((1, 4), np.float32)))
+        assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+
+def test_unload_then_load_and_unknown(serve, repository) -> None:
+    with serve(repository) as running, httpx.Client(base_url=running.url) as client:
+        assert client.post("/v2/repository/models/batchable/unload").status_code == 200
+        gone = client.post("/v2/models/batchable/infer", content=_body(np.ones((1, 4), np.float32)))
+        assert gone.status_code == 503 and "unloaded" in gone.json()["error"]
+        index = {m["name"]: m for m in client.post("/v2/repository/index").json()}
+        assert index["batchable"]["state"] == "UNAVAILABLE" and index["batchable"]["reason"] == "unloaded"
+        assert client.post("/v2/repository/models/batchable/load").status_code == 200
+        assert client.post("/v2/repository/models/nope/load").status_code == 404
+
+
+def test_drain_refuses_new_work_and_resume_restores_it(serve, repository) -> None:
+    with serve(repository) as running, httpx.Client(base_url=running.url) as client:
+        hub = running.service.hub
+        assert running.call(lambda: hub.drain(5.0)) is True
+        refused = client.post("/v2/models/batchable/infer", content=_body(np.ones((1, 4), np.float32)))
+        assert refused.status_code == 503 and "draining" in refused.json()["error"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert client.get("/v2/health/ready").status_code == 503
+        assert client.get("/v2/health/live").status_code == 200
+        running.call(_resume(hub))
+        again = client.post("/v2/models/batchable/infer", content=_body(np.ones((1, 4), np.float32)))
+        assert again.status_code == 200
+
+
+def _resume(hub):
+    async def resume() -> None:
+        hub.resume()
+
+    return resume

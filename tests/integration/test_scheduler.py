@@ -1,0 +1,180 @@
+"""The scheduler shell with real ORT sessions: admission, queue bounds, expiry, priorities, preemption."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import modelzoo
+from appliance.engine.model import LoadedModel
+from appliance.engine.repository import Repository
+from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from appliance.providers.registry import Registry
+from appliance.scheduler.queues import Priority
+from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
+from appliance.settings import ModelSettings
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def load(tmp_path: Path, model, manifest: str = "") -> LoadedModel:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "m", model, manifest=manifest)
+    registry = Registry.discover()
+    loaded = LoadedModel.load(
+        Repository(repo).source("m"),
+        registry=registry,
+        settings=ModelSettings(),
+        provider_configs=registry.configs({}),
+        cache_dir=tmp_path / "cache",
+        threads_per_call=1,
+    )
+    loaded.warm_up(2)
+    return loaded
+
+
+async def started(model: LoadedModel, clock=None, **config) -> ModelScheduler:
+    scheduler = ModelScheduler(model, SchedulerConfig(**config), **({"clock": clock} if clock else {}))
+    scheduler.start()
+    return scheduler
+
+
+def x(rows: int = 1, value: float = 1.0) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, 4), value, np.float32)}
+
+
+async def gather_outcomes(*coroutines) -> list[object]:
+    return await asyncio.gather(*coroutines, return_exceptions=True)
+
+
+def test_full_queue_refuses_with_overloaded(tmp_path: Path) -> None:
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 10000\n[batching]\nmax_batch_size = 1\n")
+
+    async def scenario() -> list[object]:
+        scheduler = await started(model, instances=1, line_max_requests=2)
+        try:
+            return await gather_outcomes(*(scheduler.infer(x()) for _ in range(6)))
+        finally:
+            await scheduler.close()
+
+    outcomes = asyncio.run(scenario())
+    assert [type(o).__name__ for o in outcomes] == ["dict", "dict", "dict", "Overloaded", "Overloaded", "Overloaded"]
+    assert "line queue is full (2 requests waiting)" in str(outcomes[3])
+
+
+def test_admission_refuses_what_cannot_meet_its_deadline(tmp_path: Path) -> None:
+    model = load(tmp_path, modelzoo.heavy(layers=16, width=256))
+
+    async def scenario() -> None:
+        scheduler = await started(model, instances=1)
+        try:
+            with pytest.raises(Overloaded, match="would finish in .* after its deadline"):
+                await scheduler.infer({"x": np.ones((8, 256), np.float32)}, timeout_s=1e-6)
+            result = await scheduler.infer({"x": np.ones((8, 256), np.float32)}, timeout_s=30.0)
+            assert result["y"].shape == (8, 256)
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+
+
+def test_work_that_expires_in_the_queue_is_answered_not_run(tmp_path: Path) -> None:
+    model = load(tmp_path, modelzoo.batchable(), "[batching]\nmax_batch_size = 1\n")
+    clock = FakeClock()
+
+    async def scenario() -> list[object]:
+        scheduler = await started(model, clock=clock, instances=1)
+
+        async def advance() -> None:
+            clock.now += 5.0  # both were admitted; the second now waits past its deadline
+
+        try:
+            outcomes = await gather_outcomes(scheduler.infer(x()), scheduler.infer(x(value=2)), advance())
+            assert scheduler.stats.execution_count == 1
+            return outcomes
+        finally:
+            await scheduler.close()
+
+    first, second, _ = asyncio.run(scenario())
+    assert isinstance(first, dict)
+    assert isinstance(second, DeadlineExceeded)
+    assert "expired in the queue" in str(second) and "it was not run" in str(second)
+
+
+def test_line_runs_before_pool_and_outcomes_keep_their_owner(tmp_path: Path) -> None:
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 10000\n[batching]\nmax_batch_size = 1\n")
+    order: list[str] = []
+
+    async def scenario() -> None:
+        scheduler = await started(model, instances=1, max_interference_ms=10_000, preempt_pool=False)
+
+        async def tagged(tag: str, priority: Priority, value: float) -> None:
+            result = await scheduler.infer(x(value=value), priority=priority)
+            assert result["s"][0, 0] == 4 * value  # its own row, not a neighbour's
+            order.append(tag)
+
+        try:
+            await asyncio.gather(
+                tagged("L0", Priority.LINE, 0),
+                tagged("P1", Priority.POOL, 1),
+                tagged("P2", Priority.POOL, 2),
+                tagged("L3", Priority.LINE, 3),
+                tagged("L4", Priority.LINE, 4),
+            )
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert order == ["L0", "L3", "L4", "P1", "P2"]
+
+
+def test_line_work_preempts_a_running_pool_batch(tmp_path: Path) -> None:
+    model = load(tmp_path, modelzoo.heavy(layers=64, width=512), "slo_p99_ms = 60000\n[batching]\nmax_batch_size = 64\n")
+    order: list[str] = []
+
+    async def scenario() -> ModelScheduler:
+        scheduler = await started(model, instances=1, max_interference_ms=60_000)
+        pool_input = {"x": np.ones((64, 512), np.float32)}
+        try:
+            pool = asyncio.create_task(scheduler.infer(pool_input, priority=Priority.POOL))
+            while scheduler.workers[0].current is None:
+                await asyncio.sleep(0)
+            line = await scheduler.infer({"x": np.ones((1, 512), np.float32)})
+            order.append("line")
+            pooled = await pool
+            order.append("pool")
+            reference = model.run(pool_input)["y"]
+            np.testing.assert_allclose(pooled["y"], reference, rtol=1e-5)
+            assert line["y"].shape == (1, 512)
+            return scheduler
+        finally:
+            await scheduler.close()
+
+    scheduler = asyncio.run(scenario())
+    assert order == ["line", "pool"]
+    assert scheduler.stats.preemptions >= 1
+
+
+def test_drain_then_close_fails_nothing_and_refuses_new_work(tmp_path: Path) -> None:
+    model = load(tmp_path, modelzoo.batchable())
+
+    async def scenario() -> None:
+        scheduler = await started(model, instances=2)
+        pending = [asyncio.create_task(scheduler.infer(x(value=i))) for i in range(10)]
+        await asyncio.sleep(0)
+        assert await scheduler.drain(10.0)
+        assert all(task.done() and not task.exception() for task in pending)
+        with pytest.raises(ModelNotReady, match="draining"):
+            await scheduler.infer(x())
+        await scheduler.close()
+
+    asyncio.run(scenario())

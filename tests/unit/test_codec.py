@@ -1,0 +1,122 @@
+"""The JSON and binary tensor codecs round-trip every datatype and refuse malformed bodies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from appliance import tensors
+from appliance.errors import InvalidInput
+from appliance.protocol import codec
+
+NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+
+
+@st.composite
+def arrays(draw: st.DrawFn) -> np.ndarray:
+    datatype = draw(st.sampled_from([*NUMERIC, "BYTES"]))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+    if datatype == "BYTES":
+        items = draw(st.lists(st.binary(max_size=8), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+        array = np.empty(len(items), dtype=object)
+        array[:] = items
+        return array.reshape(shape)
+    dtype = tensors.numpy_dtype(datatype)
+    elements = None
+    if dtype.kind == "f":
+        elements = st.floats(allow_nan=False, allow_infinity=False, width=dtype.itemsize * 8)
+    return draw(hnp.arrays(dtype, shape, elements=elements))
+
+
+@settings(max_examples=300, deadline=None)
+@given(array=arrays(), binary=st.booleans(), binary_output=st.booleans())
+def test_request_and_response_round_trip(array: np.ndarray, binary: bool, binary_output: bool) -> None:
+    if array.dtype == object and not binary:
+        array = np.vectorize(lambda b: b.decode("latin-1").encode(), otypes=[object])(array) if array.size else array
+    encoded = codec.encode_request({"t": array}, binary=binary, binary_output=binary_output, request_id="r")
+    request = codec.decode_request(encoded.body(), encoded.header_length)
+    decoded = request.inputs["t"]
+    assert decoded.shape == array.shape and decoded.dtype == array.dtype
+    assert decoded.tolist() == array.tolist()
+    assert request.binary_output == (binary_output and True)
+    if array.dtype == object and not binary_output and not all(_is_utf8(b) for b in array.reshape(-1)):
+        with pytest.raises(InvalidInput, match="not UTF-8"):
+            codec.encode_response(model_name="m", model_version="1", request=request, outputs={"t": decoded})
+        return
+    response = codec.encode_response(model_name="m", model_version="1", request=request, outputs={"t": decoded})
+    back = codec.decode_response(response.body(), response.header_length)["t"]
+    if array.dtype == object and not binary_output:
+        back = np.vectorize(lambda s: s.encode() if isinstance(s, str) else s, otypes=[object])(back) if back.size else back
+    assert back.shape == array.shape and back.tolist() == array.tolist()
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.none() | st.integers(-5, 250))
+def test_arbitrary_bytes_never_crash_the_decoder(body: bytes, header_length: int | None) -> None:
+    try:
+        codec.decode_request(body, header_length)
+    except InvalidInput:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+))
+def test_arbitrary_json_documents_are_refused_cleanly(document: object) -> None:
+    import orjson
+
+    try:
+        body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": document}]})
+    except (TypeError, orjson.JSONEncodeError):
+        return
+    try:
+        codec.decode_request(body)
+    except InvalidInput:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("data", "datatype", "message"),
+    [
+        ([1.5, 2], "INT32", "must be integers"),
+        ([300], "UINT8", "outside UINT8's range"),
+        ([1, 0], "BOOL", "true/false"),
+        ([1, "a"], "BYTES", "must be strings"),
+        ([[1, 2], [3]], "FP32", "does not fit FP32"),
+        ([True, False], "FP32", "must be numbers"),
+    ],
+)
+def test_json_data_that_does_not_fit_the_datatype(data: list, datatype: str, message: str) -> None:
+    import orjson
+
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [2], "data": data}]})
+    with pytest.raises(InvalidInput, match=message):
+        codec.decode_request(body)
+
+
+def test_bytes_tensor_truncation_is_named() -> None:
+    with pytest.raises(InvalidInput, match="element 0 declares 10 bytes, 2 remain"):
+        tensors.decode_bytes_tensor((10).to_bytes(4, "little") + b"ab", [1])
+    with pytest.raises(InvalidInput, match="has 1 elements; shape \\[2\\] needs 2"):
+        tensors.decode_bytes_tensor((1).to_bytes(4, "little") + b"a", [2])
+
+
+def test_binary_views_are_zero_copy() -> None:
+    raw = np.arange(8, dtype=np.float32).tobytes()
+    view = tensors.from_buffer(raw, "FP32", [2, 4])
+    assert not view.flags.owndata and view.base is not None
+    assert tensors.to_bytes(view).obj is not None
