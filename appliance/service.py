@@ -7,7 +7,8 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -17,6 +18,9 @@ from appliance.scheduler.hub import ModelHub, State
 from appliance.server.app import create_app
 from appliance.settings import Settings
 from appliance.system.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from appliance.pool.link import PoolLink
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,15 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _pool_link(service: Service) -> PoolLink | None:
+    """The MQTT link to the pool, when `pool.broker` is set."""
+    if service.settings.pool.broker is None:
+        return None
+    from appliance.pool.link import PoolLink
+
+    return PoolLink(service.settings, service.hub, service.registry)
+
+
 class Service:
     """One process per box. `run()` returns the exit code; `stop()` may be called from any thread."""
 
@@ -38,7 +51,6 @@ class Service:
         *,
         sockets: Sequence[socket.socket] | None = None,
         notifier: Notifier | None = None,
-        extensions: Sequence[Callable[[Service], object]] = (),
     ) -> None:
         self.settings = settings
         self.sockets = list(sockets) if sockets else None
@@ -51,7 +63,7 @@ class Service:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: _Server | None = None
-        self._extensions = extensions
+        self.pool = _pool_link(self)
 
     @property
     def port(self) -> int:
@@ -89,6 +101,8 @@ class Service:
             await self.hub.load_all()
             summary = self._summary()
             log.info("ready on http://%s:%d: %s", server_settings.host, self.port, summary)
+            if self.pool is not None:
+                await self.pool.start()
             self.notifier.ready(summary)
             self.ready.set()
             watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
@@ -130,9 +144,13 @@ class Service:
         if watchdog is not None:
             watchdog.cancel()
         self.notifier.stopping("draining")
+        if self.pool is not None:
+            await self.pool.announce_draining("stopping")
         timeout = self.settings.server.drain_timeout_s
         if not await self.hub.drain(timeout):
             log.warning("drain timed out after %.0f s; stopping anyway", timeout)
+        if self.pool is not None:
+            await self.pool.stop()
         assert self._server is not None
         self._server.should_exit = True
         with contextlib.suppress(Exception):
