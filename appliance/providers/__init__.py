@@ -1,0 +1,1 @@
+"""Accelerator providers: an explicit registry of ONNX Runtime execution providers and plugins."""
