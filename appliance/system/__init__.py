@@ -1,0 +1,1 @@
+"""System integration: systemd notify and socket activation, the admin socket, provisioning."""

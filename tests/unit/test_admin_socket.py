@@ -1,0 +1,193 @@
+"""Admin socket: a real AF_UNIX server in tmp_path, the blocking client, peer credentials and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.system.admin import AdminError, AdminServer, Handler, admin_request
+
+
+async def status(_: dict[str, Any]) -> dict[str, Any]:
+    return {"state": "serving"}
+
+
+async def echo(args: dict[str, Any]) -> dict[str, Any]:
+    return {"args": args}
+
+
+async def explode(_: dict[str, Any]) -> dict[str, Any]:
+    raise RuntimeError("boom")
+
+
+HANDLERS: dict[str, Handler] = {"status": status, "drain": echo, "reload": explode}
+
+
+def serving(
+    path: Path,
+    body: Callable[[AdminServer], Awaitable[None]],
+    handlers: Mapping[str, Handler] = HANDLERS,
+    allowed_uids: set[int] | None = None,
+) -> None:
+    """Run `body` against a started server and close it afterwards, all inside one event loop."""
+
+    async def main() -> None:
+        server = AdminServer(path, handlers, allowed_uids)
+        await server.start()
+        try:
+            async with asyncio.timeout(10):
+                await body(server)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+async def request(path: Path, verb: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    return await asyncio.to_thread(admin_request, path, verb, args, **kw)
+
+
+async def raw(path: Path, line: bytes) -> dict[str, Any]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(line)
+    await writer.drain()
+    reply = json.loads(await reader.readline())
+    writer.close()
+    await writer.wait_closed()
+    return reply
+
+
+def test_round_trip_and_socket_mode(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+
+    async def body(_: AdminServer) -> None:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert await request(path, "status") == {"ok": True, "state": "serving"}
+        assert await request(path, "drain", {"timeout_s": 5}) == {"ok": True, "args": {"timeout_s": 5}}
+
+    serving(path, body)
+    assert not path.exists()
+
+
+def test_unknown_verb_names_the_known_ones(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+
+    async def body(_: AdminServer) -> None:
+        with pytest.raises(AdminError, match=r"unknown verb 'explode'; known verbs: drain, reload, status"):
+            await request(path, "explode")
+
+    serving(path, body)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"{not json\n", "request is not valid JSON"),
+        (b"[1, 2]\n", "request must be a JSON object with a string 'verb'"),
+        (b'{"verb": "drain", "args": [1]}\n', "'args' must be a JSON object, got list"),
+        (b'{"verb": "status"}', None),  # no newline, then EOF: still one request
+    ],
+)
+def test_malformed_requests_get_an_error_reply(tmp_path: Path, line: bytes, expected: str | None) -> None:
+    path = tmp_path / "admin.sock"
+
+    async def body(_: AdminServer) -> None:
+        if expected is None:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(line)
+            writer.write_eof()
+            assert json.loads(await reader.readline()) == {"ok": True, "state": "serving"}
+            writer.close()
+            await writer.wait_closed()
+            return
+        reply = await raw(path, line)
+        assert reply["ok"] is False
+        assert expected in reply["error"]
+
+    serving(path, body)
+
+
+def test_failing_handler_is_an_error_reply_and_the_server_lives_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "admin.sock"
+
+    async def body(_: AdminServer) -> None:
+        with pytest.raises(AdminError, match="reload: reload failed: boom"):
+            await request(path, "reload")
+        assert (await request(path, "status"))["state"] == "serving"
+
+    serving(path, body)
+    assert "admin verb reload failed" in caplog.text
+
+
+def test_refused_peer_is_told_why(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    other_uid = os.getuid() + 4242
+
+    async def body(_: AdminServer) -> None:
+        expected = rf"uid {os.getuid()} may not use the admin socket; allowed uids: {other_uid}"
+        with pytest.raises(AdminError, match=expected):
+            await request(path, "status")
+
+    serving(path, body, allowed_uids={other_uid})
+
+
+def test_client_names_a_missing_socket(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    with pytest.raises(AdminError, match=f"admin socket {path} does not exist; is appliance.service running"):
+        admin_request(path, "status")
+
+
+def test_client_names_a_stale_socket(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))
+    with pytest.raises(AdminError, match="nothing listens there"):
+        admin_request(path, "status")
+
+
+def test_client_times_out_on_a_handler_that_never_answers(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    never = asyncio.Event()
+
+    async def hang(_: dict[str, Any]) -> dict[str, Any]:
+        await never.wait()
+        return {}
+
+    async def body(_: AdminServer) -> None:
+        with pytest.raises(AdminError, match=r"no answer to 'drain' within 0.2 s"):
+            await request(path, "drain", timeout_s=0.2)
+
+    serving(path, body, handlers={"drain": hang})  # close() cancels the hung handler
+
+
+def test_start_replaces_a_stale_socket_but_not_a_live_one_or_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))
+
+    async def body(_: AdminServer) -> None:
+        assert (await request(path, "status"))["ok"] is True
+        with pytest.raises(AdminError, match="is in use by another running process"):
+            await AdminServer(path, HANDLERS).start()
+
+    serving(path, body)
+
+    regular = tmp_path / "not-a-socket"
+    regular.write_text("keep me")
+
+    async def start_on_file() -> None:
+        await AdminServer(regular, HANDLERS).start()
+
+    with pytest.raises(AdminError, match="exists and is not a socket; refusing to replace it"):
+        asyncio.run(start_on_file())
+    assert regular.read_text() == "keep me"

@@ -1,0 +1,235 @@
+"""`appliance provision` into a temporary root: what it writes, idempotence, refusals, secrets, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.errors import ConfigError
+from appliance.settings import Settings
+from appliance.system import provision as prov
+from appliance.system.provision import accelerators, provision
+
+EXE = Path("/opt/appliance/bin/appliance")
+CONFIG = "/etc/appliance/appliance.toml"
+SHIPPED = {
+    "/usr/lib/systemd/system/appliance.service",
+    "/usr/lib/systemd/system/appliance.socket",
+    "/usr/lib/systemd/system/appliance-healthcheck.service",
+    "/usr/lib/sysusers.d/appliance.conf",
+    "/usr/lib/tmpfiles.d/appliance.conf",
+    "/usr/lib/systemd/system-preset/90-appliance.preset",
+    CONFIG,
+}
+IDENTITY: dict[str, Any] = {"node_id": "box-17", "site": "line-3", "broker": "mqtts://pool.example:8883"}
+
+
+def run_provision(root: Path, **options: Any) -> prov.ProvisionReport:
+    return provision(root, executable=EXE, **{**IDENTITY, **options})
+
+
+def test_fresh_root_gets_everything_and_a_loadable_config(tmp_path: Path) -> None:
+    report = run_provision(tmp_path, port=8080, mqtt_username="box")
+    assert set(report.written) == SHIPPED
+    assert report.created == report.written
+    assert report.is_complete
+    settings = Settings.load(tmp_path / CONFIG.lstrip("/"), environ={})
+    assert (settings.pool.node_id, settings.pool.site) == ("box-17", "line-3")
+    assert settings.pool.broker == "mqtts://pool.example:8883"
+    assert (settings.pool.username, settings.server.port) == ("box", 8080)
+    assert settings.server.host == "127.0.0.1"  # unset options keep their defaults
+
+
+def test_units_run_the_installed_executable(tmp_path: Path) -> None:
+    run_provision(tmp_path)
+    units = tmp_path / "usr/lib/systemd/system"
+    assert f"ExecStart={EXE} serve\n" in (units / "appliance.service").read_text()
+    assert f"ExecStart={EXE} ota verify\n" in (units / "appliance-healthcheck.service").read_text()
+    assert "/usr/bin/appliance" not in (units / "appliance.service").read_text()
+
+
+def test_second_run_changes_nothing(tmp_path: Path) -> None:
+    run_provision(tmp_path, accelerator=["nvidia"])
+    stamp = tmp_path / "etc/appliance/provisioned.json"
+    recorded = stamp.read_text()
+    again = run_provision(tmp_path, accelerator=["nvidia"])
+    assert again.written == [] and again.removed == [] and again.refused == []
+    assert set(again.unchanged) == SHIPPED | {"/etc/systemd/system/appliance.service.d/nvidia.conf"}
+    assert stamp.read_text() == recorded
+
+
+def test_new_options_rewrite_an_unedited_config(tmp_path: Path) -> None:
+    run_provision(tmp_path)
+    report = run_provision(tmp_path, site="line-4")
+    assert report.written == [CONFIG]
+    assert Settings.load(tmp_path / CONFIG.lstrip("/"), environ={}).pool.site == "line-4"
+
+
+def test_edited_config_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    run_provision(tmp_path)
+    config = tmp_path / CONFIG.lstrip("/")
+    config.write_text(config.read_text() + "\n[scheduler]\ninstances = 2\n")
+    report = run_provision(tmp_path, site="line-4", accelerator=["nvidia"])
+    assert report.refused == [
+        (CONFIG, "edited since appliance provision wrote it; keep the edit or pass --force to replace it")
+    ]
+    assert report.written == []
+    assert "instances = 2" in config.read_text()
+    assert not (tmp_path / "etc/systemd/system/appliance.service.d/nvidia.conf").exists()
+
+    forced = run_provision(tmp_path, site="line-4", force=True)
+    assert CONFIG in forced.written
+    assert "instances" not in config.read_text()
+
+
+def test_files_it_did_not_write_are_refused_unless_identical(tmp_path: Path) -> None:
+    preset = tmp_path / "usr/lib/systemd/system-preset/90-appliance.preset"
+    preset.parent.mkdir(parents=True)
+    preset.write_text("disable appliance.service\n")
+    report = run_provision(tmp_path)
+    assert report.refused == [
+        (
+            "/" + str(preset.relative_to(tmp_path)),
+            "exists and was not written by appliance provision; pass --force to replace it",
+        )
+    ]
+    preset.write_bytes((prov.units_source() / "90-appliance.preset").read_bytes())
+    preset.chmod(0o644)
+    report = run_provision(tmp_path)
+    assert report.is_complete
+    assert "/usr/lib/systemd/system-preset/90-appliance.preset" in report.unchanged
+
+
+def test_accelerator_drop_ins_come_and_go(tmp_path: Path) -> None:
+    dropins = tmp_path / "etc/systemd/system/appliance.service.d"
+    run_provision(tmp_path, accelerator=["nvidia", "dri-render"])
+    assert sorted(p.name for p in dropins.iterdir()) == ["dri-render.conf", "nvidia.conf"]
+
+    (dropins / "local.conf").write_text("[Service]\nNice=5\n")  # the admin's own: never touched
+    report = run_provision(tmp_path, accelerator=["nvidia"])
+    assert report.removed == ["/etc/systemd/system/appliance.service.d/dri-render.conf"]
+    assert sorted(p.name for p in dropins.iterdir()) == ["local.conf", "nvidia.conf"]
+
+    (dropins / "nvidia.conf").write_text("[Service]\nDeviceAllow=char-nvidia-frontend rw\n")
+    report = run_provision(tmp_path)
+    assert report.refused == [
+        (
+            "/etc/systemd/system/appliance.service.d/nvidia.conf",
+            "no longer wanted, but edited since appliance provision wrote it; "
+            "keep the edit or pass --force to replace it",
+        )
+    ]
+
+
+def test_secrets_go_to_the_credstore_readable_by_root_only(tmp_path: Path) -> None:
+    secret = tmp_path / "password.txt"
+    secret.write_text("s3cret\n")
+    root = tmp_path / "root"
+    run_provision(root, mqtt_password_file=secret)
+    stored = root / "etc/credstore/appliance.pool.password"
+    assert stored.read_bytes() == b"s3cret"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert stat.S_IMODE(stored.parent.stat().st_mode) == 0o700
+    assert "etc/credstore/appliance.pool.password" not in json.loads(
+        (root / "etc/appliance/provisioned.json").read_text()
+    )
+    secret.write_text("rotated")
+    assert run_provision(root, mqtt_password_file=secret).written == [
+        "/etc/credstore/appliance.pool.password"
+    ]
+    assert stored.read_bytes() == b"rotated"
+
+
+def test_the_service_reads_the_credential_under_the_name_settings_expects(tmp_path: Path) -> None:
+    unit = (prov.units_source() / "appliance.service").read_text()
+    assert "LoadCredential=pool.password:appliance.pool.password\n" in unit
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "pool.password").write_text("s3cret")
+    empty = tmp_path / "appliance.toml"
+    empty.write_text("")
+    settings = Settings.load(empty, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert settings.pool.password is not None
+    assert settings.pool.password.get_secret_value() == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"node_id": "box/17"}, "node id 'box/17': use 1-64 letters"),
+        ({"site": "#"}, "site '#': use 1-64 letters"),
+        ({"broker": "http://pool"}, "expected mqtt://host:port or mqtts://host:port"),
+        ({"model_repository": Path("models")}, "model repository models: expected an absolute path"),
+        ({"port": 70000}, "setting 'server.port' (from the options given)"),
+        ({"accelerator": ["tpu"]}, "unknown accelerator tpu; known: accel-npu, amd-kfd"),
+        ({"executable": Path("/root/venv/bin/appliance")}, "which ProtectHome=yes hides from the service"),
+        ({"executable": Path("bin/appliance")}, "expected an absolute path"),
+        ({"mqtt_password_file": Path("/nonexistent/pw")}, "secret file /nonexistent/pw: cannot be read"),
+    ],
+)
+def test_bad_options_are_named_and_nothing_is_written(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        provision(tmp_path, **{**IDENTITY, "executable": EXE, **options})
+    assert message in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_apply_runs_system_tools_and_presets_only_new_units(tmp_path: Path) -> None:
+    ran: list[list[str]] = []
+
+    def fake_run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    run_provision(tmp_path, apply=True, run=fake_run)
+    assert [c[0] for c in ran] == ["systemd-sysusers", "systemd-tmpfiles", "systemctl"]
+    assert ran[2][-3:] == ["appliance.service", "appliance.socket", "appliance-healthcheck.service"]
+    ran.clear()
+    run_provision(tmp_path, apply=True, run=fake_run)
+    assert [c[0] for c in ran] == ["systemd-sysusers", "systemd-tmpfiles"]  # the admin's choices stay
+
+
+def test_cli_reports_and_exits_nonzero_on_refusal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="appliance provision")
+    prov.add_arguments(parser)
+    argv = ["--root", str(tmp_path), "--node-id", "box-17", "--executable", str(EXE), "--no-apply"]
+    assert prov.run(parser.parse_args([*argv, "--accelerator", "nvidia"])) == 0
+    out = capsys.readouterr().out
+    assert f"wrote     {CONFIG}\n" in out
+    assert "wrote     /etc/systemd/system/appliance.service.d/nvidia.conf\n" in out
+
+    (tmp_path / CONFIG.lstrip("/")).write_text("# mine\n")
+    assert prov.run(parser.parse_args([*argv, "--accelerator", "nvidia"])) == 1
+    err = capsys.readouterr().err
+    assert f"refused   {CONFIG}: edited since appliance provision wrote it" in err
+    assert "nothing written" in err
+
+    args = parser.parse_args([*argv, "--accelerator", "tpu"])
+    assert args.func is prov.run
+    with pytest.raises(ConfigError, match="unknown accelerator tpu"):
+        args.func(args)
+
+
+def test_accelerators_are_the_shipped_drop_ins() -> None:
+    assert accelerators() == ["accel-npu", "amd-kfd", "cpu-jit", "dri-render", "nvidia"]
+
+
+def test_units_are_found_where_a_wheel_installs_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site_packages = tmp_path / "venv/lib/python3.11/site-packages"
+    monkeypatch.setattr(prov, "__file__", str(site_packages / "appliance/system/provision.py"))
+    monkeypatch.setattr(prov.sysconfig, "get_path", lambda name: str(tmp_path / "venv"))
+    monkeypatch.setattr(prov.sys, "prefix", str(tmp_path / "venv"))
+    with pytest.raises(ConfigError, match="shipped unit files not found; looked in"):
+        prov.units_source()
+    shared = tmp_path / "venv/share/appliance/systemd"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "systemd", shared)
+    assert prov.units_source() == shared
