@@ -13,7 +13,9 @@ from typing import Any
 
 from appliance import __version__
 from appliance.errors import ApplianceError
+from appliance.providers import report as providers_report
 from appliance.settings import Settings, config_schema
+from appliance.system import provision
 
 log = logging.getLogger("appliance")
 
@@ -30,7 +32,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML settings file (default /etc/appliance/appliance.toml)")
+    parser.add_argument(
+        "--config", type=Path, help="TOML settings file (default /etc/appliance/appliance.toml)"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -38,7 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _configure_logging(settings.system.log_level)
-    return asyncio.run(Service(settings).run())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(Service(settings).run())
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
@@ -89,8 +94,12 @@ def _describe_model(model: Any) -> dict[str, Any]:
         "precision": model.precision,
         "sha256": model.digest,
         "max_batch_size": model.limits.max_batch_size,
-        "inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in model.signature.inputs],
-        "outputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in model.signature.outputs],
+        "inputs": [
+            {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in model.signature.inputs
+        ],
+        "outputs": [
+            {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in model.signature.outputs
+        ],
     }
 
 
@@ -132,9 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(func=cmd_models_check)
 
+    providers = verbs.add_parser("providers", help="list execution providers, availability and the order used")
+    _add_config(providers)
+    providers_report.add_arguments(providers)
+    providers.set_defaults(func=lambda args: providers_report.run(args, _settings(args)))
+
+    provision.add_arguments(verbs.add_parser("provision", help="install units, config and secrets into a root"))
+
     schema = verbs.add_parser("config-schema", help="print the JSON Schema of the settings")
     schema.set_defaults(func=cmd_config_schema)
     return parser
+
+
+def _loop_factory():
+    """uvloop when installed (uvicorn[standard] brings it): a cheaper event loop per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _configure_logging(level: str) -> None:

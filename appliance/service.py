@@ -29,7 +29,7 @@ class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the service drains first, then stops the server."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]  # noqa: ANN201 - uvicorn's hook
+    def capture_signals(self):  # type: ignore[no-untyped-def]
         yield
 
 

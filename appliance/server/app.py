@@ -1,4 +1,4 @@
-"""Build the FastAPI application around a ModelHub; it starts nothing on its own."""
+"""Build the ASGI application around a ModelHub; it starts nothing on its own."""
 
 from __future__ import annotations
 
@@ -9,24 +9,27 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.scheduler.hub import ModelHub
-from appliance.server import errors, health, inference, models, repository
+from appliance.server import errors, health, models, repository
 from appliance.server.errors import error_response
+from appliance.server.inference import InferenceRoute
 from appliance.settings import Settings
 
 _OPEN_PATHS = ("/v2/health/", "/metrics")
 
 
-def create_app(hub: ModelHub, settings: Settings) -> FastAPI:
+def create_app(hub: ModelHub, settings: Settings) -> ASGIApp:
+    """Bearer token check (if configured) -> inference fast path -> FastAPI for everything else."""
     app = FastAPI(title="appliance", version=__version__, docs_url=None, redoc_url=None)
     app.state.hub = hub
     app.state.settings = settings
-    for router in (health.router, models.router, inference.router, repository.router):
+    for router in (health.router, models.router, repository.router):
         app.include_router(router)
     errors.install(app)
+    asgi: ASGIApp = InferenceRoute(app, hub, settings)
     token = settings.server.api_token
     if token is not None:
-        app.add_middleware(BearerToken, token=token.get_secret_value())
-    return app
+        asgi = BearerToken(asgi, token=token.get_secret_value())
+    return asgi
 
 
 class BearerToken:
@@ -40,6 +43,8 @@ class BearerToken:
         if scope["type"] == "http" and not scope["path"].startswith(_OPEN_PATHS):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self._expected):
-                await error_response(401, "missing or wrong bearer token (server.api_token)")(scope, receive, send)
+                await error_response(401, "missing or wrong bearer token (server.api_token)")(
+                    scope, receive, send
+                )
                 return
         await self.app(scope, receive, send)

@@ -1,15 +1,26 @@
-"""Read a request body under a size limit, refusing an oversized one before it is read whole."""
+"""Read an ASGI request body under a size limit, refusing an oversized one before it is read whole."""
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.types import Receive, Scope
 
 from appliance.errors import InvalidInput, RequestTooLarge
 
 
-async def read_body(request: Request, limit_bytes: int) -> bytes:
+class ClientDisconnected(Exception):
+    """The client went away before sending its whole body."""
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit_bytes: int) -> bytes:
     """The whole body; RequestTooLarge as soon as Content-Length or the bytes received pass the limit."""
-    declared = request.headers.get("content-length")
+    declared = header(scope, b"content-length")
     if declared is not None:
         if not declared.isdigit():
             raise InvalidInput(f"Content-Length {declared!r} is not a number")
@@ -20,11 +31,17 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
             )
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
         received += len(chunk)
         if received > limit_bytes:
             raise RequestTooLarge(
                 f"request body exceeds the limit of {limit_bytes} bytes (server.max_body_bytes)"
             )
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -75,8 +75,7 @@ def config(scheduler: ModelScheduler) -> dict[str, Any]:
             "sha256": {"string_value": model.digest},
         },
         "appliance": {
-            "provider": model.provider,
-            "fallbacks": [{"provider": f.provider, "reason": f.reason} for f in model.fallbacks],
+            **model.placement.record(),
             "precision": model.precision,
             "sha256": model.digest,
             "slo_p99_ms": model.slo_p99_ms,
@@ -126,7 +125,11 @@ def statistics(entry: ModelEntry) -> dict[str, Any]:
         "preemptions": stats.preemptions,
         "latency_profile": {"provider": scheduler.model.provider, **scheduler.profile.as_dict()},
         "instances": [
-            {"instances": t.instances, "threads_per_call": t.threads_per_call, "rows_per_s": round(t.rows_per_s, 1)}
+            {
+                "instances": t.instances,
+                "threads_per_call": t.threads_per_call,
+                "rows_per_s": round(t.rows_per_s, 1),
+            }
             for t in entry.trials
         ],
     }

@@ -14,7 +14,13 @@ from appliance.server.responses import json_response
 
 router = APIRouter()
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration", "schedule_policy"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_repository",
+    "statistics",
+    "model_configuration",
+    "schedule_policy",
+]
 
 
 @router.get("/v2")

@@ -69,7 +69,9 @@ def render(hub: ModelHub) -> str:
             continue
         stats = scheduler.stats
         model = entry.name
-        out.declare("appliance_requests_total", "counter", "Requests answered, by priority class and outcome.")
+        out.declare(
+            "appliance_requests_total", "counter", "Requests answered, by priority class and outcome."
+        )
         for (priority, outcome), count in sorted(stats.requests.items()):
             out.sample("appliance_requests_total", count, model=model, priority=priority, outcome=outcome)
         out.declare("appliance_failures_total", "counter", "Failed requests by reason.")
@@ -77,14 +79,21 @@ def render(hub: ModelHub) -> str:
             out.sample("appliance_failures_total", count, model=model, reason=reason)
         out.declare("appliance_inferences_total", "counter", "Rows inferred.")
         out.sample("appliance_inferences_total", stats.inference_count, model=model)
-        out.declare("appliance_preemptions_total", "counter", "Pool batches stopped to make way for line work.")
+        out.declare(
+            "appliance_preemptions_total", "counter", "Pool batches stopped to make way for line work."
+        )
         out.sample("appliance_preemptions_total", stats.preemptions, model=model)
         for name, attribute, help_text in _HISTOGRAMS:
             out.declare(name, "histogram", help_text)
             out.histogram(name, getattr(stats, attribute), model=model)
         out.declare("appliance_queue_depth", "gauge", "Requests waiting, by priority class.")
         for priority in Priority:
-            out.sample("appliance_queue_depth", len(scheduler.queues.by_class[priority]), model=model, priority=priority.label)
+            out.sample(
+                "appliance_queue_depth",
+                len(scheduler.queues.by_class[priority]),
+                model=model,
+                priority=priority.label,
+            )
         capacity = scheduler.capacity(reserved)
         out.declare("appliance_max_ips_at_slo", "gauge", "Sustainable inferences/s at the model's SLO.")
         out.sample("appliance_max_ips_at_slo", capacity.max_ips_at_slo, model=model, provider=provider)
@@ -94,7 +103,14 @@ def render(hub: ModelHub) -> str:
         out.sample("appliance_spare_ips_at_slo", capacity.spare_ips_at_slo, model=model)
         out.declare("appliance_provider_fallbacks", "gauge", "Providers that did not take the model.")
         for fallback in scheduler.model.fallbacks:
-            out.sample("appliance_provider_fallbacks", 1, model=model, provider=fallback.provider, reason=fallback.reason[:120])
+            out.sample(
+                "appliance_provider_fallbacks",
+                1,
+                model=model,
+                provider=fallback.provider,
+                stage=fallback.stage,
+                reason=fallback.reason[:120],
+            )
     out.declare("appliance_draining", "gauge", "1 while the service drains.")
     out.sample("appliance_draining", 1.0 if hub.is_draining else 0.0)
     return out.text()

@@ -75,5 +75,7 @@ async def model_stats(name: str, request: Request) -> Response:
 async def model_version_stats(name: str, version: str, request: Request) -> Response:
     entry = _hub(request).entry(name)
     if entry.state is State.READY and entry.version != version:
-        raise ModelNotFound(f"model {name!r} version {version} is not served; serving version {entry.version}")
+        raise ModelNotFound(
+            f"model {name!r} version {version} is not served; serving version {entry.version}"
+        )
     return json_response({"model_stats": [documents.statistics(entry)]})

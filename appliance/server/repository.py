@@ -19,7 +19,12 @@ async def index(request: Request) -> Response:
     listed: dict[str, dict[str, str]] = {}
     for name, source in hub.repository.index().items():
         version = "" if isinstance(source, ApplianceError) else str(source.version)
-        listed[name] = {"name": name, "version": version, "state": State.UNAVAILABLE.value, "reason": "not loaded"}
+        listed[name] = {
+            "name": name,
+            "version": version,
+            "state": State.UNAVAILABLE.value,
+            "reason": "not loaded",
+        }
     for entry in hub:
         listed[entry.name] = {
             "name": entry.name,
