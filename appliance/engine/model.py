@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from appliance.engine.manifest import Batching
+from appliance.engine.manifest import Batching, InputOverride
 from appliance.engine.precision import detect_precision
 from appliance.engine.repository import ModelSource, file_digest
 from appliance.engine.signature import Signature, read_signature
 from appliance.errors import ApplianceError, InferenceFailed, InvalidInput, ModelLoadError
 from appliance.providers.base import SessionContext
 from appliance.providers.registry import Registry
-from appliance.providers.selection import Fallback, open_session
+from appliance.providers.selection import Fallback, Placement, open_session
 from appliance.settings import ModelSettings
 from appliance.tensors import DYNAMIC, TensorSpec
 
@@ -43,11 +43,9 @@ class LoadedModel:
     """A model ready to run. `run` may be called from several threads at once (ORT allows it)."""
 
     source: ModelSource
-    session: ort.InferenceSession
+    placement: Placement  # the session and the provider that took it, with every fallback
     signature: Signature
     digest: str
-    provider: str
-    fallbacks: list[Fallback]
     precision: str
     limits: BatchLimits
     slo_p99_ms: float
@@ -62,6 +60,18 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return str(self.source.version)
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self.placement.session
+
+    @property
+    def provider(self) -> str:
+        return self.placement.provider
+
+    @property
+    def fallbacks(self) -> list[Fallback]:
+        return self.placement.fallbacks
 
     @classmethod
     def load(
@@ -95,6 +105,7 @@ class LoadedModel:
                 configs=provider_configs,  # type: ignore[arg-type]
                 context=SessionContext(source.name, digest, cache_dir),
                 session_options=lambda: session_options(threads_per_call),
+                verify=_first_run(manifest.inputs),
             )
         except ModelLoadError as exc:
             raise ModelLoadError(f"model {source.name!r} failed to load: {exc}") from exc
@@ -102,11 +113,9 @@ class LoadedModel:
         limits = _limits(signature, manifest.batching, settings)
         return cls(
             source=source,
-            session=placement.session,
+            placement=placement,
             signature=signature,
             digest=digest,
-            provider=placement.provider,
-            fallbacks=placement.fallbacks,
             precision=manifest.precision or detect_precision(source.path),
             limits=limits,
             slo_p99_ms=manifest.slo_p99_ms or settings.default_slo_p99_ms,
@@ -128,7 +137,7 @@ class LoadedModel:
         feed = {name: _ort_value(name, array) for name, array in inputs.items()}
         try:
             results = self.session.run(names, feed, control.options if control else None)
-        except Exception as exc:  # noqa: BLE001 - ORT raises pybind types; translate at our edge
+        except Exception as exc:
             if control is not None and control.is_terminated:
                 raise Terminated(f"model {self.name!r}: run stopped to make way for line work") from exc
             raise _translate(self.name, exc) from exc
@@ -165,16 +174,42 @@ class LoadedModel:
 
     def example_inputs(self, rows: int) -> dict[str, np.ndarray] | None:
         """Zero inputs of `rows` rows; None when a non-batch dim is dynamic (size unknown)."""
-        feed = {}
-        for spec in self.signature.inputs:
-            shape = _example_shape(spec, rows if self.limits.is_batched else None)
-            if shape is None:
-                return None
-            if spec.datatype == "BYTES":
-                feed[spec.name] = np.full(shape, b"", dtype=object)
-            else:
-                feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
-        return feed
+        return example_feed(self.signature, rows if self.limits.is_batched else None)
+
+
+def example_feed(signature: Signature, rows: int | None) -> dict[str, np.ndarray] | None:
+    """Zeros (empty strings) for every input, `rows` rows if batched; None if a size is unknown."""
+    feed = {}
+    for spec in signature.inputs:
+        shape = _example_shape(spec, rows)
+        if shape is None:
+            return None
+        if spec.datatype == "BYTES":
+            feed[spec.name] = np.full(shape, "", dtype=object)
+        else:
+            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feed
+
+
+def _first_run(overrides: Mapping[str, InputOverride]) -> Callable[[ort.InferenceSession], None]:
+    """One run right after session creation: some EPs (TensorRT, CUDA out of memory) fail only then.
+
+    A provider that fails it falls back to the next. A rejection of the zero inputs themselves
+    (INVALID_ARGUMENT, e.g. a shape input of 0) says nothing about the provider and is ignored.
+    """
+
+    def verify(session: ort.InferenceSession) -> None:
+        signature = read_signature(session, overrides)
+        feed = example_feed(signature, 1 if signature.is_batchable else None)
+        if feed is None:
+            return
+        try:
+            session.run(None, feed)
+        except Exception as exc:
+            if "INVALID_ARGUMENT" not in str(exc):
+                raise
+
+    return verify
 
 
 class Terminated(InferenceFailed):
@@ -208,12 +243,16 @@ def session_options(threads_per_call: int) -> ort.SessionOptions:
 def _limits(signature: Signature, batching: Batching, settings: ModelSettings) -> BatchLimits:
     if not signature.is_batchable:
         return BatchLimits(0, (), 0.0)
-    max_rows = batching.max_batch_size if batching.max_batch_size is not None else settings.default_max_batch_size
+    max_rows = (
+        batching.max_batch_size if batching.max_batch_size is not None else settings.default_max_batch_size
+    )
     if max_rows == 0:
         return BatchLimits(0, (), 0.0)
     preferred = tuple(size for size in batching.preferred_batch_sizes if size <= max_rows)
     if not preferred:
-        preferred = tuple(sorted({1, *(2**k for k in range(max_rows.bit_length()) if 2**k <= max_rows), max_rows}))
+        preferred = tuple(
+            sorted({1, *(2**k for k in range(max_rows.bit_length()) if 2**k <= max_rows), max_rows})
+        )
     delay = batching.max_queue_delay_ms
     return BatchLimits(max_rows, preferred, settings.default_max_queue_delay_ms if delay is None else delay)
 

@@ -54,7 +54,7 @@ class Repository:
         return names
 
     def source(self, name: str) -> ModelSource:
-        """The version to serve; ModelNotFound for no such folder, ModelLoadError/ConfigError for a bad one."""
+        """The version to serve: ModelNotFound if no such folder, ModelLoadError/ConfigError if bad."""
         if not _NAME.match(name):
             raise ModelNotFound(f"model name {name!r} is not valid")
         directory = self.root / name

@@ -37,7 +37,9 @@ class Signature:
             )
         missing = [name for name in expected if name not in inputs]
         if missing:
-            raise InvalidInput(f"missing input {missing[0]!r}; model expects {', '.join(map(repr, expected))}")
+            raise InvalidInput(
+                f"missing input {missing[0]!r}; model expects {', '.join(map(repr, expected))}"
+            )
         rows: int | None = None
         for spec in self.inputs:
             array = inputs[spec.name]
@@ -75,7 +77,7 @@ def read_signature(session: Any, overrides: Mapping[str, InputOverride]) -> Sign
     raw_inputs = session.get_inputs()
     inputs = [_spec(arg) for arg in raw_inputs]
     names = {spec.name for spec in inputs}
-    for name, override in overrides.items():
+    for name in overrides:
         if name not in names:
             raise ConfigError(f"model.toml narrows input {name!r}, which the graph does not have")
     narrowed = []
@@ -100,7 +102,6 @@ def _narrow(spec: TensorSpec, shape: list[int]) -> TensorSpec:
         graph != DYNAMIC and want != graph for want, graph in zip(shape, spec.shape, strict=True)
     ):
         raise ConfigError(
-            f"model.toml shape {shape} for input {spec.name!r} contradicts the graph's "
-            f"{list(spec.shape)}"
+            f"model.toml shape {shape} for input {spec.name!r} contradicts the graph's {list(spec.shape)}"
         )
     return TensorSpec(spec.name, spec.datatype, tuple(shape))
