@@ -95,9 +95,7 @@ class TensorSpec:
     def check(self, datatype: str, shape: Sequence[int], *, max_rows: int | None = None) -> None:
         """Raise InvalidInput naming this input, the value sent and what the model expects."""
         if datatype != self.datatype:
-            raise InvalidInput(
-                f"input {self.name!r} has datatype {datatype}; model expects {self.datatype}"
-            )
+            raise InvalidInput(f"input {self.name!r} has datatype {datatype}; model expects {self.datatype}")
         expected = self.describe(max_rows)
         if len(shape) != len(self.shape) or any(
             want != DYNAMIC and got != want for got, want in zip(shape, self.shape, strict=False)
@@ -108,9 +106,7 @@ class TensorSpec:
         if any(dim < 0 for dim in shape):
             raise InvalidInput(f"input {self.name!r} has negative dimension in {list(shape)}")
         if max_rows is not None and shape and shape[0] > max_rows:
-            raise InvalidInput(
-                f"input {self.name!r} has {shape[0]} rows; model expects {expected}"
-            )
+            raise InvalidInput(f"input {self.name!r} has {shape[0]} rows; model expects {expected}")
 
     def describe(self, max_rows: int | None = None) -> str:
         text = format_shape(self.shape)

@@ -63,7 +63,9 @@ class EncodedResponse:
         return b"".join(self.parts)
 
 
-def decode_request(body: bytes | bytearray | memoryview, header_length: int | None = None) -> InferenceRequest:
+def decode_request(
+    body: bytes | bytearray | memoryview, header_length: int | None = None
+) -> InferenceRequest:
     """Decode a v2 request; `header_length` is the Inference-Header-Content-Length header, if sent."""
     view = memoryview(body)
     if header_length is None:
@@ -158,30 +160,41 @@ def _from_json_data(name: str, data: Any, datatype: str, shape: list[int]) -> np
             array = np.asarray(data)
             if array.dtype != np.bool_ and array.size:
                 raise InvalidInput(f"input {name!r} is BOOL; data must be true/false")
-            array = array.astype(np.bool_)
         elif datatype.startswith(("INT", "UINT")):
-            array = np.asarray(data)
-            if array.dtype.kind not in "iub" and array.size:
-                raise InvalidInput(f"input {name!r} is {datatype}; data must be integers")
-            target = tensors.numpy_dtype(datatype)
-            info = np.iinfo(target)
-            if array.size and (array.min() < info.min or array.max() > info.max):
-                raise InvalidInput(
-                    f"input {name!r} has values outside {datatype}'s range [{info.min}, {info.max}]"
-                )
-            array = array.astype(target)
+            array = _integers(name, data, datatype)
         else:
-            array = np.asarray(data)
-            if array.dtype.kind not in "fiu" and array.size:
-                raise InvalidInput(f"input {name!r} is {datatype}; data must be numbers")
-            array = array.astype(tensors.numpy_dtype(datatype), copy=False)
+            array = _floats(name, data, datatype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"input {name!r} data does not fit {datatype} shape {shape}: {exc}") from None
     if array.size != count:
-        raise InvalidInput(
-            f"input {name!r} has {array.size} values; shape {shape} needs {count}"
-        )
-    return array.reshape(shape)
+        raise InvalidInput(f"input {name!r} has {array.size} values; shape {shape} needs {count}")
+    return array.astype(tensors.numpy_dtype(datatype), copy=False).reshape(shape)
+
+
+def _integers(name: str, data: list[Any], datatype: str) -> np.ndarray:
+    array = np.asarray(data)
+    if array.dtype.kind not in "iu" and array.size:
+        # numpy falls back to float or object above int64's range; accept only real integers there
+        flat = np.array(data, dtype=object).reshape(-1)
+        if not all(type(item) is int for item in flat):
+            raise InvalidInput(f"input {name!r} is {datatype}; data must be integers")
+        array = flat
+    info = np.iinfo(tensors.numpy_dtype(datatype))
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise InvalidInput(f"input {name!r} has values outside {datatype}'s range [{info.min}, {info.max}]")
+    return array
+
+
+def _floats(name: str, data: list[Any], datatype: str) -> np.ndarray:
+    array = np.asarray(data)
+    if array.dtype.kind not in "fiu" and array.size:
+        raise InvalidInput(f"input {name!r} is {datatype}; data must be numbers")
+    with np.errstate(over="ignore"):
+        converted = array.astype(tensors.numpy_dtype(datatype), copy=False)
+    if converted.dtype != array.dtype and np.isinf(converted).sum() != np.isinf(array).sum():
+        limit = np.finfo(converted.dtype).max
+        raise InvalidInput(f"input {name!r} has values outside {datatype}'s range (|x| <= {limit:g})")
+    return converted
 
 
 def _to_bytes(name: str, item: Any) -> bytes:
