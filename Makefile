@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(TEST_STAMP): pyproject.toml $(STAMP)
+$(TEST_STAMP): pyproject.toml tests/fixtures/fake_provider/pyproject.toml $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-build-isolation -e tests/fixtures/fake_provider
 	touch $@
 
 venv: $(STAMP)

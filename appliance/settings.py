@@ -10,6 +10,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -54,7 +55,7 @@ class ModelSettings(BaseModel):
     )
     providers: list[str] | None = Field(
         None,
-        description="Execution provider preference, e.g. [\"cuda\", \"openvino\", \"cpu\"]; "
+        description='Execution provider preference, e.g. ["cuda", "openvino", "cpu"]; '
         "unset picks every available accelerator in the registry's order, then cpu.",
     )
     default_slo_p99_ms: float = Field(
@@ -102,11 +103,23 @@ class PoolSettings(BaseModel):
         default_factory=socket.gethostname, description="Node name in the topic root (default: hostname)."
     )
     topic_root: str = Field("ecp/v1", description="First topic levels before <site>/<node>/.")
-    report_interval_s: float = Field(
-        30.0, gt=0, description="Capacity report period, jittered by +-10%."
+    report_interval_s: float = Field(30.0, gt=0, description="Capacity report period, jittered by +-10%.")
+    capacity_change_pct: float = Field(
+        20.0, gt=0, description="A report goes out at once when a model's spare capacity moves by more."
     )
     keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive interval.")
     will_delay_s: int = Field(5, ge=0, description="MQTT 5 Will Delay before 'offline' is published.")
+    session_expiry_s: int = Field(
+        60,
+        ge=0,
+        description="MQTT 5 session the broker keeps after a lost connection: jobs sent meanwhile wait "
+        "there until their own expiry (0: none; MQTT 3.1.1 always starts clean).",
+    )
+    reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay; doubles, jittered.")
+    reconnect_max_s: float = Field(60.0, gt=0, description="Longest reconnect delay.")
+    stop_timeout_s: float = Field(
+        5.0, gt=0, description="On stop, how long the last messages may take to be acknowledged."
+    )
     username: str | None = Field(None, description="MQTT user name.")
     password: SecretStr | None = Field(
         None, description="MQTT password; also read from $CREDENTIALS_DIRECTORY/pool.password."
@@ -122,13 +135,42 @@ class PoolSettings(BaseModel):
         10.0, gt=0, description="Longest predicted duration of one batch of pool work."
     )
     max_pending_responses: int = Field(
-        1000, ge=0, description="Job responses kept while the broker is unreachable."
+        1000, ge=0, description="Job responses and events kept while the broker is unreachable."
     )
 
     @field_validator("broker")
     @classmethod
-    def _blank_is_none(cls, value: str | None) -> str | None:
-        return value or None
+    def _broker_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        try:
+            has_port = parts.port is not None or not parts.netloc.endswith(":")
+        except ValueError:
+            has_port = False
+        if (
+            parts.scheme not in ("mqtt", "mqtts")
+            or not parts.hostname
+            or not has_port
+            or parts.path.strip("/")
+        ):
+            raise ValueError(f"expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
+        return value
+
+    @field_validator("site", "node_id")
+    @classmethod
+    def _topic_level(cls, value: str) -> str:
+        if not value or any(c in value for c in "/+#$\0"):
+            raise ValueError(f"must be one non-empty MQTT topic level without / + # $ or NUL, got {value!r}")
+        return value
+
+    @field_validator("topic_root")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or any(c in value for c in "+#\0") or "//" in value:
+            raise ValueError(f"must be topic levels without + # NUL or empty levels, got {value!r}")
+        return value
 
 
 class SystemSettings(BaseModel):
@@ -143,7 +185,7 @@ class SystemSettings(BaseModel):
         description="Caches (compiled engines); $CACHE_DIRECTORY wins.",
     )
     runtime_dir: Path = Field(
-        default_factory=lambda: _systemd_dir("RUNTIME_DIRECTORY", "/tmp/appliance-%d" % os.getuid()),
+        default_factory=lambda: _systemd_dir("RUNTIME_DIRECTORY", f"/tmp/appliance-{os.getuid()}"),
         description="Runtime files (admin socket); $RUNTIME_DIRECTORY wins.",
     )
     watchdog_hang_s: float = Field(
@@ -166,7 +208,7 @@ class Settings(BaseSettings):
     system: SystemSettings = Field(default_factory=SystemSettings, description="Paths and process.")
     providers: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="Per-provider options, e.g. [providers.openvino] device = \"GPU\".",
+        description='Per-provider options, e.g. [providers.openvino] device = "GPU".',
     )
 
     @classmethod

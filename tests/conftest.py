@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import modelzoo  # noqa: E402
+import modelzoo
 
-from appliance.settings import Settings  # noqa: E402
+from appliance.settings import Settings
 
 
 def make_settings(tmp_path: Path, repository: Path, **sections: dict[str, Any]) -> Settings:

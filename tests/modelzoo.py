@@ -128,7 +128,9 @@ def future_opset() -> onnx.ModelProto:
     return model
 
 
-def write(repo: Path, name: str, model: onnx.ModelProto | bytes, *, version: int = 1, manifest: str = "") -> Path:
+def write(
+    repo: Path, name: str, model: onnx.ModelProto | bytes, *, version: int = 1, manifest: str = ""
+) -> Path:
     """Write <repo>/<name>/<version>/model.onnx (and model.toml if given); return the model path."""
     directory = repo / name / str(version)
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,7 +160,9 @@ def write_external_data_missing(repo: Path, name: str) -> Path:
 
 def standard_repository(repo: Path) -> Path:
     """A repository with every kind of model the server must serve or refuse."""
-    write(repo, "batchable", batchable(), manifest="[batching]\nmax_batch_size = 8\nmax_queue_delay_ms = 1.0\n")
+    write(
+        repo, "batchable", batchable(), manifest="[batching]\nmax_batch_size = 8\nmax_queue_delay_ms = 1.0\n"
+    )
     write(repo, "fixed", fixed_batch())
     write(repo, "scalar", scalar())
     write(repo, "strings", strings())

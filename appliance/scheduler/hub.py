@@ -59,7 +59,9 @@ class ModelHub:
         try:
             return self._entries[name]
         except KeyError:
-            raise ModelNotFound(f"unknown model {name!r}; serving: {', '.join(self._entries) or 'none'}") from None
+            raise ModelNotFound(
+                f"unknown model {name!r}; serving: {', '.join(self._entries) or 'none'}"
+            ) from None
 
     def scheduler(self, name: str, version: str | None = None) -> ModelScheduler:
         """The scheduler serving `name` (and `version`, if given); raises ModelNotFound/ModelNotReady."""
@@ -70,9 +72,8 @@ class ModelHub:
             detail = f": {entry.reason}" if entry.reason else ""
             raise ModelNotReady(f"model {name!r} is {entry.state.value}{detail}")
         if version is not None and version != entry.scheduler.model.version:
-            raise ModelNotFound(
-                f"model {name!r} version {version} is not served; serving version {entry.scheduler.model.version}"
-            )
+            serving = entry.scheduler.model.version
+            raise ModelNotFound(f"model {name!r} version {version} is not served; serving version {serving}")
         return entry.scheduler
 
     async def load_all(self) -> None:
@@ -108,7 +109,12 @@ class ModelHub:
             self._entries[name] = entry  # the swap: new requests go to the new scheduler from here
             log.info(
                 "model %s version %s ready on %s (%s, %d instance(s), %.2f s)",
-                name, model.version, model.provider, model.precision, count, model.load_s,
+                name,
+                model.version,
+                model.provider,
+                model.precision,
+                count,
+                model.load_s,
             )
         if old is not None and old.scheduler is not None:
             await self._retire(old.scheduler)

@@ -75,9 +75,7 @@ class ModelScheduler:
         self.stats = ModelStats()
         self.served = {p: RateMeter() for p in Priority}
         self.busy = RateMeter()  # worker-seconds per second
-        self.workers = [
-            Worker(i, model, self._worker_done, _inputs_of) for i in range(config.instances)
-        ]
+        self.workers = [Worker(i, model, self._worker_done, _inputs_of) for i in range(config.instances)]
         self._idle: list[Worker] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None

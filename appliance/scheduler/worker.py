@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from appliance.engine.model import LoadedModel, RunControl, Terminated
@@ -58,9 +59,7 @@ class Worker:
         self._inputs_of = inputs_of
         self._inbox: queue.SimpleQueue[BatchRun | None] = queue.SimpleQueue()
         self._buffers: dict[Hashable, dict[str, np.ndarray]] = {}
-        self._thread = threading.Thread(
-            target=self._loop, name=f"worker-{model.name}-{index}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}-{index}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -84,7 +83,7 @@ class Worker:
         while (run := self._inbox.get()) is not None:
             try:
                 self._execute(run)
-            except BaseException as exc:  # noqa: BLE001 - a worker must answer every item
+            except BaseException as exc:
                 log.exception("worker %s: batch failed unexpectedly", self._thread.name)
                 failure = InferenceFailed(f"model {self.model.name!r}: internal error: {exc}")
                 run.outcomes = [failure] * len(run.items)

@@ -44,7 +44,9 @@ class Process:
 
 
 def environment(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "NOTIFY_SOCKET", "WATCHDOG_"))
+    }
     env.update(
         STATE_DIRECTORY=str(tmp_path / "state"),
         CACHE_DIRECTORY=str(tmp_path / "cache"),

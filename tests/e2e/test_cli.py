@@ -10,24 +10,29 @@ import threading
 from pathlib import Path
 
 import httpx
-import numpy as np
-
 import modelzoo
-from appliance.protocol import codec
+import numpy as np
 from conftest import appliance, environment  # type: ignore[import-not-found]
+
+from appliance.protocol import codec
 
 
 def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance", *args],
-        capture_output=True, text=True, timeout=120, env={**environment(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environment(tmp_path), **env},
     )
 
 
 def test_sigterm_finishes_accepted_requests_then_exits_zero(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     modelzoo.write(
-        repo, "slow_to_fill", modelzoo.batchable(),
+        repo,
+        "slow_to_fill",
+        modelzoo.batchable(),
         manifest="slo_p99_ms = 60000\n[batching]\nmax_batch_size = 64\nmax_queue_delay_ms = 60000\n",
     )
     with appliance(["serve", "--model-repository", str(repo), "--port", "0"], tmp_path) as process:
@@ -35,14 +40,19 @@ def test_sigterm_finishes_accepted_requests_then_exits_zero(tmp_path: Path) -> N
         results: list[httpx.Response] = []
 
         def send(index: int) -> None:
-            body = codec.encode_request({"x": np.full((1, 4), index, np.float32)}, binary=False, binary_output=False)
+            body = codec.encode_request(
+                {"x": np.full((1, 4), index, np.float32)}, binary=False, binary_output=False
+            )
             results.append(httpx.post(f"{url}/v2/models/slow_to_fill/infer", content=body.body(), timeout=60))
 
         senders = [threading.Thread(target=send, args=(i,)) for i in range(3)]
         for sender in senders:
             sender.start()
         with httpx.Client(base_url=url) as client:
-            while 'appliance_queue_depth{model="slow_to_fill",priority="line"} 3' not in client.get("/metrics").text:
+            while (
+                'appliance_queue_depth{model="slow_to_fill",priority="line"} 3'
+                not in client.get("/metrics").text
+            ):
                 pass  # the three requests are admitted and waiting for a fuller batch
         process.popen.send_signal(signal.SIGTERM)
         for sender in senders:
@@ -74,7 +84,10 @@ def test_models_check_prints_signatures_and_reasons(tmp_path: Path) -> None:
     assert "input  x: FP32 [-1, 4]" in result.stdout
     assert "corrupt: UNAVAILABLE:" in result.stdout and "INVALID_PROTOBUF" in result.stdout
     report = json.loads(_run(["models", "check", "--json", str(repo)], tmp_path).stdout)
-    assert {item["name"]: item["state"] for item in report} == {"batchable": "READY", "corrupt": "UNAVAILABLE"}
+    assert {item["name"]: item["state"] for item in report} == {
+        "batchable": "READY",
+        "corrupt": "UNAVAILABLE",
+    }
 
 
 def test_config_schema_describes_every_field(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def run_service(settings: Settings, notifier: Notifier | None = None) -> Iterato
         asyncio.set_event_loop(loop)
         try:
             running.exit_code.append(loop.run_until_complete(main()))
-        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread below
             failure.append(exc)
             is_ready.set()
         finally:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import modelzoo
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-import modelzoo
 from appliance.protocol import codec
 
 
@@ -25,7 +25,9 @@ async def _post(client: httpx.AsyncClient, model: str, x: np.ndarray, binary: bo
 def test_concurrent_requests_each_get_their_own_rows(serve, tmp_path) -> None:
     repo = tmp_path / "repo"
     modelzoo.write(
-        repo, "batchable", modelzoo.batchable(),
+        repo,
+        "batchable",
+        modelzoo.batchable(),
         manifest="[batching]\nmax_batch_size = 16\nmax_queue_delay_ms = 20.0\n",
     )
     reference = ort.InferenceSession(modelzoo.batchable().SerializeToString())
@@ -58,8 +60,11 @@ def test_a_failing_request_does_not_fail_its_batch_mates(serve, tmp_path) -> Non
 
     async def scenario(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+
             async def post(index: int) -> httpx.Response:
-                body = codec.encode_request({"idx": np.array([[index]], np.int64)}, binary=False, binary_output=False).body()
+                body = codec.encode_request(
+                    {"idx": np.array([[index]], np.int64)}, binary=False, binary_output=False
+                ).body()
                 return await client.post("/v2/models/gather/infer", content=body)
 
             return await asyncio.gather(*(post(i) for i in [0, 1, 9, 2, 1]))
@@ -78,7 +83,9 @@ def test_unbatched_models_run_one_request_at_a_time(serve, repository, model: st
             shape = [1, 3] if model == "fixed" else []
             data = [1.0, 2.0, 3.0] if model == "fixed" else 2.0
             body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": data}]}
-            return await asyncio.gather(*(client.post(f"/v2/models/{model}/infer", json=body) for _ in range(20)))
+            return await asyncio.gather(
+                *(client.post(f"/v2/models/{model}/infer", json=body) for _ in range(20))
+            )
 
     with serve(repository) as running:
         responses = asyncio.run(scenario(running.url))

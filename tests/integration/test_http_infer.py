@@ -31,7 +31,9 @@ def test_batchable_model_round_trips(client: httpx.Client, binary: bool, binary_
     np.testing.assert_array_equal(out["s"], x.sum(axis=1, keepdims=True))
     is_binary = codec.HEADER_LENGTH in response.headers
     assert is_binary == binary_output
-    assert response.headers["content-type"] == ("application/octet-stream" if is_binary else "application/json")
+    assert response.headers["content-type"] == (
+        "application/octet-stream" if is_binary else "application/json"
+    )
 
 
 def test_json_request_answers_in_v2_shape(client: httpx.Client) -> None:
@@ -94,7 +96,9 @@ def test_stock_http_client_without_content_type(client: httpx.Client) -> None:
     """tritonclient sends binary with no Content-Type header at all."""
     encoded = codec.encode_request({"x": np.zeros((1, 4), np.float32)}, binary=True)
     request = client.build_request(
-        "POST", "/v2/models/batchable/infer", content=encoded.body(),
+        "POST",
+        "/v2/models/batchable/infer",
+        content=encoded.body(),
         headers={codec.HEADER_LENGTH: str(encoded.header_length)},
     )
     request.headers.pop("content-type", None)
@@ -107,21 +111,39 @@ BAD_REQUESTS = [
     ('{"inputs": []}', "non-empty list"),
     ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}', "neither 'data' nor"),
     ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2]}]}', "has 2 values"),
-    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": ["a", "b", "c", "d"]}]}', "numbers"),
-    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}',
-     "input 'x' has shape [1, 3]; model expects [N, 4] with N <= 8"),
-    ('{"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}',
-     "input 'x' has datatype INT32; model expects FP32"),
-    ('{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}', "unknown input 'z'"),
-    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [9, 4], "data": ' + str([0] * 36) + "}]}",
-     "has 9 rows; model expects [N, 4] with N <= 8"),
+    (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": ["a", "b", "c", "d"]}]}',
+        "numbers",
+    ),
+    (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}',
+        "input 'x' has shape [1, 3]; model expects [N, 4] with N <= 8",
+    ),
+    (
+        '{"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}',
+        "input 'x' has datatype INT32; model expects FP32",
+    ),
+    (
+        '{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}',
+        "unknown input 'z'",
+    ),
+    (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [9, 4], "data": ' + str([0] * 36) + "}]}",
+        "has 9 rows; model expects [N, 4] with N <= 8",
+    ),
     ('{"inputs": [{"name": "x", "datatype": "BF16", "shape": [1, 4], "data": [1, 2, 3, 4]}]}', "BF16"),
     ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, -4], "data": [1]}]}', "non-negative"),
-    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], '
-     '"outputs": [{"name": "nope"}]}', "unknown output 'nope'"),
-    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], '
-     '"parameters": {"timeout": -5}}', "parameter 'timeout'"),
-    ('[1, 2]', "must be a JSON object"),
+    (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], '
+        '"outputs": [{"name": "nope"}]}',
+        "unknown output 'nope'",
+    ),
+    (
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], '
+        '"parameters": {"timeout": -5}}',
+        "parameter 'timeout'",
+    ),
+    ("[1, 2]", "must be a JSON object"),
 ]
 
 
@@ -133,13 +155,20 @@ def test_bad_requests_get_400_naming_the_problem(client: httpx.Client, body: str
 
 
 def test_binary_errors(client: httpx.Client) -> None:
-    header = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 16}}]}'
+    header = (
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], '
+        b'"parameters": {"binary_data_size": 16}}]}'
+    )
     short = client.post(
-        "/v2/models/batchable/infer", content=header + b"\0" * 8, headers={codec.HEADER_LENGTH: str(len(header))}
+        "/v2/models/batchable/infer",
+        content=header + b"\0" * 8,
+        headers={codec.HEADER_LENGTH: str(len(header))},
     )
     assert short.status_code == 400 and "only 8 bytes remain" in short.json()["error"]
     extra = client.post(
-        "/v2/models/batchable/infer", content=header + b"\0" * 20, headers={codec.HEADER_LENGTH: str(len(header))}
+        "/v2/models/batchable/infer",
+        content=header + b"\0" * 20,
+        headers={codec.HEADER_LENGTH: str(len(header))},
     )
     assert extra.status_code == 400 and "4 bytes of binary data that no input claims" in extra.json()["error"]
     beyond = client.post("/v2/models/batchable/infer", content=header, headers={codec.HEADER_LENGTH: "9999"})
@@ -180,7 +209,10 @@ def test_unknown_and_unavailable_models(client: httpx.Client) -> None:
 
 
 def test_oversized_body_is_refused_before_it_is_read(serve, repository) -> None:
-    with serve(repository, server={"max_body_bytes": 1024}) as running, httpx.Client(base_url=running.url) as http:
+    with (
+        serve(repository, server={"max_body_bytes": 1024}) as running,
+        httpx.Client(base_url=running.url) as http,
+    ):
         big = infer(http, "batchable", {"x": np.zeros((8, 4), np.float32)}, binary=False)
         assert big.status_code == 200
         declared = http.post("/v2/models/batchable/infer", content=b"x" * 2048)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import modelzoo
 import numpy as np
 
-import modelzoo
 from appliance.protocol import codec
 
 
@@ -23,6 +23,7 @@ def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
     async def scenario(url: str) -> tuple[list[int], list[str], list[str]]:
         statuses: list[int] = []
         versions: list[str] = []
+        errors: list[str] = []
         stop = asyncio.Event()
         async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
 
@@ -30,7 +31,9 @@ def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
                 while not stop.is_set():
                     response = await client.post("/v2/models/batchable/infer", content=_body(x))
                     statuses.append(response.status_code)
-                    if response.status_code == 200:
+                    if response.status_code != 200:
+                        errors.append(response.text)
+                    else:
                         versions.append(response.json()["model_version"])
 
             workers = [asyncio.create_task(hammer()) for _ in range(8)]
@@ -46,6 +49,7 @@ def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
             await asyncio.gather(*workers)
             after = await client.post("/v2/models/batchable/infer", content=_body(x))
             versions.append(after.json()["model_version"])
+        assert not errors, errors
         return statuses, versions, reloads
 
     with serve(repo) as running:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import modelzoo
 import numpy as np
 import pytest
 
-import modelzoo
 from appliance.engine.model import LoadedModel
 from appliance.engine.repository import Repository
 from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
@@ -67,7 +67,14 @@ def test_full_queue_refuses_with_overloaded(tmp_path: Path) -> None:
             await scheduler.close()
 
     outcomes = asyncio.run(scenario())
-    assert [type(o).__name__ for o in outcomes] == ["dict", "dict", "dict", "Overloaded", "Overloaded", "Overloaded"]
+    assert [type(o).__name__ for o in outcomes] == [
+        "dict",
+        "dict",
+        "dict",
+        "Overloaded",
+        "Overloaded",
+        "Overloaded",
+    ]
     assert "line queue is full (2 requests waiting)" in str(outcomes[3])
 
 
@@ -77,7 +84,7 @@ def test_admission_refuses_what_cannot_meet_its_deadline(tmp_path: Path) -> None
     async def scenario() -> None:
         scheduler = await started(model, instances=1)
         try:
-            with pytest.raises(Overloaded, match="would finish in .* after its deadline"):
+            with pytest.raises(Overloaded, match=r"would finish in .* after its deadline"):
                 await scheduler.infer({"x": np.ones((8, 256), np.float32)}, timeout_s=1e-6)
             result = await scheduler.infer({"x": np.ones((8, 256), np.float32)}, timeout_s=30.0)
             assert result["y"].shape == (8, 256)
@@ -138,7 +145,11 @@ def test_line_runs_before_pool_and_outcomes_keep_their_owner(tmp_path: Path) -> 
 
 
 def test_line_work_preempts_a_running_pool_batch(tmp_path: Path) -> None:
-    model = load(tmp_path, modelzoo.heavy(layers=64, width=512), "slo_p99_ms = 60000\n[batching]\nmax_batch_size = 64\n")
+    model = load(
+        tmp_path,
+        modelzoo.heavy(layers=64, width=512),
+        "slo_p99_ms = 60000\n[batching]\nmax_batch_size = 64\n",
+    )
     order: list[str] = []
 
     async def scenario() -> ModelScheduler:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from tritonclient.utils import InferenceServerException
-
 from tests_support import strip_scheme
+from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture
@@ -37,7 +36,10 @@ def test_infer_binary_and_json(triton_client, binary: bool) -> None:
     x = np.random.default_rng(0).random((3, 4), dtype=np.float32)
     tensor = triton.InferInput("x", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x, binary_data=binary)
-    outputs = [triton.InferRequestedOutput("y", binary_data=binary), triton.InferRequestedOutput("s", binary_data=binary)]
+    outputs = [
+        triton.InferRequestedOutput("y", binary_data=binary),
+        triton.InferRequestedOutput("s", binary_data=binary),
+    ]
     result = triton_client.infer("batchable", [tensor], outputs=outputs, request_id="abc")
     np.testing.assert_allclose(result.as_numpy("y"), x * 2 + 1, rtol=1e-6)
     np.testing.assert_allclose(result.as_numpy("s"), x.sum(axis=1, keepdims=True), rtol=1e-6)

@@ -11,7 +11,9 @@ from appliance.server.errors import STATUS, appliance_error_response, status_of
 
 
 def test_every_error_class_has_a_status() -> None:
-    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.ApplianceError)]
+    classes = [
+        c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.ApplianceError)
+    ]
     missing = [c.__name__ for c in classes if c is not errors.ApplianceError and c not in STATUS]
     assert not missing, f"no HTTP status for {missing}"
 

@@ -74,9 +74,30 @@ def test_every_field_is_described_and_units_are_named() -> None:
     for definition in schema["$defs"].values():
         for name, field in definition["properties"].items():
             assert field.get("description"), name
-    unitless = {"host", "port", "site", "node_id", "topic_root", "username", "password", "broker", "api_token",
-                "repository", "providers", "instances", "ca_file", "cert_file", "key_file", "accept_jobs",
-                "log_level", "state_dir", "cache_dir", "runtime_dir", "warmup_runs", "cpu_threads"}
+    unitless = {
+        "host",
+        "port",
+        "site",
+        "node_id",
+        "topic_root",
+        "username",
+        "password",
+        "broker",
+        "api_token",
+        "repository",
+        "providers",
+        "instances",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "accept_jobs",
+        "log_level",
+        "state_dir",
+        "cache_dir",
+        "runtime_dir",
+        "warmup_runs",
+        "cpu_threads",
+    }
     units = ("_s", "_ms", "_bytes", "_pct", "_requests", "_batches", "_size", "_responses")
     for definition in schema["$defs"].values():
         for name in definition["properties"]:

@@ -1,0 +1,136 @@
+"""Shared bench plumbing: start `appliance serve` in a subprocess, raw ORT baselines, reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+READY = re.compile(r"ready on http://([\d.]+):(\d+)")
+
+
+@dataclass
+class Server:
+    host: str
+    port: int
+    process: subprocess.Popen[str]
+
+
+@contextmanager
+def serve(
+    repository: Path, *, env: dict[str, str] | None = None, timeout_s: float = 300.0
+) -> Iterator[Server]:
+    """Run `python -m appliance serve --port 0` until it logs ready; stop it with SIGTERM afterwards."""
+    environment = {**os.environ, **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--model-repository", str(repository), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    match = None
+    lines = []
+    while match is None and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError("server exited:\n" + "".join(lines))
+        lines.append(line)
+        match = READY.search(line)
+    if match is None:
+        raise RuntimeError("server did not become ready:\n" + "".join(lines))
+    drain = threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True)  # type: ignore[union-attr]
+    drain.start()
+    try:
+        yield Server(match.group(1), int(match.group(2)), process)
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def raw_ort_throughput(
+    model_path: Path, inputs: dict[str, np.ndarray], *, duration_s: float = 3.0
+) -> dict[str, float]:
+    """Best rows/s of a bare ORT session, over thread layouts and batch sizes, measured now.
+
+    Layouts: one session with all cores, and one 1-thread session per core run from
+    that many Python threads (ORT releases the GIL). Batch sizes 1, 8 and 32.
+    """
+    cores = len(os.sched_getaffinity(0))
+    best: dict[str, float] = {"rows_per_s": 0.0}
+    for threads, callers in sorted({(cores, 1), (1, cores)}):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if callers > 1 else "1")
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        for rows in (1, 8, 32):
+            feed = {name: np.repeat(array, rows, axis=0) for name, array in inputs.items()}
+            session.run(None, feed)
+            counts = [0] * callers
+            stop_at = time.perf_counter() + duration_s
+
+            workers = [
+                threading.Thread(target=_run_until, args=(session, feed, rows, stop_at, counts, i))
+                for i in range(callers)
+            ]
+            started = time.perf_counter()
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            rate = sum(counts) / (time.perf_counter() - started)
+            if rate > best["rows_per_s"]:
+                best = {"rows_per_s": rate, "batch_rows": rows, "threads": threads, "callers": callers}
+    return best
+
+
+def _run_until(
+    session: ort.InferenceSession,
+    feed: dict[str, np.ndarray],
+    rows: int,
+    stop_at: float,
+    counts: list[int],
+    index: int,
+) -> None:
+    while time.perf_counter() < stop_at:
+        session.run(None, feed)
+        counts[index] += rows
+
+
+def raw_ort_latency_ms(model_path: Path, inputs: dict[str, np.ndarray], runs: int = 50) -> float:
+    """Median single-request latency of a bare ORT session using every core."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    session.run(None, inputs)
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, inputs)
+        samples.append(time.perf_counter() - started)
+    return float(np.median(samples) * 1e3)
+
+
+def report(name: str, figures: dict[str, object]) -> None:
+    """Print one JSON line per result and append it to bench/results/<name>.jsonl (git-ignored)."""
+    line = json.dumps({"bench": name, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures})
+    print(line, flush=True)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    with (results / f"{name}.jsonl").open("a") as stream:
+        stream.write(line + "\n")

@@ -1,0 +1,70 @@
+"""Served throughput vs raw ONNX Runtime, measured in the same run (closed loop, binary and JSON).
+
+    .venv/bin/python bench/throughput.py [--model surface_defect_224] [--clients 32] [--duration 10]
+
+Reports served rows/s at N concurrent clients as a ratio of the best raw ORT rows/s on the
+same box (issue 3 target: binary >= 0.85; JSON >= 0.5 of binary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, raw_ort_throughput, report, serve
+from loadgen import Prepared, closed_loop
+
+
+def sample_input(model_dir: Path) -> dict[str, np.ndarray]:
+    """One row of the model's golden samples, or zeros shaped like its declared input."""
+    samples = sorted(model_dir.glob("*/samples.npz"))
+    if samples:
+        with np.load(samples[-1]) as data:
+            return {k.removeprefix("input__"): data[k][:1] for k in data.files if k.startswith("input__")}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(sorted(model_dir.glob("*/model.onnx"))[-1]))
+    return {
+        i.name: np.zeros([1 if not isinstance(d, int) else d for d in i.shape], np.float32)
+        for i in session.get_inputs()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repository", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="surface_defect_224")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=10.0)
+    args = parser.parse_args()
+
+    model_dir = args.repository / args.model
+    model_path = sorted(model_dir.glob("*/model.onnx"))[-1]
+    inputs = sample_input(model_dir)
+    baseline = raw_ort_throughput(model_path, inputs, duration_s=args.duration / 2)
+    figures: dict[str, object] = {"model": args.model, "clients": args.clients, "raw_ort": baseline}
+    with serve(args.repository) as server:
+        for binary in (True, False):
+            request = Prepared.infer(server.host, args.model, inputs, binary=binary)
+            result = asyncio.run(
+                closed_loop(server.host, server.port, request, clients=args.clients, duration_s=args.duration)
+            )
+            figures["binary" if binary else "json"] = result.summary()
+    raw = float(baseline["rows_per_s"])
+    binary_rate = figures["binary"]["ok_per_s"]  # type: ignore[index]
+    json_rate = figures["json"]["ok_per_s"]  # type: ignore[index]
+    figures["binary_vs_raw_ort"] = round(binary_rate / raw, 3)
+    figures["json_vs_binary"] = round(json_rate / binary_rate, 3) if binary_rate else 0.0
+    report("throughput", figures)
+
+
+if __name__ == "__main__":
+    main()
