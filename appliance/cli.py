@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,8 +43,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _configure_logging(settings.system.log_level)
+    service = Service(settings, sockets=_activated_sockets(), config_file=_config_file(args))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(Service(settings).run())
+        return runner.run(service.run())
+
+
+def _activated_sockets() -> list[socket.socket] | None:
+    """Sockets systemd passed in (appliance.socket, FileDescriptorName=http), if any."""
+    from appliance.system.sdnotify import listen_fds
+
+    fds = listen_fds()
+    chosen = fds.get("http") or fds.get("unknown") or []
+    return [socket.socket(fileno=fd) for fd in chosen] or None
+
+
+def _config_file(args: argparse.Namespace) -> Path | None:
+    from appliance.settings import SYSTEM_CONFIG_FILE
+
+    if getattr(args, "config", None):
+        return Path(args.config)
+    return SYSTEM_CONFIG_FILE if SYSTEM_CONFIG_FILE.is_file() else None
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
@@ -141,12 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(func=cmd_models_check)
 
-    providers = verbs.add_parser("providers", help="list execution providers, availability and the order used")
+    providers = verbs.add_parser(
+        "providers", help="list execution providers, availability and the order used"
+    )
     _add_config(providers)
     providers_report.add_arguments(providers)
     providers.set_defaults(func=lambda args: providers_report.run(args, _settings(args)))
 
-    provision.add_arguments(verbs.add_parser("provision", help="install units, config and secrets into a root"))
+    provision.add_arguments(
+        verbs.add_parser("provision", help="install units, config and secrets into a root")
+    )
 
     schema = verbs.add_parser("config-schema", help="print the JSON Schema of the settings")
     schema.set_defaults(func=cmd_config_schema)

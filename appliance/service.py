@@ -8,21 +8,26 @@ import logging
 import signal
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+from appliance.control import Control
 from appliance.engine.repository import Repository
 from appliance.providers.registry import Registry
 from appliance.scheduler.hub import ModelHub, State
 from appliance.server.app import create_app
 from appliance.settings import Settings
+from appliance.system.admin import AdminError, AdminServer
 from appliance.system.sdnotify import Notifier
 
 if TYPE_CHECKING:
     from appliance.pool.link import PoolLink
 
 log = logging.getLogger(__name__)
+
+_LOAD_ALLOWANCE_S = 300.0  # asked of systemd per model: loading and warming one up
 
 
 class _Server(uvicorn.Server):
@@ -51,8 +56,10 @@ class Service:
         *,
         sockets: Sequence[socket.socket] | None = None,
         notifier: Notifier | None = None,
+        config_file: Path | None = None,
     ) -> None:
         self.settings = settings
+        self.config_file = config_file
         self.sockets = list(sockets) if sockets else None
         self.notifier = notifier or Notifier.from_env()
         self.registry = Registry.discover()
@@ -63,7 +70,9 @@ class Service:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: _Server | None = None
+        self._background: set[asyncio.Task[object]] = set()
         self.pool = _pool_link(self)
+        self.control = Control(self)
 
     @property
     def port(self) -> int:
@@ -81,6 +90,7 @@ class Service:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stop.set)
+            self._loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         server_settings = self.settings.server
         config = uvicorn.Config(
             self.app,
@@ -93,23 +103,41 @@ class Service:
         )
         self._server = _Server(config)
         serving = asyncio.create_task(self._server.serve(sockets=self.sockets), name="http")
-        watchdog: asyncio.Task[None] | None = None
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        admin = self.control.admin_server()
         try:
             await self._wait_started(serving)
             self.started.set()
-            self.notifier.status("loading models")
-            await self.hub.load_all()
-            summary = self._summary()
+            await self._start_admin(admin)
+            await self.hub.load_all(before_each=self._loading)
+            summary = self.summary()
             log.info("ready on http://%s:%d: %s", server_settings.host, self.port, summary)
             if self.pool is not None:
                 await self.pool.start()
             self.notifier.ready(summary)
             self.ready.set()
-            watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
             await self._stop.wait()
         finally:
             await self._shutdown(serving, watchdog)
+            await admin.close()
         return 0
+
+    async def _start_admin(self, admin: AdminServer) -> None:
+        """The admin socket; without it `appliance ota` cannot reach us, but the line keeps working."""
+        try:
+            self.settings.system.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            await admin.start()
+        except (AdminError, OSError) as exc:
+            log.error("admin socket unavailable, serving without it: %s", exc)
+
+    def _loading(self, name: str) -> None:
+        self.notifier.status(f"loading {name}")
+        self.notifier.extend_timeout(_LOAD_ALLOWANCE_S)
+
+    def _reload_in_background(self) -> None:
+        task = asyncio.create_task(self.control.reload({}), name="reload")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _wait_started(self, serving: asyncio.Task[None]) -> None:
         assert self._server is not None
@@ -119,7 +147,7 @@ class Service:
                 raise OSError("HTTP server exited before it started")
             await asyncio.sleep(0.01)
 
-    def _summary(self) -> str:
+    def summary(self) -> str:
         entries = list(self.hub)
         ready = [e.name for e in entries if e.state is State.READY]
         failed = [e.name for e in entries if e.state is not State.READY]
@@ -140,9 +168,8 @@ class Service:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
-    async def _shutdown(self, serving: asyncio.Task[None], watchdog: asyncio.Task[None] | None) -> None:
-        if watchdog is not None:
-            watchdog.cancel()
+    async def _shutdown(self, serving: asyncio.Task[None], watchdog: asyncio.Task[None]) -> None:
+        watchdog.cancel()
         self.notifier.stopping("draining")
         if self.pool is not None:
             await self.pool.announce_draining("stopping")

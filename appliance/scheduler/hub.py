@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -76,9 +76,11 @@ class ModelHub:
             raise ModelNotFound(f"model {name!r} version {version} is not served; serving version {serving}")
         return entry.scheduler
 
-    async def load_all(self) -> None:
+    async def load_all(self, before_each: Callable[[str], None] | None = None) -> None:
         """Load every model in the repository, one after another (warm-up measures; keep it quiet)."""
         for name in self.repository.names():
+            if before_each is not None:
+                before_each(name)
             await self.load(name)
         self.is_loaded = True
 
