@@ -1,0 +1,84 @@
+"""Line latency with and without pool work saturating the idle capacity (HTTP priority 2 = pool class).
+
+    .venv/bin/python bench/interference.py [--model surface_defect_224] [--line-share 0.3] [--duration 20]
+
+1. Closed loop at 32 clients measures the served capacity C (rows/s).
+2. Line alone: Poisson line requests at line_share * C; line p50/p99.
+3. Line plus pool: the same line load while 16 closed-loop clients send pool work
+   (parameters.priority = 2) as fast as it is taken; line p99 again, pool rate and the
+   share of C served in total. Target (issue 3): p99 ratio <= 1.2 at >= 90% utilisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, report, serve
+from loadgen import Prepared, closed_loop, open_loop
+from throughput import sample_input
+
+
+async def line_with_pool(
+    host: str, port: int, line: Prepared, pool: Prepared, *, rate: float, duration_s: float, pool_clients: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    pool_task = asyncio.create_task(
+        closed_loop(host, port, pool, clients=pool_clients, duration_s=duration_s + 1.0, warmup_s=0.5)
+    )
+    await asyncio.sleep(1.0)  # let the pool flood reach steady state before measuring the line
+    line_result = await open_loop(host, port, line, rate_per_s=rate, duration_s=duration_s)
+    pool_result = await pool_task
+    return line_result.summary(), pool_result.summary()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repository", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="surface_defect_224")
+    parser.add_argument("--line-share", type=float, default=0.3)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--pool-clients", type=int, default=16)
+    args = parser.parse_args()
+
+    inputs = sample_input(args.repository / args.model)
+    with serve(args.repository) as server:
+        host, port = server.host, server.port
+        line = Prepared.infer(host, args.model, inputs, binary=True)
+        pool = Prepared.infer(host, args.model, inputs, binary=True, parameters={"priority": 2})
+        capacity = asyncio.run(closed_loop(host, port, line, clients=32, duration_s=args.duration / 2)).rate
+        rate = capacity * args.line_share
+        alone = asyncio.run(open_loop(host, port, line, rate_per_s=rate, duration_s=args.duration)).summary()
+        with_pool, pool_rates = asyncio.run(
+            line_with_pool(
+                host, port, line, pool, rate=rate, duration_s=args.duration, pool_clients=args.pool_clients
+            )
+        )
+        stats = httpx.get(f"http://{host}:{port}/v2/models/{args.model}/stats").json()["model_stats"][0]
+    total = with_pool["ok_per_s"] + pool_rates["ok_per_s"]
+    report(
+        "interference",
+        {
+            "model": args.model,
+            "capacity_rows_per_s": round(capacity, 1),
+            "line_rate_per_s": round(rate, 1),
+            "line_alone": alone,
+            "line_with_pool": with_pool,
+            "pool": pool_rates,
+            "p99_ratio": round(with_pool["p99_ms"] / alone["p99_ms"], 3),
+            "p50_ratio": round(with_pool["p50_ms"] / alone["p50_ms"], 3),
+            "utilisation_of_capacity": round(total / capacity, 3),
+            "preemptions": stats.get("preemptions"),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
