@@ -13,6 +13,7 @@ from appliance.engine.model import LoadedModel
 log = logging.getLogger(__name__)
 
 _MEASURE_S = 0.6  # per candidate; enough for ~10 batches of a 224x224 CNN on 2 cores
+_MIN_RUNS = 3  # per thread, however long a batch takes
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,7 @@ def measure(model: LoadedModel, instances: int, budget_s: float = _MEASURE_S) ->
     stop_at = time.perf_counter() + budget_s
 
     def loop(index: int) -> None:
-        while time.perf_counter() < stop_at:
+        while time.perf_counter() < stop_at or done[index] < _MIN_RUNS * rows:
             model.run(feed)
             done[index] += rows
 
