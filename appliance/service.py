@@ -19,6 +19,7 @@ from appliance.providers.registry import Registry
 from appliance.scheduler.hub import ModelHub, State
 from appliance.server.app import create_app
 from appliance.settings import Settings
+from appliance.system import cpu
 from appliance.system.admin import AdminError, AdminServer
 from appliance.system.sdnotify import Notifier
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LOAD_ALLOWANCE_S = 300.0  # asked of systemd per model: loading and warming one up
+_CPU_SAMPLE_S = 2.0
 
 
 class _Server(uvicorn.Server):
@@ -104,6 +106,7 @@ class Service:
         self._server = _Server(config)
         serving = asyncio.create_task(self._server.serve(sockets=self.sockets), name="http")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        self._background.add(asyncio.create_task(self._sample_cpu(), name="cpu"))
         admin = self.control.admin_server()
         try:
             await self._wait_started(serving)
@@ -168,8 +171,17 @@ class Service:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
+    async def _sample_cpu(self) -> None:
+        """Feed the capacity estimate with CPU counters: what requests cost beyond compute."""
+        while True:
+            counters = cpu.sample()
+            self.hub.observe_cpu(counters.wall_s, counters.own_cpu_s, counters.busy_cpu_s)
+            await asyncio.sleep(_CPU_SAMPLE_S)
+
     async def _shutdown(self, serving: asyncio.Task[None], watchdog: asyncio.Task[None]) -> None:
         watchdog.cancel()
+        for task in self._background:
+            task.cancel()
         self.notifier.stopping("draining")
         if self.pool is not None:
             await self.pool.announce_draining("stopping")

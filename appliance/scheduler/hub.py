@@ -14,6 +14,7 @@ from appliance.engine.repository import ModelSource, Repository
 from appliance.errors import ApplianceError, ModelNotFound, ModelNotReady
 from appliance.providers.registry import Registry
 from appliance.scheduler import instances as instance_choice
+from appliance.scheduler.capacity import CpuBudget
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
 from appliance.settings import Settings
 
@@ -51,6 +52,7 @@ class ModelHub:
         self._locks: dict[str, asyncio.Lock] = {}
         self.is_draining = False
         self.is_loaded = False
+        self.cpu_budget = CpuBudget(settings.scheduler.cpu_threads or _usable_cores())
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(list(self._entries.values()))
@@ -186,6 +188,16 @@ class ModelHub:
             if entry.scheduler is not None:
                 await entry.scheduler.close()
         self._entries.clear()
+
+    def observe_cpu(self, wall_s: float, own_cpu_s: float, busy_cpu_s: float) -> None:
+        """Feed the CPU budget with the process's and the box's CPU counters (read by the caller)."""
+        rows = compute_cpu_s = 0.0
+        for entry in self:
+            if entry.scheduler is not None:
+                stats = entry.scheduler.stats
+                rows += stats.inference_count
+                compute_cpu_s += stats.compute_s.sum * entry.scheduler.compute_threads
+        self.cpu_budget.observe(wall_s, own_cpu_s, busy_cpu_s, rows, compute_cpu_s)
 
     def hung_workers(self) -> dict[str, list[int]]:
         hang_s = self.settings.system.watchdog_hang_s

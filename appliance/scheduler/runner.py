@@ -14,13 +14,15 @@ import numpy as np
 from appliance.engine.model import LoadedModel, RunControl
 from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from appliance.scheduler.batcher import Batcher, BatchRules
-from appliance.scheduler.capacity import Capacity, RateMeter, max_ips_at_slo, spare
+from appliance.scheduler.capacity import Capacity, CpuBudget, RateMeter, max_ips_at_slo, spare
 from appliance.scheduler.profile import LatencyProfile
 from appliance.scheduler.queues import Priority, Queues, Work
 from appliance.scheduler.stats import ModelStats
 from appliance.scheduler.worker import BatchRun, Worker
 
 log = logging.getLogger(__name__)
+
+CPU_PROVIDERS = frozenset({"cpu", "dnnl", "xnnpack", "acl", "armnn"})  # compute runs on the host's cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +275,12 @@ class ModelScheduler:
         if self._inflight == 0:
             self._settled.set()
 
-    def capacity(self, reserved_share: float) -> Capacity:
+    @property
+    def compute_threads(self) -> int:
+        """CPU threads busy while ORT computes: the intra-op threads on a CPU provider, else none."""
+        return self.model.threads_per_call if self.model.provider in CPU_PROVIDERS else 0
+
+    def capacity(self, reserved_share: float, budget: CpuBudget | None = None) -> Capacity:
         now = self.clock()
         max_ips, rows = max_ips_at_slo(
             self.profile,
@@ -281,6 +288,8 @@ class ModelScheduler:
             max_rows=self.batcher.row_limit,
             slo_s=self.model.slo_p99_ms / 1e3,
             queue_delay_s=self.batcher.rules.max_queue_delay_s,
+            budget=budget,
+            compute_threads=self.compute_threads,
         )
         served = sum(meter.rate(now) for meter in self.served.values())
         return Capacity(max_ips, rows, served, spare(max_ips, served, reserved_share))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.scheduler.capacity import RateMeter, max_ips_at_slo, spare
+from appliance.scheduler.capacity import CpuBudget, RateMeter, max_ips_at_slo, spare
 from appliance.scheduler.profile import LatencyProfile
 
 
@@ -72,3 +72,26 @@ def test_spare_and_rate_meter() -> None:
         meter.add(float(t), 5)
     assert meter.rate(19.0) == pytest.approx(5.0)
     assert meter.rate(100.0) == 0.0
+
+
+def test_cpu_budget_learns_overhead_and_other_load() -> None:
+    budget = CpuBudget(cores=2.0)
+    # per second: 1000 rows; 1.2 s of our CPU of which 0.7 s in ORT; the box was busy 1.7 s
+    for second in range(12):
+        budget.observe(second, 1.2 * second, 1.7 * second, 1000 * second, 0.7 * second)
+    assert budget.overhead_s_per_row == pytest.approx(0.0005, rel=0.05)
+    assert budget.others_cores == pytest.approx(0.5, rel=0.05)
+    assert budget.available_cores == pytest.approx(1.5, rel=0.05)
+
+
+def test_cpu_budget_caps_capacity_of_a_cheap_model() -> None:
+    profile = LatencyProfile()
+    profile.seed([(rows, 0.0001 + 0.00001 * rows) for rows in (1, 8, 16) for _ in range(4)])
+    unlimited, _ = max_ips_at_slo(profile, instances=2, max_rows=16, slo_s=0.1, queue_delay_s=0.0)
+    budget = CpuBudget(cores=2.0)
+    budget.overhead_s_per_row = 0.0004  # HTTP and codecs cost more than the model itself
+    capped, _ = max_ips_at_slo(
+        profile, instances=2, max_rows=16, slo_s=0.1, queue_delay_s=0.0, budget=budget, compute_threads=1
+    )
+    assert capped < unlimited
+    assert capped == pytest.approx(2.0 / (0.0004 + (0.0001 + 0.00016) / 16), rel=1e-6)
