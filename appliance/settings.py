@@ -108,6 +108,11 @@ class PoolSettings(BaseModel):
         20.0, gt=0, description="A report goes out at once when a model's spare capacity moves by more."
     )
     keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive interval.")
+    mqtt_version: Literal["auto", "5", "3.1.1"] = Field(
+        "auto",
+        description="auto tries MQTT 5, then 3.1.1 if the broker refuses it; pin 3.1.1 for a broker "
+        "that only hangs up on MQTT 5 after a timeout.",
+    )
     will_delay_s: int = Field(5, ge=0, description="MQTT 5 Will Delay before 'offline' is published.")
     session_expiry_s: int = Field(
         60,

@@ -12,6 +12,7 @@ from appliance.scheduler.queues import Priority
 def capacity_report(hub: ModelHub) -> dict[str, Any]:
     """Measured capacity at the SLO, served rate and spare per model, with the provider used."""
     reserved_share = hub.settings.pool.reserved_pct / 100.0
+    accepts_jobs = hub.settings.pool.accept_jobs and not hub.is_draining
     models: dict[str, Any] = {}
     for entry in hub:
         scheduler = entry.scheduler
@@ -34,7 +35,7 @@ def capacity_report(hub: ModelHub) -> dict[str, Any]:
             "spare_ips_at_slo": round(capacity.spare_ips_at_slo, 2),
             "utilisation": round(scheduler.utilisation(), 4),
             "queue_depth": {p.label: len(scheduler.queues.by_class[p]) for p in Priority},
-            "accepts_pool_jobs": hub.settings.pool.accept_jobs and scheduler.batcher.pool_row_limit() > 0,
+            "accepts_pool_jobs": accepts_jobs and scheduler.batcher.pool_row_limit() > 0,
             "profile": scheduler.profile.as_dict(),
         }
     busy = [m["utilisation"] for m in models.values() if "utilisation" in m]

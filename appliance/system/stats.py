@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -11,8 +12,6 @@ from typing import Any
 import psutil
 
 log = logging.getLogger(__name__)
-
-_BOOT_S = time.monotonic()
 
 
 def hardware() -> dict[str, Any]:
@@ -41,10 +40,8 @@ def utilisation() -> dict[str, Any]:
         "cpu_pct": psutil.cpu_percent(interval=None),
         "memory_pct": psutil.virtual_memory().percent,
     }
-    try:
+    with contextlib.suppress(AttributeError, OSError):  # not on every platform
         facts["load_1m"] = round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):  # not on every platform
-        pass
     temperatures = temperatures_c()
     if temperatures:
         facts["max_temperature_c"] = max(temperatures.values())
@@ -52,8 +49,8 @@ def utilisation() -> dict[str, Any]:
 
 
 def uptime_s() -> float:
-    """Seconds since this process imported the module (close enough to service start)."""
-    return time.monotonic() - _BOOT_S
+    """Seconds since this process started."""
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def temperatures_c() -> dict[str, float]:

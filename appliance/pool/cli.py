@@ -1,0 +1,132 @@
+"""`appliance pool watch|submit`: the platform-side tools, for the central pool and for testing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, InvalidInput
+
+
+def add_arguments(verbs: Any) -> None:
+    """Add the `pool` verb and its sub-verbs to the top-level subparsers of `appliance`."""
+    pool = verbs.add_parser("pool", help="platform side: watch the pool, submit a job")
+    pool_verbs = pool.add_subparsers(dest="pool_verb", required=True, metavar="VERB")
+
+    watch = pool_verbs.add_parser("watch", help="live table of nodes, state and spare capacity per model")
+    _add_connection(watch)
+    watch.add_argument("--group", help="ingest as a member of this MQTT 5 shared-subscription group")
+    watch.add_argument("--interval-s", type=float, default=1.0, help="table refresh period (default 1 s)")
+    watch.add_argument("--once", action="store_true", help="print the table of retained state and exit")
+    watch.add_argument("--json", action="store_true", help="print every message as a JSON line (ingest)")
+    watch.set_defaults(func=run_watch)
+
+    submit = pool_verbs.add_parser("submit", help="send a job to the node with the most spare capacity")
+    _add_connection(submit)
+    submit.add_argument("--model", required=True, help="model name")
+    submit.add_argument(
+        "--input", action="append", required=True, metavar="[NAME=]FILE.npy",
+        help="input tensor; NAME may be left out for a model with one input; repeat for several",
+    )  # fmt: skip
+    submit.add_argument("--timeout-s", type=float, default=30.0, help="job expiry and wait (default 30 s)")
+    submit.add_argument("--output", type=Path, help="also save the outputs to this .npz file")
+    submit.set_defaults(func=run_submit)
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port]")
+    parser.add_argument("--topic-root", default="ecp/v1", help="topic levels before <site>/<node>/")
+    parser.add_argument("--site", default="+", help="only this site (default: all)")
+    parser.add_argument("--username", help="MQTT user name")
+    parser.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    parser.add_argument("--ca-file", type=Path, help="CA bundle for mqtts://")
+    parser.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS")
+    parser.add_argument("--key-file", type=Path, help="client private key for mutual TLS")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from appliance.pool.platform import PlatformClient
+    from appliance.pool.wire import Broker, Security
+
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text().strip()
+        except OSError as exc:
+            raise InvalidInput(f"--password-file {args.password_file}: {exc.strerror}") from exc
+    broker = Broker.parse(args.broker)
+    security = Security.build(broker, args.username, password, args.ca_file, args.cert_file, args.key_file)
+    return PlatformClient(args.broker, security=security)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    from appliance.pool.watch import watch
+
+    with _client(args) as client:
+        try:
+            return watch(
+                client, root=args.topic_root, site=args.site, group=args.group, interval_s=args.interval_s,
+                once=args.once, as_json=args.json,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            return 0
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from appliance.pool.submit import submit
+
+    inputs = {}
+    for item in args.input:
+        name, _, path = item.rpartition("=")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"--input {item}: not a readable .npy file ({exc})") from exc
+    with _client(args) as client:
+        result = submit(
+            client,
+            root=args.topic_root,
+            model=args.model,
+            inputs=inputs,
+            site=args.site,
+            timeout_s=args.timeout_s,
+        )
+    if args.output is not None:
+        np.savez(args.output, **result.outputs)
+    summary = {
+        "node": result.node.name,
+        "model": args.model,
+        "latency_ms": round(result.latency_ms, 2),
+        "outputs": {
+            name: {
+                "datatype": str(array.dtype),
+                "shape": list(array.shape),
+                "data": array.reshape(-1)[:16].tolist(),
+            }
+            for name, array in result.outputs.items()
+        },
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m appliance.pool.cli watch|submit ...` (the same as `appliance pool ...`)."""
+    parser = argparse.ArgumentParser(prog="appliance")
+    add_arguments(parser.add_subparsers(dest="verb", required=True, metavar="VERB"))
+    args = parser.parse_args(["pool", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except ApplianceError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""MQTT wire details shared by the node and the platform tools: broker URLs, TLS, messages, properties."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from appliance.errors import ConfigError
+from appliance.settings import PoolSettings
+
+HEADER_LENGTH = "inference-header-content-length"  # user property: JSON header size of a binary body
+STATUS = "status"  # user property on job responses: the HTTP-like status, "200" on success
+
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    host: str
+    port: int
+    is_tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> Broker:
+        """mqtt://host[:port] (1883) or mqtts://host[:port] (8883); ConfigError naming the URL otherwise."""
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == -1 or parts.path.strip("/"):
+            raise ConfigError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+        is_tls = parts.scheme == "mqtts"
+        return cls(parts.hostname, port or (8883 if is_tls else 1883), is_tls)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.is_tls else 'mqtt'}://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """TLS context and credentials, checked once so a bad file fails at start-up with its name."""
+
+    context: ssl.SSLContext | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: PoolSettings, broker: Broker) -> Security:
+        password = settings.password.get_secret_value() if settings.password else None
+        return cls.build(
+            broker, settings.username, password, settings.ca_file, settings.cert_file, settings.key_file
+        )
+
+    @classmethod
+    def build(
+        cls,
+        broker: Broker,
+        username: str | None,
+        password: str | None,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+    ) -> Security:
+        context = None
+        if broker.is_tls:
+            try:
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"pool.ca_file {ca_file}: not a readable CA bundle ({exc})") from exc
+            if cert_file is not None:
+                try:
+                    context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(
+                        f"pool.cert_file {cert_file} / pool.key_file {key_file}: cannot be loaded ({exc})"
+                    ) from exc
+        elif ca_file or cert_file:
+            raise ConfigError(f"pool.ca_file/cert_file are set but broker {broker} is not mqtts://")
+        return cls(context, username, password)
+
+    def apply(self, client: mqtt.Client) -> None:
+        if self.context is not None:
+            client.tls_set_context(self.context)
+        if self.username is not None or self.password is not None:
+            client.username_pw_set(self.username, self.password)
+
+
+@dataclass(slots=True)
+class Inbound:
+    """A received message with the MQTT 5 properties we use (None/empty on 3.1.1)."""
+
+    topic: str
+    payload: bytes
+    is_retained: bool = False
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    expiry_s: int | None = None
+    user: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Outbound:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    expiry_s: int | None = None
+    correlation: bytes | None = None
+    response_topic: str | None = None
+    content_type: str | None = None
+    user: dict[str, str] = field(default_factory=dict)
+
+
+def inbound(message: mqtt.MQTTMessage) -> Inbound:
+    properties = getattr(message, "properties", None)
+    found = Inbound(message.topic, bytes(message.payload), bool(message.retain))
+    if properties is not None:
+        found.response_topic = getattr(properties, "ResponseTopic", None)
+        found.correlation = getattr(properties, "CorrelationData", None)
+        found.expiry_s = getattr(properties, "MessageExpiryInterval", None)
+        found.user = dict(getattr(properties, "UserProperty", None) or [])
+    return found
+
+
+def publish_properties(message: Outbound) -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)
+    if message.expiry_s is not None:
+        properties.MessageExpiryInterval = max(1, int(message.expiry_s))
+    if message.correlation is not None:
+        properties.CorrelationData = message.correlation
+    if message.response_topic is not None:
+        properties.ResponseTopic = message.response_topic
+    if message.content_type is not None:
+        properties.ContentType = message.content_type
+    if message.user:
+        properties.UserProperty = list(message.user.items())
+    return properties

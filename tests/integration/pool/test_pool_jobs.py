@@ -1,0 +1,160 @@
+"""Pool jobs end to end through a real broker: MQTT 5 request/response, refusals, deadlines, commands."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import modelzoo
+import numpy as np
+import orjson
+import pytest
+from pool_brokers import Broker
+from pool_recorder import Names, Received, Recorder, pool_section, validate
+
+from appliance.protocol import codec
+
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+@pytest.fixture
+def pool_repository(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
+    return repo
+
+
+def job(binary: bool = True, **parameters: Any) -> tuple[bytes, dict[str, str]]:
+    encoded = codec.encode_request(
+        {"x": X}, binary=binary, binary_output=binary, parameters=parameters or None
+    )
+    user = {} if encoded.header_length is None else {codec.HEADER_LENGTH: str(encoded.header_length)}
+    return encoded.body(), user
+
+
+async def ask(recorder: Recorder, names: Names, verb: str, payload: bytes, **properties: Any) -> Received:
+    """Publish a command or job with a fresh response topic and correlation; return the answer.
+
+    On MQTT 3.1.1 the response topic and correlation travel in the JSON body instead.
+    """
+    reply_topic = names.reply_topic()
+    await recorder.subscribe(reply_topic)
+    topic = f"{names.base}/cmd/{verb}"
+    if not recorder.is_v5:
+        corr_id = uuid.uuid4().hex
+        document = orjson.loads(payload) if payload else {}
+        recorder.publish(topic, {**document, "reply_to": reply_topic, "corr_id": corr_id})
+        return await recorder.expect(lambda m: m.topic == reply_topic and m.document["corr_id"] == corr_id)
+    correlation = uuid.uuid4().bytes
+    recorder.publish(topic, payload, response_topic=reply_topic, correlation=correlation, **properties)
+    answer = await recorder.expect(lambda m: m.topic == reply_topic)
+    assert answer.correlation == correlation
+    assert answer.user["status"] == str(answer.document.get("status", 200))
+    return answer
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+async def test_job_runs_and_answers_on_the_response_topic(
+    serve: Callable[..., Any],
+    pool_repository: Path,
+    broker: Broker,
+    names: Names,
+    recorder_factory: Any,
+    binary: bool,
+) -> None:
+    if binary and not broker.is_v5:
+        pytest.skip("binary tensors need MQTT 5 user properties")
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        await recorder.node("birth")
+        body, user = job(binary, timeout=5_000_000)
+        validate("job_request", orjson.loads(body[: int(user.get(codec.HEADER_LENGTH, len(body)))]))
+        answer = await ask(recorder, names, "infer/batchable", body, user=user, expiry_s=30)
+        validate("job_response", answer.document)
+        length = answer.user.get(codec.HEADER_LENGTH)
+        assert (length is not None) is binary
+        outputs = codec.decode_response(answer.payload, int(length) if length else None)
+        np.testing.assert_array_equal(outputs["y"], X * 2 + 1)
+        event = await recorder.node("evt", lambda d: d["event"] == "job_done")
+        assert event["model"] == "batchable" and event["status"] == 200
+        scheduler = running.service.hub.scheduler("batchable")
+        assert scheduler.stats.requests[("pool", "success")] == 1
+
+
+@pytest.mark.asyncio
+async def test_refusals_are_answered_with_a_status(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        await recorder.node("birth")
+        body, user = job()
+        body, user = job(binary=broker.is_v5)
+        cases = [
+            ("infer/nosuchmodel", body, user, 404, "unknown model 'nosuchmodel'"),
+            ("infer/batchable", job(binary=False, timeout=1)[0], {}, 503, "deadline"),
+            ("infer/batchable", orjson.dumps({"inputs": "x"}), {}, 400, "'inputs' must be a non-empty list"),
+            ("frobnicate", b"", {}, 404, "unknown command 'frobnicate'"),
+        ]
+        if broker.is_v5:  # only MQTT 5 can name a response topic outside a JSON body
+            cases += [
+                ("infer/batchable", b"{not json", {}, 400, "not valid JSON"),
+                ("infer/batchable", body, {codec.HEADER_LENGTH: "x"}, 400, "not a non-negative integer"),
+            ]
+        for verb, payload, properties, status, text in cases:
+            answer = await ask(recorder, names, verb, payload, user=properties)
+            document = answer.document
+            validate("command_reply" if verb == "frobnicate" else "job_response", document)
+            assert document["status"] == status, document
+            assert text in document["error"]
+        scheduler = running.service.hub.scheduler("batchable")
+        assert scheduler.stats.requests[("pool", "success")] == 0  # the late job was never run
+        # A job that names nowhere to answer is reported on evt, never dropped silently.
+        recorder.publish(f"{names.base}/cmd/infer/batchable", job(binary=False)[0])
+        event = await recorder.node("evt", lambda d: "cannot be answered" in d.get("error", ""))
+        assert event["event"] == "job_refused" and event["status"] == 400
+
+
+@pytest.mark.asyncio
+async def test_drain_resume_and_rebirth_commands(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)):
+        birth = await recorder.node("birth")
+        answer = await ask(recorder, names, "drain", orjson.dumps({"timeout_s": 5, "reason": "maintenance"}))
+        validate("command_reply", answer.document)
+        reply = {k: v for k, v in answer.document.items() if k != "corr_id"}
+        assert reply == {"status": 200, "state": "draining", "drained": True}
+        state = await recorder.node("state", lambda d: d["state"] == "draining")
+        assert state["reason"] == "maintenance" and state["session"] == birth["session"]
+        await recorder.node("capacity", lambda d: d["draining"] is True)
+        body, user = job(binary=broker.is_v5)
+        refused = await ask(recorder, names, "infer/batchable", body, user=user)
+        assert refused.document["status"] == 503 and "draining" in refused.document["error"]
+
+        answer = await ask(recorder, names, "resume", b"")
+        assert (answer.document["status"], answer.document["state"]) == (200, "online")
+        await recorder.node("state", lambda d: d["state"] == "online" and d["seq"] > state["seq"])
+        assert "outputs" in (await ask(recorder, names, "infer/batchable", body, user=user)).document
+
+        answer = await ask(recorder, names, "rebirth", b"")
+        assert answer.document["status"] == 200
+        again = await recorder.node("birth", lambda d: d["seq"] > birth["seq"])
+        assert again["session"] == birth["session"]
+
+
+@pytest.mark.asyncio
+async def test_node_that_does_not_accept_jobs_refuses_them(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names, accept_jobs=False)):
+        capacity = await recorder.node("capacity")
+        assert capacity["models"]["batchable"]["accepts_pool_jobs"] is False
+        body, user = job(binary=broker.is_v5)
+        answer = await ask(recorder, names, "infer/batchable", body, user=user)
+        assert answer.document["status"] == 503 and "accept_jobs" in answer.document["error"]

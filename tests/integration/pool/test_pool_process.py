@@ -1,0 +1,100 @@
+"""A node as a real process: Last Will on SIGKILL, session across restarts, expiry, credentials, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import modelzoo
+import numpy as np
+import pytest
+from pool_brokers import Broker
+from pool_process import READY, node_environment, node_process
+from pool_recorder import Names, pool_section
+
+from appliance.protocol import codec
+
+X = np.ones((1, 4), dtype=np.float32)
+
+
+@pytest.fixture
+def pool_repository(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
+    return repo
+
+
+def job(request_id: str) -> bytes:
+    return codec.encode_request({"x": X}, binary=False, binary_output=False, request_id=request_id).body()
+
+
+@pytest.mark.asyncio
+async def test_sigkill_sets_offline_by_will_and_a_restart_rises_the_session(
+    tmp_path: Path, pool_repository: Path, broker_factory: Any, names: Names, recorder_factory: Any
+) -> None:
+    broker: Broker = broker_factory()
+    pool = pool_section(broker, names)
+    env = node_environment(tmp_path, pool)
+    reply_topic = names.reply_topic()
+    recorder = await recorder_factory(broker, names, f"{names.base}/#", reply_topic)
+    with node_process(pool_repository, env) as first:
+        first.wait_for(READY)
+        birth = await recorder.node("birth")
+        first.popen.send_signal(signal.SIGKILL)
+        first.popen.wait(30)
+    offline = await recorder.node("state", lambda d: d["state"] == "offline")
+    assert offline["by_will"] is True and offline["session"] == birth["session"] and "seq" not in offline
+
+    if broker.is_v5:
+        # Jobs sent while the node is away wait in its MQTT 5 session; the broker drops the expired one.
+        for request_id, expiry_s in (("expired", 1), ("fresh", 60)):
+            recorder.publish(
+                f"{names.base}/cmd/infer/batchable",
+                job(request_id),
+                response_topic=reply_topic,
+                correlation=request_id.encode(),
+                expiry_s=expiry_s,
+            )
+        await asyncio.sleep(2.2)  # MQTT expiry counts whole seconds: let the broker's clock pass 1 s
+    mark = len(recorder.messages)
+    with node_process(pool_repository, env) as second:
+        second.wait_for(READY)
+        again = await recorder.node("birth", since=mark)
+        assert again["session"] > birth["session"]
+        if broker.is_v5:
+            answer = await recorder.expect(lambda m: m.topic == reply_topic, since=mark)
+            assert answer.correlation == b"fresh" and answer.document["id"] == "fresh"
+            recorder.publish(
+                f"{names.base}/cmd/infer/batchable",
+                job("last"),
+                response_topic=reply_topic,
+                correlation=b"last",
+            )
+            await recorder.expect(lambda m: m.topic == reply_topic and m.correlation == b"last", since=mark)
+            job_ids = [m.document.get("job_id") for m in recorder.messages[mark:] if m.kind == "evt"]
+            assert "expired" not in job_ids and job_ids.count("fresh") == 1
+
+
+@pytest.mark.asyncio
+async def test_password_from_credentials_directory_and_clean_exit_on_sigterm(
+    tmp_path: Path, pool_repository: Path, broker_factory: Any, names: Names, recorder_factory: Any
+) -> None:
+    broker: Broker = broker_factory(tls=True, users={"node": "n0de-secret", "platform": "pl4tform"})
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "pool.password").write_text("n0de-secret\n")
+    env = node_environment(tmp_path, pool_section(broker, names, username="node"))
+    env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    recorder = await recorder_factory(broker, names, username="platform", password="pl4tform")
+    with node_process(pool_repository, env) as node:
+        node.wait_for(READY)
+        birth = await recorder.node("birth")
+        node.popen.send_signal(signal.SIGTERM)
+        assert node.popen.wait(30) == 0
+    await recorder.node("state", lambda d: d["state"] == "draining" and d["session"] == birth["session"])
+    await recorder.node("state", lambda d: d["state"] == "offline" and "by_will" not in d)
+    output = [*node.output, *(line for line in node.lines.queue if line)]
+    assert any("pool link up" in line for line in output)
+    assert not any("n0de-secret" in line for line in output)

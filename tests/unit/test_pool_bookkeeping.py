@@ -1,0 +1,114 @@
+"""The pool link's bookkeeping, with fake clocks: session counter, outbox, report cadence, backoff."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance.pool.cadence import ReportCadence
+from appliance.pool.client import Backoff
+from appliance.pool.outbox import Outbox
+from appliance.pool.session import FILE_NAME, SessionCounter
+from appliance.pool.wire import Outbound
+
+
+def test_session_rises_only_when_spent_and_survives_restarts(tmp_path: Path) -> None:
+    counter = SessionCounter(tmp_path / "state")
+    assert counter.take() == 1
+    assert counter.take() == 1  # an attempt the broker never accepted does not spend it
+    counter.spend()
+    assert counter.take() == 2
+    counter.spend()
+    assert SessionCounter(tmp_path / "state").take() == 3  # a restart continues from the file
+    assert (tmp_path / "state" / FILE_NAME).read_text() == "3\n"
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [FILE_NAME]  # no temporary left behind
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"\xff\xfe", b""])
+def test_session_file_that_cannot_be_read_still_rises(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / FILE_NAME).write_bytes(content)
+    assert SessionCounter(tmp_path).take() > 1_000_000_000  # continues from wall-clock seconds
+    assert "pool session file" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_session_file(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_text("5\n")
+    path.chmod(0)
+    assert SessionCounter(tmp_path).take() > 1_000_000_000
+
+
+def message(index: int) -> Outbound:
+    return Outbound(f"t/{index}", b"x")
+
+
+def test_outbox_keeps_order_and_resends_what_was_not_acknowledged() -> None:
+    outbox = Outbox(limit=10)
+    for index in range(3):
+        outbox.put(message(index))
+    taken = [outbox.take() for _ in range(3)]
+    for mid, sent in enumerate(taken, start=1):
+        assert sent is not None
+        outbox.sent(mid, sent)
+    assert outbox.acknowledged(1) and not outbox.acknowledged(99)
+    outbox.put(message(3))
+    outbox.connection_lost()  # mids 2 and 3 may never have arrived
+    assert [m.topic for m in iter(outbox.take, None)] == ["t/1", "t/2", "t/3"]
+    assert outbox.is_empty and outbox.take_dropped() == 0
+
+
+def test_outbox_is_bounded_and_counts_what_it_dropped() -> None:
+    outbox = Outbox(limit=2)
+    for index in range(5):
+        outbox.put(message(index))
+    assert len(outbox) == 2 and outbox.dropped == 3
+    assert [m.topic for m in iter(outbox.take, None)] == ["t/3", "t/4"]  # the newest are kept
+    assert outbox.take_dropped() == 3 and outbox.take_dropped() == 0
+
+
+def test_put_back_keeps_the_front() -> None:
+    outbox = Outbox(limit=5)
+    outbox.put(message(1))
+    first = outbox.take()
+    assert first is not None and not outbox.is_waiting
+    outbox.put(message(2))
+    outbox.put_back(first)
+    assert [m.topic for m in iter(outbox.take, None)] == ["t/1", "t/2"]
+
+
+def test_cadence_reports_every_interval_with_jitter() -> None:
+    draws = iter([0.0, 1.0, 0.5])
+    cadence = ReportCadence(30.0, 0.2, rng=lambda: next(draws))
+    spare = {"m": 100.0}
+    assert cadence.is_due(0.0, spare)  # nothing published yet
+    cadence.published(0.0, spare)  # jitter draw 0.0: next due at 27 s
+    assert not cadence.is_due(26.9, spare) and cadence.is_due(27.0, spare)
+    cadence.published(27.0, spare)  # draw 1.0: next at 27 + 33
+    assert not cadence.is_due(59.9, spare) and cadence.is_due(60.0, spare)
+
+
+def test_cadence_reports_at_once_on_a_big_change_but_not_in_a_flood() -> None:
+    cadence = ReportCadence(10.0, 0.2, rng=lambda: 0.5)
+    cadence.published(0.0, {"m": 100.0})
+    assert not cadence.is_due(5.0, {"m": 85.0})  # 15%: wait for the interval
+    assert cadence.is_due(5.0, {"m": 75.0})  # 25%
+    assert not cadence.is_due(0.5, {"m": 10.0})  # within a tenth of an interval of the last report
+    assert cadence.is_due(2.0, {"m": 100.0, "new": 0.0})  # a model came
+    cadence.published(5.0, {"m": 0.0})
+    assert cadence.is_due(7.0, {"m": 0.5})  # from none to some is always news
+    assert not cadence.is_due(7.0, {"m": 0.0})
+    cadence.forget()
+    assert cadence.is_due(7.0, {"m": 0.0})
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
+    backoff = Backoff(1.0, 8.0, rng=lambda: 1.0)
+    assert [backoff.next_s() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    backoff.reset()
+    low = Backoff(1.0, 8.0, rng=lambda: 0.0)
+    assert [low.next_s() for _ in range(3)] == [0.5, 1.0, 2.0]  # at least half the step
