@@ -14,6 +14,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.errors import ApplianceError
+from appliance.pool import cli as pool_cli
 from appliance.providers import report as providers_report
 from appliance.settings import Settings, config_schema
 from appliance.system import provision
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_arguments(
         verbs.add_parser("provision", help="install units, config and secrets into a root")
     )
+
+    pool_cli.add_arguments(verbs)
 
     schema = verbs.add_parser("config-schema", help="print the JSON Schema of the settings")
     schema.set_defaults(func=cmd_config_schema)

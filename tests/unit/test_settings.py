@@ -97,6 +97,7 @@ def test_every_field_is_described_and_units_are_named() -> None:
         "runtime_dir",
         "warmup_runs",
         "cpu_threads",
+        "mqtt_version",
     }
     units = ("_s", "_ms", "_bytes", "_pct", "_requests", "_batches", "_size", "_responses")
     for definition in schema["$defs"].values():
