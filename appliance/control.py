@@ -49,10 +49,8 @@ class Control:
         return {"drained": drained, "inflight": _inflight(self.service)}
 
     async def resume(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Admit again after a drain (idempotent)."""
+        """Admit again after a drain (idempotent); the pool link sees it and publishes `online`."""
         self.service.hub.resume()
-        if self.service.pool is not None:
-            await self.service.pool.announce_online()
         self.service.notifier.status(self.service.summary())
         return {"state": self.state()}
 

@@ -60,10 +60,13 @@ class Batcher:
         return decision
 
     def pool_row_limit(self) -> int:
-        """The most rows of pool work whose predicted duration stays within the interference bound."""
+        """The most rows of pool work whose predicted duration stays within the interference bound.
+
+        Predicted = the fitted mean: the p99 margin (often 2-3x under load) would forbid all pool work.
+        """
         rows = 0
         for candidate in range(1, self.row_limit + 1):
-            if self.profile.bound_s(candidate) > self.rules.max_interference_s:
+            if self.profile.expected_s(candidate) > self.rules.max_interference_s:
                 break
             rows = candidate
         return rows

@@ -18,6 +18,7 @@ class Capacity:
     spare_ips_at_slo: float
 
 
+_MIN_RATE_SPAN_S = 1.0  # a rate over less than this is mostly noise (one batch reads as thousands/s)
 _EWMA = 0.3  # weight of the newest CPU observation
 _MIN_CPU_WINDOW_S = 1.0
 _MIN_ROWS_FOR_OVERHEAD = 20
@@ -121,7 +122,7 @@ class RateMeter:
         self._trim(now_s)
         if self._started_s is None:
             return 0.0
-        span = min(self.window_s, max(now_s - self._started_s, 1e-3))
+        span = min(self.window_s, max(now_s - self._started_s, _MIN_RATE_SPAN_S))
         return max(0.0, self._total) / span
 
     def _trim(self, now_s: float) -> None:

@@ -107,7 +107,7 @@ class ModelHub:
                 entry = ModelEntry(name, State.UNAVAILABLE, str(exc))
                 self._entries[name] = entry
                 return entry
-            scheduler = ModelScheduler(model, self._scheduler_config(count))
+            scheduler = ModelScheduler(model, self._scheduler_config(count), cpu_budget=self.cpu_budget)
             scheduler.start()
             entry = ModelEntry(name, State.READY, scheduler=scheduler, trials=trials)
             self._entries[name] = entry  # the swap: new requests go to the new scheduler from here

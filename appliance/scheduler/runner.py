@@ -57,10 +57,12 @@ class ModelScheduler:
         config: SchedulerConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        cpu_budget: CpuBudget | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.clock = clock
+        self.cpu_budget = cpu_budget  # shared by every model of the process
         self.profile = LatencyProfile(window=config.profile_window)
         self.profile.seed(model.warmup)
         self.batcher = Batcher(
@@ -147,20 +149,25 @@ class ModelScheduler:
             )
 
     def _backlog_s(self, priority: Priority, now_s: float) -> float:
-        """Predicted wait before new work of `priority` starts: running batches, then rows ahead."""
+        """Predicted wait before new work of `priority` starts: running batches, then rows ahead.
+
+        Running pool batches do not delay line work when they are preempted for it.
+        """
         if not self.profile.is_seeded:
             return 0.0
+        yields = priority is Priority.LINE and self.config.preempt_pool
         running = sum(
             max(0.0, w.current.started_s + w.current.predicted_s - now_s)
             for w in self.workers
-            if w.current is not None
+            if w.current is not None and not (yields and w.current.priority is Priority.POOL)
         )
         rows_ahead = self.queues.rows_ahead(priority)
         if not rows_ahead:
             return running / len(self.workers) if not self._idle else 0.0
-        rows_per_batch = self.batcher.row_limit
-        batch_s = self.profile.expected_s(rows_per_batch)
-        return (running + math.ceil(rows_ahead / rows_per_batch) * batch_s) / len(self.workers)
+        limit = self.batcher.row_limit
+        full, rest = divmod(rows_ahead, limit)
+        queued_s = full * self.profile.expected_s(limit) + (self.profile.expected_s(rest) if rest else 0.0)
+        return (running + queued_s) / len(self.workers)
 
     def _dispatch(self) -> None:
         now = self.clock()
@@ -280,7 +287,7 @@ class ModelScheduler:
         """CPU threads busy while ORT computes: the intra-op threads on a CPU provider, else none."""
         return self.model.threads_per_call if self.model.provider in CPU_PROVIDERS else 0
 
-    def capacity(self, reserved_share: float, budget: CpuBudget | None = None) -> Capacity:
+    def capacity(self, reserved_share: float) -> Capacity:
         now = self.clock()
         max_ips, rows = max_ips_at_slo(
             self.profile,
@@ -288,7 +295,7 @@ class ModelScheduler:
             max_rows=self.batcher.row_limit,
             slo_s=self.model.slo_p99_ms / 1e3,
             queue_delay_s=self.batcher.rules.max_queue_delay_s,
-            budget=budget,
+            budget=self.cpu_budget,
             compute_threads=self.compute_threads,
         )
         served = sum(meter.rate(now) for meter in self.served.values())

@@ -94,7 +94,7 @@ def render(hub: ModelHub) -> str:
                 model=model,
                 priority=priority.label,
             )
-        capacity = scheduler.capacity(reserved, hub.cpu_budget)
+        capacity = scheduler.capacity(reserved)
         out.declare("appliance_max_ips_at_slo", "gauge", "Sustainable inferences/s at the model's SLO.")
         out.sample("appliance_max_ips_at_slo", capacity.max_ips_at_slo, model=model, provider=provider)
         out.declare("appliance_served_ips", "gauge", "Inferences/s served over the last window.")

@@ -181,7 +181,7 @@ def test_simulation_invariants(arrivals: list[Arrival], workers: int, max_rows: 
             assert batch.rows == sum(w.rows for w in batch.items) <= max(1, max_rows)
             if batch.priority is Priority.POOL:
                 assert not len(queues.line), "pool work ran while line work waited"
-                assert p.bound_s(batch.rows) <= 0.006
+                assert p.expected_s(batch.rows) <= 0.006
             rest = list(queues.by_class[batch.priority])
             if rest:
                 assert batch.items[0].deadline_s <= rest[0].deadline_s, "not earliest deadline first"
