@@ -14,6 +14,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.errors import ApplianceError
+from appliance.ota import command as ota
 from appliance.pool import cli as pool_cli
 from appliance.providers import report as providers_report
 from appliance.settings import Settings, config_schema
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     pool_cli.add_arguments(verbs)
+
+    ota.add_arguments(
+        verbs.add_parser("ota", help="update hooks: gate, drain, snapshot, verify, commit, rollback")
+    )
 
     schema = verbs.add_parser("config-schema", help="print the JSON Schema of the settings")
     schema.set_defaults(func=cmd_config_schema)

@@ -5,25 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.errors import InvalidInput
 from appliance.scheduler.hub import State
 from appliance.scheduler.queues import Priority
-from appliance.system.admin import AdminServer
+from appliance.system.admin import AdminServer, admin_socket_path
 
 if TYPE_CHECKING:
     from appliance.service import Service
 
 log = logging.getLogger(__name__)
-
-ADMIN_SOCKET = "admin.sock"
-
-
-def admin_socket_path(runtime_dir: Path) -> Path:
-    return runtime_dir / ADMIN_SOCKET
 
 
 class Control:

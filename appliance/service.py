@@ -162,13 +162,18 @@ class Service:
         interval = self.notifier.watchdog_interval_s()
         if interval is None:
             return
+        was_hung: dict[str, list[int]] = {}
         while True:
             hung = self.hub.hung_workers()
             if hung:
                 self.notifier.status(f"worker hung: {hung}")
-                log.error("not pinging the watchdog: hung workers %s", hung)
+                if hung != was_hung:
+                    log.error("not pinging the watchdog: hung workers %s", hung)
             else:
+                if was_hung:
+                    log.warning("workers answer again; pinging the watchdog")
                 self.notifier.watchdog()
+            was_hung = hung
             await asyncio.sleep(interval)
 
     async def _sample_cpu(self) -> None:

@@ -20,6 +20,7 @@ from appliance.errors import ConfigError
 ENV_PREFIX = "APPLIANCE_"
 ENV_NESTING = "__"
 SYSTEM_CONFIG_FILE = Path("/etc/appliance/appliance.toml")
+NOT_SETTINGS = frozenset({"APPLIANCE_BIN"})  # the firmware hooks' override of the command to run
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -182,21 +183,69 @@ class SystemSettings(BaseModel):
     model_config = _section("System")
 
     state_dir: Path = Field(
-        default_factory=lambda: _systemd_dir("STATE_DIRECTORY", "~/.local/state/appliance"),
+        default_factory=lambda: _systemd_dir(
+            "STATE_DIRECTORY", "/var/lib/appliance", "~/.local/state/appliance"
+        ),
         description="Persistent state (pool session counter, OTA snapshots); $STATE_DIRECTORY wins.",
     )
     cache_dir: Path = Field(
-        default_factory=lambda: _systemd_dir("CACHE_DIRECTORY", "~/.cache/appliance"),
+        default_factory=lambda: _systemd_dir("CACHE_DIRECTORY", "/var/cache/appliance", "~/.cache/appliance"),
         description="Caches (compiled engines); $CACHE_DIRECTORY wins.",
     )
     runtime_dir: Path = Field(
-        default_factory=lambda: _systemd_dir("RUNTIME_DIRECTORY", f"/tmp/appliance-{os.getuid()}"),
+        default_factory=lambda: _systemd_dir(
+            "RUNTIME_DIRECTORY", "/run/appliance", f"/tmp/appliance-{os.getuid()}"
+        ),
         description="Runtime files (admin socket); $RUNTIME_DIRECTORY wins.",
     )
     watchdog_hang_s: float = Field(
         30.0, gt=0, description="A worker busy on one batch longer than this counts as hung."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class OtaSettings(BaseModel):
+    model_config = _section("OTA hooks (appliance ota)")
+
+    gate_max_line_requests: int = Field(
+        0, ge=0, description="`ota gate` defers an update (exit 75) while more line requests than this wait."
+    )
+    gate_max_line_ips: float = Field(
+        1.0,
+        ge=0,
+        description="`ota gate` defers an update while line traffic over the last 10 s exceeds this many "
+        "inferences/s.",
+    )
+    drain_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="How long `ota drain` waits for admitted requests before it resumes serving and exits "
+        "75; unset uses server.drain_timeout_s.",
+    )
+    verify_wait_s: float = Field(
+        120.0, gt=0, description="How long `ota verify` waits for the service to answer and be ready."
+    )
+    verify_boot_grace_s: float = Field(
+        900.0,
+        ge=0,
+        description="A service not ready after verify_wait_s makes `ota verify` exit 75 (try later) while "
+        "it (or, if it does not answer, the box) has been up less than this, 1 (failed) after; "
+        "appliance.service's TimeoutStartSec=.",
+    )
+    verify_timed_requests: int = Field(
+        5, ge=1, description="Timed requests of each model's golden samples; their median is compared."
+    )
+    verify_latency_growth_pct: float = Field(
+        50.0,
+        ge=0,
+        description="`ota verify` fails a model whose golden-sample median grew by more than this since "
+        "the snapshot (plus verify_latency_slack_ms).",
+    )
+    verify_latency_slack_ms: float = Field(
+        2.0,
+        ge=0,
+        description="Added to the allowed golden-sample latency, so timer noise on fast models passes.",
+    )
 
 
 class Settings(BaseSettings):
@@ -211,6 +260,7 @@ class Settings(BaseSettings):
     )
     pool: PoolSettings = Field(default_factory=PoolSettings, description="Pool link over MQTT.")
     system: SystemSettings = Field(default_factory=SystemSettings, description="Paths and process.")
+    ota: OtaSettings = Field(default_factory=OtaSettings, description="`appliance ota` (update hooks).")
     providers: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description='Per-provider options, e.g. [providers.openvino] device = "GPU".',
@@ -277,9 +327,16 @@ class _Layer(PydanticBaseSettingsSource):
         return _deep_copy(self._data)
 
 
-def _systemd_dir(variable: str, fallback: str) -> Path:
+def _systemd_dir(variable: str, installed: str, fallback: str) -> Path:
+    """$VARIABLE (systemd sets it for the service), else the provisioned folder if this user may use it
+    (so `appliance ota`, run by an update hook or the health check, finds the service's socket and
+    state), else a per-user fallback."""
     value = os.environ.get(variable, "").split(":")[0]
-    return Path(value) if value else Path(fallback).expanduser()
+    if value:
+        return Path(value)
+    if os.path.isdir(installed) and os.access(installed, os.R_OK | os.X_OK):
+        return Path(installed)
+    return Path(fallback).expanduser()
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -295,7 +352,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _read_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
         if not all(path):

@@ -21,6 +21,14 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_LINE_BYTES = 64 * 1024
+SOCKET_NAME = "admin.sock"
+
+
+def admin_socket_path(runtime_dir: Path) -> Path:
+    """Where the service listens and `appliance ota` calls: <runtime_dir>/admin.sock."""
+    return runtime_dir / SOCKET_NAME
+
+
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 

@@ -99,7 +99,7 @@ def test_every_field_is_described_and_units_are_named() -> None:
         "cpu_threads",
         "mqtt_version",
     }
-    units = ("_s", "_ms", "_bytes", "_pct", "_requests", "_batches", "_size", "_responses")
+    units = ("_s", "_ms", "_bytes", "_pct", "_requests", "_batches", "_size", "_responses", "_ips")
     for definition in schema["$defs"].values():
         for name in definition["properties"]:
             assert name in unitless or name.endswith(units), f"{name} has no unit in its name"

@@ -1,0 +1,1 @@
+"""`appliance ota`: the update hooks gate, drain, snapshot, verify, commit and rollback."""

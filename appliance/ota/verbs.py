@@ -1,0 +1,189 @@
+"""The six OTA verbs; each is idempotent and returns the exit code firmware hooks read."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from appliance.ota import golden, restore, snapshot
+from appliance.ota import verify as verifying
+from appliance.ota.checks import busy_reasons
+from appliance.ota.link import ServiceLink
+from appliance.ota.store import Store
+from appliance.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EX_OK = 0
+EX_FAILED = 1
+EX_TEMPFAIL = 75  # sysexits.h: not now, try again later (Mender's shims turn it into 21)
+
+
+def gate(settings: Settings, config_file: Path | None = None) -> int:
+    """0 when an update may start now, 75 while line traffic is busy."""
+    status = _link(settings).status()
+    if status is None:
+        log.info("gate: the service is not running; no line traffic to protect: go")
+        return EX_OK
+    if status.get("state") != "ready":
+        log.info("gate: the service is %s and serves no line traffic now: go", status.get("state"))
+        return EX_OK
+    options = settings.ota
+    reasons = busy_reasons(status.get("line", {}), options.gate_max_line_requests, options.gate_max_line_ips)
+    if reasons:
+        log.warning("gate: busy, try again later: %s", "; ".join(reasons))
+        return EX_TEMPFAIL
+    line = status.get("line", {})
+    log.info(
+        "gate: line quiet (%s queued, %s inferences/s): go", line.get("queue_depth"), line.get("served_ips")
+    )
+    return EX_OK
+
+
+def drain(settings: Settings, config_file: Path | None = None) -> int:
+    """0 once admitted work is done and no more is admitted; 75 (serving again) if it took too long."""
+    link, store = _link(settings), _store(settings)
+    status = link.status()
+    if status is None:
+        log.info("drain: the service is not running; nothing to drain")
+        return EX_OK
+    timeout_s = settings.ota.drain_timeout_s or settings.server.drain_timeout_s
+    store.mark_drained(int(status["pid"]))  # first: whatever happens next, commit/rollback undo it
+    reply = link.drain(timeout_s, "ota drain")
+    if reply.get("drained"):
+        log.info(
+            "drain: done; the service (pid %s) admits no requests until commit or rollback", status["pid"]
+        )
+        return EX_OK
+    link.resume()
+    store.clear_drained()
+    log.warning(
+        "drain: %s requests still in flight after %g s; the service serves again, try later",
+        reply.get("inflight"),
+        timeout_s,
+    )
+    return EX_TEMPFAIL
+
+
+def take_snapshot(settings: Settings, config_file: Path | None = None) -> int:
+    """Save the config file, model digests, providers and the golden-sample latency baseline."""
+    store = _store(settings)
+    status = _link(settings).status()
+    runs: dict[str, golden.GoldenRun] = {}
+    if status is None:
+        log.warning("snapshot: the service is not running; saving the config and digests on disk only")
+    elif status.get("state") != "ready":
+        log.warning(
+            "snapshot: the service is %s; no latency baseline (snapshot before `ota drain`)", status["state"]
+        )
+    else:
+        token = settings.server.api_token.get_secret_value() if settings.server.api_token else None
+        runs = golden.run_all(status, api_token=token, timed_requests=settings.ota.verify_timed_requests)
+    if status is not None and status.get("config_file"):
+        config_file = Path(status["config_file"])
+    repository = Path(status["repository"]) if status is not None else settings.models.repository
+    if store.snapshot_path.exists():
+        log.info("snapshot: replacing the snapshot already in %s", store.snapshot_path)
+    document, content = snapshot.build(
+        status=status, golden=runs, repository=repository, config_path=config_file
+    )
+    store.save_snapshot(document, content)
+    log.info(
+        "snapshot: saved %s: %d models, %d latency baselines, config %s",
+        store.snapshot_path,
+        len(document["models"]),
+        sum(m.get("golden_ms") is not None for m in document["models"].values()),
+        config_file or "none",
+    )
+    return EX_OK
+
+
+def verify(settings: Settings, config_file: Path | None = None) -> int:
+    """0 healthy, 75 not ready yet (within the grace after boot), 1 unhealthy or never ready."""
+    store, options = _store(settings), settings.ota
+    before = store.read_snapshot()
+    waited = verifying.wait_until_ready(_link(settings), store, options.verify_wait_s)
+    if not waited.is_ready:
+        what = "not running" if waited.status is None else f"still {waited.status.get('state')}"
+        uptime_s = verifying.boot_uptime_s()
+        if verifying.is_still_starting(waited.status, options.verify_boot_grace_s, uptime_s):
+            log.warning("verify: the service is %s after %g s; try again later", what, options.verify_wait_s)
+            return EX_TEMPFAIL
+        log.error(
+            "verify: the service is %s after %g s, past verify_boot_grace_s %g s (box up %.0f s)",
+            what,
+            options.verify_wait_s,
+            options.verify_boot_grace_s,
+            uptime_s,
+        )
+        return EX_FAILED
+    assert waited.status is not None
+    findings = verifying.inspect(waited.status, before, settings)
+    for finding in findings:
+        log.log(
+            logging.ERROR if finding.is_failure else logging.INFO,
+            "verify: %s: %s",
+            finding.subject,
+            finding.message,
+        )
+    failures = sum(finding.is_failure for finding in findings)
+    against = f"the snapshot of {before.get('taken_at')}" if before else "no snapshot"
+    if failures:
+        log.error("verify: %d problem(s), compared with %s", failures, against)
+        return EX_FAILED
+    log.info("verify: healthy, %d models, compared with %s", len(waited.status.get("models", {})), against)
+    return EX_OK
+
+
+def commit(settings: Settings, config_file: Path | None = None) -> int:
+    """Keep the update: drop the snapshot and admit requests again if `ota drain` stopped them."""
+    store, link = _store(settings), _link(settings)
+    existed = store.discard()
+    status = link.status()
+    if status is not None:
+        _resume_our_drain(link, store, status)
+    store.clear_drained()
+    log.info("commit: %s", "snapshot discarded" if existed else "no snapshot; nothing to discard")
+    return EX_OK
+
+
+def rollback(settings: Settings, config_file: Path | None = None) -> int:
+    """Restore the snapshot's config, make the service serve what is on disk, admit again, discard."""
+    store, link = _store(settings), _link(settings)
+    before = store.read_snapshot()
+    is_config_restored = restore.config_file(store, before) if before is not None else False
+    status = link.status()
+    repository = Path(status["repository"]) if status is not None else settings.models.repository
+    if before is not None:
+        restore.report_models_not_restored(before, repository)
+    if status is not None:
+        if before is not None:
+            restore.reload_if_stale(link, status, repository)
+        _resume_our_drain(link, store, status)
+        if is_config_restored:
+            log.warning("rollback: restart appliance.service to apply the restored config")
+    elif is_config_restored:
+        log.info("rollback: the service is not running; it reads the restored config when it starts")
+    store.discard()
+    store.clear_drained()
+    log.info("rollback: %s", "done" if before is not None else "no snapshot; nothing to restore")
+    return EX_OK
+
+
+def _resume_our_drain(link: ServiceLink, store: Store, status: dict[str, Any]) -> None:
+    if status.get("state") != "draining":
+        return
+    if store.drained_pid() != status.get("pid"):
+        log.info("the service is draining, but not because of `ota drain`; leaving it so")
+        return
+    link.resume()
+    log.info("the service admits requests again")
+
+
+def _link(settings: Settings) -> ServiceLink:
+    return ServiceLink(settings.system.runtime_dir)
+
+
+def _store(settings: Settings) -> Store:
+    return Store(settings.system.state_dir)

@@ -1,0 +1,93 @@
+"""`ota verify`'s two halves: wait (bounded) for a ready service, then measure and judge it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.ota import golden
+from appliance.ota.checks import Finding, Tolerance, judge
+from appliance.ota.link import ServiceLink
+from appliance.ota.snapshot import digests_on_disk
+from appliance.ota.store import OtaError, Store
+from appliance.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # between status requests while the service starts; each costs one admin round trip
+
+
+@dataclass(frozen=True, slots=True)
+class Waited:
+    """The last status seen (None: the service never answered) and whether it was ready."""
+
+    status: dict[str, Any] | None
+    is_ready: bool
+
+
+def wait_until_ready(
+    link: ServiceLink,
+    store: Store,
+    wait_s: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Waited:
+    """Poll the status until the service is ready or `wait_s` passed.
+
+    A service that `ota drain` left draining (the drain marker names its pid) is resumed: after an
+    in-place update nothing else would, and it cannot be verified without serving.
+    """
+    deadline_s = clock() + wait_s
+    has_resumed = False
+    while True:
+        status = link.status()
+        if status is not None and status.get("state") == "ready":
+            return Waited(status, True)
+        if status is not None and not has_resumed and _is_our_drain(status, store):
+            log.info("resuming the service `ota drain` left draining (pid %s) to verify it", status["pid"])
+            link.resume()
+            has_resumed = True
+            _forget_drain(store)
+            continue
+        if clock() >= deadline_s:
+            return Waited(status, False)
+        sleep(min(POLL_S, max(0.0, deadline_s - clock())))
+
+
+def _is_our_drain(status: dict[str, Any], store: Store) -> bool:
+    return status.get("state") == "draining" and store.drained_pid() == status.get("pid")
+
+
+def _forget_drain(store: Store) -> None:
+    try:
+        store.clear_drained()
+    except OtaError as exc:  # the health check's state dir is read-only; commit removes it later
+        log.info("drain marker kept: %s", exc)
+
+
+def is_still_starting(status: dict[str, Any] | None, grace_s: float, boot_uptime_s: float) -> bool:
+    """Whether a service not ready yet may still come up: the service, or the box if none answers,
+    has been up for less than `grace_s`."""
+    uptime_s = float(status.get("uptime_s", 0.0)) if status is not None else boot_uptime_s
+    return uptime_s < grace_s
+
+
+def boot_uptime_s() -> float:
+    """Seconds since the box booted, suspend included."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def inspect(status: dict[str, Any], snapshot: dict[str, Any] | None, settings: Settings) -> list[Finding]:
+    """Run the golden samples, read the digests on disk and judge the service against the snapshot."""
+    options = settings.ota
+    token = settings.server.api_token.get_secret_value() if settings.server.api_token else None
+    runs = golden.run_all(status, api_token=token, timed_requests=options.verify_timed_requests)
+    serving = [name for name, model in status.get("models", {}).items() if model.get("state") == "READY"]
+    on_disk = digests_on_disk(Path(status["repository"]), serving)
+    tolerance = Tolerance(options.verify_latency_growth_pct, options.verify_latency_slack_ms)
+    return judge(status, snapshot, runs, on_disk, tolerance)

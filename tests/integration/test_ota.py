@@ -1,0 +1,319 @@
+"""Every `appliance ota` verb against a real running service, and with none running."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import modelzoo
+import numpy as np
+import pytest
+
+from appliance.engine.repository import file_digest
+from appliance.ota import command, verbs
+from appliance.ota.link import ServiceLink
+from appliance.ota.store import Store
+from appliance.protocol import codec
+from appliance.system.admin import admin_socket_path
+
+HOOKS = Path(__file__).resolve().parents[2] / "firmware-hooks"
+FAST = {"verify_wait_s": 5.0, "verify_timed_requests": 3}
+HEAVY_ROWS = 4096  # ~1 s on two cores (bench: modelzoo.heavy, 64 layers of 512): surely still running
+HEAVY_MANIFEST = """
+slo_p99_ms = 600000.0
+instances = 1
+[batching]
+max_batch_size = 4096
+preferred_batch_sizes = [1]
+"""
+
+
+def golden_repository(tmp_path: Path) -> Path:
+    """`batchable` with golden samples, `fixed` without."""
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
+    write_samples(repo, "batchable", 1)
+    modelzoo.write(repo, "fixed", modelzoo.fixed_batch())
+    return repo
+
+
+def write_samples(repo: Path, name: str, version: int, *, offset: float = 0.0) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.savez(
+        repo / name / str(version) / "samples.npz",
+        input__x=x,
+        output__y=x * 2 + 1 + offset,
+        output__s=x.sum(axis=1, keepdims=True),
+    )
+
+
+def infer(url: str, model: str = "batchable") -> httpx.Response:
+    body = codec.encode_request({"x": np.ones((2, 4), np.float32)}, binary=False, binary_output=False)
+    return httpx.post(f"{url}/v2/models/{model}/infer", content=body.body(), timeout=30.0)
+
+
+def status(settings) -> dict:
+    found = ServiceLink(settings.system.runtime_dir).status()
+    assert found is not None
+    return found
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(record.getMessage() for record in caplog.records)
+
+
+def test_the_admin_socket_is_where_the_service_listens(tmp_path: Path) -> None:
+    assert ServiceLink(tmp_path).socket_path == admin_socket_path(tmp_path)
+
+
+def test_gate_goes_while_quiet_and_defers_while_the_line_is_served(serve, tmp_path, caplog) -> None:
+    with serve(golden_repository(tmp_path), ota={"gate_max_line_ips": 0.0}) as running:
+        settings = running.service.settings
+        assert verbs.gate(settings) == verbs.EX_OK
+        assert infer(running.url).status_code == 200
+        assert verbs.gate(settings) == verbs.EX_TEMPFAIL
+        assert "line traffic runs at" in messages(caplog)
+        lenient = settings.ota.model_copy(update={"gate_max_line_ips": 1e6})
+        assert verbs.gate(settings.model_copy(update={"ota": lenient})) == verbs.EX_OK
+
+
+def test_drain_is_idempotent_and_commit_admits_again(serve, tmp_path) -> None:
+    with serve(golden_repository(tmp_path)) as running:
+        settings = running.service.settings
+        assert verbs.drain(settings) == verbs.EX_OK
+        assert verbs.drain(settings) == verbs.EX_OK
+        assert status(settings)["state"] == "draining"
+        assert Store(settings.system.state_dir).drained_pid() == os.getpid()
+        assert infer(running.url).status_code == 503
+        assert verbs.commit(settings) == verbs.EX_OK
+        assert status(settings)["state"] == "ready"
+        assert infer(running.url).status_code == 200
+        assert verbs.commit(settings) == verbs.EX_OK
+        assert Store(settings.system.state_dir).drained_pid() is None
+
+
+def test_drain_that_times_out_resumes_serving_and_answers_try_later(serve, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "heavy", modelzoo.heavy(), manifest=HEAVY_MANIFEST)
+    with serve(repo, ota={"drain_timeout_s": 0.001}) as running:
+        settings = running.service.settings
+        scheduler = running.service.hub.scheduler("heavy")
+        x = np.ones((HEAVY_ROWS, 512), np.float32)
+
+        async def start() -> asyncio.Task:
+            task = asyncio.create_task(scheduler.infer({"x": x}))
+            await asyncio.sleep(0)  # one turn of the loop: the request is admitted and running
+            return task
+
+        task = running.call(start)
+        assert verbs.drain(settings) == verbs.EX_TEMPFAIL
+        assert status(settings)["state"] == "ready"
+        assert Store(settings.system.state_dir).drained_pid() is None
+
+        async def finish() -> dict:
+            return await task
+
+        assert running.call(finish)["y"].shape == (HEAVY_ROWS, 512)
+
+
+def test_snapshot_verify_commit(serve, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "appliance")
+    repo = golden_repository(tmp_path)
+    config = tmp_path / "appliance.toml"
+    config.write_text("[server]\nretry_after_s = 2.0\n")
+    with serve(repo, ota=FAST) as running:
+        settings = running.service.settings
+        running.service.config_file = config
+        assert verbs.take_snapshot(settings) == verbs.EX_OK
+        store = Store(settings.system.state_dir)
+        saved = store.read_snapshot()
+        assert saved is not None
+        batchable, fixed = saved["models"]["batchable"], saved["models"]["fixed"]
+        assert batchable["sha256"] == file_digest(repo / "batchable" / "1" / "model.onnx")
+        assert batchable["placement"]["provider"] == "cpu"
+        assert batchable["golden_ms"] > 0 and fixed["golden_ms"] is None
+        assert saved["providers"]["cpu"] is True
+        assert saved["config"]["path"] == str(config) and store.read_config_copy() == config.read_bytes()
+        assert verbs.take_snapshot(settings) == verbs.EX_OK  # again: replaced, still whole
+
+        assert verbs.verify(settings) == verbs.EX_OK
+        assert "batchable: golden samples reproduce" in messages(caplog)
+        assert "fixed: no samples.npz" in messages(caplog)
+
+        assert verbs.commit(settings) == verbs.EX_OK
+        assert store.read_snapshot() is None and not store.config_copy_path.exists()
+        assert verbs.commit(settings) == verbs.EX_OK
+        assert verbs.verify(settings) == verbs.EX_OK  # with no snapshot: a plain boot health check
+
+
+def test_verify_fails_when_golden_samples_do_not_reproduce(serve, tmp_path, caplog) -> None:
+    repo = golden_repository(tmp_path)
+    write_samples(repo, "batchable", 1, offset=0.5)
+    with serve(repo, ota=FAST) as running:
+        assert verbs.verify(running.service.settings) == verbs.EX_FAILED
+    assert "output 'y': 8 of 8 values differ beyond atol 1e-05 + rtol 0.0001" in messages(caplog)
+
+
+def test_verify_fails_when_golden_samples_got_slower(serve, tmp_path, caplog) -> None:
+    with serve(golden_repository(tmp_path), ota={**FAST, "verify_latency_slack_ms": 0.0}) as running:
+        settings = running.service.settings
+        assert verbs.take_snapshot(settings) == verbs.EX_OK
+        store = Store(settings.system.state_dir)
+        saved = store.read_snapshot()
+        saved["models"]["batchable"]["golden_ms"] = 1e-6  # a baseline no HTTP request can meet
+        store.save_snapshot(saved, store.read_config_copy() if store.config_copy_path.exists() else None)
+        assert verbs.verify(settings) == verbs.EX_FAILED
+    assert "batchable: golden samples take" in messages(caplog)
+    assert "0.000 ms before the update + 50 % + 0 ms" in messages(caplog)
+
+
+def test_verify_catches_a_silent_fall_back_to_another_provider(serve, tmp_path, caplog) -> None:
+    repo = golden_repository(tmp_path)
+    models = {"providers": ["fake", "cpu"]}
+    with serve(repo, models=models, providers={"fake": {"fail_session": False}}, ota=FAST) as running:
+        assert verbs.take_snapshot(running.service.settings) == verbs.EX_OK
+        assert status(running.service.settings)["models"]["batchable"]["placement"]["provider"] == "fake"
+    with serve(repo, models=models, providers={"fake": {"fail_session": True}}, ota=FAST) as running:
+        assert verbs.verify(running.service.settings) == verbs.EX_FAILED
+    assert "batchable: fell back from fake to cpu: fake failed it" in messages(caplog)
+
+
+def test_verify_fails_while_the_service_serves_a_file_other_than_the_installed_one(
+    serve, tmp_path, caplog
+) -> None:
+    repo = golden_repository(tmp_path)
+    with serve(repo, ota=FAST) as running:
+        settings = running.service.settings
+        assert verbs.take_snapshot(settings) == verbs.EX_OK
+        modelzoo.write(repo, "batchable", _changed(modelzoo.batchable()), version=2)
+        assert verbs.verify(settings) == verbs.EX_FAILED
+    assert "serves version 1" in messages(caplog)
+    assert "but the repository holds version 2" in messages(caplog)
+
+
+def test_rollback_reloads_models_the_framework_restored_and_is_idempotent(serve, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "appliance")
+    repo = golden_repository(tmp_path)
+    with serve(repo, ota=FAST) as running, httpx.Client(base_url=running.url) as client:
+        settings = running.service.settings
+        assert verbs.take_snapshot(settings) == verbs.EX_OK
+        modelzoo.write(repo, "batchable", _changed(modelzoo.batchable()), version=2)  # the update
+        assert client.post("/v2/repository/models/batchable/load").json()["version"] == "2"
+        assert verbs.verify(settings) == verbs.EX_OK
+        assert "batchable: model changed: version 1" in messages(caplog)
+        for leftover in (repo / "batchable" / "2").iterdir():  # the framework puts version 1 back
+            leftover.unlink()
+        (repo / "batchable" / "2").rmdir()
+        caplog.clear()
+        assert verbs.rollback(settings) == verbs.EX_OK
+        assert "reloading models whose files changed on disk: batchable" in messages(caplog)
+        assert status(settings)["models"]["batchable"]["version"] == "1"
+        caplog.clear()
+        assert verbs.rollback(settings) == verbs.EX_OK
+        assert "no snapshot; nothing to restore" in messages(caplog)
+        assert "reloading" not in messages(caplog)
+
+
+def test_rollback_restores_the_config_file_and_says_to_restart(serve, tmp_path, caplog) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text("[server]\nretry_after_s = 2.0\n")
+    config.chmod(0o640)
+    with serve(golden_repository(tmp_path), ota=FAST) as running:
+        settings = running.service.settings
+        running.service.config_file = config
+        assert verbs.take_snapshot(settings) == verbs.EX_OK
+        config.write_text("[server]\nretry_after_s = 9.0\n")  # what the update brought
+        assert verbs.drain(settings) == verbs.EX_OK
+        assert verbs.rollback(settings) == verbs.EX_OK
+        assert status(settings)["state"] == "ready"
+    assert config.read_text() == "[server]\nretry_after_s = 2.0\n"
+    assert config.stat().st_mode & 0o777 == 0o640
+    rejected = Store(settings.system.state_dir).root / "rejected-config.toml"
+    assert rejected.read_text() == "[server]\nretry_after_s = 9.0\n"
+    assert "restart appliance.service to apply the restored config" in messages(caplog)
+    assert verbs.rollback(settings) == verbs.EX_OK
+    assert config.read_text() == "[server]\nretry_after_s = 2.0\n"
+
+
+def test_verify_resumes_only_a_drain_that_ota_drain_left(serve, tmp_path) -> None:
+    with serve(golden_repository(tmp_path), ota={**FAST, "verify_wait_s": 0.2}) as running:
+        settings = running.service.settings
+        assert verbs.drain(settings) == verbs.EX_OK
+        assert verbs.verify(settings) == verbs.EX_OK  # an in-place update: verify serves again
+        assert status(settings)["state"] == "ready"
+        hub = running.service.hub
+        assert running.call(lambda: hub.drain(5.0)) is True  # someone else's drain (e.g. the pool)
+        assert verbs.verify(settings) == verbs.EX_TEMPFAIL
+        assert status(settings)["state"] == "draining"
+
+
+def test_every_verb_with_no_service_running(settings_factory, tmp_path, caplog) -> None:
+    repo = golden_repository(tmp_path)
+    config = tmp_path / "appliance.toml"
+    settings = settings_factory(repo, ota={"verify_wait_s": 0.01, "verify_boot_grace_s": 1e9})
+    assert verbs.gate(settings) == verbs.EX_OK
+    assert verbs.drain(settings) == verbs.EX_OK
+    assert verbs.take_snapshot(settings, config) == verbs.EX_OK
+    saved = Store(settings.system.state_dir).read_snapshot()
+    assert saved["service"] is None and saved["config"] == {"path": str(config), "exists": False}
+    assert saved["models"]["batchable"]["sha256"] == file_digest(repo / "batchable" / "1" / "model.onnx")
+    assert verbs.verify(settings) == verbs.EX_TEMPFAIL
+    expired = settings.ota.model_copy(update={"verify_boot_grace_s": 0.0})
+    assert verbs.verify(settings.model_copy(update={"ota": expired})) == verbs.EX_FAILED
+    assert "verify: the service is not running after 0.01 s, past verify_boot_grace_s" in messages(caplog)
+    config.write_text("[server]\nport = 9\n")  # the update added a config file
+    assert verbs.rollback(settings) == verbs.EX_OK
+    assert not config.exists()
+    assert verbs.commit(settings) == verbs.EX_OK
+    assert verbs.rollback(settings) == verbs.EX_OK
+
+
+def test_the_command_logs_to_stderr_and_maps_failures_to_1(tmp_path, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    config = tmp_path / "appliance.toml"
+    run_dir = tmp_path / "run"
+    config.write_text(
+        f'[models]\nrepository = "{tmp_path / "repo"}"\n'
+        f'[system]\nruntime_dir = "{run_dir}"\nstate_dir = "{tmp_path / "state"}"\n'
+    )
+    args = parser.parse_args(["gate", "--config", str(config)])
+    assert args.func(args) == 0
+    assert "appliance ota: INFO gate: the service is not running" in capsys.readouterr().err
+    (tmp_path / "state").write_text("a file where the state folder should be")
+    args = parser.parse_args(["snapshot", "--config", str(config)])
+    assert args.func(args) == 1
+    assert "appliance ota: ERROR ota snapshot failed: cannot create" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("traffic", "expected"), [(False, 0), (True, 21)], ids=["quiet", "busy"])
+def test_the_mender_gate_shim_runs_the_real_command(serve, tmp_path, traffic, expected) -> None:
+    with serve(golden_repository(tmp_path)) as running:
+        if traffic:
+            assert infer(running.url).status_code == 200
+        settings = running.service.settings
+        wrapper = tmp_path / "appliance"
+        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m appliance "$@"\n')
+        wrapper.chmod(0o755)
+        env = {
+            "PATH": os.environ["PATH"],
+            "APPLIANCE_BIN": str(wrapper),
+            "APPLIANCE_SYSTEM__RUNTIME_DIR": str(settings.system.runtime_dir),
+            "APPLIANCE_SYSTEM__STATE_DIR": str(settings.system.state_dir),
+            "APPLIANCE_OTA__GATE_MAX_LINE_IPS": "0",
+        }
+        shim = HOOKS / "mender" / "Download_Enter_10_appliance-gate"
+        result = subprocess.run(["/bin/sh", str(shim)], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == expected, result.stderr
+    assert ("gate: busy, try again later" in result.stderr) == traffic
+
+
+def _changed(model):
+    model.doc_string = "version 2"  # other bytes, other digest, same behaviour
+    return model
