@@ -29,9 +29,14 @@ run: $(STAMP)
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
+## make models: retrain and rewrite the bundled reference models (about 20 min on 2 cores)
+models: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[train]'
+	$(BIN)/python models/recipe/build.py
+
 lint: $(TEST_STAMP)
 	$(BIN)/pip install --quiet ruff
-	$(BIN)/ruff check appliance tests bench
+	$(BIN)/ruff check appliance tests bench models/recipe
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
