@@ -180,7 +180,9 @@ class Service:
         """Feed the capacity estimate with CPU counters: what requests cost beyond compute."""
         while True:
             counters = cpu.sample()
-            self.hub.observe_cpu(counters.wall_s, counters.own_cpu_s, counters.busy_cpu_s)
+            self.hub.observe_cpu(
+                counters.wall_s, counters.own_cpu_s, counters.thread_cpu_s, counters.busy_cpu_s
+            )
             await asyncio.sleep(_CPU_SAMPLE_S)
 
     async def _shutdown(self, serving: asyncio.Task[None], watchdog: asyncio.Task[None]) -> None:

@@ -53,7 +53,10 @@ def main() -> None:
     figures: dict[str, object] = {"model": args.model, "clients": args.clients, "raw_ort": baseline}
     with serve(args.repository) as server:
         for binary in (True, False):
-            request = Prepared.infer(server.host, args.model, inputs, binary=binary)
+            # A 2 s deadline (parameters.timeout, us): this measures throughput; the SLO has its own bench.
+            request = Prepared.infer(
+                server.host, args.model, inputs, binary=binary, parameters={"timeout": 2_000_000}
+            )
             result = asyncio.run(
                 closed_loop(server.host, server.port, request, clients=args.clients, duration_s=args.duration)
             )

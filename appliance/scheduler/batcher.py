@@ -50,14 +50,21 @@ class Batcher:
         """Decide for one free worker. Pool work is considered only when no line work waits."""
         decision = Decision(expired=self.expire(queues, now_s))
         if len(queues.line):
-            batch, wake_s = self._form(queues.line, now_s, self.row_limit)
+            batch, wake_s = self._form(queues.line, now_s, self.batch_rows(), self.row_limit)
             if batch is None:
                 decision.wake_s = wake_s
             decision.batch = batch
             return decision
         if len(queues.pool):
-            decision.batch, decision.wake_s = self._form(queues.pool, now_s, self.pool_row_limit())
+            pool_limit = self.pool_row_limit()
+            decision.batch, decision.wake_s = self._form(
+                queues.pool, now_s, min(pool_limit, self.batch_rows()), pool_limit
+            )
         return decision
+
+    def batch_rows(self) -> int:
+        """Rows to aim for: the profile's best rate, so a long queue runs as several right-sized batches."""
+        return self.profile.best_rows(self.row_limit) if self.profile.is_seeded else self.row_limit
 
     def pool_row_limit(self) -> int:
         """The most rows of pool work whose predicted duration stays within the interference bound.
@@ -81,10 +88,14 @@ class Batcher:
             )
         return expired
 
-    def _form(self, queue: ClassQueue, now_s: float, row_limit: int) -> tuple[Batch | None, float | None]:
+    def _form(
+        self, queue: ClassQueue, now_s: float, row_limit: int, hard_limit: int
+    ) -> tuple[Batch | None, float | None]:
+        """A batch of about `row_limit` rows (a bigger request, up to `hard_limit`, runs alone)."""
         head = queue.head()
-        if head is None or row_limit < head.rows:
+        if head is None or hard_limit < head.rows:
             return None, None
+        row_limit = max(row_limit, head.rows)
         items: list[Work] = []
         rows = 0
         for work in queue:

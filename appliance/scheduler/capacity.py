@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -18,18 +19,20 @@ class Capacity:
     spare_ips_at_slo: float
 
 
+_SERVICE_SPREAD = (1 + 0.1) / 2  # (1 + cs^2) / 2 for batch times that vary by about 30%
 _MIN_RATE_SPAN_S = 1.0  # a rate over less than this is mostly noise (one batch reads as thousands/s)
 _EWMA = 0.3  # weight of the newest CPU observation
 _MIN_CPU_WINDOW_S = 1.0
-_MIN_ROWS_FOR_OVERHEAD = 20
+_MIN_ROWS_FOR_OVERHEAD = 50
 
 
 class CpuBudget:
     """The CPU this process may use, and what each row costs it besides the model's own compute.
 
-    Fed with cumulative counters (wall, own CPU, whole-box busy CPU, rows served, compute CPU);
-    pure: the caller reads the clocks. Requests cost CPU outside ONNX Runtime (HTTP parsing,
-    codecs, the event loop); for a small model that, not compute, is what limits throughput.
+    Fed with cumulative counters (wall, this process's CPU, the event loop thread's CPU, the
+    whole box's busy CPU, rows served); pure: the caller reads the clocks. Everything a request
+    costs outside ONNX Runtime (HTTP parsing, codecs, scheduling) runs on the event loop thread,
+    so its CPU per row is that overhead; for a small model it, not compute, limits throughput.
     """
 
     def __init__(self, cores: float) -> None:
@@ -42,21 +45,25 @@ class CpuBudget:
     def available_cores(self) -> float:
         return max(0.5, self.cores - self.others_cores)
 
+    def restart(self) -> None:
+        """Forget the last counters: the next window starts now (a load's warm-up is not traffic)."""
+        self._last = None
+
     def observe(
-        self, wall_s: float, own_cpu_s: float, busy_cpu_s: float, rows: float, compute_cpu_s: float
+        self, wall_s: float, own_cpu_s: float, loop_cpu_s: float, busy_cpu_s: float, rows: float
     ) -> None:
-        now = (wall_s, own_cpu_s, busy_cpu_s, rows, compute_cpu_s)
+        now = (wall_s, own_cpu_s, loop_cpu_s, busy_cpu_s, rows)
         if self._last is None:
             self._last = now
             return
-        d_wall, d_own, d_busy, d_rows, d_compute = (a - b for a, b in zip(now, self._last, strict=True))
+        d_wall, d_own, d_loop, d_busy, d_rows = (a - b for a, b in zip(now, self._last, strict=True))
         if d_wall < _MIN_CPU_WINDOW_S:
             return
         self._last = now
         others = max(0.0, (d_busy - d_own) / d_wall)
         self.others_cores += _EWMA * (others - self.others_cores)
         if d_rows >= _MIN_ROWS_FOR_OVERHEAD:
-            overhead = max(0.0, (d_own - d_compute) / d_rows)
+            overhead = max(0.0, d_loop / d_rows)
             self.overhead_s_per_row += _EWMA * (overhead - self.overhead_s_per_row)
 
 
@@ -70,31 +77,60 @@ def max_ips_at_slo(
     budget: CpuBudget | None = None,
     compute_threads: int = 0,
 ) -> tuple[float, int]:
-    """The best rows/s over batch sizes whose request latency under saturation meets the SLO.
+    """The highest rows/s at which random (Poisson) traffic still meets the SLO at p99.
 
-    At a sustained rate near capacity a request waits for up to one running batch, may wait
-    the queue delay for its own batch to fill, then runs: latency ~ bound(r) + delay + bound(r).
-    Throughput with `instances` workers each running r-row batches back to back is
-    instances * r / expected(r); with a CPU budget it is also at most the available cores
-    over the CPU per row (overhead plus `compute_threads` * expected(r) / r; 0 threads for an
-    accelerator). Checked against measurement in bench/capacity.py.
+    For each batch size r: the throughput ceiling is instances * r / expected(r) and, with a
+    CPU budget, available cores / CPU per row (overhead plus `compute_threads` * expected(r) / r;
+    0 threads for an accelerator) and one core / overhead per row (the event loop is one thread). Below the ceiling, batches queue like customers of an M/G/K
+    queue; the rate kept is the highest whose predicted p99 (own batch at its p99 bound, queue
+    delay, and the p99 of the wait) fits the SLO. Checked against bench/capacity.py.
     """
     best_ips, best_rows = 0.0, 0
     for rows in range(1, max(1, max_rows) + 1):
         expected = profile.expected_s(rows)
         if expected <= 0:
             continue
-        latency = 2 * profile.bound_s(rows) + (queue_delay_s if rows > 1 else 0.0)
-        if latency > slo_s:
+        fixed_s = profile.bound_s(rows) + (queue_delay_s if rows > 1 else 0.0)
+        if fixed_s > slo_s:
             break
-        ips = instances * rows / expected
+        ceiling = instances * rows / expected
         if budget is not None:
             cpu_per_row = budget.overhead_s_per_row + compute_threads * expected / rows
             if cpu_per_row > 0:
-                ips = min(ips, budget.available_cores / cpu_per_row)
-        if ips > best_ips:
-            best_ips, best_rows = ips, rows
+                ceiling = min(ceiling, budget.available_cores / cpu_per_row)
+            if budget.overhead_s_per_row > 0:  # that overhead all runs on the one event loop thread
+                ceiling = min(ceiling, 1.0 / budget.overhead_s_per_row)
+        share = _highest_load(slo_s - fixed_s, expected, instances)
+        if share * ceiling > best_ips:
+            best_ips, best_rows = share * ceiling, rows
     return best_ips, best_rows
+
+
+def _highest_load(slack_s: float, service_s: float, servers: int) -> float:
+    """The highest utilisation whose p99 queueing wait stays within `slack_s` (bisection)."""
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        load = (low + high) / 2
+        if p99_wait_s(load, service_s, servers) <= slack_s:
+            low = load
+        else:
+            high = load
+    return low
+
+
+def p99_wait_s(load: float, service_s: float, servers: int) -> float:
+    """p99 wait in an M/G/K queue at utilisation `load` (Sakasegawa's mean, an exponential tail).
+
+    Mean wait ~ load^(sqrt(2(K+1)) - 1) / (K (1 - load)) * (1 + cs^2) / 2 * service, with nearly
+    constant service times (cs^2 ~ 0.1 in bench/capacity.py); the p99 of an exponential tail is
+    ln(100) times its mean.
+    """
+    if load <= 0:
+        return 0.0
+    if load >= 1:
+        return float("inf")
+    mean = load ** (math.sqrt(2 * (servers + 1)) - 1) / (servers * (1 - load)) * _SERVICE_SPREAD * service_s
+    return math.log(100) * mean
 
 
 def spare(max_ips: float, served_ips: float, reserved_share: float) -> float:

@@ -111,6 +111,7 @@ class ModelHub:
             scheduler.start()
             entry = ModelEntry(name, State.READY, scheduler=scheduler, trials=trials)
             self._entries[name] = entry  # the swap: new requests go to the new scheduler from here
+            self.cpu_budget.restart()
             log.info(
                 "model %s version %s ready on %s (%s, %d instance(s), %.2f s)",
                 name,
@@ -189,15 +190,12 @@ class ModelHub:
                 await entry.scheduler.close()
         self._entries.clear()
 
-    def observe_cpu(self, wall_s: float, own_cpu_s: float, busy_cpu_s: float) -> None:
-        """Feed the CPU budget with the process's and the box's CPU counters (read by the caller)."""
-        rows = compute_cpu_s = 0.0
-        for entry in self:
-            if entry.scheduler is not None:
-                stats = entry.scheduler.stats
-                rows += stats.inference_count
-                compute_cpu_s += stats.compute_s.sum * entry.scheduler.compute_threads
-        self.cpu_budget.observe(wall_s, own_cpu_s, busy_cpu_s, rows, compute_cpu_s)
+    def observe_cpu(self, wall_s: float, own_cpu_s: float, loop_cpu_s: float, busy_cpu_s: float) -> None:
+        """Feed the CPU budget with the process's, the event loop's and the box's CPU counters."""
+        if not self.is_loaded:
+            return  # loading and warm-up burn CPU without traffic: not what a request costs
+        rows = sum(e.scheduler.stats.inference_count for e in self if e.scheduler is not None)
+        self.cpu_budget.observe(wall_s, own_cpu_s, loop_cpu_s, busy_cpu_s, rows)
 
     def hung_workers(self) -> dict[str, list[int]]:
         hang_s = self.settings.system.watchdog_hang_s

@@ -7,16 +7,21 @@ from collections.abc import Iterable
 
 import numpy as np
 
-_REFIT_EVERY = 4  # observations between refits; a fit over 256 points costs ~30 us
+_REFIT_EVERY = 16  # observations between refits; a fit over 256 points costs ~100 us of the event loop
 _OUTLIER_MADS = 3.5  # residuals beyond this many scaled MADs are dropped before the refit
 _MAD_TO_SIGMA = 1.4826
+_MIN_CURVE_SHARE = 0.01  # a square term worth less than 1% of the widest batch's time is noise
+_NEAR_BEST = 0.98  # smaller batches within 2% of the best rate win: lower latency, finer preemption
 
 
 class LatencyProfile:
-    """Predicts how long a batch of `rows` rows takes: l(rows) = intercept + per_row * rows.
+    """Predicts how long a batch of `rows` rows takes: l(r) = intercept + per_row * r + per_row2 * r^2.
 
-    Seeded from warm-up, refined from every batch. `expected_s` is the fitted mean;
-    `bound_s` adds the high quantile of what the fit under-predicted, for deadlines and SLOs.
+    Seeded from warm-up, refined from every batch. The square term (never negative) is there
+    because big batches often cost more per row once their tensors leave the caches: the
+    224x224 reference CNN takes 2.3 ms a row at 4 rows and 2.8 ms at 32 (bench/README.md), so
+    the fastest batch is not the biggest. `expected_s` is the fitted mean; `bound_s` adds the
+    high quantile of what the fit under-predicted, for deadlines and SLOs.
     """
 
     def __init__(self, window: int = 256, quantile: float = 0.99) -> None:
@@ -26,6 +31,8 @@ class LatencyProfile:
         self._pending = 0
         self.intercept_s = 0.0
         self.per_row_s = 0.0
+        self.per_row2_s = 0.0
+        self._best_rows: dict[int, int] = {}
         self.margin_ratio = 1.0  # bound_s = expected_s * margin_ratio
         self.observations = 0
 
@@ -51,7 +58,20 @@ class LatencyProfile:
             self.observations += 1
 
     def expected_s(self, rows: int) -> float:
-        return self.intercept_s + self.per_row_s * rows
+        return self.intercept_s + (self.per_row_s + self.per_row2_s * rows) * rows
+
+    def best_rows(self, limit: int) -> int:
+        """The batch size up to `limit` with the most rows per second (the smallest within 2% of it)."""
+        if limit not in self._best_rows:
+            if self.per_row2_s <= 0 or not self.is_seeded:
+                self._best_rows[limit] = limit
+            else:
+                sizes = np.arange(1, limit + 1)
+                rates = sizes / np.maximum(
+                    self.intercept_s + (self.per_row_s + self.per_row2_s * sizes) * sizes, 1e-12
+                )
+                self._best_rows[limit] = int(sizes[np.argmax(rates >= _NEAR_BEST * rates.max())])
+        return self._best_rows[limit]
 
     def bound_s(self, rows: int) -> float:
         return self.expected_s(rows) * self.margin_ratio
@@ -62,9 +82,10 @@ class LatencyProfile:
             return
         x = np.fromiter(self._rows, dtype=np.float64, count=len(self._rows))
         y = np.fromiter(self._seconds, dtype=np.float64, count=len(self._seconds))
-        intercept, slope = _robust_line(x, y)
-        self.intercept_s, self.per_row_s = intercept, slope
-        predicted = intercept + slope * x
+        intercept, slope, curve = _robust_fit(x, y)
+        self.intercept_s, self.per_row_s, self.per_row2_s = intercept, slope, curve
+        self._best_rows.clear()
+        predicted = intercept + (slope + curve * x) * x
         ratios = y / np.maximum(predicted, 1e-9)
         self.margin_ratio = float(max(1.0, np.quantile(ratios, self._quantile)))
 
@@ -72,30 +93,46 @@ class LatencyProfile:
         return {
             "intercept_ms": round(self.intercept_s * 1e3, 4),
             "per_row_ms": round(self.per_row_s * 1e3, 4),
+            "per_row2_ms": round(self.per_row2_s * 1e3, 6),
             "p99_margin": round(self.margin_ratio, 3),
             "observations": self.observations,
         }
 
 
-def _robust_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least squares with one round of outlier rejection; never a negative slope or intercept."""
+def _robust_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least squares with one round of outlier rejection; no negative term, a line if no curve."""
     if np.unique(x).size < 2:
-        return 0.0, float(np.median(y / x))  # one batch size seen: assume cost grows with rows
-    intercept, slope = _fit(x, y)
-    residuals = y - (intercept + slope * x)
+        return 0.0, float(np.median(y / x)), 0.0  # one batch size seen: assume cost grows with rows
+    coefficients = _fit(x, y)
+    residuals = y - _predict(coefficients, x)
     scale = _MAD_TO_SIGMA * float(np.median(np.abs(residuals - np.median(residuals))))
     if scale > 0:
         keep = np.abs(residuals) <= _OUTLIER_MADS * scale
         if np.unique(x[keep]).size >= 2:
-            intercept, slope = _fit(x[keep], y[keep])
-    if slope < 0:
-        return float(np.median(y)), 0.0
-    if intercept < 0:
-        return 0.0, float(np.median(y / x))
-    return intercept, slope
+            x, y = x[keep], y[keep]
+            coefficients = _fit(x, y)
+    intercept, slope, curve = coefficients
+    if slope < 0 and curve == 0:
+        return float(np.median(y)), 0.0, 0.0
+    if intercept < 0 or slope < 0:
+        return 0.0, float(np.median(y / x)), 0.0
+    return intercept, slope, curve
 
 
-def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """A parabola where three batch sizes were seen and it bends upwards, else a line."""
+    if np.unique(x).size >= 3:
+        design = np.column_stack([np.ones_like(x), x, x * x])
+        (intercept, slope, curve), *_ = np.linalg.lstsq(design, y, rcond=None)
+        widest = float(x.max())
+        bends = curve * widest * widest > _MIN_CURVE_SHARE * (intercept + (slope + curve * widest) * widest)
+        if bends and intercept >= 0 and slope >= 0:
+            return float(intercept), float(slope), float(curve)
     design = np.column_stack([np.ones_like(x), x])
     (intercept, slope), *_ = np.linalg.lstsq(design, y, rcond=None)
-    return float(intercept), float(slope)
+    return float(intercept), float(slope), 0.0
+
+
+def _predict(coefficients: tuple[float, float, float], x: np.ndarray) -> np.ndarray:
+    intercept, slope, curve = coefficients
+    return intercept + (slope + curve * x) * x

@@ -37,9 +37,16 @@ def capacity_report(hub: ModelHub) -> dict[str, Any]:
             "queue_depth": {p.label: len(scheduler.queues.by_class[p]) for p in Priority},
             "accepts_pool_jobs": accepts_jobs and scheduler.batcher.pool_row_limit() > 0,
             "profile": scheduler.profile.as_dict(),
+            "fallbacks": model.placement.record()["fallbacks"],
         }
     busy = [m["utilisation"] for m in models.values() if "utilisation" in m]
+    budget = hub.cpu_budget
     return {
+        "cpu": {
+            "cores": budget.cores,
+            "other_processes_cores": round(budget.others_cores, 3),
+            "overhead_ms_per_row": round(budget.overhead_s_per_row * 1e3, 4),
+        },
         "ts_ms": int(time.time() * 1000),
         "reserved_pct": hub.settings.pool.reserved_pct,
         "draining": hub.is_draining,

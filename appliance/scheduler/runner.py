@@ -79,8 +79,9 @@ class ModelScheduler:
         self.stats = ModelStats()
         self.served = {p: RateMeter() for p in Priority}
         self.busy = RateMeter()  # worker-seconds per second
-        self.workers = [Worker(i, model, self._worker_done, _inputs_of) for i in range(config.instances)]
-        self._idle: list[Worker] = []
+        self.workers = [
+            Worker(i, model, self._worker_done, _inputs_of, clock) for i in range(config.instances)
+        ]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_s = math.inf
@@ -100,7 +101,6 @@ class ModelScheduler:
         self._loop = asyncio.get_running_loop()
         for worker in self.workers:
             worker.start()
-        self._idle = list(reversed(self.workers))
         self.is_accepting = True
         self._settled.set()
 
@@ -157,14 +157,16 @@ class ModelScheduler:
             return 0.0
         yields = priority is Priority.LINE and self.config.preempt_pool
         running = sum(
-            max(0.0, w.current.started_s + w.current.predicted_s - now_s)
+            max(0.0, run.started_s + run.predicted_s - now_s)
             for w in self.workers
-            if w.current is not None and not (yields and w.current.priority is Priority.POOL)
+            for run in w.runs
+            if not (yields and run.priority is Priority.POOL)
         )
         rows_ahead = self.queues.rows_ahead(priority)
         if not rows_ahead:
-            return running / len(self.workers) if not self._idle else 0.0
-        limit = self.batcher.row_limit
+            is_idle = any(not w.runs for w in self.workers)
+            return 0.0 if is_idle else running / len(self.workers)
+        limit = self.batcher.batch_rows()
         full, rest = divmod(rows_ahead, limit)
         queued_s = full * self.profile.expected_s(limit) + (self.profile.expected_s(rest) if rest else 0.0)
         return (running + queued_s) / len(self.workers)
@@ -173,36 +175,65 @@ class ModelScheduler:
         now = self.clock()
         for work in self.batcher.expire(self.queues, now):
             self._expire(work, now)
-        while self._idle:
-            decision = self.batcher.next(self.queues, self.clock())
-            for work in decision.expired:
-                self._expire(work, now)
-            if decision.batch is None:
-                if decision.wake_s is not None:
-                    self._wake_at(decision.wake_s)
+        while idle := [w for w in self.workers if not w.runs]:
+            if not self._submit_next(idle[0], now):
                 break
-            batch = decision.batch
-            items = [w for w in batch.items if not w.payload.future.done()]  # cancelled meanwhile
-            if not items:
-                continue
-            dispatched = self.clock()
-            for work in items:
-                work.payload.dispatched_s = dispatched
-            is_pool = batch.priority is Priority.POOL
-            run = BatchRun(
-                items,
-                sum(w.rows for w in items),
-                batch.priority,
-                batch.predicted_s,
-                control=RunControl() if is_pool and self.config.preempt_pool else None,
-            )
-            run.started_s = dispatched
-            self._idle.pop().submit(run)
-        if len(self.queues.line) and not self._idle and self.config.preempt_pool:
+        if len(self.queues.line):
+            self._queue_line_work_ahead(now)
+        if len(self.queues.line) and self.config.preempt_pool and all(w.runs for w in self.workers):
             self._preempt_one_pool_batch()
         head_deadlines = [q.head().deadline_s for q in self.queues.by_class.values() if q.head()]
         if head_deadlines:
             self._wake_at(min(head_deadlines))
+
+    def _queue_line_work_ahead(self, now_s: float) -> None:
+        """Give a worker busy with line work its next line batch now, so it never waits for the loop.
+
+        Measured on the 224x224 reference model: workers sat idle about 10% of the time between
+        batches while the event loop read request bodies. Pool batches are never queued ahead:
+        they must not stand between line work and a worker.
+        """
+        for worker in self.workers:
+            if len(self.queues.line) == 0:
+                return
+            if len(worker.runs) != 1 or worker.runs[0].priority is not Priority.LINE:
+                continue
+            running = worker.runs[0]
+            starts_s = max(now_s, running.started_s + running.predicted_s)
+            self._submit_next(worker, starts_s, line_only=True)
+
+    def _submit_next(self, worker: Worker, starts_s: float, *, line_only: bool = False) -> bool:
+        """Form the next batch as of `starts_s` and hand it to `worker`; False when nothing is due."""
+        while True:
+            decision = self.batcher.next(self.queues, starts_s)
+            for work in decision.expired:
+                self._expire(work, starts_s)
+            batch = decision.batch
+            if batch is None:
+                if decision.wake_s is not None and not line_only:
+                    self._wake_at(decision.wake_s)
+                return False
+            if line_only and batch.priority is not Priority.LINE:
+                for work in batch.items:
+                    self.queues.requeue(work)
+                return False
+            items = [w for w in batch.items if not w.payload.future.done()]  # cancelled meanwhile
+            if items:
+                break
+        dispatched = self.clock()
+        for work in items:
+            work.payload.dispatched_s = dispatched
+        is_pool = batch.priority is Priority.POOL
+        run = BatchRun(
+            items,
+            sum(w.rows for w in items),
+            batch.priority,
+            batch.predicted_s,
+            control=RunControl() if is_pool and self.config.preempt_pool else None,
+        )
+        run.started_s = max(dispatched, starts_s)
+        worker.submit(run)
+        return True
 
     def _preempt_one_pool_batch(self) -> None:
         for worker in self.workers:
@@ -243,8 +274,10 @@ class ModelScheduler:
         self._loop.call_soon_threadsafe(self._settle, worker, run)
 
     def _settle(self, worker: Worker, run: BatchRun) -> None:
-        worker.current = None
-        self._idle.append(worker)
+        worker.settled(run)
+        for work, error in run.expired:
+            if not work.payload.future.done():
+                work.payload.future.set_exception(error)
         if run.is_preempted:
             self.stats.preemptions += 1
             for work in run.items:

@@ -6,13 +6,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from appliance.engine.model import LoadedModel, RunControl, Terminated
-from appliance.errors import ApplianceError, InferenceFailed
+from appliance.errors import ApplianceError, DeadlineExceeded, InferenceFailed
 from appliance.scheduler.queues import Priority, Work
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class BatchRun:
     started_s: float = 0.0
     is_preempted: bool = False
     is_whole: bool = True  # False when the batch failed and items ran one by one
+    expired: list[tuple[Work, ApplianceError]] = field(default_factory=list)  # dropped before running
 
     def preempt(self) -> None:
         if self.control is not None and not self.is_preempted:
@@ -42,7 +44,7 @@ class BatchRun:
 
 
 class Worker:
-    """A thread that runs batches of one model; the scheduler hands it one batch at a time."""
+    """A thread that runs batches of one model, in order; the scheduler may queue one batch ahead."""
 
     def __init__(
         self,
@@ -50,10 +52,12 @@ class Worker:
         model: LoadedModel,
         on_done: Callable[[Worker, BatchRun], None],
         inputs_of: Callable[[Work], dict[str, np.ndarray]],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self.index = index
         self.model = model
-        self.current: BatchRun | None = None
+        self.runs: deque[BatchRun] = deque()  # submitted and not settled; the first one is running
         self.busy_since_s: float | None = None
         self._on_done = on_done
         self._inputs_of = inputs_of
@@ -64,10 +68,19 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def current(self) -> BatchRun | None:
+        return self.runs[0] if self.runs else None
+
     def submit(self, run: BatchRun) -> None:
-        self.current = run
-        self.busy_since_s = time.monotonic()
+        if not self.runs:
+            self.busy_since_s = time.monotonic()
+        self.runs.append(run)
         self._inbox.put(run)
+
+    def settled(self, run: BatchRun) -> None:
+        """Called on the event loop once `run`'s outcomes are handed out."""
+        self.runs.remove(run)
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -81,6 +94,7 @@ class Worker:
 
     def _loop(self) -> None:
         while (run := self._inbox.get()) is not None:
+            self.busy_since_s = time.monotonic()
             try:
                 self._execute(run)
             except BaseException as exc:
@@ -91,12 +105,17 @@ class Worker:
             self._on_done(self, run)
 
     def _execute(self, run: BatchRun) -> None:
+        late = [w for w in run.items if self._clock() > w.deadline_s]
+        if late:  # a batch queued ahead whose start slipped past a deadline: never run late work
+            self._drop_late(run, late)
+            if not run.items:
+                return
         try:
+            started = time.perf_counter()  # copies in and out count: they grow with the batch too
             feed = self._assemble(run.items, run.rows)
-            started = time.perf_counter()
             results = self.model.run(feed, control=run.control)
-            run.compute_s = time.perf_counter() - started
             run.outcomes = self._split(results, run)
+            run.compute_s = time.perf_counter() - started
         except Terminated:
             run.is_preempted = True
         except ApplianceError as exc:
@@ -105,6 +124,21 @@ class Worker:
             else:  # find whose input broke the batch: each request gets its own outcome
                 run.is_whole = False
                 run.outcomes = [self._run_alone(work) for work in run.items]
+
+    def _drop_late(self, run: BatchRun, late: list[Work]) -> None:
+        for work in late:
+            waited_ms = (self._clock() - work.arrived_s) * 1e3
+            run.expired.append(
+                (
+                    work,
+                    DeadlineExceeded(
+                        f"model {self.model.name!r}: request expired after {waited_ms:.1f} ms "
+                        "waiting for a worker; it was not run"
+                    ),
+                )
+            )
+        run.items = [w for w in run.items if w not in late]
+        run.rows = sum(w.rows for w in run.items)
 
     def _run_alone(self, work: Work) -> Outcome:
         try:

@@ -12,10 +12,12 @@ import psutil
 class CpuSample:
     wall_s: float
     own_cpu_s: float  # every thread of this process
+    thread_cpu_s: float  # the calling thread only (the event loop's, when called from it)
     busy_cpu_s: float  # every process on the box (all cores, idle and iowait excluded)
 
 
 def sample() -> CpuSample:
     times = psutil.cpu_times()
-    idle = times.idle + getattr(times, "iowait", 0.0)
-    return CpuSample(time.monotonic(), time.process_time(), sum(times) - idle)
+    busy = times.user + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+    busy += getattr(times, "steal", 0.0) + getattr(times, "nice", 0.0)
+    return CpuSample(time.monotonic(), time.process_time(), time.thread_time(), busy)

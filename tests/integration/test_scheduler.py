@@ -67,15 +67,9 @@ def test_full_queue_refuses_with_overloaded(tmp_path: Path) -> None:
             await scheduler.close()
 
     outcomes = asyncio.run(scenario())
-    assert [type(o).__name__ for o in outcomes] == [
-        "dict",
-        "dict",
-        "dict",
-        "Overloaded",
-        "Overloaded",
-        "Overloaded",
-    ]
-    assert "line queue is full (2 requests waiting)" in str(outcomes[3])
+    # one running, one queued ahead on the worker, two waiting in the queue; the rest are refused
+    assert [type(o).__name__ for o in outcomes] == ["dict"] * 4 + ["Overloaded"] * 2
+    assert "line queue is full (2 requests waiting)" in str(outcomes[4])
 
 
 def test_admission_refuses_what_cannot_meet_its_deadline(tmp_path: Path) -> None:
@@ -102,10 +96,12 @@ def test_work_that_expires_in_the_queue_is_answered_not_run(tmp_path: Path) -> N
         scheduler = await started(model, clock=clock, instances=1)
 
         async def advance() -> None:
-            clock.now += 5.0  # both were admitted; the second now waits past its deadline
+            clock.now += 5.0  # both were admitted; the second is now past its deadline
 
         try:
-            outcomes = await gather_outcomes(scheduler.infer(x()), scheduler.infer(x(value=2)), advance())
+            outcomes = await gather_outcomes(
+                scheduler.infer(x(), timeout_s=1000.0), scheduler.infer(x(value=2), timeout_s=0.5), advance()
+            )
             assert scheduler.stats.execution_count == 1
             return outcomes
         finally:
@@ -114,7 +110,8 @@ def test_work_that_expires_in_the_queue_is_answered_not_run(tmp_path: Path) -> N
     first, second, _ = asyncio.run(scenario())
     assert isinstance(first, dict)
     assert isinstance(second, DeadlineExceeded)
-    assert "expired in the queue" in str(second) and "it was not run" in str(second)
+    # expired in the queue, or on the worker it was queued ahead to: either way, never run
+    assert "expired" in str(second) and "it was not run" in str(second)
 
 
 def test_line_runs_before_pool_and_outcomes_keep_their_owner(tmp_path: Path) -> None:
