@@ -4,7 +4,7 @@
 
 1. Closed loop at 32 clients measures the served capacity C (rows/s).
 2. Line alone: Poisson line requests at line_share * C; line p50/p99.
-3. Line plus pool: the same line load while 16 closed-loop clients send pool work
+3. Line plus pool: the same line load while 8 closed-loop clients send pool work
    (parameters.priority = 2) as fast as it is taken; line p99 again, pool rate and the
    share of C served in total. Target (issue 3): p99 ratio <= 1.2 at >= 90% utilisation.
 """
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--model", default="surface_defect_224")
     parser.add_argument("--line-share", type=float, default=0.3)
     parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--pool-clients", type=int, default=16)
+    parser.add_argument("--pool-clients", type=int, default=8)
     args = parser.parse_args()
 
     inputs = sample_input(args.repository / args.model)

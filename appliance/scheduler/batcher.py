@@ -46,16 +46,23 @@ class Batcher:
     def row_limit(self) -> int:
         return max(1, self.rules.max_rows)
 
-    def next(self, queues: Queues, now_s: float) -> Decision:
-        """Decide for one free worker. Pool work is considered only when no line work waits."""
+    def next(
+        self, queues: Queues, now_s: float, *, take_line: bool = True, take_pool: bool = True
+    ) -> Decision:
+        """Decide for one free worker (one that takes line work, pool work or both).
+
+        Pool work is considered only when no line work waits, whoever asks.
+        """
         decision = Decision(expired=self.expire(queues, now_s))
         if len(queues.line):
+            if not take_line:
+                return decision
             batch, wake_s = self._form(queues.line, now_s, self.batch_rows(), self.row_limit)
             if batch is None:
                 decision.wake_s = wake_s
             decision.batch = batch
             return decision
-        if len(queues.pool):
+        if len(queues.pool) and take_pool:
             pool_limit = self.pool_row_limit()
             decision.batch, decision.wake_s = self._form(
                 queues.pool, now_s, min(pool_limit, self.batch_rows()), pool_limit

@@ -81,9 +81,10 @@ def max_ips_at_slo(
 
     For each batch size r: the throughput ceiling is instances * r / expected(r) and, with a
     CPU budget, available cores / CPU per row (overhead plus `compute_threads` * expected(r) / r;
-    0 threads for an accelerator) and one core / overhead per row (the event loop is one thread). Below the ceiling, batches queue like customers of an M/G/K
-    queue; the rate kept is the highest whose predicted p99 (own batch at its p99 bound, queue
-    delay, and the p99 of the wait) fits the SLO. Checked against bench/capacity.py.
+    0 threads for an accelerator) and one core / overhead per row (the event loop is one thread).
+    Below the ceiling, batches queue like customers of an M/G/K queue; the rate kept is the
+    highest whose predicted p99 (own batch at its p99 bound, queue delay, and the p99 of the
+    wait) fits the SLO. Checked against bench/capacity.py.
     """
     best_ips, best_rows = 0.0, 0
     for rows in range(1, max(1, max_rows) + 1):

@@ -34,7 +34,9 @@ class SchedulerConfig:
     pool_max_requests: int = 256
     profile_window: int = 256
     max_interference_ms: float = 10.0
-    preempt_pool: bool = True
+    preempt_pool: bool = True  # with shared workers (accelerators): stop a pool batch for line work
+    line_reserved_workers: int = 1  # shared workers pool work never takes (at least one is left to it)
+    background_pool: bool = True  # on CPU providers, run pool work on threads at nice 19
 
 
 @dataclass(slots=True, eq=False)
@@ -79,9 +81,22 @@ class ModelScheduler:
         self.stats = ModelStats()
         self.served = {p: RateMeter() for p in Priority}
         self.busy = RateMeter()  # worker-seconds per second
-        self.workers = [
+        self.line_workers = [
             Worker(i, model, self._worker_done, _inputs_of, clock) for i in range(config.instances)
         ]
+        # On the host's cores, pool work gets its own threads at the lowest CPU priority, so the
+        # kernel gives line work and the event loop the CPU first. An accelerator has no such
+        # knob: there pool work shares the line workers and is preempted instead.
+        self.has_background_pool = config.background_pool and model.provider in CPU_PROVIDERS
+        self.pool_workers = (
+            [
+                Worker(config.instances + i, model, self._worker_done, _inputs_of, clock, is_background=True)
+                for i in range(config.instances)
+            ]
+            if self.has_background_pool
+            else []
+        )
+        self.workers = self.line_workers + self.pool_workers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_s = math.inf
@@ -156,31 +171,37 @@ class ModelScheduler:
         if not self.profile.is_seeded:
             return 0.0
         yields = priority is Priority.LINE and self.config.preempt_pool
+        workers = self.pool_workers if priority is Priority.POOL and self.pool_workers else self.line_workers
         running = sum(
             max(0.0, run.started_s + run.predicted_s - now_s)
-            for w in self.workers
+            for w in workers
             for run in w.runs
             if not (yields and run.priority is Priority.POOL)
         )
         rows_ahead = self.queues.rows_ahead(priority)
         if not rows_ahead:
-            is_idle = any(not w.runs for w in self.workers)
-            return 0.0 if is_idle else running / len(self.workers)
+            is_idle = any(not w.runs for w in workers)
+            return 0.0 if is_idle else running / len(workers)
         limit = self.batcher.batch_rows()
         full, rest = divmod(rows_ahead, limit)
         queued_s = full * self.profile.expected_s(limit) + (self.profile.expected_s(rest) if rest else 0.0)
-        return (running + queued_s) / len(self.workers)
+        return (running + queued_s) / len(workers)
 
     def _dispatch(self) -> None:
         now = self.clock()
         for work in self.batcher.expire(self.queues, now):
             self._expire(work, now)
-        while idle := [w for w in self.workers if not w.runs]:
-            if not self._submit_next(idle[0], now):
+        shares_workers = not self.has_background_pool
+        while idle := [w for w in self.line_workers if not w.runs]:
+            if not self._submit_next(idle[0], now, take_pool=shares_workers):
                 break
         if len(self.queues.line):
             self._queue_line_work_ahead(now)
-        if len(self.queues.line) and self.config.preempt_pool and all(w.runs for w in self.workers):
+        while len(self.queues.pool) and (idle := [w for w in self.pool_workers if not w.runs]):
+            if not self._submit_next(idle[0], now, take_line=False):
+                break
+        busy = all(w.runs for w in self.line_workers)
+        if shares_workers and len(self.queues.line) and self.config.preempt_pool and busy:
             self._preempt_one_pool_batch()
         head_deadlines = [q.head().deadline_s for q in self.queues.by_class.values() if q.head()]
         if head_deadlines:
@@ -193,27 +214,29 @@ class ModelScheduler:
         batches while the event loop read request bodies. Pool batches are never queued ahead:
         they must not stand between line work and a worker.
         """
-        for worker in self.workers:
+        for worker in self.line_workers:
             if len(self.queues.line) == 0:
                 return
             if len(worker.runs) != 1 or worker.runs[0].priority is not Priority.LINE:
                 continue
             running = worker.runs[0]
             starts_s = max(now_s, running.started_s + running.predicted_s)
-            self._submit_next(worker, starts_s, line_only=True)
+            self._submit_next(worker, starts_s, take_pool=False)
 
-    def _submit_next(self, worker: Worker, starts_s: float, *, line_only: bool = False) -> bool:
+    def _submit_next(
+        self, worker: Worker, starts_s: float, *, take_line: bool = True, take_pool: bool = True
+    ) -> bool:
         """Form the next batch as of `starts_s` and hand it to `worker`; False when nothing is due."""
         while True:
-            decision = self.batcher.next(self.queues, starts_s)
+            decision = self.batcher.next(self.queues, starts_s, take_line=take_line, take_pool=take_pool)
             for work in decision.expired:
                 self._expire(work, starts_s)
             batch = decision.batch
             if batch is None:
-                if decision.wake_s is not None and not line_only:
+                if decision.wake_s is not None:
                     self._wake_at(decision.wake_s)
                 return False
-            if line_only and batch.priority is not Priority.LINE:
+            if batch.priority is Priority.POOL and take_line and not self._pool_may_take_a_worker():
                 for work in batch.items:
                     self.queues.requeue(work)
                 return False
@@ -224,16 +247,22 @@ class ModelScheduler:
         for work in items:
             work.payload.dispatched_s = dispatched
         is_pool = batch.priority is Priority.POOL
+        is_preemptible = is_pool and not worker.is_background and self.config.preempt_pool
         run = BatchRun(
             items,
             sum(w.rows for w in items),
             batch.priority,
             batch.predicted_s,
-            control=RunControl() if is_pool and self.config.preempt_pool else None,
+            control=RunControl() if is_preemptible else None,
         )
         run.started_s = max(dispatched, starts_s)
         worker.submit(run)
         return True
+
+    def _pool_may_take_a_worker(self) -> bool:
+        """Pool work leaves one worker free for line work (when there are two or more)."""
+        running = sum(1 for w in self.line_workers if w.runs and w.runs[0].priority is Priority.POOL)
+        return running < max(1, len(self.line_workers) - self.config.line_reserved_workers)
 
     def _preempt_one_pool_batch(self) -> None:
         for worker in self.workers:
@@ -286,7 +315,8 @@ class ModelScheduler:
         else:
             now = self.clock()
             if run.is_whole and run.compute_s > 0:
-                self.profile.observe(run.rows, run.compute_s)
+                if not (worker.is_background and any(w.runs for w in self.line_workers)):
+                    self.profile.observe(run.rows, run.compute_s)  # not a pool batch slowed by line work
                 self.stats.record_batch(run.rows, run.compute_s, len(run.items))
                 self.busy.add(now, run.compute_s)
             for work, outcome in zip(run.items, run.outcomes, strict=True):
@@ -324,7 +354,7 @@ class ModelScheduler:
         now = self.clock()
         max_ips, rows = max_ips_at_slo(
             self.profile,
-            instances=len(self.workers),
+            instances=len(self.line_workers),
             max_rows=self.batcher.row_limit,
             slo_s=self.model.slo_p99_ms / 1e3,
             queue_delay_s=self.batcher.rules.max_queue_delay_s,
@@ -336,7 +366,7 @@ class ModelScheduler:
 
     def utilisation(self) -> float:
         """Share of worker time spent computing over the last window."""
-        return min(1.0, self.busy.rate(self.clock()) / len(self.workers))
+        return min(1.0, self.busy.rate(self.clock()) / len(self.line_workers))
 
     def hung_workers(self, hang_s: float) -> list[int]:
         now = time.monotonic()

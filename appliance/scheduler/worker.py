@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -17,6 +18,8 @@ from appliance.errors import ApplianceError, DeadlineExceeded, InferenceFailed
 from appliance.scheduler.queues import Priority, Work
 
 log = logging.getLogger(__name__)
+
+BACKGROUND_NICE = 19
 
 Outcome = dict[str, np.ndarray] | ApplianceError
 
@@ -53,8 +56,11 @@ class Worker:
         on_done: Callable[[Worker, BatchRun], None],
         inputs_of: Callable[[Work], dict[str, np.ndarray]],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        is_background: bool = False,
     ) -> None:
         self._clock = clock
+        self.is_background = is_background  # runs pool work at the lowest CPU priority
         self.index = index
         self.model = model
         self.runs: deque[BatchRun] = deque()  # submitted and not settled; the first one is running
@@ -63,7 +69,8 @@ class Worker:
         self._inputs_of = inputs_of
         self._inbox: queue.SimpleQueue[BatchRun | None] = queue.SimpleQueue()
         self._buffers: dict[Hashable, dict[str, np.ndarray]] = {}
-        self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}-{index}", daemon=True)
+        kind = "pool" if is_background else "worker"
+        self._thread = threading.Thread(target=self._loop, name=f"{kind}-{model.name}-{index}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -93,6 +100,8 @@ class Worker:
         return self.busy_since_s is not None and now_s - self.busy_since_s > hang_s
 
     def _loop(self) -> None:
+        if self.is_background:
+            _lower_priority(self._thread.name)
         while (run := self._inbox.get()) is not None:
             self.busy_since_s = time.monotonic()
             try:
@@ -185,3 +194,20 @@ class Worker:
             outcomes.append({name: array[offset : offset + work.rows] for name, array in results.items()})
             offset += work.rows
         return outcomes
+
+
+def _lower_priority(name: str) -> None:
+    """SCHED_IDLE for this thread, else nice 19 (neither needs a privilege on Linux).
+
+    Pool work on such a thread only gets CPU that line work and the event loop leave: the
+    kernel, not a preemption, keeps line latency (bench/interference.py).
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+        return
+    except (AttributeError, OSError) as exc:
+        log.debug("thread %s: no SCHED_IDLE (%s); trying nice %d", name, exc, BACKGROUND_NICE)
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError) as exc:
+        log.warning("thread %s keeps normal CPU priority: %s", name, exc)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from pathlib import Path
 
 import modelzoo
@@ -119,7 +121,9 @@ def test_line_runs_before_pool_and_outcomes_keep_their_owner(tmp_path: Path) -> 
     order: list[str] = []
 
     async def scenario() -> None:
-        scheduler = await started(model, instances=1, max_interference_ms=10_000, preempt_pool=False)
+        scheduler = await started(
+            model, instances=1, max_interference_ms=10_000, preempt_pool=False, background_pool=False
+        )
 
         async def tagged(tag: str, priority: Priority, value: float) -> None:
             result = await scheduler.infer(x(value=value), priority=priority)
@@ -150,7 +154,7 @@ def test_line_work_preempts_a_running_pool_batch(tmp_path: Path) -> None:
     order: list[str] = []
 
     async def scenario() -> ModelScheduler:
-        scheduler = await started(model, instances=1, max_interference_ms=60_000)
+        scheduler = await started(model, instances=1, max_interference_ms=60_000, background_pool=False)
         pool_input = {"x": np.ones((64, 512), np.float32)}
         try:
             pool = asyncio.create_task(scheduler.infer(pool_input, priority=Priority.POOL))
@@ -186,3 +190,31 @@ def test_drain_then_close_fails_nothing_and_refuses_new_work(tmp_path: Path) -> 
         await scheduler.close()
 
     asyncio.run(scenario())
+
+
+def test_pool_work_runs_on_lowest_priority_threads_on_the_cpu(tmp_path: Path) -> None:
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 10000\n")
+
+    async def scenario() -> tuple[list[dict], list[int]]:
+        scheduler = await started(model, instances=2, max_interference_ms=10_000)
+        try:
+            assert scheduler.has_background_pool and len(scheduler.pool_workers) == 2
+            results = await asyncio.gather(
+                *(scheduler.infer(x(value=v), priority=Priority.POOL) for v in range(8)),
+                *(scheduler.infer(x(value=10 + v)) for v in range(8)),
+            )
+            pool_threads = {w.index for w in scheduler.pool_workers}
+            assert all(w.is_background == (w.index in pool_threads) for w in scheduler.workers)
+            lowest = [
+                os.sched_getscheduler(t.native_id) == os.SCHED_IDLE
+                or os.getpriority(os.PRIO_PROCESS, t.native_id) == 19
+                for t in threading.enumerate()
+                if t.name.startswith("pool-m-")
+            ]
+            return list(results), lowest
+        finally:
+            await scheduler.close()
+
+    results, lowest = asyncio.run(scenario())
+    assert [r["s"][0, 0] for r in results] == [4.0 * v for v in range(8)] + [4.0 * (10 + v) for v in range(8)]
+    assert lowest == [True, True]  # SCHED_IDLE, or nice 19 where that is refused
