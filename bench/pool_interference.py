@@ -7,7 +7,8 @@
 2. Line alone: Poisson line requests at line_share * C; line p50/p99.
 3. Line plus pool: the same line load while a platform client keeps `pool_inflight` jobs
    outstanding on cmd/infer/<model> (MQTT 5, binary tensors), sending the next one as each
-   answer arrives (after 10 ms when refused), from its own process. Line p99 again, pool jobs
+   answer arrives (when refused, after its retry_after_s, at most 1 s), from its own process.
+   Line p99 again, pool jobs
    answered per second, refusals, and the utilisation the node reports on GET /capacity.
 Without --broker, a mosquitto on a free 127.0.0.1 port is started for the run.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import shlex
 import shutil
@@ -43,7 +45,9 @@ from throughput import sample_input
 
 from appliance.protocol import codec
 
-REFUSED_PAUSE_S = 0.01
+MAX_REFUSED_PAUSE_S = (
+    1.0  # a refusal's retry_after_s is honoured up to this (a platform would route elsewhere)
+)
 
 
 def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -104,8 +108,16 @@ class PoolFlood:
         with self.condition:
             self.outstanding -= 1
             if not is_ok:
-                self.paused_until_s = time.monotonic() + REFUSED_PAUSE_S
+                self.paused_until_s = time.monotonic() + _retry_after_s(message.payload)
             self.condition.notify_all()
+
+
+def _retry_after_s(payload: bytes) -> float:
+    try:
+        retry_after_s = float(json.loads(payload).get("retry_after_s", 0.01))
+    except (ValueError, AttributeError):
+        retry_after_s = 0.01
+    return min(max(retry_after_s, 0.01), MAX_REFUSED_PAUSE_S)
 
 
 def _flood(

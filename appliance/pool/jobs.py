@@ -85,8 +85,8 @@ class JobIntake:
         request: codec.InferenceRequest | None = None
         try:
             reply = reply_route(message)
+            scheduler = self._admit(model, message)  # refuse before decoding what will not run
             request = self._decode(message)
-            scheduler = self._admit(model, message)
             if request.outputs is not None:
                 scheduler.model.signature.check_outputs([o.name for o in request.outputs])
             if reply.is_in_body:  # 3.1.1 has no user properties for a header length: JSON outputs only

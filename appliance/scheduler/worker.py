@@ -61,6 +61,7 @@ class Worker:
     ) -> None:
         self._clock = clock
         self.is_background = is_background  # runs pool work at the lowest CPU priority
+        self._priority: BackgroundPriority | None = None
         self.index = index
         self.model = model
         self.runs: deque[BatchRun] = deque()  # submitted and not settled; the first one is running
@@ -101,7 +102,7 @@ class Worker:
 
     def _loop(self) -> None:
         if self.is_background:
-            _lower_priority(self._thread.name)
+            self._priority = BackgroundPriority(self._thread.name)
         while (run := self._inbox.get()) is not None:
             self.busy_since_s = time.monotonic()
             try:
@@ -122,7 +123,7 @@ class Worker:
         try:
             started = time.perf_counter()  # copies in and out count: they grow with the batch too
             feed = self._assemble(run.items, run.rows)
-            results = self.model.run(feed, control=run.control)
+            results = self._run(feed, run.control)
             run.outcomes = self._split(results, run)
             run.compute_s = time.perf_counter() - started
         except Terminated:
@@ -133,6 +134,15 @@ class Worker:
             else:  # find whose input broke the batch: each request gets its own outcome
                 run.is_whole = False
                 run.outcomes = [self._run_alone(work) for work in run.items]
+
+    def _run(self, feed: dict[str, np.ndarray], control: RunControl | None) -> dict[str, np.ndarray]:
+        if self._priority is None:
+            return self.model.run(feed, control=control)
+        self._priority.lower()
+        try:
+            return self.model.run(feed, control=control)
+        finally:
+            self._priority.restore()
 
     def _drop_late(self, run: BatchRun, late: list[Work]) -> None:
         for work in late:
@@ -196,18 +206,44 @@ class Worker:
         return outcomes
 
 
-def _lower_priority(name: str) -> None:
-    """SCHED_IDLE for this thread, else nice 19 (neither needs a privilege on Linux).
+class BackgroundPriority:
+    """CPU priority of a pool worker thread: lowest while ONNX Runtime computes, normal otherwise.
 
-    Pool work on such a thread only gets CPU that line work and the event loop leave: the
-    kernel, not a preemption, keeps line latency (bench/interference.py).
+    Pool work at SCHED_IDLE (nice 19 where refused; neither needs a privilege) only gets the CPU
+    that line work and the event loop leave: the kernel, not a preemption, keeps line latency.
+    But a thread that holds the GIL must not sit at the lowest priority, or everyone waits for
+    it (priority inversion): so the thread drops its priority only around `session.run`, which
+    releases the GIL, and takes it back after. Going back needs RLIMIT_NICE >= 20 (the unit's
+    LimitNICE=+0, or root); without it the thread stays low and the windows are short anyway.
     """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
-        return
-    except (AttributeError, OSError) as exc:
-        log.debug("thread %s: no SCHED_IDLE (%s); trying nice %d", name, exc, BACKGROUND_NICE)
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-    except (AttributeError, OSError) as exc:
-        log.warning("thread %s keeps normal CPU priority: %s", name, exc)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.can_restore = True
+        self.lower()
+        self.restore()
+        if not self.can_restore:
+            self.lower()
+
+    def lower(self) -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+            return
+        except (AttributeError, OSError):
+            pass
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except (AttributeError, OSError) as exc:
+            log.warning("thread %s keeps normal CPU priority: %s", self.name, exc)
+
+    def restore(self) -> None:
+        if not self.can_restore:
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
+        except (AttributeError, OSError) as exc:
+            self.can_restore = False
+            log.info(
+                "thread %s stays at the lowest CPU priority (%s); raise LimitNICE to toggle", self.name, exc
+            )

@@ -17,6 +17,7 @@ from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from appliance.providers.registry import Registry
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
+from appliance.scheduler.worker import BackgroundPriority
 from appliance.settings import ModelSettings
 
 
@@ -205,16 +206,35 @@ def test_pool_work_runs_on_lowest_priority_threads_on_the_cpu(tmp_path: Path) ->
             )
             pool_threads = {w.index for w in scheduler.pool_workers}
             assert all(w.is_background == (w.index in pool_threads) for w in scheduler.workers)
-            lowest = [
-                os.sched_getscheduler(t.native_id) == os.SCHED_IDLE
-                or os.getpriority(os.PRIO_PROCESS, t.native_id) == 19
-                for t in threading.enumerate()
-                if t.name.startswith("pool-m-")
-            ]
-            return list(results), lowest
+            priorities = [w._priority for w in scheduler.pool_workers]
+            assert all(p is not None for p in priorities)
+            return list(results), [p.name for p in priorities]
         finally:
             await scheduler.close()
 
-    results, lowest = asyncio.run(scenario())
+    results, names = asyncio.run(scenario())
     assert [r["s"][0, 0] for r in results] == [4.0 * v for v in range(8)] + [4.0 * (10 + v) for v in range(8)]
-    assert lowest == [True, True]  # SCHED_IDLE, or nice 19 where that is refused
+    assert names == ["pool-m-2", "pool-m-3"]
+
+
+def test_background_priority_is_lowest_only_around_the_run() -> None:
+    seen: list[tuple[bool, bool, bool]] = []
+
+    def observe() -> None:
+        tid = threading.get_native_id()
+
+        def is_lowest() -> bool:
+            return os.sched_getscheduler(tid) == os.SCHED_IDLE or os.getpriority(os.PRIO_PROCESS, tid) == 19
+
+        priority = BackgroundPriority("probe")
+        priority.lower()
+        during = is_lowest()
+        priority.restore()
+        seen.append((during, is_lowest(), priority.can_restore))
+
+    thread = threading.Thread(target=observe)
+    thread.start()
+    thread.join()
+    [(during, after, can_restore)] = seen
+    assert during  # lowest while ONNX Runtime computes
+    assert after == (not can_restore)  # normal again after, wherever RLIMIT_NICE allows going back
