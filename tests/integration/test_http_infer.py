@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+import modelzoo
 import numpy as np
 import pytest
 
@@ -272,3 +275,25 @@ def test_capacity_report(client: httpx.Client) -> None:
     assert batchable["provider"] == "cpu" and batchable["max_ips_at_slo"] > 0
     assert batchable["spare_ips_at_slo"] <= batchable["max_ips_at_slo"]
     assert report["models"]["corrupt"]["state"] == "UNAVAILABLE"
+
+
+def test_overload_is_a_503_with_retry_after_never_a_500(serve, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "heavy", modelzoo.heavy(layers=64, width=512), manifest="slo_p99_ms = 10000\n")
+
+    async def scenario(url: str) -> list[httpx.Response]:
+        encoded = codec.encode_request(
+            {"x": np.ones((4, 512), np.float32)}, binary=False, binary_output=False
+        )
+        async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
+            return await asyncio.gather(
+                *(client.post("/v2/models/heavy/infer", content=encoded.body()) for _ in range(24))
+            )
+
+    with serve(repo, scheduler={"instances": 1, "line_queue_max_requests": 1}) as running:
+        responses = asyncio.run(scenario(running.url))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses
+    refused = [r for r in responses if r.status_code == 503]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert all("line queue is full" in r.json()["error"] for r in refused)
