@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextvars
-import json
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -15,12 +13,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from appliance.config_sources import deep_copy, describe, read_credentials, read_environ, read_toml
 from appliance.errors import ConfigError
 
-ENV_PREFIX = "APPLIANCE_"
-ENV_NESTING = "__"
 SYSTEM_CONFIG_FILE = Path("/etc/appliance/appliance.toml")
-NOT_SETTINGS = frozenset({"APPLIANCE_BIN"})  # the firmware hooks' override of the command to run
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -292,18 +288,18 @@ class Settings(BaseSettings):
         environ = os.environ if environ is None else environ
         if config_file is None and SYSTEM_CONFIG_FILE.is_file():
             config_file = SYSTEM_CONFIG_FILE
-        layers = [("environment", _read_environ(environ))]  # highest priority first
+        layers = [("environment", read_environ(environ))]  # highest priority first
         if "CREDENTIALS_DIRECTORY" in environ:
             credentials = Path(environ["CREDENTIALS_DIRECTORY"])
-            layers.append(("$CREDENTIALS_DIRECTORY", _read_credentials(credentials)))
+            layers.append(("$CREDENTIALS_DIRECTORY", read_credentials(credentials)))
         if config_file is not None:
-            layers.append((str(config_file), _read_toml(config_file)))
-        init = _deep_copy(overrides or {})
+            layers.append((str(config_file), read_toml(config_file)))
+        init = deep_copy(overrides or {})
         token = _layers.set(tuple(layers))
         try:
             return cls(**init)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, [("command line", init), *layers])) from exc
+            raise ConfigError(describe(exc, [("command line", init), *layers])) from exc
         finally:
             _layers.reset(token)
 
@@ -324,7 +320,7 @@ class _Layer(PydanticBaseSettingsSource):
         return self._data.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return _deep_copy(self._data)
+        return deep_copy(self._data)
 
 
 def _systemd_dir(variable: str, installed: str, fallback: str) -> Path:
@@ -337,99 +333,6 @@ def _systemd_dir(variable: str, installed: str, fallback: str) -> Path:
     if os.path.isdir(installed) and os.access(installed, os.R_OK | os.X_OK):
         return Path(installed)
     return Path(fallback).expanduser()
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as stream:
-            return tomllib.load(stream)
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from exc
-
-
-def _read_environ(environ: Mapping[str, str]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
-            continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
-        if not all(path):
-            raise ConfigError(f"environment variable {name}: empty section name")
-        _assign(data, path, _env_value(raw))
-    return data
-
-
-def _env_value(raw: str) -> Any:
-    if raw[:1] in "[{":
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return raw
-    return raw
-
-
-def _read_credentials(directory: Path) -> dict[str, Any]:
-    """Secrets from systemd LoadCredential=: a file named `pool.password` sets pool.password."""
-    data: dict[str, Any] = {}
-    known = {("pool", "password"), ("pool", "username"), ("server", "api_token")}
-    if not directory.is_dir():
-        return data
-    for entry in sorted(directory.iterdir()):
-        path = tuple(entry.name.split("."))
-        if path in known:
-            _assign(data, list(path), entry.read_text().strip())
-    return data
-
-
-def _assign(data: dict[str, Any], path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        data = data.setdefault(part, {})
-        if not isinstance(data, dict):
-            raise ConfigError(f"setting {'.'.join(path)}: {part} is a value, not a section")
-    data[path[-1]] = value
-
-
-def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-
-
-def _origin(loc: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> str | None:
-    for label, data in layers:
-        node: Any = data
-        for part in loc:
-            if not isinstance(node, Mapping) or part not in node:
-                break
-            node = node[part]
-        else:
-            if label == "environment":
-                return _env_name(loc, node)
-            return label
-    return None
-
-
-def _env_name(loc: tuple[Any, ...], node: Any) -> str:
-    """The variable that set `loc`, down to the first leaf when `loc` is a whole (unknown) section."""
-    path = [str(p) for p in loc]
-    while isinstance(node, Mapping) and node:
-        key, node = next(iter(node.items()))
-        path.append(str(key))
-    return ENV_PREFIX + ENV_NESTING.join(p.upper() for p in path)
-
-
-def _describe(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> str:
-    lines = []
-    for error in exc.errors(include_url=False):
-        loc = tuple(error["loc"])
-        key = ".".join(str(p) for p in loc)
-        origin = _origin(loc, layers)
-        where = f" (from {origin})" if origin else ""
-        if error["type"] == "extra_forbidden":
-            lines.append(f"unknown setting {key!r}{where}")
-        else:
-            lines.append(f"setting {key!r}{where}: {error['msg']}, got {error.get('input')!r}")
-    return "; ".join(lines)
 
 
 def config_schema() -> dict[str, Any]:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.engine.model import LoadedModel, RunControl
-from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from appliance.errors import DeadlineExceeded, ModelNotReady
+from appliance.scheduler import admission
 from appliance.scheduler.batcher import Batcher, BatchRules
 from appliance.scheduler.capacity import Capacity, CpuBudget, RateMeter, max_ips_at_slo, spare
 from appliance.scheduler.profile import LatencyProfile
@@ -145,47 +146,19 @@ class ModelScheduler:
         return await job.future
 
     def _admit(self, rows: int, priority: Priority, now_s: float, deadline_s: float) -> None:
-        if priority is Priority.POOL and self.profile.is_seeded:
-            limit = self.batcher.pool_row_limit()
-            if rows > limit:
-                raise Overloaded(
-                    f"model {self.name!r}: pool work of {rows} rows takes longer than "
-                    f"pool.max_interference_ms={self.config.max_interference_ms:g}; at most {limit} rows",
-                    retry_after_s=60.0,
-                )
-        wait_s = self._backlog_s(priority, now_s)
-        finish_s = now_s + wait_s + self.profile.bound_s(rows)
-        if finish_s > deadline_s:
-            raise Overloaded(
-                f"model {self.name!r}: a request of {rows} rows would finish in "
-                f"{(finish_s - now_s) * 1e3:.1f} ms, after its deadline of "
-                f"{(deadline_s - now_s) * 1e3:.1f} ms ({self.queues.rows_ahead(priority)} rows queued ahead)",
-                retry_after_s=max(wait_s, 0.05),
-            )
-
-    def _backlog_s(self, priority: Priority, now_s: float) -> float:
-        """Predicted wait before new work of `priority` starts: running batches, then rows ahead.
-
-        Running pool batches do not delay line work when they are preempted for it.
-        """
-        if not self.profile.is_seeded:
-            return 0.0
-        yields = priority is Priority.LINE and self.config.preempt_pool
-        workers = self.pool_workers if priority is Priority.POOL and self.pool_workers else self.line_workers
-        running = sum(
-            max(0.0, run.started_s + run.predicted_s - now_s)
-            for w in workers
-            for run in w.runs
-            if not (yields and run.priority is Priority.POOL)
+        use_pool_workers = priority is Priority.POOL and self.pool_workers
+        workers = self.pool_workers if use_pool_workers else self.line_workers
+        admission.admit(
+            self.name,
+            self.batcher,
+            self.queues,
+            [w.runs for w in workers],
+            rows=rows,
+            priority=priority,
+            now_s=now_s,
+            deadline_s=deadline_s,
+            pool_yields=self.config.preempt_pool,
         )
-        rows_ahead = self.queues.rows_ahead(priority)
-        if not rows_ahead:
-            is_idle = any(not w.runs for w in workers)
-            return 0.0 if is_idle else running / len(workers)
-        limit = self.batcher.batch_rows()
-        full, rest = divmod(rows_ahead, limit)
-        queued_s = full * self.profile.expected_s(limit) + (self.profile.expected_s(rest) if rest else 0.0)
-        return (running + queued_s) / len(workers)
 
     def _dispatch(self) -> None:
         now = self.clock()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.http as triton
-from conftest import appliance  # type: ignore[import-not-found]
+from subprocesses import appliance
 
 ROOT = Path(__file__).resolve().parents[2]
 

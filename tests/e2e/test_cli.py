@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import modelzoo
 import numpy as np
-from conftest import appliance, environment  # type: ignore[import-not-found]
+from subprocesses import appliance, environment
 
 from appliance.protocol import codec
 

@@ -95,6 +95,6 @@ async def test_password_from_credentials_directory_and_clean_exit_on_sigterm(
         assert node.popen.wait(30) == 0
     await recorder.node("state", lambda d: d["state"] == "draining" and d["session"] == birth["session"])
     await recorder.node("state", lambda d: d["state"] == "offline" and "by_will" not in d)
-    output = [*node.output, *(line for line in node.lines.queue if line)]
+    output = [*node.seen, *(line for line in node.lines.queue if line)]
     assert any("pool link up" in line for line in output)
     assert not any("n0de-secret" in line for line in output)
