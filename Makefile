@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 $(TEST_STAMP): pyproject.toml tests/fixtures/fake_provider/pyproject.toml $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-build-isolation -e tests/fixtures/fake_provider
+	$(BIN)/pip install --quiet -e tests/fixtures/fake_provider
 	touch $@
 
 venv: $(STAMP)
