@@ -17,6 +17,7 @@ from appliance.engine.repository import ModelSource, file_digest
 from appliance.engine.signature import Signature, read_signature
 from appliance.errors import ApplianceError, InferenceFailed, InvalidInput, ModelLoadError
 from appliance.providers.base import SessionContext
+from appliance.providers.host import ort_reason
 from appliance.providers.registry import Registry
 from appliance.providers.selection import Fallback, Placement, open_session
 from appliance.settings import ModelSettings
@@ -288,7 +289,7 @@ _INPUT_ERRORS = ("INVALID_ARGUMENT", "InvalidArgument", "invalid argument")
 
 
 def _translate(model: str, exc: Exception) -> ApplianceError:
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:500]
+    text = ort_reason(exc)
     if any(marker in text for marker in _INPUT_ERRORS) or type(exc).__name__ == "InvalidArgument":
         return InvalidInput(f"model {model!r} rejected the input: {text}")
     return InferenceFailed(f"model {model!r} failed: {text}")

@@ -125,8 +125,7 @@ class SystemHost:
             try:
                 _ort().register_execution_provider_library(name, str(path))
             except Exception as exc:  # noqa: BLE001 - ORT raises pybind types; the text is the reason
-                why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", str(exc).strip().splitlines()[0])
-                return f"ONNX Runtime refused plugin EP library {path}: {why}"
+                return f"ONNX Runtime refused plugin EP library {path}: {ort_reason(exc)}"
             _registered_libraries[name] = path
         return None
 
@@ -159,3 +158,9 @@ def _load(name: str) -> ctypes.CDLL:
         if not bundled.exists():
             raise
         return ctypes.CDLL(str(bundled))
+
+
+def ort_reason(exc: BaseException) -> str:
+    """ORT's first line without its `[ONNXRuntimeError] : 9 :` prefix; our own messages as they are."""
+    text = str(exc).strip() or type(exc).__name__
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", text.splitlines()[0])[:500]

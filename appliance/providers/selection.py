@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from pydantic import BaseModel
 
 from appliance.errors import ModelLoadError
 from appliance.providers.base import CPU_EP, Provider, SessionContext
+from appliance.providers.host import ort_reason
 from appliance.providers.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def open_session(
             try:
                 verify(outcome.session)
             except Exception as exc:  # noqa: BLE001 - any failure of a trial run disqualifies the EP
-                outcome = Fallback(name, _reason(exc), "verify")
+                outcome = Fallback(name, ort_reason(exc), "verify")
         if isinstance(outcome, Fallback):
             log.warning(
                 "model %s: %s skipped (%s): %s", context.model_name, name, outcome.stage, outcome.reason
@@ -124,13 +124,13 @@ def _attempt(
         options = provider.ort_options(config, context)
         is_plugin_library = provider.library_path() is not None
     except Exception as exc:  # noqa: BLE001 - e.g. a configured device that is not there
-        return Fallback(name, _reason(exc), "options")
+        return Fallback(name, ort_reason(exc), "options")
     if not is_plugin_library and provider.ep_name not in ort.get_available_providers():
         return Fallback(name, _not_in_ort(provider.ep_name), "unavailable")
     try:
         session = _create(model, provider, config, options, context, session_options, is_plugin_library)
     except Exception as exc:  # noqa: BLE001 - ORT raises many pybind types; all mean "did not take it"
-        return Fallback(name, _reason(exc), "session")
+        return Fallback(name, ort_reason(exc), "session")
     registered = session.get_providers()
     if provider.ep_name not in registered:
         reason = f"ONNX Runtime did not register {provider.ep_name}; the session has {registered}"
@@ -192,10 +192,3 @@ def _assignment(session: ort.InferenceSession) -> dict[str, int]:
 def _not_in_ort(ep_name: str) -> str:
     offered = ", ".join(sorted(ort.get_available_providers()))
     return f"ONNX Runtime {ort.__version__} has no {ep_name}; it has {offered}"
-
-
-def _reason(exc: BaseException) -> str:
-    """ORT's first line without its `[ONNXRuntimeError] : 9 :` prefix; our own messages as they are."""
-    text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0]
-    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", line)[:500]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -52,7 +51,8 @@ class ModelHub:
         self._locks: dict[str, asyncio.Lock] = {}
         self.is_draining = False
         self.is_loaded = False
-        self.cpu_budget = CpuBudget(settings.scheduler.cpu_threads or _usable_cores())
+        self.cores = settings.scheduler.cpu_threads or instance_choice.usable_cores()
+        self.cpu_budget = CpuBudget(self.cores)
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(list(self._entries.values()))
@@ -141,7 +141,7 @@ class ModelHub:
         await scheduler.close()
 
     def _load_model(self, source: ModelSource) -> tuple[LoadedModel, int, list[instance_choice.Trial]]:
-        cores = self.settings.scheduler.cpu_threads or _usable_cores()
+        cores = self.cores
         wanted = source.manifest.instances or self.settings.scheduler.instances
 
         def load(threads: int) -> LoadedModel:
@@ -204,10 +204,3 @@ class ModelHub:
             if entry.scheduler is not None and (workers := entry.scheduler.hung_workers(hang_s)):
                 hung[entry.name] = workers
         return hung
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,14 @@ class Trial:
     instances: int
     threads_per_call: int
     rows_per_s: float
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), the default for cores to split among workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def candidates(cores: int) -> list[tuple[int, int]]:

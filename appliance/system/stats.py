@@ -11,6 +11,8 @@ from typing import Any
 
 import psutil
 
+from appliance.scheduler.instances import usable_cores
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ def hardware() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cores_logical": psutil.cpu_count(logical=True) or 0,
         "cores_physical": psutil.cpu_count(logical=False) or 0,
-        "cores_usable": _usable_cores(),
+        "cores_usable": usable_cores(),
         "memory_bytes": psutil.virtual_memory().total,
     }
     if frequency is not None:
@@ -89,10 +91,3 @@ def _cpu_frequency_mhz() -> float | None:
     except (OSError, RuntimeError, NotImplementedError):
         return None
     return round(frequency.max or frequency.current, 1) if frequency else None
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
