@@ -11,6 +11,7 @@ import orjson
 
 from appliance import tensors
 from appliance.errors import InvalidInput
+from appliance.protocol import bulk_json
 
 # https://github.com/kserve/open-inference-protocol/blob/main/specification/protocol/inference_rest.md
 # and Triton's binary tensor data extension (docs/protocol/extension_binary_data.md).
@@ -77,7 +78,7 @@ def decode_request(
             )
         header, binary = view[:header_length], view[header_length:]
     try:
-        document = orjson.loads(header)
+        document = bulk_json.loads(header)
     except orjson.JSONDecodeError as exc:
         hint = "" if header_length is not None else " (binary data needs Inference-Header-Content-Length)"
         raise InvalidInput(f"request body is not valid JSON: {exc}{hint}") from None
@@ -149,7 +150,7 @@ def _decode_input(raw: Any, binary: memoryview) -> tuple[str, np.ndarray, int]:
 
 def _from_json_data(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarray:
     count = tensors.element_count(shape)
-    if not isinstance(data, list):
+    if not isinstance(data, list | np.ndarray):  # bulk_json hands big numeric data over as an array
         data = [data]
     try:
         if datatype == "BYTES":
