@@ -3,7 +3,9 @@
     .venv/bin/python bench/throughput.py [--model surface_defect_224] [--clients 32] [--duration 10]
 
 Reports served rows/s at N concurrent clients as a ratio of the best raw ORT rows/s on the
-same box (issue 3 target: binary >= 0.85; JSON >= 0.5 of binary).
+same box (issue 3 target: binary >= 0.85; JSON >= 0.5 of binary). Raw ORT is measured before and
+after the served runs and the better figure is used, so a box whose speed drifts (shared cloud cores
+do) does not flatter the ratio.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def main() -> None:
     model_dir = args.repository / args.model
     model_path = sorted(model_dir.glob("*/model.onnx"))[-1]
     inputs = sample_input(model_dir)
-    baseline = raw_ort_throughput(model_path, inputs, duration_s=args.duration / 2)
-    figures: dict[str, object] = {"model": args.model, "clients": args.clients, "raw_ort": baseline}
+    before = raw_ort_throughput(model_path, inputs, duration_s=args.duration / 2)
+    figures: dict[str, object] = {"model": args.model, "clients": args.clients}
     with serve(args.repository) as server:
         for binary in (True, False):
             # A 2 s deadline (parameters.timeout, us): this measures throughput; the SLO has its own bench.
@@ -61,7 +63,10 @@ def main() -> None:
                 closed_loop(server.host, server.port, request, clients=args.clients, duration_s=args.duration)
             )
             figures["binary" if binary else "json"] = result.summary()
-    raw = float(baseline["rows_per_s"])
+    after = raw_ort_throughput(model_path, inputs, duration_s=args.duration / 2)
+    figures["raw_ort"] = max(before, after, key=lambda best: best["rows_per_s"])
+    figures["raw_ort_before_after"] = [round(before["rows_per_s"], 1), round(after["rows_per_s"], 1)]
+    raw = float(figures["raw_ort"]["rows_per_s"])  # type: ignore[index]
     binary_rate = figures["binary"]["ok_per_s"]  # type: ignore[index]
     json_rate = figures["json"]["ok_per_s"]  # type: ignore[index]
     figures["binary_vs_raw_ort"] = round(binary_rate / raw, 3)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import camera
 import export
 import metrics
 import nets
@@ -38,6 +39,7 @@ class Build:
     recipe: train.Recipe
     calibration_images: int
     manifest: export.Manifest  # for the int8 model; the fp32 twin changes precision and tolerances
+    uint8_name: str | None = None  # a twin of the int8 model taking 8-bit pixels (camera.py), or None
 
 
 BUILDS = {
@@ -91,6 +93,7 @@ BUILDS = {
             validation_images=100,
         ),
         calibration_images=48,
+        uint8_name="surface_defect_224_u8",
         manifest=export.Manifest(
             description=(
                 "Surface defect detector for 224x224 RGB images of textured surfaces, MobileNetV2-style "
@@ -160,6 +163,8 @@ def build(spec: Build, threads: int, reuse: bool) -> None:
     if spec.fp32_name:
         twin = export.Manifest(**{**spec.manifest.__dict__, "precision": "fp32", **FP32_TOLERANCE})
         _ship(spec.fp32_name, twin, fp32, samples)
+    if spec.uint8_name:
+        log.info("%s: wrote %s", spec.uint8_name, camera.derive(spec.name, spec.uint8_name, MODELS_DIR))
     _check(spec, fp32, int8)
 
 

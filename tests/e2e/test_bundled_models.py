@@ -21,7 +21,7 @@ def _surfaces():
 
 
 def _defect_prob(client: triton.InferenceServerClient, model: str, images: np.ndarray) -> np.ndarray:
-    tensor = triton.InferInput("image", list(images.shape), "FP32")
+    tensor = triton.InferInput("image", list(images.shape), "UINT8" if images.dtype == np.uint8 else "FP32")
     tensor.set_data_from_numpy(images)
     return client.infer(model, [tensor]).as_numpy("defect_prob")[:, 0]
 
@@ -30,7 +30,7 @@ def test_default_serve_flags_a_generated_defect(tmp_path: Path) -> None:
     surfaces = _surfaces()
     with appliance(["serve", "--port", "0"], tmp_path) as process:
         url = process.url()
-        assert "3 model(s) ready" in process.seen[-1]
+        assert "4 model(s) ready" in process.seen[-1]
         client = triton.InferenceServerClient(url.removeprefix("http://"), network_timeout=60.0)
         try:
             scratched = surfaces.surface(7, defect=True).image[None]
@@ -44,5 +44,8 @@ def test_default_serve_flags_a_generated_defect(tmp_path: Path) -> None:
             rgb, _, rgb_labels = surfaces.dataset(3030, 8, size=224, channels=3)
             rgb_decisions = _defect_prob(client, "surface_defect_224", rgb) > 0.5
             assert (rgb_decisions == rgb_labels.astype(bool)).mean() >= 0.6
+            pixels = (rgb * 255).round().astype(np.uint8)  # what a camera sends
+            pixel_decisions = _defect_prob(client, "surface_defect_224_u8", pixels) > 0.5
+            assert (pixel_decisions == rgb_decisions).mean() >= 7 / 8
         finally:
             client.close()

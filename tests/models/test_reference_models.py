@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import json
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import onnxruntime as ort
 import pytest
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-SHIPPED = ("surface_defect", "surface_defect_fp32", "surface_defect_224")
+SHIPPED = ("surface_defect", "surface_defect_fp32", "surface_defect_224", "surface_defect_224_u8")
 # name -> (side px, channels, map cells, held-out images); seeds here are used nowhere in models/recipe
 SHAPES = {
     "surface_defect": (128, 1, 16, 240),
     "surface_defect_fp32": (128, 1, 16, 240),
     "surface_defect_224": (224, 3, 28, 96),
+    "surface_defect_224_u8": (224, 3, 28, 96),
 }
+UINT8_TWINS = {"surface_defect_224_u8": "surface_defect_224"}  # twin -> parent (models/recipe/camera.py)
 TEST_SEED = 2024
 MANIFEST_KEYS = {
     "description",
@@ -76,6 +79,18 @@ def held_out(surfaces):
     return make
 
 
+def image_dtype(name: str) -> type[np.generic]:
+    return np.uint8 if name in UINT8_TWINS else np.float32
+
+
+def _camera():
+    """models/recipe/camera.py, imported by path like surfaces.py."""
+    spec = importlib.util.spec_from_file_location("recipe_camera", MODELS_DIR / "recipe" / "camera.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _probabilities(name: str, images: np.ndarray) -> np.ndarray:
     session = _session(name)
     return np.concatenate(
@@ -109,7 +124,8 @@ def test_io_contract_with_a_dynamic_batch(shipped):
     name, session, _ = shipped
     size_px, channels, cells, _ = SHAPES[name]
     (image,) = session.get_inputs()
-    assert (image.name, image.type) == ("image", "tensor(float)")
+    pixels = name in UINT8_TWINS
+    assert (image.name, image.type) == ("image", "tensor(uint8)" if pixels else "tensor(float)")
     assert isinstance(image.shape[0], str) and image.shape[1:] == [channels, size_px, size_px]
     outputs = {o.name: o for o in session.get_outputs()}
     assert set(outputs) == {"defect_prob", "defect_map"}
@@ -117,7 +133,8 @@ def test_io_contract_with_a_dynamic_batch(shipped):
     assert outputs["defect_prob"].shape[1:] == [1]
     assert outputs["defect_map"].shape[1:] == [1, cells, cells]
     prob, cell_map = session.run(
-        ["defect_prob", "defect_map"], {"image": np.full((3, channels, size_px, size_px), 0.5, np.float32)}
+        ["defect_prob", "defect_map"],
+        {"image": np.full((3, channels, size_px, size_px), 128 if pixels else 0.5, image_dtype(name))},
     )
     assert prob.shape == (3, 1) and cell_map.shape == (3, 1, cells, cells)
     assert ((prob >= 0) & (prob <= 1)).all() and ((cell_map >= 0) & (cell_map <= 1)).all()
@@ -163,6 +180,26 @@ def test_int8_model_agrees_with_fp32_at_the_threshold(held_out):
         _probabilities(name, images) >= threshold for name in ("surface_defect", "surface_defect_fp32")
     )
     assert (int8 == fp32).mean() >= 0.97
+
+
+@pytest.mark.parametrize(("twin", "parent"), sorted(UINT8_TWINS.items()))
+def test_uint8_twin_decides_as_its_parent_on_8_bit_images(twin, parent, held_out):
+    images, _, labels = held_out(parent)
+    pixels = _camera().to_pixels(images)
+    from_pixels = _probabilities(twin, pixels)
+    from_floats = _probabilities(parent, pixels.astype(np.float32) / 255)
+    np.testing.assert_allclose(from_pixels, from_floats, atol=0.05)
+    assert ((from_pixels >= 0.5) == (from_floats >= 0.5)).mean() >= 0.98
+    assert _auroc(from_pixels, labels) >= 0.85
+
+
+@pytest.mark.parametrize(("twin", "parent"), sorted(UINT8_TWINS.items()))
+def test_camera_recipe_rebuilds_the_shipped_uint8_twin(twin, parent, tmp_path):
+    shutil.copytree(MODELS_DIR / parent, tmp_path / parent)
+    written = _camera().derive(parent, twin, tmp_path)
+    shipped = tomllib.loads((MODELS_DIR / twin / "model.toml").read_text())
+    assert hashlib.sha256(written.read_bytes()).hexdigest() == shipped["sha256"]
+    assert (tmp_path / twin / "model.toml").read_text() == (MODELS_DIR / twin / "model.toml").read_text()
 
 
 def test_int8_model_is_quantised_and_fp32_twin_is_not():
