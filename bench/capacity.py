@@ -1,6 +1,6 @@
 """How close the reported max_ips_at_slo is to the rate that really sustains the SLO.
 
-    .venv/bin/python bench/capacity.py [--model surface_defect_224] [--duration 10]
+    .venv/bin/python bench/capacity.py [--model surface_defect_224_u8] [--duration 10]
 
 Warms the model with traffic so the latency profile is refined, reads max_ips_at_slo from
 GET /capacity, then searches (bisection over Poisson open-loop rates) for the highest rate
@@ -28,7 +28,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repository", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default="surface_defect_224")
+    parser.add_argument("--model", default="surface_defect_224_u8")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()

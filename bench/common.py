@@ -126,6 +126,15 @@ def raw_ort_latency_ms(model_path: Path, inputs: dict[str, np.ndarray], runs: in
     return float(np.median(samples) * 1e3)
 
 
+SCHED_CHOICES = ("normal", "idle")
+
+
+def set_sched(sched: str) -> None:
+    """Run the calling process (threads it starts inherit it) at SCHED_IDLE: CPU the node leaves only."""
+    if sched == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def report(name: str, figures: dict[str, object]) -> None:
     """Print one JSON line per result and append it to bench/results/<name>.jsonl (git-ignored)."""
     line = json.dumps({"bench": name, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures})

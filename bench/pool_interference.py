@@ -1,6 +1,6 @@
 """Line latency over HTTP with and without pool jobs flooding in over MQTT; p99 ratio and utilisation.
 
-    .venv/bin/python bench/pool_interference.py [--model surface_defect_224] [--line-share 0.3]
+    .venv/bin/python bench/pool_interference.py [--model surface_defect_224_u8] [--line-share 0.3]
         [--duration 20] [--pool-inflight 32] [--broker mqtt://host:port] [--max-interference-ms 10]
 
 1. Closed loop at 32 clients measures the served capacity C (rows/s) over HTTP.
@@ -11,6 +11,10 @@
    Line p99 again, pool jobs
    answered per second, refusals, and the utilisation the node reports on GET /capacity.
 Without --broker, a mosquitto on a free 127.0.0.1 port is started for the run.
+
+The broker and the platform client are remote on a real node; here they share its 2 cores.
+`--flood-sched idle` runs both at SCHED_IDLE, so that they only use what the node leaves (see
+interference.py for why not nice 19).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, report, serve
+from common import ROOT, SCHED_CHOICES, report, serve, set_sched
 from loadgen import Prepared, closed_loop, open_loop
 from throughput import sample_input
 
@@ -50,14 +54,17 @@ MAX_REFUSED_PAUSE_S = (
 )
 
 
-def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_mosquitto(directory: Path, sched: str = "normal") -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     config = directory / "mosquitto.conf"
     config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    process = subprocess.Popen([binary, "-c", str(config)], stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*(["chrt", "--idle", "0"] if sched == "idle" else []), binary, "-c", str(config)],
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):  # a bench may poll; tests may not
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -121,19 +128,20 @@ def _retry_after_s(payload: bytes) -> float:
 
 
 def _flood(
-    url: str, topic: str, body: bytes, header_length: int, inflight: int, counts: Any, stop: Any
+    url: str, topic: str, body: bytes, header_length: int, inflight: int, counts: Any, stop: Any, sched: str
 ) -> None:
+    set_sched(sched)
     PoolFlood(url, topic, body, header_length, inflight, counts).run(stop)
 
 
 class FloodProcess:
     """The flood in its own process, so that it shares no GIL with the line load generator."""
 
-    def __init__(self, url: str, topic: str, job: codec.EncodedResponse, inflight: int) -> None:
+    def __init__(self, url: str, topic: str, job: codec.EncodedResponse, inflight: int, sched: str) -> None:
         self.counts = multiprocessing.Array("q", 2)  # answered ok, refused
         self.stop_event = multiprocessing.Event()
         assert job.header_length is not None
-        arguments = (url, topic, job.body(), job.header_length, inflight, self.counts, self.stop_event)
+        arguments = (url, topic, job.body(), job.header_length, inflight, self.counts, self.stop_event, sched)
         self.process = multiprocessing.Process(target=_flood, args=arguments, daemon=True)
 
     def start(self) -> None:
@@ -186,10 +194,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repository", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default="surface_defect_224")
+    parser.add_argument("--model", default="surface_defect_224_u8")
     parser.add_argument("--line-share", type=float, default=0.3)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--pool-inflight", type=int, default=32)
+    parser.add_argument(
+        "--flood-sched",
+        choices=SCHED_CHOICES,
+        default="normal",
+        help="CPU scheduling of the platform client and of the broker started here",
+    )
     parser.add_argument("--broker", help="mqtt://host:port of a broker (default: start mosquitto)")
     parser.add_argument(
         "--max-interference-ms",
@@ -200,7 +214,9 @@ def main() -> None:
 
     inputs = sample_input(args.repository / args.model)
     with tempfile.TemporaryDirectory() as scratch:
-        broker_process, url = (None, args.broker) if args.broker else start_mosquitto(Path(scratch))
+        broker_process, url = (
+            (None, args.broker) if args.broker else start_mosquitto(Path(scratch), args.flood_sched)
+        )
         node = f"bench-{uuid.uuid4().hex[:6]}"
         env = {
             "APPLIANCE_POOL__BROKER": url,
@@ -223,7 +239,11 @@ def main() -> None:
                 alone = asyncio.run(open_loop(host, port, line, rate_per_s=rate, duration_s=args.duration))
                 job = codec.encode_request(inputs, binary=True, binary_output=True)
                 flood = FloodProcess(
-                    url, f"ecp/v1/bench/{node}/cmd/infer/{args.model}", job, args.pool_inflight
+                    url,
+                    f"ecp/v1/bench/{node}/cmd/infer/{args.model}",
+                    job,
+                    args.pool_inflight,
+                    args.flood_sched,
                 )
                 with_pool, pool, node_report = asyncio.run(
                     line_with_flood(
@@ -241,6 +261,7 @@ def main() -> None:
             "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "model": args.model,
             "max_interference_ms": args.max_interference_ms,
+            "flood_sched": args.flood_sched,
             "capacity_rows_per_s": round(capacity, 1),
             "line_rate_per_s": round(rate, 1),
             "line_alone": alone_summary,

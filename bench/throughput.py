@@ -1,6 +1,6 @@
 """Served throughput vs raw ONNX Runtime, measured in the same run (closed loop, binary and JSON).
 
-    .venv/bin/python bench/throughput.py [--model surface_defect_224] [--clients 32] [--duration 10]
+    .venv/bin/python bench/throughput.py [--model surface_defect_224_u8] [--clients 32] [--duration 10]
 
 Reports served rows/s at N concurrent clients as a ratio of the best raw ORT rows/s on the
 same box (issue 3 target: binary >= 0.85; JSON >= 0.5 of binary). Raw ORT is measured before and
@@ -43,7 +43,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repository", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default="surface_defect_224")
+    parser.add_argument("--model", default="surface_defect_224_u8")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args()
