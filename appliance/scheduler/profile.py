@@ -35,6 +35,7 @@ class LatencyProfile:
         self._best_rows: dict[int, int] = {}
         self.margin_ratio = 1.0  # bound_s = expected_s * margin_ratio
         self.observations = 0
+        self.fits = 0  # rises with every refit: what is derived from the fit may be cached until then
 
     @property
     def is_seeded(self) -> bool:
@@ -88,6 +89,7 @@ class LatencyProfile:
         predicted = intercept + (slope + curve * x) * x
         ratios = y / np.maximum(predicted, 1e-9)
         self.margin_ratio = float(max(1.0, np.quantile(ratios, self._quantile)))
+        self.fits += 1
 
     def as_dict(self) -> dict[str, float | int]:
         return {

@@ -238,3 +238,38 @@ def test_background_priority_is_lowest_only_around_the_run() -> None:
     [(during, after, can_restore)] = seen
     assert during  # lowest while ONNX Runtime computes
     assert after == (not can_restore)  # normal again after, wherever RLIMIT_NICE allows going back
+
+
+def test_capacity_follows_the_fit_and_is_not_recomputed_per_request(tmp_path: Path, monkeypatch) -> None:
+    from appliance.scheduler import runner
+    from appliance.scheduler.capacity import CpuBudget
+
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 1000\n[batching]\nmax_batch_size = 8\n")
+    computed: list[int] = []
+    real = runner.max_ips_at_slo
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "max_ips_at_slo", counting)
+    budget = CpuBudget(cores=2.0)
+
+    async def scenario() -> None:
+        scheduler = ModelScheduler(model, SchedulerConfig(instances=1), cpu_budget=budget)
+        scheduler.start()
+        try:
+            first = scheduler.capacity(0.2)
+            assert all(scheduler.capacity(0.2) == first for _ in range(10))  # one pool job each
+            assert len(computed) == 1
+            slow_s = 20 * scheduler.profile.expected_s(4)
+            for _ in range(256):  # the model gets 20x slower: the window refits to it
+                scheduler.profile.observe(4, slow_s)
+            slower = scheduler.capacity(0.2)
+            assert len(computed) == 2 and slower.max_ips_at_slo < first.max_ips_at_slo / 5
+            budget.overhead_s_per_row = 0.01  # 10 ms of event loop per row: at most 100 rows/s
+            assert scheduler.capacity(0.2).max_ips_at_slo <= 100 and len(computed) == 3
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
