@@ -103,7 +103,7 @@ class ModelScheduler:
         self._timer_s = math.inf
         self._inflight = 0
         self._settled = asyncio.Event()
-        self._ceiling_key: tuple[object, ...] | None = None
+        self._ceiling_key: tuple[object, ...] | None = None  # what _ceiling_value was computed from
         self._ceiling_value = (0.0, 0)
         self.is_accepting = False
 
@@ -326,34 +326,27 @@ class ModelScheduler:
         return self.model.threads_per_call if self.model.provider in CPU_PROVIDERS else 0
 
     def capacity(self, reserved_share: float) -> Capacity:
-        now = self.clock()
-        max_ips, rows = self._ceiling()
+        (max_ips, rows), now = self._ceiling(), self.clock()
         served = sum(meter.rate(now) for meter in self.served.values())
         return Capacity(max_ips, rows, served, spare(max_ips, served, reserved_share))
 
     def _ceiling(self) -> tuple[float, int]:
-        """max_ips_at_slo, recomputed only when the fit or the CPU budget moved.
-
-        It costs about 0.7 ms of the event loop for a 32-row model, and pool admission asks for it
-        on every job: measured, that was a tenth of the loop's time under an MQTT job flood.
-        """
+        """max_ips_at_slo, kept until the fit or CPU budget moves (~0.7 ms; pool admission asks per job)."""
         budget = self.cpu_budget
-        key = (
-            self.profile.fits,
-            len(self.line_workers),
-            self.batcher.row_limit,
-            None if budget is None else (budget.overhead_s_per_row, budget.available_cores),
-        )
+        cores = None if budget is None else (budget.overhead_s_per_row, budget.available_cores)
+        key = (self.profile.fits, len(self.line_workers), self.batcher.row_limit, cores)
         if key != self._ceiling_key:
-            self._ceiling_key = key
-            self._ceiling_value = max_ips_at_slo(
-                self.profile,
-                instances=len(self.line_workers),
-                max_rows=self.batcher.row_limit,
-                slo_s=self.model.slo_p99_ms / 1e3,
-                queue_delay_s=self.batcher.rules.max_queue_delay_s,
-                budget=budget,
-                compute_threads=self.compute_threads,
+            self._ceiling_key, self._ceiling_value = (
+                key,
+                max_ips_at_slo(
+                    self.profile,
+                    instances=len(self.line_workers),
+                    max_rows=self.batcher.row_limit,
+                    slo_s=self.model.slo_p99_ms / 1e3,
+                    queue_delay_s=self.batcher.rules.max_queue_delay_s,
+                    budget=budget,
+                    compute_threads=self.compute_threads,
+                ),
             )
         return self._ceiling_value
 
