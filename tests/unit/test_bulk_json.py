@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from tests_support import JSON_VALUES
 
 from appliance import tensors
 from appliance.errors import InvalidInput
@@ -124,16 +125,7 @@ def test_invalid_big_json_gets_orjsons_message() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-        lambda children: (
-            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
-        ),
-        max_leaves=20,
-    ),
-    st.sampled_from(NUMERIC),
-)
+@given(JSON_VALUES, st.sampled_from(NUMERIC))
 def test_arbitrary_json_data_never_crashes_the_fast_path(data: object, datatype: str) -> None:
     try:
         body = orjson.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [1], "data": data}]})

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from tests_support import JSON_VALUES
 
 from appliance import tensors
 from appliance.errors import InvalidInput
@@ -96,15 +97,7 @@ def test_arbitrary_bytes_never_crash_the_decoder(body: bytes, header_length: int
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-        lambda children: (
-            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
-        ),
-        max_leaves=20,
-    )
-)
+@given(JSON_VALUES)
 def test_arbitrary_json_documents_are_refused_cleanly(document: object) -> None:
     import orjson
 
