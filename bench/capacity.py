@@ -9,7 +9,6 @@ whose p99 stays within the model's SLO with no errors. Target (issue 3): within 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 from pathlib import Path
@@ -18,18 +17,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, report, serve
+from common import bench_parser, report, serve
 from loadgen import Prepared, closed_loop, open_loop
 from throughput import sample_input
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default="surface_defect_224_u8")
-    parser.add_argument("--duration", type=float, default=10.0)
+    parser = bench_parser(__doc__, duration_s=10.0)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -127,6 +128,22 @@ def raw_ort_latency_ms(model_path: Path, inputs: dict[str, np.ndarray], runs: in
 
 
 SCHED_CHOICES = ("normal", "idle")
+DEFAULT_MODEL = "surface_defect_224_u8"
+
+
+def bench_parser(doc: str | None, *, duration_s: float) -> argparse.ArgumentParser:
+    """The arguments every bench takes: the repository, the model and how long each phase measures."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--duration", type=float, default=duration_s)
+    return parser
+
+
+def add_flood_arguments(parser: argparse.ArgumentParser, *, sched_help: str) -> None:
+    """What the two interference benches share: the line's share of capacity, the flood's scheduling."""
+    parser.add_argument("--line-share", type=float, default=0.3)
+    parser.add_argument("--flood-sched", choices=SCHED_CHOICES, default="normal", help=sched_help)
 
 
 def set_sched(sched: str) -> None:

@@ -18,7 +18,6 @@ slice, and line worker threads were measured waiting 6-9 ms on the run queue beh
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing
 import sys
@@ -29,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, SCHED_CHOICES, report, serve, set_sched
+from common import add_flood_arguments, bench_parser, report, serve, set_sched
 from loadgen import Prepared, closed_loop, open_loop
 from throughput import sample_input
 
@@ -66,17 +65,9 @@ async def line_with_pool(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default="surface_defect_224_u8")
-    parser.add_argument("--line-share", type=float, default=0.3)
-    parser.add_argument("--duration", type=float, default=20.0)
+    parser = bench_parser(__doc__, duration_s=20.0)
+    add_flood_arguments(parser, sched_help="CPU scheduling of the pool clients")
     parser.add_argument("--pool-clients", type=int, default=8)
-    parser.add_argument(
-        "--flood-sched", choices=SCHED_CHOICES, default="normal", help="CPU scheduling of the pool clients"
-    )
     args = parser.parse_args()
 
     inputs = sample_input(args.repository / args.model)

@@ -19,7 +19,6 @@ interference.py for why not nice 19).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing
@@ -43,7 +42,7 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, SCHED_CHOICES, report, serve, set_sched
+from common import add_flood_arguments, bench_parser, report, serve, set_sched
 from loadgen import Prepared, closed_loop, open_loop
 from throughput import sample_input
 
@@ -190,20 +189,11 @@ async def line_with_flood(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = bench_parser(__doc__, duration_s=20.0)
+    add_flood_arguments(
+        parser, sched_help="CPU scheduling of the platform client and of the broker started here"
     )
-    parser.add_argument("--repository", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default="surface_defect_224_u8")
-    parser.add_argument("--line-share", type=float, default=0.3)
-    parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--pool-inflight", type=int, default=32)
-    parser.add_argument(
-        "--flood-sched",
-        choices=SCHED_CHOICES,
-        default="normal",
-        help="CPU scheduling of the platform client and of the broker started here",
-    )
     parser.add_argument("--broker", help="mqtt://host:port of a broker (default: start mosquitto)")
     parser.add_argument(
         "--max-interference-ms",

@@ -10,7 +10,6 @@ do) does not flatter the ratio.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, raw_ort_throughput, report, serve
+from common import bench_parser, raw_ort_throughput, report, serve
 from loadgen import Prepared, closed_loop
 
 
@@ -39,13 +38,8 @@ def sample_input(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--repository", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default="surface_defect_224_u8")
+    parser = bench_parser(__doc__, duration_s=10.0)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args()
 
     model_dir = args.repository / args.model
