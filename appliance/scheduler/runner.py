@@ -15,7 +15,7 @@ from appliance.engine.model import LoadedModel, RunControl
 from appliance.errors import DeadlineExceeded, ModelNotReady
 from appliance.scheduler import admission
 from appliance.scheduler.batcher import Batcher, BatchRules
-from appliance.scheduler.capacity import Capacity, CpuBudget, RateMeter, max_ips_at_slo, spare
+from appliance.scheduler.capacity import Capacity, Ceiling, CpuBudget, RateMeter, spare
 from appliance.scheduler.profile import LatencyProfile
 from appliance.scheduler.queues import Priority, Queues, Work
 from appliance.scheduler.stats import ModelStats
@@ -76,6 +76,13 @@ class ModelScheduler:
             ),
             self.profile,
         )
+        self.ceiling = Ceiling(
+            self.profile,
+            cpu_budget,
+            slo_s=model.slo_p99_ms / 1e3,
+            queue_delay_s=self.batcher.rules.max_queue_delay_s,
+            compute_threads=self.compute_threads,
+        )
         self.queues = Queues(
             line_max_requests=config.line_max_requests, pool_max_requests=config.pool_max_requests
         )
@@ -103,8 +110,6 @@ class ModelScheduler:
         self._timer_s = math.inf
         self._inflight = 0
         self._settled = asyncio.Event()
-        self._ceiling_key: tuple[object, ...] | None = None  # what _ceiling_value was computed from
-        self._ceiling_value = (0.0, 0)
         self.is_accepting = False
 
     @property
@@ -326,29 +331,10 @@ class ModelScheduler:
         return self.model.threads_per_call if self.model.provider in CPU_PROVIDERS else 0
 
     def capacity(self, reserved_share: float) -> Capacity:
-        (max_ips, rows), now = self._ceiling(), self.clock()
+        now = self.clock()
+        max_ips, rows = self.ceiling.get(len(self.line_workers), self.batcher.row_limit)
         served = sum(meter.rate(now) for meter in self.served.values())
         return Capacity(max_ips, rows, served, spare(max_ips, served, reserved_share))
-
-    def _ceiling(self) -> tuple[float, int]:
-        """max_ips_at_slo, kept until the fit or CPU budget moves (~0.7 ms; pool admission asks per job)."""
-        budget = self.cpu_budget
-        cores = None if budget is None else (budget.overhead_s_per_row, budget.available_cores)
-        key = (self.profile.fits, len(self.line_workers), self.batcher.row_limit, cores)
-        if key != self._ceiling_key:
-            self._ceiling_key, self._ceiling_value = (
-                key,
-                max_ips_at_slo(
-                    self.profile,
-                    instances=len(self.line_workers),
-                    max_rows=self.batcher.row_limit,
-                    slo_s=self.model.slo_p99_ms / 1e3,
-                    queue_delay_s=self.batcher.rules.max_queue_delay_s,
-                    budget=budget,
-                    compute_threads=self.compute_threads,
-                ),
-            )
-        return self._ceiling_value
 
     def utilisation(self) -> float:
         """Share of worker time spent computing over the last window."""

@@ -241,18 +241,18 @@ def test_background_priority_is_lowest_only_around_the_run() -> None:
 
 
 def test_capacity_follows_the_fit_and_is_not_recomputed_per_request(tmp_path: Path, monkeypatch) -> None:
-    from appliance.scheduler import runner
+    from appliance.scheduler import capacity
     from appliance.scheduler.capacity import CpuBudget
 
     model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 1000\n[batching]\nmax_batch_size = 8\n")
     computed: list[int] = []
-    real = runner.max_ips_at_slo
+    real = capacity.max_ips_at_slo
 
     def counting(*args, **kwargs):
         computed.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "max_ips_at_slo", counting)
+    monkeypatch.setattr(capacity, "max_ips_at_slo", counting)
     budget = CpuBudget(cores=2.0)
 
     async def scenario() -> None:
