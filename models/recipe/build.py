@@ -10,6 +10,7 @@ from pathlib import Path
 
 import camera
 import export
+import golden
 import metrics
 import nets
 import numpy as np
@@ -143,7 +144,7 @@ def _ship(name: str, manifest: export.Manifest, source: Path, samples: np.ndarra
     target = _model_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
-    export.write_samples(target, samples)
+    golden.write_samples(target, samples)
     export.write_manifest(target.parent.parent, manifest, target)
     log.info("%s: wrote %s (%d bytes), samples.npz and model.toml", name, target, target.stat().st_size)
 
@@ -173,7 +174,7 @@ def _check(spec: Build, fp32: Path, int8: Path) -> None:
     images, _, labels = surfaces.dataset(
         CHECK_SEED, 128, size=spec.recipe.size_px, channels=spec.recipe.channels
     )
-    p32, p8 = (export.run(path, images)["defect_prob"][:, 0] for path in (fp32, int8))
+    p32, p8 = (golden.run(path, images)["defect_prob"][:, 0] for path in (fp32, int8))
     agreement = float(((p32 >= THRESHOLD) == (p8 >= THRESHOLD)).mean())
     auroc32, auroc8 = metrics.auroc(p32, labels), metrics.auroc(p8, labels)
     log.info(

@@ -16,29 +16,28 @@ import hashlib
 import sys
 from pathlib import Path
 
+import golden
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 MODELS_DIR = HERE.parent
-INPUT = "image"
 _FLOAT_IMAGE = "image_f32"
 
 
 def camera_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """The same model taking `image` as uint8 [N, C, H, W] with values 0..255."""
     graph = model.graph
-    (source,) = [i for i in graph.input if i.name == INPUT]
+    (source,) = [i for i in graph.input if i.name == golden.INPUT]
     shape = [d.dim_param or d.dim_value for d in source.type.tensor_type.shape.dim]
     for node in graph.node:
-        node.input[:] = [_FLOAT_IMAGE if name == INPUT else name for name in node.input]
+        node.input[:] = [_FLOAT_IMAGE if name == golden.INPUT else name for name in node.input]
     graph.input.remove(source)
-    graph.input.insert(0, helper.make_tensor_value_info(INPUT, TensorProto.UINT8, shape))
+    graph.input.insert(0, helper.make_tensor_value_info(golden.INPUT, TensorProto.UINT8, shape))
     graph.initializer.append(numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "pixel_scale"))
     front = [
-        helper.make_node("Cast", [INPUT], ["image_cast"], to=TensorProto.FLOAT, name="camera/Cast"),
+        helper.make_node("Cast", [golden.INPUT], ["image_cast"], to=TensorProto.FLOAT, name="camera/Cast"),
         helper.make_node("Mul", ["image_cast", "pixel_scale"], [_FLOAT_IMAGE], name="camera/Scale"),
     ]
     for index, node in enumerate(front):
@@ -59,25 +58,11 @@ def derive(parent: str, twin: str, models_dir: Path = MODELS_DIR) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(camera_graph(onnx.load(str(source))), str(target))
     with np.load(source.parent / "samples.npz") as samples:
-        pixels = to_pixels(samples[f"input__{INPUT}"])
-    _write_samples(target, pixels)
+        pixels = to_pixels(samples[f"input__{golden.INPUT}"])
+    golden.write_samples(target, pixels)
     manifest = _manifest(models_dir / parent / "model.toml", twin, parent)
     (models_dir / twin / "model.toml").write_text(manifest)
     return target
-
-
-def _write_samples(model_path: Path, pixels: np.ndarray) -> None:
-    """<version>/samples.npz as export.write_samples lays it out, computed on the twin as shipped."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    outputs = dict(zip(names, session.run(names, {INPUT: pixels}), strict=True))
-    np.savez_compressed(
-        model_path.parent / "samples.npz",
-        **{f"input__{INPUT}": pixels},
-        **{f"output__{name}": value for name, value in outputs.items()},
-    )
 
 
 def _manifest(parent_toml: Path, twin: str, parent: str) -> str:

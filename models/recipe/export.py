@@ -1,4 +1,4 @@
-"""From a trained net to served files: ONNX export, int8 QDQ quantisation, golden samples, model.toml."""
+"""From a trained net to served files: ONNX export, int8 QDQ quantisation, sample images, model.toml."""
 
 import hashlib
 import tempfile
@@ -8,15 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import surfaces
 import torch
+from golden import INPUT, OUTPUTS
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 OPSET = 17  # ONNX Runtime 1.32 runs up to opset 23; 17 keeps older runtimes and TensorRT/OpenVINO EPs happy
-INPUT = "image"
-OUTPUTS = ("defect_prob", "defect_map")
 PRODUCER = "appliance models/recipe"
 
 
@@ -106,33 +104,6 @@ def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -
             nodes_to_exclude=heads,
         )
     _stamp(int8_path)
-
-
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run(path: Path, images: np.ndarray, batch_size: int = 16) -> dict[str, np.ndarray]:
-    """All outputs for all images, by ONNX Runtime on CPU."""
-    served = session(path, threads=2)
-    parts = [
-        served.run(list(OUTPUTS), {INPUT: images[i : i + batch_size]})
-        for i in range(0, len(images), batch_size)
-    ]
-    return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(OUTPUTS)}
-
-
-def write_samples(model_path: Path, images: np.ndarray) -> Path:
-    """<version>/samples.npz: input__image and output__<name>, computed on the file as shipped."""
-    outputs = run(model_path, images)
-    samples = model_path.parent / "samples.npz"
-    np.savez_compressed(
-        samples, **{f"input__{INPUT}": images}, **{f"output__{k}": v for k, v in outputs.items()}
-    )
-    return samples
 
 
 def sample_images(seed: int, size_px: int, channels: int, count: int = 6) -> np.ndarray:

@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 
@@ -84,7 +85,10 @@ def image_dtype(name: str) -> type[np.generic]:
 
 
 def _camera():
-    """models/recipe/camera.py, imported by path like surfaces.py."""
+    """models/recipe/camera.py, imported by path like surfaces.py (with its sibling golden.py)."""
+    recipe = str(MODELS_DIR / "recipe")
+    if recipe not in sys.path:
+        sys.path.append(recipe)
     spec = importlib.util.spec_from_file_location("recipe_camera", MODELS_DIR / "recipe" / "camera.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
