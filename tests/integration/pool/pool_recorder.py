@@ -17,22 +17,14 @@ from paho.mqtt.properties import Properties
 from pool_brokers import Broker
 
 from appliance.pool import schemas
-from appliance.pool.topics import parse_node_topic
+from appliance.pool.topics import NodeTopics, parse_node_topic
 
 WAIT_S = 20.0
 
 
 @dataclass(frozen=True)
-class Names:
-    """Topic levels of one test: nothing it sees can come from another test."""
-
-    root: str
-    site: str
-    node: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.root}/{self.site}/{self.node}"
+class Names(NodeTopics):
+    """The node's topics in one test, unique to it: nothing it sees can come from another test."""
 
     def reply_topic(self) -> str:
         return f"{self.root}/{self.site}/platform/{uuid.uuid4().hex[:8]}"
