@@ -9,10 +9,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import modelzoo
 import pytest
 import pytest_asyncio
 from pool_brokers import Broker, default_kind, tls_files
 from pool_recorder import Names, Recorder
+
+
+@pytest.fixture
+def pool_repository(tmp_path: Path) -> Path:
+    """One batchable model, as most pool tests serve."""
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
+    return repo
 
 
 @pytest.fixture

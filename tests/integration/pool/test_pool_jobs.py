@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import modelzoo
 import numpy as np
 import orjson
 import pytest
@@ -17,13 +16,6 @@ from pool_recorder import Names, Received, Recorder, pool_section, validate
 from appliance.protocol import codec
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
-
-
-@pytest.fixture
-def pool_repository(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
-    return repo
 
 
 def job(binary: bool = True, **parameters: Any) -> tuple[bytes, dict[str, str]]:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import modelzoo
 import numpy as np
 import orjson
 import pytest
@@ -20,13 +19,6 @@ from pool_recorder import Names, pool_section
 from appliance.pool import cli
 from appliance.pool.platform import PlatformClient
 from appliance.pool.watch import watch
-
-
-@pytest.fixture
-def pool_repository(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
-    return repo
 
 
 def connection_args(broker: Broker, names: Names) -> list[str]:

@@ -7,7 +7,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import modelzoo
 import numpy as np
 import pytest
 from pool_brokers import Broker
@@ -17,13 +16,6 @@ from pool_recorder import Names, pool_section
 from appliance.protocol import codec
 
 X = np.ones((1, 4), dtype=np.float32)
-
-
-@pytest.fixture
-def pool_repository(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
-    return repo
 
 
 def job(request_id: str) -> bytes:

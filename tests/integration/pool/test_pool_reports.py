@@ -13,11 +13,10 @@ from pool_recorder import Names, pool_section
 
 
 @pytest.fixture
-def pool_repository(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
-    modelzoo.write(repo, "corrupt", b"not an onnx file")
-    return repo
+def pool_repository(pool_repository: Path) -> Path:
+    """The shared repository plus a model that cannot load."""
+    modelzoo.write(pool_repository, "corrupt", b"not an onnx file")
+    return pool_repository
 
 
 @pytest.mark.asyncio

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import modelzoo
 import numpy as np
 import orjson
 import pytest
@@ -18,13 +17,6 @@ from appliance.pool.wire import Inbound
 from appliance.protocol import codec
 
 X = np.ones((1, 4), dtype=np.float32)
-
-
-@pytest.fixture
-def pool_repository(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
-    return repo
 
 
 @pytest.mark.asyncio
