@@ -177,6 +177,18 @@ def standard_repository(repo: Path) -> Path:
     return repo
 
 
+# A batch of `heavy()` that takes about 1 s on two cores: surely still running when a test looks, and
+# far above a watchdog's hang limit. The manifest lets it through as one batch, one instance.
+HEAVY_ROWS = 4096
+HEAVY_MANIFEST = """
+slo_p99_ms = 600000.0
+instances = 1
+[batching]
+max_batch_size = 4096
+preferred_batch_sizes = [1]
+"""
+
+
 def heavy(layers: int = 64, width: int = 512) -> onnx.ModelProto:
     """x: FP32 [N, width] through `layers` MatMul+Relu layers: a model slow enough to queue behind."""
     rng = np.random.default_rng(0)

@@ -24,14 +24,6 @@ from appliance.system.admin import admin_socket_path
 
 HOOKS = Path(__file__).resolve().parents[2] / "firmware-hooks"
 FAST = {"verify_wait_s": 5.0, "verify_timed_requests": 3}
-HEAVY_ROWS = 4096  # ~1 s on two cores (bench: modelzoo.heavy, 64 layers of 512): surely still running
-HEAVY_MANIFEST = """
-slo_p99_ms = 600000.0
-instances = 1
-[batching]
-max_batch_size = 4096
-preferred_batch_sizes = [1]
-"""
 
 
 def golden_repository(tmp_path: Path) -> Path:
@@ -100,11 +92,11 @@ def test_drain_is_idempotent_and_commit_admits_again(serve, tmp_path) -> None:
 
 def test_drain_that_times_out_resumes_serving_and_answers_try_later(serve, tmp_path) -> None:
     repo = tmp_path / "repo"
-    modelzoo.write(repo, "heavy", modelzoo.heavy(), manifest=HEAVY_MANIFEST)
+    modelzoo.write(repo, "heavy", modelzoo.heavy(), manifest=modelzoo.HEAVY_MANIFEST)
     with serve(repo, ota={"drain_timeout_s": 0.001}) as running:
         settings = running.service.settings
         scheduler = running.service.hub.scheduler("heavy")
-        x = np.ones((HEAVY_ROWS, 512), np.float32)
+        x = np.ones((modelzoo.HEAVY_ROWS, 512), np.float32)
 
         async def start() -> asyncio.Task:
             task = asyncio.create_task(scheduler.infer({"x": x}))
@@ -119,7 +111,7 @@ def test_drain_that_times_out_resumes_serving_and_answers_try_later(serve, tmp_p
         async def finish() -> dict:
             return await task
 
-        assert running.call(finish)["y"].shape == (HEAVY_ROWS, 512)
+        assert running.call(finish)["y"].shape == (modelzoo.HEAVY_ROWS, 512)
 
 
 def test_snapshot_verify_commit(serve, tmp_path, caplog) -> None:

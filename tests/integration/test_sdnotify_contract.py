@@ -24,14 +24,6 @@ from appliance.protocol import codec
 Message = list[str]  # the KEY=VALUE fields of one datagram
 WAIT_S = 60.0
 READY_LINE = re.compile(r"ready on (http://[\d.]+:\d+)")
-HEAVY_ROWS = 4096  # ~1 s on two cores (modelzoo.heavy: 64 layers of 512), far above the hang limit
-HEAVY_MANIFEST = """
-slo_p99_ms = 600000.0
-instances = 1
-[batching]
-max_batch_size = 4096
-preferred_batch_sizes = [1]
-"""
 
 
 class Manager:
@@ -164,12 +156,12 @@ def test_loading_then_ready_then_watchdog_then_stopping_on_sigterm(tmp_path: Pat
 
 def test_watchdog_pings_stop_while_a_worker_hangs_and_resume_after(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    modelzoo.write(repo, "heavy", modelzoo.heavy(), manifest=HEAVY_MANIFEST)
+    modelzoo.write(repo, "heavy", modelzoo.heavy(), manifest=modelzoo.HEAVY_MANIFEST)
     hang = {"APPLIANCE_SYSTEM__WATCHDOG_HANG_S": "0.01"}
     with serving(tmp_path, repo, watchdog_usec=20_000, **hang) as (manager, url, popen):
         ready = manager.wait_for(is_ready, what="READY=1")
         manager.wait_for(is_ping, after=ready + 1, what="WATCHDOG=1 before the request")
-        encoded = codec.encode_request({"x": np.ones((HEAVY_ROWS, 512), np.float32)})
+        encoded = codec.encode_request({"x": np.ones((modelzoo.HEAVY_ROWS, 512), np.float32)})
         headers = {codec.HEADER_LENGTH: str(encoded.header_length)}
         answers: list[httpx.Response] = []
         request = threading.Thread(
