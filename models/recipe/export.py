@@ -13,6 +13,7 @@ import torch
 from golden import INPUT, OUTPUTS
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from unsigned import unsigned_weights
 
 OPSET = 17  # ONNX Runtime 1.32 runs up to opset 23; 17 keeps older runtimes and TensorRT/OpenVINO EPs happy
 PRODUCER = "appliance models/recipe"
@@ -86,7 +87,8 @@ class _Calibration(CalibrationDataReader):
 
 
 def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -> None:
-    """Static int8 QDQ: uint8 activations, per-channel int8 weights, MinMax calibration (deterministic).
+    """Static 8-bit QDQ: uint8 activations, per-channel symmetric weights stored as uint8 (zero point 128),
+    MinMax calibration (deterministic).
     The heads stay fp32: a 1x1 conv and a linear layer cost nothing, and int8 logits coarsen defect_map."""
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,6 +105,9 @@ def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -
             per_channel=True,
             nodes_to_exclude=heads,
         )
+    quantised = onnx.load(str(int8_path))
+    unsigned_weights(quantised)  # exact on x86 CPUs without VNNI too (unsigned.py says why)
+    onnx.save(quantised, str(int8_path))
     _stamp(int8_path)
 
 

@@ -216,6 +216,33 @@ def test_int8_model_is_quantised_and_fp32_twin_is_not():
     assert "QuantizeLinear" not in ops["surface_defect_fp32"]
 
 
+def test_int8_weights_are_stored_unsigned_so_no_x86_kernel_saturates():
+    onnx = pytest.importorskip("onnx")
+    for name in ("surface_defect", "surface_defect_224", *UINT8_TWINS):
+        graph = onnx.load(str(MODELS_DIR / name / "1" / "model.onnx")).graph
+        initializers = {tensor.name: tensor.data_type for tensor in graph.initializer}
+        weights = [n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+        assert any(initializers[w] == onnx.TensorProto.UINT8 for w in weights), name
+        signed = [w for w in weights if initializers[w] == onnx.TensorProto.INT8]  # biases stay int32
+        assert not signed, f"{name}: int8 weights {signed[:3]} saturate on x86 without VNNI (recipe/unsigned.py)"
+
+
+@pytest.mark.parametrize("name", ["surface_defect", "surface_defect_224"])
+def test_fused_int8_kernels_agree_with_the_float_emulation_of_the_graph(name, held_out):
+    images, _, _ = held_out(name)
+    path = str(MODELS_DIR / name / "1" / "model.onnx")
+    outputs = {}
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        outputs[level] = session.run(["defect_prob", "defect_map"], {"image": images[:32]})
+    emulated, fused = outputs.values()
+    tolerance = tomllib.loads((MODELS_DIR / name / "model.toml").read_text())["samples"]["atol"]
+    for expected, actual in zip(emulated, fused, strict=True):
+        np.testing.assert_allclose(actual, expected, atol=tolerance, rtol=0)
+
+
 def test_generator_is_deterministic_per_seed(surfaces):
     first, again, other = (surfaces.surface(seed, 3, defect=True) for seed in (7, 7, 8))
     np.testing.assert_array_equal(first.image, again.image)
