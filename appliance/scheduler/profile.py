@@ -10,6 +10,7 @@ import numpy as np
 _REFIT_EVERY = 16  # observations between refits; a fit over 256 points costs ~100 us of the event loop
 _OUTLIER_MADS = 3.5  # residuals beyond this many scaled MADs are dropped before the refit
 _MAD_TO_SIGMA = 1.4826
+_NEVER_OUTLIER = 0.01  # a residual within 1% of its prediction is timing noise, never an outlier
 _MIN_CURVE_SHARE = 0.01  # a square term worth less than 1% of the widest batch's time is noise
 _NEAR_BEST = 0.98  # smaller batches within 2% of the best rate win: lower latency, finer preemption
 
@@ -109,7 +110,10 @@ def _robust_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     residuals = y - _predict(coefficients, x)
     scale = _MAD_TO_SIGMA * float(np.median(np.abs(residuals - np.median(residuals))))
     if scale > 0:
-        keep = np.abs(residuals) <= _OUTLIER_MADS * scale
+        # Without the floor, near-exact timings would let rounding noise (which differs by BLAS and
+        # CPU) decide which points are outliers, and drop a batch size the curve needs.
+        floor = _NEVER_OUTLIER * np.abs(_predict(coefficients, x))
+        keep = np.abs(residuals) <= np.maximum(_OUTLIER_MADS * scale, floor)
         if np.unique(x[keep]).size >= 2:
             x, y = x[keep], y[keep]
             coefficients = _fit(x, y)
