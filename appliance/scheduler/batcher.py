@@ -77,9 +77,13 @@ class Batcher:
         """The most rows of pool work whose predicted duration stays within the interference bound.
 
         Predicted = the fitted mean: the p99 margin (often 2-3x under load) would forbid all pool work.
+        One row is always allowed: where a single row outlasts the bound (a slow CPU, a heavy model) a
+        bound of zero rows would refuse every job while the capacity report still offered spare
+        capacity. A one-row batch is as short as pool work gets; line work still goes first (on CPU
+        it runs at idle priority, elsewhere it is preempted between nodes).
         """
-        rows = 0
-        for candidate in range(1, self.row_limit + 1):
+        rows = 1 if self.row_limit else 0
+        for candidate in range(2, self.row_limit + 1):
             if self.profile.expected_s(candidate) > self.rules.max_interference_s:
                 break
             rows = candidate

@@ -73,6 +73,17 @@ def test_line_before_pool_and_pool_bounded_by_interference() -> None:
     assert second.rows == batcher.pool_row_limit() == 2  # 2 ms + 1 ms/row, bound 4.5 ms
 
 
+def test_pool_work_runs_one_row_at_a_time_when_a_row_outlasts_the_interference_bound() -> None:
+    p = profile(intercept_s=0.002, per_row_s=0.02)  # a slow CPU: 22 ms for one row, bound 10 ms
+    batcher = Batcher(BatchRules(max_rows=8, max_queue_delay_s=0.0, max_interference_s=0.010), p)
+    queues = Queues(line_max_requests=16, pool_max_requests=16)
+    for _ in range(3):
+        queues.push(work(1, 10.0, Priority.POOL))
+    batch = batcher.next(queues, 0.0).batch
+    assert batcher.pool_row_limit() == 1
+    assert batch is not None and batch.priority is Priority.POOL and batch.rows == 1
+
+
 def test_waits_for_more_rows_only_while_the_deadline_holds() -> None:
     p = profile(intercept_s=0.002, per_row_s=0.001)
     batcher = Batcher(BatchRules(max_rows=8, max_queue_delay_s=0.005, max_interference_s=1.0), p)
