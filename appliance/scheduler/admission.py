@@ -76,6 +76,10 @@ def admit(
             )
     wait_s = backlog_s(batcher, queues, workers, priority, now_s, pool_yields=pool_yields)
     finish_s = now_s + wait_s + profile.bound_s(rows)
+    if wait_s == 0 and now_s + profile.expected_s(rows) <= deadline_s:
+        # Nothing ahead: it starts now, and the fitted mean fits. Refusing on the p99 margin alone
+        # would lock a model out for good after a burst: the margin only falls with new batches.
+        return
     if finish_s > deadline_s:
         raise Overloaded(
             f"model {model!r}: a request of {rows} rows would finish in "

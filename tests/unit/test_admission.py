@@ -86,3 +86,41 @@ def test_admit_refuses_late_work_and_oversized_pool_batches() -> None:
             deadline_s=9.0,
             pool_yields=True,
         )
+
+
+def test_an_idle_model_admits_what_its_mean_fits_even_when_the_p99_margin_says_no() -> None:
+    b = batcher()
+    for rows in (1, 2, 4, 8) * 15:
+        b.profile.observe(rows, 0.002 + 0.001 * rows)
+    for _ in range(4):  # a burst: a few batches took 3x the fit; the p99 margin now says 1 row takes 9 ms
+        b.profile.observe(1, 0.009)
+    b.profile.refit()
+    assert b.profile.bound_s(1) > 0.006 >= b.profile.expected_s(1)
+    queues = Queues(line_max_requests=64, pool_max_requests=64)
+    idle: list[list[Run]] = [[]]
+    admit("m", b, queues, idle, rows=1, priority=Priority.LINE, now_s=0.0, deadline_s=0.006, pool_yields=True)
+    busy = [[Run(Priority.LINE, 0.0, 0.004)]]
+    with pytest.raises(Overloaded, match="after its deadline"):
+        admit(
+            "m",
+            b,
+            queues,
+            busy,
+            rows=1,
+            priority=Priority.LINE,
+            now_s=0.0,
+            deadline_s=0.006,
+            pool_yields=True,
+        )
+    with pytest.raises(Overloaded, match="after its deadline"):  # not even the mean fits
+        admit(
+            "m",
+            b,
+            queues,
+            idle,
+            rows=1,
+            priority=Priority.LINE,
+            now_s=0.0,
+            deadline_s=0.001,
+            pool_yields=True,
+        )
