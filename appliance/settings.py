@@ -87,6 +87,11 @@ class SchedulerSettings(BaseModel):
     profile_window_batches: int = Field(
         256, ge=8, description="Batches kept per model for the online latency fit."
     )
+    pool_process: bool = Field(
+        True,
+        description="With a pool link, run pool work on CPU providers in one child process per model "
+        "at idle CPU priority (no GIL shared with line work; costs a second copy of the model).",
+    )
 
 
 class PoolSettings(BaseModel):

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import modelzoo
+import onnx
 from hypothesis import strategies as st
+
+from appliance.engine.model import LoadedModel
+from appliance.engine.repository import Repository
+from appliance.providers.registry import Registry
+from appliance.settings import ModelSettings
 
 # Any JSON value, nested a little: what a client might put where a tensor's data belongs.
 JSON_VALUES = st.recursive(
@@ -16,3 +25,20 @@ JSON_VALUES = st.recursive(
 
 def strip_scheme(url: str) -> str:
     return url.split("://", 1)[1]
+
+
+def load_model(tmp_path: Path, model: onnx.ModelProto, manifest: str = "", name: str = "m") -> LoadedModel:
+    """A LoadedModel on the CPU provider, one thread per call, warmed up, from <tmp_path>/repo/<name>."""
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, name, model, manifest=manifest)
+    registry = Registry.discover()
+    loaded = LoadedModel.load(
+        Repository(repo).source(name),
+        registry=registry,
+        settings=ModelSettings(),
+        provider_configs=registry.configs({}),
+        cache_dir=tmp_path / "cache",
+        threads_per_call=1,
+    )
+    loaded.warm_up(2)
+    return loaded

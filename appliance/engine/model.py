@@ -84,8 +84,12 @@ class LoadedModel:
         provider_configs: Mapping[str, object],
         cache_dir: Path,
         threads_per_call: int,
+        providers: Sequence[str] | None = None,
     ) -> LoadedModel:
-        """Verify, open and inspect a model; ModelLoadError with ORT's reason if it cannot serve."""
+        """Verify, open and inspect a model; ModelLoadError with ORT's reason if it cannot serve.
+
+        `providers` pins the chain (a replica reopens the model on the provider that took it).
+        """
         started = time.perf_counter()
         manifest = source.manifest
         try:
@@ -97,7 +101,7 @@ class LoadedModel:
                 f"model {source.name!r}: {source.path.name} has sha256 {digest}; "
                 f"model.toml expects {manifest.sha256}"
             )
-        chain = registry.chain(manifest.providers or settings.providers)
+        chain = registry.chain(list(providers) if providers else manifest.providers or settings.providers)
         try:
             placement = open_session(
                 source.path,

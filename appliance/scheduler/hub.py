@@ -168,7 +168,14 @@ class ModelHub:
             pool_max_requests=scheduler.pool_queue_max_requests,
             profile_window=scheduler.profile_window_batches,
             max_interference_ms=pool.max_interference_ms,
+            pool_process=self.settings if self._uses_pool_process else None,
         )
+
+    @property
+    def _uses_pool_process(self) -> bool:
+        """A pool process per model only where pool jobs come in: it costs a second copy of the model."""
+        pool = self.settings.pool
+        return self.settings.scheduler.pool_process and pool.broker is not None and pool.accept_jobs
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting everywhere and wait for every admitted request to be answered."""

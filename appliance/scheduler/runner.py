@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.engine.model import LoadedModel, RunControl
+from appliance.engine.replica import Replica, ReplicaSpec
 from appliance.errors import DeadlineExceeded, ModelNotReady
 from appliance.scheduler import admission
 from appliance.scheduler.batcher import Batcher, BatchRules
@@ -20,6 +21,7 @@ from appliance.scheduler.profile import LatencyProfile
 from appliance.scheduler.queues import Priority, Queues, Work
 from appliance.scheduler.stats import ModelStats
 from appliance.scheduler.worker import BatchRun, Worker
+from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class SchedulerConfig:
     preempt_pool: bool = True  # with shared workers (accelerators): stop a pool batch for line work
     line_reserved_workers: int = 1  # shared workers pool work never takes (at least one is left to it)
     background_pool: bool = True  # on CPU providers, run pool work on threads at nice 19
+    pool_process: Settings | None = None  # ...and their batches in a child process opened with these
 
 
 @dataclass(slots=True, eq=False)
@@ -96,9 +99,24 @@ class ModelScheduler:
         # kernel gives line work and the event loop the CPU first. An accelerator has no such
         # knob: there pool work shares the line workers and is preempted instead.
         self.has_background_pool = config.background_pool and model.provider in CPU_PROVIDERS
+        # Their batches run in a child process when the pool link is on: no GIL shared with line work.
+        self.replica = (
+            Replica(ReplicaSpec.of(model, config.pool_process), config.instances)
+            if self.has_background_pool and config.pool_process is not None
+            else None
+        )
         self.pool_workers = (
             [
-                Worker(config.instances + i, model, self._worker_done, _inputs_of, clock, is_background=True)
+                Worker(
+                    config.instances + i,
+                    model,
+                    self._worker_done,
+                    _inputs_of,
+                    clock,
+                    is_background=True,
+                    replica=self.replica,
+                    channel=i,
+                )
                 for i in range(config.instances)
             ]
             if self.has_background_pool
@@ -122,6 +140,8 @@ class ModelScheduler:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.replica is not None:
+            self.replica.start()  # it loads the model meanwhile; the first pool batch waits for it
         for worker in self.workers:
             worker.start()
         self.is_accepting = True
@@ -295,8 +315,8 @@ class ModelScheduler:
         else:
             now = self.clock()
             if run.is_whole and run.compute_s > 0:
-                if not (worker.is_background and any(w.runs for w in self.line_workers)):
-                    self.profile.observe(run.rows, run.compute_s)  # not a pool batch slowed by line work
+                if not worker.is_background:  # idle-priority batches time what line work left them
+                    self.profile.observe(run.rows, run.compute_s)
                 self.stats.record_batch(run.rows, run.compute_s, len(run.items))
                 self.busy.add(now, run.compute_s)
             for work, outcome in zip(run.items, run.outcomes, strict=True):
@@ -376,6 +396,8 @@ class ModelScheduler:
         for worker in self.workers:
             if not await asyncio.to_thread(worker.join, timeout_s):
                 log.warning("model %s: worker %d did not stop in %.0f s", self.name, worker.index, timeout_s)
+        if self.replica is not None:
+            await asyncio.to_thread(self.replica.close, timeout_s)
         if self._timer is not None:
             self._timer.cancel()
 

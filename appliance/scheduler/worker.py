@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from appliance.engine.model import LoadedModel, RunControl, Terminated
-from appliance.errors import ApplianceError, DeadlineExceeded, InferenceFailed
+from appliance.engine.replica import Replica
+from appliance.errors import ApplianceError, DeadlineExceeded, InferenceFailed, ModelNotReady
 from appliance.scheduler.queues import Priority, Work
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,13 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
         *,
         is_background: bool = False,
+        replica: Replica | None = None,
+        channel: int = 0,
     ) -> None:
         self._clock = clock
         self.is_background = is_background  # runs pool work at the lowest CPU priority
+        self.replica = replica  # runs this worker's batches in the pool process, over `channel`
+        self.channel = channel
         self._priority: BackgroundPriority | None = None
         self.index = index
         self.model = model
@@ -136,6 +141,14 @@ class Worker:
                 run.outcomes = [self._run_alone(work) for work in run.items]
 
     def _run(self, feed: dict[str, np.ndarray], control: RunControl | None) -> dict[str, np.ndarray]:
+        replica = self.replica
+        if replica is not None and replica.is_usable:
+            try:
+                return replica.run(self.channel, feed)
+            except ModelNotReady:
+                if replica.failure is None:
+                    raise
+                # the pool process cannot load the model: run here, at idle priority, from now on
         if self._priority is None:
             return self.model.run(feed, control=control)
         self._priority.lower()
@@ -161,7 +174,7 @@ class Worker:
 
     def _run_alone(self, work: Work) -> Outcome:
         try:
-            return self.model.run(self._inputs_of(work))
+            return self._run(dict(self._inputs_of(work)), None)
         except ApplianceError as exc:
             return exc
 

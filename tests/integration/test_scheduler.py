@@ -10,15 +10,13 @@ from pathlib import Path
 import modelzoo
 import numpy as np
 import pytest
+from tests_support import load_model as load
 
 from appliance.engine.model import LoadedModel
-from appliance.engine.repository import Repository
 from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
-from appliance.providers.registry import Registry
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
 from appliance.scheduler.worker import BackgroundPriority
-from appliance.settings import ModelSettings
 
 
 class FakeClock:
@@ -27,22 +25,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def load(tmp_path: Path, model, manifest: str = "") -> LoadedModel:
-    repo = tmp_path / "repo"
-    modelzoo.write(repo, "m", model, manifest=manifest)
-    registry = Registry.discover()
-    loaded = LoadedModel.load(
-        Repository(repo).source("m"),
-        registry=registry,
-        settings=ModelSettings(),
-        provider_configs=registry.configs({}),
-        cache_dir=tmp_path / "cache",
-        threads_per_call=1,
-    )
-    loaded.warm_up(2)
-    return loaded
 
 
 async def started(model: LoadedModel, clock=None, **config) -> ModelScheduler:

@@ -221,10 +221,14 @@ def test_int8_weights_are_stored_unsigned_so_no_x86_kernel_saturates():
     for name in ("surface_defect", "surface_defect_224", *UINT8_TWINS):
         graph = onnx.load(str(MODELS_DIR / name / "1" / "model.onnx")).graph
         initializers = {tensor.name: tensor.data_type for tensor in graph.initializer}
-        weights = [n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+        weights = [
+            n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers
+        ]
         assert any(initializers[w] == onnx.TensorProto.UINT8 for w in weights), name
         signed = [w for w in weights if initializers[w] == onnx.TensorProto.INT8]  # biases stay int32
-        assert not signed, f"{name}: int8 weights {signed[:3]} saturate on x86 without VNNI (recipe/unsigned.py)"
+        assert not signed, (
+            f"{name}: int8 weights {signed[:3]} saturate on x86 without VNNI (recipe/unsigned.py)"
+        )
 
 
 @pytest.mark.parametrize("name", ["surface_defect", "surface_defect_224"])

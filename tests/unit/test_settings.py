@@ -91,6 +91,7 @@ def test_every_field_is_described_and_units_are_named() -> None:
         "cert_file",
         "key_file",
         "accept_jobs",
+        "pool_process",
         "log_level",
         "state_dir",
         "cache_dir",

@@ -1,0 +1,174 @@
+"""Pool work in a child process (engine/replica.py): same answers, idle priority, restarts, fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import modelzoo
+import numpy as np
+import pytest
+from tests_support import load_model
+
+from appliance.engine import replica as wire
+from appliance.errors import InferenceFailed
+from appliance.scheduler.queues import Priority
+from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
+from appliance.settings import Settings
+from appliance.system import cpu
+
+FAR_SLO = "slo_p99_ms = 60000\n"  # these tests are about where work runs, never about its deadline
+
+
+def pool_scheduler(model, instances: int = 2) -> ModelScheduler:
+    scheduler = ModelScheduler(model, SchedulerConfig(instances=instances, pool_process=Settings()))
+    scheduler.start()
+    return scheduler
+
+
+def rows(value: float, count: int = 2) -> dict[str, np.ndarray]:
+    return {"x": np.arange(count * 4, dtype=np.float32).reshape(count, 4) + value}
+
+
+def test_pool_batches_run_in_an_idle_priority_child_and_answer_as_line_batches(tmp_path: Path) -> None:
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
+
+    async def scenario():
+        scheduler = pool_scheduler(model)
+        try:
+            pool = await asyncio.gather(*(scheduler.infer(rows(v), priority=Priority.POOL) for v in range(8)))
+            line = await asyncio.gather(*(scheduler.infer(rows(v)) for v in range(8)))
+            pid = scheduler.replica.pid
+            policy = os.sched_getscheduler(pid)
+            child = scheduler.replica._child.process
+        finally:
+            await scheduler.close()
+        return pool, line, pid, policy, child
+
+    pool, line, pid, policy, child = asyncio.run(scenario())
+    for value, (from_pool, from_line) in enumerate(zip(pool, line, strict=True)):
+        np.testing.assert_array_equal(from_pool["y"], rows(value)["x"] * 2 + 1)
+        np.testing.assert_array_equal(from_pool["y"], from_line["y"])
+        np.testing.assert_array_equal(from_pool["s"], from_line["s"])
+    assert pid is not None and pid != os.getpid()
+    assert policy == os.SCHED_IDLE
+    assert child.returncode == 0  # it ended when the scheduler closed its sockets
+
+
+def test_text_tensors_cross_to_the_pool_process(tmp_path: Path) -> None:
+    model = load_model(tmp_path, modelzoo.strings(), FAR_SLO)
+
+    async def scenario():
+        scheduler = pool_scheduler(model, instances=1)
+        try:
+            text = np.array([b"bolt", "nut"], dtype=object)
+            return await scheduler.infer({"text": text}, priority=Priority.POOL)
+        finally:
+            await scheduler.close()
+
+    outputs = asyncio.run(scenario())
+    assert [bytes(v) if isinstance(v, bytes) else v.encode() for v in outputs["echo"]] == [b"bolt", b"nut"]
+    assert outputs["n"].tolist() == [2]
+
+
+def test_a_killed_pool_process_is_replaced_and_every_job_gets_one_answer(tmp_path: Path) -> None:
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
+
+    async def scenario():
+        scheduler = pool_scheduler(model, instances=1)
+        try:
+            await scheduler.infer(rows(0), priority=Priority.POOL)
+            first = scheduler.replica._child.process
+            first.kill()
+            first.wait()
+            after_idle_kill = await scheduler.infer(rows(1), priority=Priority.POOL)
+            second = scheduler.replica._child.process
+            second.send_signal(signal.SIGSTOP)  # holds the next batch; the kill then lands mid-run
+            job = asyncio.create_task(scheduler.infer(rows(2), priority=Priority.POOL))
+            while not scheduler.pool_workers[0].runs:
+                await asyncio.sleep(0)
+            second.kill()
+            mid_run = await asyncio.gather(job, return_exceptions=True)
+            last = await scheduler.infer(rows(3), priority=Priority.POOL)
+            return first.pid, second.pid, scheduler.replica.pid, after_idle_kill, mid_run[0], last
+        finally:
+            await scheduler.close()
+
+    first, second, third, after_idle_kill, mid_run, last = asyncio.run(scenario())
+    np.testing.assert_array_equal(after_idle_kill["y"], rows(1)["x"] * 2 + 1)
+    if isinstance(mid_run, Exception):  # the kill found the batch in the child
+        assert isinstance(mid_run, InferenceFailed) and "pool process exited" in str(mid_run)
+    else:  # the kill came before the worker looked: a fresh child ran it
+        np.testing.assert_array_equal(mid_run["y"], rows(2)["x"] * 2 + 1)
+    np.testing.assert_array_equal(last["y"], rows(3)["x"] * 2 + 1)
+    assert len({first, second, third}) == 3
+
+
+def test_a_child_that_cannot_open_the_model_leaves_pool_work_in_process(tmp_path: Path) -> None:
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
+    model.source.path.write_bytes(modelzoo.batchable().SerializeToString() + b"\x00")  # not what was served
+
+    async def scenario():
+        scheduler = pool_scheduler(model, instances=1)
+        try:
+            outputs = await scheduler.infer(rows(5), priority=Priority.POOL)
+            again = await scheduler.infer(rows(6), priority=Priority.POOL)
+            return outputs, again, scheduler.replica.failure, scheduler.replica.pid
+        finally:
+            await scheduler.close()
+
+    outputs, again, failure, pid = asyncio.run(scenario())
+    np.testing.assert_array_equal(outputs["y"], rows(5)["x"] * 2 + 1)
+    np.testing.assert_array_equal(again["y"], rows(6)["x"] * 2 + 1)
+    assert failure is not None and "changed since the service loaded it" in failure
+    assert pid is None
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        [np.zeros((0, 4), np.float32)],
+        [np.arange(12, dtype=">i4").reshape(3, 4)[:, ::2]],  # non-native order, not contiguous
+        [np.array(7.5), np.array([[b"a", b""]], dtype=object), np.ones((2, 3), np.float16)],
+    ],
+)
+def test_frames_carry_tensors_as_they_are(arrays) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        wire.send_message(ours, {"inputs": ["a", "b", "c"][: len(arrays)]}, arrays)
+        header, received = wire.receive_message(theirs)
+    assert header == {"inputs": ["a", "b", "c"][: len(arrays)]}
+    for sent, got in zip(arrays, received, strict=True):
+        assert got.dtype == sent.dtype and got.shape == sent.shape
+        np.testing.assert_array_equal(got, sent)
+
+
+def test_a_closed_socket_reads_as_end_of_stream() -> None:
+    ours, theirs = socket.socketpair()
+    with theirs:
+        ours.sendall(b"\x10\x00")  # half a length
+        ours.close()
+        with pytest.raises(EOFError):
+            wire.receive_message(theirs)
+
+
+def test_the_cpu_budget_counts_the_pool_processes() -> None:
+    before = cpu.sample().own_cpu_s
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    script = burn + "print('burnt', flush=True)\ninput()\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "burnt\n"
+        alive = cpu.sample().own_cpu_s
+    finally:
+        child.communicate("\n")
+    reaped = cpu.sample().own_cpu_s
+    assert alive - before >= 0.3  # a running child counts...
+    assert reaped >= alive  # ...and still counts once it has ended
