@@ -20,8 +20,10 @@ interference.py for why not nice 19).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import multiprocessing
+import re
 import shlex
 import shutil
 import socket
@@ -87,6 +89,7 @@ class PoolFlood:
         self.properties.UserProperty = [(codec.HEADER_LENGTH, str(header_length))]
         self.outstanding = 0
         self.paused_until_s = 0.0
+        self.refusals: collections.Counter[str] = collections.Counter()
         self.condition = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._answered
@@ -109,6 +112,8 @@ class PoolFlood:
 
     def _answered(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         is_ok = dict(getattr(message.properties, "UserProperty", None) or []).get("status") == "200"
+        if not is_ok:
+            self.refusals[_refusal_kind(message.payload)] += 1
         with self.counts.get_lock():
             self.counts[0 if is_ok else 1] += 1
         with self.condition:
@@ -116,6 +121,15 @@ class PoolFlood:
             if not is_ok:
                 self.paused_until_s = time.monotonic() + _retry_after_s(message.payload)
             self.condition.notify_all()
+
+
+def _refusal_kind(payload: bytes) -> str:
+    """The refusal's message with its numbers taken out, so that alike refusals count together."""
+    try:
+        error = str(json.loads(payload).get("error", ""))
+    except (ValueError, AttributeError):
+        error = "unreadable answer"
+    return re.sub(r"\d+(\.\d+)?", "N", error)[:90]
 
 
 def _retry_after_s(payload: bytes) -> float:
@@ -127,10 +141,20 @@ def _retry_after_s(payload: bytes) -> float:
 
 
 def _flood(
-    url: str, topic: str, body: bytes, header_length: int, inflight: int, counts: Any, stop: Any, sched: str
+    url: str,
+    topic: str,
+    body: bytes,
+    header_length: int,
+    inflight: int,
+    counts: Any,
+    stop: Any,
+    sched: str,
+    reasons: Any,
 ) -> None:
     set_sched(sched)
-    PoolFlood(url, topic, body, header_length, inflight, counts).run(stop)
+    flood = PoolFlood(url, topic, body, header_length, inflight, counts)
+    flood.run(stop)
+    reasons.put(dict(flood.refusals))
 
 
 class FloodProcess:
@@ -140,15 +164,28 @@ class FloodProcess:
         self.counts = multiprocessing.Array("q", 2)  # answered ok, refused
         self.stop_event = multiprocessing.Event()
         assert job.header_length is not None
-        arguments = (url, topic, job.body(), job.header_length, inflight, self.counts, self.stop_event, sched)
+        self.reasons: Any = multiprocessing.Queue()  # refusals by reason, over the whole flood
+        arguments = (
+            url,
+            topic,
+            job.body(),
+            job.header_length,
+            inflight,
+            self.counts,
+            self.stop_event,
+            sched,
+            self.reasons,
+        )
         self.process = multiprocessing.Process(target=_flood, args=arguments, daemon=True)
 
     def start(self) -> None:
         self.process.start()
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, int]:
         self.stop_event.set()
+        reasons = self.reasons.get(timeout=30)
         self.process.join(30)
+        return reasons
 
     def count(self) -> tuple[int, int]:
         with self.counts.get_lock():
@@ -169,13 +206,14 @@ async def line_with_flood(
     line_statuses = {str(status): count for status, count in line_result.statuses.items()}
     elapsed_s = time.perf_counter() - started_s
     after = flood.count()
-    flood.stop()
+    reasons = flood.stop()
     ok, refused = after[0] - before[0], after[1] - before[1]
     pool = {
         "jobs_ok_per_s": round(ok / elapsed_s, 1),
         "refused_per_s": round(refused / elapsed_s, 1),
         "jobs_ok": ok,
         "jobs_refused": refused,
+        "refusals_by_reason": reasons,
     }
     model_report = capacity["models"][model]
     node = {
@@ -184,6 +222,7 @@ async def line_with_flood(
         "max_ips_at_slo": model_report["max_ips_at_slo"],
         "served_ips": model_report["served_ips"],
         "spare_ips_at_slo": model_report["spare_ips_at_slo"],
+        "cpu_budget": capacity.get("cpu"),
     }
     return {**line_result.summary(), "statuses": line_statuses}, pool, node
 
