@@ -66,7 +66,9 @@ def rewrite(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("models", nargs="+", type=Path, help="QDQ model.onnx files, rewritten in place")
     for path in parser.parse_args(argv).models:
         print(f"{path}: {rewrite(path)} weight tensors now uint8")
