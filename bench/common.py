@@ -54,7 +54,19 @@ def serve(
         match = READY.search(line)
     if match is None:
         raise RuntimeError("server did not become ready:\n" + "".join(lines))
-    drain = threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True)  # type: ignore[union-attr]
+    log_path = os.environ.get("BENCH_SERVER_LOG")  # keep what the server logs, to look into a run
+    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 (closed by the drain thread)
+
+    def keep_draining() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            if log_file is not None:
+                log_file.write(line)
+        if log_file is not None:
+            log_file.close()
+
+    if log_file is not None:
+        log_file.writelines(lines)
+    drain = threading.Thread(target=keep_draining, daemon=True)
     drain.start()
     try:
         yield Server(match.group(1), int(match.group(2)), process)

@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,7 @@ class Replica:
         self.channels = channels
         self.failure: str | None = None
         self.restarts = 0
+        self.compute_s = [0.0] * channels  # ORT's time in the child for each channel's last batch
         self._lock = threading.Lock()
         self._child: _Child | None = None
         self._is_closed = False
@@ -217,6 +219,7 @@ class Replica:
             ) from None
         if "error" in header:
             raise _ERRORS.get(header["error"], errors.InferenceFailed)(header["message"])
+        self.compute_s[channel] = header["compute_s"]
         return dict(zip(header["outputs"], arrays, strict=True))
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -311,11 +314,20 @@ def _serve(model: LoadedModel, sock: socket.socket) -> None:
             header, arrays = receive_message(sock)
             feed = dict(zip(header["inputs"], arrays, strict=True))
             try:
+                started = time.perf_counter()
                 outputs = model.run(feed)
+                compute_s = time.perf_counter() - started
             except errors.ApplianceError as exc:
                 send_message(sock, {"error": type(exc).__name__, "message": str(exc)})
                 continue
-            send_message(sock, {"outputs": list(outputs)}, list(outputs.values()))
+            except Exception as exc:  # a bug must still answer, or the parent's worker waits for ever
+                log.exception("pool process for model %s: batch failed unexpectedly", model.name)
+                message = (
+                    f"model {model.name!r}: internal error in the pool process: {type(exc).__name__}: {exc}"
+                )
+                send_message(sock, {"error": "InferenceFailed", "message": message})
+                continue
+            send_message(sock, {"outputs": list(outputs), "compute_s": compute_s}, list(outputs.values()))
 
 
 def main(argv: list[str]) -> int:

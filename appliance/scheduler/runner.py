@@ -315,8 +315,8 @@ class ModelScheduler:
         else:
             now = self.clock()
             if run.is_whole and run.compute_s > 0:
-                if not worker.is_background:  # idle-priority batches time what line work left them
-                    self.profile.observe(run.rows, run.compute_s)
+                if not (worker.is_background and any(w.runs for w in self.line_workers)):
+                    self.profile.observe(run.rows, run.compute_s)  # not a pool batch slowed by line work
                 self.stats.record_batch(run.rows, run.compute_s, len(run.items))
                 self.busy.add(now, run.compute_s)
             for work, outcome in zip(run.items, run.outcomes, strict=True):

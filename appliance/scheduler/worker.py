@@ -75,6 +75,7 @@ class Worker:
         self._inputs_of = inputs_of
         self._inbox: queue.SimpleQueue[BatchRun | None] = queue.SimpleQueue()
         self._buffers: dict[Hashable, dict[str, np.ndarray]] = {}
+        self._away_s = 0.0  # of the batch running: time spent waiting on the pool process, not computing
         kind = "pool" if is_background else "worker"
         self._thread = threading.Thread(target=self._loop, name=f"{kind}-{model.name}-{index}", daemon=True)
 
@@ -127,10 +128,11 @@ class Worker:
                 return
         try:
             started = time.perf_counter()  # copies in and out count: they grow with the batch too
+            self._away_s = 0.0
             feed = self._assemble(run.items, run.rows)
             results = self._run(feed, run.control)
             run.outcomes = self._split(results, run)
-            run.compute_s = time.perf_counter() - started
+            run.compute_s = time.perf_counter() - started - self._away_s
         except Terminated:
             run.is_preempted = True
         except ApplianceError as exc:
@@ -143,8 +145,12 @@ class Worker:
     def _run(self, feed: dict[str, np.ndarray], control: RunControl | None) -> dict[str, np.ndarray]:
         replica = self.replica
         if replica is not None and replica.is_usable:
+            sent = time.perf_counter()
             try:
-                return replica.run(self.channel, feed)
+                results = replica.run(self.channel, feed)
+                # the socket and the child's wait for an idle core are not what the batch costs
+                self._away_s += time.perf_counter() - sent - replica.compute_s[self.channel]
+                return results
             except ModelNotReady:
                 if replica.failure is None:
                     raise
