@@ -45,6 +45,7 @@ from appliance.settings import Settings
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("<Q")
+_OOM_SCORE_ADJ = 500  # the child's; raising one's own needs no privilege
 _PICKLED = "pickle"
 _ERRORS: dict[str, type[errors.ApplianceError]] = {
     "InvalidInput": errors.InvalidInput,
@@ -336,6 +337,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.ERROR)  # what goes wrong reaches the parent in an error frame
     _lower_priority()
+    with contextlib.suppress(OSError):  # short of memory, the kernel kills pool work before the line
+        Path("/proc/self/oom_score_adj").write_text(str(_OOM_SCORE_ADJ))
     sockets = [socket.socket(fileno=int(fd)) for fd in argv]
     try:
         spec: ReplicaSpec = pickle.loads(_receive_frame(sockets[0]))

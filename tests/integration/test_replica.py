@@ -45,18 +45,20 @@ def test_pool_batches_run_in_an_idle_priority_child_and_answer_as_line_batches(t
             line = await asyncio.gather(*(scheduler.infer(rows(v)) for v in range(8)))
             pid = scheduler.replica.pid
             policy = os.sched_getscheduler(pid)
+            oom_score_adj = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
             child = scheduler.replica._child.process
         finally:
             await scheduler.close()
-        return pool, line, pid, policy, child
+        return pool, line, pid, policy, oom_score_adj, child
 
-    pool, line, pid, policy, child = asyncio.run(scenario())
+    pool, line, pid, policy, oom_score_adj, child = asyncio.run(scenario())
     for value, (from_pool, from_line) in enumerate(zip(pool, line, strict=True)):
         np.testing.assert_array_equal(from_pool["y"], rows(value)["x"] * 2 + 1)
         np.testing.assert_array_equal(from_pool["y"], from_line["y"])
         np.testing.assert_array_equal(from_pool["s"], from_line["s"])
     assert pid is not None and pid != os.getpid()
     assert policy == os.SCHED_IDLE
+    assert oom_score_adj == 500  # short of memory, the kernel ends pool work before the service
     assert child.returncode == 0  # it ended when the scheduler closed its sockets
 
 
