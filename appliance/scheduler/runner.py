@@ -92,36 +92,21 @@ class ModelScheduler:
         self.stats = ModelStats()
         self.served = {p: RateMeter() for p in Priority}
         self.busy = RateMeter()  # worker-seconds per second
-        self.line_workers = [
-            Worker(i, model, self._worker_done, _inputs_of, clock) for i in range(config.instances)
-        ]
+        k = config.instances
+        self.line_workers = [Worker(i, model, self._worker_done, _inputs_of, clock) for i in range(k)]
         # On the host's cores, pool work gets its own threads at the lowest CPU priority, so the
         # kernel gives line work and the event loop the CPU first. An accelerator has no such
         # knob: there pool work shares the line workers and is preempted instead.
         self.has_background_pool = config.background_pool and model.provider in CPU_PROVIDERS
-        # Their batches run in a child process when the pool link is on: no GIL shared with line work.
-        self.replica = (
-            Replica(ReplicaSpec.of(model, config.pool_process), config.instances)
-            if self.has_background_pool and config.pool_process is not None
-            else None
-        )
-        self.pool_workers = (
-            [
-                Worker(
-                    config.instances + i,
-                    model,
-                    self._worker_done,
-                    _inputs_of,
-                    clock,
-                    is_background=True,
-                    replica=self.replica,
-                    channel=i,
-                )
-                for i in range(config.instances)
-            ]
-            if self.has_background_pool
-            else []
-        )
+        self.replica = None  # their batches may run in a child process instead (engine/replica.py)
+        if self.has_background_pool and config.pool_process is not None:
+            self.replica = Replica(ReplicaSpec.of(model, config.pool_process), config.instances)
+        self.pool_workers = [
+            Worker(
+                k + i, model, self._worker_done, _inputs_of, clock, is_background=True, replica=self.replica
+            )
+            for i in range(k if self.has_background_pool else 0)
+        ]
         self.workers = self.line_workers + self.pool_workers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None

@@ -60,12 +60,10 @@ class Worker:
         *,
         is_background: bool = False,
         replica: Replica | None = None,
-        channel: int = 0,
     ) -> None:
         self._clock = clock
         self.is_background = is_background  # runs pool work at the lowest CPU priority
-        self.replica = replica  # runs this worker's batches in the pool process, over `channel`
-        self.channel = channel
+        self.replica = replica  # runs this worker's batches in the pool process
         self._priority: BackgroundPriority | None = None
         self.index = index
         self.model = model
@@ -147,9 +145,10 @@ class Worker:
         if replica is not None and replica.is_usable:
             sent = time.perf_counter()
             try:
-                results = replica.run(self.channel, feed)
+                channel = self.index % replica.channels  # pool workers are numbered K..2K-1
+                results = replica.run(channel, feed)
                 # the socket and the child's wait for an idle core are not what the batch costs
-                self._away_s += time.perf_counter() - sent - replica.compute_s[self.channel]
+                self._away_s += time.perf_counter() - sent - replica.compute_s[channel]
                 return results
             except ModelNotReady:
                 if replica.failure is None:
