@@ -201,7 +201,7 @@ class SystemSettings(BaseModel):
         description="Runtime files (admin socket); $RUNTIME_DIRECTORY wins.",
     )
     watchdog_hang_s: float = Field(
-        30.0, gt=0, description="A worker busy on one batch longer than this counts as hung."
+        30.0, gt=0, description="A line worker busy on one batch longer than this counts as hung."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 

@@ -346,8 +346,13 @@ class ModelScheduler:
         return min(1.0, self.busy.rate(self.clock()) / len(self.line_workers))
 
     def hung_workers(self, hang_s: float) -> list[int]:
+        """Line workers busy on one batch for longer than `hang_s` (what stops the systemd watchdog).
+
+        Pool workers at idle priority wait for as long as line work keeps the cores busy: by design,
+        not a hang, and no reason to restart a service that is serving its line.
+        """
         now = time.monotonic()
-        return [w.index for w in self.workers if w.is_hung(now, hang_s)]
+        return [w.index for w in self.line_workers if w.is_hung(now, hang_s)]
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting; wait until every admitted request is answered. True if it settled in time."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 
 import modelzoo
@@ -255,3 +256,25 @@ def test_capacity_follows_the_fit_and_is_not_recomputed_per_request(tmp_path: Pa
             await scheduler.close()
 
     asyncio.run(scenario())
+
+
+def test_only_line_workers_count_as_hung(tmp_path: Path) -> None:
+    model = load(tmp_path, modelzoo.batchable())
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        scheduler = await started(model, instances=1)
+        try:
+            assert scheduler.pool_workers, "CPU provider: pool work has threads of its own"
+            long_ago = time.monotonic() - 3600
+            scheduler.pool_workers[0].busy_since_s = long_ago  # starved at idle priority for an hour
+            pool_only = scheduler.hung_workers(60.0)
+            scheduler.line_workers[0].busy_since_s = long_ago
+            both = scheduler.hung_workers(60.0)
+            scheduler.line_workers[0].busy_since_s = scheduler.pool_workers[0].busy_since_s = None
+            return pool_only, both
+        finally:
+            await scheduler.close()
+
+    pool_only, both = asyncio.run(scenario())
+    assert pool_only == []
+    assert both == [0]
