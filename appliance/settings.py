@@ -88,10 +88,10 @@ class SchedulerSettings(BaseModel):
         256, ge=8, description="Batches kept per model for the online latency fit."
     )
     pool_process: bool = Field(
-        False,
+        True,
         description="With a pool link, run pool work on CPU providers in one child process per model "
-        "at idle CPU priority: a crash or OOM on a pool job ends only that child. Costs a second copy "
-        "of each model; off by default (bench/README.md has what it did to line p99).",
+        "at idle CPU priority: no GIL shared with line work, and a crash or OOM on a pool job ends only "
+        "that child. Costs a second copy of each model in memory.",
     )
 
 

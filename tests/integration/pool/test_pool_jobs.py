@@ -74,16 +74,18 @@ async def test_job_runs_and_answers_on_the_response_topic(
         assert event["model"] == "batchable" and event["status"] == 200
         scheduler = running.service.hub.scheduler("batchable")
         assert scheduler.stats.requests[("pool", "success")] == 1
-        assert scheduler.replica is None  # pool work stays in-process unless scheduler.pool_process
+        assert (
+            scheduler.replica is not None and scheduler.replica.pid is not None
+        )  # it ran in the pool process
 
 
 @pytest.mark.asyncio
-async def test_with_a_pool_process_jobs_run_in_it_and_line_work_does_not(
+async def test_without_a_pool_process_jobs_run_on_the_services_own_threads(
     serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
 ) -> None:
     recorder = await recorder_factory(broker, names)
     pool = pool_section(broker, names)
-    with serve(pool_repository, pool=pool, scheduler={"pool_process": True}) as running:
+    with serve(pool_repository, pool=pool, scheduler={"pool_process": False}) as running:
         await recorder.node("birth")
         body, user = job(binary=broker.is_v5, timeout=30_000_000)
         answer = await ask(recorder, names, "infer/batchable", body, user=user, expiry_s=30)
@@ -91,9 +93,8 @@ async def test_with_a_pool_process_jobs_run_in_it_and_line_work_does_not(
         outputs = codec.decode_response(answer.payload, int(length) if length else None)
         np.testing.assert_array_equal(outputs["y"], X * 2 + 1)
         scheduler = running.service.hub.scheduler("batchable")
-        assert scheduler.replica is not None and scheduler.replica.pid is not None
-        assert scheduler.replica.compute_s[0] > 0 or scheduler.replica.compute_s[-1] > 0  # it ran there
-        assert all(w.replica is None for w in scheduler.line_workers)
+        assert scheduler.replica is None
+        assert all(w.replica is None for w in scheduler.workers)
 
 
 @pytest.mark.asyncio
