@@ -123,6 +123,7 @@ def statistics(entry: ModelEntry) -> dict[str, Any]:
         ],
         "failures": dict(stats.failures),
         "preemptions": stats.preemptions,
+        "pool_process": _pool_process(scheduler),
         "latency_profile": {"provider": scheduler.model.provider, **scheduler.profile.as_dict()},
         "instances": [
             {
@@ -133,3 +134,11 @@ def statistics(entry: ModelEntry) -> dict[str, Any]:
             for t in entry.trials
         ],
     }
+
+
+def _pool_process(scheduler: ModelScheduler) -> dict[str, Any] | None:
+    """The model's pool process, where pool work runs in one (scheduler.pool_process)."""
+    replica = scheduler.replica
+    if replica is None:
+        return None
+    return {"pid": replica.pid, "restarts": replica.restarts, "failure": replica.failure}

@@ -83,6 +83,13 @@ def render(hub: ModelHub) -> str:
             "appliance_preemptions_total", "counter", "Pool batches stopped to make way for line work."
         )
         out.sample("appliance_preemptions_total", stats.preemptions, model=model)
+        if scheduler.replica is not None:
+            out.declare(
+                "appliance_pool_process_restarts_total",
+                "counter",
+                "Pool processes started again after dying.",
+            )
+            out.sample("appliance_pool_process_restarts_total", scheduler.replica.restarts, model=model)
         for name, attribute, help_text in _HISTOGRAMS:
             out.declare(name, "histogram", help_text)
             out.histogram(name, getattr(stats, attribute), model=model)

@@ -97,6 +97,7 @@ def test_a_killed_pool_process_is_replaced_and_every_job_gets_one_answer(tmp_pat
             second.kill()
             mid_run = await asyncio.gather(job, return_exceptions=True)
             last = await scheduler.infer(rows(3), priority=Priority.POOL)
+            assert scheduler.replica.restarts == 2  # one per kill, whichever way the second one landed
             return first.pid, second.pid, scheduler.replica.pid, after_idle_kill, mid_run[0], last
         finally:
             await scheduler.close()
