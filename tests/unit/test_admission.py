@@ -97,21 +97,26 @@ def test_an_idle_model_admits_what_its_mean_fits_even_when_the_p99_margin_says_n
     b.profile.refit()
     assert b.profile.bound_s(1) > 0.006 >= b.profile.expected_s(1)
     queues = Queues(line_max_requests=64, pool_max_requests=64)
-    idle: list[list[Run]] = [[]]
-    admit("m", b, queues, idle, rows=1, priority=Priority.LINE, now_s=0.0, deadline_s=0.006, pool_yields=True)
-    busy = [[Run(Priority.LINE, 0.0, 0.004)]]
-    with pytest.raises(Overloaded, match="after its deadline"):
+
+    def one_line_row(workers: list[list[Run]], deadline_s: float) -> None:
         admit(
             "m",
             b,
             queues,
-            busy,
+            workers,
             rows=1,
             priority=Priority.LINE,
             now_s=0.0,
-            deadline_s=0.006,
+            deadline_s=deadline_s,
             pool_yields=True,
         )
+
+    idle: list[list[Run]] = [[]]
+    one_line_row(idle, 0.006)
+    with pytest.raises(Overloaded, match="after its deadline"):
+        one_line_row([[Run(Priority.LINE, 0.0, 0.004)]], 0.006)
+    with pytest.raises(Overloaded, match="after its deadline"):  # not even the mean fits
+        one_line_row(idle, 0.001)
     with pytest.raises(Overloaded, match="after its deadline"):  # not even the mean fits
         admit(
             "m",
