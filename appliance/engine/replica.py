@@ -50,7 +50,6 @@ _PICKLED = "pickle"
 _ERRORS: dict[str, type[errors.ApplianceError]] = {
     "InvalidInput": errors.InvalidInput,
     "InferenceFailed": errors.InferenceFailed,
-    "ModelLoadError": errors.ModelLoadError,
 }
 
 
@@ -70,7 +69,7 @@ def send_message(sock: socket.socket, header: Mapping[str, Any], arrays: Sequenc
             metas.append([contiguous.dtype.str, list(contiguous.shape)])
             payloads.append(contiguous.reshape(-1).view(np.uint8))
     head = orjson.dumps({**header, "tensors": metas})
-    sock.sendall(_LENGTH.pack(len(head)) + head)
+    sock.sendall(_frame(head))
     for payload in payloads:
         sock.sendall(_LENGTH.pack(len(payload)))
         if len(payload):
@@ -174,7 +173,6 @@ class Replica:
         self.channels = channels
         self.failure: str | None = None
         self.restarts = 0
-        self.compute_s = [0.0] * channels  # ORT's time in the child for each channel's last batch
         self._lock = threading.Lock()
         self._child: _Child | None = None
         self._is_closed = False
@@ -196,8 +194,11 @@ class Replica:
         with self._lock:
             self._current()
 
-    def run(self, channel: int, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch in the child; raises the child's InvalidInput or InferenceFailed as its own."""
+    def run(self, channel: int, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Run one batch in the child: its outputs and ORT's time on it there.
+
+        Raises the child's InvalidInput or InferenceFailed as its own.
+        """
         with self._lock:
             child = self._current()
         sock = child.sockets[channel]
@@ -220,8 +221,7 @@ class Replica:
             ) from None
         if "error" in header:
             raise _ERRORS.get(header["error"], errors.InferenceFailed)(header["message"])
-        self.compute_s[channel] = header["compute_s"]
-        return dict(zip(header["outputs"], arrays, strict=True))
+        return dict(zip(header["outputs"], arrays, strict=True)), header["compute_s"]
 
     def close(self, timeout_s: float = 10.0) -> None:
         with self._lock:

@@ -146,9 +146,9 @@ class Worker:
             sent = time.perf_counter()
             try:
                 channel = self.index % replica.channels  # pool workers are numbered K..2K-1
-                results = replica.run(channel, feed)
+                results, compute_s = replica.run(channel, feed)
                 # the socket and the child's wait for an idle core are not what the batch costs
-                self._away_s += time.perf_counter() - sent - replica.compute_s[channel]
+                self._away_s += time.perf_counter() - sent - compute_s
                 return results
             except ModelNotReady:
                 if replica.failure is None:
