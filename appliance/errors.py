@@ -12,7 +12,24 @@ class InvalidInput(ApplianceError):
 
 
 class RequestTooLarge(InvalidInput):
-    """A request body is larger than the configured limit."""
+    """A request body or tensor is larger than the configured limit, or than memory allows."""
+
+
+class HeaderTooLarge(RequestTooLarge):
+    """An HTTP request line and headers are larger than server.max_header_bytes."""
+
+
+class RequestTimeout(InvalidInput):
+    """A client did not send its whole request in time (slow headers or body)."""
+
+
+class Unauthorised(ApplianceError):
+    """The request carries no valid credentials (the API token)."""
+
+
+class Forbidden(ApplianceError):
+    """The request is understood and authenticated, but this node does not allow it (e.g. a pool verb
+    while pool.remote_control is off, a reply topic outside the allowed ones)."""
 
 
 class ModelNotFound(ApplianceError):
@@ -27,12 +44,40 @@ class ModelNotReady(ApplianceError):
         self.retry_after_s = retry_after_s
 
 
+class ModelLoading(ModelNotReady):
+    """The model is on disk and being loaded (or waits its turn to be): try again shortly."""
+
+
+class Draining(ModelNotReady):
+    """The service (or the model) is draining: it admits no new requests."""
+
+
 class Overloaded(ApplianceError):
     """Admission refused: the queue is full or the deadline cannot be met; try again later."""
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QueueFull(Overloaded):
+    """The model's queue for this priority class is at its bound."""
+
+
+class DeadlineUnmet(Overloaded):
+    """Admission predicts that the request would finish after its deadline."""
+
+
+class NoPoolCapacity(Overloaded):
+    """Pool work is refused: the model has no spare capacity beyond what the line keeps."""
+
+
+class ConnectionLimit(Overloaded):
+    """Too many open connections, overall or from one client address."""
+
+
+class RateLimited(Overloaded):
+    """One sender started more jobs per second than it may."""
 
 
 class DeadlineExceeded(ApplianceError):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from appliance.control import Control
+from appliance.dataplane.plane import DataPlane
 from appliance.engine.repository import Repository
 from appliance.providers.registry import Registry
 from appliance.scheduler.hub import ModelHub, State
@@ -46,7 +47,7 @@ def _pool_link(service: Service) -> PoolLink | None:
         return None
     from appliance.pool.link import PoolLink
 
-    return PoolLink(service.settings, service.hub, service.registry)
+    return PoolLink(service.settings, service.plane, service.registry)
 
 
 class Service:
@@ -66,7 +67,8 @@ class Service:
         self.notifier = notifier or Notifier.from_env()
         self.registry = Registry.discover()
         self.hub = ModelHub(settings, self.registry, Repository(settings.models.repository))
-        self.app = create_app(self.hub, settings)
+        self.plane = DataPlane(self.hub, settings)
+        self.app = create_app(self.plane, settings)
         self.started = asyncio.Event()  # HTTP is listening
         self.ready = asyncio.Event()  # every model tried; READY=1 sent
         self._stop: asyncio.Event | None = None

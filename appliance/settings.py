@@ -17,7 +17,33 @@ from appliance.config_sources import deep_copy, describe, read_credentials, read
 from appliance.errors import ConfigError
 
 SYSTEM_CONFIG_FILE = Path("/etc/appliance/appliance.toml")
-BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+INSTALLED_MODELS = Path("/var/lib/appliance/models")  # what `appliance provision` configures by default
+
+
+def _bundled_models() -> Path:
+    """The reference models: package data in a wheel, the top-level models/ in a source checkout."""
+    packaged = Path(__file__).resolve().parent / "bundled_models"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+BUNDLED_MODELS = _bundled_models()
+
+
+def _runtime_dir() -> Path:
+    """A runtime folder only this user can write: systemd's, the provisioned one, or one under the
+    user's own runtime or home folder. /tmp is never used: anyone could create the folder first."""
+    value = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if value:
+        return Path(value)
+    installed = "/run/appliance"
+    if os.path.isdir(installed) and os.access(installed, os.R_OK | os.W_OK | os.X_OK):
+        return Path(installed)
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "appliance"
+    return Path("~/.local/state/appliance/run").expanduser()
 
 
 def _section(title: str) -> ConfigDict:
@@ -41,6 +67,49 @@ class ServerSettings(BaseModel):
     )
     retry_after_s: float = Field(
         1.0, gt=0, description="Retry-After sent with 503 when not ready or draining."
+    )
+    strict_readiness: bool = Field(
+        True,
+        description="As Triton's --strict-readiness: /v2/health/ready is 200 only while every model is "
+        "READY. false: 200 while at least one model is READY. Never 200 while no model serves.",
+    )
+    access_log: bool = Field(False, description="Log one line per HTTP request (method, path, status, ms).")
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest HTTP request line plus headers; beyond it 431 and the connection closes.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send a whole request line and headers; then 408."
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time a client has to send a whole request body once its headers are in; then 408. "
+        "64 MiB at 10 Mbit/s takes 54 s.",
+    )
+    idle_timeout_s: float = Field(
+        30.0, gt=0, description="An idle keep-alive connection is closed after this long."
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Open HTTP connections in all; beyond it 503 and the connection closes."
+    )
+    max_connections_per_peer: int = Field(
+        64,
+        ge=1,
+        description="Open HTTP connections from one client address, so one client cannot lock out the "
+        "others (the camera); beyond it 503 and the connection closes.",
+    )
+    max_tensor_rank: int = Field(
+        16, ge=1, le=32, description="Most dimensions a request tensor may have (vision models use 4 or 5)."
+    )
+    max_tensor_elements: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="Most elements a request tensor may have, counting a zero dimension as 1 so that "
+        "no shape can ask for a huge buffer; checked before anything is allocated. The default holds "
+        "any tensor a 64 MiB body can carry.",
     )
 
 
@@ -145,6 +214,28 @@ class PoolSettings(BaseModel):
     max_pending_responses: int = Field(
         1000, ge=0, description="Job responses and events kept while the broker is unreachable."
     )
+    remote_control: bool = Field(
+        False,
+        description="Answer cmd/drain, cmd/resume, cmd/rebirth (and later control verbs) from the pool. "
+        "Off: only cmd/infer is accepted; the others are refused with 403.",
+    )
+    reply_topic_prefix: str | None = Field(
+        None,
+        description='If set, a job\'s reply topic must start with it (e.g. "_reply/"); others are '
+        "refused and reported on evt.",
+    )
+    max_packet_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest MQTT packet the node takes (MQTT 5 Maximum Packet Size; larger jobs are "
+        "refused on 3.1.1).",
+    )
+    max_jobs_per_sender_per_s: float = Field(
+        200.0,
+        gt=0,
+        description="Jobs per second one sender (its reply topic without the last level) may start; "
+        "beyond it 429-style refusals.",
+    )
 
     @field_validator("broker")
     @classmethod
@@ -195,15 +286,34 @@ class SystemSettings(BaseModel):
         description="Caches (compiled engines); $CACHE_DIRECTORY wins.",
     )
     runtime_dir: Path = Field(
-        default_factory=lambda: _systemd_dir(
-            "RUNTIME_DIRECTORY", "/run/appliance", f"/tmp/appliance-{os.getuid()}"
-        ),
-        description="Runtime files (admin socket); $RUNTIME_DIRECTORY wins.",
+        default_factory=_runtime_dir,
+        description="Runtime files (admin socket): $RUNTIME_DIRECTORY, else /run/appliance where this "
+        "user may use it, else $XDG_RUNTIME_DIR/appliance, else ~/.local/state/appliance/run. Never a "
+        "predictable folder in /tmp.",
+    )
+    admin_socket: str | None = Field(
+        None,
+        description="Admin socket path (status, drain, resume, reload; `appliance ota` uses it). Unset: "
+        "<runtime_dir>/admin.sock. Empty: no admin socket.",
     )
     watchdog_hang_s: float = Field(
         30.0, gt=0, description="A line worker busy on one batch longer than this counts as hung."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log level written (--log-level)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one human line per record; json: one JSON object per line (time, level, "
+        "logger, message, and fields) for journald and log shippers.",
+    )
+
+    @property
+    def admin_socket_path(self) -> Path | None:
+        """Where the admin socket is, or None when it is turned off (system.admin_socket = \"\")."""
+        if self.admin_socket is None:
+            return self.runtime_dir / "admin.sock"
+        return Path(self.admin_socket) if self.admin_socket else None
 
 
 class OtaSettings(BaseModel):

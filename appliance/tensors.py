@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from appliance.errors import InvalidInput
+from appliance.errors import InvalidInput, RequestTooLarge
 
 # OIP datatype -> numpy dtype; BYTES is an object array of `bytes`. Little-endian as the protocol says.
 OIP_TO_NUMPY: dict[str, np.dtype] = {
@@ -74,6 +74,31 @@ def element_count(shape: Sequence[int]) -> int:
     for dim in shape:
         count *= dim
     return count
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeLimits:
+    """Bounds on a declared tensor shape, checked before anything is allocated for it."""
+
+    max_rank: int = 16
+    max_elements: int = 64 * 1024 * 1024
+
+    def check(self, name: str, shape: Sequence[int]) -> None:
+        """InvalidInput for too many dimensions; RequestTooLarge for too many elements. A zero
+        dimension counts as 1, so that [0, 1e10, 1e10] cannot ask for a huge per-row buffer."""
+        if len(shape) > self.max_rank:
+            raise InvalidInput(
+                f"input {name!r} has {len(shape)} dimensions; at most {self.max_rank} are accepted "
+                "(server.max_tensor_rank)"
+            )
+        count = 1
+        for dim in shape:
+            count *= max(dim, 1)
+            if count > self.max_elements:
+                raise RequestTooLarge(
+                    f"input {name!r} shape {list(shape)} has more than {self.max_elements} elements "
+                    "(server.max_tensor_elements)"
+                )
 
 
 def format_shape(shape: Sequence[int | str]) -> str:

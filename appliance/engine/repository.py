@@ -53,6 +53,13 @@ class Repository:
                 names.append(child.name)
         return names
 
+    def has(self, name: str) -> bool:
+        """Whether `name` is a model folder of this repository (without reading its manifest)."""
+        if not _NAME.match(name):
+            return False
+        directory = self.root / name
+        return directory.is_dir() and _looks_like_model(directory)
+
     def source(self, name: str) -> ModelSource:
         """The version to serve: ModelNotFound if no such folder, ModelLoadError/ConfigError if bad."""
         if not _NAME.match(name):

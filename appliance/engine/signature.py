@@ -54,6 +54,14 @@ class Signature:
             raise InvalidInput("inputs have 0 rows; send at least one")
         return rows or 1
 
+    def check_declared(self, name: str, datatype: str, shape: Sequence[int], max_rows: int | None) -> None:
+        """Validate one input as a request declares it, before its data is decoded."""
+        for spec in self.inputs:
+            if spec.name == name:
+                spec.check(datatype, shape, max_rows=max_rows)
+                return
+        raise InvalidInput(f"unknown input {name!r}; model expects {', '.join(map(repr, self.input_names))}")
+
     def check_outputs(self, names: Sequence[str]) -> None:
         known = self.output_names
         for name in names:

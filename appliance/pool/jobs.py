@@ -1,4 +1,9 @@
-"""Pool job intake: a KServe v2 request from cmd/infer/<model>, run at pool priority, answered every time."""
+"""Pool job intake: a KServe v2 request from cmd/infer/<model>, run at pool priority, answered every time.
+
+Jobs take the data plane's path, as HTTP requests do: the same lookup, limits, decode and error
+table. This module only adds what is particular to the pool: where the answer goes, and the node's
+own reasons to refuse pool work (not taking jobs, draining, no spare capacity).
+"""
 
 from __future__ import annotations
 
@@ -12,27 +17,20 @@ from typing import Any
 import orjson
 
 from appliance import errors
+from appliance.dataplane import outcomes
+from appliance.dataplane.plane import Call, DataPlane
 from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound, Outbound
 from appliance.protocol import codec
-from appliance.scheduler.hub import ModelHub
 from appliance.scheduler.queues import Priority
+from appliance.scheduler.runner import ModelScheduler
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The HTTP statuses a job error mirrors (pool/ cannot import server/; the same classes, the same codes).
-_STATUS: tuple[tuple[type[errors.ApplianceError], int], ...] = (
-    (errors.RequestTooLarge, 413),
-    (errors.InvalidInput, 400),
-    (errors.ModelNotFound, 404),
-    (errors.ModelNotReady, 503),
-    (errors.Overloaded, 503),
-    (errors.DeadlineExceeded, 503),
-)
 
-
-def status_of(exc: errors.ApplianceError) -> int:
-    return next((status for cls, status in _STATUS if isinstance(exc, cls)), 500)
+def status_of(exc: BaseException) -> int:
+    """The status a job's reply carries: the HTTP status of the data plane's table."""
+    return outcomes.outcome_of(exc).http_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +52,14 @@ class JobIntake:
 
     def __init__(
         self,
-        hub: ModelHub,
+        plane: DataPlane,
         settings: Settings,
         *,
         send: Callable[[Outbound], None],
         emit: Callable[..., None],
     ) -> None:
-        self.hub = hub
+        self.plane = plane
+        self.hub = plane.hub
         self.settings = settings
         self._send = send
         self._emit = emit
@@ -85,72 +84,64 @@ class JobIntake:
         request: codec.InferenceRequest | None = None
         try:
             reply = reply_route(message)
-            scheduler = self._admit(model, message)  # refuse before decoding what will not run
-            request = self._decode(message)
-            if request.outputs is not None:
-                scheduler.model.signature.check_outputs([o.name for o in request.outputs])
-            if reply.is_in_body:  # 3.1.1 has no user properties for a header length: JSON outputs only
-                request.parameters["binary_data_output"] = False
-                if request.outputs:
-                    request.outputs = [codec.RequestedOutput(o.name, False) for o in request.outputs]
-            outputs = await scheduler.infer(
-                request.inputs, priority=Priority.POOL, timeout_s=_timeout_s(message, request)
-            )
-            encoded = codec.encode_response(
-                model_name=model, model_version=scheduler.model.version, request=request, outputs=outputs
-            )
+            self._check_message(message)
+            answer = await self.plane.infer(self._call(model, message, reply))
+            request = answer.request
         except errors.ApplianceError as exc:
-            self._refuse(model, message, reply, request, exc, started_s)
+            if reply is None:  # refused before the plane saw it: count it here, once
+                self.plane.refuse(model, Priority.POOL, exc)
+            self._refuse(model, message, reply, exc, started_s)
             return
-        except Exception as exc:  # a bug must still answer the job, never leave it hanging
-            log.exception("pool job for %s failed unexpectedly", model)
-            wrapped = errors.InferenceFailed(f"internal error: {type(exc).__name__}: {exc}")
-            self._refuse(model, message, reply, request, wrapped, started_s)
-            return
-        self._answer(reply, encoded, 200)
+        self._answer(reply, answer.encoded, 200)
         self._emit("job_done", model=model, job_id=request.id, status=200, latency_ms=_ms_since(started_s))
 
-    def _decode(self, message: Inbound) -> codec.InferenceRequest:
-        limit = self.settings.server.max_body_bytes
-        if len(message.payload) > limit:
-            raise errors.RequestTooLarge(
-                f"job of {len(message.payload)} bytes exceeds the limit of {limit} bytes "
-                "(server.max_body_bytes)"
-            )
-        raw = message.user.get(HEADER_LENGTH)
-        if raw is not None and not raw.strip().isdigit():
-            raise errors.InvalidInput(f"user property {HEADER_LENGTH} {raw!r} is not a non-negative integer")
-        return codec.decode_request(message.payload, int(raw) if raw is not None else None)
+    def _call(self, model: str, message: Inbound, reply: Reply) -> Call:
+        async def read(limit_bytes: int) -> bytes:
+            if len(message.payload) > limit_bytes:
+                raise errors.RequestTooLarge(
+                    f"job of {len(message.payload)} bytes is too large: model {model!r} takes at most "
+                    f"{limit_bytes} bytes (server.max_body_bytes and the model's inputs)"
+                )
+            return message.payload
 
-    def _admit(self, model: str, message: Inbound) -> Any:
+        return Call(
+            model,
+            None,
+            read,
+            header_length=message.user.get(HEADER_LENGTH),
+            priority=Priority.POOL,
+            max_timeout_s=float(message.expiry_s) if message.expiry_s else None,
+            is_json_only=reply.is_in_body,  # 3.1.1 has no user properties for a header length
+            check=self._check_capacity,
+        )
+
+    def _check_message(self, message: Inbound) -> None:
         if message.is_retained:
             raise errors.InvalidInput("a retained job is stale by definition; publish jobs without retain")
-        if not self.settings.pool.accept_jobs:
-            raise errors.ModelNotReady("this node does not take pool jobs (pool.accept_jobs = false)")
-        if self.refusal is not None:
-            raise errors.ModelNotReady(
-                f"this node is {self.refusal}; not taking pool jobs", retry_after_s=30.0
-            )
         if message.expiry_s is not None and message.expiry_s <= 0:
             raise errors.DeadlineExceeded("the job's message expiry has passed; it was not run")
-        scheduler = self.hub.scheduler(model)  # ModelNotFound, or ModelNotReady while draining
+
+    def _check_capacity(self, scheduler: ModelScheduler) -> None:
+        """The node's own reasons to refuse pool work, after lookup and before decoding the job."""
+        if not self.settings.pool.accept_jobs:
+            raise errors.Forbidden("this node does not take pool jobs (pool.accept_jobs = false)")
+        if self.refusal is not None:
+            raise errors.Draining(f"this node is {self.refusal}; not taking pool jobs", retry_after_s=30.0)
         reserved_share = self.settings.pool.reserved_pct / 100.0
         capacity = scheduler.capacity(reserved_share)
         if capacity.spare_ips_at_slo <= 0:
-            raise errors.Overloaded(
-                f"model {model!r} has no spare capacity: serving {capacity.served_ips:.1f} of "
+            raise errors.NoPoolCapacity(
+                f"model {scheduler.name!r} has no spare capacity: serving {capacity.served_ips:.1f} of "
                 f"{capacity.max_ips_at_slo:.1f} inferences/s at its SLO with "
                 f"{self.settings.pool.reserved_pct:g}% reserved for the line",
                 retry_after_s=self.settings.pool.report_interval_s,
             )
-        return scheduler
 
     def _refuse(
         self,
         model: str,
         message: Inbound,
         reply: Reply | None,
-        request: codec.InferenceRequest | None,
         exc: errors.ApplianceError,
         started_s: float,
     ) -> None:
@@ -158,9 +149,9 @@ class JobIntake:
         kind = (
             "job_expired"
             if isinstance(exc, errors.DeadlineExceeded)
-            else ("job_failed" if status == 500 else "job_refused")
+            else ("job_failed" if status >= 500 and status != 503 else "job_refused")
         )
-        job_id = request.id if request is not None else None
+        job_id = _job_id(message)
         self._emit(
             kind, model=model, job_id=job_id, status=status, error=str(exc), latency_ms=_ms_since(started_s)
         )
@@ -168,7 +159,7 @@ class JobIntake:
             log.warning("pool job on %s cannot be answered: %s", message.topic, exc)
             return
         document: dict[str, Any] = {"error": str(exc), "status": status}
-        retry_after_s = getattr(exc, "retry_after_s", None)
+        retry_after_s = outcomes.retry_after_s(exc, self.settings.server.retry_after_s)
         if retry_after_s is not None:
             document["retry_after_s"] = retry_after_s
         if job_id is not None:
@@ -194,10 +185,7 @@ def reply_route(message: Inbound) -> Reply:
     """The MQTT 5 properties win; otherwise `reply_to` and `corr_id` from the JSON body (MQTT 3.1.1)."""
     if message.response_topic:
         return Reply(message.response_topic, correlation=message.correlation)
-    try:
-        document = orjson.loads(message.payload)
-    except orjson.JSONDecodeError:
-        document = None
+    document = _json_document(message)
     reply_to = document.get("reply_to") if isinstance(document, dict) else None
     if not isinstance(reply_to, str) or not reply_to or any(c in reply_to for c in "+#"):
         raise NoReply(
@@ -206,12 +194,28 @@ def reply_route(message: Inbound) -> Reply:
     return Reply(reply_to, corr_id=document.get("corr_id"), is_in_body=True)
 
 
-def _timeout_s(message: Inbound, request: codec.InferenceRequest) -> float | None:
-    """The tighter of the message expiry and the request's own timeout; None leaves the model's SLO."""
-    limits = [float(message.expiry_s)] if message.expiry_s else []
-    if request.timeout_us:
-        limits.append(request.timeout_us / 1e6)
-    return min(limits) if limits else None
+def _json_document(message: Inbound) -> Any:
+    try:
+        return orjson.loads(message.payload)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _job_id(message: Inbound) -> str | None:
+    """The job's `id`, for events and refusals, from a JSON header that parses; None otherwise."""
+    header_length = message.user.get(HEADER_LENGTH)
+    header = message.payload
+    if header_length is not None:
+        try:
+            length = codec.decimal(header_length, HEADER_LENGTH)
+        except errors.InvalidInput:
+            return None
+        header = message.payload[: length or 0]
+    if len(header) > 64 * 1024:
+        return None  # not worth parsing a big body again for an event's id
+    document = _json_document(Inbound(message.topic, header))
+    job_id = document.get("id") if isinstance(document, dict) else None
+    return job_id if isinstance(job_id, str) else None
 
 
 def _ms_since(started_s: float) -> float:

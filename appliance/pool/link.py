@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+from appliance.dataplane.plane import DataPlane
 from appliance.pool import commands, messages
 from appliance.pool.cadence import ReportCadence
 from appliance.pool.client import Connection
@@ -18,7 +19,6 @@ from appliance.pool.session import SessionCounter
 from appliance.pool.topics import NodeTopics
 from appliance.pool.wire import Inbound, Outbound
 from appliance.providers.registry import Registry
-from appliance.scheduler.hub import ModelHub
 from appliance.scheduler.report import capacity_report
 from appliance.settings import Settings
 
@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 class PoolLink:
     """Created by the service when pool.broker is set; `start()` returns at once, the broker may be away."""
 
-    def __init__(self, settings: Settings, hub: ModelHub, registry: Registry) -> None:
+    def __init__(self, settings: Settings, plane: DataPlane, registry: Registry) -> None:
         self.settings = settings
         self.pool = settings.pool
-        self.hub = hub
+        self.hub = plane.hub
         self.registry = registry
         self.topics = NodeTopics(self.pool.topic_root, self.pool.site, self.pool.node_id)
         self.sessions = SessionCounter(settings.system.state_dir)
@@ -39,7 +39,7 @@ class PoolLink:
         self.state, self.reason = ONLINE, ""
         self.outbox = Outbox(self.pool.max_pending_responses)
         self.cadence = ReportCadence(self.pool.report_interval_s, self.pool.capacity_change_pct / 100)
-        self.jobs = JobIntake(hub, settings, send=self._send, emit=self._emit)
+        self.jobs = JobIntake(plane, settings, send=self._send, emit=self._emit)
         self.connection = Connection(
             self.pool,
             client_id=f"appliance-{self.pool.site}-{self.pool.node_id}",

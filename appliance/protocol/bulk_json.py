@@ -49,7 +49,7 @@ def loads(text: bytes | bytearray | memoryview) -> Any:
         return orjson.loads(text)
     try:
         parsed = simdjson.Parser().parse(bytes(text))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RuntimeError):  # RuntimeError: simdjson's DEPTH_ERROR and kin
         return orjson.loads(text)  # raises with orjson's message, as for a small document
     if not isinstance(parsed, simdjson.Object):
         return _plain(parsed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,10 +64,35 @@ class EncodedResponse:
         return b"".join(self.parts)
 
 
+# Called with (input name, datatype, shape) as declared, before its data is decoded: the data plane
+# checks them against the model, so that nothing is decoded for a request the model would refuse.
+Expectation = Callable[[str, str, list[int]], None]
+_NO_LIMITS = tensors.ShapeLimits()
+
+
+def decimal(raw: str | bytes | None, what: str) -> int | None:
+    """A header or property holding a non-negative decimal count, parsed strictly (ASCII digits only:
+    str.isdigit() also takes '²', which int() refuses); None when absent, InvalidInput when not one."""
+    if raw is None:
+        return None
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    text = text.strip(" \t")
+    if not text or len(text) > 19 or not text.isascii() or not text.isdigit():
+        raise InvalidInput(f"{what} {text[:40]!r} is not a non-negative integer in ASCII digits")
+    return int(text)
+
+
 def decode_request(
-    body: bytes | bytearray | memoryview, header_length: int | None = None
+    body: bytes | bytearray | memoryview,
+    header_length: int | None = None,
+    *,
+    limits: tensors.ShapeLimits = _NO_LIMITS,
+    expect: Expectation | None = None,
 ) -> InferenceRequest:
-    """Decode a v2 request; `header_length` is the Inference-Header-Content-Length header, if sent."""
+    """Decode a v2 request; `header_length` is the Inference-Header-Content-Length header, if sent.
+
+    Every input's declared shape passes `limits`, then `expect`, before its data is touched.
+    """
     view = memoryview(body)
     if header_length is None:
         header, binary = view, view[len(view) :]
@@ -84,10 +109,15 @@ def decode_request(
         raise InvalidInput(f"request body is not valid JSON: {exc}{hint}") from None
     if not isinstance(document, dict):
         raise InvalidInput(f"request must be a JSON object, got {type(document).__name__}")
-    return _request_from_document(document, binary)
+    return _request_from_document(document, binary, limits, expect)
 
 
-def _request_from_document(document: dict[str, Any], binary: memoryview) -> InferenceRequest:
+def _request_from_document(
+    document: dict[str, Any],
+    binary: memoryview,
+    limits: tensors.ShapeLimits = _NO_LIMITS,
+    expect: Expectation | None = None,
+) -> InferenceRequest:
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"request 'id' must be a string, got {request_id!r}")
@@ -98,7 +128,7 @@ def _request_from_document(document: dict[str, Any], binary: memoryview) -> Infe
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for raw in raw_inputs:
-        name, array, used = _decode_input(raw, binary[offset:])
+        name, array, used = _decode_input(raw, binary[offset:], limits, expect)
         if name in inputs:
             raise InvalidInput(f"input {name!r} appears more than once")
         inputs[name] = array
@@ -115,7 +145,12 @@ def _request_from_document(document: dict[str, Any], binary: memoryview) -> Infe
     )
 
 
-def _decode_input(raw: Any, binary: memoryview) -> tuple[str, np.ndarray, int]:
+def _decode_input(
+    raw: Any,
+    binary: memoryview,
+    limits: tensors.ShapeLimits = _NO_LIMITS,
+    expect: Expectation | None = None,
+) -> tuple[str, np.ndarray, int]:
     if not isinstance(raw, dict):
         raise InvalidInput(f"each input must be a JSON object, got {raw!r:.80}")
     name = raw.get("name")
@@ -127,7 +162,12 @@ def _decode_input(raw: Any, binary: memoryview) -> tuple[str, np.ndarray, int]:
     tensors.numpy_dtype(datatype)
     shape = raw.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise InvalidInput(f"input {name!r} 'shape' must be a list of non-negative integers, got {shape!r}")
+        raise InvalidInput(
+            f"input {name!r} 'shape' must be a list of non-negative integers, got {shape!r:.80}"
+        )
+    limits.check(name, shape)
+    if expect is not None:
+        expect(name, datatype, shape)
     parameters = _parameters(raw.get("parameters"), f"input {name!r}")
     size = parameters.get("binary_data_size")
     if size is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from appliance.errors import Overloaded
+from appliance.errors import DeadlineUnmet, NoPoolCapacity
 from appliance.scheduler.batcher import Batcher
 from appliance.scheduler.queues import Priority, Queues
 
@@ -63,13 +63,14 @@ def admit(
     deadline_s: float,
     pool_yields: bool,
 ) -> None:
-    """Raise Overloaded (with a Retry-After) for work that cannot finish by its deadline."""
+    """Raise DeadlineUnmet (with a Retry-After) for work that cannot finish by its deadline, and
+    NoPoolCapacity for pool work too big for pool.max_interference_ms."""
     profile = batcher.profile
     if priority is Priority.POOL and profile.is_seeded:
         limit = batcher.pool_row_limit()
         if rows > limit:
             interference_ms = batcher.rules.max_interference_s * 1e3
-            raise Overloaded(
+            raise NoPoolCapacity(
                 f"model {model!r}: pool work of {rows} rows takes longer than "
                 f"pool.max_interference_ms={interference_ms:g}; at most {limit} rows",
                 retry_after_s=60.0,
@@ -81,7 +82,7 @@ def admit(
         # would lock a model out for good after a burst: the margin only falls with new batches.
         return
     if finish_s > deadline_s:
-        raise Overloaded(
+        raise DeadlineUnmet(
             f"model {model!r}: a request of {rows} rows would finish in "
             f"{(finish_s - now_s) * 1e3:.1f} ms, after its deadline of "
             f"{(deadline_s - now_s) * 1e3:.1f} ms ({queues.rows_ahead(priority)} rows queued ahead)",

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 from appliance.engine.model import LoadedModel
 from appliance.engine.repository import ModelSource, Repository
-from appliance.errors import ApplianceError, ModelNotFound, ModelNotReady
+from appliance.errors import ApplianceError, Draining, ModelLoading, ModelNotFound, ModelNotReady
 from appliance.providers.registry import Registry
 from appliance.scheduler import instances as instance_choice
 from appliance.scheduler.capacity import CpuBudget
@@ -57,6 +57,10 @@ class ModelHub:
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(list(self._entries.values()))
 
+    def is_served(self, name: str) -> bool:
+        """Whether `name` is a model of this hub, in any state (metrics label only these by name)."""
+        return name in self._entries
+
     def entry(self, name: str) -> ModelEntry:
         try:
             return self._entries[name]
@@ -68,19 +72,28 @@ class ModelHub:
     def scheduler(self, name: str, version: str | None = None) -> ModelScheduler:
         """The scheduler serving `name` (and `version`, if given); raises ModelNotFound/ModelNotReady."""
         entry = self.entry(name)
+        retry_after_s = self.settings.server.retry_after_s
         if self.is_draining:
-            raise ModelNotReady("the service is draining; not accepting requests", retry_after_s=5.0)
+            raise Draining("the service is draining; not accepting requests", retry_after_s=retry_after_s)
+        if entry.scheduler is None and entry.state is State.LOADING:
+            raise ModelLoading(f"model {name!r} is LOADING; try again shortly", retry_after_s=retry_after_s)
         if entry.state is not State.READY or entry.scheduler is None:
             detail = f": {entry.reason}" if entry.reason else ""
-            raise ModelNotReady(f"model {name!r} is {entry.state.value}{detail}")
+            raise ModelNotReady(f"model {name!r} is {entry.state.value}{detail}", retry_after_s=retry_after_s)
         if version is not None and version != entry.scheduler.model.version:
             serving = entry.scheduler.model.version
             raise ModelNotFound(f"model {name!r} version {version} is not served; serving version {serving}")
         return entry.scheduler
 
     async def load_all(self, before_each: Callable[[str], None] | None = None) -> None:
-        """Load every model in the repository, one after another (warm-up measures; keep it quiet)."""
-        for name in self.repository.names():
+        """Load every model in the repository, one after another (warm-up measures; keep it quiet).
+
+        Every model is listed as LOADING first, so a client asking for one that waits its turn gets
+        503 with Retry-After, not a 404 it would take for good."""
+        names = self.repository.names()
+        for name in names:
+            self._entries.setdefault(name, ModelEntry(name, State.LOADING))
+        for name in names:
             if before_each is not None:
                 before_each(name)
             await self.load(name)
@@ -88,8 +101,7 @@ class ModelHub:
 
     async def load(self, name: str) -> ModelEntry:
         """Load or reload `name`; the old scheduler (if any) keeps serving until the new one is ready."""
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._lock(name):
             old = self._entries.get(name)
             if old is None:
                 self._entries[name] = ModelEntry(name, State.LOADING)
@@ -97,8 +109,8 @@ class ModelHub:
                 source = self.repository.source(name)
                 model, count, trials = await asyncio.to_thread(self._load_model, source)
             except ModelNotFound:
-                if old is None:
-                    del self._entries[name]
+                if old is None or old.scheduler is None:
+                    self._entries.pop(name, None)
                 raise
             except ApplianceError as exc:
                 log.error("model %s unavailable: %s", name, exc)
@@ -127,12 +139,21 @@ class ModelHub:
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`; requests already admitted finish first. It stays listed as unloaded."""
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        self.entry(name)  # ModelNotFound before anything is kept for the name
+        async with self._lock(name):
             entry = self.entry(name)
             self._entries[name] = ModelEntry(name, State.UNAVAILABLE, "unloaded")
         if entry.scheduler is not None:
             await self._retire(entry.scheduler)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        """The load/unload lock of a model this hub serves or its repository holds; ModelNotFound for
+        any other name, so that a client cannot make the hub keep something per name it invents."""
+        if name not in self._entries and not self.repository.has(name):
+            raise ModelNotFound(f"model {name!r} is not in repository {self.repository.root}")
+        if len(self._locks) > 2 * len(self._entries) + 64:  # names that left the repository since
+            self._locks = {n: lock for n, lock in self._locks.items() if n in self._entries or lock.locked()}
+        return self._locks.setdefault(name, asyncio.Lock())
 
     async def _retire(self, scheduler: ModelScheduler) -> None:
         drained = await scheduler.drain(self.settings.server.drain_timeout_s)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from appliance.errors import Overloaded
+from appliance.errors import QueueFull
 
 
 class Priority(IntEnum):
@@ -61,7 +61,7 @@ class ClassQueue:
 
     def push(self, work: Work, *, is_bounded: bool = True) -> None:
         if is_bounded and self.is_full:
-            raise Overloaded(f"{self.priority.label} queue is full ({self.max_requests} requests waiting)")
+            raise QueueFull(f"{self.priority.label} queue is full ({self.max_requests} requests waiting)")
         key = work.sort_key()
         index = bisect.bisect_right(self._keys, key)
         self._keys.insert(index, key)

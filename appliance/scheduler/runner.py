@@ -13,7 +13,7 @@ import numpy as np
 
 from appliance.engine.model import LoadedModel, RunControl
 from appliance.engine.replica import Replica, ReplicaSpec
-from appliance.errors import DeadlineExceeded, ModelNotReady
+from appliance.errors import DeadlineExceeded, Draining, ModelNotReady
 from appliance.scheduler import admission
 from appliance.scheduler.batcher import Batcher, BatchRules
 from appliance.scheduler.capacity import Capacity, Ceiling, CpuBudget, RateMeter, spare
@@ -141,7 +141,7 @@ class ModelScheduler:
     ) -> dict[str, np.ndarray]:
         """Validate, admit, wait for the outcome. Raises the request's own error, never another's."""
         if not self.is_accepting:
-            raise ModelNotReady(f"model {self.name!r} is draining; not accepting requests", retry_after_s=1.0)
+            raise Draining(f"model {self.name!r} is draining; not accepting requests", retry_after_s=1.0)
         limits = self.model.limits
         rows = self.model.signature.check(inputs, limits.max_batch_size if limits.is_batched else None)
         now = self.clock()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope
 
-from appliance.errors import InvalidInput, RequestTooLarge
+from appliance.errors import RequestTooLarge
+from appliance.protocol.codec import decimal
 
 
 class ClientDisconnected(Exception):
@@ -18,17 +19,19 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit_bytes: int) -> bytes:
-    """The whole body; RequestTooLarge as soon as Content-Length or the bytes received pass the limit."""
-    declared = header(scope, b"content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidInput(f"Content-Length {declared!r} is not a number")
-        if int(declared) > limit_bytes:
-            raise RequestTooLarge(
-                f"request body of {int(declared)} bytes exceeds the limit of {limit_bytes} bytes "
-                "(server.max_body_bytes)"
-            )
+async def read_body(scope: Scope, receive: Receive, limit_bytes: int, *, model: str | None = None) -> bytes:
+    """The whole body; RequestTooLarge as soon as Content-Length or the bytes received pass the limit.
+
+    The limit is the model's (what a request to it can need) or server.max_body_bytes; reads stop
+    there, so a client cannot make the service hold more than that for one request.
+    """
+    whose = f"model {model!r} takes" if model else "the limit is"
+    declared = decimal(header(scope, b"content-length"), "Content-Length")
+    if declared is not None and declared > limit_bytes:
+        raise RequestTooLarge(
+            f"request body of {declared} bytes is too large: {whose} at most {limit_bytes} bytes "
+            "(server.max_body_bytes and the model's inputs)"
+        )
     chunks: list[bytes] = []
     received = 0
     while True:
@@ -39,7 +42,8 @@ async def read_body(scope: Scope, receive: Receive, limit_bytes: int) -> bytes:
         received += len(chunk)
         if received > limit_bytes:
             raise RequestTooLarge(
-                f"request body exceeds the limit of {limit_bytes} bytes (server.max_body_bytes)"
+                f"request body is too large: {whose} at most {limit_bytes} bytes "
+                "(server.max_body_bytes and the model's inputs)"
             )
         chunks.append(chunk)
         if not message.get("more_body", False):

@@ -1,9 +1,8 @@
-"""Map the exception tree to HTTP statuses and the OIP error body {"error": "..."}."""
+"""HTTP error answers: the data plane's table gives the status, the OIP body is {"error": "..."}."""
 
 from __future__ import annotations
 
 import logging
-import math
 
 import orjson
 from fastapi import FastAPI, Request
@@ -12,51 +11,48 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from appliance import errors
+from appliance.dataplane import outcomes
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[errors.ApplianceError], int] = {
-    errors.InvalidInput: 400,
-    errors.RequestTooLarge: 413,
-    errors.ModelNotFound: 404,
-    errors.ModelNotReady: 503,
-    errors.Overloaded: 503,
-    errors.DeadlineExceeded: 503,
-    errors.InferenceFailed: 500,
-    errors.ModelLoadError: 400,
-    errors.ProviderUnavailable: 400,
-    errors.ConfigError: 400,
-}
+DEFAULT_RETRY_AFTER_S = 1.0
 
 
 def status_of(exc: errors.ApplianceError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
+    return outcomes.outcome_of(exc).http_status
 
 
-def error_response(status: int, message: str, retry_after_s: float | None = None) -> Response:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+def error_response(
+    status: int, message: str, retry_after_s: float | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    headers = dict(headers or {})
+    if retry_after_s is not None:
+        headers["Retry-After"] = outcomes.retry_after_header(retry_after_s)
     return Response(
         orjson.dumps({"error": message}), status_code=status, media_type="application/json", headers=headers
     )
 
 
-def appliance_error_response(exc: errors.ApplianceError) -> Response:
-    status = status_of(exc)
-    retry_after = getattr(exc, "retry_after_s", None)
-    if status == 503 and retry_after is None:
-        retry_after = 1.0
-    return error_response(status, str(exc), retry_after)
+def appliance_error_response(
+    exc: errors.ApplianceError, default_retry_after_s: float = DEFAULT_RETRY_AFTER_S
+) -> Response:
+    """The answer to an error: its status, Retry-After on 503 and 429, `WWW-Authenticate` on 401, and
+    `Connection: close` while draining, so keep-alive clients move to another instance."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, errors.Unauthorised):
+        headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
+    if isinstance(exc, errors.Draining):
+        headers["Connection"] = "close"
+    retry_after = outcomes.retry_after_s(exc, default_retry_after_s)
+    return error_response(status_of(exc), str(exc), retry_after, headers)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, default_retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> None:
     """Every error a client can provoke becomes {"error": ...}; nothing else escapes as a 500 page."""
 
     @app.exception_handler(errors.ApplianceError)
     async def _appliance(_: Request, exc: errors.ApplianceError) -> Response:
-        return appliance_error_response(exc)
+        return appliance_error_response(exc, default_retry_after_s)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from appliance import __version__
-from appliance.scheduler.hub import ModelHub
+from appliance.scheduler.hub import ModelHub, State
 from appliance.scheduler.report import capacity_report
 from appliance.server import metrics
 from appliance.server.errors import error_response
 from appliance.server.responses import json_response
+from appliance.settings import Settings
 
 router = APIRouter()
 
@@ -35,18 +36,32 @@ async def live() -> Response:
 
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> Response:
-    """Ready once every model has been tried (loaded and warm, or UNAVAILABLE) and while not draining."""
+    """Triton's readiness: never while loading, draining or serving no model; with
+    server.strict_readiness (Triton's default) only while every model is READY."""
     hub: ModelHub = request.app.state.hub
+    settings: Settings = request.app.state.settings
+    retry_after_s = settings.server.retry_after_s
     if hub.is_draining:
-        return error_response(503, "draining: not accepting requests", retry_after_s=5.0)
+        return error_response(503, "draining: not accepting requests", retry_after_s, {"Connection": "close"})
     if not hub.is_loaded:
-        return error_response(503, "loading models", retry_after_s=1.0)
+        return error_response(503, "loading models", retry_after_s)
+    entries = list(hub)
+    not_ready = [f"{e.name} ({e.state.value})" for e in entries if e.state is not State.READY]
+    if len(not_ready) == len(entries):
+        found = f"; models: {', '.join(not_ready)}" if not_ready else f" in {hub.repository.root}"
+        return error_response(503, f"no model is READY{found}", retry_after_s)
+    if not_ready and settings.server.strict_readiness:
+        return error_response(
+            503,
+            f"not every model is READY (server.strict_readiness): {', '.join(not_ready)}",
+            retry_after_s,
+        )
     return json_response({"ready": True})
 
 
 @router.get("/metrics")
 async def prometheus(request: Request) -> Response:
-    return Response(metrics.render(request.app.state.hub), media_type=metrics.CONTENT_TYPE)
+    return Response(metrics.render(request.app.state.metrics), media_type=metrics.CONTENT_TYPE)
 
 
 @router.get("/capacity")

@@ -219,7 +219,7 @@ def test_oversized_body_is_refused_before_it_is_read(serve, repository) -> None:
         big = infer(http, "batchable", {"x": np.zeros((8, 4), np.float32)}, binary=False)
         assert big.status_code == 200
         declared = http.post("/v2/models/batchable/infer", content=b"x" * 2048)
-        assert declared.status_code == 413 and "exceeds the limit of 1024 bytes" in declared.json()["error"]
+        assert declared.status_code == 413 and "at most 1024 bytes" in declared.json()["error"]
 
         def chunks():
             for _ in range(64):
@@ -233,7 +233,8 @@ def test_oversized_body_is_refused_before_it_is_read(serve, repository) -> None:
 def test_metadata_config_stats_and_index(client: httpx.Client) -> None:
     assert client.get("/v2").json()["name"] == "appliance"
     assert client.get("/v2/health/live").status_code == 200
-    assert client.get("/v2/health/ready").status_code == 200
+    not_ready = client.get("/v2/health/ready")  # strict readiness: the repository has broken models
+    assert not_ready.status_code == 503 and "corrupt (UNAVAILABLE)" in not_ready.json()["error"]
     meta = client.get("/v2/models/batchable").json()
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
     assert meta["parameters"]["provider"] == "cpu"
@@ -260,10 +261,16 @@ def test_metadata_config_stats_and_index(client: httpx.Client) -> None:
 def test_metrics_are_prometheus_text(client: httpx.Client) -> None:
     infer(client, "batchable", {"x": np.zeros((2, 4), np.float32)})
     infer(client, "batchable", {"x": np.zeros((2, 3), np.float32)})
+    for name in ("nosuch-1", "nosuch-2"):
+        infer(client, name, {"x": np.zeros((2, 4), np.float32)})
     text = client.get("/metrics").text
-    assert 'appliance_requests_total{model="batchable",priority="line",outcome="success"}' in text
+    assert 'appliance_requests_total{model="batchable",outcome="success",priority="line"}' in text
     assert 'appliance_model_ready{model="corrupt",provider=""} 0' in text
-    assert 'appliance_batch_rows_bucket{model="batchable",le="2"}' in text
+    assert 'appliance_batch_rows_bucket{le="2",model="batchable"}' in text
+    assert 'appliance_refusals_total{model="batchable",priority="line",reason="bad_request"} 1.0' in text
+    assert 'appliance_refusals_total{model="_unknown",priority="line",reason="not_found"} 2.0' in text
+    assert "nosuch" not in text
+    assert "process_resident_memory_bytes" in text
     assert "# TYPE appliance_compute_duration_seconds histogram" in text
     families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(families) == len(set(families))

@@ -54,7 +54,7 @@ def test_full_queue_refuses_with_overloaded(tmp_path: Path) -> None:
 
     outcomes = asyncio.run(scenario())
     # one running, one queued ahead on the worker, two waiting in the queue; the rest are refused
-    assert [type(o).__name__ for o in outcomes] == ["dict"] * 4 + ["Overloaded"] * 2
+    assert [type(o).__name__ for o in outcomes] == ["dict"] * 4 + ["QueueFull"] * 2
     assert "line queue is full (2 requests waiting)" in str(outcomes[4])
 
 

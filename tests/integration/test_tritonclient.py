@@ -18,7 +18,7 @@ def triton_client(server):
 
 def test_health_and_metadata(triton_client) -> None:
     assert triton_client.is_server_live()
-    assert triton_client.is_server_ready()
+    assert not triton_client.is_server_ready()  # strict readiness, as Triton: 'corrupt' is UNAVAILABLE
     assert triton_client.is_model_ready("batchable")
     assert not triton_client.is_model_ready("corrupt")
     metadata = triton_client.get_model_metadata("batchable")

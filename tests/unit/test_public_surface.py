@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from appliance.cli import build_parser
+from appliance.dataplane.plane import DataPlane
 from appliance.engine.repository import Repository
 from appliance.providers.base import Probe, Provider, SessionContext
 from appliance.providers.registry import Registry
@@ -48,7 +49,9 @@ def test_cli_verbs() -> None:
 
 def test_http_routes(tmp_path: Path) -> None:
     settings = Settings(models={"repository": tmp_path}, system={"runtime_dir": tmp_path})
-    app = create_app(ModelHub(settings, Registry.discover(), Repository(tmp_path)), settings)
+    app = create_app(
+        DataPlane(ModelHub(settings, Registry.discover(), Repository(tmp_path)), settings), settings
+    )
     fastapi_app = app.app
     assert isinstance(fastapi_app, FastAPI)
     paths = fastapi_app.openapi()["paths"]

@@ -99,8 +99,18 @@ def test_every_field_is_described_and_units_are_named() -> None:
         "warmup_runs",
         "cpu_threads",
         "mqtt_version",
+        "remote_control",
+        "reply_topic_prefix",
+        "strict_readiness",
+        "access_log",
+        "admin_socket",
+        "log_format",
+        "max_tensor_rank",
     }
-    units = ("_s", "_ms", "_bytes", "_pct", "_requests", "_batches", "_size", "_responses", "_ips")
+    units = (
+        "_s", "_ms", "_bytes", "_pct", "_requests", "_batches", "_size", "_responses", "_ips",
+        "_connections", "_per_peer", "_elements", "_per_s",
+    )  # fmt: skip
     for definition in schema["$defs"].values():
         for name in definition["properties"]:
             assert name in unitless or name.endswith(units), f"{name} has no unit in its name"

@@ -170,4 +170,4 @@ async def test_node_that_does_not_accept_jobs_refuses_them(
         assert capacity["models"]["batchable"]["accepts_pool_jobs"] is False
         body, user = job(binary=broker.is_v5)
         answer = await ask(recorder, names, "infer/batchable", body, user=user)
-        assert answer.document["status"] == 503 and "accept_jobs" in answer.document["error"]
+        assert answer.document["status"] == 403 and "accept_jobs" in answer.document["error"]

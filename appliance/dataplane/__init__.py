@@ -1,0 +1,1 @@
+"""The data plane: one request path and one error table for every transport (HTTP, MQTT jobs)."""
