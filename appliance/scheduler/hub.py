@@ -10,7 +10,14 @@ from enum import StrEnum
 
 from appliance.engine.model import LoadedModel
 from appliance.engine.repository import ModelSource, Repository
-from appliance.errors import ApplianceError, Draining, ModelLoading, ModelNotFound, ModelNotReady
+from appliance.errors import (
+    ApplianceError,
+    Draining,
+    ModelLoadError,
+    ModelLoading,
+    ModelNotFound,
+    ModelNotReady,
+)
 from appliance.providers.registry import Registry
 from appliance.scheduler import instances as instance_choice
 from appliance.scheduler.capacity import CpuBudget
@@ -112,11 +119,12 @@ class ModelHub:
                 if old is None or old.scheduler is None:
                     self._entries.pop(name, None)
                 raise
-            except ApplianceError as exc:
-                log.error("model %s unavailable: %s", name, exc)
+            except Exception as exc:  # one model fails alone, whatever broke it (MemoryError too)
+                failure = exc if isinstance(exc, ApplianceError) else ModelLoadError(_describe(name, exc))
+                log.error("model %s unavailable: %s", name, failure)
                 if old is not None and old.scheduler is not None:
-                    raise  # a failed reload leaves the serving version in place
-                entry = ModelEntry(name, State.UNAVAILABLE, str(exc))
+                    raise failure from exc  # a failed reload leaves the serving version in place
+                entry = ModelEntry(name, State.UNAVAILABLE, str(failure))
                 self._entries[name] = entry
                 return entry
             scheduler = ModelScheduler(model, self._scheduler_config(count), cpu_budget=self.cpu_budget)
@@ -232,3 +240,9 @@ class ModelHub:
             if entry.scheduler is not None and (workers := entry.scheduler.hung_workers(hang_s)):
                 hung[entry.name] = workers
         return hung
+
+
+def _describe(name: str, exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return f"model {name!r} failed to load: out of memory (check its batching values in model.toml)"
+    return f"model {name!r} failed to load: {type(exc).__name__}: {exc}"
