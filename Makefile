@@ -10,13 +10,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(TEST_STAMP): pyproject.toml tests/fixtures/fake_provider/pyproject.toml $(STAMP)
+# The test extras only; the test-only provider plugins are never installed (tests/conftest.py finds
+# them in tests/fixtures/fake_provider), so `make run` and `appliance providers` never list them.
+$(TEST_STAMP): pyproject.toml setup.py $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet -e tests/fixtures/fake_provider
 	touch $@
 
 venv: $(STAMP)
@@ -36,7 +37,7 @@ models: $(STAMP)
 
 lint: $(TEST_STAMP)
 	$(BIN)/pip install --quiet ruff
-	$(BIN)/ruff check appliance tests bench models/recipe
+	$(BIN)/ruff check appliance tests bench models/recipe setup.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis build

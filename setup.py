@@ -37,4 +37,5 @@ def bundled_files() -> list[Path]:
     return files
 
 
-setup(cmdclass={"build_py": BuildWithModels})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import bundled_files
+    setup(cmdclass={"build_py": BuildWithModels})

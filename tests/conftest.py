@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The test-only provider plugins ('fake' and 'broken') are found from their fixture folder, with its
+# dist-info, by this process only: they are never installed into the venv `make run` serves from.
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "fake_provider"))
 
 import modelzoo
 

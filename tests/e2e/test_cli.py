@@ -97,3 +97,12 @@ def test_config_schema_describes_every_field(tmp_path: Path) -> None:
     for definition in definitions.values():
         for name, field in definition.get("properties", {}).items():
             assert field.get("description"), f"{definition['title']}.{name} has no description"
+
+
+def test_the_venv_make_run_uses_lists_no_test_plugins(tmp_path: Path) -> None:
+    """`make test` installs the test extras only: the 'fake' and 'broken' providers are found by the
+    test process from tests/fixtures, never by `appliance` itself."""
+    result = _run(["providers", "--json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = {provider["name"] for provider in json.loads(result.stdout)["providers"]}
+    assert "cpu" in names and not names & {"fake", "broken"}
