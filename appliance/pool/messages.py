@@ -108,7 +108,7 @@ def _model(scheduler: ModelScheduler | None, state_value: str, reason: str) -> d
         "fallbacks": [{"provider": f.provider, "reason": f.reason} for f in model.fallbacks],
         "max_batch_size": model.limits.max_batch_size,
         "slo_p99_ms": model.slo_p99_ms,
-        "instances": len(scheduler.workers),
+        "instances": scheduler.instances,
         "inputs": [_tensor(spec) for spec in model.signature.inputs],
         "outputs": [_tensor(spec) for spec in model.signature.outputs],
         "profile": scheduler.profile.as_dict(),

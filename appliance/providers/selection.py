@@ -91,7 +91,9 @@ def open_session(
             except Exception as exc:  # noqa: BLE001 - any failure of a trial run disqualifies the EP
                 outcome = Fallback(name, ort_reason(exc), "verify")
         if isinstance(outcome, Fallback):
-            log.warning(
+            # DEBUG: a model is opened several times while its instances are measured; the hub logs
+            # the placement, skipped providers included, once it is ready.
+            log.debug(
                 "model %s: %s skipped (%s): %s", context.model_name, name, outcome.stage, outcome.reason
             )
             fallbacks.append(outcome)
@@ -99,7 +101,7 @@ def open_session(
                 break
             continue
         outcome.fallbacks = fallbacks
-        log.info("model %s runs on %s", context.model_name, outcome.summary())
+        log.debug("model %s runs on %s", context.model_name, outcome.summary())
         return outcome
     reasons = "; ".join(f"{f.provider}: {f.reason}" for f in fallbacks) or "the provider chain is empty"
     raise ModelLoadError(f"model {context.model_name!r}: no provider could load it: {reasons}")

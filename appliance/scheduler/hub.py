@@ -132,13 +132,22 @@ class ModelHub:
             entry = ModelEntry(name, State.READY, scheduler=scheduler, trials=trials)
             self._entries[name] = entry  # the swap: new requests go to the new scheduler from here
             self.cpu_budget.restart()
-            log.info(
-                "model %s version %s ready on %s (%s, %d instance(s), %.2f s)",
+            pool = (
+                "pool work in an idle-priority process"
+                if scheduler.replica is not None
+                else f"{scheduler.pool_threads} pool thread(s)"
+                if scheduler.pool_threads
+                else "pool work on the same workers"
+            )
+            log.log(
+                logging.WARNING if model.fallbacks else logging.INFO,
+                "model %s version %s ready: runs on %s; %s, %d instance(s), %s; loaded in %.2f s",
                 name,
                 model.version,
-                model.provider,
+                model.placement.summary(),
                 model.precision,
-                count,
+                scheduler.instances,
+                pool,
                 model.load_s,
             )
         if old is not None and old.scheduler is not None:

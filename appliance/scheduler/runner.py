@@ -123,6 +123,16 @@ class ModelScheduler:
     def inflight(self) -> int:
         return self._inflight
 
+    @property
+    def instances(self) -> int:
+        """K: the worker threads that run line work on one shared session (scheduler.instances)."""
+        return len(self.line_workers)
+
+    @property
+    def pool_threads(self) -> int:
+        """Threads of its own that run pool work (K on CPU providers, else 0: pool work shares)."""
+        return len(self.pool_workers)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.replica is not None:

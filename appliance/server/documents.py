@@ -67,7 +67,7 @@ def config(scheduler: ModelScheduler) -> dict[str, Any]:
         "input": [_config_tensor(s, limits.is_batched) for s in model.signature.inputs],
         "output": [_config_tensor(s, limits.is_batched) for s in model.signature.outputs],
         "instance_group": [
-            {"count": len(scheduler.workers), "kind": "KIND_CPU" if model.provider == "cpu" else "KIND_GPU"}
+            {"count": scheduler.instances, "kind": "KIND_CPU" if model.provider == "cpu" else "KIND_GPU"}
         ],
         "parameters": {
             "provider": {"string_value": model.provider},
@@ -80,6 +80,9 @@ def config(scheduler: ModelScheduler) -> dict[str, Any]:
             "sha256": model.digest,
             "slo_p99_ms": model.slo_p99_ms,
             "threads_per_call": model.threads_per_call,
+            "instances": scheduler.instances,
+            "pool_threads": scheduler.pool_threads,
+            "pool_process": scheduler.replica is not None,
             "load_s": round(model.load_s, 3),
         },
     }
