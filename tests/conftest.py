@@ -15,25 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "fake_provider"))
 
 import modelzoo
+from services import make_settings
 
 from appliance.settings import Settings
-
-
-def make_settings(tmp_path: Path, repository: Path, **sections: dict[str, Any]) -> Settings:
-    """Settings from init kwargs only (never os.environ or /etc), with every directory under tmp_path."""
-    data: dict[str, dict[str, Any]] = {
-        "models": {"repository": repository},
-        "scheduler": {"instances": 2},
-        "system": {
-            "state_dir": tmp_path / "state",
-            "cache_dir": tmp_path / "cache",
-            "runtime_dir": tmp_path / "run",
-        },
-        "server": {"port": 0},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return Settings(**data)
 
 
 @pytest.fixture

@@ -1,88 +1,18 @@
-"""A real service (uvicorn on a pre-bound 127.0.0.1:0 socket, real ORT) running in a thread."""
+"""Fixtures of a real service (tests/services.py: uvicorn on a pre-bound socket, real ORT, a thread)."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from services import RunningService, run_service
 
-from appliance.service import Service
 from appliance.settings import Settings
-from appliance.system.sdnotify import Notifier
 
-START_TIMEOUT_S = 60.0
-
-
-@dataclass
-class RunningService:
-    service: Service
-    url: str
-    loop: asyncio.AbstractEventLoop
-    exit_code: list[int] = field(default_factory=list)
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def call(self, coroutine_factory: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-        """Run a coroutine on the service's loop (e.g. hub.load) and return its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine_factory(), self.loop).result(timeout_s)
-
-
-@contextmanager
-def run_service(settings: Settings, notifier: Notifier | None = None) -> Iterator[RunningService]:
-    """Start the service, wait until READY, yield it; on exit stop it and assert it exited with 0."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    loop = asyncio.new_event_loop()
-    service = Service(settings, sockets=[sock], notifier=notifier or Notifier(None))
-    running = RunningService(service, f"http://127.0.0.1:{port}", loop)
-    is_ready = threading.Event()
-    failure: list[BaseException] = []
-
-    async def main() -> int:
-        task = asyncio.create_task(service.run(install_signal_handlers=False))
-        ready = asyncio.create_task(service.ready.wait())
-        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        is_ready.set()
-        return await task
-
-    def target() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            running.exit_code.append(loop.run_until_complete(main()))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread below
-            failure.append(exc)
-            is_ready.set()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=target, name="service", daemon=True)
-    thread.start()
-    assert is_ready.wait(START_TIMEOUT_S), "service did not become ready"
-    if failure:
-        raise failure[0]
-    try:
-        yield running
-    finally:
-        service.stop()
-        thread.join(START_TIMEOUT_S)
-        sock.close()
-        assert not thread.is_alive(), "service did not stop"
-        if failure:
-            raise failure[0]
-        assert running.exit_code == [0]
+__all__ = ["RunningService", "run_service"]
 
 
 @pytest.fixture
