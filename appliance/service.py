@@ -66,7 +66,7 @@ class Service:
         self.sockets = list(sockets) if sockets else None
         self.notifier = notifier or Notifier.from_env()
         self.registry = Registry.discover()
-        self.hub = ModelHub(settings, self.registry, Repository(settings.models.repository))
+        self.hub = ModelHub(settings, self.registry, Repository.open(settings.models.repository))
         self.plane = DataPlane(self.hub, settings)
         self.app = create_app(self.plane, settings)
         self.started = asyncio.Event()  # HTTP is listening

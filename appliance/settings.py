@@ -117,21 +117,26 @@ class ModelSettings(BaseModel):
     model_config = _section("Models")
 
     repository: Path = Field(
-        BUNDLED_MODELS, description="Model repository: <repo>/<model>/<version>/model.onnx."
+        BUNDLED_MODELS,
+        description="Model repository: <repo>/<model>/<version>/model.onnx; it must exist at start-up.",
     )
     providers: list[str] | None = Field(
         None,
         description='Execution provider preference, e.g. ["cuda", "openvino", "cpu"]; '
         "unset picks every available accelerator in the registry's order, then cpu.",
     )
+    # The bounds are model.toml's (engine/manifest.py says why), so a typo here fails at start-up.
     default_slo_p99_ms: float = Field(
-        100.0, gt=0, description="Latency objective for models whose model.toml sets none."
+        100.0, gt=0, le=600_000, description="Latency objective for models whose model.toml sets none."
     )
     default_max_batch_size: int = Field(
-        8, ge=1, description="Row limit per batch for batchable models whose model.toml sets none."
+        8,
+        ge=1,
+        le=4096,
+        description="Row limit per batch for batchable models whose model.toml sets none (at most 4096).",
     )
     default_max_queue_delay_ms: float = Field(
-        2.0, ge=0, description="Longest a request waits for others to fill a batch, by default."
+        2.0, ge=0, le=600_000, description="Longest a request waits for others to fill a batch, by default."
     )
     warmup_runs: int = Field(
         3, ge=1, description="Timed runs per warm-up batch size; they seed the latency profile."

@@ -6,11 +6,17 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from appliance.errors import ConfigError
 
 MANIFEST_NAME = "model.toml"
+# Bounds that keep one model's typo (1e12 rows, microseconds written as milliseconds) a load error of
+# that model rather than a MemoryError or a queue that never flushes. Each Field says why its bound.
+MAX_BATCH_ROWS = 4096
+MAX_PREFERRED_SIZES = 16
+MAX_WAIT_MS = 600_000.0  # 10 minutes
+MAX_INSTANCES = 64
 
 
 class Batching(BaseModel):
@@ -19,21 +25,46 @@ class Batching(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int | None = Field(
-        None, ge=0, description="Row limit per batch; 0 disables batching; unset uses the default."
+        None,
+        ge=0,
+        le=MAX_BATCH_ROWS,
+        description=f"Row limit per batch; 0 disables batching; unset uses the default. At most "
+        f"{MAX_BATCH_ROWS}: every worker keeps an input buffer of this many rows and warm-up runs every "
+        "power of two up to it, so 4096 rows of one 224x224 RGB FP32 image each already take 2.5 GB.",
     )
     preferred_batch_sizes: list[int] = Field(
-        default_factory=list, description="Batch sizes to warm up and to prefer when forming batches."
+        default_factory=list,
+        max_length=MAX_PREFERRED_SIZES,
+        description=f"Batch sizes to warm up and to prefer when forming batches; each 1 to max_batch_size, "
+        f"at most {MAX_PREFERRED_SIZES} of them (each is warmed up before the service reports ready).",
     )
     max_queue_delay_ms: float | None = Field(
-        None, ge=0, description="Longest a request waits for others to fill a batch."
+        None,
+        ge=0,
+        le=MAX_WAIT_MS,
+        description="Longest a request waits for others to fill a batch. At most 600000 (10 minutes), "
+        "the longest slo_p99_ms: the batcher never waits past a request's deadline anyway, and a larger "
+        "value is usually microseconds written as milliseconds.",
     )
 
     @field_validator("preferred_batch_sizes")
     @classmethod
     def _positive_sorted(cls, sizes: list[int]) -> list[int]:
-        if any(size < 1 for size in sizes):
-            raise ValueError("batch sizes must be >= 1")
+        wrong = [size for size in sizes if not 1 <= size <= MAX_BATCH_ROWS]
+        if wrong:
+            raise ValueError(f"batch sizes must be 1 to {MAX_BATCH_ROWS}; got {wrong}")
         return sorted(set(sizes))
+
+    @model_validator(mode="after")
+    def _preferred_fit(self) -> Batching:
+        limit = self.max_batch_size
+        too_big = [size for size in self.preferred_batch_sizes if limit is not None and size > limit]
+        if too_big:
+            raise ValueError(
+                f"preferred_batch_sizes {too_big} exceed max_batch_size {limit}"
+                + (" (0 disables batching)" if limit == 0 else "")
+            )
+        return self
 
 
 class InputOverride(BaseModel):
@@ -65,9 +96,21 @@ class Manifest(BaseModel):
         None, pattern=r"^[0-9a-f]{64}$", description="Expected digest of the served model.onnx."
     )
     version: int | None = Field(None, ge=1, description="Serve this version instead of the highest.")
-    slo_p99_ms: float | None = Field(None, gt=0, description="Latency objective (p99) of a request.")
+    slo_p99_ms: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_WAIT_MS,
+        description="Latency objective (p99) of a request. At most 600000 (10 minutes): it is the "
+        "default deadline, and an objective longer than that is batch work or seconds written as ms.",
+    )
     providers: list[str] | None = Field(None, description="Provider order for this model only.")
-    instances: int | None = Field(None, ge=1, description="Worker threads for this model.")
+    instances: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INSTANCES,
+        description=f"Worker threads for this model. At most {MAX_INSTANCES}: they share one session and "
+        "split the cores, so more threads than the largest edge CPU has cores only contend.",
+    )
     batching: Batching = Field(default_factory=Batching)
     inputs: dict[str, InputOverride] = Field(default_factory=dict)
     samples: Samples = Field(default_factory=Samples)
@@ -88,11 +131,18 @@ def read_manifest(model_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            key = ".".join(str(p) for p in error["loc"])
-            if error["type"] == "extra_forbidden":
-                problems.append(f"unknown key {key!r}")
-            else:
-                problems.append(f"{key!r}: {error['msg']}, got {error.get('input')!r}")
-        raise ConfigError(f"{path}: " + "; ".join(problems)) from exc
+        raise ConfigError(f"{path}: " + "; ".join(problems(exc))) from exc
+
+
+def problems(exc: ValidationError) -> list[str]:
+    """One phrase per validation error: the key, what was wrong, and the value given."""
+    found = []
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            found.append(f"unknown key {key!r}")
+        elif error["type"] == "value_error":  # our validators name the values themselves
+            found.append(f"{key!r}: {error['msg'].removeprefix('Value error, ')}")
+        else:
+            found.append(f"{key!r}: {error['msg']}, got {error.get('input')!r}")
+    return found

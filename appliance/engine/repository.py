@@ -1,4 +1,4 @@
-"""The model repository on disk: <repo>/<model>/[model.toml] and <repo>/<model>/<version>/model.onnx."""
+"""The model repository on disk: <repo>/<model>/ with model.toml or config.pbtxt and <version>/model.onnx."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.engine.manifest import MANIFEST_NAME, Manifest, read_manifest
+from appliance.engine.triton_config import CONFIG_NAME, read_triton_config
 from appliance.errors import ApplianceError, ConfigError, ModelLoadError, ModelNotFound
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 SAMPLES_FILE = "samples.npz"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # bounded: a file name has at most 255 bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +28,20 @@ class ModelSource:
     version: int
     versions: tuple[int, ...]
     manifest: Manifest
+    is_bare: bool = False  # <model>/model.onnx with no version folder, served as version 1
+
+    @property
+    def version_dir(self) -> Path:
+        """<model>/<version>/, or the model folder itself for a bare model.onnx."""
+        return self.directory if self.is_bare else self.directory / str(self.version)
 
     @property
     def path(self) -> Path:
-        return self.directory / str(self.version) / MODEL_FILE
+        return self.version_dir / MODEL_FILE
 
     @property
     def samples_path(self) -> Path:
-        return self.directory / str(self.version) / SAMPLES_FILE
+        return self.version_dir / SAMPLES_FILE
 
 
 class Repository:
@@ -42,9 +49,23 @@ class Repository:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._warned: set[str] = set()  # said once: the index route reads every model on each call
+
+    @classmethod
+    def open(cls, root: Path) -> Repository:
+        """The repository the service serves from; ConfigError if `root` is not a readable folder."""
+        if not root.exists():
+            raise ConfigError(f"model repository {root} does not exist")
+        if not root.is_dir():
+            raise ConfigError(f"model repository {root} is not a directory")
+        try:
+            next(root.iterdir(), None)
+        except OSError as exc:
+            raise ConfigError(f"model repository {root} cannot be read ({exc.strerror})") from exc
+        return cls(root)
 
     def names(self) -> list[str]:
-        """Every folder that looks like a model: it has a manifest or a numeric version folder."""
+        """Every folder that looks like a model: a manifest, a config.pbtxt, a model.onnx or a version."""
         if not self.root.is_dir():
             return []
         names = []
@@ -67,16 +88,31 @@ class Repository:
         directory = self.root / name
         if not directory.is_dir() or not _looks_like_model(directory):
             raise ModelNotFound(f"model {name!r} is not in repository {self.root}")
-        manifest = read_manifest(directory)
+        manifest = self._manifest(name, directory)
         versions = _versions(directory)
+        is_bare = (directory / MODEL_FILE).is_file()
+        if versions and is_bare:
+            self._warn(
+                "model %s: %s is ignored; version folders %s are served",
+                name,
+                directory / MODEL_FILE,
+                list(versions),
+            )
+            is_bare = False
+        elif is_bare:
+            self._warn(
+                "model %s: %s has no version folder; serving it as version 1 (move it to %s)",
+                name,
+                directory / MODEL_FILE,
+                directory / "1" / MODEL_FILE,
+            )
+            versions = (1,)
         if not versions:
             raise ModelLoadError(f"model {name!r} has no <version>/{MODEL_FILE} under {directory}")
         version = manifest.version or versions[-1]
         if version not in versions:
-            raise ModelLoadError(
-                f"model {name!r}: model.toml pins version {version}; available: {list(versions)}"
-            )
-        return ModelSource(name, directory, version, versions, manifest)
+            raise ModelLoadError(f"model {name!r}: version {version} is pinned; available: {list(versions)}")
+        return ModelSource(name, directory, version, versions, manifest, is_bare)
 
     def index(self) -> dict[str, ModelSource | ApplianceError]:
         """Every model by name: its source, or the error that keeps it from loading."""
@@ -88,15 +124,48 @@ class Repository:
                 entries[name] = exc
         return entries
 
+    def _manifest(self, name: str, directory: Path) -> Manifest:
+        """model.toml if there is one (it wins over config.pbtxt), else what config.pbtxt maps to."""
+        config = directory / CONFIG_NAME
+        if (directory / MANIFEST_NAME).is_file():
+            if config.is_file():
+                self._warn(
+                    "model %s: model.toml and %s both present; model.toml wins, %s is ignored",
+                    name,
+                    config,
+                    CONFIG_NAME,
+                )
+            return read_manifest(directory)
+        if not config.is_file():
+            return Manifest()
+        triton = read_triton_config(config, name)
+        if triton.ignored:
+            self._warn("model %s: %s fields not honoured: %s", name, config, "; ".join(triton.ignored))
+        return triton.manifest
+
+    def _warn(self, message: str, *args: object) -> None:
+        text = message % args
+        if text not in self._warned:
+            if len(self._warned) > 1024:  # files that keep changing: say it again rather than grow
+                self._warned.clear()
+            self._warned.add(text)
+            log.warning("%s", text)
+
 
 def _looks_like_model(directory: Path) -> bool:
-    return (directory / MANIFEST_NAME).is_file() or bool(_versions(directory))
+    markers = (MANIFEST_NAME, CONFIG_NAME, MODEL_FILE)
+    return any((directory / marker).is_file() for marker in markers) or bool(_versions(directory))
 
 
 def _versions(directory: Path) -> tuple[int, ...]:
     found = []
     for child in directory.iterdir():
-        if child.name.isdigit() and int(child.name) > 0 and (child / MODEL_FILE).is_file():
+        if (
+            child.name.isascii()
+            and child.name.isdigit()
+            and int(child.name) > 0
+            and (child / MODEL_FILE).is_file()
+        ):
             found.append(int(child.name))
     return tuple(sorted(found))
 

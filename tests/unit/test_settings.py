@@ -46,6 +46,7 @@ def test_env_lists_and_nesting(tmp_path: Path) -> None:
         ({"APPLIANCE_SERVER__PORT": "http"}, "setting 'server.port' (from APPLIANCE_SERVER__PORT)"),
         ({"APPLIANCE_POOL__RESERVED_PCT": "150"}, "less than or equal to 100"),
         ({"APPLIANCE_SERVER____PORT": "1"}, "empty section name"),
+        ({"APPLIANCE_MODELS__DEFAULT_MAX_BATCH_SIZE": "100000"}, "less than or equal to 4096"),
     ],
 )
 def test_env_errors_name_the_variable(environ: dict[str, str], message: str) -> None:

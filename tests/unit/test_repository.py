@@ -1,0 +1,164 @@
+"""The repository on disk: bare model.onnx, model.toml over config.pbtxt, bounds, a missing root."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import modelzoo
+import pytest
+
+from appliance.engine.repository import Repository, file_digest
+from appliance.errors import ConfigError, ModelLoadError
+from appliance.ota.snapshot import digests_on_disk
+
+TRITON_CONFIG = """
+name: "detector"
+platform: "onnxruntime_onnx"
+max_batch_size: 4
+input [ { name: "x", data_type: TYPE_FP32, dims: [ 4 ] } ]
+dynamic_batching { preferred_batch_size: [ 2, 4 ], max_queue_delay_microseconds: 500 }
+instance_group [ { count: 1, kind: KIND_GPU } ]
+"""
+
+
+def bare(repo: Path, name: str) -> Path:
+    """<repo>/<name>/model.onnx with no version folder."""
+    (repo / name).mkdir(parents=True)
+    path = repo / name / "model.onnx"
+    path.write_bytes(modelzoo.batchable().SerializeToString())
+    return path
+
+
+def test_a_bare_model_onnx_is_version_1_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = bare(tmp_path, "plain")
+    repository = Repository(tmp_path)
+    assert repository.names() == ["plain"] and repository.has("plain")
+    with caplog.at_level(logging.WARNING):
+        source = repository.source("plain")
+    assert (source.version, source.versions, source.is_bare) == (1, (1,), True)
+    assert source.path == path
+    assert source.samples_path == tmp_path / "plain" / "samples.npz"
+    assert f"model plain: {path} has no version folder; serving it as version 1 (move it to " in caplog.text
+    assert digests_on_disk(tmp_path)["plain"].sha256 == file_digest(path)  # ota finds the same file
+
+
+def test_version_folders_win_over_a_bare_model_onnx(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = bare(tmp_path, "both")
+    served = modelzoo.write(tmp_path, "both", modelzoo.batchable(), version=3)
+    with caplog.at_level(logging.WARNING):
+        source = Repository(tmp_path).source("both")
+    assert (source.version, source.path, source.is_bare) == (3, served, False)
+    assert f"model both: {path} is ignored; version folders [3] are served" in caplog.text
+
+
+def test_a_pinned_version_a_bare_model_lacks_is_a_load_error(tmp_path: Path) -> None:
+    bare(tmp_path, "plain")
+    (tmp_path / "plain" / "model.toml").write_text("version = 2\n")
+    with pytest.raises(ModelLoadError, match=r"model 'plain': version 2 is pinned; available: \[1\]"):
+        Repository(tmp_path).source("plain")
+
+
+def test_config_pbtxt_is_read_and_what_it_cannot_honour_is_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    modelzoo.write(tmp_path, "detector", modelzoo.batchable())
+    config = tmp_path / "detector" / "config.pbtxt"
+    config.write_text(TRITON_CONFIG)
+    with caplog.at_level(logging.WARNING):
+        manifest = Repository(tmp_path).source("detector").manifest
+    assert manifest.batching.max_batch_size == 4
+    assert manifest.batching.preferred_batch_sizes == [2, 4]
+    assert manifest.batching.max_queue_delay_ms == 0.5
+    assert manifest.instances == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"model detector: {config} fields not honoured: "
+        "input (line 5: inputs come from the graph; "
+        "narrow a dimension with model.toml [inputs.<name>] shape); "
+        "instance_group.kind KIND_GPU (line 7: the provider order picks the device: model.toml providers = "
+        '["cuda", "cpu"])'
+    ]
+
+
+def test_a_folder_with_only_config_pbtxt_is_listed_and_says_what_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.pbtxt").write_text("max_batch_size: 8\n")
+    repository = Repository(tmp_path)
+    assert repository.names() == ["empty"]
+    with pytest.raises(ModelLoadError, match=r"model 'empty' has no <version>/model\.onnx under"):
+        repository.source("empty")
+
+
+def test_model_toml_wins_over_config_pbtxt_and_the_log_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    modelzoo.write(tmp_path, "detector", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 2\n")
+    (tmp_path / "detector" / "config.pbtxt").write_text("this is { not valid")
+    with caplog.at_level(logging.WARNING):
+        manifest = Repository(tmp_path).source("detector").manifest
+    assert manifest.batching.max_batch_size == 2
+    config = tmp_path / "detector" / "config.pbtxt"
+    assert (
+        f"model detector: model.toml and {config} both present; model.toml wins, config.pbtxt is ignored"
+        in (caplog.text)
+    )
+
+
+def test_a_malformed_config_pbtxt_makes_only_that_model_fail(tmp_path: Path) -> None:
+    modelzoo.write(tmp_path, "good", modelzoo.batchable())
+    modelzoo.write(tmp_path, "bad", modelzoo.batchable())
+    (tmp_path / "bad" / "config.pbtxt").write_text('name: "bad"\nmax_batch_size 8\n')
+    index = Repository(tmp_path).index()
+    assert index["good"].name == "good"  # type: ignore[union-attr]
+    assert isinstance(index["bad"], ConfigError)
+    assert str(index["bad"]) == (
+        f"{tmp_path / 'bad' / 'config.pbtxt'}, line 2: "
+        "expected ':' or '{' after field 'max_batch_size', got '8'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (
+            "[batching]\nmax_batch_size = 1e12\n",
+            "'batching.max_batch_size': Input should be less than or equal to 4096",
+        ),
+        ("[batching]\nmax_batch_size = 8\npreferred_batch_sizes = [4, 16]\n", "[16] exceed max_batch_size 8"),
+        (
+            "[batching]\nmax_batch_size = 0\npreferred_batch_sizes = [1]\n",
+            "[1] exceed max_batch_size 0 (0 disables",
+        ),
+        ("[batching]\npreferred_batch_sizes = [0, 8192]\n", "batch sizes must be 1 to 4096; got [0, 8192]"),
+        ("[batching]\npreferred_batch_sizes = " + str(list(range(1, 18))) + "\n", "at most 16 items"),
+        (
+            "[batching]\nmax_queue_delay_ms = 1e9\n",
+            "'batching.max_queue_delay_ms': Input should be less than",
+        ),
+        ("slo_p99_ms = 3.6e6\n", "'slo_p99_ms': Input should be less than or equal to 600000"),
+        ("instances = 1000\n", "'instances': Input should be less than or equal to 64, got 1000"),
+    ],
+)
+def test_batching_values_are_bounded(tmp_path: Path, manifest: str, message: str) -> None:
+    modelzoo.write(tmp_path, "m", modelzoo.batchable(), manifest=manifest)
+    with pytest.raises(ConfigError) as raised:
+        Repository(tmp_path).source("m")
+    assert str(raised.value).startswith(f"{tmp_path / 'm' / 'model.toml'}: ")
+    assert message in str(raised.value)
+
+
+def test_open_refuses_a_repository_that_is_not_there(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(f'model repository {tmp_path}/nowhere does not exist')}$"
+    ):
+        Repository.open(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(f'model repository {tmp_path}/file is not a directory')}$"
+    ):
+        Repository.open(tmp_path / "file")
+    assert Repository.open(tmp_path).names() == []  # an empty folder is a repository with no models yet
