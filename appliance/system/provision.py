@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import posixpath
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from appliance.errors import ApplianceError, ConfigError
-from appliance.settings import SYSTEM_CONFIG_FILE, Settings
+from appliance.settings import INSTALLED_MODELS, SYSTEM_CONFIG_FILE, Settings
 from appliance.system.installer import InstallReport, ManagedFile, install
 
 SHIPPED_EXECUTABLE = "/usr/bin/appliance"
@@ -26,7 +27,13 @@ CREDSTORE = PurePosixPath("etc/credstore")  # LoadCredential= finds appliance.* 
 UNITS = ("appliance.service", "appliance.socket", "appliance-healthcheck.service")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # one MQTT topic level, no wildcards
 _EXEC_PATH = re.compile(r"^/[A-Za-z0-9._/+-]+$")  # needs no quoting or %-escaping in a unit file
-_HIDDEN_BY_PROTECT_HOME = ("/home/", "/root/", "/run/user/")
+_HIDDEN = {  # where the hardened unit cannot see the host's files, and the setting that hides them
+    "/home/": "ProtectHome=yes",
+    "/root/": "ProtectHome=yes",
+    "/run/user/": "ProtectHome=yes",
+    "/tmp/": "PrivateTmp=yes",
+    "/var/tmp/": "PrivateTmp=yes",
+}
 
 Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
 ProvisionReport = InstallReport
@@ -148,7 +155,7 @@ def _config(
         raise ConfigError(f"model repository {model_repository}: expected an absolute path on the box")
     sections: dict[str, dict[str, Any]] = {
         "server": {"host": host, "port": port},
-        "models": {"repository": str(model_repository) if model_repository else None},
+        "models": {"repository": str(model_repository or INSTALLED_MODELS)},  # never the bundled demo
         "pool": {"broker": broker, "site": site, "node_id": node_id, "username": mqtt_username},
     }
     lines = [
@@ -188,10 +195,11 @@ def _check_executable(executable: Path) -> None:
     text = str(executable)
     if not _EXEC_PATH.match(text):
         raise ConfigError(f"executable {text!r}: expected an absolute path of letters, digits and ._/+-")
-    for hidden in _HIDDEN_BY_PROTECT_HOME:
-        if text.startswith(hidden):
+    normalized = posixpath.normpath(text) + "/"
+    for hidden, setting in _HIDDEN.items():
+        if normalized.startswith(hidden):
             raise ConfigError(
-                f"executable {text} is under {hidden}, which ProtectHome=yes hides from the service; "
+                f"executable {text} is under {hidden}, which {setting} hides from the service; "
                 "install appliance under /opt or /usr and pass --executable"
             )
 
@@ -234,7 +242,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt-username", help="MQTT user name.")
     parser.add_argument("--mqtt-password-file", type=Path, help="File holding the MQTT password.")
     parser.add_argument("--api-token-file", type=Path, help="File holding the HTTP API bearer token.")
-    parser.add_argument("--model-repository", type=Path, help="Model repository on the box.")
+    parser.add_argument(
+        "--model-repository", type=Path, help=f"Model repository on the box (default {INSTALLED_MODELS})."
+    )
     parser.add_argument("--host", help="Address the HTTP API listens on.")
     parser.add_argument("--port", type=int, help="TCP port of the HTTP API.")
     parser.add_argument(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.settings import Settings
+from appliance.settings import INSTALLED_MODELS, Settings
 from appliance.system import provision as prov
 from appliance.system.provision import accelerators, provision
 
@@ -45,6 +45,29 @@ def test_fresh_root_gets_everything_and_a_loadable_config(tmp_path: Path) -> Non
     assert settings.pool.broker == "mqtts://pool.example:8883"
     assert (settings.pool.username, settings.server.port) == ("box", 8080)
     assert settings.server.host == "127.0.0.1"  # unset options keep their defaults
+    assert settings.models.repository == INSTALLED_MODELS  # never the bundled reference models
+
+
+def test_the_model_repository_option_is_written(tmp_path: Path) -> None:
+    run_provision(tmp_path, model_repository=Path("/srv/models"))
+    config = tmp_path / CONFIG.lstrip("/")
+    assert '[models]\nrepository = "/srv/models"\n' in config.read_text()
+    assert Settings.load(config, environ={}).models.repository == Path("/srv/models")
+
+
+def test_tmpfiles_creates_the_default_repository_for_the_service_user(tmp_path: Path) -> None:
+    run_provision(tmp_path)
+    lines = (tmp_path / "usr/lib/tmpfiles.d/appliance.conf").read_text().splitlines()
+    entries = {line.split()[1]: line.split() for line in lines if line and not line.startswith("#")}
+    assert entries[str(INSTALLED_MODELS)] == [
+        "d",
+        str(INSTALLED_MODELS),
+        "0750",
+        "appliance",
+        "appliance",
+        "-",
+    ]
+    assert list(entries).index(str(INSTALLED_MODELS.parent)) < list(entries).index(str(INSTALLED_MODELS))
 
 
 def test_units_run_the_installed_executable(tmp_path: Path) -> None:
@@ -170,6 +193,9 @@ def test_the_service_reads_the_credential_under_the_name_settings_expects(tmp_pa
         ({"port": 70000}, "setting 'server.port' (from the options given)"),
         ({"accelerator": ["tpu"]}, "unknown accelerator tpu; known: accel-npu, amd-kfd"),
         ({"executable": Path("/root/venv/bin/appliance")}, "which ProtectHome=yes hides from the service"),
+        ({"executable": Path("/tmp/venv/bin/appliance")}, "is under /tmp/, which PrivateTmp=yes hides"),
+        ({"executable": Path("/var/tmp/x/appliance")}, "is under /var/tmp/, which PrivateTmp=yes hides"),
+        ({"executable": Path("/opt/../tmp/appliance")}, "which PrivateTmp=yes hides from the service"),
         ({"executable": Path("bin/appliance")}, "expected an absolute path"),
         ({"mqtt_password_file": Path("/nonexistent/pw")}, "secret file /nonexistent/pw: cannot be read"),
     ],
