@@ -18,7 +18,7 @@ from appliance.ota import command as ota
 from appliance.pool import cli as pool_cli
 from appliance.providers import report as providers_report
 from appliance.settings import Settings, config_schema
-from appliance.system import provision
+from appliance.system import operator, provision
 
 log = logging.getLogger("appliance")
 
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ota.add_arguments(
         verbs.add_parser("ota", help="update hooks: gate, drain, snapshot, verify, commit, rollback")
     )
+    operator.add_arguments(verbs)  # status, reload, drain, resume over the admin socket
 
     schema = verbs.add_parser("config-schema", help="print the JSON Schema of the settings")
     schema.set_defaults(func=cmd_config_schema)

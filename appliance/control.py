@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -11,12 +12,14 @@ from appliance import __version__
 from appliance.errors import InvalidInput
 from appliance.scheduler.hub import State
 from appliance.scheduler.queues import Priority
-from appliance.system.admin import AdminServer, admin_socket_path
+from appliance.system.admin import MAX_WAIT_S, AdminServer
 
 if TYPE_CHECKING:
     from appliance.service import Service
 
 log = logging.getLogger(__name__)
+
+MAX_TEXT_CHARS = 200  # a drain reason goes into the pool's evt and the log
 
 
 class Control:
@@ -26,29 +29,39 @@ class Control:
         self.service = service
         self.started_s = time.monotonic()
 
-    def admin_server(self) -> AdminServer:
-        path = admin_socket_path(self.service.settings.system.runtime_dir)
+    def admin_server(self) -> AdminServer | None:
+        """The admin socket's server at `system.admin_socket_path`; None when it is turned off."""
+        path = self.service.settings.system.admin_socket_path
+        if path is None:
+            return None
         handlers = {"drain": self.drain, "resume": self.resume, "status": self.status, "reload": self.reload}
         return AdminServer(path, handlers)
 
     async def drain(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Stop admitting, tell the pool, wait up to `timeout_s` for admitted work; still draining after."""
+        """Stop admitting, tell the pool, wait up to `timeout_s` for admitted work; still draining after.
+
+        Every argument is checked before anything changes: a bad one is an error and no drain.
+        """
+        _known(args, "drain", {"timeout_s", "reason"})
         timeout_s = _number(args, "timeout_s", self.service.settings.server.drain_timeout_s)
+        reason = _text(args, "reason", "drain requested")
         hub = self.service.hub
         if self.service.pool is not None:
-            await self.service.pool.announce_draining(str(args.get("reason", "drain requested")))
+            await self.service.pool.announce_draining(reason)
         self.service.notifier.status("draining")
         drained = await hub.drain(timeout_s)
         return {"drained": drained, "inflight": _inflight(self.service)}
 
     async def resume(self, args: dict[str, Any]) -> dict[str, Any]:
         """Admit again after a drain (idempotent); the pool link sees it and publishes `online`."""
+        _known(args, "resume", set())
         self.service.hub.resume()
         self.service.notifier.status(self.service.summary())
         return {"state": self.state()}
 
     async def reload(self, args: dict[str, Any]) -> dict[str, Any]:
         """Reload every model from the repository; each swaps atomically, none fails a request."""
+        _known(args, "reload", set())
         notifier = self.service.notifier
         notifier.reloading("reloading models")
         hub = self.service.hub
@@ -70,7 +83,12 @@ class Control:
         return "ready" if hub.is_loaded else "loading"
 
     async def status(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Everything `appliance ota` snapshots and verifies: state, models, digests, providers, load."""
+        """Everything `appliance ota` snapshots and verifies: state, models, digests, providers, load.
+
+        Its paths (config file, repository, samples, admin socket) are for people to read: root's
+        verbs never act on a path from this reply, only on their own settings.
+        """
+        _known(args, "status", set())
         service = self.service
         models: dict[str, Any] = {}
         queued = served = 0.0
@@ -105,6 +123,7 @@ class Control:
             "uptime_s": round(time.monotonic() - self.started_s, 1),
             "config_file": str(service.config_file) if service.config_file else None,
             "repository": str(service.settings.models.repository),
+            "admin_socket": str(service.settings.system.admin_socket_path),
             "http": {"host": http.host, "port": service.port if service.started.is_set() else http.port},
             "line": {
                 "queue_depth": int(queued),
@@ -122,8 +141,25 @@ def _inflight(service: Service) -> int:
     )
 
 
+def _known(args: dict[str, Any], verb: str, known: set[str]) -> None:
+    unknown = sorted(set(args) - known)
+    if unknown:
+        expected = ", ".join(sorted(known)) or "none"
+        raise InvalidInput(f"{verb} has no argument {unknown[0]!r}; its arguments: {expected}")
+
+
 def _number(args: dict[str, Any], key: str, default: float) -> float:
+    """A finite number of seconds in (0, MAX_WAIT_S]; NaN, infinity, booleans and strings are refused."""
     value = args.get(key, default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-        raise InvalidInput(f"{key} must be a positive number of seconds, got {value!r}")
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or not 0 < value <= MAX_WAIT_S:
+        raise InvalidInput(f"{key} must be a number of seconds in (0, {MAX_WAIT_S:g}], got {value!r}")
     return float(value)
+
+
+def _text(args: dict[str, Any], key: str, default: str) -> str:
+    value = args.get(key, default)
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT_CHARS or not value.isprintable():
+        shown = value[:40] + "..." if isinstance(value, str) and len(value) > 40 else value
+        raise InvalidInput(f"{key} must be printable text of 1 to {MAX_TEXT_CHARS} characters, got {shown!r}")
+    return value

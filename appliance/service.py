@@ -21,7 +21,7 @@ from appliance.scheduler.hub import ModelHub, State
 from appliance.server.app import create_app
 from appliance.settings import Settings
 from appliance.system import cpu
-from appliance.system.admin import AdminError, AdminServer
+from appliance.system.admin import AdminServer
 from appliance.system.sdnotify import Notifier
 
 if TYPE_CHECKING:
@@ -124,16 +124,20 @@ class Service:
             await self._stop.wait()
         finally:
             await self._shutdown(serving, watchdog)
-            await admin.close()
+            if admin is not None:
+                await admin.close()
         return 0
 
-    async def _start_admin(self, admin: AdminServer) -> None:
-        """The admin socket; without it `appliance ota` cannot reach us, but the line keeps working."""
-        try:
-            self.settings.system.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            await admin.start()
-        except (AdminError, OSError) as exc:
-            log.error("admin socket unavailable, serving without it: %s", exc)
+    async def _start_admin(self, admin: AdminServer | None) -> None:
+        """The admin socket, or AdminError naming its path: a service `appliance ota` and the
+        operator verbs cannot reach must not start. `system.admin_socket = ""` turns it off."""
+        if admin is None:
+            log.warning(
+                "admin socket turned off (system.admin_socket is empty): `appliance status`, "
+                "`drain`, `resume`, `reload` and `appliance ota` cannot reach this service"
+            )
+            return
+        await admin.start()
 
     def _loading(self, name: str) -> None:
         self.notifier.status(f"loading {name}")

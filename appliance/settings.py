@@ -324,6 +324,13 @@ class SystemSettings(BaseModel):
 class OtaSettings(BaseModel):
     model_config = _section("OTA hooks (appliance ota)")
 
+    records_dir: Path | None = Field(
+        None,
+        description="Where `appliance ota` keeps the snapshot, the config copy and the drain marker. "
+        "Unset: beside the state dir, <state_dir>-ota (/var/lib/appliance-ota when installed). Root "
+        "restores the config from these records, so they must not be writable by the service user: "
+        "the folder and those above it must belong to root (or whoever runs the verb), else refused.",
+    )
     gate_max_line_requests: int = Field(
         0, ge=0, description="`ota gate` defers an update (exit 75) while more line requests than this wait."
     )

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = Settings.load(args.config)
         logger.setLevel(settings.system.log_level)
-        config_file = args.config or (SYSTEM_CONFIG_FILE if SYSTEM_CONFIG_FILE.is_file() else None)
+        # The config file the service reads, and the only one a rollback may write: never one named
+        # by the service's status or by a record the service user could have written.
+        config_file = args.config or SYSTEM_CONFIG_FILE
         return VERBS[verb](settings, config_file)
     except (ApplianceError, OSError) as exc:
         log.error("ota %s failed: %s", verb, exc)

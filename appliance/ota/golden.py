@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from appliance.engine.repository import Repository
+from appliance.engine.repository import SAMPLES_FILE, ModelSource, Repository
 from appliance.errors import ApplianceError
 from appliance.protocol import codec
 
@@ -139,29 +139,59 @@ def run(
     return GoldenRun(model, round(statistics.median(timings_s) * 1e3, 4), tuple(problems))
 
 
-def run_all(status: dict[str, Any], *, api_token: str | None, timed_requests: int) -> dict[str, GoldenRun]:
-    """Golden runs of every READY model with samples, over the HTTP API the status names."""
-    repository = Repository(Path(status["repository"]))
+def run_all(
+    status: dict[str, Any],
+    repository: Path,
+    *,
+    host: str,
+    api_token: str | None,
+    timed_requests: int,
+) -> dict[str, GoldenRun]:
+    """Golden runs of every READY model with samples in `repository`, over HTTP at `host`.
+
+    Only the port number and the served versions come from the service's status: the samples are
+    read from the verb's own repository, never from a path the status names.
+    """
+    port = http_port(status)
+    if port is None:
+        return {}
+    source_of = Repository(repository)
     headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
     runs: dict[str, GoldenRun] = {}
-    with httpx.Client(base_url=base_url(status["http"]), headers=headers) as client:
+    with httpx.Client(base_url=base_url({"host": host, "port": port}), headers=headers) as client:
         for name, model in status.get("models", {}).items():
-            if model.get("state") != "READY" or not model.get("samples"):
+            if model.get("state") != "READY":
                 continue
             try:
-                tolerance = repository.source(name).manifest.samples
+                source = source_of.source(name)
             except ApplianceError as exc:
                 runs[name] = GoldenRun(name, problems=(f"tolerances unknown: {exc}",))
                 continue
+            samples = _samples(source, model.get("version"))
+            if not samples.is_file():
+                continue
+            tolerance = source.manifest.samples
             runs[name] = run(
-                client,
-                name,
-                Path(model["samples"]),
-                atol=tolerance.atol,
-                rtol=tolerance.rtol,
-                timed_requests=timed_requests,
+                client, name, samples, atol=tolerance.atol, rtol=tolerance.rtol, timed_requests=timed_requests
             )
     return runs
+
+
+def http_port(status: dict[str, Any]) -> int | None:
+    """The TCP port the status names, if it is one (1 to 65535)."""
+    http = status.get("http")
+    port = http.get("port") if isinstance(http, dict) else None
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        return port
+    return None
+
+
+def _samples(source: ModelSource, served: object) -> Path:
+    """samples.npz of the version the service serves, if that version is on disk, else the newest."""
+    text = str(served)
+    if text.isascii() and text.isdigit() and int(text) in source.versions:
+        return source.directory / str(int(text)) / SAMPLES_FILE
+    return source.samples_path
 
 
 def _check(response: httpx.Response, expected: dict[str, np.ndarray], atol: float, rtol: float) -> list[str]:

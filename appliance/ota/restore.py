@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from appliance.ota.link import ServiceLink
 from appliance.ota.snapshot import digests_on_disk
-from appliance.ota.store import Store, write_atomically
+from appliance.ota.store import OtaError, Store, write_atomically
 
 log = logging.getLogger(__name__)
 
 
-def config_file(store: Store, before: dict[str, Any]) -> bool:
-    """Put the config file back as the snapshot saw it; True when that changed anything."""
+def config_file(store: Store, before: dict[str, Any], target: Path | None) -> bool:
+    """Put the configured config file `target` back as the snapshot saw it; True when that changed
+    anything. Only `target` (the verb's --config, or /etc/appliance/appliance.toml) is ever written
+    or removed: a snapshot taken of another path is an OtaError, not a reason to write there."""
     record = before.get("config")
     if not record:
         return False
-    target = Path(record["path"])
+    if target is None or record.get("path") != str(target):
+        raise OtaError(
+            f"the snapshot holds config file {record.get('path')!r}, but this rollback restores "
+            f"{str(target) if target else 'no config file'} (--config); not restoring either"
+        )
     current = target.read_bytes() if target.is_file() else None
     if not record.get("exists"):
         if current is None:
@@ -33,10 +40,21 @@ def config_file(store: Store, before: dict[str, Any]) -> bool:
         return False
     if current is not None:
         store.keep_rejected_config(current)
-    owner = (record["uid"], record["gid"]) if os.geteuid() == 0 else None
-    write_atomically(target, wanted, mode=record["mode"], owner=owner)
+    mode, owner = _mode_and_owner(target, record)
+    write_atomically(target, wanted, mode=mode, owner=owner)
     log.warning("rollback: restored %s from the snapshot of %s", target, before.get("taken_at"))
     return True
+
+
+def _mode_and_owner(target: Path, record: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
+    """Those of the file being replaced; if the update removed it, the snapshot's (root's own
+    record), never group- or world-writable; the owner is only set when running as root."""
+    try:
+        st = target.stat()
+        mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    except FileNotFoundError:
+        mode, uid, gid = int(record.get("mode", 0o600)), int(record.get("uid", 0)), int(record.get("gid", 0))
+    return mode & 0o755, ((uid, gid) if os.geteuid() == 0 else None)
 
 
 def report_models_not_restored(before: dict[str, Any], repository: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from appliance.ota import golden, restore, snapshot
 from appliance.ota import verify as verifying
 from appliance.ota.checks import busy_reasons
 from appliance.ota.link import ServiceLink
-from appliance.ota.store import Store
+from appliance.ota.store import OtaError, Store, records_dir
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def drain(settings: Settings, config_file: Path | None = None) -> int:
         log.info("drain: the service is not running; nothing to drain")
         return EX_OK
     timeout_s = settings.ota.drain_timeout_s or settings.server.drain_timeout_s
-    store.mark_drained(int(status["pid"]))  # first: whatever happens next, commit/rollback undo it
+    store.mark_drained(_pid(status))  # first: whatever happens next, commit/rollback undo it
     reply = link.drain(timeout_s, "ota drain")
     if reply.get("drained"):
         log.info(
@@ -67,7 +68,11 @@ def drain(settings: Settings, config_file: Path | None = None) -> int:
 
 
 def take_snapshot(settings: Settings, config_file: Path | None = None) -> int:
-    """Save the config file, model digests, providers and the golden-sample latency baseline."""
+    """Save the config file, model digests, providers and the golden-sample latency baseline.
+
+    The config file and the repository are the verb's own (`config_file`, settings), never the
+    paths the service's status names.
+    """
     store = _store(settings)
     status = _link(settings).status()
     runs: dict[str, golden.GoldenRun] = {}
@@ -78,12 +83,22 @@ def take_snapshot(settings: Settings, config_file: Path | None = None) -> int:
             "snapshot: the service is %s; no latency baseline (snapshot before `ota drain`)", status["state"]
         )
     else:
-        token = settings.server.api_token.get_secret_value() if settings.server.api_token else None
-        runs = golden.run_all(status, api_token=token, timed_requests=settings.ota.verify_timed_requests)
-    if status is not None and status.get("config_file"):
-        config_file = Path(status["config_file"])
-    repository = Path(status["repository"]) if status is not None else settings.models.repository
-    if store.snapshot_path.exists():
+        runs = golden.run_all(
+            status,
+            settings.models.repository,
+            host=settings.server.host,
+            api_token=verifying.api_token(settings),
+            timed_requests=settings.ota.verify_timed_requests,
+        )
+    repository = settings.models.repository
+    named = status.get("config_file") if status is not None else None
+    if named and named != str(config_file):
+        log.warning(
+            "snapshot: the service reads config %s; saving %s, the config file this verb was given",
+            named,
+            config_file or "none",
+        )
+    if os.path.lexists(store.snapshot_path):
         log.info("snapshot: replacing the snapshot already in %s", store.snapshot_path)
     document, content = snapshot.build(
         status=status, golden=runs, repository=repository, config_path=config_file
@@ -149,12 +164,18 @@ def commit(settings: Settings, config_file: Path | None = None) -> int:
 
 
 def rollback(settings: Settings, config_file: Path | None = None) -> int:
-    """Restore the snapshot's config, make the service serve what is on disk, admit again, discard."""
+    """Restore the configured config file, make the service serve what is on disk, admit again,
+    discard. A config that cannot be restored fails the verb (1) and keeps the snapshot."""
     store, link = _store(settings), _link(settings)
     before = store.read_snapshot()
-    is_config_restored = restore.config_file(store, before) if before is not None else False
+    is_config_restored, config_error = False, None
+    if before is not None:
+        try:
+            is_config_restored = restore.config_file(store, before, config_file)
+        except OtaError as exc:
+            config_error = exc
     status = link.status()
-    repository = Path(status["repository"]) if status is not None else settings.models.repository
+    repository = settings.models.repository
     if before is not None:
         restore.report_models_not_restored(before, repository)
     if status is not None:
@@ -165,8 +186,11 @@ def rollback(settings: Settings, config_file: Path | None = None) -> int:
             log.warning("rollback: restart appliance.service to apply the restored config")
     elif is_config_restored:
         log.info("rollback: the service is not running; it reads the restored config when it starts")
-    store.discard()
     store.clear_drained()
+    if config_error is not None:
+        log.error("rollback: config not restored, snapshot kept in %s: %s", store.root, config_error)
+        return EX_FAILED
+    store.discard()
     log.info("rollback: %s", "done" if before is not None else "no snapshot; nothing to restore")
     return EX_OK
 
@@ -181,9 +205,16 @@ def _resume_our_drain(link: ServiceLink, store: Store, status: dict[str, Any]) -
     log.info("the service admits requests again")
 
 
+def _pid(status: dict[str, Any]) -> int:
+    pid = status.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise OtaError(f"the service's status names pid {pid!r}; expected a positive integer")
+    return pid
+
+
 def _link(settings: Settings) -> ServiceLink:
-    return ServiceLink(settings.system.runtime_dir)
+    return ServiceLink.from_settings(settings)
 
 
 def _store(settings: Settings) -> Store:
-    return Store(settings.system.state_dir)
+    return Store(records_dir(settings))

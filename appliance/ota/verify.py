@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from appliance.ota import golden
@@ -83,11 +82,24 @@ def boot_uptime_s() -> float:
 
 
 def inspect(status: dict[str, Any], snapshot: dict[str, Any] | None, settings: Settings) -> list[Finding]:
-    """Run the golden samples, read the digests on disk and judge the service against the snapshot."""
+    """Run the golden samples, read the digests on disk and judge the service against the snapshot.
+
+    The repository is the verb's own setting, not the one the status names.
+    """
     options = settings.ota
-    token = settings.server.api_token.get_secret_value() if settings.server.api_token else None
-    runs = golden.run_all(status, api_token=token, timed_requests=options.verify_timed_requests)
+    repository = settings.models.repository
+    runs = golden.run_all(
+        status,
+        repository,
+        host=settings.server.host,
+        api_token=api_token(settings),
+        timed_requests=options.verify_timed_requests,
+    )
     serving = [name for name, model in status.get("models", {}).items() if model.get("state") == "READY"]
-    on_disk = digests_on_disk(Path(status["repository"]), serving)
+    on_disk = digests_on_disk(repository, serving)
     tolerance = Tolerance(options.verify_latency_growth_pct, options.verify_latency_slack_ms)
     return judge(status, snapshot, runs, on_disk, tolerance)
+
+
+def api_token(settings: Settings) -> str | None:
+    return settings.server.api_token.get_secret_value() if settings.server.api_token else None

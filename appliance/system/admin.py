@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -21,12 +22,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_LINE_BYTES = 64 * 1024
-SOCKET_NAME = "admin.sock"
-
-
-def admin_socket_path(runtime_dir: Path) -> Path:
-    """Where the service listens and `appliance ota` calls: <runtime_dir>/admin.sock."""
-    return runtime_dir / SOCKET_NAME
+MAX_WAIT_S = 86400.0  # longest drain wait the verbs accept: one that waits longer is a mistake, not a plan
 
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -62,14 +58,23 @@ class AdminServer:
         self._request_timeout_s = request_timeout_s
         self._server: asyncio.Server | None = None
         self._inode: tuple[int, int] | None = None
+        self._lock: _Lock | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Bind and listen; raises AdminError if another live server holds the path."""
-        sock = _bind(self.path)
-        st = os.stat(self.path)
-        self._inode = (st.st_dev, st.st_ino)
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE_BYTES)
+        """Bind and listen; AdminError (one line naming the path) if the folder is not this user's
+        alone, or another server holds the path: two instances never share or take over a socket."""
+        check_private_folder(self.path.parent)
+        self._lock = _Lock.acquire(self.path)
+        try:
+            sock = _bind(self.path)
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE_BYTES)
+        except BaseException:
+            self._lock.release()
+            self._lock = None
+            raise
         logger.info("admin socket listening on %s", self.path)
 
     async def close(self) -> None:
@@ -86,6 +91,9 @@ class AdminServer:
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == self._inode:
                 self.path.unlink()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -171,13 +179,109 @@ def admin_request(
     return reply
 
 
+def check_private_folder(folder: Path) -> None:
+    """Create `folder` (mode 0700) if missing; AdminError unless it is a real folder, not a symlink,
+    owned by this process's uid and writable by no one else, so no other user can place or swap
+    the socket in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(folder)
+    except OSError as exc:
+        raise AdminError(f"admin socket folder {folder}: cannot create it ({exc.strerror or exc})") from exc
+    uid = os.getuid()
+    if stat.S_ISLNK(st.st_mode):
+        raise AdminError(
+            f"admin socket folder {folder} is a symlink; expected a real folder owned by uid {uid}"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise AdminError(f"admin socket folder {folder} is not a folder")
+    if st.st_uid != uid:
+        raise AdminError(
+            f"admin socket folder {folder} is owned by uid {st.st_uid}; expected uid {uid}, who runs the "
+            "service (set system.runtime_dir or system.admin_socket to a folder of its own)"
+        )
+    if st.st_mode & 0o022:
+        raise AdminError(
+            f"admin socket folder {folder} has mode {stat.S_IMODE(st.st_mode):04o}, writable by group or "
+            "others; expected no write access beyond its owner (e.g. 0700)"
+        )
+
+
+def in_use_message(path: Path, pid: int | None) -> str:
+    holder = f"another running appliance (pid {pid})" if pid else "another running process"
+    return (
+        f"admin socket {path} is in use by {holder}; give this instance its own with system.admin_socket "
+        'or system.runtime_dir (APPLIANCE_SYSTEM__ADMIN_SOCKET), or set system.admin_socket = "" to '
+        "run without one"
+    )
+
+
+class _Lock:
+    """`<socket>.lock`, flock()ed for as long as a server owns the socket path, holding its pid.
+
+    Checking that the socket is live and then replacing a stale one is a race between two
+    starting instances (one could unlink the other's fresh socket); the lock serialises them.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, socket_path: Path) -> _Lock:
+        path = socket_path.with_name(socket_path.name + ".lock")
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise AdminError(f"admin socket {socket_path}: cannot open {path} ({exc.strerror})") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise AdminError(in_use_message(socket_path, pid)) from None
+            except OSError as exc:
+                os.close(fd)
+                raise AdminError(f"admin socket {socket_path}: cannot lock {path} ({exc.strerror})") from exc
+            held, now = os.fstat(fd), _stat_or_none(path)
+            if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                break
+            os.close(fd)  # the previous holder removed the file after we opened it: take the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Remove the file while still holding it (waiting starters then see a new inode), unlock."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
 def _bind(path: Path) -> socket.socket:
     """A listening socket at `path`, mode 0600 from the start (fchmod before bind, no umask race)."""
     if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.stat().st_mode)):
         raise AdminError(f"admin socket path {path} exists and is not a socket; refusing to replace it")
     if path.exists():
-        if _is_live(path):
-            raise AdminError(f"admin socket {path} is in use by another running process")
+        pid = _listener_pid(path)
+        if pid is not None:
+            raise AdminError(in_use_message(path, pid or None))
         path.unlink()  # stale: left by a process that died without cleaning up
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -192,15 +296,17 @@ def _bind(path: Path) -> socket.socket:
     return sock
 
 
-def _is_live(path: Path) -> bool:
+def _listener_pid(path: Path) -> int | None:
+    """None when nothing listens at `path`; else the listener's pid (SO_PEERCRED; 0 if unknown)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(str(path))
         except OSError as exc:
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                return False
+                return None
             raise AdminError(f"admin socket {path}: cannot tell whether it is in use ({exc})") from exc
-    return True
+        pid, _, _ = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid
 
 
 def _parse(line: bytes) -> tuple[str, dict[str, Any]] | str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -18,9 +19,9 @@ import pytest
 from appliance.engine.repository import file_digest
 from appliance.ota import command, verbs
 from appliance.ota.link import ServiceLink
-from appliance.ota.store import Store
+from appliance.ota.store import SNAPSHOT_FORMAT, Store, records_dir
 from appliance.protocol import codec
-from appliance.system.admin import admin_socket_path
+from appliance.system.admin import AdminError
 
 HOOKS = Path(__file__).resolve().parents[2] / "firmware-hooks"
 FAST = {"verify_wait_s": 5.0, "verify_timed_requests": 3}
@@ -51,7 +52,7 @@ def infer(url: str, model: str = "batchable") -> httpx.Response:
 
 
 def status(settings) -> dict:
-    found = ServiceLink(settings.system.runtime_dir).status()
+    found = ServiceLink.from_settings(settings).status()
     assert found is not None
     return found
 
@@ -60,8 +61,25 @@ def messages(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(record.getMessage() for record in caplog.records)
 
 
-def test_the_admin_socket_is_where_the_service_listens(tmp_path: Path) -> None:
-    assert ServiceLink(tmp_path).socket_path == admin_socket_path(tmp_path)
+def store(settings) -> Store:
+    return Store(records_dir(settings))
+
+
+def test_the_verbs_find_the_socket_the_service_listens_on(serve, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "appliance")
+    socket_path = tmp_path / "own" / "admin.sock"
+    with serve(golden_repository(tmp_path), system={"admin_socket": str(socket_path)}) as running:
+        settings = running.service.settings
+        assert ServiceLink.from_settings(settings).socket_path == socket_path
+        assert verbs.gate(settings) == verbs.EX_OK
+    expected = f"talking to appliance pid {os.getpid()} (no config file, http://127.0.0.1:{running.port})"
+    assert f"{expected} on admin socket {socket_path}" in messages(caplog)
+
+
+def test_the_verbs_fail_when_the_admin_socket_is_turned_off(settings_factory, tmp_path) -> None:
+    settings = settings_factory(golden_repository(tmp_path), system={"admin_socket": ""})
+    with pytest.raises(AdminError, match=r'the admin socket is turned off \(system.admin_socket = ""\)'):
+        verbs.gate(settings)
 
 
 def test_gate_goes_while_quiet_and_defers_while_the_line_is_served(serve, tmp_path, caplog) -> None:
@@ -81,13 +99,13 @@ def test_drain_is_idempotent_and_commit_admits_again(serve, tmp_path) -> None:
         assert verbs.drain(settings) == verbs.EX_OK
         assert verbs.drain(settings) == verbs.EX_OK
         assert status(settings)["state"] == "draining"
-        assert Store(settings.system.state_dir).drained_pid() == os.getpid()
+        assert store(settings).drained_pid() == os.getpid()
         assert infer(running.url).status_code == 503
         assert verbs.commit(settings) == verbs.EX_OK
         assert status(settings)["state"] == "ready"
         assert infer(running.url).status_code == 200
         assert verbs.commit(settings) == verbs.EX_OK
-        assert Store(settings.system.state_dir).drained_pid() is None
+        assert store(settings).drained_pid() is None
 
 
 def test_drain_that_times_out_resumes_serving_and_answers_try_later(serve, tmp_path) -> None:
@@ -106,7 +124,7 @@ def test_drain_that_times_out_resumes_serving_and_answers_try_later(serve, tmp_p
         task = running.call(start)
         assert verbs.drain(settings) == verbs.EX_TEMPFAIL
         assert status(settings)["state"] == "ready"
-        assert Store(settings.system.state_dir).drained_pid() is None
+        assert store(settings).drained_pid() is None
 
         async def finish() -> dict:
             return await task
@@ -122,24 +140,24 @@ def test_snapshot_verify_commit(serve, tmp_path, caplog) -> None:
     with serve(repo, ota=FAST) as running:
         settings = running.service.settings
         running.service.config_file = config
-        assert verbs.take_snapshot(settings) == verbs.EX_OK
-        store = Store(settings.system.state_dir)
-        saved = store.read_snapshot()
+        assert verbs.take_snapshot(settings, config) == verbs.EX_OK
+        records = store(settings)
+        saved = records.read_snapshot()
         assert saved is not None
         batchable, fixed = saved["models"]["batchable"], saved["models"]["fixed"]
         assert batchable["sha256"] == file_digest(repo / "batchable" / "1" / "model.onnx")
         assert batchable["placement"]["provider"] == "cpu"
         assert batchable["golden_ms"] > 0 and fixed["golden_ms"] is None
         assert saved["providers"]["cpu"] is True
-        assert saved["config"]["path"] == str(config) and store.read_config_copy() == config.read_bytes()
-        assert verbs.take_snapshot(settings) == verbs.EX_OK  # again: replaced, still whole
+        assert saved["config"]["path"] == str(config) and records.read_config_copy() == config.read_bytes()
+        assert verbs.take_snapshot(settings, config) == verbs.EX_OK  # again: replaced, still whole
 
         assert verbs.verify(settings) == verbs.EX_OK
         assert "batchable: golden samples reproduce" in messages(caplog)
         assert "fixed: no samples.npz" in messages(caplog)
 
         assert verbs.commit(settings) == verbs.EX_OK
-        assert store.read_snapshot() is None and not store.config_copy_path.exists()
+        assert records.read_snapshot() is None and not records.config_copy_path.exists()
         assert verbs.commit(settings) == verbs.EX_OK
         assert verbs.verify(settings) == verbs.EX_OK  # with no snapshot: a plain boot health check
 
@@ -156,10 +174,10 @@ def test_verify_fails_when_golden_samples_got_slower(serve, tmp_path, caplog) ->
     with serve(golden_repository(tmp_path), ota={**FAST, "verify_latency_slack_ms": 0.0}) as running:
         settings = running.service.settings
         assert verbs.take_snapshot(settings) == verbs.EX_OK
-        store = Store(settings.system.state_dir)
-        saved = store.read_snapshot()
+        records = store(settings)
+        saved = records.read_snapshot()
         saved["models"]["batchable"]["golden_ms"] = 1e-6  # a baseline no HTTP request can meet
-        store.save_snapshot(saved, store.read_config_copy() if store.config_copy_path.exists() else None)
+        records.save_snapshot(saved, None)
         assert verbs.verify(settings) == verbs.EX_FAILED
     assert "batchable: golden samples take" in messages(caplog)
     assert "0.000 ms before the update + 50 % + 0 ms" in messages(caplog)
@@ -219,18 +237,144 @@ def test_rollback_restores_the_config_file_and_says_to_restart(serve, tmp_path, 
     with serve(golden_repository(tmp_path), ota=FAST) as running:
         settings = running.service.settings
         running.service.config_file = config
-        assert verbs.take_snapshot(settings) == verbs.EX_OK
+        assert verbs.take_snapshot(settings, config) == verbs.EX_OK
         config.write_text("[server]\nretry_after_s = 9.0\n")  # what the update brought
         assert verbs.drain(settings) == verbs.EX_OK
-        assert verbs.rollback(settings) == verbs.EX_OK
+        assert verbs.rollback(settings, config) == verbs.EX_OK
         assert status(settings)["state"] == "ready"
     assert config.read_text() == "[server]\nretry_after_s = 2.0\n"
     assert config.stat().st_mode & 0o777 == 0o640
-    rejected = Store(settings.system.state_dir).root / "rejected-config.toml"
+    rejected = store(settings).root / "rejected-config.toml"
     assert rejected.read_text() == "[server]\nretry_after_s = 9.0\n"
     assert "restart appliance.service to apply the restored config" in messages(caplog)
-    assert verbs.rollback(settings) == verbs.EX_OK
+    assert verbs.rollback(settings, config) == verbs.EX_OK
     assert config.read_text() == "[server]\nretry_after_s = 2.0\n"
+
+
+SERVICE_UID = 4242  # stands for the unprivileged `appliance` user
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+
+
+def victim(tmp_path: Path) -> tuple[Path, bytes, int]:
+    """A root-only file the service user would like root to read, overwrite or delete."""
+    path = tmp_path / "shadow"
+    path.write_bytes(b"root:secret-hash:19000::::::\n")
+    path.chmod(0o600)
+    return path, path.read_bytes(), path.stat().st_mtime_ns
+
+
+def assert_untouched(path: Path, content: bytes, mtime_ns: int, records: Store) -> None:
+    assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime_ns
+    assert path.stat().st_mode & 0o777 == 0o600 and path.stat().st_uid == 0
+    if records.root.exists():
+        for record in records.root.iterdir():  # nothing of it was copied where anyone can read it
+            assert content not in record.read_bytes(), record
+
+
+def test_snapshot_copies_its_own_config_file_not_the_one_the_status_names(serve, tmp_path, caplog) -> None:
+    secret, content, mtime_ns = victim(tmp_path)
+    config = tmp_path / "appliance.toml"
+    config.write_text("[server]\nretry_after_s = 2.0\n")
+    with serve(golden_repository(tmp_path), ota=FAST) as running:
+        settings = running.service.settings
+        running.service.config_file = secret  # a status reply naming a file the service should not see
+        assert status(settings)["config_file"] == str(secret)
+        assert verbs.take_snapshot(settings, config) == verbs.EX_OK
+        records = store(settings)
+        assert records.read_config_copy() == config.read_bytes()
+        assert records.read_snapshot()["config"]["path"] == str(config)
+        assert f"the service reads config {secret}; saving {config}" in messages(caplog)
+        assert verbs.take_snapshot(settings, None) == verbs.EX_OK
+        assert not records.config_copy_path.exists()
+        assert_untouched(secret, content, mtime_ns, records)
+        assert verbs.rollback(settings, None) == verbs.EX_OK
+    assert_untouched(secret, content, mtime_ns, records)
+
+
+def test_rollback_writes_only_the_configured_config_file(settings_factory, tmp_path, caplog) -> None:
+    secret, content, mtime_ns = victim(tmp_path)
+    config = tmp_path / "appliance.toml"
+    config.write_text("[server]\nport = 9\n")
+    settings = settings_factory(golden_repository(tmp_path))
+    records = store(settings)
+    planted = {"path": str(secret), "exists": True, "mode": 0o666, "uid": SERVICE_UID, "gid": SERVICE_UID}
+    records.save_snapshot({"format": SNAPSHOT_FORMAT, "config": planted, "models": {}}, b"pwned\n")
+    assert verbs.rollback(settings, config) == verbs.EX_FAILED
+    assert f"the snapshot holds config file '{secret}', but this rollback restores {config}" in messages(
+        caplog
+    )
+    assert_untouched(secret, content, mtime_ns, records)
+    assert config.read_text() == "[server]\nport = 9\n"
+    assert records.read_snapshot() is not None  # kept for whoever fixes the hooks' --config
+    planted["exists"] = False  # "the update added this file": old rollbacks deleted it
+    records.save_snapshot({"format": SNAPSHOT_FORMAT, "config": planted, "models": {}}, None)
+    assert verbs.rollback(settings, config) == verbs.EX_FAILED
+    assert_untouched(secret, content, mtime_ns, records)
+
+
+@needs_root
+def test_root_ignores_what_the_service_user_wrote_in_its_state_dir(
+    settings_factory, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.INFO, "appliance")
+    secret, content, mtime_ns = victim(tmp_path)
+    config = tmp_path / "appliance.toml"
+    settings = settings_factory(golden_repository(tmp_path))
+    old_place = settings.system.state_dir / "ota"  # where records lived, writable by the service user
+    old_place.mkdir(parents=True)
+    record = {"path": str(secret), "exists": False}
+    (old_place / "snapshot.json").write_text(json.dumps({"format": SNAPSHOT_FORMAT, "config": record}))
+    for path in (settings.system.state_dir, old_place, old_place / "snapshot.json"):
+        os.chown(path, SERVICE_UID, SERVICE_UID)
+    assert verbs.rollback(settings, config) == verbs.EX_OK
+    assert "rollback: no snapshot; nothing to restore" in messages(caplog)
+    assert_untouched(secret, content, mtime_ns, store(settings))
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["file of the service user", "symlinked file", "folder of the service user"])
+def test_root_refuses_records_it_did_not_write(settings_factory, tmp_path, capsys, how) -> None:
+    secret, content, mtime_ns = victim(tmp_path)
+    config = tmp_path / "appliance.toml"
+    config.write_text("[server]\nport = 9\n")
+    settings = settings_factory(golden_repository(tmp_path))
+    records = store(settings)
+    records.save_snapshot({"format": SNAPSHOT_FORMAT, "config": None, "models": {}}, None)
+    forged = json.dumps({"format": SNAPSHOT_FORMAT, "config": {"path": str(secret), "exists": False}})
+    if how == "symlinked file":
+        elsewhere = tmp_path / "forged.json"
+        elsewhere.write_text(forged)
+        records.snapshot_path.unlink()
+        records.snapshot_path.symlink_to(elsewhere)
+        expected = f"{records.snapshot_path} is a symlink; refusing to follow it"
+    else:
+        records.snapshot_path.write_text(forged)
+        owned = records.snapshot_path if how == "file of the service user" else records.root
+        os.chown(owned, SERVICE_UID, SERVICE_UID)
+        expected = f"{owned} is owned by uid {SERVICE_UID}"
+    ota_config = tmp_path / "ota.toml"
+    system = settings.system
+    ota_config.write_text(
+        f'[models]\nrepository = "{settings.models.repository}"\n'
+        f'[system]\nruntime_dir = "{system.runtime_dir}"\nstate_dir = "{system.state_dir}"\n'
+    )
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    for verb in ("rollback", "verify"):
+        args = parser.parse_args([verb, "--config", str(ota_config)])
+        assert args.func(args) == verbs.EX_FAILED
+        assert expected in capsys.readouterr().err
+    assert_untouched(secret, content, mtime_ns, Store(tmp_path / "nothing"))
+    assert config.read_text() == "[server]\nport = 9\n"
+    args = parser.parse_args(["snapshot", "--config", str(ota_config)])
+    if how == "folder of the service user":
+        assert args.func(args) == verbs.EX_FAILED
+        assert expected in capsys.readouterr().err
+    else:  # a new snapshot replaces the forged entry (never following it) with root's own file
+        assert args.func(args) == verbs.EX_OK
+        assert not records.snapshot_path.is_symlink() and records.snapshot_path.stat().st_uid == 0
+        assert records.read_snapshot()["config"]["path"] == str(ota_config)
+    assert_untouched(secret, content, mtime_ns, Store(tmp_path / "nothing"))
 
 
 def test_verify_resumes_only_a_drain_that_ota_drain_left(serve, tmp_path) -> None:
@@ -252,7 +396,7 @@ def test_every_verb_with_no_service_running(settings_factory, tmp_path, caplog) 
     assert verbs.gate(settings) == verbs.EX_OK
     assert verbs.drain(settings) == verbs.EX_OK
     assert verbs.take_snapshot(settings, config) == verbs.EX_OK
-    saved = Store(settings.system.state_dir).read_snapshot()
+    saved = store(settings).read_snapshot()
     assert saved["service"] is None and saved["config"] == {"path": str(config), "exists": False}
     assert saved["models"]["batchable"]["sha256"] == file_digest(repo / "batchable" / "1" / "model.onnx")
     assert verbs.verify(settings) == verbs.EX_TEMPFAIL
@@ -260,10 +404,10 @@ def test_every_verb_with_no_service_running(settings_factory, tmp_path, caplog) 
     assert verbs.verify(settings.model_copy(update={"ota": expired})) == verbs.EX_FAILED
     assert "verify: the service is not running after 0.01 s, past verify_boot_grace_s" in messages(caplog)
     config.write_text("[server]\nport = 9\n")  # the update added a config file
-    assert verbs.rollback(settings) == verbs.EX_OK
+    assert verbs.rollback(settings, config) == verbs.EX_OK
     assert not config.exists()
     assert verbs.commit(settings) == verbs.EX_OK
-    assert verbs.rollback(settings) == verbs.EX_OK
+    assert verbs.rollback(settings, config) == verbs.EX_OK
 
 
 def test_the_command_logs_to_stderr_and_maps_failures_to_1(tmp_path, capsys) -> None:
@@ -278,7 +422,7 @@ def test_the_command_logs_to_stderr_and_maps_failures_to_1(tmp_path, capsys) -> 
     args = parser.parse_args(["gate", "--config", str(config)])
     assert args.func(args) == 0
     assert "appliance ota: INFO gate: the service is not running" in capsys.readouterr().err
-    (tmp_path / "state").write_text("a file where the state folder should be")
+    (tmp_path / "state-ota").write_text("a file where the records folder should be")
     args = parser.parse_args(["snapshot", "--config", str(config)])
     assert args.func(args) == 1
     assert "appliance ota: ERROR ota snapshot failed: cannot create" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Admin socket: a real AF_UNIX server in tmp_path, the blocking client, peer credentials and errors."""
+"""Admin socket: a real AF_UNIX server in tmp_path, the blocking client, peer credentials, errors, and
+one socket per instance in a folder only the service's user can write."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import json
 import os
 import socket
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance.system.admin import AdminError, AdminServer, Handler, admin_request
+from appliance.settings import SystemSettings
+from appliance.system.admin import AdminError, AdminServer, Handler, admin_request, in_use_message
 
 
 async def status(_: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +180,7 @@ def test_start_replaces_a_stale_socket_but_not_a_live_one_or_a_file(tmp_path: Pa
 
     async def body(_: AdminServer) -> None:
         assert (await request(path, "status"))["ok"] is True
-        with pytest.raises(AdminError, match="is in use by another running process"):
+        with pytest.raises(AdminError, match=rf"admin socket {path} is in use by another running appliance"):
             await AdminServer(path, HANDLERS).start()
 
     serving(path, body)
@@ -191,3 +194,104 @@ def test_start_replaces_a_stale_socket_but_not_a_live_one_or_a_file(tmp_path: Pa
     with pytest.raises(AdminError, match="exists and is not a socket; refusing to replace it"):
         asyncio.run(start_on_file())
     assert regular.read_text() == "keep me"
+
+
+def start_and_close(path: Path) -> None:
+    async def main() -> None:
+        server = AdminServer(path, HANDLERS)
+        await server.start()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_second_server_on_the_same_path_is_refused_and_the_first_keeps_it(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+
+    async def body(first: AdminServer) -> None:
+        second = AdminServer(path, HANDLERS)
+        with pytest.raises(AdminError) as caught:
+            await second.start()
+        assert str(caught.value) == in_use_message(path, os.getpid())
+        assert "system.admin_socket" in str(caught.value) and "\n" not in str(caught.value)
+        assert (await request(path, "status"))["state"] == "serving"  # still the first one's
+        await second.close()  # closing a server that never started leaves the first alone
+        assert (await request(path, "status"))["state"] == "serving"
+
+    serving(path, body)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # socket and lock gone with the first
+    start_and_close(path)  # and the path is free again
+
+
+def test_a_lock_left_by_a_dead_server_does_not_block(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    (tmp_path / "admin.sock.lock").write_text("999999\n")  # nobody holds its flock any more
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))  # and its socket, with nothing listening
+    start_and_close(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_socket_folder_is_created_private(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "appliance" / "admin.sock"
+
+    async def body(_: AdminServer) -> None:
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+    serving(path, body)
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o1777])
+def test_a_socket_folder_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    folder.chmod(mode)
+    expected = f"admin socket folder {folder} has mode {mode:04o}, writable by group or others"
+    with pytest.raises(AdminError, match=expected):
+        start_and_close(folder / "admin.sock")
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_a_socket_folder_another_user_owns_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 4242, 4242)  # e.g. created first by someone else
+    expected = rf"admin socket folder {folder} is owned by uid 4242; expected uid {os.getuid()}"
+    with pytest.raises(AdminError, match=expected):
+        start_and_close(folder / "admin.sock")
+    assert list(folder.iterdir()) == []
+
+
+def test_a_symlinked_socket_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "run").symlink_to(tmp_path / "real")
+    with pytest.raises(AdminError, match=f"admin socket folder {tmp_path / 'run'} is a symlink"):
+        start_and_close(tmp_path / "run" / "admin.sock")
+    assert list((tmp_path / "real").iterdir()) == []
+
+
+def test_the_runtime_dir_is_never_a_predictable_tmp_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    found = SystemSettings().runtime_dir
+    assert not found.is_relative_to(tempfile.gettempdir()) and not found.is_relative_to("/tmp")
+    assert found in (Path("/run/appliance"), Path("~/.local/state/appliance/run").expanduser())
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    if found != Path("/run/appliance"):
+        assert SystemSettings().runtime_dir == Path("/run/user/1000/appliance")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/appliance-b")
+    assert SystemSettings().runtime_dir == Path("/run/appliance-b")
+    assert SystemSettings().admin_socket_path == Path("/run/appliance-b/admin.sock")
+    assert SystemSettings(admin_socket="").admin_socket_path is None
+
+
+def test_a_socket_that_cannot_be_created_names_its_path(tmp_path: Path) -> None:
+    folder = tmp_path / ("long-" * 30)  # AF_UNIX paths end at 108 bytes
+    path = folder / "admin.sock"
+    with pytest.raises(AdminError, match=rf"admin socket {path}: cannot listen \(AF_UNIX path too long\)"):
+        start_and_close(path)
+    assert list(folder.iterdir()) == []  # nor is its lock left behind
+    (tmp_path / "file").write_text("a file where the folder should be")
+    with pytest.raises(AdminError, match=rf"admin socket folder {tmp_path / 'file'}: cannot create it"):
+        start_and_close(tmp_path / "file" / "admin.sock")

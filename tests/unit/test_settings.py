@@ -105,6 +105,7 @@ def test_every_field_is_described_and_units_are_named() -> None:
         "strict_readiness",
         "access_log",
         "admin_socket",
+        "records_dir",
         "log_format",
         "max_tensor_rank",
     }

@@ -1,0 +1,181 @@
+"""One admin socket per instance, and `appliance status|reload|drain|resume` against a running service."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import modelzoo
+import numpy as np
+import pytest
+from subprocesses import environment
+
+from appliance.protocol import codec
+from appliance.system.admin import AdminError, admin_request, in_use_message
+
+
+def small_repository(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="[batching]\nmax_batch_size = 8\n")
+    return repo
+
+
+def appliance(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m appliance ARGS` with the service's runtime dir (RUNTIME_DIRECTORY=<tmp_path>/run)."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment(tmp_path),
+    )
+
+
+def infer(url: str) -> int:
+    body = codec.encode_request({"x": np.ones((1, 4), np.float32)}, binary=False, binary_output=False)
+    return httpx.post(f"{url}/v2/models/batchable/infer", content=body.body(), timeout=30.0).status_code
+
+
+def test_a_second_instance_on_the_same_runtime_dir_fails_with_one_line(serve, tmp_path) -> None:
+    repo = small_repository(tmp_path)
+    with serve(repo) as first:
+        path = first.service.settings.system.admin_socket_path
+        assert path == tmp_path / "run" / "admin.sock"
+        second = appliance(tmp_path, "serve", "--model-repository", str(repo), "--port", "0")
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().splitlines()[-1] == f"appliance: {in_use_message(path, os.getpid())}"
+        assert "Traceback" not in second.stderr
+        assert admin_request(path, "status")["pid"] == os.getpid()  # the first keeps its socket
+        assert infer(first.url) == 200
+
+
+def test_a_second_instance_in_process_is_refused_too(serve, tmp_path) -> None:
+    repo = small_repository(tmp_path)
+    with serve(repo) as first:
+        path = first.service.settings.system.admin_socket_path
+        with (
+            pytest.raises(AdminError, match="is in use by another running appliance"),
+            serve(repo),
+        ):
+            pass
+        assert admin_request(path, "status")["state"] == "ready"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_the_service_refuses_a_runtime_dir_another_user_owns(serve, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    os.chown(run_dir, 4242, 4242)
+    expected = f"admin socket folder {run_dir} is owned by uid 4242; expected uid {os.getuid()}"
+    with pytest.raises(AdminError, match=expected), serve(small_repository(tmp_path)):
+        pass
+    assert list(run_dir.iterdir()) == []
+
+
+def test_the_service_refuses_a_runtime_dir_others_may_write(serve, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o777)
+    expected = f"admin socket folder {run_dir} has mode 0777, writable by group or others"
+    with pytest.raises(AdminError, match=expected), serve(small_repository(tmp_path)):
+        pass
+    assert list(run_dir.iterdir()) == []
+
+
+def test_an_empty_admin_socket_setting_serves_without_one(serve, tmp_path, caplog) -> None:
+    caplog.set_level(logging.WARNING, "appliance")
+    with serve(small_repository(tmp_path), system={"admin_socket": ""}) as running:
+        assert running.service.settings.system.admin_socket_path is None
+        assert infer(running.url) == 200
+        assert not (tmp_path / "run" / "admin.sock").exists()
+        result = appliance(tmp_path, "status")
+    assert "admin socket turned off (system.admin_socket is empty)" in caplog.text
+    assert result.returncode == 3  # `appliance status` in the default place finds no instance
+    assert f"nothing listens on {tmp_path / 'run' / 'admin.sock'}" in result.stderr
+
+
+def test_the_operator_verbs_against_a_running_service(serve, tmp_path) -> None:
+    with serve(small_repository(tmp_path)) as running:
+        socket_path = tmp_path / "run" / "admin.sock"
+        instance = f"appliance pid {os.getpid()} (no config file, http://127.0.0.1:{running.port})"
+
+        status = appliance(tmp_path, "status")
+        assert status.returncode == 0, status.stderr
+        assert f"{instance} on admin socket {socket_path}" in status.stdout
+        assert "state      ready" in status.stdout
+        assert "batchable  READY  version 1 on cpu" in status.stdout
+        document = json.loads(appliance(tmp_path, "status", "--json").stdout)
+        assert document["pid"] == os.getpid() and document["models"]["batchable"]["state"] == "READY"
+
+        for _ in range(2):  # idempotent
+            drained = appliance(tmp_path, "drain", "--timeout-s", "5")
+            assert drained.returncode == 0, drained.stderr
+            assert drained.stdout.startswith("drained: no request in flight")
+            assert instance in drained.stderr
+        assert admin_request(socket_path, "status")["state"] == "draining"
+        assert infer(running.url) == 503
+
+        resumed = appliance(tmp_path, "resume")
+        assert (resumed.returncode, resumed.stdout) == (0, "state: ready\n")
+        assert infer(running.url) == 200
+
+        reloaded = appliance(tmp_path, "reload")
+        assert (reloaded.returncode, reloaded.stdout) == (0, "batchable  READY  version 1\n")
+
+        refused = appliance(tmp_path, "drain", "--timeout-s", "nan")
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "appliance drain: error: argument --timeout-s: expected a number of seconds in (0, 86400], "
+            "got 'nan'"
+        )
+        assert admin_request(socket_path, "status")["state"] == "ready"
+
+
+def test_status_of_no_service_says_where_it_looked(tmp_path) -> None:
+    result = appliance(tmp_path, "status")
+    assert result.returncode == 3
+    assert result.stderr == f"appliance: not running (nothing listens on {tmp_path / 'run' / 'admin.sock'})\n"
+    drained = appliance(tmp_path, "drain")
+    assert drained.returncode == 2
+    assert (
+        drained.stderr.strip()
+        == f"appliance: not running (nothing listens on {tmp_path / 'run' / 'admin.sock'})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("verb", "args", "expected"),
+    [
+        ("drain", {"timeout_s": math.nan}, "timeout_s must be a number of seconds in (0, 86400], got nan"),
+        ("drain", {"timeout_s": math.inf}, "got inf"),
+        ("drain", {"timeout_s": "nan"}, "got 'nan'"),
+        ("drain", {"timeout_s": -1}, "got -1"),
+        ("drain", {"timeout_s": True}, "got True"),
+        ("drain", {"timeout_s": 1e9}, "got 1000000000.0"),
+        ("drain", {"reason": 5}, "reason must be printable text of 1 to 200 characters, got 5"),
+        ("drain", {"reason": "x\n"}, "reason must be printable text"),
+        (
+            "drain",
+            {"timeout_s": 1, "bogus": 1},
+            "drain has no argument 'bogus'; its arguments: reason, timeout_s",
+        ),
+        ("resume", {"now": True}, "resume has no argument 'now'; its arguments: none"),
+        ("reload", {"model": "x"}, "reload has no argument 'model'"),
+    ],
+)
+def test_admin_verbs_check_every_argument_before_changing_anything(server, verb, args, expected) -> None:
+    path = server.service.settings.system.admin_socket_path
+    if verb == "resume":
+        admin_request(path, "drain", {"timeout_s": 5})
+    before = admin_request(path, "status")["state"]
+    with pytest.raises(AdminError) as caught:
+        admin_request(path, verb, args)
+    assert expected in str(caught.value)
+    assert admin_request(path, "status")["state"] == before
+    admin_request(path, "resume")
