@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,14 +31,31 @@ class Handler(Protocol):
     def connected(self, is_v5: bool) -> None: ...
     def disconnected(self, reason: str) -> None: ...
     def received(self, message: Inbound) -> None: ...
-    def acknowledged(self, mid: int) -> None: ...
+    def acknowledged(self, mid: int, refusal: str | None) -> None:
+        """The broker took message `mid`, or refused it (`refusal`: its MQTT 5 reason)."""
+
+
+class Unpublishable(ValueError):
+    """A message the broker can never take (malformed for paho, larger than the broker allows)."""
 
 
 class Backoff:
-    """Exponential delays from `min_s` to `max_s`, each scaled by a random factor in [0.5, 1)."""
+    """Exponential delays from `min_s` to `max_s`, each scaled by a random factor in [0.5, 1).
 
-    def __init__(self, min_s: float, max_s: float, rng: Callable[[], float] = random.random) -> None:
+    Only a connection that stayed up for `stable_s` starts the delays again from `min_s`: one that
+    the broker drops at once (a message it refuses, a broker in a crash loop) keeps them growing.
+    """
+
+    def __init__(
+        self,
+        min_s: float,
+        max_s: float,
+        rng: Callable[[], float] = random.random,
+        *,
+        stable_s: float = 0.0,
+    ) -> None:
         self.min_s, self.max_s, self._rng = min_s, max(min_s, max_s), rng
+        self.stable_s = stable_s
         self._attempts = 0
 
     def next_s(self) -> float:
@@ -47,6 +65,11 @@ class Backoff:
 
     def reset(self) -> None:
         self._attempts = 0
+
+    def connection_ended(self, up_s: float) -> None:
+        """A connection that was up for `up_s` ended: reset if it held long enough."""
+        if up_s >= self.stable_s:
+            self.reset()
 
 
 @dataclass(slots=True)
@@ -78,7 +101,11 @@ class Connection:
         self.client_id = client_id
         self._will = will
         self._handler = handler
-        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        # A connection that lives through one keep-alive interval has shown the broker takes us.
+        self._backoff = Backoff(
+            settings.reconnect_min_s, settings.reconnect_max_s, stable_s=float(settings.keepalive_s)
+        )
+        self.broker_max_packet_bytes: int | None = None  # MQTT 5 CONNACK Maximum Packet Size
         self._attempt: _Attempt | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -97,14 +124,26 @@ class Connection:
         self._task = asyncio.create_task(self._supervise(), name="pool-connection")
 
     def publish(self, message: Outbound) -> int | None:
-        """Hand a message to paho (never blocks); its mid, or None while not connected."""
+        """Hand a message to paho (never blocks); its mid, or None while not connected.
+
+        Raises Unpublishable for a message no broker connection could carry: a topic paho refuses,
+        or a packet larger than the broker's MQTT 5 Maximum Packet Size.
+        """
         if not self.is_connected:
             return None
         assert self._attempt is not None
         properties = publish_properties(message) if self._attempt.is_v5 else None
-        info = self._attempt.client.publish(
-            message.topic, message.payload, qos=message.qos, retain=message.retain, properties=properties
-        )
+        limit = self.broker_max_packet_bytes
+        if limit is not None:
+            size = packet_bytes(message, properties)
+            if size > limit:
+                raise Unpublishable(f"a packet of {size} bytes is larger than the broker takes ({limit})")
+        try:
+            info = self._attempt.client.publish(
+                message.topic, message.payload, qos=message.qos, retain=message.retain, properties=properties
+            )
+        except ValueError as exc:  # a topic with a wildcard or not UTF-8, a payload over 256 MB
+            raise Unpublishable(str(exc)) from exc
         return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -140,10 +179,11 @@ class Connection:
                 problem = "it refuses MQTT 5 (pool.mqtt_version is 5)"
             if problem is None:
                 assert self._attempt is not None
-                self._backoff.reset()
+                up_since_s = time.monotonic()
                 reason = await self._attempt.closed
                 log.warning("pool link to %s lost: %s", self.broker, reason)
                 await _join(self._attempt.client)
+                self._backoff.connection_ended(time.monotonic() - up_since_s)
             delay_s = self._backoff.next_s()
             if problem is not None:
                 log.warning("pool broker %s: %s; retrying in %.1f s", self.broker, problem, delay_s)
@@ -159,6 +199,8 @@ class Connection:
         if is_v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.settings.session_expiry_s
+            # The broker never sends this node a packet larger than this (MQTT 5 section 3.1.2.11.4).
+            properties.MaximumPacketSize = self.settings.max_packet_bytes
             kwargs = {"clean_start": self.settings.session_expiry_s == 0, "properties": properties}
         try:
             await asyncio.to_thread(
@@ -210,8 +252,9 @@ class Connection:
 
     # paho callbacks: they run on the network thread and only hand over to the loop.
 
-    def _on_connect(self, client: mqtt.Client, _: Any, __: Any, reason: Any, ___: Any) -> None:
-        self._hand_over(self._connack, client, int(reason.value), str(reason))
+    def _on_connect(self, client: mqtt.Client, _: Any, __: Any, reason: Any, properties: Any) -> None:
+        limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        self._hand_over(self._connack, client, int(reason.value), str(reason), limit)
 
     def _on_disconnect(self, client: mqtt.Client, _: Any, __: Any, reason: Any, ___: Any) -> None:
         self._hand_over(self._closed, client, str(reason))
@@ -219,8 +262,9 @@ class Connection:
     def _on_message(self, client: mqtt.Client, _: Any, message: mqtt.MQTTMessage) -> None:
         self._hand_over(self._message, client, message)
 
-    def _on_publish(self, client: mqtt.Client, _: Any, mid: int, __: Any, ___: Any) -> None:
-        self._hand_over(self._acknowledged, client, mid)
+    def _on_publish(self, client: mqtt.Client, _: Any, mid: int, reason: Any, ___: Any) -> None:
+        refusal = str(reason) if getattr(reason, "is_failure", False) else None  # MQTT 5 PUBACK >= 0x80
+        self._hand_over(self._acknowledged, client, mid, refusal)
 
     def _hand_over(self, callback: Callable[..., None], *args: Any) -> None:
         if self._loop is None:
@@ -234,13 +278,14 @@ class Connection:
         attempt = self._attempt
         return attempt if attempt is not None and attempt.client is client else None
 
-    def _connack(self, client: mqtt.Client, code: int, reason: str) -> None:
+    def _connack(self, client: mqtt.Client, code: int, reason: str, limit: int | None) -> None:
         attempt = self._current(client)
         if attempt is None or attempt.connack.done():
             return
         attempt.connack.set_result((code, reason))
         if code == 0:
             attempt.is_up = True
+            self.broker_max_packet_bytes = limit if attempt.is_v5 else None
             self._handler.connected(attempt.is_v5)
 
     def _closed(self, client: mqtt.Client, reason: str) -> None:
@@ -253,12 +298,28 @@ class Connection:
             self._handler.disconnected(reason)
 
     def _message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
-        if self._current(client) is not None:
-            self._handler.received(inbound(message))
+        if self._current(client) is None:
+            return
+        try:
+            received = inbound(message)
+        except UnicodeDecodeError:  # a broker that forwards a topic which is not UTF-8
+            log.warning("pool message ignored: its topic is not UTF-8")
+            return
+        self._handler.received(received)
 
-    def _acknowledged(self, client: mqtt.Client, mid: int) -> None:
+    def _acknowledged(self, client: mqtt.Client, mid: int, refusal: str | None) -> None:
         if self._current(client) is not None:
-            self._handler.acknowledged(mid)
+            self._handler.acknowledged(mid, refusal)
+
+
+def packet_bytes(message: Outbound, properties: Properties | None) -> int:
+    """The size of the PUBLISH packet that carries `message` (MQTT 5 section 3.3)."""
+    remaining = 2 + len(message.topic.encode("utf-8", "surrogatepass")) + len(message.payload)
+    remaining += 2 if message.qos else 0  # packet identifier
+    if properties is not None:
+        remaining += len(properties.pack())  # its own length prefix included
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + length_bytes + remaining
 
 
 async def _join(client: mqtt.Client, timeout_s: float = 5.0) -> None:

@@ -1,19 +1,34 @@
-"""Pool commands besides jobs: cmd/rebirth, cmd/drain and cmd/resume, answered like a job when asked."""
+"""Pool control verbs (cmd/rebirth, cmd/drain, cmd/resume): off unless pool.remote_control, and every
+argument checked before anything changes."""
 
 from __future__ import annotations
 
-import contextlib
+import math
 from typing import Any, Protocol
 
 import orjson
 
-from appliance.errors import ApplianceError, ModelNotFound, ModelNotReady
-from appliance.pool.jobs import NoReply, reply_route, status_of
+from appliance.dataplane import outcomes
+from appliance.errors import (
+    ApplianceError,
+    Forbidden,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    RequestTooLarge,
+)
 from appliance.pool.messages import DRAINING, ONLINE
-from appliance.pool.wire import STATUS, Inbound, Outbound
+from appliance.pool.routes import Reply, shown
+from appliance.pool.wire import STATUS, Outbound
 from appliance.scheduler.hub import ModelHub
 
+# Every verb but infer is a control verb, and each new one is off unless pool.remote_control is on.
 VERBS = ("rebirth", "drain", "resume")
+ARGUMENTS = {"rebirth": (), "drain": ("reason", "timeout_s"), "resume": ("reason",)}
+ROUTE_KEYS = ("reply_to", "corr_id")  # where a 3.1.1 command asks to be answered, not arguments
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_REASON_CHARS = 200
+MAX_DRAIN_TIMEOUT_S = 3600.0
 
 
 class Node(Protocol):
@@ -22,6 +37,7 @@ class Node(Protocol):
     hub: ModelHub
     state: str
     is_stopping: bool
+    is_remote_control: bool
     default_drain_timeout_s: float
 
     def set_state(self, value: str, reason: str) -> None: ...
@@ -29,38 +45,31 @@ class Node(Protocol):
 
 
 async def run(node: Node, verb: str, payload: bytes) -> dict[str, Any]:
-    """Carry out one command; the reply document (status 200, or status and error)."""
-    arguments = _json_object(payload)
+    """Carry out one command named by the topic levels after cmd/; the reply document (status 200, or
+    status and error). Nothing changes unless the verb is allowed and all its arguments are valid."""
     try:
+        arguments = _arguments(node, verb, payload)
         if verb == "rebirth":
             node.publish_birth()
         elif verb == "drain":
-            reason = str(arguments.get("reason") or "cmd/drain")
-            timeout_s = float(arguments.get("timeout_s") or node.default_drain_timeout_s)
-            node.set_state(DRAINING, reason)
+            timeout_s = arguments.get("timeout_s", node.default_drain_timeout_s)
+            node.set_state(DRAINING, arguments.get("reason", "cmd/drain"))
             return {"status": 200, "state": DRAINING, "drained": await node.hub.drain(timeout_s)}
         elif verb == "resume":
             if node.is_stopping:
                 raise ModelNotReady("this node is stopping; it cannot resume")
             node.hub.resume()
-            node.set_state(ONLINE, "cmd/resume")
-        else:
-            raise ModelNotFound(
-                f"unknown command {verb!r}; this node answers infer/<model>, {', '.join(VERBS)}"
-            )
+            node.set_state(ONLINE, arguments.get("reason", "cmd/resume"))
     except ApplianceError as exc:
-        return {"status": status_of(exc), "error": f"cmd/{verb}: {exc}"}
-    except (ValueError, TypeError) as exc:
-        return {"status": 400, "error": f"cmd/{verb}: bad argument: {exc}"}
+        return {
+            "status": outcomes.outcome_of(exc).http_status,
+            "error": f"cmd/{verb:.{MAX_REASON_CHARS}}: {exc}",
+        }
     return {"status": 200, "state": node.state}
 
 
-def reply(message: Inbound, document: dict[str, Any]) -> Outbound | None:
-    """The answer to a command, sent where the command asked; None when it named no response topic."""
-    try:
-        route = reply_route(message)
-    except NoReply:
-        return None
+def reply(route: Reply, document: dict[str, Any]) -> Outbound:
+    """The answer to a command, sent where the command asked (route checked by `routes`)."""
     if route.is_in_body:
         return Outbound(route.topic, orjson.dumps({"corr_id": route.corr_id, **document}))
     outbound = Outbound(route.topic, orjson.dumps(document), correlation=route.correlation)
@@ -68,9 +77,64 @@ def reply(message: Inbound, document: dict[str, Any]) -> Outbound | None:
     return outbound
 
 
+def _arguments(node: Node, verb: str, payload: bytes) -> dict[str, Any]:
+    """The command's checked arguments; raises before anything is done."""
+    if verb == "infer":
+        raise ModelNotFound("cmd/infer names no model; publish jobs to cmd/infer/<model>")
+    if not node.is_remote_control:
+        raise Forbidden(
+            "this node takes only cmd/infer/<model> from the pool; control verbs are off "
+            "(pool.remote_control = false)"
+        )
+    if verb not in VERBS:
+        raise ModelNotFound(
+            f"unknown command {shown(verb)}; this node answers infer/<model>, {', '.join(VERBS)}"
+        )
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise RequestTooLarge(f"command of {len(payload)} bytes; at most {MAX_COMMAND_BYTES} bytes")
+    document = _json_object(payload)
+    allowed = ARGUMENTS[verb]
+    unknown = sorted(key for key in document if key not in allowed and key not in ROUTE_KEYS)
+    if unknown:
+        raise InvalidInput(
+            f"unknown argument {shown(unknown[0])}; cmd/{verb} takes {', '.join(allowed) or 'none'}"
+        )
+    arguments: dict[str, Any] = {}
+    if "reason" in document:
+        arguments["reason"] = _reason(document["reason"])
+    if "timeout_s" in document:
+        arguments["timeout_s"] = _timeout_s(document["timeout_s"])
+    return arguments
+
+
 def _json_object(payload: bytes) -> dict[str, Any]:
-    with contextlib.suppress(orjson.JSONDecodeError):
-        document = orjson.loads(payload) if payload.strip() else {}
-        if isinstance(document, dict):
-            return document
-    return {}
+    if not payload.strip():
+        return {}
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"the payload is not valid JSON ({exc}); expected a JSON object or nothing"
+        ) from None
+    if not isinstance(document, dict):
+        raise InvalidInput(
+            f"the payload is a JSON {type(document).__name__}; expected a JSON object or nothing"
+        )
+    return document
+
+
+def _reason(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_REASON_CHARS:
+        raise InvalidInput(f"reason {value!r:.80}: expected a string of 1 to {MAX_REASON_CHARS} characters")
+    return value
+
+
+def _timeout_s(value: Any) -> float:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    # The range test comes first: NaN fails it, and a huge integer never reaches float conversion.
+    if not is_number or not 0 < value <= MAX_DRAIN_TIMEOUT_S or not math.isfinite(value):
+        raise InvalidInput(
+            f"timeout_s {value!r:.80}: expected a number of seconds above 0 and at most "
+            f"{MAX_DRAIN_TIMEOUT_S:g}"
+        )
+    return float(value)

@@ -1,8 +1,9 @@
 """Pool job intake: a KServe v2 request from cmd/infer/<model>, run at pool priority, answered every time.
 
 Jobs take the data plane's path, as HTTP requests do: the same lookup, limits, decode and error
-table. This module only adds what is particular to the pool: where the answer goes, and the node's
-own reasons to refuse pool work (not taking jobs, draining, no spare capacity).
+table. This module only adds what is particular to the pool: where the answer goes (checked by
+`routes`), the MQTT side's own bounds (packet size, jobs per sender per second) and the node's own
+reasons to refuse pool work (not taking jobs, draining, no spare capacity).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,6 +19,8 @@ import orjson
 from appliance import errors
 from appliance.dataplane import outcomes
 from appliance.dataplane.plane import Call, DataPlane
+from appliance.pool.routes import Reply, ReplyRules, Unanswerable, shown
+from appliance.pool.senders import SenderRates
 from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound, Outbound
 from appliance.protocol import codec
 from appliance.scheduler.queues import Priority
@@ -31,20 +33,6 @@ log = logging.getLogger(__name__)
 def status_of(exc: BaseException) -> int:
     """The status a job's reply carries: the HTTP status of the data plane's table."""
     return outcomes.outcome_of(exc).http_status
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Where an answer goes: MQTT 5 ResponseTopic + CorrelationData, or reply_to + corr_id in the body."""
-
-    topic: str
-    correlation: bytes | None = None
-    corr_id: Any = None
-    is_in_body: bool = False
-
-
-class NoReply(errors.InvalidInput):
-    """A job names no response topic: it cannot be answered, only reported on evt."""
 
 
 class JobIntake:
@@ -63,6 +51,8 @@ class JobIntake:
         self.settings = settings
         self._send = send
         self._emit = emit
+        self.rules = ReplyRules(settings.pool.topic_root, settings.pool.reply_topic_prefix)
+        self.rates = SenderRates(settings.pool.max_jobs_per_sender_per_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self.refusal: str | None = None  # set while draining or stopping: why jobs are refused
 
@@ -82,13 +72,19 @@ class JobIntake:
         started_s = time.perf_counter()
         reply: Reply | None = None
         request: codec.InferenceRequest | None = None
+        is_in_plane = False
         try:
-            reply = reply_route(message)
-            self._check_message(message)
+            try:
+                reply = self.rules.route(message)
+            except Unanswerable:
+                self._check_size(message)  # an oversize job is reported as one, answerable or not
+                raise
+            self._check_message(message, reply)
+            is_in_plane = True
             answer = await self.plane.infer(self._call(model, message, reply))
             request = answer.request
         except errors.ApplianceError as exc:
-            if reply is None:  # refused before the plane saw it: count it here, once
+            if not is_in_plane:  # refused before the plane saw it: count it here, once
                 self.plane.refuse(model, Priority.POOL, exc)
             self._refuse(model, message, reply, exc, started_s)
             return
@@ -115,11 +111,28 @@ class JobIntake:
             check=self._check_capacity,
         )
 
-    def _check_message(self, message: Inbound) -> None:
+    def _check_message(self, message: Inbound, reply: Reply) -> None:
+        """The MQTT side's own bounds, before the data plane sees the job."""
+        self._check_size(message)
+        wait_s = self.rates.admit(reply.sender)
+        if wait_s is not None:
+            raise errors.RateLimited(
+                f"sender {shown(reply.sender)} (the reply topic's levels before the last) started more "
+                f"than {self.rates.rate_per_s:g} jobs/s (pool.max_jobs_per_sender_per_s)",
+                retry_after_s=round(wait_s, 3),
+            )
         if message.is_retained:
             raise errors.InvalidInput("a retained job is stale by definition; publish jobs without retain")
         if message.expiry_s is not None and message.expiry_s <= 0:
             raise errors.DeadlineExceeded("the job's message expiry has passed; it was not run")
+
+    def _check_size(self, message: Inbound) -> None:
+        limit_bytes = self.settings.pool.max_packet_bytes
+        if len(message.payload) > limit_bytes:  # a 3.1.1 broker does not know our limit
+            raise errors.RequestTooLarge(
+                f"job of {len(message.payload)} bytes is larger than this node takes over MQTT "
+                f"({limit_bytes} bytes, pool.max_packet_bytes)"
+            )
 
     def _check_capacity(self, scheduler: ModelScheduler) -> None:
         """The node's own reasons to refuse pool work, after lookup and before decoding the job."""
@@ -156,7 +169,7 @@ class JobIntake:
             kind, model=model, job_id=job_id, status=status, error=str(exc), latency_ms=_ms_since(started_s)
         )
         if reply is None:
-            log.warning("pool job on %s cannot be answered: %s", message.topic, exc)
+            log.warning("pool job on %s cannot be answered: %s", shown(message.topic), exc)
             return
         document: dict[str, Any] = {"error": str(exc), "status": status}
         retry_after_s = outcomes.retry_after_s(exc, self.settings.server.retry_after_s)
@@ -179,19 +192,6 @@ class JobIntake:
             if encoded.header_length is not None:
                 message.user[HEADER_LENGTH] = str(encoded.header_length)
         self._send(message)
-
-
-def reply_route(message: Inbound) -> Reply:
-    """The MQTT 5 properties win; otherwise `reply_to` and `corr_id` from the JSON body (MQTT 3.1.1)."""
-    if message.response_topic:
-        return Reply(message.response_topic, correlation=message.correlation)
-    document = _json_document(message)
-    reply_to = document.get("reply_to") if isinstance(document, dict) else None
-    if not isinstance(reply_to, str) or not reply_to or any(c in reply_to for c in "+#"):
-        raise NoReply(
-            "job has no MQTT 5 ResponseTopic and no 'reply_to' topic in a JSON body; it cannot be answered"
-        )
-    return Reply(reply_to, corr_id=document.get("corr_id"), is_in_body=True)
 
 
 def _json_document(message: Inbound) -> Any:

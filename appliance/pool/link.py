@@ -11,10 +11,11 @@ from typing import Any
 from appliance.dataplane.plane import DataPlane
 from appliance.pool import commands, messages
 from appliance.pool.cadence import ReportCadence
-from appliance.pool.client import Connection
-from appliance.pool.jobs import JobIntake
+from appliance.pool.client import Connection, Unpublishable
+from appliance.pool.jobs import JobIntake, status_of
 from appliance.pool.messages import DRAINING, OFFLINE, ONLINE
 from appliance.pool.outbox import Outbox
+from appliance.pool.routes import NoReply, Reply, Unanswerable, shown
 from appliance.pool.session import SessionCounter
 from appliance.pool.topics import NodeTopics
 from appliance.pool.wire import Inbound, Outbound
@@ -40,6 +41,7 @@ class PoolLink:
         self.outbox = Outbox(self.pool.max_pending_responses)
         self.cadence = ReportCadence(self.pool.report_interval_s, self.pool.capacity_change_pct / 100)
         self.jobs = JobIntake(plane, settings, send=self._send, emit=self._emit)
+        self.is_remote_control = self.pool.remote_control  # cmd/drain, resume, rebirth from the pool
         self.connection = Connection(
             self.pool,
             client_id=f"appliance-{self.pool.site}-{self.pool.node_id}",
@@ -124,12 +126,21 @@ class PoolLink:
         self._up.set()
 
     def disconnected(self, reason: str) -> None:
-        self.outbox.connection_lost()
+        poison = self.outbox.connection_lost()
         self._up.clear()
         self._down.set()
+        if poison is not None:
+            self._dropped(
+                poison, f"the broker hung up twice as it was the oldest message in flight ({reason})"
+            )
 
-    def acknowledged(self, mid: int) -> None:
-        if self.outbox.acknowledged(mid) and self.outbox.is_empty:
+    def acknowledged(self, mid: int, refusal: str | None) -> None:
+        message = self.outbox.acknowledged(mid)
+        if message is None:
+            return
+        if refusal is not None:  # never sent again: the broker would refuse it again
+            self._dropped(message, f"the broker refused it: {refusal}")
+        if self.outbox.is_empty:
             self._settled.set()
 
     def received(self, message: Inbound) -> None:
@@ -140,16 +151,23 @@ class PoolLink:
         if verb == "infer" and argument:
             self.jobs.submit(argument, message)
             return
-        task = asyncio.create_task(self._command(verb, message), name=f"pool-{verb}")
+        name = f"{verb}/{argument}" if argument else verb  # cmd/drain/x is no drain
+        task = asyncio.create_task(self._command(name, message), name="pool-command")
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
 
     async def _command(self, verb: str, message: Inbound) -> None:
+        route: Reply | None = None
+        try:
+            route = self.jobs.rules.route(message)
+        except Unanswerable as exc:
+            if type(exc) is not NoReply:  # it names a reply topic, but one we must not answer on: no-op
+                self._emit("command", verb=verb[:80], status=status_of(exc), error=f"cmd/{verb:.80}: {exc}")
+                return
         document = await commands.run(self, verb, message.payload)
-        answer = commands.reply(message, document)
-        if answer is not None:
-            self._send(answer)
-        self._emit("command", verb=verb, status=document["status"], error=document.get("error"))
+        if route is not None:
+            self._send(commands.reply(route, document))
+        self._emit("command", verb=verb[:80], status=document["status"], error=document.get("error"))
 
     # Publishing.
 
@@ -161,7 +179,11 @@ class PoolLink:
         self, topic: str, document: dict[str, Any], *, retain: bool, expiry_s: int | None = None
     ) -> None:
         """Birth, state, reports: sent now or never; a reconnect publishes fresh ones instead."""
-        self.connection.publish(Outbound(topic, messages.encode(document), retain=retain, expiry_s=expiry_s))
+        message = Outbound(topic, messages.encode(document), retain=retain, expiry_s=expiry_s)
+        try:
+            self.connection.publish(message)
+        except Unpublishable as exc:
+            log.error("pool link cannot publish %s: %s", topic, exc)
 
     def _send(self, message: Outbound) -> None:
         """Job responses, events and the last state: kept in order until the broker acknowledges them."""
@@ -169,10 +191,21 @@ class PoolLink:
             self.outbox.put(message)
 
     def _try_publish(self, message: Outbound) -> bool:
-        mid = self.connection.publish(message)
+        """True once the message is handed to paho (or dropped for good); False to keep it."""
+        try:
+            mid = self.connection.publish(message)
+        except Unpublishable as exc:
+            self._dropped(message, str(exc))
+            return True
         if mid is not None:
             self.outbox.sent(mid, message)
         return mid is not None
+
+    def _dropped(self, message: Outbound, why: str) -> None:
+        """A message that will never be delivered: said on evt (an event about an event only in the log)."""
+        log.warning("pool link dropped a message to %s: %s", shown(message.topic), why)
+        if message.topic != self.topics.evt:
+            self._emit("message_dropped", topic=message.topic[:200], error=why)
 
     def _flush(self) -> None:
         while self.is_connected and (message := self.outbox.take()) is not None:

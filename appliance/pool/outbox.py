@@ -6,6 +6,10 @@ from collections import deque
 
 from appliance.pool.wire import Outbound
 
+# A message that was the oldest one in flight when the connection dropped this many times in a row is
+# taken for the reason the broker hung up (a poison message) and dropped rather than sent again.
+POISON_STRIKES = 2
+
 
 class Outbox:
     """Messages not yet acknowledged. Past `limit` waiting, the oldest goes and `dropped` counts it."""
@@ -15,6 +19,8 @@ class Outbox:
         self.dropped = 0
         self._waiting: deque[Outbound] = deque()
         self._unacked: dict[int, Outbound] = {}  # by mid, in publish order
+        self._suspect: Outbound | None = None  # the oldest in flight at the last lost connection
+        self._strikes = 0
 
     def __len__(self) -> int:
         return len(self._waiting) + len(self._unacked)
@@ -44,15 +50,34 @@ class Outbox:
     def sent(self, mid: int, message: Outbound) -> None:
         self._unacked[mid] = message
 
-    def acknowledged(self, mid: int) -> bool:
-        """Forget an acknowledged message; False when `mid` was not one of ours (birth, reports)."""
-        return self._unacked.pop(mid, None) is not None
+    def acknowledged(self, mid: int) -> Outbound | None:
+        """Forget an acknowledged (or refused) message and return it; None when `mid` was not one of
+        ours (birth, reports)."""
+        message = self._unacked.pop(mid, None)
+        if message is not None and message is self._suspect:
+            self._suspect, self._strikes = None, 0
+        return message
 
-    def connection_lost(self) -> None:
-        """What was sent but not acknowledged may not have arrived: send it again after reconnect."""
-        self._waiting.extendleft(reversed(list(self._unacked.values())))
+    def connection_lost(self) -> Outbound | None:
+        """What was sent but not acknowledged may not have arrived: send it again after reconnect.
+
+        Returns the poison message it dropped instead: the oldest in flight, when it was the oldest in
+        flight at the previous lost connection too (the broker hangs up as it reads it).
+        """
+        in_flight = list(self._unacked.values())
         self._unacked.clear()
+        poison = None
+        oldest = in_flight[0] if in_flight else None
+        if oldest is not None and oldest is self._suspect:
+            self._strikes += 1
+        else:
+            self._suspect, self._strikes = oldest, (1 if oldest is not None else 0)
+        if self._strikes >= POISON_STRIKES:
+            poison = in_flight.pop(0)
+            self._suspect, self._strikes = None, 0
+        self._waiting.extendleft(reversed(in_flight))
         self._trim()
+        return poison
 
     def take_dropped(self) -> int:
         dropped, self.dropped = self.dropped, 0
@@ -60,5 +85,7 @@ class Outbox:
 
     def _trim(self) -> None:
         while len(self._waiting) > self.limit:
-            self._waiting.popleft()
+            removed = self._waiting.popleft()
+            if removed is self._suspect:
+                self._suspect, self._strikes = None, 0
             self.dropped += 1

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import jsonschema
+import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -18,6 +20,7 @@ from pool_brokers import Broker
 
 from appliance.pool import schemas
 from appliance.pool.topics import NodeTopics, parse_node_topic
+from appliance.protocol import codec
 
 WAIT_S = 20.0
 
@@ -26,8 +29,9 @@ WAIT_S = 20.0
 class Names(NodeTopics):
     """The node's topics in one test, unique to it: nothing it sees can come from another test."""
 
-    def reply_topic(self) -> str:
-        return f"{self.root}/{self.site}/platform/{uuid.uuid4().hex[:8]}"
+    def reply_topic(self, sender: str = "platform") -> str:
+        """A fresh reply topic; the node takes `<root>/<site>/<sender>` for who asked."""
+        return f"{self.root}/{self.site}/{sender}/{uuid.uuid4().hex[:8]}"
 
 
 def pool_section(broker: Broker, names: Names, **overrides: Any) -> dict[str, Any]:
@@ -71,6 +75,17 @@ class Received:
     def document(self) -> Any:
         length = self.user.get("inference-header-content-length")
         return orjson.loads(self.payload[: int(length)] if length else self.payload)
+
+
+async def assert_line_serves(url: str, model: str = "batchable") -> None:
+    """The factory line still gets answers: one HTTP inference, 200 with the right result."""
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    request = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": x.ravel().tolist()}]}
+    async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as http:
+        response = await http.post(f"/v2/models/{model}/infer", json=request)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
+    assert outputs["y"] == (x * 2 + 1).ravel().tolist()
 
 
 def validate(schema: str, document: Any) -> None:
@@ -222,3 +237,44 @@ class Recorder:
                 self.invalid.append(f"{message.topic}: {exc}")
         self.messages.append(received)
         self._changed.set()
+
+
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+def job(binary: bool = True, **parameters: Any) -> tuple[bytes, dict[str, str]]:
+    """A job for the `batchable` model: its body, and the user properties a binary body needs."""
+    encoded = codec.encode_request(
+        {"x": X}, binary=binary, binary_output=binary, parameters=parameters or None
+    )
+    user = {} if encoded.header_length is None else {codec.HEADER_LENGTH: str(encoded.header_length)}
+    return encoded.body(), user
+
+
+async def ask(
+    recorder: Recorder,
+    names: Names,
+    verb: str,
+    payload: bytes,
+    *,
+    sender: str = "platform",
+    **properties: Any,
+) -> Received:
+    """Publish a command or job with a fresh response topic and correlation; return the answer.
+
+    On MQTT 3.1.1 the response topic and correlation travel in the JSON body instead.
+    """
+    reply_topic = names.reply_topic(sender)
+    await recorder.subscribe(reply_topic)
+    topic = f"{names.base}/cmd/{verb}"
+    if not recorder.is_v5:
+        corr_id = uuid.uuid4().hex
+        document = orjson.loads(payload) if payload else {}
+        recorder.publish(topic, {**document, "reply_to": reply_topic, "corr_id": corr_id})
+        return await recorder.expect(lambda m: m.topic == reply_topic and m.document["corr_id"] == corr_id)
+    correlation = uuid.uuid4().bytes
+    recorder.publish(topic, payload, response_topic=reply_topic, correlation=correlation, **properties)
+    answer = await recorder.expect(lambda m: m.topic == reply_topic)
+    assert answer.correlation == correlation
+    assert answer.user["status"] == str(answer.document.get("status", 200))
+    return answer

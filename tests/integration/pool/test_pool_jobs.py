@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,40 +10,9 @@ import numpy as np
 import orjson
 import pytest
 from pool_brokers import Broker
-from pool_recorder import Names, Received, Recorder, pool_section, validate
+from pool_recorder import Names, X, ask, job, pool_section, validate
 
 from appliance.protocol import codec
-
-X = np.arange(8, dtype=np.float32).reshape(2, 4)
-
-
-def job(binary: bool = True, **parameters: Any) -> tuple[bytes, dict[str, str]]:
-    encoded = codec.encode_request(
-        {"x": X}, binary=binary, binary_output=binary, parameters=parameters or None
-    )
-    user = {} if encoded.header_length is None else {codec.HEADER_LENGTH: str(encoded.header_length)}
-    return encoded.body(), user
-
-
-async def ask(recorder: Recorder, names: Names, verb: str, payload: bytes, **properties: Any) -> Received:
-    """Publish a command or job with a fresh response topic and correlation; return the answer.
-
-    On MQTT 3.1.1 the response topic and correlation travel in the JSON body instead.
-    """
-    reply_topic = names.reply_topic()
-    await recorder.subscribe(reply_topic)
-    topic = f"{names.base}/cmd/{verb}"
-    if not recorder.is_v5:
-        corr_id = uuid.uuid4().hex
-        document = orjson.loads(payload) if payload else {}
-        recorder.publish(topic, {**document, "reply_to": reply_topic, "corr_id": corr_id})
-        return await recorder.expect(lambda m: m.topic == reply_topic and m.document["corr_id"] == corr_id)
-    correlation = uuid.uuid4().bytes
-    recorder.publish(topic, payload, response_topic=reply_topic, correlation=correlation, **properties)
-    answer = await recorder.expect(lambda m: m.topic == reply_topic)
-    assert answer.correlation == correlation
-    assert answer.user["status"] == str(answer.document.get("status", 200))
-    return answer
 
 
 @pytest.mark.asyncio
@@ -110,7 +78,8 @@ async def test_refusals_are_answered_with_a_status(
             ("infer/nosuchmodel", body, user, 404, "unknown model 'nosuchmodel'"),
             ("infer/batchable", job(binary=False, timeout=1)[0], {}, 503, "deadline"),
             ("infer/batchable", orjson.dumps({"inputs": "x"}), {}, 400, "'inputs' must be a non-empty list"),
-            ("frobnicate", b"", {}, 404, "unknown command 'frobnicate'"),
+            ("frobnicate", b"", {}, 403, "pool.remote_control = false"),
+            ("drain", b"", {}, 403, "pool.remote_control = false"),
         ]
         if broker.is_v5:  # only MQTT 5 can name a response topic outside a JSON body
             cases += [
@@ -120,7 +89,7 @@ async def test_refusals_are_answered_with_a_status(
         for verb, payload, properties, status, text in cases:
             answer = await ask(recorder, names, verb, payload, user=properties)
             document = answer.document
-            validate("command_reply" if verb == "frobnicate" else "job_response", document)
+            validate("job_response" if verb.startswith("infer/") else "command_reply", document)
             assert document["status"] == status, document
             assert text in document["error"]
         scheduler = running.service.hub.scheduler("batchable")
@@ -136,7 +105,7 @@ async def test_drain_resume_and_rebirth_commands(
     serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
 ) -> None:
     recorder = await recorder_factory(broker, names)
-    with serve(pool_repository, pool=pool_section(broker, names)):
+    with serve(pool_repository, pool=pool_section(broker, names, remote_control=True)):
         birth = await recorder.node("birth")
         answer = await ask(recorder, names, "drain", orjson.dumps({"timeout_s": 5, "reason": "maintenance"}))
         validate("command_reply", answer.document)
@@ -158,6 +127,9 @@ async def test_drain_resume_and_rebirth_commands(
         assert answer.document["status"] == 200
         again = await recorder.node("birth", lambda d: d["seq"] > birth["seq"])
         assert again["session"] == birth["session"]
+
+        answer = await ask(recorder, names, "frobnicate", b"")
+        assert answer.document["status"] == 404 and "unknown command 'frobnicate'" in answer.document["error"]
 
 
 @pytest.mark.asyncio

@@ -1,0 +1,227 @@
+"""A hostile pool peer never turns off the line: reply topics, control verbs, poison replies, bounds.
+
+Each test ends with the node answering a valid job and the line answering over HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pool_brokers import Broker
+from pool_recorder import (
+    Names,
+    Recorder,
+    ask,
+    assert_line_serves,
+    job,
+    pool_section,
+    validate,
+)
+
+from appliance.pool.wire import Outbound
+
+
+async def still_serving(running: Any, recorder: Recorder, names: Names, session: int) -> None:
+    """The node answers a valid job, is online and undrained, kept its connection, and the line serves."""
+    body, user = job(binary=recorder.is_v5)
+    answer = await ask(recorder, names, "infer/batchable", body, user=user)
+    assert "outputs" in answer.document, answer.document
+    link = running.service.pool
+    assert link.state == "online" and not running.service.hub.is_draining
+    assert link.session == session
+    await assert_line_serves(running.url)
+
+
+@pytest.mark.asyncio
+async def test_a_reply_topic_under_a_command_tree_is_never_published(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """Regression: a job whose ResponseTopic was the node's own cmd/drain drained the node."""
+    recorder = await recorder_factory(broker, names, f"{names.root}/{names.site}/#")  # every node's cmd/
+    other = Names(names.root, names.site, "other-node")
+    # Even with remote control on, a reply is never a command.
+    with serve(pool_repository, pool=pool_section(broker, names, remote_control=True)) as running:
+        birth = await recorder.node("birth")
+        body = job(binary=False)[0]
+        targets = [f"{names.base}/cmd/drain", f"{other.base}/cmd/drain", f"{names.base}/cmd/infer/batchable"]
+        for target in targets:
+            mark = len(recorder.messages)
+            if recorder.is_v5:
+                recorder.publish(f"{names.base}/cmd/infer/batchable", body, response_topic=target)
+                event = await recorder.node("evt", lambda d: d["event"] == "job_refused", since=mark)
+                assert event["status"] == 403 and "command tree" in event["error"], event
+            document = orjson.loads(body) | {"reply_to": target, "corr_id": "c"}
+            mark = len(recorder.messages)
+            recorder.publish(f"{names.base}/cmd/drain", document)  # a command is checked the same way
+            event = await recorder.node("evt", lambda d: d["event"] == "command", since=mark)
+            assert event["status"] == 403 and "command tree" in event["error"], event
+            mark = len(recorder.messages)
+            recorder.publish(f"{names.base}/cmd/infer/batchable", document)
+            event = await recorder.node("evt", lambda d: d["event"] == "job_refused", since=mark)
+            assert event["status"] == 403 and "command tree" in event["error"], event
+        await still_serving(running, recorder, names, birth["session"])
+        published = [m.topic for m in recorder.messages if m.topic.endswith("/cmd/drain")]
+        assert len(published) == len(targets)  # only the test's own cmd/drain, never a reply
+        scheduler = running.service.hub.scheduler("batchable")
+        assert scheduler.stats.requests[("pool", "success")] == 1  # only the valid job ran
+
+
+@pytest.mark.asyncio
+async def test_drain_with_a_bad_argument_changes_nothing(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """Regression: cmd/drain {"timeout_s": "nan"} answered 400 and left the node draining."""
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names, remote_control=True)) as running:
+        birth = await recorder.node("birth")
+        bad = [
+            (b'{"timeout_s": "nan"}', "timeout_s 'nan'"),
+            (b'{"timeout_s": -1}', "timeout_s -1"),
+            (b'{"timeout_s": 0}', "timeout_s 0"),
+            (b'{"timeout_s": 1e308}', "timeout_s 1e+308"),
+            (b'{"timeout_s": true}', "timeout_s True"),
+            (b'{"timeout_s": 18446744073709551615}', "at most 3600"),
+            (orjson.dumps({"reason": "x" * 201}), "1 to 200 characters"),
+            (b'{"reason": 5}', "reason 5"),
+            (b'{"reason": "ok", "force": true}', "unknown argument 'force'"),
+        ]
+        if recorder.is_v5:  # on 3.1.1 the payload must be a JSON object to carry reply_to
+            bad += [(b"[1, 2]", "JSON list"), (b"{not json", "not valid JSON")]
+        for payload, text in bad:
+            answer = await ask(recorder, names, "drain", payload)
+            validate("command_reply", answer.document)
+            assert answer.document["status"] == 400, answer.document
+            assert text in answer.document["error"], (text, answer.document)
+            assert running.service.pool.state == "online" and not running.service.hub.is_draining
+        for verb in ("resume", "rebirth"):
+            document = (await ask(recorder, names, verb, b'{"timeout_s": 5}')).document
+            assert document["status"] == 400 and "unknown argument 'timeout_s'" in document["error"]
+        answer = await ask(recorder, names, "drain/now", b"")
+        assert answer.document["status"] == 404
+        await still_serving(running, recorder, names, birth["session"])
+
+
+@pytest.mark.asyncio
+async def test_control_verbs_are_refused_unless_remote_control_is_on(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        birth = await recorder.node("birth")
+        for verb in ("drain", "resume", "rebirth", "bench", "frobnicate"):
+            mark = len(recorder.messages)
+            answer = await ask(recorder, names, verb, b'{"timeout_s": 5}')
+            validate("command_reply", answer.document)
+            assert answer.document["status"] == 403, answer.document
+            assert "pool.remote_control = false" in answer.document["error"]
+            event = await recorder.node("evt", lambda d: d["event"] == "command", since=mark)
+            assert event["verb"] == verb and event["status"] == 403
+        answer = await ask(recorder, names, "infer", b"")  # infer is always taken, but names a model
+        assert answer.document["status"] == 404 and "cmd/infer/<model>" in answer.document["error"]
+        assert not [m for m in recorder.messages if m.kind == "birth" and m.document["seq"] != birth["seq"]]
+        await still_serving(running, recorder, names, birth["session"])
+
+
+@pytest.mark.asyncio
+async def test_a_reply_topic_holding_nul_is_refused_and_later_jobs_are_answered(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """Regression: reply_to with a NUL made the broker hang up, and the node resent it forever."""
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        birth = await recorder.node("birth")
+        for reply_to in ("a/\u0000b", "a/\u0001b", "a/\u0085", "a/\ufffe", "a/+/b", "", "$SYS/x", 7):
+            document = orjson.loads(job(binary=False)[0]) | {"reply_to": reply_to, "corr_id": "c"}
+            mark = len(recorder.messages)
+            recorder.publish(f"{names.base}/cmd/infer/batchable", document)
+            event = await recorder.node("evt", lambda d: d["event"] == "job_refused", since=mark)
+            assert event["status"] in (400, 403) and "reply topic" in event["error"], event
+        await still_serving(running, recorder, names, birth["session"])
+
+
+@pytest.mark.asyncio
+async def test_a_message_the_broker_hangs_up_on_is_dropped_with_an_event(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """A reply that makes the broker drop the connection is tried twice, then dropped and reported."""
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        birth = await recorder.node("birth")
+        link = running.service.pool
+        poison = Outbound(f"{names.root}/_reply/x\u0001y", b"{}")  # past the reply-topic check, by hand
+        running.call(lambda: _send(link, poison))
+        event = await recorder.node("evt", lambda d: d["event"] == "message_dropped")
+        assert "hung up twice" in event["error"] and event["topic"] == poison.topic
+        again = await recorder.node("birth", lambda d: d["session"] > birth["session"])
+        await still_serving(running, recorder, names, link.session)
+        assert link.session - again["session"] <= 1  # two lost connections, then no more
+
+
+async def _send(link: Any, message: Outbound) -> None:
+    link._send(message)
+
+
+@pytest.mark.asyncio
+async def test_jobs_per_sender_are_rate_limited(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    recorder = await recorder_factory(broker, names)
+    pool = pool_section(broker, names, max_jobs_per_sender_per_s=0.01)  # one job, then one per 100 s
+    with serve(pool_repository, pool=pool) as running:
+        birth = await recorder.node("birth")
+        body, user = job(binary=recorder.is_v5)
+        first = await ask(recorder, names, "infer/batchable", body, user=user)
+        assert "outputs" in first.document
+        second = await ask(recorder, names, "infer/batchable", body, user=user)  # same sender
+        validate("job_response", second.document)
+        assert second.document["status"] == 429 and "max_jobs_per_sender_per_s" in second.document["error"]
+        assert 0 < second.document["retry_after_s"] <= 100
+        third = await ask(recorder, names, "infer/batchable", body, user=user, sender="another")
+        assert "outputs" in third.document
+        stats = running.service.hub.scheduler("batchable")
+        assert stats.stats.requests[("pool", "success")] == 2
+        await assert_line_serves(running.url)
+        assert running.service.pool.session == birth["session"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mqtt_version", ["5", "3.1.1"])
+async def test_messages_over_the_packet_limit(
+    serve: Callable[..., Any],
+    pool_repository: Path,
+    broker: Broker,
+    names: Names,
+    recorder_factory: Any,
+    mqtt_version: str,
+) -> None:
+    if mqtt_version == "5" and not broker.is_v5:
+        pytest.skip("needs an MQTT 5 broker")
+    recorder = await recorder_factory(broker, names, is_v5=mqtt_version == "5")
+    pool = pool_section(broker, names, mqtt_version=mqtt_version, max_packet_bytes=4096)
+    with serve(pool_repository, pool=pool) as running:
+        birth = await recorder.node("birth")
+        big = orjson.loads(job(binary=False)[0]) | {"id": "big", "padding": "x" * 8192}
+        reply_topic = names.reply_topic()
+        await recorder.subscribe(reply_topic)
+        mark = len(recorder.messages)
+        if mqtt_version == "5":
+            # The broker knows the node's Maximum Packet Size and never delivers the job.
+            recorder.publish(f"{names.base}/cmd/infer/batchable", big, response_topic=reply_topic)
+            await still_serving(running, recorder, names, birth["session"])
+            late = recorder.messages[mark:]
+            assert not [m for m in late if m.topic == reply_topic]
+            assert not [m for m in late if m.kind == "evt" and m.document.get("job_id") == "big"]
+            return
+        recorder.publish(f"{names.base}/cmd/infer/batchable", big | {"reply_to": reply_topic, "corr_id": 1})
+        answer = await recorder.expect(lambda m: m.topic == reply_topic, since=mark)
+        validate("job_response", answer.document)
+        assert answer.document["status"] == 413 and "pool.max_packet_bytes" in answer.document["error"]
+        mark = len(recorder.messages)
+        recorder.publish(f"{names.base}/cmd/infer/batchable", big)  # nowhere to answer: evt only
+        event = await recorder.node("evt", lambda d: d["event"] == "job_refused", since=mark)
+        assert event["status"] == 413 and "pool.max_packet_bytes" in event["error"]
+        await still_serving(running, recorder, names, birth["session"])
