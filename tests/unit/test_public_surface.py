@@ -40,6 +40,10 @@ def test_cli_verbs() -> None:
         "pool",
         "pool watch",
         "pool submit",
+        "status",
+        "reload",
+        "drain",
+        "resume",
     }
     ota = build_parser().parse_args(["ota", "gate"])
     assert ota.verb == "ota"
