@@ -44,11 +44,11 @@ class Node(Protocol):
     def publish_birth(self) -> None: ...
 
 
-async def run(node: Node, verb: str, payload: bytes) -> dict[str, Any]:
+async def run(node: Node, verb: str, payload: bytes, *, is_retained: bool = False) -> dict[str, Any]:
     """Carry out one command named by the topic levels after cmd/; the reply document (status 200, or
     status and error). Nothing changes unless the verb is allowed and all its arguments are valid."""
     try:
-        arguments = _arguments(node, verb, payload)
+        arguments = _arguments(node, verb, payload, is_retained)
         if verb == "rebirth":
             node.publish_birth()
         elif verb == "drain":
@@ -77,7 +77,7 @@ def reply(route: Reply, document: dict[str, Any]) -> Outbound:
     return outbound
 
 
-def _arguments(node: Node, verb: str, payload: bytes) -> dict[str, Any]:
+def _arguments(node: Node, verb: str, payload: bytes, is_retained: bool) -> dict[str, Any]:
     """The command's checked arguments; raises before anything is done."""
     if verb == "infer":
         raise ModelNotFound("cmd/infer names no model; publish jobs to cmd/infer/<model>")
@@ -90,6 +90,8 @@ def _arguments(node: Node, verb: str, payload: bytes) -> dict[str, Any]:
         raise ModelNotFound(
             f"unknown command {shown(verb)}; this node answers infer/<model>, {', '.join(VERBS)}"
         )
+    if is_retained:  # the broker would replay it on every reconnect
+        raise InvalidInput("a retained command is stale by definition; publish commands without retain")
     if len(payload) > MAX_COMMAND_BYTES:
         raise RequestTooLarge(f"command of {len(payload)} bytes; at most {MAX_COMMAND_BYTES} bytes")
     document = _json_object(payload)

@@ -169,7 +169,8 @@ class JobIntake:
             kind, model=model, job_id=job_id, status=status, error=str(exc), latency_ms=_ms_since(started_s)
         )
         if reply is None:
-            log.warning("pool job on %s cannot be answered: %s", shown(message.topic), exc)
+            # Reported on evt; only logged at debug level, so that a peer cannot flood the journal.
+            log.debug("pool job on %s cannot be answered: %s", shown(message.topic), exc)
             return
         document: dict[str, Any] = {"error": str(exc), "status": status}
         retry_after_s = outcomes.retry_after_s(exc, self.settings.server.retry_after_s)

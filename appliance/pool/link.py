@@ -164,7 +164,7 @@ class PoolLink:
             if type(exc) is not NoReply:  # it names a reply topic, but one we must not answer on: no-op
                 self._emit("command", verb=verb[:80], status=status_of(exc), error=f"cmd/{verb:.80}: {exc}")
                 return
-        document = await commands.run(self, verb, message.payload)
+        document = await commands.run(self, verb, message.payload, is_retained=message.is_retained)
         if route is not None:
             self._send(commands.reply(route, document))
         self._emit("command", verb=verb[:80], status=document["status"], error=document.get("error"))

@@ -95,7 +95,7 @@ async def test_drain_resume_rebirth_with_good_arguments() -> None:
         ("drain", {"timeout_s": -1}, "above 0"),
         ("drain", {"timeout_s": 0}, "above 0"),
         ("drain", {"timeout_s": 3600.5}, "at most 3600"),
-        ("drain", b"{\"timeout_s\": 1" + b"0" * 30 + b"}", "timeout_s 1"),
+        ("drain", b'{"timeout_s": 1' + b"0" * 30 + b"}", "timeout_s 1"),
         ("drain", {"timeout_s": False}, "timeout_s False"),
         ("drain", {"timeout_s": [1]}, "timeout_s [1]"),
         ("drain", {"reason": ""}, "1 to 200 characters"),
@@ -129,6 +129,13 @@ async def test_an_overlong_or_unknown_command() -> None:
     document = await run(node, "frobnicate")
     assert document["status"] == 404 and "unknown command 'frobnicate'" in document["error"]
     assert is_untouched(node)
+
+
+@pytest.mark.asyncio
+async def test_a_retained_command_is_stale() -> None:
+    node = Node()
+    document = await commands.run(node, "drain", b"", is_retained=True)
+    assert document["status"] == 400 and "retained" in document["error"] and is_untouched(node)
 
 
 @pytest.mark.asyncio

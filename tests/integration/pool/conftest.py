@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +27,8 @@ def pool_repository(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """broker_factory(kind=None, tls=, users=, persistent=, start=) -> a Broker, stopped after the test."""
+    """broker_factory(kind=None, tls=, users=, acl=, persistent=, start=) -> a Broker, stopped after the
+    test; `acl` is the text of a mosquitto acl_file."""
     started: list[Broker] = []
 
     def factory(
@@ -34,14 +36,17 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         *,
         tls: bool = False,
         users: dict[str, str] | None = None,
+        acl: str | None = None,
         persistent: bool = False,
         start: bool = True,
     ) -> Broker:
         directory = tmp_path / f"broker{len(started)}"
         directory.mkdir()
         broker = Broker(kind or default_kind(), directory, is_persistent=persistent)
-        if broker.kind == "amqtt" and (tls or users):
-            pytest.skip("TLS and password files are set up for mosquitto only")
+        if broker.kind == "amqtt" and (tls or users or acl):
+            pytest.skip("TLS, password and ACL files are set up for mosquitto only")
+        if users and shutil.which("mosquitto_passwd") is None:
+            pytest.skip("mosquitto_passwd (package mosquitto) is not installed: no password file")
         if tls:
             broker.tls = tls_files(directory)
         if users:
@@ -51,6 +56,9 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
                 subprocess.run(
                     ["mosquitto_passwd", *flags, str(broker.password_file), user, password], check=True
                 )
+        if acl is not None:
+            broker.acl_file = directory / "acl"
+            broker.acl_file.write_text(acl)
         started.append(broker)
         if start:
             broker.start()

@@ -47,6 +47,7 @@ class Broker:
     port: int = field(default_factory=free_port)
     tls: TlsFiles | None = None
     password_file: Path | None = None
+    acl_file: Path | None = None
     is_persistent: bool = False  # mosquitto keeps sessions and queued messages across a restart
     process: subprocess.Popen[str] | None = None
     log: list[str] = field(default_factory=list)
@@ -109,6 +110,8 @@ class Broker:
         ]
         if self.password_file is not None:
             lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
         else:
             lines.append("allow_anonymous true")
         if self.tls is not None:

@@ -29,9 +29,12 @@ WAIT_S = 20.0
 class Names(NodeTopics):
     """The node's topics in one test, unique to it: nothing it sees can come from another test."""
 
+    reply_prefix: str = ""  # where replies go; unset: <root>/<site>/
+
     def reply_topic(self, sender: str = "platform") -> str:
-        """A fresh reply topic; the node takes `<root>/<site>/<sender>` for who asked."""
-        return f"{self.root}/{self.site}/{sender}/{uuid.uuid4().hex[:8]}"
+        """A fresh reply topic; the node takes `<prefix><sender>` for who asked."""
+        prefix = self.reply_prefix or f"{self.root}/{self.site}/"
+        return f"{prefix}{sender}/{uuid.uuid4().hex[:8]}"
 
 
 def pool_section(broker: Broker, names: Names, **overrides: Any) -> dict[str, Any]:
@@ -243,10 +246,13 @@ X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
 
 def job(binary: bool = True, **parameters: Any) -> tuple[bytes, dict[str, str]]:
-    """A job for the `batchable` model: its body, and the user properties a binary body needs."""
-    encoded = codec.encode_request(
-        {"x": X}, binary=binary, binary_output=binary, parameters=parameters or None
-    )
+    """A job for the `batchable` model: its body, and the user properties a binary body needs.
+
+    Its deadline (parameters.timeout, µs) is 30 s unless given: pool work runs at idle priority, and
+    a shared test machine may keep it waiting longer than the model's default.
+    """
+    parameters.setdefault("timeout", 30_000_000)
+    encoded = codec.encode_request({"x": X}, binary=binary, binary_output=binary, parameters=parameters)
     user = {} if encoded.header_length is None else {codec.HEADER_LENGTH: str(encoded.header_length)}
     return encoded.body(), user
 
