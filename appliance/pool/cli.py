@@ -11,6 +11,8 @@ from typing import Any
 
 from appliance.errors import ApplianceError, InvalidInput
 
+PRINTED_ELEMENTS = 16  # of each output, unless --full
+
 
 def add_arguments(verbs: Any) -> None:
     """Add the `pool` verb and its sub-verbs to the top-level subparsers of `appliance`."""
@@ -33,7 +35,12 @@ def add_arguments(verbs: Any) -> None:
         help="input tensor; NAME may be left out for a model with one input; repeat for several",
     )  # fmt: skip
     submit.add_argument("--timeout-s", type=float, default=30.0, help="job expiry and wait (default 30 s)")
-    submit.add_argument("--output", type=Path, help="also save the outputs to this .npz file")
+    submit.add_argument("--output", type=Path, help="also save the outputs, whole, to this .npz file")
+    submit.add_argument(
+        "--full", action="store_true",
+        help=f"print every element of every output (default: the first {PRINTED_ELEMENTS} of each, and "
+        "how many were left out)",
+    )  # fmt: skip
     submit.set_defaults(func=run_submit)
 
 
@@ -98,22 +105,50 @@ def run_submit(args: argparse.Namespace) -> int:
             timeout_s=args.timeout_s,
         )
     if args.output is not None:
-        np.savez(args.output, **result.outputs)
-    summary = {
+        try:
+            np.savez(args.output, **result.outputs)
+        except OSError as exc:
+            raise InvalidInput(f"--output {args.output}: cannot be written ({exc.strerror})") from exc
+    document = {
         "node": result.node.name,
         "model": args.model,
         "latency_ms": round(result.latency_ms, 2),
         "outputs": {
-            name: {
-                "datatype": str(array.dtype),
-                "shape": list(array.shape),
-                "data": array.reshape(-1)[:16].tolist(),
-            }
+            name: printed_output(array, is_full=args.full, saved_to=args.output)
             for name, array in result.outputs.items()
         },
     }
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(document, indent=2))
     return 0
+
+
+def printed_output(array: Any, *, is_full: bool, saved_to: Path | None) -> dict[str, Any]:
+    """How `submit` prints one output: its data whole, or the first PRINTED_ELEMENTS elements (row-major)
+    and an `elided` note saying how many were left out and where the whole output is."""
+    flat = array.reshape(-1)
+    shown = flat if is_full else flat[:PRINTED_ELEMENTS]
+    printed: dict[str, Any] = {
+        "datatype": str(array.dtype),
+        "shape": list(array.shape),
+        "data": [_printable(value) for value in shown.tolist()],
+    }
+    elided = flat.size - shown.size
+    if elided:
+        where = (
+            f"the whole output is in {saved_to}"
+            if saved_to is not None
+            else "pass --output FILE.npz to save it whole, or --full to print it"
+        )
+        printed["elided"] = (
+            f"{elided} of {flat.size} elements not shown (data holds the first {shown.size}, row-major); "
+            f"{where}"
+        )
+    return printed
+
+
+def _printable(value: Any) -> Any:
+    """A BYTES element as text (undecodable bytes escaped), anything else as numpy's tolist gives it."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,8 +78,10 @@ def _exchange(
     inputs: Mapping[str, np.ndarray],
     timeout_s: float,
 ) -> tuple[dict[str, np.ndarray], float]:
-    reply_topic = f"{topics.root}/_reply/{client.client_id}"
     correlation = uuid.uuid4().hex
+    # Under _reply/ (what the broker ACL lets nodes answer on), one level per job: a node takes the
+    # levels before the last, <root>/_reply/<client id>, for this client when it counts jobs per sender.
+    reply_topic = f"{topics.root}/_reply/{client.client_id}/{correlation}"
     answered = threading.Event()
     answers: list[Inbound] = []
 

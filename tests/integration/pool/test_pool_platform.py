@@ -70,6 +70,51 @@ async def test_submit_picks_a_node_and_prints_the_result(
         assert "no online node" in capsys.readouterr().err
 
 
+@pytest.mark.asyncio
+async def test_submit_never_truncates_outputs_silently(
+    serve: Callable[..., Any],
+    pool_repository: Path,
+    broker: Broker,
+    names: Names,
+    recorder_factory: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)  # y has 32 elements: more than are printed
+    np.save(tmp_path / "x.npy", x)
+    recorder = await recorder_factory(broker, names)
+    # Nodes that only answer under _reply/ still answer `submit`.
+    pool = pool_section(broker, names, reply_topic_prefix=f"{names.root}/_reply/")
+    with serve(pool_repository, pool=pool):
+        await recorder.node("capacity")
+        argv = [
+            "submit",
+            *connection_args(broker, names),
+            "--model",
+            "batchable",
+            "--input",
+            str(tmp_path / "x.npy"),
+        ]
+        y = (x * 2 + 1).reshape(-1).tolist()
+
+        assert await asyncio.to_thread(cli.main, argv) == 0
+        printed = json.loads(capsys.readouterr().out)["outputs"]
+        assert printed["y"]["data"] == y[:16] and printed["y"]["shape"] == [8, 4]
+        assert printed["y"]["elided"].startswith("16 of 32 elements not shown")
+        assert "--output FILE.npz" in printed["y"]["elided"] and "--full" in printed["y"]["elided"]
+        assert "elided" not in printed["s"]  # 8 elements: printed whole
+
+        output = tmp_path / "out.npz"
+        assert await asyncio.to_thread(cli.main, [*argv, "--output", str(output)]) == 0
+        printed = json.loads(capsys.readouterr().out)["outputs"]
+        assert f"the whole output is in {output}" in printed["y"]["elided"]
+        np.testing.assert_array_equal(np.load(output)["y"], x * 2 + 1)
+
+        assert await asyncio.to_thread(cli.main, [*argv, "--full"]) == 0
+        printed = json.loads(capsys.readouterr().out)["outputs"]
+        assert printed["y"]["data"] == y and "elided" not in printed["y"]
+
+
 class Lines:
     """A text sink for `watch --json` that tells the test how many lines all sinks got together."""
 
