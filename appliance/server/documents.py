@@ -94,11 +94,19 @@ def config(scheduler: ModelScheduler) -> dict[str, Any]:
     return document
 
 
-def statistics(entry: ModelEntry) -> dict[str, Any]:
-    """One model's entry in GET /v2/models/{m}/stats (Triton's shape, plus the latency profile)."""
+def statistics(entry: ModelEntry, refusals: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    """One model's entry in GET /v2/models/{m}/stats (Triton's shape, plus the latency profile and
+    `refusals`: {priority class: {reason: count}} of every request refused or failed)."""
     scheduler = entry.scheduler
+    refused = refusals or {}
     if scheduler is None:
-        return {"name": entry.name, "version": "", "state": entry.state.value, "reason": entry.reason}
+        return {
+            "name": entry.name,
+            "version": "",
+            "state": entry.state.value,
+            "reason": entry.reason,
+            "refusals": refused,
+        }
     stats = scheduler.stats
     compute = stats.compute.as_triton()
     return {
@@ -125,6 +133,7 @@ def statistics(entry: ModelEntry) -> dict[str, Any]:
             for rows, d in sorted(stats.by_batch.items())
         ],
         "failures": dict(stats.failures),
+        "refusals": refused,
         "preemptions": stats.preemptions,
         "pool_process": _pool_process(scheduler),
         "latency_profile": {"provider": scheduler.model.provider, **scheduler.profile.as_dict()},

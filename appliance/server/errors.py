@@ -37,11 +37,13 @@ def appliance_error_response(
     exc: errors.ApplianceError, default_retry_after_s: float = DEFAULT_RETRY_AFTER_S
 ) -> Response:
     """The answer to an error: its status, Retry-After on 503 and 429, `WWW-Authenticate` on 401, and
-    `Connection: close` while draining, so keep-alive clients move to another instance."""
+    `Connection: close` while draining and for a body too large."""
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Unauthorised):
         headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
-    if isinstance(exc, errors.Draining):
+    if isinstance(exc, errors.Draining | errors.RequestTooLarge):
+        # Draining: keep-alive clients move on. Too large: the rest of the body is never read (a
+        # refused 40 MB body would otherwise still be read, to be thrown away).
         headers["Connection"] = "close"
     retry_after = outcomes.retry_after_s(exc, default_retry_after_s)
     return error_response(status_of(exc), str(exc), retry_after, headers)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from appliance.dataplane.plane import DataPlane
 from appliance.errors import ModelNotFound, ModelNotReady
-from appliance.scheduler.hub import ModelHub, State
+from appliance.scheduler.hub import ModelEntry, ModelHub, State
 from appliance.scheduler.runner import ModelScheduler
 from appliance.server import documents
 from appliance.server.errors import appliance_error_response
@@ -25,7 +28,7 @@ def _serving(request: Request, name: str, version: str | None) -> ModelScheduler
 
 @router.get("/v2/models/stats")
 async def all_stats(request: Request) -> Response:
-    return json_response({"model_stats": [documents.statistics(e) for e in _hub(request)]})
+    return json_response({"model_stats": [_statistics(request, e) for e in _hub(request)]})
 
 
 @router.get("/v2/models/{name}")
@@ -68,7 +71,7 @@ async def model_version_config(name: str, version: str, request: Request) -> Res
 
 @router.get("/v2/models/{name}/stats")
 async def model_stats(name: str, request: Request) -> Response:
-    return json_response({"model_stats": [documents.statistics(_hub(request).entry(name))]})
+    return json_response({"model_stats": [_statistics(request, _hub(request).entry(name))]})
 
 
 @router.get("/v2/models/{name}/versions/{version}/stats")
@@ -78,4 +81,9 @@ async def model_version_stats(name: str, version: str, request: Request) -> Resp
         raise ModelNotFound(
             f"model {name!r} version {version} is not served; serving version {entry.version}"
         )
-    return json_response({"model_stats": [documents.statistics(entry)]})
+    return json_response({"model_stats": [_statistics(request, entry)]})
+
+
+def _statistics(request: Request, entry: ModelEntry) -> dict[str, Any]:
+    plane: DataPlane = request.app.state.plane
+    return documents.statistics(entry, plane.refusals.of_model(entry.name))

@@ -271,6 +271,8 @@ def test_metrics_are_prometheus_text(client: httpx.Client) -> None:
     assert 'appliance_refusals_total{model="_unknown",priority="line",reason="not_found"} 2.0' in text
     assert "nosuch" not in text
     assert "process_resident_memory_bytes" in text
+    stats = client.get("/v2/models/batchable/stats").json()["model_stats"][0]
+    assert stats["refusals"] == {"line": {"bad_request": 1}}
     assert "# TYPE appliance_compute_duration_seconds histogram" in text
     families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(families) == len(set(families))
