@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ def serve(
     repository: Path, *, env: dict[str, str] | None = None, timeout_s: float = 300.0
 ) -> Iterator[Server]:
     """Run `python -m appliance serve --port 0` until it logs ready; stop it with SIGTERM afterwards."""
-    environment = {**os.environ, **(env or {})}
+    scratch = tempfile.TemporaryDirectory(prefix="appliance-bench-")  # its own admin socket
+    environment = {"RUNTIME_DIRECTORY": scratch.name, **os.environ, **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "appliance", "serve", "--model-repository", str(repository), "--port", "0"],
         stdout=subprocess.PIPE,
@@ -73,6 +75,7 @@ def serve(
     finally:
         process.terminate()
         process.wait(60)
+        scratch.cleanup()
 
 
 def raw_ort_throughput(
