@@ -17,10 +17,17 @@ from appliance.errors import ApplianceError
 from appliance.ota import command as ota
 from appliance.pool import cli as pool_cli
 from appliance.providers import report as providers_report
-from appliance.settings import Settings, config_schema
-from appliance.system import operator, provision
+from appliance.settings import BUNDLED_MODELS, Settings, config_schema
+from appliance.system import logs, operator, provision
 
 log = logging.getLogger("appliance")
+
+SERVE_EPILOG = """\
+Settings, lowest priority first: defaults, the TOML file (--config, else
+/etc/appliance/appliance.toml if present), $CREDENTIALS_DIRECTORY secrets, environment
+variables, these flags. Environment variables are APPLIANCE_<SECTION>__<KEY>, for example
+APPLIANCE_SERVER__PORT=9000 or APPLIANCE_POOL__BROKER=mqtt://10.0.0.5:1883.
+`appliance config-schema` lists every setting with its default."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -31,6 +38,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides.setdefault("server", {})["port"] = args.port
     if getattr(args, "model_repository", None):
         overrides.setdefault("models", {})["repository"] = args.model_repository
+    if getattr(args, "log_level", None):
+        overrides.setdefault("system", {})["log_level"] = args.log_level
+    if getattr(args, "log_format", None):
+        overrides.setdefault("system", {})["log_format"] = args.log_format
     return Settings.load(getattr(args, "config", None), overrides=overrides)
 
 
@@ -44,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.service import Service
 
     settings = _settings(args)
-    _configure_logging(settings.system.log_level)
+    logs.configure(settings.system.log_level, settings.system.log_format)
     service = Service(settings, sockets=_activated_sockets(), config_file=_config_file(args))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(service.run())
@@ -74,7 +85,7 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     from appliance.providers.registry import Registry
 
     settings = _settings(args)
-    repository = Repository(args.directory)
+    repository = Repository.open(args.directory)  # a missing folder is one line, exit 2
     registry = Registry.discover()
     configs = registry.configs(settings.providers)
     names = repository.names()
@@ -147,11 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    serve = verbs.add_parser("serve", help="serve the model repository over HTTP (KServe v2)")
+    serve = verbs.add_parser(
+        "serve",
+        help="serve the model repository over HTTP (KServe v2)",
+        description="Serve every model of the repository over HTTP (KServe v2) until SIGTERM.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config(serve)
-    serve.add_argument("--model-repository", type=Path, help="model repository folder")
-    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help=f"model repository folder (models.repository; default: the bundled models, {BUNDLED_MODELS})",
+    )
+    serve.add_argument("--host", help="listen address (server.host; default 127.0.0.1; 0.0.0.0 for the line)")
+    serve.add_argument("--port", type=int, help="listen port (server.port; default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe level logged (system.log_level; default INFO)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line for log shippers (system.log_format; default text)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     models = verbs.add_parser("models", help="inspect a model repository")
@@ -192,10 +225,6 @@ def _loop_factory():
     except ImportError:
         return None
     return uvloop.new_event_loop
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
