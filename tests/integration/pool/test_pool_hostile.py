@@ -148,6 +148,8 @@ async def test_a_message_the_broker_hangs_up_on_is_dropped_with_an_event(
     serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
 ) -> None:
     """A reply that makes the broker drop the connection is tried twice, then dropped and reported."""
+    if broker.kind != "mosquitto":
+        pytest.skip("needs a broker that hangs up on a control character in a topic (mosquitto)")
     recorder = await recorder_factory(broker, names)
     with serve(pool_repository, pool=pool_section(broker, names)) as running:
         birth = await recorder.node("birth")
