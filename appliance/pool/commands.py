@@ -1,5 +1,4 @@
-"""Pool control verbs (cmd/rebirth, cmd/drain, cmd/resume): off unless pool.remote_control, and every
-argument checked before anything changes."""
+"""Pool control verbs (cmd/rebirth, drain, resume): off unless pool.remote_control; arguments checked."""
 
 from __future__ import annotations
 
