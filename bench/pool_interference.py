@@ -254,6 +254,9 @@ def main() -> None:
             "APPLIANCE_POOL__SITE": "bench",
             "APPLIANCE_POOL__NODE_ID": node,
             "APPLIANCE_POOL__REPORT_INTERVAL_S": "1",
+            # The flood is one sender (one reply topic), standing for the whole pool: the per-sender
+            # rate meant for hostile peers must not be what the bench measures.
+            "APPLIANCE_POOL__MAX_JOBS_PER_SENDER_PER_S": "100000",
             "STATE_DIRECTORY": str(Path(scratch) / "state"),
         }
         if args.max_interference_ms is not None:
