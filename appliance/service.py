@@ -19,6 +19,7 @@ from appliance.engine.repository import Repository
 from appliance.providers.registry import Registry
 from appliance.scheduler.hub import ModelHub, State
 from appliance.server.app import create_app
+from appliance.server.connections import ConnectionGate, bounded_protocol
 from appliance.settings import Settings
 from appliance.system import cpu
 from appliance.system.admin import AdminServer
@@ -102,8 +103,12 @@ class Service:
             port=server_settings.port,
             lifespan="off",
             log_level="warning",
-            access_log=False,
-            timeout_keep_alive=30,
+            access_log=server_settings.access_log,
+            # Header and body deadlines, header size and connection limits (server/connections.py).
+            http=bounded_protocol(server_settings, ConnectionGate.of(server_settings), self.plane.refuse),
+            ws="none",  # no WebSocket route: an upgrade request is served as plain HTTP
+            timeout_keep_alive=server_settings.idle_timeout_s,  # type: ignore[arg-type]
+            timeout_graceful_shutdown=server_settings.drain_timeout_s,  # type: ignore[arg-type]
         )
         self._server = _Server(config)
         serving = asyncio.create_task(self._server.serve(sockets=self.sockets), name="http")
