@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +23,7 @@ from appliance.scheduler.hub import ModelHub, State
 from appliance.server.app import create_app
 from appliance.server.connections import ConnectionGate, bounded_protocol
 from appliance.settings import Settings
-from appliance.system import cpu
+from appliance.system import cpu, logs
 from appliance.system.admin import AdminServer
 from appliance.system.sdnotify import Notifier
 
@@ -40,6 +42,19 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):  # type: ignore[no-untyped-def]
         yield
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound before uvicorn starts, so that a port in use is one OSError
+    naming the address (which `appliance serve` prints as one line) rather than uvicorn's exit."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise OSError(f"cannot listen on {host}:{port}: {why} (server.host, server.port)") from None
+    sock.set_inheritable(False)
+    return sock
 
 
 def _pool_link(service: Service) -> PoolLink | None:
@@ -69,10 +84,12 @@ class Service:
         self.registry = Registry.discover()
         self.hub = ModelHub(settings, self.registry, Repository.open(settings.models.repository))
         self.plane = DataPlane(self.hub, settings)
+        self.gate = ConnectionGate.of(settings.server)  # HTTP connections, in all and per client
         self.app = create_app(self.plane, settings)
         self.started = asyncio.Event()  # HTTP is listening
         self.ready = asyncio.Event()  # every model tried; READY=1 sent
         self._stop: asyncio.Event | None = None
+        self._stop_reason = "request"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: _Server | None = None
         self._background: set[asyncio.Task[object]] = set()
@@ -84,17 +101,22 @@ class Service:
         assert self._server is not None and self._server.servers
         return self._server.servers[0].sockets[0].getsockname()[1]
 
-    def stop(self) -> None:
-        """Begin a graceful stop (what SIGTERM does)."""
+    def stop(self, reason: str = "request") -> None:
+        """Begin a graceful stop (what SIGTERM does); may be called from any thread."""
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            self._loop.call_soon_threadsafe(self._stop_on, reason)
+
+    def _stop_on(self, reason: str) -> None:
+        if self._stop is not None and not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
 
     async def run(self, *, install_signal_handlers: bool = True) -> int:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._loop.add_signal_handler(sig, self._stop.set)
+                self._loop.add_signal_handler(sig, self._stop_on, sig.name)
             self._loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         server_settings = self.settings.server
         config = uvicorn.Config(
@@ -102,16 +124,19 @@ class Service:
             host=server_settings.host,
             port=server_settings.port,
             lifespan="off",
+            log_config=None,  # uvicorn's records go to our handler (system/logs.py): one line each
             log_level="warning",
             access_log=server_settings.access_log,
             # Header and body deadlines, header size and connection limits (server/connections.py).
-            http=bounded_protocol(server_settings, ConnectionGate.of(server_settings), self.plane.refuse),
+            http=bounded_protocol(server_settings, self.gate, self.plane.refuse),
             ws="none",  # no WebSocket route: an upgrade request is served as plain HTTP
             timeout_keep_alive=server_settings.idle_timeout_s,  # type: ignore[arg-type]
             timeout_graceful_shutdown=server_settings.drain_timeout_s,  # type: ignore[arg-type]
         )
         self._server = _Server(config)
-        serving = asyncio.create_task(self._server.serve(sockets=self.sockets), name="http")
+        logs.quiet_uvicorn()
+        sockets = self.sockets or [listen(server_settings.host, server_settings.port)]
+        serving = asyncio.create_task(self._server.serve(sockets=sockets), name="http")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         self._background.add(asyncio.create_task(self._sample_cpu(), name="cpu"))
         admin = self.control.admin_server()
@@ -197,19 +222,41 @@ class Service:
             await asyncio.sleep(_CPU_SAMPLE_S)
 
     async def _shutdown(self, serving: asyncio.Task[None], watchdog: asyncio.Task[None]) -> None:
+        started_s = time.monotonic()
         watchdog.cancel()
         for task in self._background:
             task.cancel()
         self.notifier.stopping("draining")
         if self.pool is not None:
             await self.pool.announce_draining("stopping")
+        # One deadline for all of HTTP: admitted requests, then requests still arriving (a client
+        # trickling its body is cut there), then uvicorn's own wait for its tasks.
         timeout = self.settings.server.drain_timeout_s
-        if not await self.hub.drain(timeout):
-            log.warning("drain timed out after %.0f s; stopping anyway", timeout)
+        assert self._loop is not None and self._server is not None
+        stop_by = self._loop.time() + timeout
+        self.gate.stop_by = stop_by
+        accepted = self._inflight()
+        is_drained = await self.hub.drain(timeout)
+        left = self._inflight()
+        if not is_drained:
+            log.warning(
+                "drain timed out after %.0f s with %d request(s) still running; stopping", timeout, left
+            )
         if self.pool is not None:
             await self.pool.stop()
-        assert self._server is not None
+        self._server.config.timeout_graceful_shutdown = max(0.5, stop_by - self._loop.time())
         self._server.should_exit = True
         with contextlib.suppress(Exception):
             await serving
         await self.hub.close()
+        log.info(
+            "stopped on %s: %d request(s) drained%s in %.1f s",
+            self._stop_reason,
+            accepted - left,
+            f", {left} cut short" if left else "",
+            time.monotonic() - started_s,
+        )
+
+    def _inflight(self) -> int:
+        """Requests admitted and not yet answered, over every model (line and pool)."""
+        return sum(e.scheduler.inflight for e in self.hub if e.scheduler is not None)

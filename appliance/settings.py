@@ -73,7 +73,9 @@ class ServerSettings(BaseModel):
         description="As Triton's --strict-readiness: /v2/health/ready is 200 only while every model is "
         "READY. false: 200 while at least one model is READY. Never 200 while no model serves.",
     )
-    access_log: bool = Field(False, description="Log one line per HTTP request (method, path, status, ms).")
+    access_log: bool = Field(
+        False, description="Log one line per HTTP request: client, method, path, HTTP version, status."
+    )
     max_header_bytes: int = Field(
         16 * 1024,
         ge=1024,
@@ -96,10 +98,11 @@ class ServerSettings(BaseModel):
         1024, ge=1, description="Open HTTP connections in all; beyond it 503 and the connection closes."
     )
     max_connections_per_peer: int = Field(
-        64,
+        256,
         ge=1,
         description="Open HTTP connections from one client address, so one client cannot lock out the "
-        "others (the camera); beyond it 503 and the connection closes.",
+        "others (the camera); beyond it 503 and the connection closes. A quarter of max_connections by "
+        "default: room for a client's connection pool (the benches open 64 to 100) and for three more.",
     )
     max_tensor_rank: int = Field(
         16, ge=1, le=32, description="Most dimensions a request tensor may have (vision models use 4 or 5)."

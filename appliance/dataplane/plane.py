@@ -32,6 +32,13 @@ HEADER_ALLOWANCE_BYTES = 64 * 1024  # the JSON around the tensors: names, parame
 DECODE_ON_THREAD_BYTES = 1024 * 1024
 
 Reader = Callable[[int], Awaitable[bytes | bytearray | memoryview]]
+
+
+class CallAbandoned(Exception):
+    """Raised by a transport's reader when its client has gone: nothing to answer, nothing to count
+    (a transport that cut the client off, e.g. for a slow body, counted that refusal itself)."""
+
+
 Check = Callable[[ModelScheduler], None]
 
 
@@ -89,6 +96,8 @@ class DataPlane:
         progress = _Progress(call.priority or Priority.LINE)
         try:
             return await self._infer(call, progress)
+        except CallAbandoned:
+            raise
         except errors.ApplianceError as exc:
             self.refuse(call.model, progress.priority, exc)
             raise

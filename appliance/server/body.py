@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope
 
+from appliance.dataplane.plane import CallAbandoned
 from appliance.errors import RequestTooLarge
 from appliance.protocol.codec import decimal
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnected(CallAbandoned):
     """The client went away before sending its whole body."""
 
 

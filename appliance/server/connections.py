@@ -49,6 +49,7 @@ class ConnectionGate:
         self.max_per_peer = max_per_peer
         self.open = 0
         self.lingering = 0  # refused connections still open to deliver their answer
+        self.stop_by: float | None = None  # loop time by which a stopping server closes every connection
         self._by_peer: dict[str, int] = {}
 
     @classmethod
@@ -220,7 +221,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._is_stopping = True
         super().shutdown()
         if not self.transport.is_closing() and self._drain_timer is None:
-            self._drain_timer = self.loop.call_later(self.settings.drain_timeout_s, self._drain_late)
+            stop_by = self.gate.stop_by
+            delay_s = (
+                self.settings.drain_timeout_s if stop_by is None else max(0.0, stop_by - self.loop.time())
+            )
+            self._drain_timer = self.loop.call_later(delay_s, self._drain_late)
 
     # Deadlines
 

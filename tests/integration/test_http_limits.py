@@ -8,6 +8,7 @@ import re
 import select
 import socket
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,20 +59,27 @@ def until_closed(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+_UNREAD: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def one_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Read one response on a keep-alive connection (Content-Length framing)."""
-    data = b""
+    """Read one response on a keep-alive connection (Content-Length framing). Bytes read past it (a
+    pipelined answer that came in the same segment) are kept for the next call on this socket."""
+    data = _UNREAD.pop(sock, b"")
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         assert chunk, f"closed before a whole response: {data!r}"
         data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
     status, headers = parse_head(head)
-    while len(body) < int(headers["content-length"]):
+    length = int(headers["content-length"])
+    while len(body) < length:
         chunk = sock.recv(65536)
         assert chunk, "closed inside a response body"
         body += chunk
-    return status, headers, body
+    if len(body) > length:
+        _UNREAD[sock] = body[length:]
+    return status, headers, body[:length]
 
 
 def parse_head(head: bytes) -> tuple[int, dict[str, str]]:

@@ -108,7 +108,7 @@ def registry() -> Registry:
     """The real registry: built-ins plus the test plugins installed from tests/fixtures/fake_provider."""
     registry = Registry.discover()
     if "fake" not in registry.names:
-        pytest.fail("the test plugins are found from tests/fixtures/fake_provider (tests/conftest.py puts it on sys.path)")
+        pytest.fail("no test plugins: tests/conftest.py puts tests/fixtures/fake_provider on sys.path")
     return registry
 
 

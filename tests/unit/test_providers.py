@@ -47,7 +47,7 @@ def fake_plugin() -> None:
     try:
         metadata.distribution("appliance-fake-provider")
     except metadata.PackageNotFoundError:
-        pytest.fail("the test plugins are found from tests/fixtures/fake_provider (tests/conftest.py puts it on sys.path)")
+        pytest.fail("no test plugins: tests/conftest.py puts tests/fixtures/fake_provider on sys.path")
 
 
 def gpu_box(**changes: Any) -> StaticHost:
