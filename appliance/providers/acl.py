@@ -22,6 +22,7 @@ class ACLConfig(AcceleratorConfig):
 class ACL(Builtin):
     name: ClassVar[str] = "acl"
     ep_name: ClassVar[str] = "ACLExecutionProvider"
+    uses_host_cores: ClassVar[bool] = True
     config_model: ClassVar[type[BaseModel]] = ACLConfig
     install_hint: ClassVar[str] = "needs an ONNX Runtime built with --use_acl, on Arm"
 

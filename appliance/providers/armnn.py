@@ -13,6 +13,7 @@ from appliance.providers.base import AcceleratorConfig, Builtin, Probe
 class ArmNN(Builtin):
     name: ClassVar[str] = "armnn"
     ep_name: ClassVar[str] = "ArmNNExecutionProvider"
+    uses_host_cores: ClassVar[bool] = True
     config_model: ClassVar[type[BaseModel]] = AcceleratorConfig  # the EP takes no options from Python
     install_hint: ClassVar[str] = (
         "needs an ONNX Runtime built with --use_armnn; acl or xnnpack serve the same CPUs"

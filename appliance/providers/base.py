@@ -69,6 +69,9 @@ class Provider(Protocol):
     `extra_eps(config, context) -> list[tuple[str, dict[str, str]]]`: EPs registered after this one and
     before the CPU EP, for the nodes it cannot take (TensorRT hands them to CUDA).
     A config model with a boolean `allow_cpu_fallback` field controls whether the CPU EP may take nodes.
+    `uses_host_cores: ClassVar[bool]`: whether the EP computes on the host's CPU cores (the CPU EP, oneDNN,
+    XNNPACK, ACL, ArmNN) rather than on a device of its own; default False. It decides where pool work
+    runs (scheduler/placement.py) and whether compute counts against the CPU budget.
     """
 
     name: ClassVar[str]  # the key users write in appliance.toml
@@ -90,6 +93,7 @@ class Builtin:
     ep_name: ClassVar[str]
     config_model: ClassVar[type[BaseModel]] = AcceleratorConfig
     is_default: ClassVar[bool] = True
+    uses_host_cores: ClassVar[bool] = False  # compute on the host's CPU cores, not on a device
     install_hint: ClassVar[str] = ""  # how to get an ONNX Runtime with this EP, for the probe's reason
 
     def __init__(self, host: Host | None = None) -> None:
@@ -116,6 +120,11 @@ class Builtin:
 
     def library_path(self) -> Path | None:
         return None
+
+
+def uses_host_cores(provider: object) -> bool:
+    """Whether a provider computes on the host's cores (plugins that do not say are devices)."""
+    return bool(getattr(provider, "uses_host_cores", False))
 
 
 def flag(value: bool, true: str = "1", false: str = "0") -> str:

@@ -12,6 +12,7 @@ from appliance.providers.base import CPU_EP, Builtin, NoOptions, Probe
 class CPU(Builtin):
     name: ClassVar[str] = "cpu"
     ep_name: ClassVar[str] = CPU_EP
+    uses_host_cores: ClassVar[bool] = True
     config_model: ClassVar[type[BaseModel]] = NoOptions
     is_default: ClassVar[bool] = True
 

@@ -20,6 +20,7 @@ class DNNLConfig(AcceleratorConfig):
 class DNNL(Builtin):
     name: ClassVar[str] = "dnnl"
     ep_name: ClassVar[str] = "DnnlExecutionProvider"
+    uses_host_cores: ClassVar[bool] = True
     config_model: ClassVar[type[BaseModel]] = DNNLConfig
     install_hint: ClassVar[str] = "needs an ONNX Runtime built with --use_dnnl"
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 from pydantic import BaseModel
 
 from appliance.errors import ModelLoadError
-from appliance.providers.base import CPU_EP, Provider, SessionContext
+from appliance.providers.base import CPU_EP, Provider, SessionContext, uses_host_cores
 from appliance.providers.host import ort_reason
 from appliance.providers.registry import Registry
 
@@ -43,6 +43,7 @@ class Placement:
     fallbacks: list[Fallback]
     ep_name: str = ""
     nodes: dict[str, int] = field(default_factory=dict)  # EP -> nodes it runs; {} when ORT cannot tell
+    uses_host_cores: bool = False  # the provider computes on the host's CPU cores (providers/base.py)
 
     def record(self) -> dict[str, Any]:
         """JSON-ready: what model metadata, /capacity and the pool report show."""
@@ -143,7 +144,7 @@ def _attempt(
         others = ", ".join(ep for ep in nodes if ep != provider.ep_name)
         reason = f"{provider.ep_name} took none of the model's {sum(nodes.values())} nodes (all on {others})"
         return Fallback(name, reason, "no_nodes")
-    return Placement(session, name, [], provider.ep_name, nodes)
+    return Placement(session, name, [], provider.ep_name, nodes, uses_host_cores(provider))
 
 
 def _create(

@@ -20,6 +20,7 @@ class XNNPACKConfig(AcceleratorConfig):
 class XNNPACK(Builtin):
     name: ClassVar[str] = "xnnpack"
     ep_name: ClassVar[str] = "XnnpackExecutionProvider"
+    uses_host_cores: ClassVar[bool] = True
     config_model: ClassVar[type[BaseModel]] = XNNPACKConfig
     install_hint: ClassVar[str] = "needs an ONNX Runtime built with --use_xnnpack"
 

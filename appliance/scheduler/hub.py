@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from appliance.engine.model import LoadedModel
+from appliance.engine.replica import ReplicaSpec
 from appliance.engine.repository import ModelSource, Repository
 from appliance.errors import (
     ApplianceError,
@@ -21,6 +22,7 @@ from appliance.errors import (
 from appliance.providers.registry import Registry
 from appliance.scheduler import instances as instance_choice
 from appliance.scheduler.capacity import CpuBudget
+from appliance.scheduler.placement import rules_for
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
 from appliance.settings import Settings
 
@@ -127,7 +129,8 @@ class ModelHub:
                 entry = ModelEntry(name, State.UNAVAILABLE, str(failure))
                 self._entries[name] = entry
                 return entry
-            scheduler = ModelScheduler(model, self._scheduler_config(count), cpu_budget=self.cpu_budget)
+            config = self._scheduler_config(model, count)
+            scheduler = ModelScheduler(model, config, cpu_budget=self.cpu_budget)
             scheduler.start()
             entry = ModelEntry(name, State.READY, scheduler=scheduler, trials=trials)
             self._entries[name] = entry  # the swap: new requests go to the new scheduler from here
@@ -198,15 +201,23 @@ class ModelHub:
             return load(max(1, cores // wanted)), wanted, []
         return instance_choice.choose(load, cores)
 
-    def _scheduler_config(self, instances: int) -> SchedulerConfig:
+    def _scheduler_config(self, model: LoadedModel, instances: int) -> SchedulerConfig:
         scheduler, pool = self.settings.scheduler, self.settings.pool
+        replica = None
+        if self._uses_pool_process:
+            replica = ReplicaSpec.of(
+                model,
+                models=self.settings.models,
+                provider_options=self.settings.providers.get(model.provider, {}),
+                cache_dir=self.settings.system.cache_dir,
+            )
         return SchedulerConfig(
             instances=instances,
             line_max_requests=scheduler.line_queue_max_requests,
             pool_max_requests=scheduler.pool_queue_max_requests,
             profile_window=scheduler.profile_window_batches,
             max_interference_ms=pool.max_interference_ms,
-            pool_process=self.settings if self._uses_pool_process else None,
+            pool=rules_for(model.placement.uses_host_cores, replica),
         )
 
     @property

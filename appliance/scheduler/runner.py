@@ -12,20 +12,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.engine.model import LoadedModel, RunControl
-from appliance.engine.replica import Replica, ReplicaSpec
+from appliance.engine.replica import Replica
 from appliance.errors import DeadlineExceeded, Draining, ModelNotReady
 from appliance.scheduler import admission
 from appliance.scheduler.batcher import Batcher, BatchRules
 from appliance.scheduler.capacity import Capacity, Ceiling, CpuBudget, RateMeter, spare
+from appliance.scheduler.placement import PoolRules, Where, pool_may_take_a_worker, rules_for, should_preempt
 from appliance.scheduler.profile import LatencyProfile
 from appliance.scheduler.queues import Priority, Queues, Work
 from appliance.scheduler.stats import ModelStats
 from appliance.scheduler.worker import BatchRun, Worker
-from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
-
-CPU_PROVIDERS = frozenset({"cpu", "dnnl", "xnnpack", "acl", "armnn"})  # compute runs on the host's cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +35,7 @@ class SchedulerConfig:
     pool_max_requests: int = 256
     profile_window: int = 256
     max_interference_ms: float = 10.0
-    preempt_pool: bool = True  # with shared workers (accelerators): stop a pool batch for line work
-    line_reserved_workers: int = 1  # shared workers pool work never takes (at least one is left to it)
-    background_pool: bool = True  # on CPU providers, run pool work on threads at nice 19
-    pool_process: Settings | None = None  # ...and their batches in a child process opened with these
+    pool: PoolRules | None = None  # where pool work runs (scheduler/placement.py); None: by the provider
 
 
 @dataclass(slots=True, eq=False)
@@ -94,18 +89,14 @@ class ModelScheduler:
         self.busy = RateMeter()  # worker-seconds per second
         k = config.instances
         self.line_workers = [Worker(i, model, self._worker_done, _inputs_of, clock) for i in range(k)]
-        # On the host's cores, pool work gets its own threads at the lowest CPU priority, so the
-        # kernel gives line work and the event loop the CPU first. An accelerator has no such
-        # knob: there pool work shares the line workers and is preempted instead.
-        self.has_background_pool = config.background_pool and model.provider in CPU_PROVIDERS
-        self.replica = None  # their batches may run in a child process instead (engine/replica.py)
-        if self.has_background_pool and config.pool_process is not None:
-            self.replica = Replica(ReplicaSpec.of(model, config.pool_process), config.instances)
+        self.pool_rules = config.pool or rules_for(model.placement.uses_host_cores)
+        rules = self.pool_rules
+        self.replica = Replica(rules.replica, k) if rules.where is Where.PROCESS and rules.replica else None
         self.pool_workers = [
             Worker(
                 k + i, model, self._worker_done, _inputs_of, clock, is_background=True, replica=self.replica
             )
-            for i in range(k if self.has_background_pool else 0)
+            for i in range(k if rules.has_own_threads else 0)
         ]
         self.workers = self.line_workers + self.pool_workers
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,14 +170,14 @@ class ModelScheduler:
             priority=priority,
             now_s=now_s,
             deadline_s=deadline_s,
-            pool_yields=self.config.preempt_pool,
+            pool_yields=self.pool_rules.line_yields,
         )
 
     def _dispatch(self) -> None:
         now = self.clock()
         for work in self.batcher.expire(self.queues, now):
             self._expire(work, now)
-        shares_workers = not self.has_background_pool
+        shares_workers = not self.pool_rules.has_own_threads
         while idle := [w for w in self.line_workers if not w.runs]:
             if not self._submit_next(idle[0], now, take_pool=shares_workers):
                 break
@@ -195,8 +186,8 @@ class ModelScheduler:
         while len(self.queues.pool) and (idle := [w for w in self.pool_workers if not w.runs]):
             if not self._submit_next(idle[0], now, take_line=False):
                 break
-        busy = all(w.runs for w in self.line_workers)
-        if shares_workers and len(self.queues.line) and self.config.preempt_pool and busy:
+        line_waiting = len(self.queues.line) > 0
+        if should_preempt(self.pool_rules, line_waiting=line_waiting, line_workers=self.line_workers):
             self._preempt_one_pool_batch()
         head_deadlines = [q.head().deadline_s for q in self.queues.by_class.values() if q.head()]
         if head_deadlines:
@@ -231,7 +222,8 @@ class ModelScheduler:
                 if decision.wake_s is not None:
                     self._wake_at(decision.wake_s)
                 return False
-            if batch.priority is Priority.POOL and take_line and not self._pool_may_take_a_worker():
+            is_pool = batch.priority is Priority.POOL
+            if is_pool and take_line and not pool_may_take_a_worker(self.pool_rules, self.line_workers):
                 for work in batch.items:
                     self.queues.requeue(work)
                 return False
@@ -242,7 +234,7 @@ class ModelScheduler:
         for work in items:
             work.payload.dispatched_s = dispatched
         is_pool = batch.priority is Priority.POOL
-        is_preemptible = is_pool and not worker.is_background and self.config.preempt_pool
+        is_preemptible = is_pool and not worker.is_background and self.pool_rules.line_yields
         run = BatchRun(
             items,
             sum(w.rows for w in items),
@@ -253,11 +245,6 @@ class ModelScheduler:
         run.started_s = max(dispatched, starts_s)
         worker.submit(run)
         return True
-
-    def _pool_may_take_a_worker(self) -> bool:
-        """Pool work leaves one worker free for line work (when there are two or more)."""
-        running = sum(1 for w in self.line_workers if w.runs and w.runs[0].priority is Priority.POOL)
-        return running < max(1, len(self.line_workers) - self.config.line_reserved_workers)
 
     def _preempt_one_pool_batch(self) -> None:
         for worker in self.workers:
@@ -343,7 +330,7 @@ class ModelScheduler:
     @property
     def compute_threads(self) -> int:
         """CPU threads busy while ORT computes: the intra-op threads on a CPU provider, else none."""
-        return self.model.threads_per_call if self.model.provider in CPU_PROVIDERS else 0
+        return self.model.threads_per_call if self.model.placement.uses_host_cores else 0
 
     def capacity(self, reserved_share: float) -> Capacity:
         now = self.clock()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -14,13 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from appliance.engine.model import LoadedModel, RunControl, Terminated
+from appliance.engine.priority import ThreadPriority
 from appliance.engine.replica import Replica
 from appliance.errors import ApplianceError, DeadlineExceeded, InferenceFailed, ModelNotReady
 from appliance.scheduler.queues import Priority, Work
 
 log = logging.getLogger(__name__)
-
-BACKGROUND_NICE = 19
 
 Outcome = dict[str, np.ndarray] | ApplianceError
 
@@ -64,7 +62,7 @@ class Worker:
         self._clock = clock
         self.is_background = is_background  # runs pool work at the lowest CPU priority
         self.replica = replica  # runs this worker's batches in the pool process
-        self._priority: BackgroundPriority | None = None
+        self._priority: ThreadPriority | None = None
         self.index = index
         self.model = model
         self.runs: deque[BatchRun] = deque()  # submitted and not settled; the first one is running
@@ -106,7 +104,7 @@ class Worker:
 
     def _loop(self) -> None:
         if self.is_background:
-            self._priority = BackgroundPriority(self._thread.name)
+            self._priority = ThreadPriority(self._thread.name)
         while (run := self._inbox.get()) is not None:
             self.busy_since_s = time.monotonic()
             try:
@@ -156,11 +154,8 @@ class Worker:
                 # the pool process cannot load the model: run here, at idle priority, from now on
         if self._priority is None:
             return self.model.run(feed, control=control)
-        self._priority.lower()
-        try:
+        with self._priority.lowered():
             return self.model.run(feed, control=control)
-        finally:
-            self._priority.restore()
 
     def _drop_late(self, run: BatchRun, late: list[Work]) -> None:
         for work in late:
@@ -222,46 +217,3 @@ class Worker:
             outcomes.append({name: array[offset : offset + work.rows] for name, array in results.items()})
             offset += work.rows
         return outcomes
-
-
-class BackgroundPriority:
-    """CPU priority of a pool worker thread: lowest while ONNX Runtime computes, normal otherwise.
-
-    Pool work at SCHED_IDLE (nice 19 where refused; neither needs a privilege) only gets the CPU
-    that line work and the event loop leave: the kernel, not a preemption, keeps line latency.
-    But a thread that holds the GIL must not sit at the lowest priority, or everyone waits for
-    it (priority inversion): so the thread drops its priority only around `session.run`, which
-    releases the GIL, and takes it back after. Going back needs RLIMIT_NICE >= 20 (the unit's
-    LimitNICE=+0, or root); without it the thread stays low and the windows are short anyway.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.can_restore = True
-        self.lower()
-        self.restore()
-        if not self.can_restore:
-            self.lower()
-
-    def lower(self) -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
-            return
-        except (AttributeError, OSError):
-            pass
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-        except (AttributeError, OSError) as exc:
-            log.warning("thread %s keeps normal CPU priority: %s", self.name, exc)
-
-    def restore(self) -> None:
-        if not self.can_restore:
-            return
-        try:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
-        except (AttributeError, OSError) as exc:
-            self.can_restore = False
-            log.info(
-                "thread %s stays at the lowest CPU priority (%s); raise LimitNICE to toggle", self.name, exc
-            )

@@ -67,7 +67,10 @@ def config(scheduler: ModelScheduler) -> dict[str, Any]:
         "input": [_config_tensor(s, limits.is_batched) for s in model.signature.inputs],
         "output": [_config_tensor(s, limits.is_batched) for s in model.signature.outputs],
         "instance_group": [
-            {"count": scheduler.instances, "kind": "KIND_CPU" if model.provider == "cpu" else "KIND_GPU"}
+            {
+                "count": scheduler.instances,
+                "kind": "KIND_CPU" if model.placement.uses_host_cores else "KIND_GPU",
+            }
         ],
         "parameters": {
             "provider": {"string_value": model.provider},

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from tests_support import load_model
 
-from appliance.engine import replica as wire
+from appliance.engine import frames as wire
+from appliance.engine.replica import ReplicaSpec
 from appliance.errors import InferenceFailed
+from appliance.scheduler.placement import PoolRules, Where
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
 from appliance.settings import Settings
@@ -26,7 +28,12 @@ FAR_SLO = "slo_p99_ms = 60000\n"  # these tests are about where work runs, never
 
 
 def pool_scheduler(model, instances: int = 2) -> ModelScheduler:
-    scheduler = ModelScheduler(model, SchedulerConfig(instances=instances, pool_process=Settings()))
+    settings = Settings()
+    replica = ReplicaSpec.of(
+        model, models=settings.models, provider_options={}, cache_dir=settings.system.cache_dir
+    )
+    config = SchedulerConfig(instances=instances, pool=PoolRules(Where.PROCESS, replica))
+    scheduler = ModelScheduler(model, config)
     scheduler.start()
     return scheduler
 

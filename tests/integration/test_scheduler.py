@@ -14,10 +14,11 @@ import pytest
 from tests_support import load_model as load
 
 from appliance.engine.model import LoadedModel
+from appliance.engine.priority import ThreadPriority
 from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from appliance.scheduler.placement import PoolRules, Where
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
-from appliance.scheduler.worker import BackgroundPriority
 
 
 class FakeClock:
@@ -106,7 +107,7 @@ def test_line_runs_before_pool_and_outcomes_keep_their_owner(tmp_path: Path) -> 
 
     async def scenario() -> None:
         scheduler = await started(
-            model, instances=1, max_interference_ms=10_000, preempt_pool=False, background_pool=False
+            model, instances=1, max_interference_ms=10_000, pool=PoolRules(Where.SHARED, preempt=False)
         )
 
         async def tagged(tag: str, priority: Priority, value: float) -> None:
@@ -138,7 +139,9 @@ def test_line_work_preempts_a_running_pool_batch(tmp_path: Path) -> None:
     order: list[str] = []
 
     async def scenario() -> ModelScheduler:
-        scheduler = await started(model, instances=1, max_interference_ms=60_000, background_pool=False)
+        scheduler = await started(
+            model, instances=1, max_interference_ms=60_000, pool=PoolRules(Where.SHARED)
+        )
         pool_input = {"x": np.ones((64, 512), np.float32)}
         try:
             pool = asyncio.create_task(scheduler.infer(pool_input, priority=Priority.POOL))
@@ -182,7 +185,7 @@ def test_pool_work_runs_on_lowest_priority_threads_on_the_cpu(tmp_path: Path) ->
     async def scenario() -> tuple[list[dict], list[int]]:
         scheduler = await started(model, instances=2, max_interference_ms=10_000)
         try:
-            assert scheduler.has_background_pool and len(scheduler.pool_workers) == 2
+            assert scheduler.pool_rules.where is Where.THREADS and len(scheduler.pool_workers) == 2
             results = await asyncio.gather(
                 *(scheduler.infer(x(value=v), priority=Priority.POOL) for v in range(8)),
                 *(scheduler.infer(x(value=10 + v)) for v in range(8)),
@@ -209,7 +212,7 @@ def test_background_priority_is_lowest_only_around_the_run() -> None:
         def is_lowest() -> bool:
             return os.sched_getscheduler(tid) == os.SCHED_IDLE or os.getpriority(os.PRIO_PROCESS, tid) == 19
 
-        priority = BackgroundPriority("probe")
+        priority = ThreadPriority("probe")
         priority.lower()
         during = is_lowest()
         priority.restore()
