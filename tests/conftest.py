@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # dist-info, by this process only: they are never installed into the venv `make run` serves from.
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "fake_provider"))
 
+import holds
 import modelzoo
 from services import make_settings
 
@@ -32,3 +33,10 @@ def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
         return make_settings(tmp_path, repository, **sections)
 
     return factory
+
+
+@pytest.fixture
+def batches() -> Iterator[holds.Batches]:
+    """Every batch the workers of this process run, and a way to hold some (tests/holds.py)."""
+    with holds.installed() as recorder:
+        yield recorder

@@ -19,10 +19,10 @@ def _model(nodes, inputs, outputs, initializers=(), opset: int = OPSET) -> onnx.
     return model
 
 
-def batchable() -> onnx.ModelProto:
-    """x: FP32 [N, 4] -> y = x * 2 + 1 [N, 4], s = sum(x, axis 1) [N, 1]."""
-    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
-    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+def batchable(scale: float = 2.0, offset: float = 1.0) -> onnx.ModelProto:
+    """x: FP32 [N, 4] -> y = x * scale + offset [N, 4] (2x + 1 unless told), s = sum(x, axis 1) [N, 1]."""
+    two = numpy_helper.from_array(np.array(scale, np.float32), "two")
+    one = numpy_helper.from_array(np.array(offset, np.float32), "one")
     axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
     return _model(
         [

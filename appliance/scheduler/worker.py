@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 
 Outcome = dict[str, np.ndarray] | ApplianceError
 
+# A test seam, as httpx's MockTransport is one: when set, each worker calls it on its own thread with
+# every batch it is about to run (after late work is dropped, before its compute is timed). Tests hold
+# a batch "mid-compute" with it for as long as they need, or see which requests shared a batch
+# (tests/holds.py). None in production: one global read per batch.
+before_batch: Callable[[Worker, BatchRun], None] | None = None
+
 
 @dataclass(slots=True, eq=False)
 class BatchRun:
@@ -122,6 +128,8 @@ class Worker:
             self._drop_late(run, late)
             if not run.items:
                 return
+        if before_batch is not None:
+            before_batch(self, run)
         try:
             started = time.perf_counter()  # copies in and out count: they grow with the batch too
             self._away_s = 0.0

@@ -43,6 +43,16 @@ async def gather_outcomes(*coroutines) -> list[object]:
     return await asyncio.gather(*coroutines, return_exceptions=True)
 
 
+async def until(condition, what: str) -> None:
+    """Wait on the scheduler's loop until `condition()` holds (tasks admitted, a drain begun)."""
+    try:
+        async with asyncio.timeout(60):
+            while not condition():
+                await asyncio.sleep(0)
+    except TimeoutError:
+        pytest.fail(f"never {what}")
+
+
 def test_full_queue_refuses_with_overloaded(tmp_path: Path) -> None:
     model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 10000\n[batching]\nmax_batch_size = 1\n")
 
@@ -75,105 +85,113 @@ def test_admission_refuses_what_cannot_meet_its_deadline(tmp_path: Path) -> None
     asyncio.run(scenario())
 
 
-def test_work_that_expires_in_the_queue_is_answered_not_run(tmp_path: Path) -> None:
+def test_work_that_expires_in_the_queue_is_answered_not_run(tmp_path: Path, batches) -> None:
     model = load(tmp_path, modelzoo.batchable(), "[batching]\nmax_batch_size = 1\n")
     clock = FakeClock()
 
     async def scenario() -> list[object]:
         scheduler = await started(model, clock=clock, instances=1)
-
-        async def advance() -> None:
-            clock.now += 5.0  # both were admitted; the second is now past its deadline
-
         try:
-            outcomes = await gather_outcomes(
-                scheduler.infer(x(), timeout_s=1000.0), scheduler.infer(x(value=2), timeout_s=0.5), advance()
-            )
+            with batches.holding(lambda batch: batch.marks == (1.0,)):
+                first = asyncio.create_task(scheduler.infer(x(), timeout_s=1000.0))
+                await batches.held_async()  # the one worker is busy with the first
+                second = asyncio.create_task(scheduler.infer(x(value=2), timeout_s=0.5))
+                await until(lambda: scheduler.inflight == 2, "admitted the second request")
+                clock.now += 5.0  # both were admitted; the second is now past its deadline
+            outcomes = await gather_outcomes(first, second)
             assert scheduler.stats.execution_count == 1
             return outcomes
         finally:
             await scheduler.close()
 
-    first, second, _ = asyncio.run(scenario())
+    first, second = asyncio.run(scenario())
     assert isinstance(first, dict)
     assert isinstance(second, DeadlineExceeded)
     # expired in the queue, or on the worker it was queued ahead to: either way, never run
     assert "expired" in str(second) and "it was not run" in str(second)
+    assert [batch.marks for batch in batches.seen] == [(1.0,)]
 
 
-def test_line_runs_before_pool_and_outcomes_keep_their_owner(tmp_path: Path) -> None:
-    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 10000\n[batching]\nmax_batch_size = 1\n")
-    order: list[str] = []
+def test_line_runs_before_pool_and_outcomes_keep_their_owner(tmp_path: Path, batches) -> None:
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 600000\n[batching]\nmax_batch_size = 1\n")
 
-    async def scenario() -> None:
+    async def scenario() -> list[object]:
         scheduler = await started(
-            model, instances=1, max_interference_ms=10_000, pool=PoolRules(Where.SHARED, preempt=False)
+            model, instances=1, max_interference_ms=600_000, pool=PoolRules(Where.SHARED, preempt=False)
         )
-
-        async def tagged(tag: str, priority: Priority, value: float) -> None:
-            result = await scheduler.infer(x(value=value), priority=priority)
-            assert result["s"][0, 0] == 4 * value  # its own row, not a neighbour's
-            order.append(tag)
-
         try:
-            await asyncio.gather(
-                tagged("L0", Priority.LINE, 0),
-                tagged("P1", Priority.POOL, 1),
-                tagged("P2", Priority.POOL, 2),
-                tagged("L3", Priority.LINE, 3),
-                tagged("L4", Priority.LINE, 4),
-            )
+            with batches.holding(lambda batch: batch.marks == (0.0,)):
+                tasks = [asyncio.create_task(scheduler.infer(x(value=0), priority=Priority.POOL))]
+                await batches.held_async()  # a pool batch holds the one worker: the rest wait in the queues
+                # More pool work arrives first, line work after it: line work must still run first.
+                for value in (1, 2, 3, 4):
+                    priority = Priority.POOL if value < 3 else Priority.LINE
+                    tasks.append(asyncio.create_task(scheduler.infer(x(value=value), priority=priority)))
+                await until(lambda: scheduler.inflight == 5, "admitted all five requests")
+            return await gather_outcomes(*tasks)
         finally:
             await scheduler.close()
 
-    asyncio.run(scenario())
-    assert order == ["L0", "L3", "L4", "P1", "P2"]
+    outcomes = asyncio.run(scenario())
+    assert [outcome["s"][0, 0] for outcome in outcomes] == [4.0 * v for v in range(5)]  # each its own row
+    assert [(batch.marks, batch.priority) for batch in batches.seen] == [
+        ((0.0,), "pool"),
+        ((3.0,), "line"),
+        ((4.0,), "line"),
+        ((1.0,), "pool"),
+        ((2.0,), "pool"),
+    ]
 
 
-def test_line_work_preempts_a_running_pool_batch(tmp_path: Path) -> None:
-    model = load(
-        tmp_path,
-        modelzoo.heavy(layers=64, width=512),
-        "slo_p99_ms = 60000\n[batching]\nmax_batch_size = 64\n",
-    )
-    order: list[str] = []
+def test_line_work_preempts_a_running_pool_batch(tmp_path: Path, batches) -> None:
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 600000\n[batching]\nmax_batch_size = 64\n")
 
-    async def scenario() -> ModelScheduler:
+    async def scenario() -> tuple[dict, dict, ModelScheduler]:
         scheduler = await started(
-            model, instances=1, max_interference_ms=60_000, pool=PoolRules(Where.SHARED)
+            model, instances=1, max_interference_ms=600_000, pool=PoolRules(Where.SHARED)
         )
-        pool_input = {"x": np.ones((64, 512), np.float32)}
+        pool_input = {"x": np.full((64, 4), 7.0, np.float32)}
         try:
-            pool = asyncio.create_task(scheduler.infer(pool_input, priority=Priority.POOL))
-            while scheduler.workers[0].current is None:
-                await asyncio.sleep(0)
-            line = await scheduler.infer({"x": np.ones((1, 512), np.float32)})
-            order.append("line")
-            pooled = await pool
-            order.append("pool")
-            reference = model.run(pool_input)["y"]
-            np.testing.assert_allclose(pooled["y"], reference, rtol=1e-5)
-            assert line["y"].shape == (1, 512)
-            return scheduler
+            with batches.holding(lambda batch: batch.marks == (7.0,)):
+                pool = asyncio.create_task(scheduler.infer(pool_input, priority=Priority.POOL))
+                await batches.held_async()  # the pool batch holds the one worker
+                line = asyncio.create_task(scheduler.infer(x(value=1)))
+                await until(lambda: scheduler.inflight == 2, "admitted the line request")
+                # Line work found every worker busy: the running pool batch was told to stop.
+                assert scheduler.workers[0].current.is_preempted
+            return await line, await pool, scheduler
         finally:
             await scheduler.close()
 
-    scheduler = asyncio.run(scenario())
-    assert order == ["line", "pool"]
-    assert scheduler.stats.preemptions >= 1
+    line, pooled, scheduler = asyncio.run(scenario())
+    np.testing.assert_array_equal(pooled["y"], np.full((64, 4), 15.0, np.float32))  # run again, whole
+    assert line["s"].tolist() == [[4.0]]
+    # The stopped pool batch, then the line request, then the pool batch again from its queue.
+    assert [(batch.priority, batch.rows) for batch in batches.seen] == [
+        ("pool", 64),
+        ("line", 1),
+        ("pool", 64),
+    ]
+    assert scheduler.stats.preemptions == 1
 
 
-def test_drain_then_close_fails_nothing_and_refuses_new_work(tmp_path: Path) -> None:
-    model = load(tmp_path, modelzoo.batchable())
+def test_drain_then_close_fails_nothing_and_refuses_new_work(tmp_path: Path, batches) -> None:
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 600000\n")
 
     async def scenario() -> None:
         scheduler = await started(model, instances=2)
-        pending = [asyncio.create_task(scheduler.infer(x(value=i))) for i in range(10)]
-        await asyncio.sleep(0)
-        assert await scheduler.drain(10.0)
+        with batches.holding(lambda batch: 0.0 in batch.marks):
+            pending = [asyncio.create_task(scheduler.infer(x(value=i))) for i in range(10)]
+            await batches.held_async()
+            await until(lambda: scheduler.inflight == 10, "admitted all ten requests")
+            drain = asyncio.create_task(scheduler.drain(600.0))
+            await until(lambda: not scheduler.is_accepting, "began to drain")
+            with pytest.raises(ModelNotReady, match="draining"):
+                await scheduler.infer(x())
+            assert not drain.done()  # a batch is still running: the drain waits for it
+        assert await drain
         assert all(task.done() and not task.exception() for task in pending)
-        with pytest.raises(ModelNotReady, match="draining"):
-            await scheduler.infer(x())
+        assert sorted(task.result()["s"][0, 0] for task in pending) == [4.0 * i for i in range(10)]
         await scheduler.close()
 
     asyncio.run(scenario())
