@@ -15,7 +15,7 @@ from typing import Any
 from appliance import __version__
 from appliance.errors import ApplianceError
 from appliance.ota import command as ota
-from appliance.pool import cli as pool_cli
+from appliance.platform import cli as platform_cli
 from appliance.providers import report as providers_report
 from appliance.settings import BUNDLED_MODELS, Settings, config_schema
 from appliance.system import logs, operator, provision
@@ -118,20 +118,19 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 
 def _describe_model(model: Any) -> dict[str, Any]:
+    from appliance.scheduler.view import ModelView
+
+    view = ModelView.of_model(model)
     return {
-        "name": model.name,
-        "version": model.version,
-        "state": "READY",
-        "provider": model.provider,
-        "precision": model.precision,
-        "sha256": model.digest,
-        "max_batch_size": model.limits.max_batch_size,
-        "inputs": [
-            {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in model.signature.inputs
-        ],
-        "outputs": [
-            {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in model.signature.outputs
-        ],
+        "name": view.name,
+        "version": view.version,
+        "state": view.state,
+        "provider": view.provider,
+        "precision": view.precision,
+        "sha256": view.sha256,
+        "max_batch_size": view.max_batch_size,
+        "inputs": list(view.inputs),
+        "outputs": list(view.outputs),
     }
 
 
@@ -206,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         verbs.add_parser("provision", help="install units, config and secrets into a root")
     )
 
-    pool_cli.add_arguments(verbs)
+    platform_cli.add_arguments(verbs)  # platform watch|submit|gateway|ledger|nodes; pool watch|submit
 
     ota.add_arguments(
         verbs.add_parser("ota", help="update hooks: gate, drain, snapshot, verify, commit, rollback")

@@ -6,32 +6,60 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 from appliance import __version__
 from appliance.errors import InvalidInput
-from appliance.scheduler.hub import State
-from appliance.scheduler.queues import Priority
+from appliance.providers.registry import Registry
+from appliance.scheduler.hub import ModelHub, State
+from appliance.scheduler.view import ModelView, line_load
+from appliance.settings import Settings
 from appliance.system.admin import MAX_WAIT_S, AdminServer
-
-if TYPE_CHECKING:
-    from appliance.service import Service
+from appliance.system.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 200  # a drain reason goes into the pool's evt and the log
 
 
-class Control:
-    """What an operator (or an OTA hook through `appliance ota`) may ask of a running service."""
+class PoolAnnouncer(Protocol):
+    """The pool link, as far as an operator's drain needs it (pool/link.py PoolLink)."""
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    async def announce_draining(self, reason: str) -> None: ...
+
+
+class Control:
+    """What an operator (or an OTA hook through `appliance ota`) may ask of a running service.
+
+    Built from the parts it acts on (the service wires them), so that it needs nothing of the
+    service itself: `http_port` gives the port HTTP listens on once it does.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        hub: ModelHub,
+        registry: Registry,
+        notifier: Notifier,
+        pool: PoolAnnouncer | None = None,
+        config_file: Path | None = None,
+        http_port: Callable[[], int] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.registry = registry
+        self.notifier = notifier
+        self.pool = pool
+        self.config_file = config_file
+        self.http_port = http_port or (lambda: settings.server.port)
         self.started_s = time.monotonic()
 
     def admin_server(self) -> AdminServer | None:
         """The admin socket's server at `system.admin_socket_path`; None when it is turned off."""
-        path = self.service.settings.system.admin_socket_path
+        path = self.settings.system.admin_socket_path
         if path is None:
             return None
         handlers = {"drain": self.drain, "resume": self.resume, "status": self.status, "reload": self.reload}
@@ -43,28 +71,27 @@ class Control:
         Every argument is checked before anything changes: a bad one is an error and no drain.
         """
         _known(args, "drain", {"timeout_s", "reason"})
-        timeout_s = _number(args, "timeout_s", self.service.settings.server.drain_timeout_s)
+        timeout_s = _number(args, "timeout_s", self.settings.server.drain_timeout_s)
         reason = _text(args, "reason", "drain requested")
-        hub = self.service.hub
-        if self.service.pool is not None:
-            await self.service.pool.announce_draining(reason)
-        self.service.notifier.status("draining")
-        drained = await hub.drain(timeout_s)
-        return {"drained": drained, "inflight": _inflight(self.service)}
+        if self.pool is not None:
+            await self.pool.announce_draining(reason)
+        self.notifier.status("draining")
+        drained = await self.hub.drain(timeout_s)
+        return {"drained": drained, "inflight": _inflight(self.hub)}
 
     async def resume(self, args: dict[str, Any]) -> dict[str, Any]:
         """Admit again after a drain (idempotent); the pool link sees it and publishes `online`."""
         _known(args, "resume", set())
-        self.service.hub.resume()
-        self.service.notifier.status(self.service.summary())
+        self.hub.resume()
+        self.notifier.status(self.hub.summary())
         return {"state": self.state()}
 
     async def reload(self, args: dict[str, Any]) -> dict[str, Any]:
         """Reload every model from the repository; each swaps atomically, none fails a request."""
         _known(args, "reload", set())
-        notifier = self.service.notifier
+        notifier = self.notifier
         notifier.reloading("reloading models")
-        hub = self.service.hub
+        hub = self.hub
         names = set(hub.repository.names()) | {entry.name for entry in hub}
         results = {}
         for name in sorted(names):
@@ -73,11 +100,11 @@ class Control:
                 results[name] = {"state": entry.state.value, "version": entry.version, "reason": entry.reason}
             except Exception as exc:  # noqa: BLE001 - a failed reload keeps the old version serving
                 results[name] = {"state": "FAILED", "reason": str(exc)}
-        notifier.ready(self.service.summary())
+        notifier.ready(self.hub.summary())
         return {"models": results}
 
     def state(self) -> str:
-        hub = self.service.hub
+        hub = self.hub
         if hub.is_draining:
             return "draining"
         return "ready" if hub.is_loaded else "loading"
@@ -89,56 +116,49 @@ class Control:
         verbs never act on a path from this reply, only on their own settings.
         """
         _known(args, "status", set())
-        service = self.service
         models: dict[str, Any] = {}
-        queued = served = 0.0
-        for entry in service.hub:
+        queued, served = 0, 0.0
+        for entry in self.hub:
+            view = ModelView.of(entry)
+            item: dict[str, Any] = {"state": view.state, "reason": view.reason}
             scheduler = entry.scheduler
-            item: dict[str, Any] = {"state": entry.state.value, "reason": entry.reason}
             if scheduler is not None:
-                model = scheduler.model
-                now = scheduler.clock()
-                line_ips = scheduler.served[Priority.LINE].rate(now)
-                queued += len(scheduler.queues.line)
+                depth, line_ips = line_load(entry)
+                queued += depth
                 served += line_ips
                 item.update(
-                    version=model.version,
-                    sha256=model.digest,
-                    precision=model.precision,
-                    placement=model.placement.record(),
-                    slo_p99_ms=model.slo_p99_ms,
+                    version=view.version,
+                    sha256=view.sha256,
+                    precision=view.precision,
+                    placement=view.placement,
+                    slo_p99_ms=view.slo_p99_ms,
+                    instances=view.instances,
                     expected_ms_at_1=round(scheduler.profile.expected_s(1) * 1e3, 4),
                     profile=scheduler.profile.as_dict(),
-                    samples=str(model.source.samples_path) if model.source.samples_path.is_file() else None,
+                    samples=view.samples,
                     line_served_ips=round(line_ips, 3),
-                    line_queue_depth=len(scheduler.queues.line),
+                    line_queue_depth=depth,
                     inflight=scheduler.inflight,
                 )
             models[entry.name] = item
-        http = service.settings.server
+        http = self.settings.server
         return {
             "state": self.state(),
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_s, 1),
-            "config_file": str(service.config_file) if service.config_file else None,
-            "repository": str(service.settings.models.repository),
-            "admin_socket": str(service.settings.system.admin_socket_path),
-            "http": {"host": http.host, "port": service.port if service.started.is_set() else http.port},
-            "line": {
-                "queue_depth": int(queued),
-                "served_ips": round(served, 3),
-                "inflight": _inflight(service),
-            },
-            "providers": {name: service.registry.probe(name).available for name in service.registry.names},
+            "config_file": str(self.config_file) if self.config_file else None,
+            "repository": str(self.settings.models.repository),
+            "admin_socket": str(self.settings.system.admin_socket_path),
+            "http": {"host": http.host, "port": self.http_port()},
+            "line": {"queue_depth": queued, "served_ips": round(served, 3), "inflight": _inflight(self.hub)},
+            "providers": {name: self.registry.probe(name).available for name in self.registry.names},
             "models": models,
         }
 
 
-def _inflight(service: Service) -> int:
-    return sum(
-        e.scheduler.inflight for e in service.hub if e.scheduler is not None and e.state is State.READY
-    )
+def _inflight(hub: ModelHub) -> int:
+    return sum(e.scheduler.inflight for e in hub if e.scheduler is not None and e.state is State.READY)
 
 
 def _known(args: dict[str, Any], verb: str, known: set[str]) -> None:

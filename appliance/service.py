@@ -19,7 +19,7 @@ from appliance.control import Control
 from appliance.dataplane.plane import DataPlane
 from appliance.engine.repository import Repository
 from appliance.providers.registry import Registry
-from appliance.scheduler.hub import ModelHub, State
+from appliance.scheduler.hub import ModelHub
 from appliance.server.app import create_app
 from appliance.server.connections import ConnectionGate, bounded_protocol
 from appliance.settings import Settings
@@ -94,7 +94,15 @@ class Service:
         self._server: _Server | None = None
         self._background: set[asyncio.Task[object]] = set()
         self.pool = _pool_link(self)
-        self.control = Control(self)
+        self.control = Control(
+            settings=settings,
+            hub=self.hub,
+            registry=self.registry,
+            notifier=self.notifier,
+            pool=self.pool,
+            config_file=config_file,
+            http_port=lambda: self.port if self.started.is_set() else settings.server.port,
+        )
 
     @property
     def port(self) -> int:
@@ -187,11 +195,7 @@ class Service:
             await asyncio.sleep(0.01)
 
     def summary(self) -> str:
-        entries = list(self.hub)
-        ready = [e.name for e in entries if e.state is State.READY]
-        failed = [e.name for e in entries if e.state is not State.READY]
-        text = f"{len(ready)} model(s) ready"
-        return text + (f", {len(failed)} unavailable ({', '.join(failed)})" if failed else "")
+        return self.hub.summary()
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 only while this loop runs and no worker is stuck in one batch."""

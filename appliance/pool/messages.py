@@ -12,8 +12,8 @@ import orjson
 from appliance import __version__
 from appliance.providers.host import SystemHost
 from appliance.providers.registry import Registry
-from appliance.scheduler.hub import ModelHub
-from appliance.scheduler.runner import ModelScheduler
+from appliance.scheduler.hub import ModelEntry, ModelHub
+from appliance.scheduler.view import ModelView
 from appliance.settings import PoolSettings
 from appliance.system import stats
 
@@ -47,7 +47,7 @@ def birth(
         "hardware": stats.hardware(),
         "runtime": _runtime(),
         "providers": _providers(registry),
-        "models": {entry.name: _model(entry.scheduler, entry.state.value, entry.reason) for entry in hub},
+        "models": {entry.name: _model(entry) for entry in hub},
         "accept_jobs": settings.accept_jobs,
         "reserved_pct": settings.reserved_pct,
         "report_interval_s": settings.report_interval_s,
@@ -95,28 +95,24 @@ def spare_by_model(report: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _model(scheduler: ModelScheduler | None, state_value: str, reason: str) -> dict[str, Any]:
-    if scheduler is None:
-        return {"state": state_value, "reason": reason}
-    model = scheduler.model
+def _model(entry: ModelEntry) -> dict[str, Any]:
+    view = ModelView.of(entry)
+    if entry.scheduler is None:
+        return {"state": view.state, "reason": view.reason}
     return {
-        "state": state_value,
-        "version": model.version,
-        "sha256": model.digest,
-        "precision": model.precision,
-        "provider": model.provider,
-        "fallbacks": [{"provider": f.provider, "reason": f.reason} for f in model.fallbacks],
-        "max_batch_size": model.limits.max_batch_size,
-        "slo_p99_ms": model.slo_p99_ms,
-        "instances": scheduler.instances,
-        "inputs": [_tensor(spec) for spec in model.signature.inputs],
-        "outputs": [_tensor(spec) for spec in model.signature.outputs],
-        "profile": scheduler.profile.as_dict(),
+        "state": view.state,
+        "version": view.version,
+        "sha256": view.sha256,
+        "precision": view.precision,
+        "provider": view.provider,
+        "fallbacks": [{"provider": f["provider"], "reason": f["reason"]} for f in view.fallbacks],
+        "max_batch_size": view.max_batch_size,
+        "slo_p99_ms": view.slo_p99_ms,
+        "instances": view.instances,
+        "inputs": list(view.inputs),
+        "outputs": list(view.outputs),
+        "profile": entry.scheduler.profile.as_dict(),
     }
-
-
-def _tensor(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
 
 
 def _providers(registry: Registry) -> list[dict[str, Any]]:

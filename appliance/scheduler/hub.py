@@ -24,6 +24,7 @@ from appliance.scheduler import instances as instance_choice
 from appliance.scheduler.capacity import CpuBudget
 from appliance.scheduler.placement import rules_for
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
+from appliance.scheduler.view import ModelView, pool_where
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class ModelEntry:
     def version(self) -> str:
         return self.scheduler.model.version if self.scheduler else ""
 
+    @property
+    def state_value(self) -> str:
+        return self.state.value
+
 
 class ModelHub:
     """Owns the schedulers. A reload builds and warms the new one first, then swaps, then drains the old."""
@@ -69,6 +74,14 @@ class ModelHub:
     def is_served(self, name: str) -> bool:
         """Whether `name` is a model of this hub, in any state (metrics label only these by name)."""
         return name in self._entries
+
+    def summary(self) -> str:
+        """`2 model(s) ready, 1 unavailable (corrupt)`: systemd's STATUS= and the ready log line."""
+        entries = list(self)
+        ready = [e.name for e in entries if e.state is State.READY]
+        failed = [e.name for e in entries if e.state is not State.READY]
+        text = f"{len(ready)} model(s) ready"
+        return text + (f", {len(failed)} unavailable ({', '.join(failed)})" if failed else "")
 
     def entry(self, name: str) -> ModelEntry:
         try:
@@ -135,13 +148,6 @@ class ModelHub:
             entry = ModelEntry(name, State.READY, scheduler=scheduler, trials=trials)
             self._entries[name] = entry  # the swap: new requests go to the new scheduler from here
             self.cpu_budget.restart()
-            pool = (
-                "pool work in an idle-priority process"
-                if scheduler.replica is not None
-                else f"{scheduler.pool_threads} pool thread(s)"
-                if scheduler.pool_threads
-                else "pool work on the same workers"
-            )
             log.log(
                 logging.WARNING if model.fallbacks else logging.INFO,
                 "model %s version %s ready: runs on %s; %s, %d instance(s), %s; loaded in %.2f s",
@@ -150,7 +156,7 @@ class ModelHub:
                 model.placement.summary(),
                 model.precision,
                 scheduler.instances,
-                pool,
+                pool_where(ModelView.of(entry)),
                 model.load_s,
             )
         if old is not None and old.scheduler is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from appliance.scheduler.hub import ModelHub
 from appliance.scheduler.queues import Priority
+from appliance.scheduler.view import ModelView
 
 
 def capacity_report(hub: ModelHub) -> dict[str, Any]:
@@ -16,21 +17,22 @@ def capacity_report(hub: ModelHub) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for entry in hub:
         scheduler = entry.scheduler
+        view = ModelView.of(entry)
         if scheduler is None:
-            models[entry.name] = {"state": entry.state.value, "reason": entry.reason}
+            models[entry.name] = {"state": view.state, "reason": view.reason}
             continue
-        model = scheduler.model
         capacity = scheduler.capacity(reserved_share)
+        assert view.pool is not None
         models[entry.name] = {
-            "state": entry.state.value,
-            "version": model.version,
-            "provider": model.provider,
-            "precision": model.precision,
-            "slo_p99_ms": model.slo_p99_ms,
-            "instances": scheduler.instances,
-            "pool_threads": scheduler.pool_threads,
-            "pool_process": scheduler.replica is not None,
-            "max_batch_size": model.limits.max_batch_size,
+            "state": view.state,
+            "version": view.version,
+            "provider": view.provider,
+            "precision": view.precision,
+            "slo_p99_ms": view.slo_p99_ms,
+            "instances": view.instances,
+            "pool_threads": view.pool.threads,
+            "pool_process": view.pool.process is not None,
+            "max_batch_size": view.max_batch_size,
             "max_ips_at_slo": round(capacity.max_ips_at_slo, 2),
             "best_batch_rows": capacity.best_batch_rows,
             "served_ips": round(capacity.served_ips, 2),
@@ -39,7 +41,7 @@ def capacity_report(hub: ModelHub) -> dict[str, Any]:
             "queue_depth": {p.label: len(scheduler.queues.by_class[p]) for p in Priority},
             "accepts_pool_jobs": accepts_jobs and scheduler.batcher.pool_row_limit() > 0,
             "profile": scheduler.profile.as_dict(),
-            "fallbacks": model.placement.record()["fallbacks"],
+            "fallbacks": view.fallbacks,
         }
     busy = [m["utilisation"] for m in models.values() if "utilisation" in m]
     budget = hub.cpu_budget

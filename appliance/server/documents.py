@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.scheduler.hub import ModelEntry
-from appliance.scheduler.runner import ModelScheduler
-from appliance.tensors import TensorSpec
+from appliance.scheduler.view import ModelView
 
 PLATFORM = "onnxruntime_onnx"
 _TRITON_TYPES = {
@@ -26,73 +25,66 @@ _TRITON_TYPES = {
 }
 
 
-def _tensor(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
-
-
-def metadata(scheduler: ModelScheduler) -> dict[str, Any]:
+def metadata(view: ModelView) -> dict[str, Any]:
     """GET /v2/models/{m}: the OIP model metadata response (-1 marks a dynamic dimension)."""
-    model = scheduler.model
     return {
-        "name": model.name,
-        "versions": [str(v) for v in model.source.versions],
+        "name": view.name,
+        "versions": list(view.versions),
         "platform": PLATFORM,
-        "inputs": [_tensor(spec) for spec in model.signature.inputs],
-        "outputs": [_tensor(spec) for spec in model.signature.outputs],
+        "inputs": list(view.inputs),
+        "outputs": list(view.outputs),
         "parameters": {
-            "provider": model.provider,
-            "precision": model.precision,
-            "description": model.source.manifest.description,
-            "labels": model.source.manifest.labels,
-            **model.source.manifest.parameters,
+            "provider": view.provider,
+            "precision": view.precision,
+            "description": view.description,
+            "labels": list(view.labels),
+            **view.parameters,
         },
     }
 
 
-def _config_tensor(spec: TensorSpec, is_batched: bool) -> dict[str, Any]:
-    dims = list(spec.shape[1:] if is_batched else spec.shape)
-    return {"name": spec.name, "data_type": _TRITON_TYPES[spec.datatype], "dims": dims}
+def _config_tensor(tensor: dict[str, Any], is_batched: bool) -> dict[str, Any]:
+    shape = tensor["shape"]
+    dims = list(shape[1:] if is_batched else shape)
+    return {"name": tensor["name"], "data_type": _TRITON_TYPES[tensor["datatype"]], "dims": dims}
 
 
-def config(scheduler: ModelScheduler) -> dict[str, Any]:
+def config(view: ModelView) -> dict[str, Any]:
     """GET /v2/models/{m}/config: Triton's model configuration JSON, plus what we measured."""
-    model = scheduler.model
-    limits = model.limits
+    is_batched = view.max_batch_size > 0
+    pool = view.pool
     document: dict[str, Any] = {
-        "name": model.name,
+        "name": view.name,
         "platform": PLATFORM,
         "backend": "onnxruntime",
-        "version_policy": {"specific": {"versions": [int(model.version)]}},
-        "max_batch_size": limits.max_batch_size,
-        "input": [_config_tensor(s, limits.is_batched) for s in model.signature.inputs],
-        "output": [_config_tensor(s, limits.is_batched) for s in model.signature.outputs],
+        "version_policy": {"specific": {"versions": [int(view.version)]}},
+        "max_batch_size": view.max_batch_size,
+        "input": [_config_tensor(t, is_batched) for t in view.inputs],
+        "output": [_config_tensor(t, is_batched) for t in view.outputs],
         "instance_group": [
-            {
-                "count": scheduler.instances,
-                "kind": "KIND_CPU" if model.placement.uses_host_cores else "KIND_GPU",
-            }
+            {"count": view.instances, "kind": "KIND_CPU" if view.uses_host_cores else "KIND_GPU"}
         ],
         "parameters": {
-            "provider": {"string_value": model.provider},
-            "precision": {"string_value": model.precision},
-            "sha256": {"string_value": model.digest},
+            "provider": {"string_value": view.provider},
+            "precision": {"string_value": view.precision},
+            "sha256": {"string_value": view.sha256},
         },
         "appliance": {
-            **model.placement.record(),
-            "precision": model.precision,
-            "sha256": model.digest,
-            "slo_p99_ms": model.slo_p99_ms,
-            "threads_per_call": model.threads_per_call,
-            "instances": scheduler.instances,
-            "pool_threads": scheduler.pool_threads,
-            "pool_process": scheduler.replica is not None,
-            "load_s": round(model.load_s, 3),
+            **view.placement,
+            "precision": view.precision,
+            "sha256": view.sha256,
+            "slo_p99_ms": view.slo_p99_ms,
+            "threads_per_call": view.threads_per_call,
+            "instances": view.instances,
+            "pool_threads": pool.threads if pool else 0,
+            "pool_process": pool is not None and pool.process is not None,
+            "load_s": round(view.load_s, 3),
         },
     }
-    if limits.is_batched:
+    if is_batched:
         document["dynamic_batching"] = {
-            "preferred_batch_size": list(limits.preferred_batch_sizes),
-            "max_queue_delay_microseconds": int(limits.max_queue_delay_ms * 1000),
+            "preferred_batch_size": list(view.preferred_batch_sizes),
+            "max_queue_delay_microseconds": int(view.max_queue_delay_ms * 1000),
         }
     return document
 
@@ -101,20 +93,21 @@ def statistics(entry: ModelEntry, refusals: dict[str, dict[str, int]] | None = N
     """One model's entry in GET /v2/models/{m}/stats (Triton's shape, plus the latency profile and
     `refusals`: {priority class: {reason: count}} of every request refused or failed)."""
     scheduler = entry.scheduler
+    view = ModelView.of(entry)
     refused = refusals or {}
     if scheduler is None:
         return {
-            "name": entry.name,
+            "name": view.name,
             "version": "",
-            "state": entry.state.value,
-            "reason": entry.reason,
+            "state": view.state,
+            "reason": view.reason,
             "refusals": refused,
         }
     stats = scheduler.stats
     compute = stats.compute.as_triton()
     return {
-        "name": entry.name,
-        "version": scheduler.model.version,
+        "name": view.name,
+        "version": view.version,
         "last_inference": stats.last_inference_ms,
         "inference_count": stats.inference_count,
         "execution_count": stats.execution_count,
@@ -138,8 +131,8 @@ def statistics(entry: ModelEntry, refusals: dict[str, dict[str, int]] | None = N
         "failures": dict(stats.failures),
         "refusals": refused,
         "preemptions": stats.preemptions,
-        "pool_process": _pool_process(scheduler),
-        "latency_profile": {"provider": scheduler.model.provider, **scheduler.profile.as_dict()},
+        "pool_process": view.pool.process if view.pool else None,
+        "latency_profile": {"provider": view.provider, **scheduler.profile.as_dict()},
         "instances": [
             {
                 "instances": t.instances,
@@ -149,11 +142,3 @@ def statistics(entry: ModelEntry, refusals: dict[str, dict[str, int]] | None = N
             for t in entry.trials
         ],
     }
-
-
-def _pool_process(scheduler: ModelScheduler) -> dict[str, Any] | None:
-    """The model's pool process, where pool work runs in one (scheduler.pool_process)."""
-    replica = scheduler.replica
-    if replica is None:
-        return None
-    return {"pid": replica.pid, "restarts": replica.restarts, "failure": replica.failure}

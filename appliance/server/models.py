@@ -10,7 +10,7 @@ from starlette.responses import Response
 from appliance.dataplane.plane import DataPlane
 from appliance.errors import ModelNotFound, ModelNotReady
 from appliance.scheduler.hub import ModelEntry, ModelHub, State
-from appliance.scheduler.runner import ModelScheduler
+from appliance.scheduler.view import ModelView
 from appliance.server import documents
 from appliance.server.errors import appliance_error_response
 from appliance.server.responses import json_response
@@ -22,8 +22,11 @@ def _hub(request: Request) -> ModelHub:
     return request.app.state.hub
 
 
-def _serving(request: Request, name: str, version: str | None) -> ModelScheduler:
-    return _hub(request).scheduler(name, version)
+def _serving(request: Request, name: str, version: str | None) -> ModelView:
+    """The view of a model that serves (that version, if given); 404 or 503 otherwise."""
+    hub = _hub(request)
+    hub.scheduler(name, version)
+    return ModelView.of(hub.entry(name))
 
 
 @router.get("/v2/models/stats")

@@ -139,7 +139,7 @@ def test_snapshot_verify_commit(serve, tmp_path, caplog) -> None:
     config.write_text("[server]\nretry_after_s = 2.0\n")
     with serve(repo, ota=FAST) as running:
         settings = running.service.settings
-        running.service.config_file = config
+        running.service.control.config_file = config
         assert verbs.take_snapshot(settings, config) == verbs.EX_OK
         records = store(settings)
         saved = records.read_snapshot()
@@ -236,7 +236,7 @@ def test_rollback_restores_the_config_file_and_says_to_restart(serve, tmp_path, 
     config.chmod(0o640)
     with serve(golden_repository(tmp_path), ota=FAST) as running:
         settings = running.service.settings
-        running.service.config_file = config
+        running.service.control.config_file = config
         assert verbs.take_snapshot(settings, config) == verbs.EX_OK
         config.write_text("[server]\nretry_after_s = 9.0\n")  # what the update brought
         assert verbs.drain(settings) == verbs.EX_OK
@@ -277,7 +277,7 @@ def test_snapshot_copies_its_own_config_file_not_the_one_the_status_names(serve,
     config.write_text("[server]\nretry_after_s = 2.0\n")
     with serve(golden_repository(tmp_path), ota=FAST) as running:
         settings = running.service.settings
-        running.service.config_file = secret  # a status reply naming a file the service should not see
+        running.service.control.config_file = secret  # a status reply naming a file the service should not see
         assert status(settings)["config_file"] == str(secret)
         assert verbs.take_snapshot(settings, config) == verbs.EX_OK
         records = store(settings)

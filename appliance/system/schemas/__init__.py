@@ -1,0 +1,1 @@
+"""JSON Schemas of what the admin socket answers (status), validated by the tests."""
