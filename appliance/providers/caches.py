@@ -15,6 +15,15 @@ log = logging.getLogger(__name__)
 DIGEST_CHARS = 16  # 64 bits of the model's sha256 name its cache directory
 
 
+def compile_cache(
+    root: Path, model_digest: str, config: BaseModel, platform: Mapping[str, str | None]
+) -> Path | None:
+    """The compile cache folder for this model, this runtime (`platform`: versions, driver, device)
+    and this option set, created; None (and a warning) when it cannot be, so the load goes on uncached.
+    What every provider with a compile cache calls (TensorRT, OpenVINO, MIGraphX, CoreML)."""
+    return prepared(keyed_dir(root, model_digest, {**platform, "cfg": options_digest(config)}))
+
+
 def keyed_dir(root: Path, model_digest: str, fingerprint: Mapping[str, str | None]) -> Path:
     """`<root>/<digest prefix>/<key-value_...>`: a new driver, runtime, device or option set gets a new one.
 

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.providers.base import AcceleratorConfig, Builtin, Probe, SessionContext, expect, flag
-from appliance.providers.caches import keyed_dir, options_digest, prepared
+from appliance.providers.caches import compile_cache
 
 
 class CoreMLConfig(AcceleratorConfig):
@@ -52,12 +52,8 @@ class CoreML(Builtin):
             "SpecializationStrategy": config.specialization_strategy,
         }
         if config.cache_enable:
-            fingerprint = {
-                "ort": self.host.ort_version(),
-                "os": self.host.kernel_release(),
-                "cfg": options_digest(config),
-            }
-            models = keyed_dir(context.cache_dir, context.model_digest, fingerprint)
-            if prepared(models) is not None:
+            platform = {"ort": self.host.ort_version(), "os": self.host.kernel_release()}
+            models = compile_cache(context.cache_dir, context.model_digest, config, platform)
+            if models is not None:
                 options["ModelCacheDirectory"] = str(models)
         return options

@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.providers.base import AcceleratorConfig, Builtin, Probe, SessionContext, expect, flag, put
-from appliance.providers.caches import keyed_dir, options_digest, prepared
+from appliance.providers.caches import compile_cache
 from appliance.providers.checks import missing_nodes
 from appliance.providers.rocm import KFD_NODE, amd_details
 
@@ -51,12 +51,8 @@ class MIGraphX(Builtin):
         }
         put(options, "migraphx_mem_limit", config.mem_limit_bytes)
         if config.cache_enable:
-            fingerprint = {
-                "ort": self.host.ort_version(),
-                **amd_details(self.host),
-                "cfg": options_digest(config),
-            }
-            programs = keyed_dir(context.cache_dir, context.model_digest, fingerprint)
-            if prepared(programs) is not None:
+            platform = {"ort": self.host.ort_version(), **amd_details(self.host)}
+            programs = compile_cache(context.cache_dir, context.model_digest, config, platform)
+            if programs is not None:
                 options["migraphx_model_cache_dir"] = str(programs)
         return options

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.errors import ProviderUnavailable
 from appliance.providers.base import AcceleratorConfig, Builtin, Probe, SessionContext, expect, flag, put
-from appliance.providers.caches import keyed_dir, options_digest, prepared
+from appliance.providers.caches import compile_cache
 
 INTEL_VENDOR = "0x8086"
 GPU_VENDOR_FILES = "/sys/class/drm/renderD*/device/vendor"  # i915/xe render nodes, one per GPU
@@ -84,15 +84,14 @@ class OpenVINO(Builtin):
             options["disable_dynamic_shapes"] = flag(config.disable_dynamic_shapes, "true", "false")
         if config.cache_enable:
             # The GPU/NPU drivers live in the kernel, so its release stands in for the driver version.
-            fingerprint = {
+            platform = {
                 "ort": self.host.ort_version(),
                 **self._versions(),
                 "kernel": self.host.kernel_release(),
                 "device": device,
-                "cfg": options_digest(config),
             }
-            blobs = keyed_dir(context.cache_dir, context.model_digest, fingerprint)
-            if prepared(blobs) is not None:
+            blobs = compile_cache(context.cache_dir, context.model_digest, config, platform)
+            if blobs is not None:
                 options["cache_dir"] = str(blobs)
         return options
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.providers import nvidia
 from appliance.providers.base import AcceleratorConfig, Builtin, Probe, SessionContext, expect, flag, put
-from appliance.providers.caches import fingerprint_name, keyed_dir, options_digest, prepared
+from appliance.providers.caches import compile_cache, fingerprint_name, prepared
 from appliance.providers.checks import missing_library
 from appliance.providers.cuda import CUDAConfig, cuda_options
 
@@ -82,9 +82,8 @@ class TensorRT(Builtin):
             "gpu": ",".join(nvidia.gpu_models(self.host)) or None,
         }
         if config.engine_cache_enable:
-            fingerprint = {**platform, "cfg": options_digest(config)}
-            engines = keyed_dir(context.cache_dir, context.model_digest, fingerprint)
-            if prepared(engines) is not None:
+            engines = compile_cache(context.cache_dir, context.model_digest, config, platform)
+            if engines is not None:
                 options |= {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(engines)}
         if config.timing_cache_enable:
             del platform["ort"]  # timings belong to the GPU and TensorRT, whatever the model
