@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.pool.cli import PRINTED_ELEMENTS, printed_output
+from appliance.platform.cli import PRINTED_ELEMENTS, printed_output
 
 
 def test_a_short_output_is_printed_whole() -> None:

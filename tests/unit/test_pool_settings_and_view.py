@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from appliance.errors import ConfigError
-from appliance.pool.view import PoolView
+from appliance.platform.view import PoolView
 from appliance.pool.wire import Broker, Outbound, Security, publish_properties
 from appliance.settings import PoolSettings, Settings
 

@@ -16,9 +16,9 @@ import pytest
 from pool_brokers import Broker
 from pool_recorder import Names, pool_section
 
-from appliance.pool import cli
-from appliance.pool.platform import PlatformClient
-from appliance.pool.watch import watch
+from appliance.platform import cli
+from appliance.platform.client import PlatformClient
+from appliance.platform.watch import watch
 
 
 def connection_args(broker: Broker, names: Names) -> list[str]:

@@ -1,4 +1,4 @@
-"""The platform side's MQTT client (`pool watch`, `pool submit`, ingest): blocking calls, own thread."""
+"""The platform side's MQTT client (`platform watch`, `platform submit`): blocking calls, own thread."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`appliance pool submit`: one job to the node with the most spare capacity for a model, and its answer."""
+"""`appliance platform submit`: one job to the node with the most spare capacity for a model; its answer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import orjson
 
 from appliance.errors import ApplianceError, InvalidInput, ModelNotReady
-from appliance.pool.platform import PlatformClient, PoolUnreachable
+from appliance.platform.client import PlatformClient, PoolUnreachable
+from appliance.platform.view import NodeView, PoolView
 from appliance.pool.topics import NodeTopics, node_filter
-from appliance.pool.view import NodeView, PoolView
 from appliance.pool.wire import HEADER_LENGTH, Inbound, Outbound
 from appliance.protocol import codec
 

@@ -1,4 +1,4 @@
-"""`appliance pool watch|submit`: the platform-side tools, for the central pool and for testing."""
+"""`appliance platform watch|submit|gateway` (and `appliance pool watch|submit`, their old names)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,29 @@ PRINTED_ELEMENTS = 16  # of each output, unless --full
 
 
 def add_arguments(verbs: Any) -> None:
-    """Add the `pool` verb and its sub-verbs to the top-level subparsers of `appliance`."""
-    pool = verbs.add_parser("pool", help="platform side: watch the pool, submit a job")
-    pool_verbs = pool.add_subparsers(dest="pool_verb", required=True, metavar="VERB")
+    """Add `platform` (watch, submit, gateway) and its alias `pool` (watch, submit) to `appliance`."""
+    platform = verbs.add_parser("platform", help="platform side: gateway, watch the pool, submit a job")
+    platform_verbs = platform.add_subparsers(dest="platform_verb", required=True, metavar="VERB")
+    _add_tools(platform_verbs)
+    from appliance.platform import service
 
-    watch = pool_verbs.add_parser("watch", help="live table of nodes, state and spare capacity per model")
-    _add_connection(watch)
+    service.add_arguments(platform_verbs)
+    pool = verbs.add_parser("pool", help="the same as `appliance platform watch|submit`")
+    _add_tools(pool.add_subparsers(dest="pool_verb", required=True, metavar="VERB"))
+
+
+def _add_tools(tool_verbs: Any) -> None:
+    watch = tool_verbs.add_parser("watch", help="live table of nodes, state and spare capacity per model")
+    _add_connection(watch, is_required=False)
+    watch.add_argument("--gateway", metavar="URL", help="show this gateway's view (GET /v2/pool/nodes)")
+    watch.add_argument("--token-file", type=Path, help="file holding a bearer token for --gateway")
     watch.add_argument("--group", help="ingest as a member of this MQTT 5 shared-subscription group")
     watch.add_argument("--interval-s", type=float, default=1.0, help="table refresh period (default 1 s)")
     watch.add_argument("--once", action="store_true", help="print the table of retained state and exit")
     watch.add_argument("--json", action="store_true", help="print every message as a JSON line (ingest)")
     watch.set_defaults(func=run_watch)
 
-    submit = pool_verbs.add_parser("submit", help="send a job to the node with the most spare capacity")
+    submit = tool_verbs.add_parser("submit", help="send a job to the node with the most spare capacity")
     _add_connection(submit)
     submit.add_argument("--model", required=True, help="model name")
     submit.add_argument(
@@ -44,8 +54,8 @@ def add_arguments(verbs: Any) -> None:
     submit.set_defaults(func=run_submit)
 
 
-def _add_connection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port]")
+def _add_connection(parser: argparse.ArgumentParser, *, is_required: bool = True) -> None:
+    parser.add_argument("--broker", required=is_required, help="mqtt://host[:port] or mqtts://host[:port]")
     parser.add_argument("--topic-root", default="ecp/v1", help="topic levels before <site>/<node>/")
     parser.add_argument("--site", default="+", help="only this site (default: all)")
     parser.add_argument("--username", help="MQTT user name")
@@ -56,23 +66,32 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from appliance.pool.platform import PlatformClient
+    from appliance.platform.client import PlatformClient
     from appliance.pool.wire import Broker, Security
 
-    password = None
-    if args.password_file is not None:
-        try:
-            password = args.password_file.read_text().strip()
-        except OSError as exc:
-            raise InvalidInput(f"--password-file {args.password_file}: {exc.strerror}") from exc
+    password = _read_secret(args.password_file, "--password-file") if args.password_file else None
     broker = Broker.parse(args.broker)
     security = Security.build(broker, args.username, password, args.ca_file, args.cert_file, args.key_file)
     return PlatformClient(args.broker, security=security)
 
 
-def run_watch(args: argparse.Namespace) -> int:
-    from appliance.pool.watch import watch
+def _read_secret(path: Path, flag: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise InvalidInput(f"{flag} {path}: {exc.strerror}") from exc
 
+
+def run_watch(args: argparse.Namespace) -> int:
+    from appliance.platform.watch import watch, watch_gateway
+
+    if args.gateway:
+        token = _read_secret(args.token_file, "--token-file") if args.token_file else None
+        return watch_gateway(
+            args.gateway, token=token, interval_s=args.interval_s, once=args.once, as_json=args.json
+        )
+    if not args.broker:
+        raise InvalidInput("watch needs --broker URL (what the broker carries) or --gateway URL")
     with _client(args) as client:
         try:
             return watch(
@@ -86,7 +105,7 @@ def run_watch(args: argparse.Namespace) -> int:
 def run_submit(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from appliance.pool.submit import submit
+    from appliance.platform.submit import submit
 
     inputs = {}
     for item in args.input:
@@ -151,11 +170,11 @@ def _printable(value: Any) -> Any:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m appliance.pool.cli watch|submit ...` (the same as `appliance pool ...`)."""
+def main(argv: Sequence[str] | None = None, *, verb: str = "platform") -> int:
+    """`python -m appliance.platform.cli watch|submit|gateway ...` (the same as `appliance platform ...`)."""
     parser = argparse.ArgumentParser(prog="appliance")
     add_arguments(parser.add_subparsers(dest="verb", required=True, metavar="VERB"))
-    args = parser.parse_args(["pool", *(sys.argv[1:] if argv is None else argv)])
+    args = parser.parse_args([verb, *(sys.argv[1:] if argv is None else argv)])
     try:
         return int(args.func(args))
     except ApplianceError as exc:

@@ -1,0 +1,1 @@
+"""The platform side: gateway, watch, submit, ledger, canaries; a separate service in the same package."""

@@ -1,0 +1,190 @@
+"""The gateway's HTTP side: KServe v2 for buyers (index, metadata, infer), the fleet view, /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from starlette.responses import Response
+
+from appliance import __version__, errors
+from appliance.platform import fleet
+from appliance.platform.buyers import Buyer
+from appliance.platform.dispatch import Answer, Job
+from appliance.platform.fleet import Gateway
+from appliance.protocol import codec
+from appliance.server.errors import appliance_error_response, error_response, install
+from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
+
+OPEN_PATHS = ("/v2/health/", "/metrics")
+LIMITS = ShapeLimits()
+router = APIRouter()
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="appliance gateway", version=__version__, docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+    app.include_router(router)
+    install(app, gateway.settings.retry_after_s)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Response:
+        if request.url.path.startswith(OPEN_PATHS):
+            return await call_next(request)
+        buyer = gateway.buyers.identify(request.headers.get("authorization", "").encode("latin-1"))
+        if buyer is None:
+            gateway.metrics.refused("unauthorised")
+            return appliance_error_response(errors.Unauthorised("missing or unknown bearer token"))
+        request.state.buyer = buyer
+        return await call_next(request)
+
+    return app
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+@router.get("/v2/health/live")
+async def live() -> Response:
+    return Response(b"{}", media_type="application/json")
+
+
+@router.get("/v2/health/ready")
+async def ready(request: Request) -> Response:
+    if not _gateway(request).link.connected.is_set():
+        return error_response(503, "not connected to the broker", retry_after_s=1.0)
+    return Response(b"{}", media_type="application/json")
+
+
+@router.get("/v2")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "appliance-gateway", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    from appliance.platform.metrics import CONTENT_TYPE
+
+    return Response(_gateway(request).metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v2/pool/nodes")
+async def nodes(request: Request) -> Response:
+    gateway = _gateway(request)
+    return Response(orjson.dumps(fleet.nodes(gateway)), media_type="application/json")
+
+
+@router.post("/v2/repository/index")
+async def index(request: Request) -> Response:
+    gateway = _gateway(request)
+    return Response(orjson.dumps(fleet.index(gateway)), media_type="application/json")
+
+
+@router.get("/v2/models/{name}")
+async def model_metadata(name: str, request: Request) -> Response:
+    return Response(orjson.dumps(fleet.metadata(_gateway(request), name)), media_type="application/json")
+
+
+@router.get("/v2/models/{name}/ready")
+async def model_ready(name: str, request: Request) -> Response:
+    document = fleet.metadata(_gateway(request), name)
+    if document["parameters"]["pool_spare_ips_at_slo"] <= 0:
+        return error_response(503, f"no node has spare capacity for model {name!r} now", retry_after_s=1.0)
+    return Response(b"{}", media_type="application/json")
+
+
+@router.post("/v2/models/{name}/infer")
+async def infer(name: str, request: Request) -> Response:
+    gateway = _gateway(request)
+    buyer: Buyer = request.state.buyer
+    wait_s = gateway.buyers.admit(buyer)
+    if wait_s is not None:
+        gateway.metrics.refused("rate_limited")
+        raise errors.RateLimited(
+            f"buyer {buyer.name!r} started more than {buyer.rate_per_s:g} jobs/s (its rate quota)",
+            retry_after_s=wait_s,
+        )
+    sha256 = gateway.catalogue.sha256(name, gateway.view)
+    if sha256 is None:
+        raise errors.ModelNotFound(
+            f"model {name!r} is not served by the pool (see POST /v2/repository/index)"
+        )
+    inputs = fleet.signature(gateway, name, sha256)
+    body = await _read_body(request, buyer)
+    header_length = codec.decimal(request.headers.get(codec.HEADER_LENGTH), "Inference-Header-Content-Length")
+    decoded = codec.decode_request(body, header_length, limits=LIMITS, expect=_expectation(name, inputs))
+    missing = [spec.name for spec in inputs if spec.name not in decoded.inputs]
+    if missing:
+        raise errors.InvalidInput(f"model {name!r} needs input(s) {missing}")
+    job = Job(name, buyer.name, body, header_length, _rows(decoded, inputs), sha256)
+    started_s = time.perf_counter()
+    answer = await gateway.dispatch(job, decoded)
+    if answer.status == 200:
+        gateway.metrics.answered(name, time.perf_counter() - started_s)
+    return _response(answer, job)
+
+
+async def _read_body(request: Request, buyer: Buyer) -> bytes:
+    limit = min(buyer.max_body_bytes, _gateway(request).max_body_bytes)
+    declared = codec.decimal(request.headers.get("content-length"), "Content-Length")
+    if declared is not None and declared > limit:
+        raise errors.RequestTooLarge(
+            f"request body of {declared} bytes is too large: buyer {buyer.name!r} may send {limit} bytes"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.RequestTooLarge(
+                f"request body is too large: buyer {buyer.name!r} may send {limit} bytes"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _expectation(model: str, inputs: list[TensorSpec]) -> codec.Expectation:
+    specs = {spec.name: spec for spec in inputs}
+
+    def expect(name: str, datatype: str, shape: list[int]) -> None:
+        spec = specs.get(name)
+        if spec is None:
+            raise errors.InvalidInput(f"model {model!r} has no input {name!r}; it takes {sorted(specs)}")
+        spec.check(datatype, shape)
+
+    return expect
+
+
+def _rows(decoded: codec.InferenceRequest, inputs: list[TensorSpec]) -> int:
+    """Rows of a batchable job (its first, dynamic dimension), else 1."""
+    for spec in inputs:
+        if spec.shape and spec.shape[0] == DYNAMIC:
+            array = decoded.inputs[spec.name]
+            return max(1, int(array.shape[0])) if array.ndim else 1
+    return 1
+
+
+def _response(answer: Answer, job: Job) -> Response:
+    """The node's answer with parameters.pool_node and parameters.pool_job_id added to its JSON header."""
+    payload = answer.payload
+    header = payload[: answer.header_length] if answer.header_length is not None else payload
+    rest = payload[answer.header_length :] if answer.header_length is not None else b""
+    try:
+        document = orjson.loads(header)
+    except orjson.JSONDecodeError:
+        return error_response(502, f"node {answer.node.name} sent an answer that is not JSON")
+    if not isinstance(document, dict):
+        return error_response(502, f"node {answer.node.name} sent an answer that is not a JSON object")
+    if answer.status != 200:
+        return error_response(answer.status, f"node {answer.node.name}: {document.get('error', '')}")
+    parameters = document.get("parameters") if isinstance(document.get("parameters"), dict) else {}
+    document["parameters"] = {**parameters, "pool_node": answer.node.name, "pool_job_id": job.id}
+    new_header = orjson.dumps(document)
+    headers = {}
+    media_type = codec.JSON_TYPE
+    if rest:
+        headers[codec.HEADER_LENGTH] = str(len(new_header))
+        media_type = codec.BINARY_TYPE
+    return Response(new_header + rest, media_type=media_type, headers=headers)

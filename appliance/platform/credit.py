@@ -1,0 +1,123 @@
+"""Dispatch on credit: never more rows in flight to a node's model than its offer covers; pure.
+
+A node's credit for a model is `spare_ips_at_slo x SLO window x share` rows, where the window is the
+model's `slo_p99_ms` and `share` is 1/N with N live gateways. By Little's law, the rows a server holds
+at once are its rate times the time each spends there; a node that may take `spare` more rows/s, each
+due within the SLO, can hold `spare x SLO` more rows without any of them waiting past it. Counting in
+rows (not jobs) keeps a batch of 8 from passing as one. A job larger than the whole window may still go
+to a node that holds nothing else for the model, so big jobs are not starved; the node's own admission
+refuses it if it truly cannot. Work spreads in proportion to free credit: `sample_nodes` nodes are
+drawn at random and one of those that can take the job is chosen with probability proportional to its
+free rows, so a node twice as idle gets twice the work and a full one none; only when none of the drawn
+nodes can take the job are all nodes offering the model scanned, so a dispatch costs O(d), not O(nodes),
+while capacity lasts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+
+from appliance.platform.view import NodeView, PoolView
+
+Key = tuple[str, str, str]  # site, node, model
+
+
+class CreditBook:
+    """In-flight rows and withheld credit per (node, model); called on the event loop only."""
+
+    def __init__(
+        self,
+        view: PoolView,
+        *,
+        share: Callable[[], float] = lambda: 1.0,
+        sample_nodes: int = 4,
+        clock: Callable[[], float],
+    ) -> None:
+        self.view = view
+        self.share = share
+        self.sample_nodes = sample_nodes
+        self.clock = clock
+        self._in_flight: dict[Key, int] = {}
+        self._withheld: dict[Key, float] = {}  # until, monotonic seconds
+
+    def credit_rows(self, node: NodeView, model: str, now_s: float) -> float:
+        """Rows this gateway may have in flight to the node's model now (0 without a usable offer)."""
+        offer = node.offer(model, now_s)
+        if offer is None:
+            return 0.0
+        if self._withheld.get((node.site, node.node, model), 0.0) > now_s:
+            return 0.0
+        return offer.spare_ips * offer.slo_window_s * self.share()
+
+    def in_flight(self, node: NodeView, model: str) -> int:
+        return self._in_flight.get((node.site, node.node, model), 0)
+
+    def free_rows(self, node: NodeView, model: str, now_s: float) -> float:
+        return self.credit_rows(node, model, now_s) - self.in_flight(node, model)
+
+    def can_take(self, node: NodeView, model: str, rows: int, now_s: float) -> bool:
+        credit = self.credit_rows(node, model, now_s)
+        held = self.in_flight(node, model)
+        return credit > 0 and (held + rows <= credit or held == 0)
+
+    def pick(
+        self, model: str, rows: int, sha256: str | None, excluded: Iterable[tuple[str, str]] = ()
+    ) -> NodeView | None:
+        """The node to send a job of `rows` rows to, or None when no node has the credit."""
+        now_s = self.clock()
+        barred = set(excluded)
+        found = self._best(self.view.sample(model, self.sample_nodes), model, rows, sha256, barred, now_s)
+        if found is None:
+            found = self._best(self.view.offering(model), model, rows, sha256, barred, now_s)
+        return found
+
+    def _best(
+        self,
+        nodes: list[NodeView],
+        model: str,
+        rows: int,
+        sha256: str | None,
+        barred: set[tuple[str, str]],
+        now_s: float,
+    ) -> NodeView | None:
+        eligible: list[tuple[NodeView, float]] = []
+        for node in nodes:
+            if (node.site, node.node) in barred or not self.can_take(node, model, rows, now_s):
+                continue
+            if sha256 is not None and node.model_birth(model).get("sha256") != sha256:
+                continue
+            eligible.append((node, max(self.free_rows(node, model, now_s), 1e-9)))
+        if not eligible:
+            return None
+        return random.choices([n for n, _ in eligible], weights=[free for _, free in eligible])[0]
+
+    def take(self, node: NodeView, model: str, rows: int) -> None:
+        key = (node.site, node.node, model)
+        self._in_flight[key] = self._in_flight.get(key, 0) + rows
+
+    def release(self, node: NodeView, model: str, rows: int) -> None:
+        key = (node.site, node.node, model)
+        left = self._in_flight.get(key, 0) - rows
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
+
+    def withhold(self, node: NodeView, model: str, seconds: float) -> None:
+        """No job of `model` goes to the node for `seconds` (the retry_after_s it named)."""
+        key = (node.site, node.node, model)
+        self._withheld[key] = max(self._withheld.get(key, 0.0), self.clock() + seconds)
+
+    def withheld_for_s(self, node: NodeView, model: str) -> float:
+        return max(0.0, self._withheld.get((node.site, node.node, model), 0.0) - self.clock())
+
+    def retry_after_s(self, model: str, default_s: float) -> float:
+        """When to try again after a 503: the earliest withheld credit of the model to come back, or the
+        default when none is withheld (new capacity arrives with reports, not on a schedule)."""
+        now_s = self.clock()
+        for key, until_s in list(self._withheld.items()):
+            if until_s <= now_s:
+                del self._withheld[key]
+        waits = [until_s - now_s for (_, _, name), until_s in self._withheld.items() if name == model]
+        return min([default_s, *waits]) if waits else default_s

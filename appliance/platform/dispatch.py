@@ -1,0 +1,253 @@
+"""Buyer jobs to nodes: credit, refusals that move a job, failover once, exactly one answer per job.
+
+Runs on the event loop. Each send of a job is an attempt with its own CorrelationData (`<job>/<n>`);
+answers come back from the link. The buyer gets the first success of any attempt; every later answer,
+and any answer after the job is over, is a late duplicate and is dropped. Nothing waits in a queue: a
+job either finds a node with credit now or its buyer gets 503 + Retry-After now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from appliance import errors
+from appliance.platform.credit import CreditBook
+from appliance.platform.settings import GatewaySettings
+from appliance.platform.view import NodeView
+from appliance.pool.topics import NodeTopics
+from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound, Outbound
+
+log = logging.getLogger(__name__)
+
+REFUSALS = (403, 404, 429, 503)  # the node will not run it: move the job, withhold the node's credit
+BUYER_ERRORS = (400, 413)  # the job itself is wrong: the buyer hears it as the node said it
+
+
+class NodeLost(Exception):
+    """The node went offline (Last Will, `offline`, or its reports stopped) with the attempt in flight."""
+
+
+class JobLost(errors.Overloaded):
+    """Two nodes in a row lost the job (offline or past the timeout): 503, try again."""
+
+
+@dataclass
+class Answer:
+    status: int
+    payload: bytes
+    header_length: int | None
+    node: NodeView
+    latency_ms: float
+    retry_after_s: float | None = None
+
+
+@dataclass
+class Job:
+    model: str
+    buyer: str
+    body: bytes
+    header_length: int | None
+    rows: int
+    sha256: str | None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    is_canary: bool = False
+    attempts: list[Attempt] = field(default_factory=list)
+    is_done: bool = False
+    was_resent: bool = False
+
+    @property
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+
+@dataclass(eq=False)
+class Attempt:
+    job: Job
+    node: NodeView
+    correlation: bytes
+    sent_s: float
+    reply: asyncio.Future[Answer]
+
+
+class Dispatcher:
+    """Sends jobs on credit and matches answers; `sweep()` fails attempts on nodes gone silent."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        credit: CreditBook,
+        publish: Callable[[Outbound], None],
+        *,
+        reply_base: str,
+        on_event: Callable[[str, str], None] = lambda model, outcome: None,
+    ) -> None:
+        self.settings = settings
+        self.credit = credit
+        self.publish = publish
+        self.reply_base = reply_base
+        self.on_event = on_event
+        self.late_answers = 0
+        self._jobs: dict[str, Job] = {}
+        self._attempts: dict[bytes, Attempt] = {}
+        self._by_node: dict[tuple[str, str], set[Attempt]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    async def run(self, job: Job) -> Answer:
+        """The job's answer (200, or a 400/413 the node gave); raises NoPoolCapacity, JobLost, BrokerAway."""
+        if len(self._jobs) >= self.settings.max_jobs_in_flight:
+            raise errors.Overloaded(
+                f"{len(self._jobs)} jobs in progress, gateway.max_jobs_in_flight; try again",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        self._jobs[job.id] = job
+        try:
+            return await self._run(job)
+        finally:
+            job.is_done = True
+            self._jobs.pop(job.id, None)
+            for attempt in job.attempts:
+                self._attempts.pop(attempt.correlation, None)
+
+    async def _run(self, job: Job) -> Answer:
+        barred: set[tuple[str, str]] = set()
+        moves = 0
+        while True:
+            node = self.credit.pick(job.model, job.rows, job.sha256, barred)
+            if node is None:
+                self.on_event(job.model, "no_capacity")
+                raise errors.NoPoolCapacity(
+                    f"no node has spare capacity for model {job.model!r} now"
+                    + (f" (moved past {moves} refusing nodes)" if moves else ""),
+                    retry_after_s=self.credit.retry_after_s(job.model, self.settings.retry_after_s),
+                )
+            answer = await self._attempt(job, node)
+            if answer is not None and answer.status == 200:
+                answer.node.count(job.model, "answered")
+                self.on_event(job.model, "answered")
+                return answer
+            if answer is not None and answer.status in BUYER_ERRORS:
+                self.on_event(job.model, "bad_job")
+                return answer
+            barred.add((node.site, node.node))
+            if answer is not None and answer.status in REFUSALS:
+                node.count(job.model, "refused")
+                self.on_event(job.model, "refused")
+                self.credit.withhold(node, job.model, answer.retry_after_s or self.settings.retry_after_s)
+                moves += 1
+                if moves > self.settings.max_refusal_moves:
+                    raise errors.NoPoolCapacity(
+                        f"{moves} nodes refused the job for model {job.model!r}",
+                        retry_after_s=self.credit.retry_after_s(job.model, self.settings.retry_after_s),
+                    )
+                continue
+            node.count(job.model, "lost")  # offline, past the timeout, or a 5xx from the node
+            if job.was_resent:
+                self.on_event(job.model, "lost")
+                raise JobLost(
+                    f"the job for model {job.model!r} was lost by two nodes (offline or past "
+                    f"{self.settings.job_timeout_s:g} s)",
+                    retry_after_s=self.settings.retry_after_s,
+                )
+            job.was_resent = True
+            self.on_event(job.model, "resent")
+
+    async def _attempt(self, job: Job, node: NodeView) -> Answer | None:
+        """One send and its outcome: the node's answer, or None when the node was lost meanwhile."""
+        attempt = Attempt(
+            job,
+            node,
+            f"{job.id}/{len(job.attempts)}".encode(),
+            time.perf_counter(),
+            asyncio.get_running_loop().create_future(),
+        )
+        message = Outbound(
+            NodeTopics(self.settings.topic_root, node.site, node.node).command("infer", job.model),
+            job.body,
+            expiry_s=self.settings.job_timeout_s,
+            correlation=attempt.correlation,
+            response_topic=f"{self.reply_base}/{job.buyer}/{job.id}",
+        )
+        if job.header_length is not None:
+            message.user[HEADER_LENGTH] = str(job.header_length)
+        self.credit.take(node, job.model, job.rows)
+        key = (node.site, node.node)
+        try:
+            self.publish(message)
+        except BaseException:
+            self.credit.release(node, job.model, job.rows)
+            raise
+        job.attempts.append(attempt)
+        self._attempts[attempt.correlation] = attempt
+        self._by_node.setdefault(key, set()).add(attempt)
+        node.count(job.model, "sent")
+        try:
+            async with asyncio.timeout(self.settings.job_timeout_s):
+                return await attempt.reply
+        except TimeoutError:
+            self.credit.withhold(node, job.model, self.settings.timeout_withhold_s)
+            return None
+        except NodeLost:
+            return None
+        finally:
+            self.credit.release(node, job.model, job.rows)
+            held = self._by_node.get(key)
+            if held is not None:
+                held.discard(attempt)
+                if not held:
+                    del self._by_node[key]
+
+    def answered(self, message: Inbound, received_s: float) -> None:
+        """An answer from a node (on the loop); late duplicates are counted and dropped."""
+        attempt = self._attempts.get(message.correlation or b"")
+        job = attempt.job if attempt is not None else None
+        if attempt is None or job is None or job.is_done:
+            self.late_answers += 1
+            return
+        answer = _answer(message, attempt)
+        current = job.current
+        if attempt is current and not attempt.reply.done():
+            attempt.reply.set_result(answer)
+        elif answer.status == 200 and current is not None and not current.reply.done():
+            current.reply.set_result(answer)  # the first node answered after all: take it
+        else:
+            self.late_answers += 1
+
+    def sweep(self) -> None:
+        """Fail every attempt held by a node that is no longer live (offline or silent)."""
+        now_s = time.monotonic()
+        for attempts in list(self._by_node.values()):
+            for attempt in list(attempts):
+                if not attempt.node.is_live(now_s) and not attempt.reply.done():
+                    attempt.reply.set_exception(NodeLost())
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            self.sweep()
+
+
+def _answer(message: Inbound, attempt: Attempt) -> Answer:
+    raw_length = message.user.get(HEADER_LENGTH)
+    header_length = int(raw_length) if raw_length and raw_length.isdigit() else None
+    raw_status = message.user.get(STATUS, "")
+    status = int(raw_status) if raw_status.isdigit() else 502
+    retry_after_s = None
+    if status != 200:
+        try:
+            document = orjson.loads(message.payload)
+        except orjson.JSONDecodeError:
+            document = None
+        if isinstance(document, dict) and isinstance(document.get("retry_after_s"), int | float):
+            retry_after_s = float(document["retry_after_s"])
+    latency_ms = (time.perf_counter() - attempt.sent_s) * 1e3
+    return Answer(status, message.payload, header_length, attempt.node, latency_ms, retry_after_s)

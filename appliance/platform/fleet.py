@@ -1,0 +1,159 @@
+"""Documents the gateway serves about the pool: the fleet view, the repository index, model metadata."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Protocol
+
+from appliance import errors
+from appliance.platform.buyers import Buyers
+from appliance.platform.catalogue import Catalogue
+from appliance.platform.credit import CreditBook
+from appliance.platform.dispatch import Answer, Job
+from appliance.platform.metrics import GatewayMetrics
+from appliance.platform.presence import Presence
+from appliance.platform.settings import GatewaySettings
+from appliance.platform.view import PoolView
+from appliance.protocol.codec import InferenceRequest
+from appliance.tensors import TensorSpec
+
+
+class Link(Protocol):
+    connected: threading.Event
+
+
+class Gateway(Protocol):
+    """What the HTTP side needs of the gateway (gateway.py builds it)."""
+
+    settings: GatewaySettings
+    view: PoolView
+    presence: Presence
+    catalogue: Catalogue
+    credit: CreditBook
+    buyers: Buyers
+    metrics: GatewayMetrics
+    link: Link
+    max_body_bytes: int
+
+    async def dispatch(self, job: Job, decoded: InferenceRequest) -> Answer: ...
+
+
+def nodes(gateway: Gateway) -> dict[str, Any]:
+    """GET /v2/pool/nodes: every node with its state, session, report age and per-model figures."""
+    now_s = time.monotonic()
+    found = []
+    for node in gateway.view.nodes():
+        state, reason = node.effective_state(now_s)
+        seen_s = node.last_received_s
+        models = {}
+        for name, report in ((node.capacity or {}).get("models") or {}).items():
+            born = node.model_birth(name)
+            counts = node.jobs.get(name, {})
+            models[name] = {
+                "sha256": born.get("sha256"),
+                "precision": report.get("precision", born.get("precision")),
+                "provider": report.get("provider", born.get("provider")),
+                "max_ips_at_slo": report.get("max_ips_at_slo", 0.0),
+                "spare_ips_at_slo": report.get("spare_ips_at_slo", 0.0),
+                "accepts_pool_jobs": bool(report.get("accepts_pool_jobs")),
+                "is_offer_usable": node.offer(name, now_s) is not None,
+                "credit_rows": round(gateway.credit.credit_rows(node, name, now_s), 3),
+                "in_flight_rows": gateway.credit.in_flight(node, name),
+                "withheld_for_s": round(gateway.credit.withheld_for_s(node, name), 3),
+                "jobs_sent": counts.get("sent", 0),
+                "jobs_answered": counts.get("answered", 0),
+                "jobs_refused": counts.get("refused", 0),
+                "jobs_lost": counts.get("lost", 0),
+            }
+        found.append(
+            {
+                "site": node.site,
+                "node": node.node,
+                "state": state,
+                "reason": reason,
+                "session": node.session,
+                "report_age_s": None if seen_s is None else round(now_s - seen_s, 3),
+                "capacity_age_s": None if node.age_s(now_s) is None else round(node.age_s(now_s) or 0.0, 3),
+                "quarantine": node.quarantine,
+                "public_key": (node.birth or {}).get("public_key"),
+                "models": models,
+            }
+        )
+    return {
+        "gateway": gateway.settings.gateway_id,
+        "gateways": gateway.presence.live(),
+        "share": gateway.presence.share(),
+        "broker_connected": gateway.link.connected.is_set(),
+        "nodes": found,
+    }
+
+
+def spare_ips(gateway: Gateway, name: str, sha256: str | None) -> float:
+    """The pool's total spare inferences/s for the model (whole offers, before this gateway's share)."""
+    now_s = time.monotonic()
+    total = 0.0
+    for node in gateway.view.offering(name):
+        offer = node.offer(name, now_s)
+        if offer is not None and (sha256 is None or offer.sha256 == sha256):
+            total += offer.spare_ips
+    return round(total, 3)
+
+
+def index(gateway: Gateway) -> list[dict[str, Any]]:
+    """POST /v2/repository/index in KServe's shape, with the pool's spare capacity per model."""
+    found = []
+    for name in gateway.catalogue.names(gateway.view):
+        sha256 = gateway.catalogue.sha256(name, gateway.view)
+        spare = spare_ips(gateway, name, sha256)
+        found.append(
+            {
+                "name": name,
+                "version": _version(gateway, name, sha256) or "",
+                "state": "READY" if spare > 0 else "UNAVAILABLE",
+                "reason": "" if spare > 0 else "no node offers spare capacity for it now",
+                "parameters": {"pool_spare_ips_at_slo": spare, "sha256": sha256},
+            }
+        )
+    return found
+
+
+def metadata(gateway: Gateway, name: str) -> dict[str, Any]:
+    """GET /v2/models/{name}: the model's signature from a node's birth, plus the pool's spare capacity."""
+    sha256 = gateway.catalogue.sha256(name, gateway.view)
+    born = _birth(gateway, name, sha256)
+    if sha256 is None or born is None:
+        raise errors.ModelNotFound(
+            f"model {name!r} is not served by the pool (see POST /v2/repository/index)"
+        )
+    return {
+        "name": name,
+        "versions": [str(born.get("version", ""))],
+        "platform": "onnxruntime_onnx",
+        "inputs": born.get("inputs", []),
+        "outputs": born.get("outputs", []),
+        "parameters": {"pool_spare_ips_at_slo": spare_ips(gateway, name, sha256), "sha256": sha256},
+    }
+
+
+def signature(gateway: Gateway, name: str, sha256: str) -> list[TensorSpec]:
+    """The inputs buyers must send (from a birth of a node serving that sha256)."""
+    born = _birth(gateway, name, sha256)
+    if born is None:
+        raise errors.NoPoolCapacity(f"no node serves model {name!r} with sha256 {sha256[:12]}... now")
+    return [
+        TensorSpec(spec["name"], spec["datatype"], tuple(spec["shape"])) for spec in born.get("inputs", [])
+    ]
+
+
+def _birth(gateway: Gateway, name: str, sha256: str | None) -> dict[str, Any] | None:
+    for node in gateway.view.offering(name):
+        born = node.model_birth(name)
+        if born.get("sha256") == sha256 and born.get("inputs") is not None:
+            return born
+    return None
+
+
+def _version(gateway: Gateway, name: str, sha256: str | None) -> str | None:
+    born = _birth(gateway, name, sha256)
+    return None if born is None else str(born.get("version", ""))

@@ -1,0 +1,62 @@
+"""`appliance platform gateway`: settings from flags, file, environment and credentials; run until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(verbs: Any) -> None:
+    gateway = verbs.add_parser(
+        "gateway",
+        help="sell the pool's capacity to buyers: KServe v2 over HTTP, jobs over MQTT",
+        description="Serve buyers (KServe v2) on the pool's spare capacity until SIGTERM. Settings: "
+        "--config TOML ([gateway], [ledger], [canary]) < $CREDENTIALS_DIRECTORY/gateway.password < "
+        "APPLIANCE_GATEWAY__<KEY> variables < these flags.",
+    )
+    gateway.add_argument("--config", type=Path, help="TOML settings file")
+    gateway.add_argument("--broker", help="mqtt://host[:port] or mqtts://host[:port] (gateway.broker)")
+    gateway.add_argument("--host", help="buyer API address (gateway.host; default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="buyer API port (gateway.port; default 8100; 0 picks one)")
+    gateway.add_argument("--catalogue", type=Path, help="TOML catalogue of models buyers may call")
+    gateway.add_argument("--buyers", type=Path, help="TOML of buyers' token digests and quotas")
+    gateway.add_argument("--ledger", help="receipts ledger: a SQLite file path or postgresql://...")
+    gateway.add_argument(
+        "--log-level", type=str.upper, default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    gateway.set_defaults(func=run_gateway)
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    from appliance.platform.settings import PlatformSettings
+
+    gateway: dict[str, Any] = {}
+    for flag, key in (
+        ("broker", "broker"),
+        ("host", "host"),
+        ("port", "port"),
+        ("catalogue", "catalogue"),
+        ("buyers", "buyers_file"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            gateway[key] = value
+    overrides: dict[str, Any] = {"gateway": gateway}
+    if getattr(args, "ledger", None):
+        overrides["ledger"] = {"url": args.ledger}
+    return PlatformSettings.load(args.config, overrides=overrides)
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from appliance.platform.gateway import Gateway
+    from appliance.system import logs
+
+    settings = settings_from(args)
+    logs.configure(args.log_level, "text")
+    gateway = Gateway(settings)
+    return asyncio.run(gateway.run())

@@ -1,0 +1,167 @@
+"""Platform settings: defaults < TOML file < $CREDENTIALS_DIRECTORY < APPLIANCE_GATEWAY__ env < CLI flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from appliance.config_sources import deep_copy, describe, read_environ, read_toml
+from appliance.errors import ConfigError
+
+SECTIONS = ("gateway", "ledger", "canary")  # the only APPLIANCE_<SECTION>__ variables the platform reads
+SECRETS = {"gateway.password": ("gateway", "password")}  # credential file name -> setting
+
+
+def _section(title: str) -> ConfigDict:
+    return ConfigDict(extra="forbid", title=title, validate_default=True)
+
+
+def _default_id() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+
+
+class GatewaySettings(BaseModel):
+    model_config = _section("Pool gateway")
+
+    broker: str | None = Field(None, description="mqtt://host:port or mqtts://host:port (MQTT 5 needed).")
+    topic_root: str = Field("ecp/v1", description="Topic levels before <site>/<node>/.")
+    site: str = Field("+", description="Only nodes of this site (default: every site).")
+    gateway_id: str = Field(
+        default_factory=_default_id, description="This instance's name in presence and reply topics."
+    )
+    username: str | None = Field(None, description="MQTT user name.")
+    password: SecretStr | None = Field(
+        None, description="MQTT password; also from $CREDENTIALS_DIRECTORY/gateway.password."
+    )
+    ca_file: Path | None = Field(None, description="CA bundle to verify an mqtts:// broker.")
+    cert_file: Path | None = Field(None, description="MQTT client certificate for mutual TLS.")
+    key_file: Path | None = Field(None, description="MQTT client private key for mutual TLS.")
+    host: str = Field("127.0.0.1", description="Address the buyer API listens on.")
+    port: int = Field(8100, ge=0, le=65535, description="TCP port of the buyer API (0 picks a free one).")
+    tls_cert_file: Path | None = Field(None, description="HTTPS certificate chain; unset serves plain HTTP.")
+    tls_key_file: Path | None = Field(None, description="HTTPS private key (with tls_cert_file).")
+    catalogue: Path | None = Field(
+        None, description="TOML catalogue pinning the models buyers may call (name, sha256, samples)."
+    )
+    buyers_file: Path | None = Field(
+        None,
+        description="TOML of buyers: [buyers.NAME] token_sha256, rate_per_s, max_body_bytes. Unset: "
+        "no token needed, every caller is buyer 'anonymous' with the default quota.",
+    )
+    default_rate_per_s: float = Field(50.0, gt=0, description="Jobs/s of a buyer whose entry sets none.")
+    default_max_body_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="Largest request body of a buyer whose entry sets none."
+    )
+    job_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="A node must answer a job within it (also the job's MQTT expiry)."
+    )
+    max_jobs_in_flight: int = Field(
+        4096, ge=1, description="Buyer requests in progress at once; beyond it 503 at once (no queue)."
+    )
+    max_refusal_moves: int = Field(
+        3, ge=0, description="How many refusing nodes a job moves past before the buyer gets the 503."
+    )
+    timeout_withhold_s: float = Field(
+        10.0, ge=0, description="A node that missed a job's timeout gets no job of that model for this long."
+    )
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After of a 503 when no node has credit.")
+    sample_nodes: int = Field(
+        4, ge=1, description="Nodes drawn at random per job; the one with most free credit wins."
+    )
+    sweep_interval_s: float = Field(
+        0.25, gt=0, description="How often nodes holding jobs are checked for silence (failover)."
+    )
+
+    @field_validator("gateway_id")
+    @classmethod
+    def _topic_level(cls, value: str) -> str:
+        if not value or any(c in value for c in "/+#$\0"):
+            raise ValueError(f"must be one MQTT topic level without / + # $ or NUL, got {value!r}")
+        return value
+
+    @field_validator("topic_root")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or any(c in value for c in "+#\0"):
+            raise ValueError(f"must be topic levels without + # or NUL, got {value!r}")
+        return value
+
+
+class LedgerSettings(BaseModel):
+    model_config = _section("Receipts ledger")
+
+    url: str | None = Field(
+        None, description="sqlite:///PATH or a file path, or postgresql://...; unset keeps no ledger."
+    )
+
+
+class CanarySettings(BaseModel):
+    model_config = _section("Canary checks")
+
+    probability: float = Field(0.02, ge=0, le=1, description="Share of buyer jobs followed by a canary.")
+    second_opinion_probability: float = Field(
+        0.0, ge=0, le=1, description="Share of buyer jobs also run on a second node and compared."
+    )
+
+
+class PlatformSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="appliance platform")
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings, description="Gateway.")
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings, description="Receipts ledger.")
+    canary: CanarySettings = Field(default_factory=CanarySettings, description="Canary checks.")
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> PlatformSettings:
+        """Every source merged; ConfigError naming the key and where it came from."""
+        environ = os.environ if environ is None else environ
+        layers: list[tuple[str, dict[str, Any]]] = []
+        if config_file is not None:
+            layers.append((f"config file {config_file}", read_toml(config_file)))
+        credentials = environ.get("CREDENTIALS_DIRECTORY")
+        if credentials:
+            layers.append(("credentials", _credentials(Path(credentials))))
+        own = {
+            k: v
+            for k, v in environ.items()
+            if k.startswith(tuple(f"APPLIANCE_{s.upper()}__" for s in SECTIONS))
+        }
+        layers.append(("environment", read_environ(own)))
+        layers.append(("command line", deep_copy(overrides or {})))
+        merged: dict[str, Any] = {}
+        for _, data in layers:
+            _merge(merged, data)
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc, list(reversed(layers)))) from None
+
+
+def _credentials(directory: Path) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for name, (section, key) in SECRETS.items():
+        path = directory / name
+        if path.is_file():
+            data.setdefault(section, {})[key] = path.read_text().strip()
+    return data
+
+
+def _merge(into: dict[str, Any], data: Mapping[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = deep_copy(value) if isinstance(value, Mapping) else value

@@ -1,0 +1,225 @@
+"""The platform's picture of the pool, built from what nodes publish; pure (receive times are passed in).
+
+Ordering rules: a message of an older `session` than the one known is late (a Last Will of a connection
+the node has since replaced, a retained report of a previous run) and is ignored; within a session each
+kind's `seq` only rises. Staleness goes by receive time here, never by the node's clock.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from appliance.pool.topics import parse_node_topic
+
+SILENT = "reports stopped"  # the reason of a node whose last capacity report has expired
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What one node offers for one model now: spare inferences/s within an SLO window."""
+
+    spare_ips: float
+    slo_window_s: float
+    sha256: str | None
+
+
+@dataclass
+class NodeView:
+    """One node as last heard of, with this gateway's own job counts per model."""
+
+    site: str
+    node: str
+    state: str = "unknown"
+    reason: str = ""
+    session: int = 0
+    birth: dict[str, Any] | None = None
+    capacity: dict[str, Any] | None = None
+    capacity_received_s: float | None = None
+    last_received_s: float | None = None
+    seqs: dict[str, int] = field(default_factory=dict)  # kind -> last seq in this session
+    jobs: dict[str, Counter[str]] = field(default_factory=dict)  # model -> sent/answered/refused/...
+    quarantine: str | None = None  # why the node gets no buyer jobs (canary failed, key changed)
+
+    @property
+    def name(self) -> str:
+        return f"{self.site}/{self.node}"
+
+    def age_s(self, now_s: float) -> float | None:
+        return None if self.capacity_received_s is None else now_s - self.capacity_received_s
+
+    def is_stale(self, now_s: float) -> bool:
+        age_s = self.age_s(now_s)
+        return age_s is None or self.capacity is None or age_s > self.capacity["valid_for_s"]
+
+    def is_live(self, now_s: float) -> bool:
+        """Online and still reporting: what failover and dispatch go by."""
+        return self.state == "online" and not self.is_stale(now_s)
+
+    def effective_state(self, now_s: float) -> tuple[str, str]:
+        """(state, reason) as the fleet view shows it: an online node whose reports stopped is offline."""
+        if self.state == "online" and self.capacity_received_s is not None and self.is_stale(now_s):
+            return "offline", SILENT
+        return self.state, self.reason
+
+    def model_birth(self, model: str) -> dict[str, Any]:
+        return dict(((self.birth or {}).get("models", {}).get(model)) or {})
+
+    def offer(self, model: str, now_s: float) -> Offer | None:
+        """The node's offer for `model` if a job may use it now: online, fresh, accepting, not quarantined."""
+        if self.quarantine is not None or not self.is_live(now_s) or self.capacity is None:
+            return None
+        report = self.capacity["models"].get(model)
+        if not report or not report.get("accepts_pool_jobs") or report.get("spare_ips_at_slo", 0) <= 0:
+            return None
+        slo_ms = report.get("slo_p99_ms") or self.model_birth(model).get("slo_p99_ms") or 100.0
+        return Offer(float(report["spare_ips_at_slo"]), slo_ms / 1e3, self.model_birth(model).get("sha256"))
+
+    def spare_ips(self, model: str, now_s: float) -> float:
+        """Spare inferences/s for `model` that a job may use now: 0 unless online, fresh and accepting."""
+        offer = self.offer(model, now_s)
+        return 0.0 if offer is None else offer.spare_ips
+
+    def inputs(self, model: str) -> list[dict[str, Any]]:
+        """The model's inputs as the node's birth describes them ([] when unknown)."""
+        return list(self.model_birth(model).get("inputs", []))
+
+    def count(self, model: str, what: str) -> None:
+        self.jobs.setdefault(model, Counter())[what] += 1
+
+
+class PoolView:
+    """Every node heard of under `root`. `ingest` may be called from paho's thread: it takes a lock."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.ingested = 0  # messages taken (not ignored), for /metrics
+        self._nodes: dict[tuple[str, str], NodeView] = {}
+        self._offering: dict[str, dict[tuple[str, str], NodeView]] = {}  # model -> nodes reporting it
+        self._lock = threading.Lock()
+
+    def nodes(self) -> list[NodeView]:
+        with self._lock:
+            return sorted(self._nodes.values(), key=lambda view: view.name)
+
+    def get(self, site: str, node: str) -> NodeView | None:
+        return self._nodes.get((site, node))
+
+    def ingest(self, topic: str, payload: bytes, received_s: float) -> NodeView | None:
+        """Take one node message; returns the node when the message changed it, None when ignored."""
+        origin = parse_node_topic(self.root, topic)
+        if origin is None or origin.kind == "evt" or not payload:
+            return None
+        try:
+            document = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+        session = document.get("session") if isinstance(document, dict) else None
+        if not isinstance(session, int) or isinstance(session, bool):
+            return None
+        seq = document.get("seq")
+        with self._lock:
+            key = (origin.site, origin.node)
+            view = self._nodes.get(key) or self._nodes.setdefault(key, NodeView(*key))
+            if session < view.session:
+                return None  # late: from before the node's last reconnect (an old Last Will included)
+            if session > view.session:
+                view.session, view.seqs = session, {}
+                view.capacity = view.capacity_received_s = None  # an old session's offer is void
+            if isinstance(seq, int):
+                if seq <= view.seqs.get(origin.kind, -1):
+                    return None  # a repeat or out of order within the session
+                view.seqs[origin.kind] = seq
+            view.last_received_s = received_s
+            if origin.kind == "state":
+                view.state, view.reason = (
+                    str(document.get("state", "unknown")),
+                    str(document.get("reason", "")),
+                )
+            elif origin.kind == "birth":
+                view.birth = document
+            elif isinstance(document.get("models"), dict) and isinstance(document.get("valid_for_s"), int):
+                view.capacity, view.capacity_received_s = document, received_s
+            else:
+                return None
+            self._index(key, view)
+            self.ingested += 1
+            return view
+
+    def _index(self, key: tuple[str, str], view: NodeView) -> None:
+        models = set((view.capacity or {}).get("models", {}))
+        for model, holders in self._offering.items():
+            if model not in models:
+                holders.pop(key, None)
+        for model in models:
+            self._offering.setdefault(model, {})[key] = view
+
+    def offering(self, model: str) -> list[NodeView]:
+        """Nodes whose last report names `model` (fresh or not: callers check the offer)."""
+        with self._lock:
+            return list(self._offering.get(model, {}).values())
+
+    def sample(self, model: str, count: int) -> list[NodeView]:
+        """Up to `count` nodes reporting `model`, drawn at random (dispatch's power-of-d choices)."""
+        with self._lock:
+            holders = self._offering.get(model)
+            if not holders:
+                return []
+            if len(holders) <= count:
+                return list(holders.values())
+            keys = random.sample(list(holders), count) if len(holders) < 64 else _draw(holders, count)
+            return [holders[k] for k in keys]
+
+    def models(self) -> list[str]:
+        with self._lock:
+            return sorted(name for name, holders in self._offering.items() if holders)
+
+    def best(self, model: str, now_s: float) -> NodeView | None:
+        """The node with the most spare capacity for `model` now, or None when no node has any."""
+        ranked = sorted(self.nodes(), key=lambda view: view.spare_ips(model, now_s), reverse=True)
+        if ranked and ranked[0].spare_ips(model, now_s) > 0:
+            return ranked[0]
+        return None
+
+    def table(self, now_s: float) -> str:
+        """A terminal table: node, state, session, age of its capacity report, spare/max per model."""
+        return table(self.nodes(), now_s)
+
+
+def _draw(holders: dict[tuple[str, str], NodeView], count: int) -> list[tuple[str, str]]:
+    # A large fleet: random positions in the dict's key order, without copying all keys each time.
+    keys = list(holders)  # O(n) but a C-level copy; still far cheaper than scoring every node
+    return [keys[random.randrange(len(keys))] for _ in range(count)]
+
+
+def table(nodes: list[NodeView], now_s: float) -> str:
+    rows = [("node", "state", "session", "age_s", "spare/max inferences/s at SLO")]
+    for view in nodes:
+        age_s = view.age_s(now_s)
+        models = "-"
+        if view.capacity is not None:
+            models = (
+                ", ".join(
+                    f"{name} {m['spare_ips_at_slo']:.0f}/{m['max_ips_at_slo']:.0f}"
+                    + ("" if m.get("accepts_pool_jobs") else " (no jobs)")
+                    for name, m in view.capacity["models"].items()
+                    if "max_ips_at_slo" in m
+                )
+                or "-"
+            )
+            if view.is_stale(now_s):
+                models = f"stale: {models}"
+        state = view.state + (f" ({view.reason})" if view.reason and view.state != "online" else "")
+        if view.quarantine:
+            state += f" [quarantined: {view.quarantine}]"
+        rows.append((view.name, state, str(view.session), "-" if age_s is None else f"{age_s:.1f}", models))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        for row in rows
+    )

@@ -1,0 +1,118 @@
+"""The buyer API on real parts: mosquitto, two `appliance serve` nodes and the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from gateway_harness import request_body, run_gateway, run_nodes, until
+from pool_brokers import Broker
+from pool_recorder import Names
+
+from appliance.platform.buyers import token_digest
+from appliance.platform.watch import watch_gateway
+from appliance.protocol import codec
+
+
+def offering(gateway: Any, count: int) -> Any:
+    return lambda: (
+        len([n for n in gateway.nodes()["nodes"] if n["models"].get("batchable", {}).get("is_offer_usable")])
+        >= count
+    )
+
+
+@pytest.mark.asyncio
+async def test_buyers_call_the_pool_as_one_kserve_server(
+    tmp_path: Path, pool_repository: Path, broker: Broker, names: Names
+) -> None:
+    buyers = tmp_path / "buyers.toml"
+    buyers.write_text(
+        f'[buyers.acme]\ntoken_sha256 = "{token_digest("acme-secret")}"\nrate_per_s = 1000\n'
+        f'[buyers.tiny]\ntoken_sha256 = "{token_digest("tiny-secret")}"\n'
+        "rate_per_s = 1\nmax_body_bytes = 200\n"
+    )
+    with (
+        run_nodes(tmp_path, pool_repository, broker, names, 2) as _,
+        run_gateway(broker, names, token="acme-secret", buyers_file=str(buyers)) as gateway,
+    ):
+        await until(offering(gateway, 2), what="both nodes offering")
+        acme = {"Authorization": "Bearer acme-secret"}
+        async with httpx.AsyncClient(base_url=gateway.url, headers=acme, timeout=30) as http:
+            index = (await http.post("/v2/repository/index")).json()
+            (entry,) = index
+            assert entry["name"] == "batchable" and entry["state"] == "READY"
+            assert entry["parameters"]["pool_spare_ips_at_slo"] > 0
+            metadata = (await http.get("/v2/models/batchable")).json()
+            assert (
+                metadata["inputs"][0]["name"] == "x" and metadata["parameters"]["pool_spare_ips_at_slo"] > 0
+            )
+
+            x, body, headers = request_body(3)
+            answer = await http.post("/v2/models/batchable/infer", content=body, headers=headers)
+            assert answer.status_code == 200, answer.text
+            document = answer.json()
+            assert document["outputs"][0]["data"] == (x * 2 + 1).ravel().tolist()
+            assert document["parameters"]["pool_node"] in {f"{names.site}/node-0", f"{names.site}/node-1"}
+            assert len(document["parameters"]["pool_job_id"]) == 32
+
+            x, body, headers = request_body(2, binary=True)
+            answer = await http.post("/v2/models/batchable/infer", content=body, headers=headers)
+            assert answer.status_code == 200, answer.text
+            length = int(answer.headers["inference-header-content-length"])
+            outputs = codec.decode_response(answer.content, length)
+            np.testing.assert_array_equal(outputs["y"], x * 2 + 1)
+
+            # Bad input never reaches a node: precise 4xx from the gateway itself.
+            bad = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [0.0] * 5}]}
+            refused = await http.post("/v2/models/batchable/infer", json=bad)
+            assert refused.status_code == 400 and "model expects [N, 4]" in refused.json()["error"]
+            assert (await http.post("/v2/models/batchable/infer", content=b"{nope")).status_code == 400
+            missing = await http.post("/v2/models/nosuch/infer", content=body, headers=headers)
+            assert missing.status_code == 404 and "not served by the pool" in missing.json()["error"]
+
+            fleet = gateway.nodes()
+            sent = sum(n["models"]["batchable"]["jobs_sent"] for n in fleet["nodes"])
+            answered = sum(n["models"]["batchable"]["jobs_answered"] for n in fleet["nodes"])
+            assert (sent, answered) == (2, 2)  # the refused requests cost the nodes nothing
+            assert {n["state"] for n in fleet["nodes"]} == {"online"}
+            assert all(n["report_age_s"] is not None and n["session"] >= 1 for n in fleet["nodes"])
+            model = fleet["nodes"][0]["models"]["batchable"]
+            assert len(model["sha256"]) == 64 and model["precision"] == "fp32" and model["provider"] == "cpu"
+
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            assert (await http.post("/v2/repository/index")).status_code == 401
+            wrong = await http.post("/v2/models/batchable/infer", headers={"Authorization": "Bearer x"})
+            assert wrong.status_code == 401
+            assert (await http.get("/v2/health/ready")).status_code == 200  # open, as /metrics
+            metrics = (await http.get("/metrics")).text
+            assert 'appliance_gateway_jobs_total{model="batchable",outcome="answered"} 2.0' in metrics
+            assert "appliance_gateway_reports_ingested_total" in metrics
+
+            tiny = {"Authorization": "Bearer tiny-secret"}
+            big = await http.post("/v2/models/batchable/infer", content=b"x" * 201, headers=tiny)
+            assert big.status_code == 413 and "may send 200 bytes" in big.json()["error"]
+            statuses = [
+                (await http.post("/v2/models/batchable/infer", json=bad, headers=tiny)).status_code
+                for _ in range(3)
+            ]
+            assert statuses[-1] == 429  # one job per second: the quota answers before anything else
+            over = await http.post("/v2/models/batchable/infer", json=bad, headers=tiny)
+            assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
+
+        lines: list[str] = []
+
+        class Sink:
+            def write(self, text: str) -> None:
+                lines.append(text)
+
+            def flush(self) -> None:
+                pass
+
+        token = "acme-secret"
+        await asyncio.to_thread(watch_gateway, gateway.url, token=token, once=True, out=Sink())  # type: ignore[arg-type]
+        table = "".join(lines)
+        assert f"{names.site}/node-0" in table and f"{names.site}/node-1" in table and "online" in table
