@@ -224,7 +224,7 @@ class Dispatcher:
 
     def sweep(self) -> None:
         """Fail every attempt held by a node that is no longer live (offline or silent)."""
-        now_s = time.monotonic()
+        now_s = self.credit.clock()
         for attempts in list(self._by_node.values()):
             for attempt in list(attempts):
                 if not attempt.node.is_live(now_s) and not attempt.reply.done():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -105,6 +107,11 @@ class Gateway:
             timeout_graceful_shutdown=STOP_TIMEOUT_S,
         )
         self._server = uvicorn.Server(config)
+        # uvicorn would re-raise SIGTERM after its shutdown (exit -15); a stop we asked for exits 0.
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(number, self.stop)
         serving = asyncio.create_task(self._server.serve(sockets=sockets), name="gateway-http")
         while not self._server.started and not serving.done():
             await asyncio.sleep(0.01)  # uvicorn offers no event for it

@@ -63,6 +63,7 @@ class GatewayLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = threading.Event()
         self.connections = 0
+        self._is_closing = False
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"gateway-{settings.gateway_id}", protocol=mqtt.MQTTv5
         )
@@ -98,6 +99,7 @@ class GatewayLink:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Say `offline` (so the others take our share back at once), then disconnect."""
+        self._is_closing = True
         if self.connected.is_set():
             info = self._client.publish(
                 self.presence_topic,
@@ -131,7 +133,8 @@ class GatewayLink:
 
     def _disconnected(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
-        log.warning("gateway: lost broker %s (%s); reconnecting", self.broker, reason)
+        if not self._is_closing:
+            log.warning("gateway: lost broker %s (%s); reconnecting", self.broker, reason)
         self._call(self._on_state)
 
     def _received(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:

@@ -1,0 +1,116 @@
+"""Dispatch on credit: the bound on rows in flight, the 1/N share, withheld credit, spreading."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+
+from appliance.platform.credit import CreditBook
+from appliance.platform.view import NodeView, PoolView
+
+ROOT = "ecp/v1"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def add(
+    view: PoolView, node: str, spare: float, *, slo_ms: float = 100.0, sha: str = "a" * 64, at_s: float = 0.0
+) -> NodeView:
+    view.ingest(
+        f"{ROOT}/s/{node}/birth",
+        orjson.dumps({"session": 1, "seq": 0, "models": {"m": {"sha256": sha}}}),
+        at_s,
+    )
+    view.ingest(f"{ROOT}/s/{node}/state", orjson.dumps({"session": 1, "seq": 1, "state": "online"}), at_s)
+    model: dict[str, Any] = {"spare_ips_at_slo": spare, "accepts_pool_jobs": True, "slo_p99_ms": slo_ms}
+    view.ingest(
+        f"{ROOT}/s/{node}/capacity",
+        orjson.dumps({"session": 1, "seq": 2, "valid_for_s": 3, "models": {"m": model}}),
+        at_s,
+    )
+    found = view.get("s", node)
+    assert found is not None
+    return found
+
+
+def test_credit_is_spare_times_the_slo_window_times_the_share() -> None:
+    view, clock = PoolView(ROOT), Clock()
+    share = [1.0]
+    book = CreditBook(view, share=lambda: share[0], clock=clock)
+    node = add(view, "a", spare=100.0, slo_ms=50.0)
+    assert book.credit_rows(node, "m", 0.0) == pytest.approx(5.0)
+    share[0] = 0.5  # two gateways: each may use half
+    assert book.credit_rows(node, "m", 0.0) == pytest.approx(2.5)
+
+
+def test_never_more_rows_in_flight_than_the_credit() -> None:
+    view, clock = PoolView(ROOT), Clock()
+    book = CreditBook(view, clock=clock)
+    add(view, "a", spare=40.0)  # 4 rows at a 100 ms SLO
+    taken = 0
+    while (node := book.pick("m", 1, None)) is not None:
+        book.take(node, "m", 1)
+        taken += 1
+    assert taken == 4
+    book.release(node or view.nodes()[0], "m", 1)
+    assert book.pick("m", 1, None) is not None and book.pick("m", 2, None) is None
+    # A job larger than the whole window still goes to a node that holds nothing else.
+    for _ in range(3):
+        book.release(view.nodes()[0], "m", 1)
+    assert book.pick("m", 9, None) is not None
+
+
+def test_a_withheld_node_gets_nothing_until_its_retry_after_passes() -> None:
+    view, clock = PoolView(ROOT), Clock()
+    book = CreditBook(view, clock=clock)
+    node = add(view, "a", spare=1000.0)
+    book.withhold(node, "m", 30.0)
+    assert book.pick("m", 1, None) is None
+    assert book.retry_after_s("m", default_s=60.0) == pytest.approx(30.0)
+    clock.now_s = 29.0
+    assert book.pick("m", 1, None) is None
+    clock.now_s = 30.5
+    view.ingest(
+        f"{ROOT}/s/a/capacity",
+        orjson.dumps(
+            {
+                "session": 1,
+                "seq": 3,
+                "valid_for_s": 3,
+                "models": {"m": {"spare_ips_at_slo": 1000.0, "accepts_pool_jobs": True}},
+            }
+        ),
+        30.5,
+    )
+    assert book.pick("m", 1, None) is node
+
+
+def test_expired_offers_and_other_files_are_never_picked() -> None:
+    view, clock = PoolView(ROOT), Clock()
+    book = CreditBook(view, clock=clock)
+    add(view, "a", spare=1000.0, sha="b" * 64)
+    assert book.pick("m", 1, "a" * 64) is None  # the catalogue pins another file
+    assert book.pick("m", 1, "b" * 64) is not None
+    clock.now_s = 3.5  # the report (valid_for_s = 3) has expired
+    assert book.pick("m", 1, None) is None
+
+
+def test_work_spreads_in_proportion_to_free_credit() -> None:
+    view, clock = PoolView(ROOT), Clock()
+    book = CreditBook(view, sample_nodes=4, clock=clock)
+    for name in "abc":
+        add(view, name, spare=1000.0)
+    add(view, "d", spare=3000.0)
+    picks = Counter(book.pick("m", 1, None).node for _ in range(6000))  # type: ignore[union-attr]
+    assert set(picks) == set("abcd")
+    assert picks["d"] > 2 * picks["a"]  # three times the spare: about three times the work
+    assert book.pick("m", 1, None, excluded=[("s", n) for n in "abcd"]) is None

@@ -1,0 +1,134 @@
+"""Dispatch: refusals move a job, failover happens once, late duplicates are dropped, no queue.
+
+The link is replaced at its seam (the `publish` callable) by a list, and answers are handed to
+`Dispatcher.answered` as the link would; the MQTT side is tested on a real broker in
+tests/integration/platform/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+from test_platform_credit import ROOT, add
+
+from appliance import errors
+from appliance.platform.credit import CreditBook
+from appliance.platform.dispatch import Dispatcher, Job, JobLost
+from appliance.platform.settings import GatewaySettings
+from appliance.platform.view import PoolView
+from appliance.pool.wire import Inbound, Outbound
+
+
+class Fixture:
+    def __init__(self, **settings: Any) -> None:
+        self.view = PoolView(ROOT)
+        self.clock_s = 0.0
+        self.credit = CreditBook(self.view, clock=lambda: self.clock_s)
+        self.sent: list[Outbound] = []
+        self.arrived = asyncio.Event()
+        self.settings = GatewaySettings(**({"broker": "mqtt://x", "job_timeout_s": 30.0} | settings))
+        self.dispatcher = Dispatcher(self.settings, self.credit, self._publish, reply_base=f"{ROOT}/_reply/g")
+
+    def _publish(self, message: Outbound) -> None:
+        self.sent.append(message)
+        self.arrived.set()
+
+    async def next_job(self, count: int) -> Outbound:
+        async with asyncio.timeout(5):
+            while len(self.sent) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.sent[count - 1]
+
+    def answer(self, job: Outbound, status: int = 200, **document: Any) -> None:
+        body = orjson.dumps(document or {"outputs": []})
+        reply = Inbound(
+            job.response_topic or "", body, correlation=job.correlation, user={"status": str(status)}
+        )
+        self.dispatcher.answered(reply, 0.0)
+
+
+def job() -> Job:
+    return Job("m", "acme", b"{}", None, 1, None)
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_moves_the_job_and_withholds_the_node() -> None:
+    f = Fixture()
+    a, b = add(f.view, "a", 1000.0), add(f.view, "b", 1000.0)
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    f.answer(first, 503, error="busy", retry_after_s=30)
+    second = await f.next_job(2)
+    assert first.topic.split("/")[3] != second.topic.split("/")[3]  # another node
+    assert second.response_topic == first.response_topic and second.correlation != first.correlation
+    assert second.response_topic.startswith(f"{ROOT}/_reply/g/acme/")  # one sender level per buyer
+    f.answer(second)
+    answer = await running
+    refuser = a if first.topic.split("/")[3] == "a" else b
+    assert answer.status == 200 and answer.node is not refuser
+    assert f.credit.withheld_for_s(refuser, "m") == pytest.approx(30.0)
+
+
+@pytest.mark.asyncio
+async def test_a_lost_node_has_its_job_resent_once_and_late_duplicates_are_dropped() -> None:
+    f = Fixture()
+    add(f.view, "a", 1000.0)
+    add(f.view, "b", 1000.0)
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    lost = f.view.get("s", first.topic.split("/")[3])
+    assert lost is not None
+    f.view.ingest(f"{ROOT}/s/{lost.node}/state", orjson.dumps({"session": 1, "state": "offline"}), 0.0)
+    f.dispatcher.sweep()
+    second = await f.next_job(2)
+    f.answer(second)
+    f.answer(first)  # the lost node answers after all, too late
+    f.answer(second)  # and a duplicate of the second
+    answer = await running
+    assert answer.node.node != lost.node and f.dispatcher.late_answers == 2
+    assert len(f.sent) == 2 and f.dispatcher.in_flight == 0
+
+
+@pytest.mark.asyncio
+async def test_a_job_lost_twice_is_a_503_not_a_third_send() -> None:
+    f = Fixture(job_timeout_s=0.05, timeout_withhold_s=60.0)
+    for name in "abc":
+        add(f.view, name, 1000.0)
+    with pytest.raises(JobLost):
+        await f.dispatcher.run(job())
+    assert len(f.sent) == 2
+
+
+@pytest.mark.asyncio
+async def test_the_first_success_of_any_attempt_wins() -> None:
+    f = Fixture()
+    add(f.view, "a", 1000.0)
+    add(f.view, "b", 1000.0)
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    lost = f.view.get("s", first.topic.split("/")[3])
+    assert lost is not None
+    f.view.ingest(f"{ROOT}/s/{lost.node}/state", orjson.dumps({"session": 1, "state": "offline"}), 0.0)
+    f.dispatcher.sweep()
+    await f.next_job(2)
+    f.answer(first)  # the first node's answer arrives before the second's
+    assert (await running).node is lost
+
+
+@pytest.mark.asyncio
+async def test_no_capacity_is_a_503_at_once_and_nothing_waits() -> None:
+    f = Fixture(max_jobs_in_flight=1)
+    with pytest.raises(errors.NoPoolCapacity) as refused:
+        await f.dispatcher.run(job())
+    assert refused.value.retry_after_s == 1.0 and not f.sent
+    add(f.view, "a", 1000.0)
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    await f.next_job(1)
+    with pytest.raises(errors.Overloaded, match="max_jobs_in_flight"):
+        await f.dispatcher.run(job())
+    f.answer(f.sent[0])
+    assert (await running).status == 200
