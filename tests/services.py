@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +50,24 @@ class RunningService:
     def call(self, coroutine_factory: Callable[[], Any], timeout_s: float = 30.0) -> Any:
         """Run a coroutine on the service's loop (e.g. hub.load) and return its result."""
         return asyncio.run_coroutine_threadsafe(coroutine_factory(), self.loop).result(timeout_s)
+
+    def inflight(self, model: str) -> int:
+        """Requests to `model` admitted by its scheduler and not yet answered."""
+        scheduler = self.service.hub.entry(model).scheduler
+        return 0 if scheduler is None else scheduler.inflight
+
+    def wait_inflight(self, model: str, count: int, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until `count` requests to `model` are admitted (e.g. queued behind a held batch)."""
+        deadline_s = time.monotonic() + timeout_s
+        while self.inflight(model) < count:
+            assert time.monotonic() < deadline_s, f"{self.inflight(model)} of {count} requests admitted"
+            time.sleep(0.005)
+
+    async def inflight_reaches(self, model: str, count: int, timeout_s: float = START_TIMEOUT_S) -> None:
+        """`wait_inflight` for a client running on its own event loop."""
+        async with asyncio.timeout(timeout_s):
+            while self.inflight(model) < count:
+                await asyncio.sleep(0.005)
 
 
 @contextmanager

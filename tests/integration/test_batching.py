@@ -1,8 +1,13 @@
-"""Concurrent requests are batched, and each gets exactly its own rows back."""
+"""Concurrent requests are batched, and each gets exactly its own rows back.
+
+Requests queue behind a batch held at the worker (tests/holds.py) until every one is admitted, so
+which of them can share a batch never depends on how fast the box is.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import httpx
 import modelzoo
@@ -11,6 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from appliance.protocol import codec
+
+OPENER = 1000.0  # the value of the request that holds the worker while the others queue behind it
 
 
 async def _post(client: httpx.AsyncClient, model: str, x: np.ndarray, binary: bool) -> dict[str, np.ndarray]:
@@ -22,45 +29,69 @@ async def _post(client: httpx.AsyncClient, model: str, x: np.ndarray, binary: bo
     return codec.decode_response(response.content, int(length) if length else None)
 
 
-def test_concurrent_requests_each_get_their_own_rows(serve, tmp_path) -> None:
+def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(serve, tmp_path, batches) -> None:
     repo = tmp_path / "repo"
     modelzoo.write(
         repo,
         "batchable",
         modelzoo.batchable(),
-        # A deadline far off: this test is about rows, and 96 requests at once queue for a while on 2 cores.
-        manifest="slo_p99_ms = 60000.0\n[batching]\nmax_batch_size = 16\nmax_queue_delay_ms = 20.0\n",
+        # No waiting for rows that have not come: only requests already queued share a batch. One
+        # warm-up size: the profile is a line, so the batcher aims for max_batch_size rows.
+        manifest="slo_p99_ms = 600000.0\ninstances = 1\n"
+        "[batching]\nmax_batch_size = 16\npreferred_batch_sizes = [16]\n"
+        "max_queue_delay_ms = 0.0\n",
     )
     reference = ort.InferenceSession(modelzoo.batchable().SerializeToString())
     rng = np.random.default_rng(1)
     inputs = [rng.standard_normal((int(rng.integers(1, 5)), 4)).astype(np.float32) for _ in range(96)]
 
-    async def scenario(url: str) -> list[dict[str, np.ndarray]]:
-        limits = httpx.Limits(max_connections=96)
-        async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as client:
-            return await asyncio.gather(
-                *(_post(client, "batchable", x, binary=i % 2 == 0) for i, x in enumerate(inputs))
-            )
+    async def scenario(running) -> list[dict[str, np.ndarray]]:
+        limits = httpx.Limits(max_connections=97)
+        async with httpx.AsyncClient(base_url=running.url, timeout=60.0, limits=limits) as client:
+            # One worker (instances = 1), held by the opener: the others queue behind it.
+            with batches.holding(lambda batch: batch.marks == (OPENER,)):
+                opener = asyncio.create_task(
+                    _post(client, "batchable", np.full((1, 4), OPENER, np.float32), True)
+                )
+                await asyncio.to_thread(batches.wait_held)
+                posts = [
+                    asyncio.create_task(_post(client, "batchable", x, binary=i % 2 == 0))
+                    for i, x in enumerate(inputs)
+                ]
+                await running.inflight_reaches("batchable", 1 + len(inputs))
+            await opener
+            return await asyncio.gather(*posts)
 
     with serve(repo) as running:
-        results = asyncio.run(scenario(running.url))
+        results = asyncio.run(scenario(running))
         stats = httpx.get(f"{running.url}/v2/models/batchable/stats").json()["model_stats"][0]
     for x, out in zip(inputs, results, strict=True):
         y, s = reference.run(["y", "s"], {"x": x})
         np.testing.assert_array_equal(out["y"], y)
         np.testing.assert_allclose(out["s"], s, rtol=1e-6)  # reduction order differs by batch size
-    assert stats["inference_count"] == sum(len(x) for x in inputs)
-    assert stats["inference_stats"]["success"]["count"] == len(inputs)
-    assert stats["execution_count"] < len(inputs), "no two requests shared a batch"
-    assert max(b["batch_size"] for b in stats["batch_stats"]) <= 16
+    seen = batches.of("batchable")[1:]  # after the opener
+    # N requests in, N outcomes out: each request ran exactly once, in a batch within the row limit.
+    assert Counter(mark for batch in seen for mark in batch.marks) == Counter(float(x[0, 0]) for x in inputs)
+    assert all(batch.rows <= 16 for batch in seen)
+    assert max(batch.requests for batch in seen) >= 4, f"queued requests did not share batches: {seen}"
+    assert stats["execution_count"] == 1 + len(seen)
+    assert stats["inference_count"] == 1 + sum(len(x) for x in inputs)
+    assert stats["inference_stats"]["success"]["count"] == 1 + len(inputs)
+    assert {b["batch_size"] for b in stats["batch_stats"]} == {1} | {batch.rows for batch in seen}
 
 
-def test_a_failing_request_does_not_fail_its_batch_mates(serve, tmp_path) -> None:
+def test_a_failing_request_does_not_fail_its_batch_mates(serve, tmp_path, batches) -> None:
     repo = tmp_path / "repo"
-    modelzoo.write(repo, "gather", modelzoo.gather(), manifest="[batching]\nmax_queue_delay_ms = 50.0\n")
+    modelzoo.write(
+        repo,
+        "gather",
+        modelzoo.gather(),
+        manifest="slo_p99_ms = 600000.0\ninstances = 1\n[batching]\npreferred_batch_sizes = [8]\n"
+        "max_queue_delay_ms = 0.0\n",
+    )
 
-    async def scenario(url: str) -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+    async def scenario(running) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60.0) as client:
 
             async def post(index: int) -> httpx.Response:
                 body = codec.encode_request(
@@ -68,29 +99,50 @@ def test_a_failing_request_does_not_fail_its_batch_mates(serve, tmp_path) -> Non
                 ).body()
                 return await client.post("/v2/models/gather/infer", content=body)
 
-            return await asyncio.gather(*(post(i) for i in [0, 1, 9, 2, 1]))
+            with batches.holding(lambda batch: batch.marks == (2.0,)):
+                opener = asyncio.create_task(post(2))
+                await asyncio.to_thread(batches.wait_held)
+                posts = [asyncio.create_task(post(i)) for i in [0, 1, 0, 9, 2, 1]]
+                await running.inflight_reaches("gather", 7)
+            await opener
+            return await asyncio.gather(*posts)
 
     with serve(repo) as running:
-        responses = asyncio.run(scenario(running.url))
-    assert [r.status_code for r in responses] == [200, 200, 400, 200, 200]
-    assert "out of data bounds" in responses[2].json()["error"]
-    assert responses[3].json()["outputs"][0]["data"] == [4.0, 5.0]
+        responses = asyncio.run(scenario(running))
+    assert [r.status_code for r in responses] == [200, 200, 200, 400, 200, 200]
+    assert "out of data bounds" in responses[3].json()["error"]
+    assert responses[4].json()["outputs"][0]["data"] == [4.0, 5.0]
+    # The bad index shared its batch with good ones, and only its own request failed.
+    [shared] = [batch for batch in batches.of("gather") if 9.0 in batch.marks]
+    assert shared.requests >= 2
 
 
 @pytest.mark.parametrize("model", ["fixed", "scalar"])
-def test_unbatched_models_run_one_request_at_a_time(serve, repository, model: str) -> None:
-    async def scenario(url: str) -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
-            shape = [1, 3] if model == "fixed" else []
-            data = [1.0, 2.0, 3.0] if model == "fixed" else 2.0
-            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": data}]}
-            return await asyncio.gather(
-                *(client.post(f"/v2/models/{model}/infer", json=body) for _ in range(20))
-            )
+def test_unbatched_models_run_one_request_at_a_time(serve, repository, batches, model: str) -> None:
+    shape = [1, 3] if model == "fixed" else []
 
-    with serve(repository) as running:
-        responses = asyncio.run(scenario(running.url))
+    async def scenario(running) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60.0) as client:
+
+            def post(value: float) -> asyncio.Task[httpx.Response]:
+                data = [value, 2.0, 3.0] if model == "fixed" else value
+                body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": data}]}
+                return asyncio.create_task(client.post(f"/v2/models/{model}/infer", json=body))
+
+            with batches.holding(lambda batch: batch.marks == (-1.0,)):
+                opener = post(-1.0)
+                await asyncio.to_thread(batches.wait_held)
+                posts = [post(float(i)) for i in range(20)]
+                await running.inflight_reaches(model, 21)
+            return [await opener, *await asyncio.gather(*posts)]
+
+    # One worker, and deadlines far off: the queued requests wait for the held one, however long.
+    far = {"default_slo_p99_ms": 600000.0}
+    with serve(repository, scheduler={"instances": 1}, models=far) as running:
+        responses = asyncio.run(scenario(running))
         stats = httpx.get(f"{running.url}/v2/models/{model}/stats").json()["model_stats"][0]
     assert all(r.status_code == 200 for r in responses)
-    assert stats["execution_count"] == 20
+    seen = batches.of(model)
+    assert sorted(batch.marks for batch in seen) == sorted((float(i),) for i in range(-1, 20))
+    assert stats["execution_count"] == 21
     assert {b["batch_size"] for b in stats["batch_stats"]} == {1}
