@@ -18,7 +18,7 @@ from appliance.ota import command as ota
 from appliance.platform import cli as platform_cli
 from appliance.providers import report as providers_report
 from appliance.settings import BUNDLED_MODELS, Settings, config_schema
-from appliance.system import logs, operator, provision
+from appliance.system import benchmark, logs, operator, provision
 
 log = logging.getLogger("appliance")
 
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     platform_cli.add_arguments(verbs)  # platform watch|submit|gateway|ledger|nodes; pool watch|submit
+
+    benchmark.add_arguments(verbs)
 
     ota.add_arguments(
         verbs.add_parser("ota", help="update hooks: gate, drain, snapshot, verify, commit, rollback")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("birth", "state", "capacity", "evt")  # what a node publishes
-VERBS = ("infer", "rebirth", "drain", "resume")  # what a node answers under cmd/
+VERBS = ("infer", "rebirth", "drain", "resume", "bench")  # what a node answers under cmd/
 
 
 @dataclass(frozen=True, slots=True)

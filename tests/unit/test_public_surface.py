@@ -44,6 +44,7 @@ def test_cli_verbs() -> None:
         "reload",
         "drain",
         "resume",
+        "bench",
     }
     ota = build_parser().parse_args(["ota", "gate"])
     assert ota.verb == "ota"
