@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx
 import modelzoo
@@ -25,6 +27,7 @@ def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
         versions: list[str] = []
         errors: list[str] = []
         stop = asyncio.Event()
+        answered = asyncio.Condition()
         async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
 
             async def hammer() -> None:
@@ -35,6 +38,8 @@ def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
                         errors.append(response.text)
                     else:
                         versions.append(response.json()["model_version"])
+                    async with answered:
+                        answered.notify_all()
 
             workers = [asyncio.create_task(hammer()) for _ in range(8)]
             reloads = []
@@ -42,9 +47,9 @@ def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
                 modelzoo.write(repo, "batchable", modelzoo.batchable(), version=version)
                 loaded = await client.post("/v2/repository/models/batchable/load")
                 reloads.append(loaded.json()["version"])
-                before = len(statuses)
-                while len(statuses) < before + 16:  # let traffic run on the new version
-                    await asyncio.sleep(0)
+                wanted = len(statuses) + 16
+                async with answered:  # let traffic run on the new version
+                    await answered.wait_for(lambda wanted=wanted: len(statuses) >= wanted)
             stop.set()
             await asyncio.gather(*workers)
             after = await client.post("/v2/models/batchable/infer", content=_body(x))
@@ -58,6 +63,51 @@ def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
     assert set(statuses) == {200}, f"failed statuses: {[s for s in statuses if s != 200]}"
     assert versions[-1] == "3"
     assert set(versions) <= {"1", "2", "3"}
+
+
+def test_a_request_in_flight_during_a_reload_finishes_on_the_old_version(serve, tmp_path, batches) -> None:
+    repo = tmp_path / "repo"
+    manifest = "slo_p99_ms = 600000.0\ninstances = 1\n"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest=manifest)  # y = 2x + 1
+    x = np.full((1, 4), 5.0, np.float32)
+    answers: dict[str, httpx.Response] = {}
+
+    def post(key: str, path: str, content: bytes = b"") -> threading.Thread:
+        url = f"{running.url}{path}"
+        thread = threading.Thread(
+            target=lambda: answers.update({key: httpx.post(url, content=content, timeout=60)})
+        )
+        thread.start()
+        return thread
+
+    # The old version waits for its requests however long they take: only then is the swap's order
+    # (new version serving while the old one computes) the one thing that lets the test through.
+    never = {"drain_timeout_s": 3600.0}
+    with serve(repo, server=never) as running, httpx.Client(base_url=running.url, timeout=60.0) as client:
+        hub = running.service.hub
+        with batches.holding(lambda batch: batch.version == "1"):
+            old = post("old", "/v2/models/batchable/infer", _body(x))
+            batches.wait_held()  # running on version 1's session
+            modelzoo.write(repo, "batchable", modelzoo.batchable(scale=10.0, offset=0.0), version=2)
+            reload = post("reload", "/v2/repository/models/batchable/load")
+            wait_until(lambda: hub.entry("batchable").version == "2", "version 2 swapped in")
+            new = client.post("/v2/models/batchable/infer", content=_body(x))
+            assert reload.is_alive()  # the load answers once version 1's requests have finished
+        old.join(60)
+        reload.join(60)
+    assert (new.status_code, new.json()["model_version"]) == (200, "2")
+    assert new.json()["outputs"][0]["data"] == [50.0] * 4  # version 2: y = 10x
+    assert (answers["old"].status_code, answers["old"].json()["model_version"]) == (200, "1")
+    assert answers["old"].json()["outputs"][0]["data"] == [11.0] * 4  # version 1's session computed it
+    assert (answers["reload"].status_code, answers["reload"].json()["version"]) == (200, "2")
+    assert [batch.version for batch in batches.of("batchable")] == ["1", "2"]
+
+
+def wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline_s = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline_s, f"never {what}"
+        time.sleep(0.005)
 
 
 def test_failed_reload_keeps_the_serving_version(serve, tmp_path) -> None:
