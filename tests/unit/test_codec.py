@@ -135,8 +135,38 @@ def test_bytes_tensor_truncation_is_named() -> None:
         tensors.decode_bytes_tensor((1).to_bytes(4, "little") + b"a", [2])
 
 
-def test_binary_views_are_zero_copy() -> None:
-    raw = np.arange(8, dtype=np.float32).tobytes()
+def test_binary_inputs_are_views_of_the_body_and_outputs_views_of_the_array() -> None:
+    """Zero-copy both ways: a write on one side shows on the other, which a copy would not."""
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    encoded = codec.encode_request({"x": x, "b": np.array([True, False])}, binary=True)
+    assert encoded.header_length is not None
+    body = bytearray(encoded.body())
+    request = codec.decode_request(body, encoded.header_length)
+    start = encoded.header_length
+    body[start : start + 4] = np.float32(42.0).tobytes()  # the first element of x, in the body
+    body[start + x.nbytes + 1] = 1  # the second element of b
+    assert request.inputs["x"][0, 0] == 42.0
+    assert request.inputs["b"].tolist() == [True, True]
+
+    raw = bytearray(x.tobytes())
     view = tensors.from_buffer(raw, "FP32", [2, 4])
-    assert not view.flags.owndata and view.base is not None
-    assert tensors.to_bytes(view).obj is not None
+    raw[-4:] = np.float32(-7.0).tobytes()
+    assert view[1, 3] == -7.0
+
+    outputs = np.arange(6, dtype=np.int64).reshape(3, 2)
+    blob = tensors.to_bytes(outputs)
+    outputs[2, 1] = 99
+    assert np.frombuffer(blob, np.int64)[-1] == 99
+    response = codec.encode_response(
+        model_name="m",
+        model_version="1",
+        request=codec.decode_request(*_binary_output_request()),
+        outputs={"y": outputs},
+    )
+    outputs[0, 0] = -5  # the response's binary part is the array's memory, not a snapshot of it
+    assert np.frombuffer(response.parts[1], np.int64)[0] == -5
+
+
+def _binary_output_request() -> tuple[bytes, int | None]:
+    encoded = codec.encode_request({"x": np.zeros((1, 4), np.float32)}, binary=False, binary_output=True)
+    return encoded.body(), encoded.header_length
