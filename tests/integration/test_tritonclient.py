@@ -46,12 +46,38 @@ def test_infer_binary_and_json(triton_client, binary: bool) -> None:
     assert result.get_response()["id"] == "abc"
 
 
-def test_infer_default_outputs_bytes_and_priority(triton_client) -> None:
+def test_infer_default_outputs_bytes(triton_client) -> None:
     text = np.array([b"alpha", b"\xce\xb2eta"], dtype=np.object_)
     tensor = triton.InferInput("text", [2], "BYTES")
     tensor.set_data_from_numpy(text)
-    result = triton_client.infer("strings", [tensor], priority=1, timeout=2_000_000)
+    result = triton_client.infer("strings", [tensor])
     assert result.as_numpy("echo").tolist() == [b"alpha", b"\xce\xb2eta"]
+
+
+@pytest.mark.parametrize(("priority", "expected"), [(0, "line"), (1, "line"), (2, "pool"), (9, "pool")])
+def test_priority_picks_the_class_the_request_runs_in(triton_client, batches, priority, expected) -> None:
+    """Triton's `priority`: 0 and 1 are line traffic; 2 and above run as pool work, on pool threads."""
+    x = np.full((1, 4), float(priority), np.float32)
+    tensor = triton.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    result = triton_client.infer("batchable", [tensor], priority=priority, timeout=60_000_000)
+    np.testing.assert_array_equal(result.as_numpy("y"), x * 2 + 1)
+    [batch] = batches.wait_for(lambda b: b.model == "batchable" and b.marks == (float(priority),))
+    assert (batch.priority, batch.is_background) == (expected, expected == "pool")
+    stats = triton_client.get_inference_statistics("batchable")["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] == 1
+
+
+def test_a_timeout_that_cannot_be_met_is_a_503_and_never_runs(triton_client, batches) -> None:
+    """Triton's `timeout` (microseconds) is the request's deadline: 1 us cannot be met."""
+    tensor = triton.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.full((1, 4), 3.0, np.float32))
+    with pytest.raises(InferenceServerException, match="after its deadline") as refused:
+        triton_client.infer("batchable", [tensor], timeout=1)
+    assert refused.value.status() == "503"
+    result = triton_client.infer("batchable", [tensor], timeout=60_000_000)  # the same, with time to run
+    np.testing.assert_array_equal(result.as_numpy("s"), [[12.0]])
+    assert [batch.marks for batch in batches.of("batchable")] == [(3.0,)]  # the refused one never ran
 
 
 def test_errors_surface_as_exceptions(triton_client) -> None:
