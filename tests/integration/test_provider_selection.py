@@ -15,12 +15,15 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from pydantic import BaseModel
 
+from appliance.engine.model import LoadedModel
+from appliance.engine.repository import Repository
 from appliance.errors import ModelLoadError, ProviderUnavailable
 from appliance.providers.base import AcceleratorConfig, Probe, SessionContext
 from appliance.providers.cpu import CPU
 from appliance.providers.fakehost import StaticHost
 from appliance.providers.registry import Registry
 from appliance.providers.selection import Fallback, Placement, open_session
+from appliance.settings import ModelSettings
 
 SHAPE = (2, 3, 8, 8)  # N, C, H, W
 RNG_SEED = 7
@@ -221,12 +224,37 @@ def test_a_provider_whose_session_creation_fails_falls_back(tmp_path: Path, regi
     assert placement.summary().startswith("cpu (CPUExecutionProvider: ")
 
 
-def test_per_model_override_puts_its_chain_before_the_global_one(tmp_path: Path, registry: Registry) -> None:
-    model_toml_providers = ["fake", "cpu"]  # what the engine reads from model.toml
-    chain = registry.chain(model_toml_providers or registry.chain(None))
-    placement = load(conv_model(tmp_path / "m.onnx"), tmp_path, registry, chain)
-    assert [f.provider for f in placement.fallbacks] == ["fake"]
-    assert placement.provider == "cpu"
+@pytest.mark.parametrize("fake_takes_it", [False, True], ids=["fake-refuses", "fake-takes"])
+def test_a_model_toml_provider_order_replaces_the_global_one_for_that_model(
+    tmp_path: Path, registry: Registry, fake_takes_it: bool
+) -> None:
+    repo = tmp_path / "repo"
+    for name in ("own_order", "global_order"):
+        (repo / name / "1").mkdir(parents=True)
+        conv_model(repo / name / "1" / "model.onnx")
+    (repo / "own_order" / "model.toml").write_text('providers = ["fake", "cpu"]\n')
+    settings = ModelSettings(providers=["cpu"])  # appliance.toml: [models] providers = ["cpu"]
+    configs = registry.configs({"fake": {"fail_session": not fake_takes_it}})
+
+    def placed(name: str) -> Placement:
+        source = Repository(repo).source(name)
+        loaded = LoadedModel.load(
+            source,
+            registry=registry,
+            settings=settings,
+            provider_configs=configs,
+            cache_dir=tmp_path / "cache",
+            threads_per_call=1,
+        )
+        return loaded.placement
+
+    own, other = placed("own_order"), placed("global_order")
+    if fake_takes_it:
+        assert (own.provider, own.fallbacks) == ("fake", [])
+    else:
+        assert own.provider == "cpu"
+        assert [(f.provider, f.stage) for f in own.fallbacks] == [("fake", "session")]
+    assert (other.provider, other.fallbacks) == ("cpu", [])  # the global order, which never names fake
 
 
 def test_the_fake_provider_takes_the_model_when_configured_to(tmp_path: Path, registry: Registry) -> None:
