@@ -170,6 +170,13 @@ class SchedulerSettings(BaseModel):
         "at idle CPU priority: no GIL shared with line work, and a crash or OOM on a pool job ends only "
         "that child. Costs a second copy of each model in memory.",
     )
+    solo_session: bool = Field(
+        True,
+        description="Where K > 1 workers split the cores (each call gets cores / K threads), a request "
+        "that runs alone runs on a second session with every core the model may use: low latency at "
+        "low load, K's throughput under load. Host-core providers only; costs a second copy of the "
+        "model in memory (logged, and in the model's config).",
+    )
 
 
 class PoolSettings(BaseModel):

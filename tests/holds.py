@@ -33,6 +33,7 @@ class Batch:
     in_pool_process: bool  # its worker hands it to the pool process
     marks: tuple[float, ...]  # per request, in batch order: the first element of its first input
     rows: int
+    is_solo: bool = False  # alone on the box: on the model's all-cores session
 
     @property
     def requests(self) -> int:
@@ -61,6 +62,7 @@ class Batches:
             in_pool_process=worker.replica is not None and worker.replica.is_usable,
             marks=tuple(_mark(work.payload.inputs) for work in run.items),
             rows=run.rows,
+            is_solo=run.is_solo,
         )
         with self._changed:
             self.seen.append(batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,12 @@ class LoadedModel:
     threads_per_call: int
     load_s: float
     warmup: list[tuple[int, float]] = field(default_factory=list)  # (rows, seconds)
+    # A second session on every core the model may use, for a request that runs alone (open_solo):
+    # DESIGN's one session per model splits the cores between K calls, which leaves a lone request
+    # on cores / K threads. None where K is 1 or the provider has no host cores to give.
+    solo: ort.InferenceSession | None = None
+    solo_threads: int = 0
+    solo_bytes: int = 0  # what the second session cost, as the process's RSS grew when it opened
 
     @property
     def name(self) -> str:
@@ -128,11 +135,32 @@ class LoadedModel:
             load_s=time.perf_counter() - started,
         )
 
+    def open_solo(self, threads: int) -> None:
+        """Open the second session, on `threads` threads, and record what it cost in memory; a
+        failure leaves the model without one (a lone request then runs as any other)."""
+        before = _rss_bytes()
+        try:
+            solo = ort.InferenceSession(
+                str(self.source.path), session_options(threads), providers=self.session.get_providers()
+            )
+            feed = self.example_inputs(1)
+            if feed is not None:
+                solo.run(None, feed)  # first run allocates
+        except Exception as exc:  # noqa: BLE001 - an optimisation: without it the model serves as before
+            log.warning(
+                "model %s: no %d-thread session for requests alone: %s", self.name, threads, ort_reason(exc)
+            )
+            return
+        self.solo, self.solo_threads = solo, threads
+        self.solo_bytes = max(0, _rss_bytes() - before)
+
     def run(
         self,
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None = None,
         control: RunControl | None = None,
+        *,
+        is_solo: bool = False,
     ) -> dict[str, np.ndarray]:
         """Run the session; InvalidInput when ORT rejects the values, InferenceFailed otherwise.
 
@@ -140,8 +168,9 @@ class LoadedModel:
         """
         names = list(outputs) if outputs is not None else self.signature.output_names
         feed = {name: _ort_value(name, array) for name, array in inputs.items()}
+        session = self.solo if is_solo and self.solo is not None else self.session
         try:
-            results = self.session.run(names, feed, control.options if control else None)
+            results = session.run(names, feed, control.options if control else None)
         except Exception as exc:
             if control is not None and control.is_terminated:
                 raise Terminated(f"model {self.name!r}: run stopped to make way for line work") from exc
@@ -231,6 +260,15 @@ class RunControl:
     def terminate(self) -> None:
         self.is_terminated = True
         self.options.terminate = True
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as stream:
+            return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def session_options(threads_per_call: int) -> ort.SessionOptions:

@@ -148,14 +148,18 @@ class ModelHub:
             entry = ModelEntry(name, State.READY, scheduler=scheduler, trials=trials)
             self._entries[name] = entry  # the swap: new requests go to the new scheduler from here
             self.cpu_budget.restart()
+            solo = ""
+            if model.solo is not None:
+                solo = f", {model.solo_threads} threads for one alone (+{model.solo_bytes / 1e6:.0f} MB)"
             log.log(
                 logging.WARNING if model.fallbacks else logging.INFO,
-                "model %s version %s ready: runs on %s; %s, %d instance(s), %s; loaded in %.2f s",
+                "model %s version %s ready: runs on %s; %s, %d instance(s)%s, %s; loaded in %.2f s",
                 name,
                 model.version,
                 model.placement.summary(),
                 model.precision,
                 scheduler.instances,
+                solo,
                 pool_where(ModelView.of(entry)),
                 model.load_s,
             )
@@ -204,8 +208,12 @@ class ModelHub:
             return model
 
         if wanted:
-            return load(max(1, cores // wanted)), wanted, []
-        return instance_choice.choose(load, cores)
+            model, count, trials = load(max(1, cores // wanted)), wanted, []
+        else:
+            model, count, trials = instance_choice.choose(load, cores)
+        if self.settings.scheduler.solo_session and model.placement.uses_host_cores and count > 1:
+            model.open_solo(cores)
+        return model, count, trials
 
     def _scheduler_config(self, model: LoadedModel, instances: int) -> SchedulerConfig:
         scheduler, pool = self.settings.scheduler, self.settings.pool

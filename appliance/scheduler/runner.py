@@ -65,7 +65,7 @@ class ModelScheduler:
         self.clock = clock
         self.cpu_budget = cpu_budget  # shared by every model of the process
         self.profile = LatencyProfile(window=config.profile_window)
-        self.profile.seed(model.warmup)
+        self.profile.seed(model.warmup, clock())
         self.batcher = Batcher(
             BatchRules(
                 max_rows=model.limits.max_batch_size,
@@ -159,6 +159,7 @@ class ModelScheduler:
         return await job.future
 
     def _admit(self, rows: int, priority: Priority, now_s: float, deadline_s: float) -> None:
+        self.profile.refresh(now_s)  # a burst of noise seconds ago weighs less now
         use_pool_workers = priority is Priority.POOL and self.pool_workers
         workers = self.pool_workers if use_pool_workers else self.line_workers
         admission.admit(
@@ -241,10 +242,17 @@ class ModelScheduler:
             batch.priority,
             batch.predicted_s,
             control=RunControl() if is_preemptible else None,
+            is_solo=not is_pool and self._is_alone(worker),
         )
         run.started_s = max(dispatched, starts_s)
         worker.submit(run)
         return True
+
+    def _is_alone(self, worker: Worker) -> bool:
+        """Nothing else runs or waits: the batch may take every core (the model's solo session)."""
+        if self.model.solo is None or worker.runs or len(self.queues.line) or len(self.queues.pool):
+            return False
+        return not any(w.runs for w in self.workers)
 
     def _preempt_one_pool_batch(self) -> None:
         for worker in self.workers:
@@ -297,8 +305,11 @@ class ModelScheduler:
         else:
             now = self.clock()
             if run.is_whole and run.compute_s > 0:
-                if not (worker.is_background and any(w.runs for w in self.line_workers)):
-                    self.profile.observe(run.rows, run.compute_s)  # not a pool batch slowed by line work
+                # Not a solo batch (all cores: not what K workers' batches take), nor a pool batch
+                # slowed by line work.
+                if not run.is_solo and not (worker.is_background and any(w.runs for w in self.line_workers)):
+                    # not a pool batch slowed by line work
+                    self.profile.observe(run.rows, run.compute_s, now)
                 self.stats.record_batch(run.rows, run.compute_s, len(run.items))
                 self.busy.add(now, run.compute_s)
             for work, outcome in zip(run.items, run.outcomes, strict=True):
@@ -334,6 +345,7 @@ class ModelScheduler:
 
     def capacity(self, reserved_share: float) -> Capacity:
         now = self.clock()
+        self.profile.refresh(now)
         max_ips, rows = self.ceiling.get(len(self.line_workers), self.batcher.row_limit)
         served = sum(meter.rate(now) for meter in self.served.values())
         return Capacity(max_ips, rows, served, spare(max_ips, served, reserved_share))

@@ -63,6 +63,7 @@ class ModelView:
     max_queue_delay_ms: float = 0.0
     instances: int = 0  # K: the threads that run line work on one session (scheduler.instances)
     threads_per_call: int = 0
+    solo: dict[str, Any] | None = None  # the all-cores session of a request alone: threads, memory
     pool: PoolView | None = None
     inputs: tuple[dict[str, Any], ...] = ()
     outputs: tuple[dict[str, Any], ...] = ()
@@ -129,6 +130,11 @@ class ModelView:
             max_queue_delay_ms=limits.max_queue_delay_ms,
             instances=instances,
             threads_per_call=model.threads_per_call,
+            solo=(
+                {"threads": model.solo_threads, "memory_mb": round(model.solo_bytes / 1e6, 1)}
+                if model.solo is not None
+                else None
+            ),
             pool=pool,
             inputs=tuple(tensor(spec) for spec in model.signature.inputs),
             outputs=tuple(tensor(spec) for spec in model.signature.outputs),

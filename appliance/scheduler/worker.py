@@ -43,6 +43,7 @@ class BatchRun:
     started_s: float = 0.0
     is_preempted: bool = False
     is_whole: bool = True  # False when the batch failed and items ran one by one
+    is_solo: bool = False  # alone on the box: run on the model's all-cores session (LoadedModel.solo)
     expired: list[tuple[Work, ApplianceError]] = field(default_factory=list)  # dropped before running
 
     def preempt(self) -> None:
@@ -134,7 +135,7 @@ class Worker:
             started = time.perf_counter()  # copies in and out count: they grow with the batch too
             self._away_s = 0.0
             feed = self._assemble(run.items, run.rows)
-            results = self._run(feed, run.control)
+            results = self._run(feed, run.control, is_solo=run.is_solo)
             run.outcomes = self._split(results, run)
             run.compute_s = time.perf_counter() - started - self._away_s
         except Terminated:
@@ -146,7 +147,9 @@ class Worker:
                 run.is_whole = False
                 run.outcomes = [self._run_alone(work) for work in run.items]
 
-    def _run(self, feed: dict[str, np.ndarray], control: RunControl | None) -> dict[str, np.ndarray]:
+    def _run(
+        self, feed: dict[str, np.ndarray], control: RunControl | None, *, is_solo: bool = False
+    ) -> dict[str, np.ndarray]:
         replica = self.replica
         if replica is not None and replica.is_usable:
             sent = time.perf_counter()
@@ -161,7 +164,7 @@ class Worker:
                     raise
                 # the pool process cannot load the model: run here, at idle priority, from now on
         if self._priority is None:
-            return self.model.run(feed, control=control)
+            return self.model.run(feed, control=control, is_solo=is_solo)
         with self._priority.lowered():
             return self.model.run(feed, control=control)
 

@@ -75,6 +75,7 @@ def config(view: ModelView) -> dict[str, Any]:
             "sha256": view.sha256,
             "slo_p99_ms": view.slo_p99_ms,
             "threads_per_call": view.threads_per_call,
+            "solo_session": view.solo,
             "instances": view.instances,
             "pool_threads": pool.threads if pool else 0,
             "pool_process": pool is not None and pool.process is not None,

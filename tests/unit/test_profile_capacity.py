@@ -122,3 +122,33 @@ def test_a_bending_profile_prefers_the_batch_with_the_best_rate() -> None:
     straight = LatencyProfile()
     straight.seed([(r, 0.001 + 0.001 * r) for r in (1, 4, 16) for _ in range(3)])
     assert straight.per_row2_s == 0.0 and straight.best_rows(16) == 16
+
+
+def test_the_p99_margin_forgets_a_burst_of_noise_with_time() -> None:
+    """Regression (issue 14): a noisy burst left the margin high for as long as its batches stayed in
+    the window, and a pessimistic model refuses the very batches that would replace them."""
+    profile = LatencyProfile(window=256)
+    now = 1000.0
+    for index in range(256):  # another process takes the cores: every other batch at 4x its time
+        now += 0.04
+        profile.observe(4, 0.012 if index % 2 else 0.003, now)
+    profile.refit(now)
+    noisy = profile.margin_ratio
+    assert noisy > 1.5
+    profile.refresh(now + 30.0)  # no batch since: time alone brings it back to the fit
+    assert profile.margin_ratio < 1.1 < noisy
+    for _ in range(64):  # and steady, ordinary batches keep it there
+        now += 0.04
+        profile.observe(4, 0.003, now + 30.0)
+    profile.refresh(now + 31.0)
+    assert profile.margin_ratio < 1.1
+
+
+def test_the_margin_still_holds_noise_that_goes_on() -> None:
+    profile = LatencyProfile(window=256)
+    now = 0.0
+    for index in range(512):  # one batch in ten is slow, all along
+        now += 0.04
+        profile.observe(4, 0.009 if index % 10 == 0 else 0.003, now)
+    profile.refresh(now + 0.6)
+    assert profile.margin_ratio > 2.0

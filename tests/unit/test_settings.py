@@ -108,6 +108,7 @@ def test_every_field_is_described_and_units_are_named() -> None:
         "records_dir",
         "log_format",
         "max_tensor_rank",
+        "solo_session",
     }
     units = (
         "_s", "_ms", "_bytes", "_pct", "_requests", "_batches", "_size", "_responses", "_ips",
