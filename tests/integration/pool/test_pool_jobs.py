@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from holds import Batches
 from pool_brokers import Broker
 from pool_recorder import Names, X, ask, job, pool_section, validate
 
@@ -24,12 +26,20 @@ async def test_job_runs_and_answers_on_the_response_topic(
     names: Names,
     recorder_factory: Any,
     binary: bool,
+    batches: Batches,
 ) -> None:
     if binary and not broker.is_v5:
         pytest.skip("binary tensors need MQTT 5 user properties")
     recorder = await recorder_factory(broker, names)
     with serve(pool_repository, pool=pool_section(broker, names)) as running:
         await recorder.node("birth")
+        replica = running.service.hub.scheduler("batchable").replica
+        assert replica is not None and replica.pid not in (None, os.getpid())
+        # The pool process, killed while idle, is started again by the next batch that goes to it:
+        # so a restart below shows the job's batch went there.
+        first_child = replica._child.process
+        first_child.kill()
+        first_child.wait()
         body, user = job(binary, timeout=5_000_000)
         validate("job_request", orjson.loads(body[: int(user.get(codec.HEADER_LENGTH, len(body)))]))
         answer = await ask(recorder, names, "infer/batchable", body, user=user, expiry_s=30)
@@ -42,9 +52,9 @@ async def test_job_runs_and_answers_on_the_response_topic(
         assert event["model"] == "batchable" and event["status"] == 200
         scheduler = running.service.hub.scheduler("batchable")
         assert scheduler.stats.requests[("pool", "success")] == 1
-        assert (
-            scheduler.replica is not None and scheduler.replica.pid is not None
-        )  # it ran in the pool process
+        [batch] = batches.of("batchable")
+        assert (batch.priority, batch.is_background, batch.in_pool_process) == ("pool", True, True)
+        assert replica.restarts == 1 and replica.pid not in (None, first_child.pid, os.getpid())
 
 
 @pytest.mark.asyncio
