@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 READY = re.compile(r"ready on http://([\d.]+):(\d+)")
+HELD = re.compile(r"^held: (\S+) batch of (\d+) request")
+HELD_SERVE = Path(__file__).with_name("held_serve.py")
 
 
 @dataclass
@@ -42,6 +45,12 @@ class Process:
         host, port = self.wait_for(READY).groups()
         return f"http://{host}:{port}"
 
+    def release(self) -> None:
+        """Let one held batch run (a process started with `held=`)."""
+        assert self.popen.stdin is not None, "started without held="
+        self.popen.stdin.write("go\n")
+        self.popen.stdin.flush()
+
 
 def environment(tmp_path: Path, **settings: str) -> dict[str, str]:
     """This environment without appliance or systemd variables; directories under tmp_path (kept across
@@ -59,14 +68,30 @@ def environment(tmp_path: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+def command(*args: str, held: str | None = None) -> list[str]:
+    """`python -m appliance ARGS`, or with `held`, the same through tests/held_serve.py (which needs
+    TEST_HOLD_MODEL=<held> in the environment and a stdin to read releases from)."""
+    if held is None:
+        return [sys.executable, "-m", "appliance", *args]
+    return [sys.executable, str(HELD_SERVE), *args]
+
+
 @contextmanager
-def appliance(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Process]:
+def appliance(
+    args: list[str], tmp_path: Path, env: dict[str, str] | None = None, *, held: str | None = None
+) -> Iterator[Process]:
+    """`python -m appliance ARGS` with its output read line by line; with `held`, every batch of that
+    model waits at the worker until `Process.release()` (tests/held_serve.py)."""
+    environ = dict(env or environment(tmp_path))
+    if held is not None:
+        environ["TEST_HOLD_MODEL"] = held
     popen = subprocess.Popen(
-        [sys.executable, "-m", "appliance", *args],
+        command(*args, held=held),
+        stdin=subprocess.PIPE if held is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env or environment(tmp_path),
+        env=environ,
     )
     process = Process(popen)
 
@@ -81,6 +106,9 @@ def appliance(args: list[str], tmp_path: Path, env: dict[str, str] | None = None
     try:
         yield process
     finally:
+        if popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                popen.stdin.close()  # releases whatever is still held
         if popen.poll() is None:
             popen.send_signal(signal.SIGKILL)
         popen.wait(30)

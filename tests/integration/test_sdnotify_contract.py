@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +18,7 @@ import httpx
 import modelzoo
 import numpy as np
 import pytest
+from subprocesses import command
 
 from appliance.protocol import codec
 
@@ -89,9 +90,12 @@ def is_stopping(message: Message) -> bool:
 
 @contextmanager
 def serving(
-    tmp_path: Path, repo: Path, watchdog_usec: int, **settings: str
+    tmp_path: Path, repo: Path, watchdog_usec: int, held: str | None = None, **settings: str
 ) -> Iterator[tuple[Manager, Callable[[], str], subprocess.Popen[bytes]]]:
-    """`python -m appliance serve` notifying a Manager; yields it, the URL reader and the process."""
+    """`python -m appliance serve` notifying a Manager; yields it, the URL reader and the process.
+
+    With `held`, that model's batches wait at the worker until a line is written to the process's
+    stdin (tests/held_serve.py)."""
     manager = Manager(tmp_path / "notify.sock")
     log_path = tmp_path / "serve.log"
     env = {
@@ -108,9 +112,15 @@ def serving(
         APPLIANCE_SCHEDULER__INSTANCES="1",
         **settings,
     )
-    command = [sys.executable, "-m", "appliance", "serve", "--model-repository", str(repo), "--port", "0"]
+    if held is not None:
+        env["TEST_HOLD_MODEL"] = held
+    args = command(
+        "serve", "--model-repository", str(repo), "--port", "0",
+        held=held,
+    )  # fmt: skip
+    stdin = subprocess.PIPE if held is not None else subprocess.DEVNULL
     with log_path.open("wb") as log:  # a file, not a pipe: a hung worker logs every watchdog period
-        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        popen = subprocess.Popen(args, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def url() -> str:
         """The service's URL, from its log; call it after READY=1, which follows that log line."""
@@ -121,6 +131,9 @@ def serving(
     try:
         yield manager, url, popen
     finally:
+        if popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                popen.stdin.close()  # releases whatever is still held
         if popen.poll() is None:
             popen.kill()
         popen.wait(WAIT_S)
@@ -156,28 +169,41 @@ def test_loading_then_ready_then_watchdog_then_stopping_on_sigterm(tmp_path: Pat
 
 def test_watchdog_pings_stop_while_a_worker_hangs_and_resume_after(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    modelzoo.write(repo, "heavy", modelzoo.heavy(), manifest=modelzoo.HEAVY_MANIFEST)
-    hang = {"APPLIANCE_SYSTEM__WATCHDOG_HANG_S": "0.01"}
-    with serving(tmp_path, repo, watchdog_usec=20_000, **hang) as (manager, url, popen):
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="slo_p99_ms = 600000.0\n")
+    # The batch is held at the worker until the test lets it go: a hang as long as the test needs,
+    # whatever the watchdog period or the box's load.
+    hang = {"APPLIANCE_SYSTEM__WATCHDOG_HANG_S": "0.05"}
+    with serving(tmp_path, repo, watchdog_usec=100_000, held="batchable", **hang) as (manager, url, popen):
         ready = manager.wait_for(is_ready, what="READY=1")
         manager.wait_for(is_ping, after=ready + 1, what="WATCHDOG=1 before the request")
-        encoded = codec.encode_request({"x": np.ones((modelzoo.HEAVY_ROWS, 512), np.float32)})
+        encoded = codec.encode_request({"x": np.ones((1, 4), np.float32)})
         headers = {codec.HEADER_LENGTH: str(encoded.header_length)}
         answers: list[httpx.Response] = []
         request = threading.Thread(
             target=lambda: answers.append(
                 httpx.post(
-                    f"{url()}/v2/models/heavy/infer", content=encoded.body(), headers=headers, timeout=WAIT_S
+                    f"{url()}/v2/models/batchable/infer",
+                    content=encoded.body(),
+                    headers=headers,
+                    timeout=WAIT_S,
                 )
             )
         )
         request.start()
         hung = manager.wait_for(is_hung, after=ready + 1, what="STATUS=worker hung")
-        assert "'heavy': [0]" in manager.messages[hung][0]
+        assert "'batchable': [0]" in manager.messages[hung][0]
+        # Three more watchdog periods with the worker still stuck: each says so, none pings.
+        last = hung
+        for _ in range(3):
+            last = manager.wait_for(is_hung, after=last + 1, what="STATUS=worker hung, again")
+        assert not any(is_ping(m) for m in manager.messages[hung : last + 1]), manager.messages[hung:]
+        assert answers == []  # still held
+        assert popen.stdin is not None
+        popen.stdin.write(b"go\n")  # the batch runs and the request is answered
+        popen.stdin.flush()
         request.join(WAIT_S)
         assert [a.status_code for a in answers] == [200]
-        resumed = manager.wait_for(is_ping, after=hung, what="WATCHDOG=1 after the batch")
-        assert all(is_hung(m) for m in manager.messages[hung:resumed]), manager.messages[hung:resumed]
+        resumed = manager.wait_for(is_ping, after=last, what="WATCHDOG=1 after the batch")
         manager.wait_for(is_ping, after=resumed + 1, what="WATCHDOG=1 once more")
 
         popen.send_signal(signal.SIGTERM)
