@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 
 import httpx
 import modelzoo
 import numpy as np
+import orjson
 import pytest
 
 from appliance.protocol import codec
@@ -182,6 +183,135 @@ def test_binary_errors(client: httpx.Client) -> None:
     assert no_header.status_code == 400 and "Inference-Header-Content-Length" in no_header.json()["error"]
 
 
+def post_parts(
+    client: httpx.Client, model: str, header: dict, blob: bytes = b""
+) -> tuple[httpx.Response, dict | None, bytes]:
+    """A request assembled by hand: its JSON header, then `blob`; the answer split the same way."""
+    head = orjson.dumps(header)
+    response = client.post(
+        f"/v2/models/{model}/infer", content=head + blob, headers={codec.HEADER_LENGTH: str(len(head))}
+    )
+    length = response.headers.get(codec.HEADER_LENGTH)
+    if response.status_code != 200 or length is None:
+        return response, None, b""
+    return response, orjson.loads(response.content[: int(length)]), response.content[int(length) :]
+
+
+def test_mixed_binary_and_json_inputs_and_outputs(client: httpx.Client) -> None:
+    a = np.array([[1, 2], [3, 4]], np.int64)
+    m = np.array([[True, False], [False, True]])
+    header = {
+        "inputs": [
+            {"name": "a", "datatype": "INT64", "shape": [2, 2], "parameters": {"binary_data_size": a.nbytes}},
+            {"name": "b", "datatype": "FP32", "shape": [2, 2], "data": [0.5, 1.5, 2.5, 3.5]},
+            {"name": "m", "datatype": "BOOL", "shape": [2, 2], "parameters": {"binary_data_size": m.nbytes}},
+        ],
+        "outputs": [{"name": "c", "parameters": {"binary_data": True}}, {"name": "k"}],
+    }
+    response, document, blob = post_parts(client, "mixed", header, a.tobytes() + m.tobytes())
+    assert response.status_code == 200, response.text
+    assert document is not None
+    c, k = document["outputs"]
+    assert (c["name"], c["parameters"], "data" in c) == ("c", {"binary_data_size": 16}, False)
+    expected_c = np.where(m, a + np.array([[0.5, 1.5], [2.5, 3.5]]), 0).astype(np.float32)
+    np.testing.assert_array_equal(np.frombuffer(blob, np.float32).reshape(2, 2), expected_c)
+    assert (k["name"], k["data"], "parameters" in k) == ("k", [3, 6, 9, 12], False)
+    assert len(blob) == 16  # only the binary output follows the header
+
+
+def test_rank_0_tensors_in_and_out_as_binary(client: httpx.Client) -> None:
+    header = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [], "parameters": {"binary_data_size": 4}}],
+        "parameters": {"binary_data_output": True},
+    }
+    response, document, blob = post_parts(client, "scalar", header, np.float32(3.0).tobytes())
+    assert document is not None, response.text
+    assert document["outputs"] == [
+        {"name": "y", "datatype": "FP32", "shape": [], "parameters": {"binary_data_size": 4}}
+    ]
+    assert np.frombuffer(blob, np.float32).tolist() == [9.0]
+
+
+def test_zero_size_tensors(client: httpx.Client) -> None:
+    """An empty BYTES tensor runs (its outputs are empty too); zero rows for a batched model are refused."""
+    header = {
+        "inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": [0], "parameters": {"binary_data_size": 0}}
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    response, document, blob = post_parts(client, "strings", header)
+    assert document is not None, response.text
+    echo, n = document["outputs"]
+    assert (echo["shape"], echo["parameters"]) == ([0], {"binary_data_size": 0})
+    assert (n["shape"], n["parameters"]) == ([1], {"binary_data_size": 8})
+    assert np.frombuffer(blob, np.int64).tolist() == [0]  # n: the length of the empty tensor
+    for binary in (True, False):
+        empty = np.zeros((0, 4), np.float32)
+        refused = infer(client, "batchable", {"x": empty}, binary=binary)
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "inputs have 0 rows; send at least one"
+
+
+@pytest.mark.parametrize(
+    ("model", "header", "blob", "message"),
+    [
+        (
+            "batchable",
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [1, 4],
+                        "parameters": {"binary_data_size": -16},
+                    }
+                ]
+            },
+            b"\0" * 16,
+            "input 'x' binary_data_size must be a non-negative integer",
+        ),
+        (
+            "strings",
+            {
+                "inputs": [
+                    {"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}
+                ]
+            },
+            (10).to_bytes(4, "little") + b"ab",
+            "input 'text': BYTES tensor truncated: element 0 declares 10 bytes, 2 remain",
+        ),
+        (
+            "strings",
+            {
+                "inputs": [
+                    {"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 3}}
+                ]
+            },
+            b"\x01\x00\x00",
+            "input 'text': BYTES tensor truncated: length prefix at byte 0 is incomplete",
+        ),
+        (
+            "strings",
+            {
+                "inputs": [
+                    {"name": "text", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 6}}
+                ]
+            },
+            (2).to_bytes(4, "little") + b"ab",
+            "input 'text': BYTES tensor has 1 elements; shape [2] needs 2",
+        ),
+    ],
+    ids=["negative-binary-data-size", "bytes-prefix-past-the-end", "bytes-prefix-cut", "bytes-too-few"],
+)
+def test_malformed_binary_layouts_get_400(
+    client: httpx.Client, model: str, header: dict, blob: bytes, message: str
+) -> None:
+    response, _, _ = post_parts(client, model, header, blob)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == message
+
+
 def test_runtime_rejection_of_input_values_is_a_400(client: httpx.Client) -> None:
     response = infer(client, "gather", {"idx": np.array([[7]], np.int64)})
     assert response.status_code == 400
@@ -286,23 +416,69 @@ def test_capacity_report(client: httpx.Client) -> None:
     assert report["models"]["corrupt"]["state"] == "UNAVAILABLE"
 
 
-def test_overload_is_a_503_with_retry_after_never_a_500(serve, tmp_path) -> None:
-    repo = tmp_path / "repo"
-    modelzoo.write(repo, "heavy", modelzoo.heavy(layers=64, width=512), manifest="slo_p99_ms = 10000\n")
-
-    async def scenario(url: str) -> list[httpx.Response]:
-        encoded = codec.encode_request(
-            {"x": np.ones((4, 512), np.float32)}, binary=False, binary_output=False
+def _posting(url: str, x: np.ndarray, **parameters: int) -> tuple[threading.Thread, list[httpx.Response]]:
+    """POST an inference from a thread of its own; its answer lands in the list."""
+    body = codec.encode_request({"x": x}, binary=False, binary_output=False, parameters=parameters).body()
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(f"{url}/v2/models/batchable/infer", content=body, timeout=60)
         )
-        async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
-            return await asyncio.gather(
-                *(client.post("/v2/models/heavy/infer", content=encoded.body()) for _ in range(24))
-            )
+    )
+    thread.start()
+    return thread, answers
 
-    with serve(repo, scheduler={"instances": 1, "line_queue_max_requests": 1}) as running:
-        responses = asyncio.run(scenario(running.url))
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses
-    refused = [r for r in responses if r.status_code == 503]
+
+ONE_WORKER = "slo_p99_ms = 600000.0\ninstances = 1\n[batching]\nmax_batch_size = 1\n"
+
+
+def test_overload_is_a_503_with_retry_after_never_a_500(serve, tmp_path, batches) -> None:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest=ONE_WORKER)
+    with serve(repo, scheduler={"line_queue_max_requests": 1}) as running:
+        with batches.holding(lambda batch: batch.marks == (0.0,)):
+            first = _posting(running.url, np.zeros((1, 4), np.float32))
+            batches.wait_held()  # running
+            second = _posting(running.url, np.ones((1, 4), np.float32))
+            running.wait_inflight("batchable", 2)  # queued ahead on the busy worker
+            third = _posting(running.url, np.full((1, 4), 2.0, np.float32))
+            running.wait_inflight("batchable", 3)  # in the line queue, which holds one
+            with httpx.Client(base_url=running.url, timeout=60) as client:
+                refused = [infer(client, "batchable", {"x": np.ones((1, 4), np.float32)}) for _ in range(3)]
+        for thread, _ in (first, second, third):
+            thread.join(60)
+    assert [answers[0].status_code for _, answers in (first, second, third)] == [200, 200, 200]
+    assert [r.status_code for r in refused] == [503, 503, 503]
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
-    assert all("line queue is full" in r.json()["error"] for r in refused)
+    assert all("line queue is full (1 requests waiting)" in r.json()["error"] for r in refused)
+    assert [batch.marks for batch in batches.of("batchable")] == [(0.0,), (1.0,), (2.0,)]
+
+
+def test_a_request_whose_timeout_passes_in_the_queue_is_a_503_and_never_runs(
+    serve, tmp_path, batches
+) -> None:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest=ONE_WORKER)
+    with serve(repo) as running:
+        with batches.holding(lambda batch: batch.marks == (0.0,)):
+            first = _posting(running.url, np.zeros((1, 4), np.float32))
+            batches.wait_held()
+            second = _posting(running.url, np.ones((1, 4), np.float32))
+            running.wait_inflight("batchable", 2)  # queued ahead on the busy worker: the line queue is empty
+            # parameters.timeout (us, as Triton): 100 ms, which it spends waiting in the line queue.
+            with httpx.Client(base_url=running.url, timeout=60) as client:
+                late = infer(
+                    client,
+                    "batchable",
+                    {"x": np.full((1, 4), 2.0, np.float32)},
+                    parameters={"timeout": 100_000},
+                )
+        for thread, _ in (first, second):
+            thread.join(60)
+    assert late.status_code == 503 and int(late.headers["retry-after"]) >= 1
+    assert (
+        "expired in the queue" in late.json()["error"]
+        and "(deadline 100.0 ms); it was not run" in late.json()["error"]
+    )
+    assert [answers[0].status_code for _, answers in (first, second)] == [200, 200]
+    assert [batch.marks for batch in batches.of("batchable")] == [(0.0,), (1.0,)]
