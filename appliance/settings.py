@@ -114,6 +114,18 @@ class ServerSettings(BaseModel):
         "no shape can ask for a huge buffer; checked before anything is allocated. The default holds "
         "any tensor a 64 MiB body can carry.",
     )
+    max_shm_regions: int = Field(
+        64,
+        ge=0,
+        description="System shared-memory regions (Triton's extension, for local trusted clients) that "
+        "may be registered at once; one more is refused with 413. 0 turns shared memory off.",
+    )
+    max_shm_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=0,
+        description="Bytes all registered shared-memory regions may map together; a registration past "
+        "it is refused with 413. The memory is the client's; the service maps it, never allocates it.",
+    )
 
 
 class ModelSettings(BaseModel):

@@ -1,20 +1,26 @@
 """The one request path of every transport: lookup, limits, read, decode, infer, encode.
 
-HTTP, MQTT pool jobs (and later gRPC and shared memory) only adapt their framing: they hand `infer` a
-way to read the body under a limit and turn what it returns or raises into their own answer through
-`outcomes.TABLE`. A limit or a fix made here holds for every transport.
+HTTP, gRPC and MQTT pool jobs only adapt their framing: they hand `infer` a way to read the body
+under a limit (and, for gRPC, the codec of its messages) and turn what it returns or raises into their
+own answer through `outcomes.TABLE`. Shared-memory regions are read and written here too, for the
+transports of local clients. A limit or a fix made here holds for every transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
 
 from appliance import errors
 from appliance.dataplane.outcomes import Refusals
+from appliance.dataplane.regions import SharedMemory
 from appliance.protocol import codec
+from appliance.protocol.shared_memory import Regions
 from appliance.scheduler.hub import ModelHub
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler
@@ -42,6 +48,41 @@ class CallAbandoned(Exception):
 Check = Callable[[ModelScheduler], None]
 
 
+class Framing(Protocol):
+    """How a transport's inference messages are coded: KServe v2 JSON and binary tensors (HTTP, MQTT),
+    or gRPC's protobuf. Both run the codec's checks (limits, `expect`, regions) on every input."""
+
+    def decode(
+        self,
+        body: bytes | bytearray | memoryview,
+        header_length: int | None,
+        *,
+        limits: ShapeLimits,
+        expect: codec.Expectation,
+        regions: Regions | None,
+    ) -> codec.InferenceRequest: ...
+
+    def encode(
+        self,
+        *,
+        model_name: str,
+        model_version: str,
+        request: codec.InferenceRequest,
+        outputs: Mapping[str, np.ndarray],
+        regions: Regions | None,
+    ) -> codec.EncodedResponse: ...
+
+
+class JsonFraming:
+    """KServe v2 JSON, with binary tensors after the JSON header when the header length is given."""
+
+    decode = staticmethod(codec.decode_request)
+    encode = staticmethod(codec.encode_response)
+
+
+JSON_FRAMING = JsonFraming()
+
+
 def priority_class(priority: int) -> Priority:
     """Triton's parameters.priority: 0 (default) and 1 are line traffic; 2 and above run as pool work."""
     return Priority.LINE if priority <= 1 else Priority.POOL
@@ -60,6 +101,8 @@ class Call:
     max_timeout_s: float | None = None  # the transport's own deadline (a job's message expiry)
     is_json_only: bool = False  # the answer must be JSON (MQTT 3.1.1 carries no header length)
     check: Check | None = None  # the transport's admission rule, after lookup and before the body
+    framing: Framing = JSON_FRAMING
+    has_shared_memory: bool = False  # its clients may name shared-memory regions (local transports)
 
 
 @dataclass(slots=True)
@@ -84,6 +127,7 @@ class DataPlane:
         self.limits = ShapeLimits(server.max_tensor_rank, server.max_tensor_elements)
         self.retry_after_s = server.retry_after_s
         self.refusals = Refusals(hub.is_served)
+        self.regions = SharedMemory(server.max_shm_regions, server.max_shm_bytes)
 
     def refuse(self, model: str | None, priority: Priority | str, exc: BaseException) -> None:
         """Count a refusal a transport made on its own (401, 431, a connection limit)."""
@@ -119,7 +163,8 @@ class DataPlane:
             call.check(scheduler)
         header_length = codec.decimal(call.header_length, "Inference-Header-Content-Length")
         body = await call.read(self.body_limit(scheduler))
-        request = await self._decode(scheduler, body, header_length)
+        regions = self.regions if call.has_shared_memory else None
+        request = await self._decode(scheduler, call.framing, body, header_length, regions)
         progress.priority = call.priority or priority_class(request.priority)
         # Look up again with no await before admission: a reload may have swapped the model meanwhile.
         scheduler = self.hub.scheduler(call.model, call.version)
@@ -132,8 +177,12 @@ class DataPlane:
         outputs = await scheduler.infer(
             request.inputs, priority=progress.priority, timeout_s=_timeout_s(call, request)
         )
-        encoded = codec.encode_response(
-            model_name=call.model, model_version=scheduler.model.version, request=request, outputs=outputs
+        encoded = call.framing.encode(
+            model_name=call.model,
+            model_version=scheduler.model.version,
+            request=request,
+            outputs=outputs,
+            regions=regions,
         )
         return Answer(encoded, request, scheduler.model.version)
 
@@ -153,7 +202,12 @@ class DataPlane:
         return min(self.max_body_bytes, needed)
 
     async def _decode(
-        self, scheduler: ModelScheduler, body: bytes | bytearray | memoryview, header_length: int | None
+        self,
+        scheduler: ModelScheduler,
+        framing: Framing,
+        body: bytes | bytearray | memoryview,
+        header_length: int | None,
+        regions: Regions | None,
     ) -> codec.InferenceRequest:
         model = scheduler.model
         max_rows = model.limits.max_batch_size if model.limits.is_batched else None
@@ -163,7 +217,7 @@ class DataPlane:
 
         def decode() -> codec.InferenceRequest:
             try:
-                return codec.decode_request(body, header_length, limits=self.limits, expect=expect)
+                return framing.decode(body, header_length, limits=self.limits, expect=expect, regions=regions)
             except RecursionError:
                 raise errors.InvalidInput("request JSON is nested too deeply") from None
 

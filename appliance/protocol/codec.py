@@ -1,4 +1,5 @@
-"""KServe v2 inference request/response codecs: JSON and the binary tensor extension, both ways."""
+"""KServe v2 inference request/response codecs: JSON, the binary tensor extension and Triton's
+shared-memory parameters, both ways."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import orjson
 from appliance import tensors
 from appliance.errors import InvalidInput
 from appliance.protocol import bulk_json
+from appliance.protocol.shared_memory import RegionRef, Regions, region_ref, write_region
+from appliance.protocol.tensor_data import from_json_data, json_data
 
 # https://github.com/kserve/open-inference-protocol/blob/main/specification/protocol/inference_rest.md
 # and Triton's binary tensor data extension (docs/protocol/extension_binary_data.md).
@@ -24,6 +27,7 @@ BINARY_TYPE = "application/octet-stream"
 class RequestedOutput:
     name: str
     binary: bool | None = None  # None: follow the request's binary_data_output
+    region: RegionRef | None = None  # written into shared memory, answered without data
 
 
 @dataclass(slots=True)
@@ -82,16 +86,48 @@ def decimal(raw: str | bytes | None, what: str) -> int | None:
     return int(text)
 
 
+class Payload:
+    """The binary tensor data inputs take in turn: after the JSON header (one part, each input taking
+    its binary_data_size) or gRPC's raw_input_contents (one part per input, taken whole)."""
+
+    def __init__(self, parts: Sequence[memoryview], *, is_split: bool = False) -> None:
+        self._parts = list(parts)
+        self._is_split = is_split  # one part per input (gRPC) rather than one to slice (HTTP)
+        self._offset = 0
+
+    def take(self, name: str, size: int) -> memoryview:
+        if self._is_split:
+            part = self._parts.pop(0) if self._parts else memoryview(b"")
+            if len(part) != size:  # the gRPC framing declares each part's own size: never so
+                raise InvalidInput(f"input {name!r} declares {size} bytes; its raw part has {len(part)}")
+            return part
+        part = self._parts[0] if self._parts else memoryview(b"")
+        remaining = len(part) - self._offset
+        if size > remaining:
+            raise InvalidInput(
+                f"input {name!r} declares binary_data_size {size}; only {remaining} bytes remain"
+            )
+        self._offset += size
+        return part[self._offset - size : self._offset]
+
+    def check_claimed(self) -> None:
+        unclaimed = sum(len(p) for p in self._parts) - (0 if self._is_split else self._offset)
+        if unclaimed or (self._is_split and self._parts):
+            raise InvalidInput(f"request carries {unclaimed} bytes of binary data that no input claims")
+
+
 def decode_request(
     body: bytes | bytearray | memoryview,
     header_length: int | None = None,
     *,
     limits: tensors.ShapeLimits = _NO_LIMITS,
     expect: Expectation | None = None,
+    regions: Regions | None = None,
 ) -> InferenceRequest:
     """Decode a v2 request; `header_length` is the Inference-Header-Content-Length header, if sent.
 
-    Every input's declared shape passes `limits`, then `expect`, before its data is touched.
+    Every input's declared shape passes `limits`, then `expect`, before its data is touched. Inputs
+    and outputs may name shared-memory regions only where `regions` is given.
     """
     view = memoryview(body)
     if header_length is None:
@@ -109,15 +145,18 @@ def decode_request(
         raise InvalidInput(f"request body is not valid JSON: {exc}{hint}") from None
     if not isinstance(document, dict):
         raise InvalidInput(f"request must be a JSON object, got {type(document).__name__}")
-    return _request_from_document(document, binary, limits, expect)
+    return decode_document(document, Payload([binary]), limits=limits, expect=expect, regions=regions)
 
 
-def _request_from_document(
+def decode_document(
     document: dict[str, Any],
-    binary: memoryview,
+    payload: Payload,
+    *,
     limits: tensors.ShapeLimits = _NO_LIMITS,
     expect: Expectation | None = None,
+    regions: Regions | None = None,
 ) -> InferenceRequest:
+    """A request from its JSON document (or gRPC's, in the same shape) and its binary data."""
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"request 'id' must be a string, got {request_id!r}")
@@ -126,31 +165,27 @@ def _request_from_document(
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request 'inputs' must be a non-empty list")
     inputs: dict[str, np.ndarray] = {}
-    offset = 0
     for raw in raw_inputs:
-        name, array, used = _decode_input(raw, binary[offset:], limits, expect)
+        name, array = _decode_input(raw, payload, limits, expect, regions)
         if name in inputs:
             raise InvalidInput(f"input {name!r} appears more than once")
         inputs[name] = array
-        offset += used
-    if offset != len(binary):
-        raise InvalidInput(
-            f"request carries {len(binary) - offset} bytes of binary data that no input claims"
-        )
+    payload.check_claimed()
     return InferenceRequest(
         inputs=inputs,
         id=request_id,
-        outputs=_requested_outputs(document.get("outputs")),
+        outputs=_requested_outputs(document.get("outputs"), regions),
         parameters=parameters,
     )
 
 
 def _decode_input(
     raw: Any,
-    binary: memoryview,
+    payload: Payload,
     limits: tensors.ShapeLimits = _NO_LIMITS,
     expect: Expectation | None = None,
-) -> tuple[str, np.ndarray, int]:
+    regions: Regions | None = None,
+) -> tuple[str, np.ndarray]:
     if not isinstance(raw, dict):
         raise InvalidInput(f"each input must be a JSON object, got {raw!r:.80}")
     name = raw.get("name")
@@ -168,83 +203,34 @@ def _decode_input(
     limits.check(name, shape)
     if expect is not None:
         expect(name, datatype, shape)
-    parameters = _parameters(raw.get("parameters"), f"input {name!r}")
+    owner = f"input {name!r}"
+    parameters = _parameters(raw.get("parameters"), owner)
     size = parameters.get("binary_data_size")
+    region = region_ref(parameters, owner, regions)
+    if ("data" in raw) + (size is not None) + (region is not None) > 1:
+        raise InvalidInput(f"{owner} has more than one of 'data', binary_data_size and shared_memory_region")
+    if region is not None:
+        assert regions is not None
+        return name, _from_buffer(owner, regions.view(region), datatype, shape)
     if size is not None:
-        if "data" in raw:
-            raise InvalidInput(f"input {name!r} has both 'data' and binary_data_size")
         if type(size) is not int or size < 0:
-            raise InvalidInput(f"input {name!r} binary_data_size must be a non-negative integer")
-        if size > len(binary):
-            raise InvalidInput(
-                f"input {name!r} declares binary_data_size {size}; only {len(binary)} bytes remain"
-            )
-        try:
-            return name, tensors.from_buffer(binary[:size], datatype, shape), size
-        except InvalidInput as exc:
-            raise InvalidInput(f"input {name!r}: {exc}") from None
+            raise InvalidInput(f"{owner} binary_data_size must be a non-negative integer")
+        return name, _from_buffer(owner, payload.take(name, size), datatype, shape)
     if "data" not in raw:
-        raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-    return name, _from_json_data(name, raw["data"], datatype, shape), 0
+        raise InvalidInput(
+            f"{owner} has neither 'data' nor parameters.binary_data_size nor shared_memory_region"
+        )
+    return name, from_json_data(name, raw["data"], datatype, shape)
 
 
-def _from_json_data(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarray:
-    count = tensors.element_count(shape)
-    if not isinstance(data, list | np.ndarray):  # bulk_json hands big numeric data over as an array
-        data = [data]
+def _from_buffer(owner: str, data: memoryview, datatype: str, shape: list[int]) -> np.ndarray:
     try:
-        if datatype == "BYTES":
-            flat = np.array(data, dtype=object).reshape(-1)
-            array = np.empty(flat.size, dtype=object)
-            array[:] = [_to_bytes(name, item) for item in flat]
-        elif datatype == "BOOL":
-            array = np.asarray(data)
-            if array.dtype != np.bool_ and array.size:
-                raise InvalidInput(f"input {name!r} is BOOL; data must be true/false")
-        elif datatype.startswith(("INT", "UINT")):
-            array = _integers(name, data, datatype)
-        else:
-            array = _floats(name, data, datatype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"input {name!r} data does not fit {datatype} shape {shape}: {exc}") from None
-    if array.size != count:
-        raise InvalidInput(f"input {name!r} has {array.size} values; shape {shape} needs {count}")
-    return array.astype(tensors.numpy_dtype(datatype), copy=False).reshape(shape)
+        return tensors.from_buffer(data, datatype, shape)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{owner}: {exc}") from None
 
 
-def _integers(name: str, data: list[Any], datatype: str) -> np.ndarray:
-    array = np.asarray(data)
-    if array.dtype.kind not in "iu" and array.size:
-        # numpy falls back to float or object above int64's range; accept only real integers there
-        flat = np.array(data, dtype=object).reshape(-1)
-        if not all(type(item) is int for item in flat):
-            raise InvalidInput(f"input {name!r} is {datatype}; data must be integers")
-        array = flat
-    info = np.iinfo(tensors.numpy_dtype(datatype))
-    if array.size and (array.min() < info.min or array.max() > info.max):
-        raise InvalidInput(f"input {name!r} has values outside {datatype}'s range [{info.min}, {info.max}]")
-    return array
-
-
-def _floats(name: str, data: list[Any], datatype: str) -> np.ndarray:
-    array = np.asarray(data)
-    if array.dtype.kind not in "fiu" and array.size:
-        raise InvalidInput(f"input {name!r} is {datatype}; data must be numbers")
-    with np.errstate(over="ignore"):
-        converted = array.astype(tensors.numpy_dtype(datatype), copy=False)
-    if converted.dtype != array.dtype and np.isinf(converted).sum() != np.isinf(array).sum():
-        limit = np.finfo(converted.dtype).max
-        raise InvalidInput(f"input {name!r} has values outside {datatype}'s range (|x| <= {limit:g})")
-    return converted
-
-
-def _to_bytes(name: str, item: Any) -> bytes:
-    if isinstance(item, str):
-        return item.encode()
-    raise InvalidInput(f"input {name!r} is BYTES; data must be strings, got {item!r:.40}")
-
-
-def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
+def _requested_outputs(raw: Any, regions: Regions | None) -> list[RequestedOutput] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
@@ -253,11 +239,18 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput(f"each requested output needs a 'name' string, got {item!r:.80}")
-        parameters = _parameters(item.get("parameters"), f"output {item['name']!r}")
+        owner = f"output {item['name']!r}"
+        parameters = _parameters(item.get("parameters"), owner)
         binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise InvalidInput(f"output {item['name']!r} binary_data must be true or false")
-        outputs.append(RequestedOutput(item["name"], binary))
+            raise InvalidInput(f"{owner} binary_data must be true or false")
+        region = region_ref(parameters, owner, regions)
+        if region is not None:
+            if binary:  # tritonclient sends binary_data false beside a region
+                raise InvalidInput(f"{owner} sets both shared_memory_region and binary_data true")
+            assert regions is not None
+            regions.view(region, writable=True)  # a region that cannot take it fails before compute
+        outputs.append(RequestedOutput(item["name"], binary, region))
     return outputs
 
 
@@ -282,28 +275,24 @@ def encode_response(
     model_version: str,
     request: InferenceRequest,
     outputs: Mapping[str, np.ndarray],
+    regions: Regions | None = None,
 ) -> EncodedResponse:
-    """Encode outputs in the order the client asked for them (or the model's order)."""
+    """Encode outputs in the order the client asked for them (or the model's order); those it placed
+    in shared memory are written there and answered without data."""
     document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         document["id"] = request.id
-    wanted = request.outputs or [RequestedOutput(name) for name in outputs]
-    entries: list[dict[str, Any]] = []
     blobs: list[bytes | memoryview] = []
-    for requested in wanted:
+    entries = []
+    for requested in wanted_outputs(request, outputs):
         array = outputs[requested.name]
-        entry: dict[str, Any] = {
-            "name": requested.name,
-            "datatype": tensors.oip_datatype(array.dtype),
-            "shape": list(array.shape),
-        }
         binary = request.binary_output if requested.binary is None else requested.binary
-        if binary:
-            blob = tensors.to_bytes(array)
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
+        if requested.region is not None:
+            assert regions is not None
+            entry = tensor_entry(requested.name, array, binary=False, blobs=blobs, is_described=True)
+            entry["parameters"] = write_region(regions, requested.region, requested.name, array)
         else:
-            entry["data"] = json_data(array)
+            entry = tensor_entry(requested.name, array, binary=binary, blobs=blobs)
         entries.append(entry)
     document["outputs"] = entries
     header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -312,22 +301,35 @@ def encode_response(
     return EncodedResponse([header, *blobs], len(header))
 
 
-def json_data(array: np.ndarray) -> Any:
-    """A flat row-major JSON-serialisable view (orjson serialises numpy natively)."""
-    if array.dtype.kind in "OSU":
-        return [_text(item) for item in array.reshape(-1)]
-    return np.ascontiguousarray(array).reshape(-1)
+def wanted_outputs(request: InferenceRequest, outputs: Mapping[str, np.ndarray]) -> list[RequestedOutput]:
+    """What the client asked for, in its order; every output, in the model's order, if it asked none."""
+    return request.outputs or [RequestedOutput(name) for name in outputs]
 
 
-def _text(item: Any) -> str:
-    if isinstance(item, bytes):
-        try:
-            return item.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInput(
-                "a BYTES output holds bytes that are not UTF-8 text; request it with binary_data: true"
-            ) from None
-    return str(item)
+def tensor_entry(
+    name: str,
+    array: np.ndarray,
+    *,
+    binary: bool,
+    blobs: list[bytes | memoryview],
+    is_described: bool = False,
+) -> dict[str, Any]:
+    """One tensor of a request or response document: name, datatype, shape, then its data as JSON or,
+    binary, as `binary_data_size` with the bytes appended to `blobs`; none when only `is_described`."""
+    entry: dict[str, Any] = {
+        "name": name,
+        "datatype": tensors.oip_datatype(array.dtype),
+        "shape": list(array.shape),
+    }
+    if is_described:
+        return entry
+    if binary:
+        blob = tensors.to_bytes(array)
+        entry["parameters"] = {"binary_data_size": len(blob)}
+        blobs.append(blob)
+    else:
+        entry["data"] = json_data(array)
+    return entry
 
 
 def encode_request(
@@ -345,21 +347,8 @@ def encode_request(
         document["id"] = request_id
     if parameters:
         document["parameters"] = dict(parameters)
-    entries, blobs = [], []
-    for name, array in inputs.items():
-        entry: dict[str, Any] = {
-            "name": name,
-            "datatype": tensors.oip_datatype(array.dtype),
-            "shape": list(array.shape),
-        }
-        if binary:
-            blob = tensors.to_bytes(array)
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = json_data(array)
-        entries.append(entry)
-    document["inputs"] = entries
+    blobs: list[bytes | memoryview] = []
+    document["inputs"] = [tensor_entry(n, a, binary=binary, blobs=blobs) for n, a in inputs.items()]
     if outputs is not None:
         document["outputs"] = [
             {"name": name, "parameters": {"binary_data": binary_output}} for name in outputs
@@ -378,10 +367,9 @@ def decode_response(body: bytes | memoryview, header_length: int | None = None) 
     document = orjson.loads(header)
     if "error" in document:
         raise InvalidInput(str(document["error"]))
+    payload = Payload([binary])
     arrays: dict[str, np.ndarray] = {}
-    offset = 0
     for raw in document.get("outputs", []):
-        name, array, used = _decode_input(raw, binary[offset:])
+        name, array = _decode_input(raw, payload)
         arrays[name] = array
-        offset += used
     return arrays

@@ -11,7 +11,7 @@ from appliance import __version__
 from appliance.dataplane.plane import DataPlane
 from appliance.errors import Unauthorised
 from appliance.scheduler.queues import Priority
-from appliance.server import errors, health, metrics, models, repository
+from appliance.server import errors, health, metrics, models, repository, shm
 from appliance.server.errors import appliance_error_response
 from appliance.server.inference import InferenceRoute
 from appliance.settings import Settings
@@ -26,7 +26,7 @@ def create_app(plane: DataPlane, settings: Settings) -> ASGIApp:
     app.state.plane = plane
     app.state.settings = settings
     app.state.metrics = metrics.registry(plane)
-    for router in (health.router, models.router, repository.router):
+    for router in (health.router, models.router, repository.router, shm.router):
         app.include_router(router)
     errors.install(app, settings.server.retry_after_s)
     asgi: ASGIApp = InferenceRoute(app, plane)

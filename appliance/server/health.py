@@ -21,6 +21,7 @@ EXTENSIONS = [
     "statistics",
     "model_configuration",
     "schedule_policy",
+    "system_shared_memory",
 ]
 
 

@@ -45,7 +45,9 @@ class InferenceRoute:
             return await read_body(scope, receive, limit_bytes, model=model)
 
         try:
-            call = Call(model, version, read, header_length=header(scope, _HEADER_LENGTH))
+            call = Call(
+                model, version, read, header_length=header(scope, _HEADER_LENGTH), has_shared_memory=True
+            )
             answer = await self.plane.infer(call)
         except ClientDisconnected:
             return

@@ -49,6 +49,16 @@ ROUTES = [
     ("GET", "/capacity"),
     ("POST", "/v2/models/{name}/infer"),
     ("POST", "/v2/models/{name}/versions/{version}/infer"),
+    ("GET", "/v2/systemsharedmemory/status"),
+    ("GET", "/v2/systemsharedmemory/region/{name}/status"),
+    ("POST", "/v2/systemsharedmemory/region/{name}/register"),
+    ("POST", "/v2/systemsharedmemory/unregister"),
+    ("POST", "/v2/systemsharedmemory/region/{name}/unregister"),
+    ("GET", "/v2/cudasharedmemory/status"),
+    ("GET", "/v2/cudasharedmemory/region/{name}/status"),
+    ("POST", "/v2/cudasharedmemory/region/{name}/register"),
+    ("POST", "/v2/cudasharedmemory/unregister"),
+    ("POST", "/v2/cudasharedmemory/region/{name}/unregister"),
 ]
 INFER_WEIGHT = 12  # inference is the route that decodes bodies: most examples go there
 

@@ -77,6 +77,16 @@ def test_http_routes(tmp_path: Path) -> None:
         ("POST", "/v2/repository/models/{name}/unload"),
         ("GET", "/metrics"),
         ("GET", "/capacity"),
+        ("GET", "/v2/systemsharedmemory/status"),
+        ("GET", "/v2/systemsharedmemory/region/{name}/status"),
+        ("POST", "/v2/systemsharedmemory/region/{name}/register"),
+        ("POST", "/v2/systemsharedmemory/unregister"),
+        ("POST", "/v2/systemsharedmemory/region/{name}/unregister"),
+        ("GET", "/v2/cudasharedmemory/status"),
+        ("GET", "/v2/cudasharedmemory/region/{name}/status"),
+        ("POST", "/v2/cudasharedmemory/region/{name}/register"),
+        ("POST", "/v2/cudasharedmemory/unregister"),
+        ("POST", "/v2/cudasharedmemory/region/{name}/unregister"),
     }
     assert ROUTE.match("/v2/models/m/infer") and ROUTE.match("/v2/models/m/versions/3/infer")
 

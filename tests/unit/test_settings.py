@@ -112,7 +112,7 @@ def test_every_field_is_described_and_units_are_named() -> None:
     }
     units = (
         "_s", "_ms", "_bytes", "_pct", "_requests", "_batches", "_size", "_responses", "_ips",
-        "_connections", "_per_peer", "_elements", "_per_s",
+        "_connections", "_per_peer", "_elements", "_per_s", "_regions",
     )  # fmt: skip
     for definition in schema["$defs"].values():
         for name in definition["properties"]:
