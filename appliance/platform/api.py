@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__, errors
 from appliance.platform import fleet
@@ -23,24 +24,31 @@ LIMITS = ShapeLimits()
 router = APIRouter()
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(gateway: Gateway) -> ASGIApp:
     app = FastAPI(title="appliance gateway", version=__version__, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
     app.include_router(router)
     install(app, gateway.settings.retry_after_s)
+    return BuyerToken(app, gateway)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Response:
-        if request.url.path.startswith(OPEN_PATHS):
-            return await call_next(request)
-        buyer = gateway.buyers.identify(request.headers.get("authorization", "").encode("latin-1"))
-        if buyer is None:
-            gateway.metrics.refused("unauthorised")
-            return appliance_error_response(errors.Unauthorised("missing or unknown bearer token"))
-        request.state.buyer = buyer
-        return await call_next(request)
 
-    return app
+class BuyerToken:
+    """Who is calling: the buyer of the bearer token (pure ASGI: no task group per request)."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(OPEN_PATHS):
+            buyer = self.gateway.buyers.identify(dict(scope["headers"]).get(b"authorization"))
+            if buyer is None:
+                self.gateway.metrics.refused("unauthorised")
+                refusal = errors.Unauthorised("missing or unknown bearer token")
+                await appliance_error_response(refusal)(scope, receive, send)
+                return
+            scope.setdefault("state", {})["buyer"] = buyer
+        await self.app(scope, receive, send)
 
 
 def _gateway(request: Request) -> Gateway:

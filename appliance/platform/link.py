@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +75,7 @@ class GatewayLink:
         self._client.reconnect_delay_set(0.1, 2.0)
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(10000)
+        self._client.on_socket_open = _no_delay
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._received
@@ -153,3 +155,9 @@ class GatewayLink:
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
                 self._loop.call_soon_threadsafe(callback, *args)
+
+
+def _no_delay(_c: mqtt.Client, _u: Any, sock: Any) -> None:
+    """Jobs are small and latency-bound: send each packet at once (paho leaves Nagle's algorithm on)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
