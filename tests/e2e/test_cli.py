@@ -1,20 +1,14 @@
-"""The command line in a subprocess: serve, SIGTERM drain, models check, config errors."""
+"""The command line in a subprocess: models check, config errors (SIGTERM and SIGHUP: test_signals.py)."""
 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-import httpx
 import modelzoo
-import numpy as np
-from subprocesses import appliance, environment
-
-from appliance.protocol import codec
+from subprocesses import environment
 
 
 def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -25,42 +19,6 @@ def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedPro
         timeout=120,
         env={**environment(tmp_path), **env},
     )
-
-
-def test_sigterm_finishes_accepted_requests_then_exits_zero(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    modelzoo.write(
-        repo,
-        "slow_to_fill",
-        modelzoo.batchable(),
-        manifest="slo_p99_ms = 60000\n[batching]\nmax_batch_size = 64\nmax_queue_delay_ms = 60000\n",
-    )
-    with appliance(["serve", "--model-repository", str(repo), "--port", "0"], tmp_path) as process:
-        url = process.url()
-        results: list[httpx.Response] = []
-
-        def send(index: int) -> None:
-            body = codec.encode_request(
-                {"x": np.full((1, 4), index, np.float32)}, binary=False, binary_output=False
-            )
-            results.append(httpx.post(f"{url}/v2/models/slow_to_fill/infer", content=body.body(), timeout=60))
-
-        senders = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-        for sender in senders:
-            sender.start()
-        with httpx.Client(base_url=url) as client:
-            while (
-                'appliance_queue_depth{model="slow_to_fill",priority="line"} 3'
-                not in client.get("/metrics").text
-            ):
-                pass  # the three requests are admitted and waiting for a fuller batch
-        process.popen.send_signal(signal.SIGTERM)
-        for sender in senders:
-            sender.join(60)
-        assert process.popen.wait(60) == 0
-    assert sorted(r.status_code for r in results) == [200, 200, 200]
-    sums = sorted(r.json()["outputs"][1]["data"][0] for r in results)
-    assert sums == [0.0, 4.0, 8.0]
 
 
 def test_serve_refuses_a_bad_setting_with_one_line(tmp_path: Path) -> None:
