@@ -127,6 +127,19 @@ def test_the_operator_verbs_against_a_running_service(serve, tmp_path) -> None:
 
         reloaded = appliance(tmp_path, "reload")
         assert (reloaded.returncode, reloaded.stdout) == (0, "batchable  READY  version 1\n")
+        # A new version on disk: `appliance reload` makes the running service serve it.
+        modelzoo.write(tmp_path / "repo", "batchable", modelzoo.batchable(scale=10.0, offset=0.0), version=2)
+        reloaded = appliance(tmp_path, "reload")
+        assert (reloaded.returncode, reloaded.stdout) == (0, "batchable  READY  version 2\n")
+        body = codec.encode_request({"x": np.ones((1, 4), np.float32)}, binary=False, binary_output=False)
+        answer = httpx.post(
+            f"{running.url}/v2/models/batchable/infer", content=body.body(), timeout=30
+        ).json()
+        assert (answer["model_version"], answer["outputs"][0]["data"]) == ("2", [10.0] * 4)
+        modelzoo.write(tmp_path / "repo", "batchable", b"not a model", version=3)
+        failed = appliance(tmp_path, "reload")  # the broken version 3 fails; version 2 keeps serving
+        assert failed.returncode == 1 and failed.stdout.startswith("batchable  FAILED")
+        assert infer(running.url) == 200
 
         refused = appliance(tmp_path, "drain", "--timeout-s", "nan")
         assert refused.returncode == 2
