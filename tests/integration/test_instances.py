@@ -1,0 +1,51 @@
+"""`scheduler.instances = 0`: K (worker threads sharing one session) is measured at start-up, logged, and
+is the K every report means; a model.toml `instances` is taken as it is."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import modelzoo
+
+from appliance.scheduler.instances import candidates
+
+
+def test_instances_0_measures_every_layout_at_start_up_and_keeps_the_fastest(serve, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "appliance")
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable())
+    with serve(repo, scheduler={"instances": 0}) as running:
+        hub = running.service.hub
+        entry = hub.entry("batchable")
+        scheduler = entry.scheduler
+        assert scheduler is not None
+        with httpx.Client(base_url=running.url, timeout=60.0) as client:
+            stats = client.get("/v2/models/batchable/stats").json()["model_stats"][0]
+            capacity = client.get("/capacity").json()["models"]["batchable"]
+            config = client.get("/v2/models/batchable/config").json()["appliance"]
+    layouts = candidates(hub.cores)
+    trials = entry.trials
+    assert [(t.instances, t.threads_per_call) for t in trials] == layouts  # every layout was measured
+    assert all(t.rows_per_s > 0 for t in trials)
+    best = trials[0]
+    for trial in trials[1:]:  # the rule: the fastest, ties within 3% going to fewer instances
+        if trial.rows_per_s > best.rows_per_s * 1.03:
+            best = trial
+    assert scheduler.instances == best.instances == capacity["instances"] == config["instances"]
+    assert scheduler.model.threads_per_call == best.threads_per_call
+    assert [t["instances"] for t in stats["instances"]] == [k for k, _ in layouts]
+    measured = ", ".join(
+        f"{t.instances}x{t.threads_per_call} threads: {t.rows_per_s:.0f} rows/s" for t in trials
+    )
+    assert f"model batchable: {best.instances} instance(s) chosen; measured {measured}" in caplog.text
+
+
+def test_a_model_toml_instances_is_taken_as_it_is(serve, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="instances = 1\n")
+    with serve(repo, scheduler={"instances": 0}) as running:
+        entry = running.service.hub.entry("batchable")
+        assert entry.trials == []  # nothing measured
+        assert entry.scheduler is not None and entry.scheduler.instances == 1
+        assert entry.scheduler.model.threads_per_call == running.service.hub.cores
