@@ -39,6 +39,24 @@ def batchable(scale: float = 2.0, offset: float = 1.0) -> onnx.ModelProto:
     )
 
 
+def any_width() -> onnx.ModelProto:
+    """x: FP32 [N, D] (both dynamic) -> y = x * 2 [N, D], s = sum(x, axis 1) [N, 1]."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    return _model(
+        [
+            helper.make_node("Mul", ["x", "two"], ["y"]),
+            helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "D"])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "D"]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 1]),
+        ],
+        [two, axes],
+    )
+
+
 def fixed_batch() -> onnx.ModelProto:
     """x: FP32 [1, 3] -> y = -x."""
     return _model(
