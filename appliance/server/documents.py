@@ -36,6 +36,7 @@ def metadata(view: ModelView) -> dict[str, Any]:
         "parameters": {
             "provider": view.provider,
             "precision": view.precision,
+            "fallbacks": view.fallbacks,  # providers that did not take it: provider, stage, reason
             "description": view.description,
             "labels": list(view.labels),
             **view.parameters,

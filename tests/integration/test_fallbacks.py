@@ -74,11 +74,6 @@ def test_the_fallback_is_in_the_log_config_capacity_and_metrics(fell_back, caplo
     assert f'reason="{REASON}' in metrics[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README (Fallback, and how it is reported) promises the fallbacks in the model's metadata too; "
-    "GET /v2/models/{m} has only provider and precision (server/documents.py metadata)",
-)
 def test_the_fallback_is_in_the_model_metadata(fell_back) -> None:
     _, client = fell_back
     parameters = client.get("/v2/models/batchable").json()["parameters"]
