@@ -88,10 +88,15 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
              "--port", str(port)],
             capture_output=True, text=True, timeout=120, env=environment(tmp_path),
         )  # fmt: skip
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
+    # The README's line, word for word, on the port that was taken; and the exit status it gives.
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    promised = re.search(r"`(appliance: cannot listen on 127\.0\.0\.1:8000: [^`]+)` \(exit (\d+)\)", readme)
+    assert promised is not None, "README no longer shows the port-in-use line"
+    assert result.returncode == int(promised.group(2)) == 1
+    assert result.stderr.strip().splitlines() == [promised.group(1).replace(":8000:", f":{port}:")]
+    assert result.stderr.strip() == (
         f"appliance: cannot listen on 127.0.0.1:{port}: address already in use (server.host, server.port)"
-    ]
+    )
 
 
 @pytest.mark.parametrize("flag", ["--help"])
