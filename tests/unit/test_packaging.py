@@ -14,10 +14,13 @@ ROOT = Path(__file__).resolve().parents[2]
 OPTIONAL = {"uvloop"}
 
 
-def _imports(package: Path) -> dict[str, str]:
-    """Top-level module of every absolute import in the package -> a file that imports it."""
+def _imports(package: Path, *, is_platform: bool | None = None) -> dict[str, str]:
+    """Top-level module of every absolute import in the package -> a file that imports it; with
+    `is_platform`, only the files inside (True) or outside (False) appliance/platform/."""
     found: dict[str, str] = {}
     for path in sorted(package.rglob("*.py")):
+        if is_platform is not None and ("platform" in path.relative_to(package).parts[:1]) != is_platform:
+            continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -40,14 +43,17 @@ def test_every_runtime_import_is_a_runtime_dependency() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {_requirement_name(r) for r in project["dependencies"]}
     declared |= {"starlette", "pydantic-core"}  # what fastapi and pydantic guarantee, by their own pins
+    # appliance/platform/ is a separate service: it may also use the `platform` extra.
+    platform = {_requirement_name(r) for r in project.get("optional-dependencies", {}).get("platform", [])}
     distributions = packages_distributions()
     missing = []
-    for module, where in _imports(ROOT / "appliance").items():
-        if module in sys.stdlib_module_names or module == "appliance" or module in OPTIONAL:
-            continue
-        names = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
-        if not names & declared:
-            missing.append(f"{module} ({where}; distribution {sorted(names)})")
+    for is_platform, allowed in ((False, declared), (True, declared | platform)):
+        for module, where in _imports(ROOT / "appliance", is_platform=is_platform).items():
+            if module in sys.stdlib_module_names or module == "appliance" or module in OPTIONAL:
+                continue
+            names = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+            if not names & allowed:
+                missing.append(f"{module} ({where}; distribution {sorted(names)})")
     assert not missing, f"imported at run time but not in [project] dependencies: {missing}"
 
 

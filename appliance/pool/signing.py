@@ -1,0 +1,98 @@
+"""Signed answers: the canonical bytes a node signs for each pool job, tensor digests, Ed25519 keys.
+
+The node signs, the platform verifies; both build the same bytes from the same fields, so this module is
+part of the wire contract.
+
+Tensor digest (`input_sha256`, `output_sha256`): SHA-256 over the tensors sorted by name, each as
+    u32 len(name) | name (UTF-8) | u32 len(datatype) | datatype (ASCII) | u32 rank | u64 dim ... |
+    u64 len(data) | data
+with every integer little-endian and `data` the tensor's raw little-endian bytes (BYTES tensors in the
+binary form of Triton's extension: a u32 length before each element). JSON or binary on the wire, the
+digest is the same: it is taken over the decoded tensors.
+
+Signed bytes: b"ecp-answer-v1\\n" followed by the JSON object of the eight fields below with sorted keys
+and no spaces (orjson's output): compute_ms, input_sha256, job_id, model_sha256, node, output_sha256,
+queue_ms, session. The signature is Ed25519 over those bytes, base64 (standard alphabet, padded).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from appliance import tensors
+
+CONTEXT = b"ecp-answer-v1\n"
+KEY_PREFIX = "ed25519:"
+
+
+def tensor_digest(named: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of the tensors, independent of how they travelled (see the module docstring)."""
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        array = named[name]
+        datatype = tensors.oip_datatype(array.dtype).encode("ascii")
+        data = bytes(tensors.to_bytes(np.ascontiguousarray(array)))
+        encoded = name.encode("utf-8")
+        digest.update(struct.pack("<I", len(encoded)) + encoded)
+        digest.update(struct.pack("<I", len(datatype)) + datatype)
+        digest.update(struct.pack("<I", array.ndim) + b"".join(struct.pack("<Q", d) for d in array.shape))
+        digest.update(struct.pack("<Q", len(data)) + data)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """What a node vouches for in one answer."""
+
+    job_id: str
+    model_sha256: str
+    input_sha256: str
+    output_sha256: str
+    queue_ms: float
+    compute_ms: float
+    node: str
+    session: int
+
+    def canonical(self) -> bytes:
+        return CONTEXT + orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)
+
+
+def sign(key: Ed25519PrivateKey, statement: Statement) -> str:
+    return base64.b64encode(key.sign(statement.canonical())).decode("ascii")
+
+
+def public_key_text(key: Ed25519PrivateKey) -> str:
+    """How a birth message carries the node's public key: "ed25519:" + base64 of the 32 raw bytes."""
+    raw = key.public_key().public_bytes_raw()
+    return KEY_PREFIX + base64.b64encode(raw).decode("ascii")
+
+
+def parse_public_key(text: str) -> Ed25519PublicKey:
+    """The key a birth carries; ValueError naming what is wrong with it."""
+    if not isinstance(text, str) or not text.startswith(KEY_PREFIX):
+        raise ValueError(f"public key must start with {KEY_PREFIX!r}")
+    try:
+        raw = base64.b64decode(text[len(KEY_PREFIX) :], validate=True)
+    except ValueError as exc:
+        raise ValueError(f"public key is not base64: {exc}") from None
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 public key has 32 bytes, this one {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def verify(public_key: Ed25519PublicKey, statement: Statement, signature: str) -> bool:
+    """True when `signature` is the key's signature of the statement's canonical bytes."""
+    try:
+        public_key.verify(base64.b64decode(signature, validate=True), statement.canonical())
+    except (InvalidSignature, ValueError):
+        return False
+    return True
