@@ -1,7 +1,8 @@
 """What a user does first, on a runtime-only install: serve the bundled models, ask once, stop.
 
 Run with the interpreter of a venv that holds `pip install .` (no extras) and nothing else; it uses
-the standard library only, so that a runtime import missing from the dependencies fails here.
+the standard library and that install only, so that a runtime import missing from the dependencies, or
+a file the package does not ship (the gRPC .proto), fails here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 READY = re.compile(r"ready on http://([\d.]+):(\d+): (\d+) model\(s\) ready")
+GRPC = re.compile(r"KServe v2 gRPC on ([\d.]+):(\d+)")
 TIMEOUT_S = 300
 
 
@@ -35,7 +37,7 @@ def main() -> int:
         listed = {p["name"] for p in json.loads(providers.stdout)["providers"]}
         check(not listed & {"fake", "broken"}, f"test-only plugins in a user install: {sorted(listed)}")
         server = subprocess.Popen(
-            [str(appliance), "serve", "--port", "0"],
+            [str(appliance), "serve", "--port", "0", "--grpc-port", "0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -74,6 +76,8 @@ def main() -> int:
             outputs = {o["name"]: o for o in document["outputs"]}
             check(outputs["defect_prob"]["shape"] == [1, 1], f"unexpected answer: {document}")
             print(f"smoke: {url} answered defect_prob {outputs['defect_prob']['data']}")
+            grpc_address = next(m.groups() for line in lines if (m := GRPC.search(line)))
+            check_grpc(*grpc_address)
             server.send_signal(signal.SIGTERM)
             code = server.wait(60)
             reader.join(30)
@@ -84,6 +88,28 @@ def main() -> int:
                 server.wait(30)
     print("smoke: a runtime-only install serves the bundled models and stops cleanly")
     return 0
+
+
+def check_grpc(host: str, port: str) -> None:
+    """KServe v2 over gRPC from the same install: its stubs come from the .proto shipped inside."""
+    import grpc
+
+    from appliance.server.grpc import messages
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        service = f"/{messages.SERVICE}"
+        ready = channel.unary_unary(f"{service}/ServerReady")(
+            messages.request_of("ServerReady")().SerializeToString(), timeout=30
+        )
+        check(messages.response_of("ServerReady").FromString(ready).ready, "gRPC ServerReady is false")
+        request = messages.ModelInferRequest(model_name="surface_defect")
+        request.inputs.add(name="image", datatype="FP32", shape=[1, 1, 128, 128])
+        request.raw_input_contents.append(bytes(4 * 128 * 128))
+        answer = channel.unary_unary(f"{service}/ModelInfer")(request.SerializeToString(), timeout=60)
+    response = messages.ModelInferResponse.FromString(answer)
+    shapes = {o.name: list(o.shape) for o in response.outputs}
+    check(shapes.get("defect_prob") == [1, 1], f"unexpected gRPC answer: {response}")
+    print(f"smoke: gRPC on {host}:{port} answered {shapes}")
 
 
 def check(condition: bool, message: str) -> None:

@@ -36,6 +36,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides.setdefault("server", {})["host"] = args.host
     if getattr(args, "port", None) is not None:
         overrides.setdefault("server", {})["port"] = args.port
+    if getattr(args, "grpc_port", None) is not None:
+        overrides.setdefault("server", {})["grpc_port"] = args.grpc_port
     if getattr(args, "model_repository", None):
         overrides.setdefault("models", {})["repository"] = args.model_repository
     if getattr(args, "log_level", None):
@@ -173,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (server.host; default 127.0.0.1; 0.0.0.0 for the line)")
     serve.add_argument("--port", type=int, help="listen port (server.port; default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="KServe v2 gRPC port on the same host (server.grpc_port; default 8001 as Triton; 0 picks a "
+        "free one; -1 turns gRPC off)",
+    )
     serve.add_argument(
         "--log-level",
         type=str.upper,

@@ -22,6 +22,8 @@ from appliance.providers.registry import Registry
 from appliance.scheduler.hub import ModelHub
 from appliance.server.app import create_app
 from appliance.server.connections import ConnectionGate, bounded_protocol
+from appliance.server.grpc.server import OFF as GRPC_OFF
+from appliance.server.grpc.server import GrpcServer
 from appliance.settings import Settings
 from appliance.system import cpu, logs
 from appliance.system.admin import AdminServer
@@ -86,6 +88,7 @@ class Service:
         self.plane = DataPlane(self.hub, settings)
         self.gate = ConnectionGate.of(settings.server)  # HTTP connections, in all and per client
         self.app = create_app(self.plane, settings)
+        self.grpc = GrpcServer(self.plane, settings) if settings.server.grpc_port != GRPC_OFF else None
         self.started = asyncio.Event()  # HTTP is listening
         self.ready = asyncio.Event()  # every model tried; READY=1 sent
         self._stop: asyncio.Event | None = None
@@ -150,6 +153,8 @@ class Service:
         admin = self.control.admin_server()
         try:
             await self._wait_started(serving)
+            if self.grpc is not None:
+                await self.grpc.start()
             self.started.set()
             await self._start_admin(admin)
             await self.hub.load_all(before_each=self._loading)
@@ -250,8 +255,11 @@ class Service:
             await self.pool.stop()
         self._server.config.timeout_graceful_shutdown = max(0.5, stop_by - self._loop.time())
         self._server.should_exit = True
+        if self.grpc is not None:  # within the same deadline, beside HTTP
+            await self.grpc.stop(stop_by - self._loop.time())
         with contextlib.suppress(Exception):
             await serving
+        self.plane.regions.close()
         await self.hub.close()
         log.info(
             "stopped on %s: %d request(s) drained%s in %.1f s",

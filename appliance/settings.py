@@ -51,7 +51,7 @@ def _section(title: str) -> ConfigDict:
 
 
 class ServerSettings(BaseModel):
-    model_config = _section("HTTP server")
+    model_config = _section("HTTP and gRPC server")
 
     host: str = Field("127.0.0.1", description="Address the HTTP API listens on; 0.0.0.0 exposes it.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API (0 picks a free one).")
@@ -113,6 +113,14 @@ class ServerSettings(BaseModel):
         description="Most elements a request tensor may have, counting a zero dimension as 1 so that "
         "no shape can ask for a huge buffer; checked before anything is allocated. The default holds "
         "any tensor a 64 MiB body can carry.",
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=-1,
+        le=65535,
+        description="TCP port of KServe v2 over gRPC (inference.GRPCInferenceService, as Triton's) on "
+        "server.host: 8001 as Triton; 0 picks a free one; -1 turns gRPC off. Its messages are bounded by "
+        "max_body_bytes, as HTTP bodies are.",
     )
     max_shm_regions: int = Field(
         64,

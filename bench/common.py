@@ -21,6 +21,8 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"ready on http://([\d.]+):(\d+)")
+GRPC = re.compile(r"KServe v2 gRPC on ([\d.]+):(\d+)")
+SERVE = [sys.executable, "-m", "appliance", "serve"]
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Server:
     host: str
     port: int
     process: subprocess.Popen[str]
+    grpc_port: int | None = None  # KServe v2 gRPC, on the same host
 
 
 @contextmanager
@@ -38,7 +41,7 @@ def serve(
     scratch = tempfile.TemporaryDirectory(prefix="appliance-bench-")  # its own admin socket
     environment = {"RUNTIME_DIRECTORY": scratch.name, **os.environ, **(env or {})}
     process = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--model-repository", str(repository), "--port", "0"],
+        [*SERVE, "--model-repository", str(repository), "--port", "0", "--grpc-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -47,6 +50,7 @@ def serve(
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
     match = None
+    grpc_port = None
     lines = []
     while match is None and time.monotonic() < deadline:
         line = process.stdout.readline()
@@ -54,6 +58,8 @@ def serve(
             raise RuntimeError("server exited:\n" + "".join(lines))
         lines.append(line)
         match = READY.search(line)
+        if found := GRPC.search(line):
+            grpc_port = int(found.group(2))
     if match is None:
         raise RuntimeError("server did not become ready:\n" + "".join(lines))
     log_path = os.environ.get("BENCH_SERVER_LOG")  # keep what the server logs, to look into a run
@@ -71,7 +77,7 @@ def serve(
     drain = threading.Thread(target=keep_draining, daemon=True)
     drain.start()
     try:
-        yield Server(match.group(1), int(match.group(2)), process)
+        yield Server(match.group(1), int(match.group(2)), process, grpc_port)
     finally:
         process.terminate()
         process.wait(60)

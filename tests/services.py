@@ -29,7 +29,7 @@ def make_settings(tmp_path: Path, repository: Path, **sections: dict[str, Any]) 
             "cache_dir": tmp_path / "cache",
             "runtime_dir": tmp_path / "run",
         },
-        "server": {"port": 0},
+        "server": {"port": 0, "grpc_port": 0},  # free ports: tests run side by side
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

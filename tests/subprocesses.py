@@ -10,15 +10,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from appliance.system.admin import admin_request
 
 READY = re.compile(r"ready on http://([\d.]+):(\d+)")
 HELD = re.compile(r"^held: (\S+) batch of (\d+) request")
@@ -28,7 +25,6 @@ HELD_SERVE = Path(__file__).with_name("held_serve.py")
 @dataclass
 class Process:
     popen: subprocess.Popen[str]
-    runtime_dir: Path | None = None  # where its admin socket is, when the test knows
     lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
     seen: list[str] = field(default_factory=list)
 
@@ -49,20 +45,6 @@ class Process:
         host, port = self.wait_for(READY).groups()
         return f"http://{host}:{port}"
 
-    def admitted(self, model: str) -> int:
-        """Requests to `model` the service has admitted and not answered (from its admin socket)."""
-        assert self.runtime_dir is not None, "a process started by `appliance()` knows its runtime dir"
-        status = admin_request(self.runtime_dir / "admin.sock", "status")
-        return int(status["models"][model].get("inflight", 0))
-
-    def wait_admitted(self, model: str, count: int, timeout_s: float = 60.0) -> None:
-        """Until `count` requests to `model` are admitted (e.g. queued behind a held batch)."""
-        deadline_s = time.monotonic() + timeout_s
-        while (admitted := self.admitted(model)) < count:
-            if time.monotonic() > deadline_s:
-                pytest.fail(f"{admitted} of {count} requests to {model} admitted:\n" + "".join(self.seen))
-            time.sleep(0.01)
-
     def release(self) -> None:
         """Let one held batch run (a process started with `held=`)."""
         assert self.popen.stdin is not None, "started without held="
@@ -81,6 +63,7 @@ def environment(tmp_path: Path, **settings: str) -> dict[str, str]:
         CACHE_DIRECTORY=str(tmp_path / "cache"),
         RUNTIME_DIRECTORY=str(tmp_path / "run"),
         APPLIANCE_SCHEDULER__INSTANCES="1",
+        APPLIANCE_SERVER__GRPC_PORT="0",  # a free port, not Triton's 8001: tests run side by side
     )
     env.update({f"APPLIANCE_{key.upper()}": str(value) for key, value in settings.items()})
     return env
@@ -111,8 +94,7 @@ def appliance(
         text=True,
         env=environ,
     )
-    runtime_dir = environ.get("RUNTIME_DIRECTORY")
-    process = Process(popen, Path(runtime_dir) if runtime_dir else None)
+    process = Process(popen)
 
     def pump() -> None:
         assert popen.stdout is not None

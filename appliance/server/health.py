@@ -37,27 +37,31 @@ async def live() -> Response:
 
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> Response:
-    """Triton's readiness: never while loading, draining or serving no model; with
-    server.strict_readiness (Triton's default) only while every model is READY."""
     hub: ModelHub = request.app.state.hub
     settings: Settings = request.app.state.settings
-    retry_after_s = settings.server.retry_after_s
+    why = not_ready(hub, settings.server.strict_readiness)
+    if why is None:
+        return json_response({"ready": True})
+    headers = {"Connection": "close"} if hub.is_draining else None
+    return error_response(503, why, settings.server.retry_after_s, headers)
+
+
+def not_ready(hub: ModelHub, is_strict: bool) -> str | None:
+    """Why the service is not ready, or None (HTTP's and gRPC's readiness): as Triton, never while
+    loading, draining or serving no model; with server.strict_readiness (Triton's default) only while
+    every model is READY."""
     if hub.is_draining:
-        return error_response(503, "draining: not accepting requests", retry_after_s, {"Connection": "close"})
+        return "draining: not accepting requests"
     if not hub.is_loaded:
-        return error_response(503, "loading models", retry_after_s)
+        return "loading models"
     entries = list(hub)
-    not_ready = [f"{e.name} ({e.state.value})" for e in entries if e.state is not State.READY]
-    if len(not_ready) == len(entries):
-        found = f"; models: {', '.join(not_ready)}" if not_ready else f" in {hub.repository.root}"
-        return error_response(503, f"no model is READY{found}", retry_after_s)
-    if not_ready and settings.server.strict_readiness:
-        return error_response(
-            503,
-            f"not every model is READY (server.strict_readiness): {', '.join(not_ready)}",
-            retry_after_s,
-        )
-    return json_response({"ready": True})
+    unready = [f"{e.name} ({e.state.value})" for e in entries if e.state is not State.READY]
+    if len(unready) == len(entries):
+        found = f"; models: {', '.join(unready)}" if unready else f" in {hub.repository.root}"
+        return f"no model is READY{found}"
+    if unready and is_strict:
+        return f"not every model is READY (server.strict_readiness): {', '.join(unready)}"
+    return None
 
 
 @router.get("/metrics")

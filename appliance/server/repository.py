@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from appliance.errors import ApplianceError, ModelLoadError
-from appliance.scheduler.hub import ModelHub, State
+from appliance.scheduler.hub import ModelEntry, ModelHub, State
 from appliance.server.responses import json_response
 
 router = APIRouter()
@@ -14,8 +14,12 @@ router = APIRouter()
 
 @router.post("/v2/repository/index")
 async def index(request: Request) -> Response:
-    """Every model on disk or in memory: name, version, state and the reason it is not READY."""
-    hub: ModelHub = request.app.state.hub
+    return json_response(listing(request.app.state.hub))
+
+
+def listing(hub: ModelHub) -> list[dict[str, str]]:
+    """Every model on disk or in memory: name, version, state and the reason it is not READY (the
+    index over HTTP and gRPC)."""
     listed: dict[str, dict[str, str]] = {}
     for name, source in hub.repository.index().items():
         version = "" if isinstance(source, ApplianceError) else str(source.version)
@@ -32,17 +36,22 @@ async def index(request: Request) -> Response:
             "state": entry.state.value,
             "reason": entry.reason,
         }
-    return json_response([listed[name] for name in sorted(listed)])
+    return [listed[name] for name in sorted(listed)]
 
 
 @router.post("/v2/repository/models/{name}/load")
 async def load(name: str, request: Request) -> Response:
-    """Load or reload from disk. In-flight requests finish on the old version; none fail."""
-    hub: ModelHub = request.app.state.hub
+    entry = await load_model(request.app.state.hub, name)
+    return json_response({"name": name, "version": entry.version, "state": entry.state.value})
+
+
+async def load_model(hub: ModelHub, name: str) -> ModelEntry:
+    """Load or reload from disk (HTTP and gRPC). In-flight requests finish on the old version; none
+    fail. ModelLoadError when the model does not come up READY."""
     entry = await hub.load(name)
     if entry.state is not State.READY:
         raise ModelLoadError(f"failed to load {name!r}: {entry.reason}")
-    return json_response({"name": name, "version": entry.version, "state": entry.state.value})
+    return entry
 
 
 @router.post("/v2/repository/models/{name}/unload")

@@ -116,6 +116,7 @@ def serving(
         env["TEST_HOLD_MODEL"] = held
     args = command(
         "serve", "--model-repository", str(repo), "--port", "0",
+        "--grpc-port", "0",
         held=held,
     )  # fmt: skip
     stdin = subprocess.PIPE if held is not None else subprocess.DEVNULL

@@ -14,6 +14,7 @@ from appliance.providers.base import Probe, Provider, SessionContext
 from appliance.providers.registry import Registry
 from appliance.scheduler.hub import ModelHub
 from appliance.server.app import create_app
+from appliance.server.grpc import messages
 from appliance.server.inference import ROUTE
 from appliance.settings import Settings
 
@@ -89,6 +90,19 @@ def test_http_routes(tmp_path: Path) -> None:
         ("POST", "/v2/cudasharedmemory/region/{name}/unregister"),
     }
     assert ROUTE.match("/v2/models/m/infer") and ROUTE.match("/v2/models/m/versions/3/infer")
+
+
+def test_grpc_methods() -> None:
+    """inference.GRPCInferenceService as Triton's, less TraceSetting and LogSettings."""
+    service = messages.POOL.FindServiceByName(messages.SERVICE)
+    assert {m.name for m in service.methods} == {
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+        "RepositoryModelUnload", "SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus", "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
+    }  # fmt: skip
+    assert build_parser().parse_args(["serve", "--grpc-port", "-1"]).grpc_port == -1
 
 
 def test_provider_api() -> None:

@@ -78,6 +78,7 @@ def test_every_field_is_described_and_units_are_named() -> None:
     unitless = {
         "host",
         "port",
+        "grpc_port",
         "site",
         "node_id",
         "topic_root",

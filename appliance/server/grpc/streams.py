@@ -1,0 +1,66 @@
+"""ModelStreamInfer: each request of a stream answered as it completes, a bounded number at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from appliance import errors
+from appliance.dataplane.plane import Answer
+from appliance.server.grpc import messages
+
+# Requests of one stream in the data plane at once; the stream is read no further meanwhile, so
+# HTTP/2 flow control holds the client back (one HTTP/1.1 connection has one request at a time).
+MAX_INFLIGHT_PER_STREAM = 16
+
+
+async def answer_each(
+    requests: AsyncIterator[bytes], infer: Callable[[bytes], Awaitable[Answer]]
+) -> AsyncIterator[bytes]:
+    """Serialised ModelStreamInferResponse messages, in the order the requests complete: the answer,
+    or the request's own error in `error_message` (the stream goes on, as Triton's does)."""
+    done: asyncio.Queue[bytes | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(MAX_INFLIGHT_PER_STREAM)
+    tasks: set[asyncio.Task[None]] = set()
+    outstanding = 0
+
+    async def one(data: bytes) -> None:
+        try:
+            answer = await infer(data)
+            response = messages.ModelStreamInferResponse()
+            response.infer_response.MergeFromString(answer.encoded.parts[0])
+        except errors.ApplianceError as exc:
+            response = messages.ModelStreamInferResponse(error_message=str(exc))
+        finally:
+            slots.release()
+        done.put_nowait(response.SerializeToString())
+
+    async def read() -> None:
+        nonlocal outstanding
+        try:
+            async for data in requests:
+                await slots.acquire()
+                outstanding += 1
+                task = asyncio.create_task(one(data))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            done.put_nowait(None)
+
+    reading = asyncio.create_task(read())
+    try:
+        is_read = False
+        while not (is_read and outstanding == 0):
+            item = await done.get()
+            if item is None:
+                is_read = True
+                continue
+            outstanding -= 1
+            yield item
+        await reading  # its errors (a broken stream) end the RPC
+    finally:
+        for task in (reading, *tasks):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(reading, *tasks, return_exceptions=True)
