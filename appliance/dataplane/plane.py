@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -23,7 +23,7 @@ from appliance.protocol import codec
 from appliance.protocol.shared_memory import Regions
 from appliance.scheduler.hub import ModelHub
 from appliance.scheduler.queues import Priority
-from appliance.scheduler.runner import ModelScheduler
+from appliance.scheduler.runner import ModelScheduler, Timing
 from appliance.settings import Settings
 from appliance.tensors import DYNAMIC, ShapeLimits, element_count
 
@@ -115,6 +115,9 @@ class Answer:
     encoded: codec.EncodedResponse
     request: codec.InferenceRequest
     model_version: str
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # as the model answered, before encoding
+    timing: Timing = field(default_factory=Timing)  # where the request's time went (signed pool answers)
+    model_sha256: str = ""
 
 
 class DataPlane:
@@ -174,8 +177,9 @@ class DataPlane:
             request.parameters["binary_data_output"] = False
             if request.outputs:
                 request.outputs = [codec.RequestedOutput(o.name, False) for o in request.outputs]
+        timing = Timing()
         outputs = await scheduler.infer(
-            request.inputs, priority=progress.priority, timeout_s=_timeout_s(call, request)
+            request.inputs, priority=progress.priority, timeout_s=_timeout_s(call, request), timing=timing
         )
         encoded = call.framing.encode(
             model_name=call.model,
@@ -184,7 +188,7 @@ class DataPlane:
             outputs=outputs,
             regions=regions,
         )
-        return Answer(encoded, request, scheduler.model.version)
+        return Answer(encoded, request, scheduler.model.version, outputs, timing, scheduler.model.digest)
 
     def body_limit(self, scheduler: ModelScheduler) -> int:
         """The most bytes a request to this model can need (JSON being the larger form), capped by

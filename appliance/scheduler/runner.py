@@ -47,6 +47,16 @@ class Job:
     priority: Priority
     arrived_s: float
     dispatched_s: float | None = None
+    timing: Timing | None = None
+
+
+@dataclass(slots=True)
+class Timing:
+    """Where one request's time went, filled in when it is answered (what a signed pool answer states)."""
+
+    queue_s: float = 0.0  # from admission to its batch's dispatch
+    compute_s: float = 0.0  # its batch's compute (shared by the requests of that batch)
+    batch_rows: int = 0
 
 
 class ModelScheduler:
@@ -139,8 +149,10 @@ class ModelScheduler:
         *,
         priority: Priority = Priority.LINE,
         timeout_s: float | None = None,
+        timing: Timing | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate, admit, wait for the outcome. Raises the request's own error, never another's."""
+        """Validate, admit, wait for the outcome. Raises the request's own error, never another's.
+        `timing`, if given, is filled in with where the request's time went."""
         if not self.is_accepting:
             raise Draining(f"model {self.name!r} is draining; not accepting requests", retry_after_s=1.0)
         limits = self.model.limits
@@ -149,7 +161,7 @@ class ModelScheduler:
         deadline_s = now + (timeout_s if timeout_s else self.model.slo_p99_ms / 1e3)
         self._admit(rows, priority, now, deadline_s)
         assert self._loop is not None
-        job = Job(inputs, self._loop.create_future(), priority, now)
+        job = Job(inputs, self._loop.create_future(), priority, now, timing=timing)
         work = Work(rows, priority, deadline_s, now, group=_group(inputs), payload=job)
         self.queues.push(work)
         self._inflight += 1
@@ -319,6 +331,10 @@ class ModelScheduler:
                 if isinstance(outcome, Exception):
                     future.set_exception(outcome)
                 else:
+                    job = work.payload
+                    if job.timing is not None and job.dispatched_s is not None:
+                        job.timing.queue_s = job.dispatched_s - job.arrived_s
+                        job.timing.compute_s, job.timing.batch_rows = run.compute_s, run.rows
                     future.set_result(outcome)
                     self.served[work.priority].add(now, work.rows)
         self._dispatch()

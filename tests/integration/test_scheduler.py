@@ -18,7 +18,7 @@ from appliance.engine.priority import ThreadPriority
 from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from appliance.scheduler.placement import PoolRules, Where
 from appliance.scheduler.queues import Priority
-from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
+from appliance.scheduler.runner import ModelScheduler, SchedulerConfig, Timing
 
 
 class FakeClock:
@@ -299,3 +299,20 @@ def test_only_line_workers_count_as_hung(tmp_path: Path) -> None:
     pool_only, both = asyncio.run(scenario())
     assert pool_only == []
     assert both == [0]
+
+
+def test_a_request_learns_where_its_time_went(tmp_path: Path) -> None:
+    """What a signed pool answer states: the queue before its batch, the batch's compute and rows."""
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 10000\n")
+
+    async def scenario() -> Timing:
+        scheduler = await started(model, instances=1)
+        try:
+            timing = Timing()
+            await scheduler.infer(x(rows=3), timing=timing)
+            return timing
+        finally:
+            await scheduler.close()
+
+    timing = asyncio.run(scenario())
+    assert timing.batch_rows == 3 and timing.compute_s > 0 and timing.queue_s >= 0
