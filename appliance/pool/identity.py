@@ -18,13 +18,25 @@ CREDENTIAL = "pool.device_key"  # LoadCredential=pool.device_key:/etc/credstore/
 STATE_FILE = "device-key.pem"
 
 
-def device_key(state_dir: Path, credentials_dir: Path | None = None) -> Ed25519PrivateKey:
+def credentials_directory() -> Path | None:
+    """systemd's $CREDENTIALS_DIRECTORY (LoadCredential=), if the service was given one."""
+    found = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(found) if found else None
+
+
+def device_key(
+    state_dir: Path,
+    credentials_dir: Path | None = None,
+    *,
+    credential: str = CREDENTIAL,
+    state_file: str = STATE_FILE,
+) -> Ed25519PrivateKey:
     """The credential `pool.device_key` if systemd passed one, else <state_dir>/device-key.pem, created
     with mode 0600 on first start. A key file others may read, or one that is not an Ed25519 PEM key,
-    is a ConfigError naming the file."""
-    if credentials_dir is not None and (credentials_dir / CREDENTIAL).is_file():
-        return read_key(credentials_dir / CREDENTIAL)
-    path = state_dir / STATE_FILE
+    is a ConfigError naming the file. The gateway keeps its own key the same way, under other names."""
+    if credentials_dir is not None and (credentials_dir / credential).is_file():
+        return read_key(credentials_dir / credential)
+    path = state_dir / state_file
     if path.exists():
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigError(
@@ -32,9 +44,9 @@ def device_key(state_dir: Path, credentials_dir: Path | None = None) -> Ed25519P
                 f"(mode {path.stat().st_mode & 0o777:o}); chmod 600 it"
             )
         return read_key(path)
-    key = Ed25519PrivateKey.generate()
+    key = generate()
     write_key(path, key)
-    log.info("pool device key created in %s", path)
+    log.info("Ed25519 key created in %s", path)
     return key
 
 
@@ -48,15 +60,23 @@ def read_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def generate() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def pem(key: Ed25519PrivateKey) -> bytes:
+    """The key as an unencrypted PKCS#8 PEM file holds it."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 def write_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write a new key file, mode 0600 from its creation (never readable by others, even briefly);
     refuses to overwrite (FileExistsError)."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as stream:
-        stream.write(pem)
+        stream.write(pem(key))
         stream.flush()
         os.fsync(stream.fileno())

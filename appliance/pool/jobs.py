@@ -3,7 +3,8 @@
 Jobs take the data plane's path, as HTTP requests do: the same lookup, limits, decode and error
 table. This module only adds what is particular to the pool: where the answer goes (checked by
 `routes`), the MQTT side's own bounds (packet size, jobs per sender per second) and the node's own
-reasons to refuse pool work (not taking jobs, draining, no spare capacity).
+reasons to refuse pool work (not taking jobs, draining, no spare capacity). Every answer is signed
+with the node's device key (pool/signing.py says over what).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import orjson
 
 from appliance import errors
 from appliance.dataplane import outcomes
-from appliance.dataplane.plane import Call, DataPlane
+from appliance.dataplane.plane import Answer, Call, DataPlane
+from appliance.pool import identity, signing
 from appliance.pool.routes import Reply, ReplyRules, Unanswerable, shown
 from appliance.pool.senders import SenderRates
 from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound, Outbound
@@ -45,12 +47,16 @@ class JobIntake:
         *,
         send: Callable[[Outbound], None],
         emit: Callable[..., None],
+        session: Callable[[], int] = lambda: 0,
     ) -> None:
         self.plane = plane
         self.hub = plane.hub
         self.settings = settings
         self._send = send
         self._emit = emit
+        self._session = session
+        self.key = identity.device_key(settings.system.state_dir, identity.credentials_directory())
+        self.public_key = signing.public_key_text(self.key)
         self.rules = ReplyRules(settings.pool.topic_root, settings.pool.reply_topic_prefix)
         self.rates = SenderRates(settings.pool.max_jobs_per_sender_per_s)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -88,8 +94,28 @@ class JobIntake:
                 self.plane.refuse(model, Priority.POOL, exc)
             self._refuse(model, message, reply, exc, started_s)
             return
-        self._answer(reply, answer.encoded, 200)
+        self._answer(reply, self._signed(answer, reply), 200)
         self._emit("job_done", model=model, job_id=request.id, status=200, latency_ms=_ms_since(started_s))
+
+    def _signed(self, answer: Answer, reply: Reply) -> codec.EncodedResponse:
+        """The answer with parameters.pool_signature: what this node vouches for, signed."""
+        request = answer.request
+        wanted = codec.wanted_outputs(request, answer.outputs)
+        sent = {output.name: answer.outputs[output.name] for output in wanted}
+        statement = signing.Statement(
+            job_id=signing.job_id(reply.correlation, reply.corr_id, request.id),
+            model_sha256=answer.model_sha256,
+            input_sha256=signing.tensor_digest(request.inputs),
+            output_sha256=signing.tensor_digest(sent),
+            queue_ms=round(answer.timing.queue_s * 1e3, 3),
+            compute_ms=round(answer.timing.compute_s * 1e3, 3),
+            node=self.settings.pool.node_id,
+            session=self._session(),
+        )
+        proof = {**statement.fields(), "signature": signing.sign(self.key, statement)}
+        header, *blobs = answer.encoded.parts
+        signed = signing.attach(bytes(header), proof)
+        return codec.EncodedResponse([signed, *blobs], len(signed) if blobs else None)
 
     def _call(self, model: str, message: Inbound, reply: Reply) -> Call:
         async def read(limit_bytes: int) -> bytes:

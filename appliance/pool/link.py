@@ -40,7 +40,7 @@ class PoolLink:
         self.state, self.reason = ONLINE, ""
         self.outbox = Outbox(self.pool.max_pending_responses)
         self.cadence = ReportCadence(self.pool.report_interval_s, self.pool.capacity_change_pct / 100)
-        self.jobs = JobIntake(plane, settings, send=self._send, emit=self._emit)
+        self.jobs = JobIntake(plane, settings, send=self._send, emit=self._emit, session=lambda: self.session)
         self.is_remote_control = self.pool.remote_control  # cmd/drain, resume, rebirth from the pool
         self.connection = Connection(
             self.pool,
@@ -253,6 +253,7 @@ class PoolLink:
             hub=self.hub,
             registry=self.registry,
             settings=self.pool,
+            public_key=self.jobs.public_key,
         )
 
     def _state_document(self) -> dict[str, Any]:

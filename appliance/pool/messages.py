@@ -38,9 +38,17 @@ def header(node: str, session: int, seq: int | None) -> dict[str, Any]:
 
 
 def birth(
-    *, node: str, session: int, seq: int, hub: ModelHub, registry: Registry, settings: PoolSettings
+    *,
+    node: str,
+    session: int,
+    seq: int,
+    hub: ModelHub,
+    registry: Registry,
+    settings: PoolSettings,
+    public_key: str,
 ) -> dict[str, Any]:
-    """Who the node is: hardware, providers, runtime, models with digests and latency profiles."""
+    """Who the node is: hardware, providers, runtime, models with digests and latency profiles, and the
+    public half of the device key that signs its answers."""
     return {
         **header(node, session, seq),
         "site": settings.site,
@@ -51,6 +59,7 @@ def birth(
         "accept_jobs": settings.accept_jobs,
         "reserved_pct": settings.reserved_pct,
         "report_interval_s": settings.report_interval_s,
+        "public_key": public_key,
     }
 
 

@@ -13,6 +13,13 @@ digest is the same: it is taken over the decoded tensors.
 Signed bytes: b"ecp-answer-v1\\n" followed by the JSON object of the eight fields below with sorted keys
 and no spaces (orjson's output): compute_ms, input_sha256, job_id, model_sha256, node, output_sha256,
 queue_ms, session. The signature is Ed25519 over those bytes, base64 (standard alphabet, padded).
+
+`job_id` is the job's MQTT 5 CorrelationData as UTF-8 text (the gateway sends `<job>/<attempt>`;
+`hex:` + its hex digits when it is not UTF-8), the 3.1.1 `corr_id` as text, else the request's `id`.
+`queue_ms` and `compute_ms` are the node's own figures, in milliseconds rounded to 3 decimals; `node`
+is the node id and `session` the pool session the answer is sent in. Only successful answers (status
+200) are signed: the eight fields and `signature` travel as `parameters.pool_signature` at the top of
+the response's JSON header, so they survive whichever encoding carried the outputs.
 """
 
 from __future__ import annotations
@@ -62,8 +69,48 @@ class Statement:
     node: str
     session: int
 
+    def fields(self) -> dict[str, object]:
+        return asdict(self)
+
     def canonical(self) -> bytes:
         return CONTEXT + orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def of(cls, proof: Mapping[str, object]) -> Statement:
+        """The statement in a `pool_signature` object; ValueError naming a missing or mistyped field."""
+        fields = {}
+        for name, kind in FIELD_TYPES.items():
+            value = proof.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"pool_signature.{name} is {value!r}; expected {kind}")
+            fields[name] = value
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "job_id": str, "model_sha256": str, "input_sha256": str, "output_sha256": str,
+    "queue_ms": (int, float), "compute_ms": (int, float), "node": str, "session": int,
+}  # fmt: skip
+
+
+def job_id(correlation: bytes | None, corr_id: object, request_id: str | None) -> str:
+    """What a node calls the job it signs for (see the module docstring)."""
+    if correlation is not None:
+        try:
+            return correlation.decode("utf-8")
+        except UnicodeDecodeError:
+            return "hex:" + correlation.hex()
+    if corr_id is not None:
+        return str(corr_id)
+    return request_id or ""
+
+
+def attach(header: bytes, proof: Mapping[str, object]) -> bytes:
+    """The response's JSON header with `parameters.pool_signature` = proof first in it. The codec's
+    responses carry no top-level parameters, so this is a splice, not a second encoding of the outputs."""
+    if header[:1] != b"{" or header[1:2] == b"}":
+        raise ValueError("a response header is a non-empty JSON object")
+    return b'{"parameters":{"pool_signature":' + orjson.dumps(proof) + b"}," + header[1:]
 
 
 def sign(key: Ed25519PrivateKey, statement: Statement) -> str:

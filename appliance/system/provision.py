@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from appliance.errors import ApplianceError, ConfigError
+from appliance.pool import identity, signing
 from appliance.settings import INSTALLED_MODELS, SYSTEM_CONFIG_FILE, Settings
 from appliance.system.installer import InstallReport, ManagedFile, install
 
@@ -24,6 +25,7 @@ DROPIN_DIR = PurePosixPath("etc/systemd/system/appliance.service.d")  # per-box 
 CONFIG = PurePosixPath(str(SYSTEM_CONFIG_FILE).lstrip("/"))
 STAMP = CONFIG.parent / "provisioned.json"
 CREDSTORE = PurePosixPath("etc/credstore")  # LoadCredential= finds appliance.* there (systemd >= 251)
+DEVICE_KEY = CREDSTORE / f"appliance.{identity.CREDENTIAL}"  # LoadCredential=pool.device_key:...
 UNITS = ("appliance.service", "appliance.socket", "appliance-healthcheck.service")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # one MQTT topic level, no wildcards
 _EXEC_PATH = re.compile(r"^/[A-Za-z0-9._/+-]+$")  # needs no quoting or %-escaping in a unit file
@@ -81,6 +83,7 @@ def provision(
     accelerator: Sequence[str] = (),
     executable: Path | None = None,
     force: bool = False,
+    rotate_key: bool = False,
     apply: bool = False,
     run: Runner | None = None,
     source: Path | None = None,
@@ -105,6 +108,7 @@ def provision(
         if secret is not None:
             path = CREDSTORE / f"appliance.{name}"
             files.append(ManagedFile(path, _read_secret(secret), 0o600, is_tracked=False))
+    files.append(ManagedFile(DEVICE_KEY, _device_key(root, rotate_key), 0o600, is_tracked=False))
 
     removable = [DROPIN_DIR / f"{name}.conf" for name in known]
     report = install(root, files, stamp=STAMP, removable=removable, force=force)
@@ -112,6 +116,15 @@ def provision(
         new_units = [u for u in UNITS if "/" + str(UNIT_DIR / u) in report.created]
         _apply(root, new_units, run or _run, report)
     return report
+
+
+def _device_key(root: Path, rotate: bool) -> bytes:
+    """The key file as it is (kept across runs), or a new key on first run or with `rotate`."""
+    existing = root / DEVICE_KEY
+    if existing.is_file() and not rotate:
+        identity.read_key(existing)  # a damaged key is a ConfigError naming the file, not a silent swap
+        return existing.read_bytes()
+    return identity.pem(identity.generate())
 
 
 def _shipped(source: Path, executable: str, chosen: Sequence[str]) -> list[ManagedFile]:
@@ -257,6 +270,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executable", type=Path, help="Path of `appliance` on the box (default: this one).")
     parser.add_argument("--force", action="store_true", help="Replace files edited since the last run.")
     parser.add_argument(
+        "--rotate-key",
+        action="store_true",
+        help="Make a new device key (pool answers are signed with it); platforms refuse the node until "
+        "an operator runs `appliance platform nodes trust NODE`.",
+    )
+    parser.add_argument(
         "--no-apply",
         dest="apply",
         action="store_false",
@@ -280,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
         accelerator=args.accelerator,
         executable=args.executable,
         force=args.force,
+        rotate_key=args.rotate_key,
         apply=args.apply,
     )
     done = (("wrote", report.written), ("removed", report.removed), ("unchanged", report.unchanged))
@@ -288,6 +308,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{label:<10}{path}")
     for command in report.commands:
         print(f"{'ran':<10}{command}")
+    key_file = args.root / DEVICE_KEY
+    if report.is_complete and key_file.is_file():
+        print(f"{'key':<10}{signing.public_key_text(identity.read_key(key_file))} (/{DEVICE_KEY})")
     for path, reason in report.refused:
         print(f"{'refused':<10}{path}: {reason}", file=sys.stderr)
     if report.refused:

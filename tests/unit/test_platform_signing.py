@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from appliance.errors import ConfigError
@@ -77,3 +78,29 @@ def test_the_device_key_is_made_once_with_mode_0600_and_credentials_win(tmp_path
     (credentials / identity.CREDENTIAL).write_text("garbage")
     with pytest.raises(ConfigError, match="not a readable PEM private key"):
         identity.device_key(state, credentials)
+
+
+def test_the_proof_rides_at_the_top_of_the_header_whatever_follows_it() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = b'{"model_name":"m","model_version":"1","outputs":[]}'
+    proof = {**statement().fields(), "signature": "c2ln"}
+    signed = signing.attach(header, proof)
+    document = orjson.loads(signed)
+    assert document["parameters"]["pool_signature"] == proof
+    assert document["model_name"] == "m"
+    assert signing.Statement.of(document["parameters"]["pool_signature"]) == statement()
+    with pytest.raises(ValueError, match="a response header is a non-empty JSON object"):
+        signing.attach(b"{}", proof)
+    with pytest.raises(ValueError, match=r"pool_signature.session is '42'; expected <class 'int'>"):
+        signing.Statement.of({**proof, "session": "42"})
+    with pytest.raises(ValueError, match=r"pool_signature\.queue_ms is True"):
+        signing.Statement.of({**proof, "queue_ms": True})
+    assert signing.tensor_digest({"x": x}) == signing.tensor_digest({"x": x.copy(order="F")})
+
+
+def test_the_job_id_is_the_correlation_as_text_else_the_corr_id_else_the_request_id() -> None:
+    assert signing.job_id(b"0f3a/1", None, "r") == "0f3a/1"
+    assert signing.job_id(b"\xff\x00", None, "r") == "hex:ff00"
+    assert signing.job_id(None, 17, "r") == "17"
+    assert signing.job_id(None, None, "r") == "r"
+    assert signing.job_id(None, None, None) == ""

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from appliance.errors import ConfigError
+from appliance.pool import identity, signing
 from appliance.settings import INSTALLED_MODELS, Settings
 from appliance.system import provision as prov
 from appliance.system.provision import accelerators, provision
@@ -26,6 +27,7 @@ SHIPPED = {
     "/usr/lib/sysusers.d/appliance.conf",
     "/usr/lib/tmpfiles.d/appliance.conf",
     "/usr/lib/systemd/system-preset/90-appliance.preset",
+    "/etc/credstore/appliance.pool.device_key",
     CONFIG,
 }
 IDENTITY: dict[str, Any] = {"node_id": "box-17", "site": "line-3", "broker": "mqtts://pool.example:8883"}
@@ -181,6 +183,43 @@ def test_the_service_reads_the_credential_under_the_name_settings_expects(tmp_pa
     settings = Settings.load(empty, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
     assert settings.pool.password is not None
     assert settings.pool.password.get_secret_value() == "s3cret"
+
+
+def test_the_device_key_is_made_once_kept_and_rotated_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_provision(tmp_path)
+    stored = tmp_path / "etc/credstore/appliance.pool.device_key"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert "etc/credstore/appliance.pool.device_key" not in json.loads(
+        (tmp_path / "etc/appliance/provisioned.json").read_text()
+    )
+    first = stored.read_bytes()
+    assert "/etc/credstore/appliance.pool.device_key" in run_provision(tmp_path).unchanged
+    assert stored.read_bytes() == first
+    # The service gets it from systemd under the name the node looks for.
+    unit = (prov.units_source() / "appliance.service").read_text()
+    assert f"LoadCredential={identity.CREDENTIAL}:appliance.{identity.CREDENTIAL}\n" in unit
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    shutil.copy(stored, credentials / identity.CREDENTIAL)
+    key = identity.device_key(tmp_path / "state", credentials)
+    assert identity.pem(key) == first
+    assert not (tmp_path / "state").exists()  # nothing made in the state directory
+    report = run_provision(tmp_path, rotate_key=True)
+    assert "/etc/credstore/appliance.pool.device_key" in report.written
+    assert stored.read_bytes() != first
+    # The CLI prints the public key, the text a platform pins.
+    parser = argparse.ArgumentParser(prog="appliance provision")
+    prov.add_arguments(parser)
+    argv = ["--root", str(tmp_path), "--node-id", "box-17", "--executable", str(EXE), "--no-apply"]
+    capsys.readouterr()
+    assert prov.run(parser.parse_args(argv)) == 0
+    shown = signing.public_key_text(identity.read_key(stored))
+    assert f"key       {shown} (/etc/credstore/appliance.pool.device_key)\n" in capsys.readouterr().out
+    stored.write_text("damaged")
+    with pytest.raises(ConfigError, match="not a readable PEM private key"):
+        run_provision(tmp_path)
 
 
 @pytest.mark.parametrize(
