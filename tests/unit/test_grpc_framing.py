@@ -7,13 +7,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given
+from hypothesis import strategies as st
 from shm_objects import ShmObject, shm_object
 
 from appliance import tensors
 from appliance.dataplane.regions import SharedMemory
 from appliance.errors import InvalidInput
 from appliance.protocol import codec
-from appliance.server.grpc import messages
+from appliance.server.grpc import messages, wire
 from appliance.server.grpc.framing import GrpcFraming
 
 
@@ -120,3 +123,46 @@ def test_grpc_answers_keep_raw_contents_aligned_with_outputs(regions: SharedMemo
     assert list(response.raw_output_contents) == [b"", outputs["s"].tobytes()]
     assert response.outputs[0].parameters["shared_memory_byte_size"].int64_param == 8
     assert obj.read(8, 4096) == outputs["y"].tobytes()
+
+
+@st.composite
+def _requests(draw: st.DrawFn) -> bytes:
+    request = messages.ModelInferRequest(model_name=draw(st.text(max_size=5)), id=draw(st.text(max_size=3)))
+    for _ in range(draw(st.integers(0, 3))):
+        tensor = request.inputs.add(
+            name=draw(st.text(max_size=3)), shape=draw(st.lists(st.integers(-9, 2**40), max_size=4))
+        )
+        tensor.parameters[draw(st.text(max_size=3))].int64_param = draw(st.integers(-(2**63), 2**63 - 1))
+    for _ in range(draw(st.integers(0, 3))):
+        request.raw_input_contents.append(draw(st.binary(max_size=300)))
+    request.parameters["timeout"].int64_param = draw(st.integers(0, 2**40))
+    request.outputs.add(name=draw(st.text(max_size=3)))
+    return request.SerializeToString()
+
+
+@given(data=st.one_of(_requests(), st.binary(max_size=64)))
+def test_raw_contents_are_views_of_the_bytes_and_the_rest_is_protobufs_parse(data: bytes) -> None:
+    try:
+        message, raw = wire.parse_infer_request(data)
+    except DecodeError:
+        return
+    whole = messages.ModelInferRequest.FromString(data)  # what protobuf itself reads there
+    assert [bytes(part) for part in raw] == list(whole.raw_input_contents)
+    whole.ClearField("raw_input_contents")
+    assert message == whole
+    assert all(part.obj is data for part in raw)  # views of the received bytes, not copies
+
+
+def test_valid_requests_always_split() -> None:
+    request = messages.ModelInferRequest(model_name="m")
+    request.raw_input_contents.extend([b"a" * 200, b"", b"b"])
+    message, raw = wire.parse_infer_request(request.SerializeToString())
+    assert message.model_name == "m" and [bytes(r) for r in raw] == [b"a" * 200, b"", b"b"]
+    for bad in (
+        b"\x3a\x05ab",
+        b"\x3b",
+        b"\xff" * 11,
+        b"\x38\x01",
+    ):  # truncated, a group, a varint, wrong type
+        with pytest.raises(DecodeError):
+            wire.parse_infer_request(bad)

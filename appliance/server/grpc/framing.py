@@ -57,10 +57,11 @@ def set_parameters(entries: Any, values: Mapping[str, Any]) -> None:
 
 class GrpcFraming:
     """One parsed ModelInferRequest as the data plane's Framing (the plane has already bounded the
-    serialised size it came in)."""
+    serialised size it came in); `raw` holds its raw_input_contents when wire.py took them out."""
 
-    def __init__(self, message: Any) -> None:
+    def __init__(self, message: Any, raw: list[memoryview] | None = None) -> None:
         self.message = message
+        self.raw = raw
 
     def decode(
         self,
@@ -72,7 +73,7 @@ class GrpcFraming:
         regions: Regions | None,
     ) -> codec.InferenceRequest:
         message = self.message
-        raw = [memoryview(part) for part in message.raw_input_contents]
+        raw = self.raw if self.raw is not None else [memoryview(p) for p in message.raw_input_contents]
         inputs, taken = [], 0
         for tensor in message.inputs:
             entry, takes_raw = _input(tensor, has_raw=bool(raw))

@@ -22,13 +22,17 @@ from appliance.dataplane.plane import Answer, Call, DataPlane
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.view import ModelView
 from appliance.server import documents, health, repository, shm
-from appliance.server.grpc import messages, streams
+from appliance.server.grpc import messages, streams, wire
 from appliance.server.grpc.framing import GrpcFraming
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 
 OPEN_METHODS = ("ServerLive", "ServerReady")
+# Requests that name a model: a refusal of one is counted under it, as HTTP counts /v2/models/<m>/...
+NAMING_A_MODEL = {"ModelInferRequest": "model_name"} | dict.fromkeys(
+    ("ModelReadyRequest", "ModelMetadataRequest", "ModelConfigRequest", "ModelStatisticsRequest"), "name"
+)
 Handler = Callable[[Any], Awaitable[Any]]
 
 
@@ -94,12 +98,12 @@ class Handlers:
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
             return
         refusal = errors.Unauthorised("missing or wrong bearer token (server.api_token) in 'authorization'")
+        field = NAMING_A_MODEL.get(request_class.DESCRIPTOR.name)
         try:
-            request = request_class.FromString(data)
-            model = getattr(request, "model_name", None) or getattr(request, "name", None)
+            model = getattr(request_class.FromString(data), field) if field else None
         except DecodeError:
             model = None
-        self.plane.refuse(model or None, Priority.LINE, refusal)  # under its model, as over HTTP
+        self.plane.refuse(model or None, Priority.LINE, refusal)
         raise refusal
 
     # Inference --------------------------------------------------------------------------------
@@ -116,10 +120,11 @@ class Handlers:
     async def infer(self, data: bytes) -> Answer:
         """One ModelInferRequest through the data plane; counted once whatever refuses it."""
         try:
-            message = _parse(messages.ModelInferRequest, data)
-        except errors.ApplianceError as exc:
-            self.plane.refuse(None, Priority.LINE, exc)
-            raise
+            message, raw = wire.parse_infer_request(data)
+        except DecodeError as exc:
+            failure = errors.InvalidInput(f"request is not a valid inference.ModelInferRequest: {exc}")
+            self.plane.refuse(None, Priority.LINE, failure)
+            raise failure from None
         model = message.model_name
 
         async def read(limit_bytes: int) -> bytes:
@@ -134,7 +139,7 @@ class Handlers:
             model,
             message.model_version or None,
             read,
-            framing=GrpcFraming(message),
+            framing=GrpcFraming(message, raw),
             has_shared_memory=True,
         )
         return await self.plane.infer(call)
