@@ -1,6 +1,8 @@
-"""A camera process and the service as two users (README: "Sharing memory with the service"): the
-service runs as its own uid with a shared group; a region the camera's uid made with that group and
-mode 0660 serves, 0640 serves inputs only, 0600 is refused with 403 and says what to change."""
+"""A camera process and the service as two users (README: "Sharing memory with a camera process"):
+the service runs as its own uid with a shared group, also inside a user namespace of its own as the
+unit's PrivateUsers= puts it (the group shows as nogroup there, and still counts); a region the
+camera's uid made with that group and mode 0660 serves, 0640 serves inputs only, 0600 is refused
+with 403 and says what to change."""
 
 from __future__ import annotations
 
@@ -34,24 +36,31 @@ AS_SERVICE = {"user": SERVICE_UID, "group": SERVICE_GID, "extra_groups": [SHARED
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _python(env: dict[str, str]) -> str:
+PRIVATE_USERS = ["unshare", "--user", "--map-current-user"]  # what PrivateUsers=yes does to the groups
+
+
+def _python(env: dict[str, str], prefix: list[str]) -> str:
     """An interpreter the service's uid may run: this one, or the system's of the same version (this
     one may live under /root) with this one's packages on PYTHONPATH."""
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]])
     for candidate in (sys.executable, f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"):
         try:
-            check = subprocess.run([candidate, "-c", "import appliance.service"], env=env, cwd="/",
+            check = subprocess.run([*prefix, candidate, "-c", "import appliance.service"], env=env, cwd="/",
                                    capture_output=True, timeout=120, **AS_SERVICE)  # fmt: skip
         except OSError:
             continue
         if check.returncode == 0:
             return candidate
-    pytest.skip(f"no Python interpreter that uid {SERVICE_UID} may run and import appliance with")
+    pytest.skip(f"no Python interpreter that uid {SERVICE_UID} may run and import appliance with {prefix}")
 
 
-@pytest.fixture
-def service_url() -> Iterator[str]:
-    """`appliance serve` as SERVICE_UID in SERVICE_GID plus SHARED_GID, nothing else."""
+@pytest.fixture(params=["plain", "private_users"])
+def service_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """`appliance serve` as SERVICE_UID in SERVICE_GID plus SHARED_GID, nothing else; with
+    `private_users`, in a user namespace of its own where only its uid is mapped."""
+    prefix = PRIVATE_USERS if request.param == "private_users" else []
+    if prefix and shutil.which(prefix[0]) is None:
+        pytest.skip("no unshare(1) here")
     scratch = Path(tempfile.mkdtemp(prefix="appliance-users-"))
     try:
         os.chmod(scratch, 0o755)
@@ -62,14 +71,18 @@ def service_url() -> Iterator[str]:
         env = {**environment(home), "HOME": str(home)}
         command = ["-m", "appliance", "serve", "--model-repository", str(scratch / "repo"), "--port", "0"]
         popen = subprocess.Popen(
-            [_python(env), *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=env, cwd=home, **AS_SERVICE,
+            [*prefix, _python(env, prefix), *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=env, cwd=home, **AS_SERVICE,
         )  # fmt: skip
         process = Process(popen)
         reader = threading.Thread(target=_pump, args=(process,), daemon=True)
         reader.start()
         try:
             host, port = process.wait_for(READY).groups()
+            if prefix:  # only its own uid is mapped: the shared group is nogroup in there
+                assert Path(f"/proc/{popen.pid}/uid_map").read_text().split() == [str(SERVICE_UID)] * 2 + [
+                    "1"
+                ]
             yield f"http://{host}:{port}"
         finally:
             popen.terminate()
