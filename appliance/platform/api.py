@@ -115,19 +115,19 @@ async def infer(name: str, request: Request) -> Response:
             f"buyer {buyer.name!r} started more than {buyer.rate_per_s:g} jobs/s (its rate quota)",
             retry_after_s=wait_s,
         )
-    sha256 = gateway.catalogue.sha256(name, gateway.view)
-    if sha256 is None:
+    files = gateway.catalogue.files(name, gateway.view)
+    if files is None:
         raise errors.ModelNotFound(
             f"model {name!r} is not served by the pool (see POST /v2/repository/index)"
         )
-    inputs = fleet.signature(gateway, name, sha256)
+    inputs = fleet.signature(gateway, name, files)
     body = await _read_body(request, buyer)
     header_length = codec.decimal(request.headers.get(codec.HEADER_LENGTH), "Inference-Header-Content-Length")
     decoded = codec.decode_request(body, header_length, limits=LIMITS, expect=_expectation(name, inputs))
     missing = [spec.name for spec in inputs if spec.name not in decoded.inputs]
     if missing:
         raise errors.InvalidInput(f"model {name!r} needs input(s) {missing}")
-    job = Job(name, buyer.name, body, header_length, _rows(decoded, inputs), sha256)
+    job = Job(name, buyer.name, body, header_length, _rows(decoded, inputs), files)
     started_s = time.perf_counter()
     answer = await gateway.dispatch(job, decoded)
     if answer.status == 200:

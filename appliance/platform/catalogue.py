@@ -1,8 +1,14 @@
-"""What buyers may call: a catalogue file pinning model names to sha256 (and golden samples), or, with
-none, every name the nodes offer under one sha256."""
+"""What buyers may call: a catalogue file pinning model names to files by sha256 (with golden samples,
+trusted copies and tolerances), or, with none, every name the nodes offer under one sha256.
+
+One name may stand for several files (an int8 and an fp32 build of the same model): the operator says
+so by listing them, and states how far their answers may differ in `tolerances`, keyed by pairs of
+"precision/provider class" (`int8/cpu~fp32/cpu`; class cpu, gpu or npu, see `provider_class`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,18 +20,27 @@ from appliance.errors import ConfigError
 from appliance.platform.view import NodeView, PoolView
 
 Tolerance = tuple[float, float]  # (atol, rtol)
+Files = frozenset[str]  # the sha256 of every file a name may run on
 DEFAULT_TOLERANCE: Tolerance = (1e-4, 1e-3)
 RECOUNT_S = 1.0
+GPU = ("cuda", "tensorrt", "rocm", "migraphx", "directml", "coreml")
+NPU = ("openvino", "qnn", "cann", "rknpu", "vitisai", "nnapi")
+
+
+def provider_class(provider: str) -> str:
+    """cpu, gpu or npu: what a provider's arithmetic is like (its name as the birth gives it)."""
+    name = provider.lower()
+    return "gpu" if name.startswith(GPU) else ("npu" if name.startswith(NPU) else "cpu")
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One catalogue model: the name buyers call, the file's sha256, where its golden samples are."""
+    """One catalogue model: the name buyers call, its files' sha256, its golden samples, trusted copies."""
 
     name: str
-    sha256: str
+    files: Files
     samples: Path | None = None
-    model_file: Path | None = None  # the trusted copy canary references are computed with
+    model_files: dict[str, Path] = field(default_factory=dict)  # sha256 -> the trusted copy of that file
     tolerances: dict[str, Tolerance] = field(default_factory=dict)  # "fp32/cpu~int8/cpu" -> (atol, rtol)
 
     def tolerance(self, first: str, second: str) -> Tolerance:
@@ -60,11 +75,11 @@ class Catalogue:
         """Every model name buyers may call now (pinned ones even while no node offers them)."""
         return sorted(self.entries) if self.entries is not None else view.models()
 
-    def sha256(self, name: str, view: PoolView) -> str | None:
-        """The sha256 jobs for `name` must run on; None when the name is not served."""
+    def files(self, name: str, view: PoolView) -> Files | None:
+        """The files (sha256) jobs for `name` may run on; None when the name is not served."""
         if self.entries is not None:
             entry = self.entries.get(name)
-            return entry.sha256 if entry else None
+            return entry.files if entry else None
         now_s = time.monotonic()
         until_s, chosen = self._chosen.get(name, (0.0, None))
         if (
@@ -72,7 +87,7 @@ class Catalogue:
         ):  # a vote over every node offering it: recounted once a second, not per job
             chosen = majority_sha256(view.offering(name), name)
             self._chosen[name] = (now_s + RECOUNT_S, chosen)
-        return chosen
+        return None if chosen is None else frozenset((chosen,))
 
 
 def majority_sha256(nodes: list[NodeView], name: str) -> str | None:
@@ -88,12 +103,26 @@ def _entry(path: Path, name: str, raw: Any) -> Entry:
     where = f"catalogue {path}: models.{name}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(raw) - {"sha256", "samples", "model_file", "tolerances"}
+    unknown = set(raw) - {"sha256", "samples", "model_files", "tolerances"}
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-    digest = raw.get("sha256")
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ConfigError(f"{where}.sha256 must be 64 lowercase hex digits")
+    digests = raw.get("sha256")
+    digests = [digests] if isinstance(digests, str) else digests
+    if not isinstance(digests, list) or not digests or not all(_is_digest(d) for d in digests):
+        raise ConfigError(f"{where}.sha256 must be 64 lowercase hex digits, or a list of them")
+    model_files: dict[str, Path] = {}
+    for value in raw.get("model_files") or []:
+        found = _path(path, value)
+        assert found is not None
+        try:
+            digest = hashlib.sha256(found.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise ConfigError(f"{where}.model_files: {found}: {exc.strerror}") from exc
+        if digest not in digests:
+            raise ConfigError(
+                f"{where}.model_files: {found} has sha256 {digest}, which is not listed in sha256"
+            )
+        model_files[digest] = found
     tolerances: dict[str, Tolerance] = {}
     for pair, value in (raw.get("tolerances") or {}).items():
         if not (
@@ -103,11 +132,15 @@ def _entry(path: Path, name: str, raw: Any) -> Entry:
         tolerances[pair] = (float(value[0]), float(value[1]))
     return Entry(
         name,
-        digest,
+        frozenset(digests),
         samples=_path(path, raw.get("samples")),
-        model_file=_path(path, raw.get("model_file")),
+        model_files=model_files,
         tolerances=tolerances,
     )
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _path(base: Path, value: Any) -> Path | None:

@@ -15,13 +15,16 @@ PRINTED_ELEMENTS = 16  # of each output, unless --full
 
 
 def add_arguments(verbs: Any) -> None:
-    """Add `platform` (watch, submit, gateway) and its alias `pool` (watch, submit) to `appliance`."""
-    platform = verbs.add_parser("platform", help="platform side: gateway, watch the pool, submit a job")
+    """Add `platform` (watch, submit, gateway, ledger, nodes) and its alias `pool` (watch, submit)."""
+    platform = verbs.add_parser(
+        "platform", help="platform side: gateway, receipts ledger, nodes' keys, watch the pool, submit a job"
+    )
     platform_verbs = platform.add_subparsers(dest="platform_verb", required=True, metavar="VERB")
     _add_tools(platform_verbs)
-    from appliance.platform import service
+    from appliance.platform import ledger_cli, service
 
     service.add_arguments(platform_verbs)
+    ledger_cli.add_arguments(platform_verbs)
     pool = verbs.add_parser("pool", help="the same as `appliance platform watch|submit`")
     _add_tools(pool.add_subparsers(dest="pool_verb", required=True, metavar="VERB"))
 

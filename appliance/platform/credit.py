@@ -62,14 +62,14 @@ class CreditBook:
         return credit > 0 and (held + rows <= credit or held == 0)
 
     def pick(
-        self, model: str, rows: int, sha256: str | None, excluded: Iterable[tuple[str, str]] = ()
+        self, model: str, rows: int, files: frozenset[str] | None, excluded: Iterable[tuple[str, str]] = ()
     ) -> NodeView | None:
         """The node to send a job of `rows` rows to, or None when no node has the credit."""
         now_s = self.clock()
         barred = set(excluded)
-        found = self._best(self.view.sample(model, self.sample_nodes), model, rows, sha256, barred, now_s)
+        found = self._best(self.view.sample(model, self.sample_nodes), model, rows, files, barred, now_s)
         if found is None:
-            found = self._best(self.view.offering(model), model, rows, sha256, barred, now_s)
+            found = self._best(self.view.offering(model), model, rows, files, barred, now_s)
         return found
 
     def _best(
@@ -77,7 +77,7 @@ class CreditBook:
         nodes: list[NodeView],
         model: str,
         rows: int,
-        sha256: str | None,
+        files: frozenset[str] | None,
         barred: set[tuple[str, str]],
         now_s: float,
     ) -> NodeView | None:
@@ -85,7 +85,7 @@ class CreditBook:
         for node in nodes:
             if (node.site, node.node) in barred or not self.can_take(node, model, rows, now_s):
                 continue
-            if sha256 is not None and node.model_birth(model).get("sha256") != sha256:
+            if files is not None and node.model_birth(model).get("sha256") not in files:
                 continue
             eligible.append((node, max(self.free_rows(node, model, now_s), 1e-9)))
         if not eligible:

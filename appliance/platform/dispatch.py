@@ -3,7 +3,8 @@
 Runs on the event loop. Each send of a job is an attempt with its own CorrelationData (`<job>/<n>`);
 answers come back from the link. The buyer gets the first success of any attempt; every later answer,
 and any answer after the job is over, is a late duplicate and is dropped. Nothing waits in a queue: a
-job either finds a node with credit now or its buyer gets 503 + Retry-After now.
+job either finds a node with credit now or its buyer gets 503 + Retry-After now. A 200 counts only once
+its signature verifies (`verify`); a bad one bars that node and moves the job on, as a refusal does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ import orjson
 from appliance import errors
 from appliance.platform.credit import CreditBook
 from appliance.platform.settings import GatewaySettings
+from appliance.platform.verify import Proof, Refused
 from appliance.platform.view import NodeView
 from appliance.pool.topics import NodeTopics
 from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound, Outbound
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 REFUSALS = (403, 404, 429, 503)  # the node will not run it: move the job, withhold the node's credit
 BUYER_ERRORS = (400, 413)  # the job itself is wrong: the buyer hears it as the node said it
+FINISHED_KEPT = 10_000  # attempts of finished jobs remembered, so that a late answer is still recorded
 
 
 class NodeLost(Exception):
@@ -46,6 +50,9 @@ class Answer:
     node: NodeView
     latency_ms: float
     retry_after_s: float | None = None
+    job_id: str = ""  # the attempt's CorrelationData: what the node signed as the job id
+    attempt: int = 0
+    proof: Proof | None = None  # set once the signature is verified
 
 
 @dataclass
@@ -55,9 +62,12 @@ class Job:
     body: bytes
     header_length: int | None
     rows: int
-    sha256: str | None
+    files: frozenset[str] | None
+    input_sha256: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    is_canary: bool = False
+    kind: str = "buyer"  # buyer, canary, second_opinion
+    target: NodeView | None = None  # a check aimed at one node (a quarantined node's way back)
+    excluded: frozenset[tuple[str, str]] = frozenset()  # nodes it must not go to (a second opinion's first)
     attempts: list[Attempt] = field(default_factory=list)
     is_done: bool = False
     was_resent: bool = False
@@ -87,15 +97,22 @@ class Dispatcher:
         *,
         reply_base: str,
         on_event: Callable[[str, str], None] = lambda model, outcome: None,
+        verify: Callable[[Job, Answer], Proof] | None = None,
+        on_refused: Callable[[Job, Answer, Refused], None] = lambda job, answer, why: None,
+        on_late: Callable[[Job, Answer], None] = lambda job, answer: None,
     ) -> None:
         self.settings = settings
         self.credit = credit
         self.publish = publish
         self.reply_base = reply_base
         self.on_event = on_event
+        self.verify = verify
+        self.on_refused = on_refused  # a 200 whose proof failed: recorded, the node checked
+        self.on_late = on_late  # a 200 after its job was over: recorded, never billed
         self.late_answers = 0
         self._jobs: dict[str, Job] = {}
         self._attempts: dict[bytes, Attempt] = {}
+        self._finished: OrderedDict[bytes, Attempt] = OrderedDict()
         self._by_node: dict[tuple[str, str], set[Attempt]] = {}
 
     @property
@@ -117,12 +134,23 @@ class Dispatcher:
             self._jobs.pop(job.id, None)
             for attempt in job.attempts:
                 self._attempts.pop(attempt.correlation, None)
+                self._finished[attempt.correlation] = attempt
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
+
+    def _pick(self, job: Job, barred: set[tuple[str, str]]) -> NodeView | None:
+        if job.target is None:
+            return self.credit.pick(job.model, job.rows, job.files, barred | job.excluded)
+        node = job.target
+        offer = node.offer(job.model, self.credit.clock(), is_check=True)
+        usable = offer is not None and (job.files is None or offer.sha256 in job.files)
+        return node if usable and (node.site, node.node) not in barred else None
 
     async def _run(self, job: Job) -> Answer:
         barred: set[tuple[str, str]] = set()
         moves = 0
         while True:
-            node = self.credit.pick(job.model, job.rows, job.sha256, barred)
+            node = self._pick(job, barred)
             if node is None:
                 self.on_event(job.model, "no_capacity")
                 raise errors.NoPoolCapacity(
@@ -132,9 +160,22 @@ class Dispatcher:
                 )
             answer = await self._attempt(job, node)
             if answer is not None and answer.status == 200:
-                answer.node.count(job.model, "answered")
-                self.on_event(job.model, "answered")
-                return answer
+                why = self._refusal(job, answer)
+                if why is None:
+                    answer.node.count(job.model, "answered")
+                    self.on_event(job.model, "answered")
+                    return answer
+                node.count(job.model, "unverified")
+                self.on_event(job.model, "bad_signature")
+                self.on_refused(job, answer, why)
+                barred.add((node.site, node.node))
+                moves += 1
+                if moves > self.settings.max_refusal_moves:
+                    raise errors.NoPoolCapacity(
+                        f"{moves} nodes refused or answered job for model {job.model!r} unverifiably",
+                        retry_after_s=self.settings.retry_after_s,
+                    )
+                continue
             if answer is not None and answer.status in BUYER_ERRORS:
                 self.on_event(job.model, "bad_job")
                 return answer
@@ -160,6 +201,16 @@ class Dispatcher:
                 )
             job.was_resent = True
             self.on_event(job.model, "resent")
+
+    def _refusal(self, job: Job, answer: Answer) -> Refused | None:
+        """Why a 200 cannot be accepted (None: verified, its proof set on the answer)."""
+        if self.verify is None:
+            return None
+        try:
+            answer.proof = self.verify(job, answer)
+        except Refused as exc:
+            return exc
+        return None
 
     async def _attempt(self, job: Job, node: NodeView) -> Answer | None:
         """One send and its outcome: the node's answer, or None when the node was lost meanwhile."""
@@ -207,12 +258,16 @@ class Dispatcher:
                     del self._by_node[key]
 
     def answered(self, message: Inbound, received_s: float) -> None:
-        """An answer from a node (on the loop); late duplicates are counted and dropped."""
-        attempt = self._attempts.get(message.correlation or b"")
-        job = attempt.job if attempt is not None else None
-        if attempt is None or job is None or job.is_done:
+        """An answer from a node (on the loop); late duplicates are counted, recorded and dropped."""
+        correlation = message.correlation or b""
+        attempt = self._attempts.get(correlation)
+        if attempt is None or attempt.job.is_done:
             self.late_answers += 1
+            finished = self._finished.get(correlation)
+            if finished is not None:
+                self._late(finished, _answer(message, finished))
             return
+        job = attempt.job
         answer = _answer(message, attempt)
         current = job.current
         if attempt is current and not attempt.reply.done():
@@ -221,6 +276,11 @@ class Dispatcher:
             current.reply.set_result(answer)  # the first node answered after all: take it
         else:
             self.late_answers += 1
+            self._late(attempt, answer)
+
+    def _late(self, attempt: Attempt, answer: Answer) -> None:
+        if answer.status == 200 and self._refusal(attempt.job, answer) is None:
+            self.on_late(attempt.job, answer)
 
     def sweep(self) -> None:
         """Fail every attempt held by a node that is no longer live (offline or silent)."""
@@ -250,4 +310,14 @@ def _answer(message: Inbound, attempt: Attempt) -> Answer:
         if isinstance(document, dict) and isinstance(document.get("retry_after_s"), int | float):
             retry_after_s = float(document["retry_after_s"])
     latency_ms = (time.perf_counter() - attempt.sent_s) * 1e3
-    return Answer(status, message.payload, header_length, attempt.node, latency_ms, retry_after_s)
+    job_id = attempt.correlation.decode()
+    return Answer(
+        status,
+        message.payload,
+        header_length,
+        attempt.node,
+        latency_ms,
+        retry_after_s,
+        job_id=job_id,
+        attempt=int(job_id.rpartition("/")[2]),
+    )

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from appliance import errors
 from appliance.platform.buyers import Buyers
-from appliance.platform.catalogue import Catalogue
+from appliance.platform.catalogue import Catalogue, Files
 from appliance.platform.credit import CreditBook
 from appliance.platform.dispatch import Answer, Job
 from appliance.platform.metrics import GatewayMetrics
@@ -89,13 +89,13 @@ def nodes(gateway: Gateway) -> dict[str, Any]:
     }
 
 
-def spare_ips(gateway: Gateway, name: str, sha256: str | None) -> float:
+def spare_ips(gateway: Gateway, name: str, files: Files | None) -> float:
     """The pool's total spare inferences/s for the model (whole offers, before this gateway's share)."""
     now_s = time.monotonic()
     total = 0.0
     for node in gateway.view.offering(name):
         offer = node.offer(name, now_s)
-        if offer is not None and (sha256 is None or offer.sha256 == sha256):
+        if offer is not None and (files is None or offer.sha256 in files):
             total += offer.spare_ips
     return round(total, 3)
 
@@ -104,15 +104,15 @@ def index(gateway: Gateway) -> list[dict[str, Any]]:
     """POST /v2/repository/index in KServe's shape, with the pool's spare capacity per model."""
     found = []
     for name in gateway.catalogue.names(gateway.view):
-        sha256 = gateway.catalogue.sha256(name, gateway.view)
-        spare = spare_ips(gateway, name, sha256)
+        files = gateway.catalogue.files(name, gateway.view)
+        spare = spare_ips(gateway, name, files)
         found.append(
             {
                 "name": name,
-                "version": _version(gateway, name, sha256) or "",
+                "version": _version(gateway, name, files) or "",
                 "state": "READY" if spare > 0 else "UNAVAILABLE",
                 "reason": "" if spare > 0 else "no node offers spare capacity for it now",
-                "parameters": {"pool_spare_ips_at_slo": spare, "sha256": sha256},
+                "parameters": {"pool_spare_ips_at_slo": spare, "sha256": _shown(files)},
             }
         )
     return found
@@ -120,9 +120,9 @@ def index(gateway: Gateway) -> list[dict[str, Any]]:
 
 def metadata(gateway: Gateway, name: str) -> dict[str, Any]:
     """GET /v2/models/{name}: the model's signature from a node's birth, plus the pool's spare capacity."""
-    sha256 = gateway.catalogue.sha256(name, gateway.view)
-    born = _birth(gateway, name, sha256)
-    if sha256 is None or born is None:
+    files = gateway.catalogue.files(name, gateway.view)
+    born = _birth(gateway, name, files)
+    if files is None or born is None:
         raise errors.ModelNotFound(
             f"model {name!r} is not served by the pool (see POST /v2/repository/index)"
         )
@@ -132,28 +132,33 @@ def metadata(gateway: Gateway, name: str) -> dict[str, Any]:
         "platform": "onnxruntime_onnx",
         "inputs": born.get("inputs", []),
         "outputs": born.get("outputs", []),
-        "parameters": {"pool_spare_ips_at_slo": spare_ips(gateway, name, sha256), "sha256": sha256},
+        "parameters": {"pool_spare_ips_at_slo": spare_ips(gateway, name, files), "sha256": _shown(files)},
     }
 
 
-def signature(gateway: Gateway, name: str, sha256: str) -> list[TensorSpec]:
-    """The inputs buyers must send (from a birth of a node serving that sha256)."""
-    born = _birth(gateway, name, sha256)
+def signature(gateway: Gateway, name: str, files: Files) -> list[TensorSpec]:
+    """The inputs buyers must send (from a birth of a node serving one of those files)."""
+    born = _birth(gateway, name, files)
     if born is None:
-        raise errors.NoPoolCapacity(f"no node serves model {name!r} with sha256 {sha256[:12]}... now")
+        raise errors.NoPoolCapacity(f"no node serves model {name!r} with sha256 {_shown(files)} now")
     return [
         TensorSpec(spec["name"], spec["datatype"], tuple(spec["shape"])) for spec in born.get("inputs", [])
     ]
 
 
-def _birth(gateway: Gateway, name: str, sha256: str | None) -> dict[str, Any] | None:
+def _shown(files: Files | None) -> str | None:
+    """The sha256 of the file a name runs on (several, comma-separated: a parameter is one string)."""
+    return None if files is None else ",".join(sorted(files))
+
+
+def _birth(gateway: Gateway, name: str, files: Files | None) -> dict[str, Any] | None:
     for node in gateway.view.offering(name):
         born = node.model_birth(name)
-        if born.get("sha256") == sha256 and born.get("inputs") is not None:
+        if files is not None and born.get("sha256") in files and born.get("inputs") is not None:
             return born
     return None
 
 
-def _version(gateway: Gateway, name: str, sha256: str | None) -> str | None:
-    born = _birth(gateway, name, sha256)
+def _version(gateway: Gateway, name: str, files: Files | None) -> str | None:
+    born = _birth(gateway, name, files)
     return None if born is None else str(born.get("version", ""))

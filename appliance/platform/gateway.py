@@ -1,4 +1,4 @@
-"""The gateway service: composition root and lifecycle (link, view, credit, dispatch, buyer API)."""
+"""The gateway service: composition root and lifecycle (link, view, credit, dispatch, ledger, checks, API)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,27 @@ import threading
 import time
 from typing import Any
 
+import orjson
 import uvicorn
 
-from appliance.errors import ConfigError
-from appliance.platform import api
+from appliance.errors import ApplianceError, ConfigError
+from appliance.platform import api, receipts, verify
 from appliance.platform.buyers import Buyers
 from appliance.platform.catalogue import Catalogue
+from appliance.platform.checks import Checks
 from appliance.platform.credit import CreditBook
 from appliance.platform.dispatch import Answer, Dispatcher, Job
+from appliance.platform.ledger import Ledger
 from appliance.platform.link import GatewayLink
+from appliance.platform.metering import Metering
 from appliance.platform.metrics import GatewayMetrics
 from appliance.platform.presence import Presence
-from appliance.platform.settings import PlatformSettings
+from appliance.platform.settings import KEY_CREDENTIAL, PlatformSettings
+from appliance.platform.trust import Trust
 from appliance.platform.view import PoolView
+from appliance.platform.writer import LedgerWriter
+from appliance.pool import identity, signing
+from appliance.pool.wire import Outbound
 from appliance.protocol.codec import InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -50,9 +58,18 @@ class Gateway:
         self.platform = platform
         self.settings = settings
         self.max_body_bytes = MAX_BODY_BYTES
-        self.view = PoolView(settings.topic_root)
+        self.view = PoolView(settings.topic_root, needs_key=True)
         self.presence = Presence(settings.topic_root, settings.gateway_id)
         self.catalogue = Catalogue.load(settings.catalogue)
+        self.key = identity.device_key(
+            settings.state_dir,
+            identity.credentials_directory(),
+            credential=KEY_CREDENTIAL,
+            state_file="gateway-key.pem",
+        )
+        ledger = Ledger.open(platform.ledger.url or str(settings.state_dir / "ledger.sqlite3"))
+        ledger.register_gateway(settings.gateway_id, signing.public_key_text(self.key))
+        self.writer = LedgerWriter(ledger)
         self.buyers = Buyers.load(
             settings.buyers_file,
             rate_per_s=settings.default_rate_per_s,
@@ -63,7 +80,12 @@ class Gateway:
         )
         self.metrics = GatewayMetrics(self.view, self._gauges)
         self.link = GatewayLink(
-            settings, self.view, self.presence, on_answer=self._answered, on_state=self._state_changed
+            settings,
+            self.view,
+            self.presence,
+            on_answer=self._answered,
+            on_state=self._state_changed,
+            on_birth=self._born,
         )
         self.dispatcher = Dispatcher(
             settings,
@@ -71,14 +93,80 @@ class Gateway:
             self.link.publish,
             reply_base=self.link.reply_base,
             on_event=self.metrics.job,
+            verify=self._verify,
+            on_refused=self._refused,
+            on_late=self._late,
+        )
+        self.metering = Metering(self.writer, self.key, settings.gateway_id)
+        self.trust = Trust(
+            self.view, self.writer, self.catalogue, emit=self._emit, refresh_s=platform.ledger.refresh_s
+        )
+        self.checks = Checks(
+            platform.canary,
+            self.catalogue,
+            self.dispatcher,
+            self.metering,
+            self.trust,
+            count=self.metrics.job,
         )
         self.app = api.create_app(self)
         self.started = asyncio.Event()
         self._server: uvicorn.Server | None = None
 
     async def dispatch(self, job: Job, decoded: InferenceRequest) -> Answer:
-        """Run a buyer's job; the receipts issue hooks in here (ledger, canaries)."""
-        return await self.dispatcher.run(job)
+        """Run a buyer's job: its answer verified, its receipt committed before the buyer has it, then
+        perhaps a canary or a second opinion."""
+        job.input_sha256 = signing.tensor_digest(decoded.inputs)
+        answer = await self.dispatcher.run(job)
+        if answer.status == 200:
+            await self.metering.commit(self.metering.receipt(job, answer, receipts.ACCEPTED))
+            self.checks.after(job, answer, decoded.inputs)
+        return answer
+
+    def _verify(self, job: Job, answer: Answer) -> verify.Proof:
+        return verify.check(
+            answer.node,
+            answer.job_id,
+            answer.payload,
+            answer.header_length,
+            input_sha256=job.input_sha256,
+            files=job.files,
+        )
+
+    def _refused(self, job: Job, answer: Answer, refusal: verify.Refused) -> None:
+        """A 200 that does not verify: recorded (never billed), the node quarantined, the job moved on."""
+        receipt = self.metering.receipt(
+            job,
+            answer,
+            receipts.BAD_SIGNATURE,
+            detail=str(refusal),
+            statement=refusal.statement,
+            signature=refusal.signature,
+        )
+        self.metering.record(receipt)
+        self.trust.fail(answer.node, f"answer to job {answer.job_id} refused: {refusal}")
+
+    def _late(self, job: Job, answer: Answer) -> None:
+        """An answer after its job was over (a re-sent job's first node, say): recorded, never billed."""
+        detail = "answered after the job was over; the buyer had another answer"
+        self.metering.record(self.metering.receipt(job, answer, receipts.LATE, detail=detail))
+
+    def _born(self, node: Any) -> None:
+        self.trust.born(node)
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        """An event on <root>/_gateways/<id>/evt (node quarantined or released, receipts flagged)."""
+        document = {
+            "gateway": self.settings.gateway_id,
+            "event": kind,
+            "ts_ms": int(time.time() * 1000),
+            **fields,
+        }
+        topic = f"{self.settings.topic_root}/_gateways/{self.settings.gateway_id}/evt"
+        try:
+            self.link.publish(Outbound(topic, orjson.dumps(document)))
+        except ApplianceError as exc:
+            log.warning("gateway event %s not published: %s", kind, exc)
 
     def _answered(self, message: Any, received_s: float) -> None:
         self.dispatcher.answered(message, received_s)
@@ -93,6 +181,9 @@ class Gateway:
             "live_gateways": len(self.presence.live()),
             "broker_connected": float(self.link.connected.is_set()),
             "broker_connections_total": self.link.connections,
+            "receipts_committed_total": self.writer.committed,
+            "ledger_transactions_total": self.writer.groups,
+            "quarantined_nodes": self.trust.quarantined(),
         }
 
     async def run(self, sockets: list[socket.socket] | None = None) -> int:
@@ -101,6 +192,10 @@ class Gateway:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.link.start(loop)
         sweeper = asyncio.create_task(self.dispatcher.sweep_forever(), name="gateway-sweep")
+        background = [
+            asyncio.create_task(self.trust.refresh_forever(), name="gateway-ledger-refresh"),
+            asyncio.create_task(self.checks.recheck_forever(), name="gateway-recheck"),
+        ]
         config = uvicorn.Config(
             self.app,
             host=self.settings.host,
@@ -128,10 +223,13 @@ class Gateway:
         try:
             await serving
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, *background):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self.metering.drain()
             await asyncio.to_thread(self.link.close)
+            await asyncio.to_thread(self.writer.close)
         return 0 if self._server.started else 1
 
     def stop(self) -> None:

@@ -23,7 +23,7 @@ from appliance.errors import ModelNotReady
 from appliance.platform import presence
 from appliance.platform.presence import Presence
 from appliance.platform.settings import GatewaySettings
-from appliance.platform.view import PoolView
+from appliance.platform.view import NodeView, PoolView
 from appliance.pool.topics import node_filter
 from appliance.pool.wire import Broker, Inbound, Outbound, Security, inbound, publish_properties
 
@@ -47,6 +47,7 @@ class GatewayLink:
         *,
         on_answer: Callable[[Inbound, float], None],
         on_state: Callable[[], None],
+        on_birth: Callable[[NodeView], None] = lambda node: None,
     ) -> None:
         self.settings = settings
         self.view = view
@@ -61,6 +62,7 @@ class GatewayLink:
         self.presence_topic = presence.topic(self.root, settings.gateway_id)
         self._on_answer = on_answer
         self._on_state = on_state
+        self._on_birth = on_birth
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = threading.Event()
         self.connections = 0
@@ -148,8 +150,12 @@ class GatewayLink:
             return
         else:
             changed = self.view.ingest(topic, bytes(message.payload), received_s)
-            if changed is not None and topic.endswith("/state") and changed.state != "online":
+            if changed is None:
+                return
+            if topic.endswith("/state") and changed.state != "online":
                 self._call(self._on_state)
+            elif topic.endswith("/birth"):
+                self._call(self._on_birth, changed)
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():

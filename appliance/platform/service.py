@@ -53,8 +53,15 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 
 def run_gateway(args: argparse.Namespace) -> int:
-    from appliance.platform.gateway import Gateway
+    from appliance.errors import ConfigError
     from appliance.system import logs
+
+    try:
+        from appliance.platform.gateway import Gateway
+    except ImportError as exc:
+        raise ConfigError(
+            f"the gateway needs the platform extra: pip install 'appliance[platform]' ({exc})"
+        ) from exc
 
     settings = settings_from(args)
     logs.configure(args.log_level, "text")

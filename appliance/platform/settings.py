@@ -16,10 +16,16 @@ from appliance.errors import ConfigError
 
 SECTIONS = ("gateway", "ledger", "canary")  # the only APPLIANCE_<SECTION>__ variables the platform reads
 SECRETS = {"gateway.password": ("gateway", "password")}  # credential file name -> setting
+KEY_CREDENTIAL = "gateway.key"  # $CREDENTIALS_DIRECTORY/gateway.key: the Ed25519 key receipts are signed with
 
 
 def _section(title: str) -> ConfigDict:
     return ConfigDict(extra="forbid", title=title, validate_default=True)
+
+
+def _state_dir() -> Path:
+    found = os.environ.get("STATE_DIRECTORY")  # systemd StateDirectory=
+    return Path(found.split(":")[0]) if found else Path("/var/lib/appliance-gateway")
 
 
 def _default_id() -> str:
@@ -77,6 +83,11 @@ class GatewaySettings(BaseModel):
     sweep_interval_s: float = Field(
         0.25, gt=0, description="How often nodes holding jobs are checked for silence (failover)."
     )
+    state_dir: Path = Field(
+        default_factory=_state_dir,
+        description="The gateway's own files: its key (gateway-key.pem, mode 0600, unless the credential "
+        "gateway.key is given) and the default SQLite ledger; $STATE_DIRECTORY wins.",
+    )
 
     @field_validator("gateway_id")
     @classmethod
@@ -98,7 +109,12 @@ class LedgerSettings(BaseModel):
     model_config = _section("Receipts ledger")
 
     url: str | None = Field(
-        None, description="sqlite:///PATH or a file path, or postgresql://...; unset keeps no ledger."
+        None,
+        description="A SQLite file path (or sqlite:///PATH), or postgresql://user@host/db to share one "
+        "ledger between gateways. Unset: <gateway.state_dir>/ledger.sqlite3.",
+    )
+    refresh_s: float = Field(
+        2.0, gt=0, description="How often key pins and quarantines written by other gateways are read."
     )
 
 
@@ -107,7 +123,16 @@ class CanarySettings(BaseModel):
 
     probability: float = Field(0.02, ge=0, le=1, description="Share of buyer jobs followed by a canary.")
     second_opinion_probability: float = Field(
-        0.0, ge=0, le=1, description="Share of buyer jobs also run on a second node and compared."
+        0.01, ge=0, le=1, description="Share of buyer jobs also run on a second node and compared."
+    )
+    perturbation: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Noise added to canary inputs: its standard deviation as a share of the golden input's.",
+    )
+    recheck_interval_s: float = Field(
+        30.0, gt=0, description="How often a quarantined node is sent a canary (its way back)."
     )
 
 

@@ -45,6 +45,18 @@ class NodeView:
     seqs: dict[str, int] = field(default_factory=dict)  # kind -> last seq in this session
     jobs: dict[str, Counter[str]] = field(default_factory=dict)  # model -> sent/answered/refused/...
     quarantine: str | None = None  # why the node gets no buyer jobs (canary failed, key changed)
+    needs_key: bool = False  # the gateway's view: no job until the birth's key is the pinned one
+    trusted_key: str | None = None  # the key pinned in the ledger, once checked
+
+    @property
+    def public_key(self) -> str | None:
+        found = (self.birth or {}).get("public_key")
+        return found if isinstance(found, str) else None
+
+    @property
+    def is_trusted(self) -> bool:
+        """Its answers can be verified: the birth's key is the one the ledger pinned for it."""
+        return not self.needs_key or (self.trusted_key is not None and self.public_key == self.trusted_key)
 
     @property
     def name(self) -> str:
@@ -70,9 +82,12 @@ class NodeView:
     def model_birth(self, model: str) -> dict[str, Any]:
         return dict(((self.birth or {}).get("models", {}).get(model)) or {})
 
-    def offer(self, model: str, now_s: float) -> Offer | None:
-        """The node's offer for `model` if a job may use it now: online, fresh, accepting, not quarantined."""
-        if self.quarantine is not None or not self.is_live(now_s) or self.capacity is None:
+    def offer(self, model: str, now_s: float, *, is_check: bool = False) -> Offer | None:
+        """The node's offer for `model` if a job may use it now: online, fresh, accepting, its key trusted
+        and (unless the job is a check, which is how a quarantined node passes again) not quarantined."""
+        if (self.quarantine is not None and not is_check) or not self.is_trusted:
+            return None
+        if not self.is_live(now_s) or self.capacity is None:
             return None
         report = self.capacity["models"].get(model)
         if not report or not report.get("accepts_pool_jobs") or report.get("spare_ips_at_slo", 0) <= 0:
@@ -96,8 +111,9 @@ class NodeView:
 class PoolView:
     """Every node heard of under `root`. `ingest` may be called from paho's thread: it takes a lock."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, needs_key: bool = False) -> None:
         self.root = root
+        self.needs_key = needs_key
         self.ingested = 0  # messages taken (not ignored), for /metrics
         self._nodes: dict[tuple[str, str], NodeView] = {}
         self._offering: dict[str, dict[tuple[str, str], NodeView]] = {}  # model -> nodes reporting it
@@ -125,7 +141,9 @@ class PoolView:
         seq = document.get("seq")
         with self._lock:
             key = (origin.site, origin.node)
-            view = self._nodes.get(key) or self._nodes.setdefault(key, NodeView(*key))
+            view = self._nodes.get(key) or self._nodes.setdefault(
+                key, NodeView(*key, needs_key=self.needs_key)
+            )
             if session < view.session:
                 return None  # late: from before the node's last reconnect (an old Last Will included)
             if session > view.session:

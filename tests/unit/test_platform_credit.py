@@ -98,8 +98,8 @@ def test_expired_offers_and_other_files_are_never_picked() -> None:
     view, clock = PoolView(ROOT), Clock()
     book = CreditBook(view, clock=clock)
     add(view, "a", spare=1000.0, sha="b" * 64)
-    assert book.pick("m", 1, "a" * 64) is None  # the catalogue pins another file
-    assert book.pick("m", 1, "b" * 64) is not None
+    assert book.pick("m", 1, frozenset({"a" * 64})) is None  # the catalogue pins another file
+    assert book.pick("m", 1, frozenset({"b" * 64})) is not None
     clock.now_s = 3.5  # the report (valid_for_s = 3) has expired
     assert book.pick("m", 1, None) is None
 

@@ -59,6 +59,7 @@ def test_catalogue_pins_names_to_files_and_tolerances(tmp_path: Path) -> None:
         '[models.detector.tolerances]\n"fp32/cpu~int8/cpu" = [0.1, 0.05]\n'
     )
     entry = Catalogue.load(path).entries["detector"]  # type: ignore[index]
+    assert entry.files == frozenset({"a" * 64})
     assert entry.samples == tmp_path / "golden" / "samples.npz"
     assert entry.tolerance("int8/cpu", "fp32/cpu") == (0.1, 0.05)
     path.write_text('[models.detector]\nsha256 = "' + "a" * 64 + '"\nsha = 1\n')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,16 +45,37 @@ class RunningGateway:
 
 @contextmanager
 def run_gateway(
-    broker: Broker, names: Names, *, token: str | None = None, **settings: Any
+    broker: Broker,
+    names: Names,
+    *,
+    token: str | None = None,
+    ledger: dict[str, Any] | None = None,
+    canary: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> Iterator[RunningGateway]:
-    """Start a gateway on `broker` for the test's topic root and site; stop it and check it exited 0."""
+    """Start a gateway on `broker` for the test's topic root and site; stop it and check it exited 0.
+
+    Its state (key, SQLite ledger) is in a fresh directory unless `state_dir` is given; canaries and
+    second opinions are off unless `canary` turns them on, so that job counts are the test's own."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
-    section = {"broker": broker.url, "topic_root": names.root, "site": names.site, "sweep_interval_s": 0.1}
+    scratch = tempfile.TemporaryDirectory(prefix="gateway-")
+    section = {
+        "broker": broker.url,
+        "topic_root": names.root,
+        "site": names.site,
+        "sweep_interval_s": 0.1,
+        "state_dir": scratch.name,
+    }
     section.update(settings)
-    gateway = Gateway(PlatformSettings.load(None, environ={}, overrides={"gateway": section}))
+    overrides = {
+        "gateway": section,
+        "ledger": ledger or {},
+        "canary": {"probability": 0.0, "second_opinion_probability": 0.0, **(canary or {})},
+    }
+    gateway = Gateway(PlatformSettings.load(None, environ={}, overrides=overrides))
     loop = asyncio.new_event_loop()
     started = threading.Event()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -84,6 +106,7 @@ def run_gateway(
         gateway.stop()
         running.thread.join(WAIT_S)
         sock.close()
+        scratch.cleanup()
         assert not running.thread.is_alive(), "gateway did not stop"
         assert running.exit_code == [0]
 

@@ -1,0 +1,84 @@
+"""One receipt per answered job attempt, signed by the gateway that wrote it.
+
+The node signs what it did (pool/signing.py); the gateway signs what it recorded of it: who bought it,
+whether it was billed, the verdict and when. Together neither side can deny its part. The gateway's
+signed bytes are b"ecp-receipt-v1\\n" followed by the JSON object of every field of `Receipt` below
+with sorted keys and no spaces (orjson), Ed25519, base64; its public key is in the ledger's `gateways`
+table. `flagged` and `flag_reason` are later annotations (a failed check flags the receipts before
+it) and are not signed.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import asdict, dataclass, replace
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+CONTEXT = b"ecp-receipt-v1\n"
+
+BUYER, CANARY, SECOND_OPINION = "buyer", "canary", "second_opinion"
+ACCEPTED, BAD_SIGNATURE, LATE = "accepted", "bad_signature", "late_duplicate"
+CANARY_PASSED, CANARY_FAILED = "canary_passed", "canary_failed"
+AGREED, DISAGREED, DISPUTED = "agreed", "disagreed", "disputed"
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a gateway records of one answered attempt of a job (the ledger's `receipts` row)."""
+
+    job_id: str  # what the node signed: <job>/<attempt>
+    job: str
+    attempt: int
+    kind: str  # buyer, canary, second_opinion
+    billed: bool  # only a buyer's job, once, for the answer the buyer got
+    buyer: str
+    node: str  # site/node
+    session: int
+    model: str
+    model_sha256: str
+    rows: int
+    input_sha256: str
+    output_sha256: str
+    queue_ms: float
+    compute_ms: float
+    latency_ms: float  # as the gateway measured it, send to answer
+    slo_ms: float  # the model's slo_p99_ms, as the node's birth stated it
+    slo_met: bool  # queue_ms + compute_ms within slo_ms: the node's share of the time
+    node_signature: str
+    verdict: str
+    detail: str
+    gateway: str
+    created_ms: int
+    gateway_signature: str = ""
+
+    def signed_fields(self) -> dict[str, object]:
+        fields = asdict(self)
+        del fields["gateway_signature"]
+        return fields
+
+    def canonical(self) -> bytes:
+        return CONTEXT + orjson.dumps(self.signed_fields(), option=orjson.OPT_SORT_KEYS)
+
+    def signed(self, key: Ed25519PrivateKey) -> Receipt:
+        signature = base64.b64encode(key.sign(self.canonical())).decode("ascii")
+        return replace(self, gateway_signature=signature)
+
+    def row(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def from_row(row: dict[str, object]) -> Receipt:
+    """The receipt a ledger row holds (its annotations and id left out)."""
+    names = Receipt.__dataclass_fields__
+    return Receipt(**{name: row[name] for name in names})  # type: ignore[arg-type]
+
+
+def is_signed_by(receipt: Receipt, public_key: Ed25519PublicKey) -> bool:
+    try:
+        public_key.verify(base64.b64decode(receipt.gateway_signature, validate=True), receipt.canonical())
+    except (InvalidSignature, ValueError):
+        return False
+    return True

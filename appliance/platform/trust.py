@@ -1,0 +1,138 @@
+"""Which nodes the gateway may send work to: pinned keys and quarantine, kept in the shared ledger.
+
+A node's key is pinned in the ledger the first time a birth shows it. A later birth with another key
+quarantines the node (kind `key`) until an operator runs `appliance platform nodes trust NODE`. A node
+whose birth serves a catalogue name from a file the catalogue does not list is quarantined (`file`), and
+so is one that fails a check (`check`); both end when it passes a canary again. Every gateway applies
+what the ledger says every `ledger.refresh_s`, so a quarantine by one is a quarantine for all. A change
+of a node's standing is published on
+`<root>/_gateways/<id>/evt` (`node_quarantined`, `node_released`, `receipts_flagged`) by each gateway
+that applies it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from appliance.platform.catalogue import Catalogue
+from appliance.platform.ledger import CHECK, FILE, NodeRecord, now_ms
+from appliance.platform.view import NodeView, PoolView
+from appliance.platform.writer import LedgerWriter
+
+log = logging.getLogger(__name__)
+
+NO_KEY = "its birth carries no public_key: its answers cannot be verified"
+
+
+class Trust:
+    """Pins and quarantines between the ledger (the truth, shared) and the view (what dispatch reads)."""
+
+    def __init__(
+        self,
+        view: PoolView,
+        writer: LedgerWriter,
+        catalogue: Catalogue,
+        *,
+        emit: Callable[..., None],
+        refresh_s: float,
+    ) -> None:
+        self.view = view
+        self.writer = writer
+        self.catalogue = catalogue
+        self.emit = emit
+        self.refresh_s = refresh_s
+        self.records: dict[str, NodeRecord] = {record.node: record for record in writer.ledger.nodes()}
+        self._seen_ms = now_ms()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def quarantined(self) -> int:
+        return sum(1 for node in self.view.nodes() if node.quarantine is not None)
+
+    def born(self, node: NodeView) -> None:
+        """A birth arrived (on the loop): pin or check its key, then check the files it serves."""
+        key = node.public_key
+        if key is None:
+            node.trusted_key = None
+            self._set(node, NO_KEY)
+            return
+        record = self.records.get(node.name)
+        if record is not None and record.public_key == key and record.offered_key is None:
+            self._apply(node, record)
+            self._check_files(node)
+        else:
+            self._spawn(self._pin(node, key))
+
+    async def _pin(self, node: NodeView, key: str) -> None:
+        record = await self.writer.call(self.writer.ledger.pin, node.name, key)
+        self.records[node.name] = record
+        self._apply(node, record)
+        self._check_files(node)
+
+    def _check_files(self, node: NodeView) -> None:
+        if self.catalogue.entries is None:
+            return
+        for name, entry in self.catalogue.entries.items():
+            served = node.model_birth(name).get("sha256")
+            if served is not None and served not in entry.files:
+                reason = f"serves model {name!r} from file {served}, which the catalogue does not list"
+                self.fail(node, reason, FILE)
+                return
+
+    def fail(self, node: NodeView, reason: str, kind: str = CHECK) -> None:
+        """Quarantine the node at once here, then in the ledger (which flags its receipts since its
+        last passed check)."""
+        self._set(node, reason)
+        self._spawn(self._fail(node, reason, kind))
+
+    async def _fail(self, node: NodeView, reason: str, kind: str) -> None:
+        flagged = await self.writer.call(self.writer.ledger.quarantine, node.name, reason, kind)
+        log.warning("node %s quarantined: %s (%d receipts flagged)", node.name, reason, flagged)
+        self.emit("receipts_flagged", node=node.name, reason=reason, flagged=flagged)
+
+    async def passed(self, node: NodeView) -> None:
+        """A check passed: the ledger records it and may free the node."""
+        record = await self.writer.call(self.writer.ledger.passed, node.name)
+        if record is not None:
+            self.records[node.name] = record
+            self._apply(node, record)
+
+    def _apply(self, node: NodeView, record: NodeRecord) -> None:
+        node.trusted_key = record.public_key
+        self._set(node, record.quarantine)
+
+    def _set(self, node: NodeView, reason: str | None) -> None:
+        before, node.quarantine = node.quarantine, reason
+        if before is None and reason is not None:
+            self.emit("node_quarantined", node=node.name, reason=reason)
+        elif before is not None and reason is None:
+            self.emit("node_released", node=node.name)
+
+    async def refresh_forever(self) -> None:
+        """Apply what other gateways (and `nodes trust`) wrote to the ledger."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            since_ms, self._seen_ms = self._seen_ms - 5_000, now_ms()  # margin: other gateways' clocks
+            try:
+                changed = await self.writer.call(self.writer.ledger.nodes, since_ms)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("ledger: cannot read node records: %s", exc)
+                continue
+            for record in changed:
+                self.records[record.node] = record
+                site, _, name = record.node.partition("/")
+                node = self.view.get(site, name)
+                if node is not None and node.public_key is not None:
+                    self._apply(node, record)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("ledger: node record not updated: %s", task.exception())

@@ -1,0 +1,112 @@
+"""The gateway's one ledger thread: receipts committed in groups, other ledger calls in turn.
+
+A buyer's answer waits for `commit(receipt)`, which returns only once the transaction holding the
+receipt has committed: the receipt is on disk before the buyer has the answer. Receipts that arrive
+while a transaction runs go into the next one together (group commit), so the cost of a commit (an
+fsync on SQLite, a round trip on PostgreSQL) is shared by every job that waited for it; that is how
+one gateway writes thousands of receipts a second (bench/ledger.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from appliance.errors import ModelNotReady
+from appliance.platform.ledger import Ledger
+from appliance.platform.receipts import Receipt
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_GROUP = 1000  # receipts in one transaction at most
+_STOP = object()
+
+
+class LedgerUnavailable(ModelNotReady):
+    """The ledger cannot be written: the answer is not given unrecorded (503, try again)."""
+
+
+class LedgerWriter:
+    """Owns the Ledger; every call runs on its thread, so SQLite sees one writer per gateway."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.committed = 0  # receipts, for /metrics
+        self.groups = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="ledger-writer", daemon=True)
+        self._thread.start()
+
+    async def commit(self, receipt: Receipt) -> None:
+        """Return once the receipt is committed; LedgerUnavailable when the database refused it."""
+        done: Future[None] = Future()
+        self._queue.put((receipt, done))
+        try:
+            await asyncio.wrap_future(done)
+        except Exception as exc:
+            raise LedgerUnavailable(
+                f"the receipts ledger cannot be written ({exc}); try again", retry_after_s=1.0
+            ) from exc
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a Ledger method on the ledger thread (pins, quarantines, reads)."""
+        done: Future[T] = Future()
+        self._queue.put((function, args, done))
+        return await asyncio.wrap_future(done)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish what is queued, then stop the thread and close the database."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        self.ledger.close()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if len(item) == 3:
+                self._run(*item)
+                continue
+            group = [item]
+            held = None
+            while len(group) < MAX_GROUP:
+                try:
+                    following = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if following is _STOP or len(following) == 3:
+                    held = following
+                    break
+                group.append(following)
+            self._write(group)
+            if held is _STOP:
+                return
+            if held is not None:
+                self._run(*held)
+
+    def _write(self, group: list[tuple[Receipt, Future[None]]]) -> None:
+        try:
+            self.ledger.write(receipt for receipt, _ in group)
+        except Exception as exc:  # noqa: BLE001 - every waiter hears it; the thread goes on
+            log.error("ledger: %d receipts not written: %s", len(group), exc)
+            for _, done in group:
+                done.set_exception(exc)
+            return
+        self.committed += len(group)
+        self.groups += 1
+        for _, done in group:
+            done.set_result(None)
+
+    @staticmethod
+    def _run(function: Callable[..., Any], args: tuple[Any, ...], done: Future[Any]) -> None:
+        try:
+            done.set_result(function(*args))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            done.set_exception(exc)
