@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+from holds import Batches
+
+from appliance.protocol import codec
 from appliance.service import Service
 from appliance.settings import Settings
 from appliance.system.sdnotify import Notifier
@@ -68,6 +72,37 @@ class RunningService:
         async with asyncio.timeout(timeout_s):
             while self.inflight(model) < count:
                 await asyncio.sleep(0.005)
+
+
+@contextmanager
+def line_requests_waiting(running: RunningService, batches: Batches, model: str) -> Iterator[None]:
+    """Line traffic that stays put: batches of `model` are held at every worker, each worker has its next
+    batch queued, and at least one more request waits in the line queue, until the block ends (then
+    everything runs and is answered). What `ota gate` and the OTA hooks must defer to, with no timing."""
+    scheduler = running.service.hub.entry(model).scheduler
+    assert scheduler is not None
+    example = scheduler.model.example_inputs(1)
+    assert example is not None, f"model {model} needs fixed input shapes"
+    # A deadline (parameters.timeout, us) far past the model's SLO: a queued request must not expire.
+    far = {"timeout": int(START_TIMEOUT_S * 10 * 1e6)}
+    body = codec.encode_request(example, binary=False, binary_output=False, parameters=far).body()
+    url = f"{running.url}/v2/models/{model}/infer"
+    senders: list[threading.Thread] = []
+
+    def is_stuck() -> bool:  # no worker will take more until one is released
+        workers = scheduler.line_workers
+        return len(scheduler.queues.line) > 0 and all(len(worker.runs) >= 2 for worker in workers)
+
+    with batches.holding(lambda batch: batch.model == model):
+        while not is_stuck():
+            assert len(senders) < 4 * len(scheduler.line_workers) + 4, "line requests never stayed queued"
+            sender = threading.Thread(target=lambda: httpx.post(url, content=body, timeout=START_TIMEOUT_S))
+            sender.start()
+            senders.append(sender)
+            running.wait_inflight(model, len(senders))
+        yield
+    for sender in senders:
+        sender.join(START_TIMEOUT_S)
 
 
 @contextmanager

@@ -22,21 +22,18 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-import httpx
 import modelzoo
 import numpy as np
 import pytest
+from services import line_requests_waiting
 
 from appliance.ota.link import ServiceLink
 from appliance.ota.store import Store, records_dir
-from appliance.protocol import codec
 
 HOOKS = Path(__file__).resolve().parents[2] / "firmware-hooks"
 BUSY_REASON = "appliance: line traffic is busy; install this bundle later"
@@ -109,34 +106,12 @@ def _state(running: Any) -> str:
     return status["state"]
 
 
-@contextmanager
-def _busy_line(running: Any, batches: Any) -> Iterator[None]:
-    """Line traffic `ota gate` must defer to: a request waits in the line queue (behind a batch held at
-    the worker) for as long as the block lasts, whatever the box's speed."""
-    body = codec.encode_request({"x": np.ones((1, 4), np.float32)}, binary=False).body()
-    threads = [
-        threading.Thread(
-            target=lambda: httpx.post(f"{running.url}/v2/models/batchable/infer", content=body, timeout=300)
-        )
-        for _ in range(3)
-    ]
-    with batches.holding(lambda batch: batch.model == "batchable"):
-        threads[0].start()
-        batches.wait_held()
-        for thread in threads[1:]:
-            thread.start()
-        running.wait_inflight("batchable", 3)  # one running, one queued on the worker, one in the queue
-        yield
-    for thread in threads:
-        thread.join(60)
-
-
 # RAUC
 
 
 def test_rauc_pre_install_gates_then_snapshots_against_the_real_command(box, tmp_path, batches) -> None:
     env = _environment(box, tmp_path)
-    with _busy_line(box, batches):
+    with line_requests_waiting(box, batches, "batchable"):
         busy = _shim("rauc/pre-install", env)
     assert busy.returncode == 1 and BUSY_REASON in busy.stderr
     assert "gate: busy, try again later" in busy.stderr
@@ -153,7 +128,7 @@ def test_rauc_bundle_hook_rejects_while_busy_against_the_real_command(box, tmp_p
     env = {**_environment(box, tmp_path), "RAUC_MF_COMPATIBLE": "box-v1", "RAUC_SYSTEM_COMPATIBLE": "box-v1"}
     quiet = _shim("rauc/bundle-hook", env, "install-check")
     assert quiet.returncode == 0, quiet.stderr
-    with _busy_line(box, batches):
+    with line_requests_waiting(box, batches, "batchable"):
         busy = _shim("rauc/bundle-hook", env, "install-check")
     assert busy.returncode == 10
     assert busy.stderr.strip().splitlines()[-1] == BUSY_REASON  # the line RAUC shows as the reason
@@ -253,7 +228,7 @@ def test_a_real_rauc_install_snapshots_and_is_refused_while_the_line_is_busy(box
     image = os.urandom(65536)
     bundle = rauc.bundle(image)
 
-    with _busy_line(box, batches):
+    with line_requests_waiting(box, batches, "batchable"):
         refused = rauc.install(bundle, env)
     # RAUC 1.8 runs the pre-install handler before the bundle's install-check hook: the handler's gate
     # refuses first, and RAUC shows its exit status, not its words.
@@ -278,7 +253,7 @@ def test_a_real_rauc_install_check_hook_rejects_a_bundle_with_its_reason(box, tm
     env = _environment(box, tmp_path)
     rauc = Rauc(tmp_path / "rauc", with_handler=False)
     bundle = rauc.bundle(os.urandom(4096))
-    with _busy_line(box, batches):
+    with line_requests_waiting(box, batches, "batchable"):
         refused = rauc.install(bundle, env)
     assert refused.returncode != 0
     assert f"LastError: Installation error: Bundle rejected: Hook returned: {BUSY_REASON}" in refused.stdout
@@ -378,7 +353,7 @@ def test_a_real_swupdate_for_a_reboot_snapshots_and_leaves_the_rest_to_the_next_
 @pytest.mark.skipif(_swupdate_missing() is not None, reason=str(_swupdate_missing()))
 def test_a_real_swupdate_fails_the_update_while_the_line_is_busy(box, tmp_path, batches) -> None:
     swu, cert = _swu(tmp_path, inplace=True)
-    with _busy_line(box, batches):
+    with line_requests_waiting(box, batches, "batchable"):
         result = _swupdate(swu, cert, _environment(box, tmp_path), tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0

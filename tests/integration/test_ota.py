@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
 import modelzoo
 import numpy as np
 import pytest
+from services import line_requests_waiting
 
 from appliance.engine.repository import file_digest
 from appliance.ota import command, verbs
@@ -24,7 +26,10 @@ from appliance.protocol import codec
 from appliance.system.admin import AdminError
 
 HOOKS = Path(__file__).resolve().parents[2] / "firmware-hooks"
-FAST = {"verify_wait_s": 5.0, "verify_timed_requests": 3}
+# verify's latency check compares medians of a few requests, which a loaded box moves by more than 50 %
+# + 2 ms: tests that are not about it give it all the slack it needs (the one that is sets a baseline
+# no request can meet).
+FAST = {"verify_wait_s": 5.0, "verify_timed_requests": 3, "verify_latency_slack_ms": 600000.0}
 
 
 def golden_repository(tmp_path: Path) -> Path:
@@ -108,28 +113,21 @@ def test_drain_is_idempotent_and_commit_admits_again(serve, tmp_path) -> None:
         assert store(settings).drained_pid() is None
 
 
-def test_drain_that_times_out_resumes_serving_and_answers_try_later(serve, tmp_path) -> None:
+def test_drain_that_times_out_resumes_serving_and_answers_try_later(serve, tmp_path, batches) -> None:
     repo = tmp_path / "repo"
-    modelzoo.write(repo, "heavy", modelzoo.heavy(), manifest=modelzoo.HEAVY_MANIFEST)
-    with serve(repo, ota={"drain_timeout_s": 0.001}) as running:
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="slo_p99_ms = 600000.0\n")
+    with serve(repo, ota={"drain_timeout_s": 0.5}) as running:
         settings = running.service.settings
-        scheduler = running.service.hub.scheduler("heavy")
-        x = np.ones((modelzoo.HEAVY_ROWS, 512), np.float32)
-
-        async def start() -> asyncio.Task:
-            task = asyncio.create_task(scheduler.infer({"x": x}))
-            await asyncio.sleep(0)  # one turn of the loop: the request is admitted and running
-            return task
-
-        task = running.call(start)
-        assert verbs.drain(settings) == verbs.EX_TEMPFAIL
-        assert status(settings)["state"] == "ready"
-        assert store(settings).drained_pid() is None
-
-        async def finish() -> dict:
-            return await task
-
-        assert running.call(finish)["y"].shape == (modelzoo.HEAVY_ROWS, 512)
+        answers: list[httpx.Response] = []
+        with batches.holding(lambda batch: batch.model == "batchable"):
+            request = threading.Thread(target=lambda: answers.append(infer(running.url)))
+            request.start()
+            batches.wait_held()  # a request mid-compute for as long as the drain may wait, and longer
+            assert verbs.drain(settings) == verbs.EX_TEMPFAIL
+            assert status(settings)["state"] == "ready"
+            assert store(settings).drained_pid() is None
+        request.join(60)
+    assert [a.status_code for a in answers] == [200]  # the drain gave up on it; it was still answered
 
 
 def test_snapshot_verify_commit(serve, tmp_path, caplog) -> None:
@@ -277,7 +275,9 @@ def test_snapshot_copies_its_own_config_file_not_the_one_the_status_names(serve,
     config.write_text("[server]\nretry_after_s = 2.0\n")
     with serve(golden_repository(tmp_path), ota=FAST) as running:
         settings = running.service.settings
-        running.service.control.config_file = secret  # a status reply naming a file the service should not see
+        running.service.control.config_file = (
+            secret  # a status reply naming a file the service should not see
+        )
         assert status(settings)["config_file"] == str(secret)
         assert verbs.take_snapshot(settings, config) == verbs.EX_OK
         records = store(settings)
@@ -429,10 +429,10 @@ def test_the_command_logs_to_stderr_and_maps_failures_to_1(tmp_path, capsys) -> 
 
 
 @pytest.mark.parametrize(("traffic", "expected"), [(False, 0), (True, 21)], ids=["quiet", "busy"])
-def test_the_mender_gate_shim_runs_the_real_command(serve, tmp_path, traffic, expected) -> None:
-    with serve(golden_repository(tmp_path)) as running:
-        if traffic:
-            assert infer(running.url).status_code == 200
+def test_the_mender_gate_shim_runs_the_real_command(serve, tmp_path, batches, traffic, expected) -> None:
+    with serve(golden_repository(tmp_path)) as running, contextlib.ExitStack() as busy:
+        if traffic:  # requests wait in the line queue for as long as the test runs
+            busy.enter_context(line_requests_waiting(running, batches, "batchable"))
         settings = running.service.settings
         wrapper = tmp_path / "appliance"
         wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m appliance "$@"\n')
@@ -442,7 +442,7 @@ def test_the_mender_gate_shim_runs_the_real_command(serve, tmp_path, traffic, ex
             "APPLIANCE_BIN": str(wrapper),
             "APPLIANCE_SYSTEM__RUNTIME_DIR": str(settings.system.runtime_dir),
             "APPLIANCE_SYSTEM__STATE_DIR": str(settings.system.state_dir),
-            "APPLIANCE_OTA__GATE_MAX_LINE_IPS": "0",
+            "APPLIANCE_OTA__GATE_MAX_LINE_IPS": "1e9",  # the queue decides, not a rate that decays with time
         }
         shim = HOOKS / "mender" / "Download_Enter_10_appliance-gate"
         result = subprocess.run(["/bin/sh", str(shim)], env=env, capture_output=True, text=True, check=False)
