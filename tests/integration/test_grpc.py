@@ -202,6 +202,7 @@ def test_grpc_port_minus_one_turns_grpc_off_and_a_port_in_use_fails_the_start(
     with run_service(make_settings(tmp_path, repository, server={"grpc_port": -1})) as running:
         assert running.service.grpc is None
     holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another gRPC server's would be
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     port = holder.getsockname()[1]
