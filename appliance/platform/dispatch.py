@@ -151,6 +151,12 @@ class Dispatcher:
         moves = 0
         while True:
             node = self._pick(job, barred)
+            if node is None and job.target is not None:
+                why = (
+                    job.target.refusal(job.model, self.credit.clock(), is_check=True)
+                    or "not one of its files"
+                )
+                raise errors.NoPoolCapacity(f"node {job.target.name} cannot take the {job.kind} now: {why}")
             if node is None:
                 self.on_event(job.model, "no_capacity")
                 raise errors.NoPoolCapacity(

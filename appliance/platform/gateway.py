@@ -155,14 +155,15 @@ class Gateway:
         self.trust.born(node)
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        """An event on <root>/_gateways/<id>/evt (node quarantined or released, receipts flagged)."""
+        """An event on <root>/_gateways/<id>/evt/<kind> (node quarantined or released, receipts flagged;
+        schema gateway_evt). Four levels under the root, so that no node topic filter matches it."""
         document = {
             "gateway": self.settings.gateway_id,
             "event": kind,
             "ts_ms": int(time.time() * 1000),
             **fields,
         }
-        topic = f"{self.settings.topic_root}/_gateways/{self.settings.gateway_id}/evt"
+        topic = f"{self.settings.topic_root}/_gateways/{self.settings.gateway_id}/evt/{kind}"
         try:
             self.link.publish(Outbound(topic, orjson.dumps(document)))
         except ApplianceError as exc:
@@ -183,6 +184,7 @@ class Gateway:
             "broker_connections_total": self.link.connections,
             "receipts_committed_total": self.writer.committed,
             "ledger_transactions_total": self.writer.groups,
+            "ledger_commits_waiting": self.writer.waiting,
             "quarantined_nodes": self.trust.quarantined(),
         }
 

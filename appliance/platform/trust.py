@@ -6,7 +6,7 @@ whose birth serves a catalogue name from a file the catalogue does not list is q
 so is one that fails a check (`check`); both end when it passes a canary again. Every gateway applies
 what the ledger says every `ledger.refresh_s`, so a quarantine by one is a quarantine for all. A change
 of a node's standing is published on
-`<root>/_gateways/<id>/evt` (`node_quarantined`, `node_released`, `receipts_flagged`) by each gateway
+`<root>/_gateways/<id>/evt/<event>` (`node_quarantined`, `node_released`, `receipts_flagged`) by each gateway
 that applies it.
 """
 

@@ -85,15 +85,26 @@ class NodeView:
     def offer(self, model: str, now_s: float, *, is_check: bool = False) -> Offer | None:
         """The node's offer for `model` if a job may use it now: online, fresh, accepting, its key trusted
         and (unless the job is a check, which is how a quarantined node passes again) not quarantined."""
-        if (self.quarantine is not None and not is_check) or not self.is_trusted:
+        if self.refusal(model, now_s, is_check=is_check) is not None:
             return None
-        if not self.is_live(now_s) or self.capacity is None:
-            return None
-        report = self.capacity["models"].get(model)
-        if not report or not report.get("accepts_pool_jobs") or report.get("spare_ips_at_slo", 0) <= 0:
-            return None
+        report = self.capacity["models"][model]  # type: ignore[index]
         slo_ms = report.get("slo_p99_ms") or self.model_birth(model).get("slo_p99_ms") or 100.0
         return Offer(float(report["spare_ips_at_slo"]), slo_ms / 1e3, self.model_birth(model).get("sha256"))
+
+    def refusal(self, model: str, now_s: float, *, is_check: bool = False) -> str | None:
+        """Why no job of `model` may go to the node now (None: one may)."""
+        if self.quarantine is not None and not is_check:
+            return f"quarantined: {self.quarantine}"
+        if not self.is_trusted:
+            return "its device key is not the one the ledger pinned (or not checked yet)"
+        if not self.is_live(now_s) or self.capacity is None:
+            return "offline or not reporting"
+        report = self.capacity["models"].get(model)
+        if not report or not report.get("accepts_pool_jobs"):
+            return f"it takes no pool jobs for model {model!r}"
+        if report.get("spare_ips_at_slo", 0) <= 0:
+            return f"it has no spare capacity for model {model!r}"
+        return None
 
     def spare_ips(self, model: str, now_s: float) -> float:
         """Spare inferences/s for `model` that a job may use now: 0 unless online, fresh and accepting."""

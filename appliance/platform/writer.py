@@ -39,6 +39,7 @@ class LedgerWriter:
         self.ledger = ledger
         self.committed = 0  # receipts, for /metrics
         self.groups = 0
+        self.waiting = 0  # receipts queued or being written: answers held back until they commit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="ledger-writer", daemon=True)
         self._thread.start()
@@ -47,12 +48,15 @@ class LedgerWriter:
         """Return once the receipt is committed; LedgerUnavailable when the database refused it."""
         done: Future[None] = Future()
         self._queue.put((receipt, done))
+        self.waiting += 1
         try:
             await asyncio.wrap_future(done)
         except Exception as exc:
             raise LedgerUnavailable(
                 f"the receipts ledger cannot be written ({exc}); try again", retry_after_s=1.0
             ) from exc
+        finally:
+            self.waiting -= 1
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
         """Run a Ledger method on the ledger thread (pins, quarantines, reads)."""

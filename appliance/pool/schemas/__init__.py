@@ -7,7 +7,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-NAMES = ("birth", "state", "capacity", "evt", "job_request", "job_response", "command_reply")
+NAMES = ("birth", "state", "capacity", "evt", "job_request", "job_response", "command_reply", "gateway_evt")
 
 
 @cache

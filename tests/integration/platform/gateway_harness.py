@@ -122,9 +122,18 @@ class Node:
 
 @contextmanager
 def run_nodes(
-    tmp_path: Path, repository: Path, broker: Broker, names: Names, count: int, **pool: Any
+    tmp_path: Path,
+    repository: Path,
+    broker: Broker,
+    names: Names,
+    count: int,
+    *,
+    repositories: dict[str, Path] | None = None,
+    environments: dict[str, dict[str, str]] | None = None,
+    **pool: Any,
 ) -> Iterator[list[Node]]:
-    """`count` real `appliance serve` processes (node-0, node-1, ...) on the broker, started together."""
+    """`count` real `appliance serve` processes (node-0, node-1, ...) on the broker, started together;
+    a node named in `repositories` serves that one, and one in `environments` gets those variables."""
     with ExitStack() as stack:
         nodes = []
         for index in range(count):
@@ -133,7 +142,9 @@ def run_nodes(
                 broker, Names(names.root, names.site, name), **pool.get(name, {}), **pool.get("*", {})
             )
             env = node_environment(tmp_path / name, section)
-            process = stack.enter_context(node_process(repository, env))
+            env.update((environments or {}).get(name, {}))
+            served = (repositories or {}).get(name, repository)
+            process = stack.enter_context(node_process(served, env))
             nodes.append(Node(name, process))
         for node in nodes:
             node.process.wait_for(READY, WAIT_S)
