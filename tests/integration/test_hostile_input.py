@@ -99,7 +99,7 @@ def test_a_chunked_body_stops_being_read_past_what_the_model_can_take(client: ht
 def test_unknown_names_on_load_and_unload_keep_nothing(server, client: httpx.Client) -> None:
     hub = server.service.hub
     before = len(hub._locks)
-    for index in range(200):
+    for index in range(64):  # each name would have left a lock behind
         assert client.post(f"/v2/repository/models/nosuch-{index}/load").status_code == 404
         assert client.post(f"/v2/repository/models/nosuch-{index}/unload").status_code == 404
     assert len(hub._locks) == before

@@ -24,7 +24,7 @@ from services import make_settings, run_service
 
 from appliance.protocol import codec
 
-EXAMPLES = 1200
+EXAMPLES = 1000  # the issue asks for at least 1,000 per CI run
 SERVED = ["batchable", "fixed", "scalar", "strings", "mixed", "half", "gather"]
 ALL_NAMES = [*SERVED, "corrupt", "unknown_op", "bad_digest", "missing_weights", "future_opset"]
 DATATYPES = ["BOOL", "UINT8", "INT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "BF16", "fp32", ""]
@@ -225,7 +225,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes, dict[str, bytes]]:
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
-    derandomize=True,  # the same 1,200 requests every CI run; a failure reproduces
+    derandomize=True,  # the same requests every CI run; a failure reproduces
     database=None,
     suppress_health_check=[
         HealthCheck.too_slow,
