@@ -108,3 +108,18 @@ def describe(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> 
         else:
             lines.append(f"setting {key!r}{where}: {error['msg']}, got {error.get('input')!r}")
     return "; ".join(lines)
+
+
+def topic_level(value: str) -> str:
+    """One MQTT topic level (a site, a node, a gateway id); ValueError naming what it may not hold."""
+    if not value or any(c in value for c in "/+#$\0"):
+        raise ValueError(f"must be one non-empty MQTT topic level without / + # $ or NUL, got {value!r}")
+    return value
+
+
+def topic_prefix(value: str) -> str:
+    """Topic levels before <site>/<node>/ (pool.topic_root, the gateway's), without empty levels."""
+    value = value.strip("/")
+    if not value or any(c in value for c in "+#\0") or "//" in value:
+        raise ValueError(f"must be topic levels without + # NUL or empty levels, got {value!r}")
+    return value

@@ -13,7 +13,15 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from appliance.config_sources import deep_copy, describe, read_credentials, read_environ, read_toml
+from appliance.config_sources import (
+    deep_copy,
+    describe,
+    read_credentials,
+    read_environ,
+    read_toml,
+    topic_level,
+    topic_prefix,
+)
 from appliance.errors import ConfigError
 
 SYSTEM_CONFIG_FILE = Path("/etc/appliance/appliance.toml")
@@ -294,17 +302,12 @@ class PoolSettings(BaseModel):
     @field_validator("site", "node_id")
     @classmethod
     def _topic_level(cls, value: str) -> str:
-        if not value or any(c in value for c in "/+#$\0"):
-            raise ValueError(f"must be one non-empty MQTT topic level without / + # $ or NUL, got {value!r}")
-        return value
+        return topic_level(value)
 
     @field_validator("topic_root")
     @classmethod
     def _topic_prefix(cls, value: str) -> str:
-        value = value.strip("/")
-        if not value or any(c in value for c in "+#\0") or "//" in value:
-            raise ValueError(f"must be topic levels without + # NUL or empty levels, got {value!r}")
-        return value
+        return topic_prefix(value)
 
 
 class SystemSettings(BaseModel):

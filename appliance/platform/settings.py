@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from appliance.config_sources import deep_copy, describe, read_environ, read_toml
+from appliance.config_sources import deep_copy, describe, read_environ, read_toml, topic_level, topic_prefix
 from appliance.errors import ConfigError
 
 SECTIONS = ("gateway", "ledger", "canary")  # the only APPLIANCE_<SECTION>__ variables the platform reads
@@ -92,17 +92,12 @@ class GatewaySettings(BaseModel):
     @field_validator("gateway_id")
     @classmethod
     def _topic_level(cls, value: str) -> str:
-        if not value or any(c in value for c in "/+#$\0"):
-            raise ValueError(f"must be one MQTT topic level without / + # $ or NUL, got {value!r}")
-        return value
+        return topic_level(value)
 
     @field_validator("topic_root")
     @classmethod
     def _topic_prefix(cls, value: str) -> str:
-        value = value.strip("/")
-        if not value or any(c in value for c in "+#\0"):
-            raise ValueError(f"must be topic levels without + # or NUL, got {value!r}")
-        return value
+        return topic_prefix(value)
 
 
 class LedgerSettings(BaseModel):
