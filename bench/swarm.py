@@ -4,7 +4,9 @@
 
 Per run: a fresh mosquitto, the simulator (one process: N nodes speaking the node contract over a few
 MQTT connections: retained birth and state, capacity every --interval-s with MQTT 5 expiry, and jobs
-on cmd/infer/sim answered with trivial compute, y = 2x + 1) and `appliance platform gateway`. Then two
+on cmd/infer/sim answered with trivial compute, y = 2x + 1, each answer signed with that node's own
+Ed25519 key, as a real node signs) and `appliance platform gateway` (which verifies each answer and
+commits its receipt to its SQLite ledger before answering). Then two
 open-loop phases at --rate jobs/s with a 2 KB request (FP32 [1, 512], binary): jobs sent straight to
 simulated nodes over MQTT 5 (the direct baseline), then the same through the gateway over HTTP.
 Figures: reports ingested/s (the gateway's counter), jobs/s, dispatch overhead (gateway p50/p99 minus
@@ -41,6 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from appliance.pool import identity, signing
 from appliance.protocol import codec
 
 MODEL, WIDTH = "sim", 512
@@ -71,13 +74,15 @@ def simulate(broker: str, root: str, nodes: int, interval_s: float, connections:
     session = int(time.time())
     names = [f"sim-{i:05d}" for i in range(nodes)]
     clients = [_client(broker, f"sim-{uuid.uuid4().hex[:8]}") for _ in range(connections)]
+    keys = {name: identity.generate() for name in names}  # each signs its answers, as a real node does
     tensor = {"name": "x", "datatype": "FP32", "shape": [-1, WIDTH]}
     output = {"name": "y", "datatype": "FP32", "shape": [-1, WIDTH]}
     for index, name in enumerate(names):
         client, base = clients[index % connections], f"{root}/{name}"
         birth = {"node": name, "session": session, "seq": 0, "ts_ms": 0, "models": {MODEL: {
             "state": "READY", "version": "1", "sha256": SHA256, "precision": "fp32", "provider": "cpu",
-            "slo_p99_ms": 100.0, "inputs": [tensor], "outputs": [output]}}}  # fmt: skip
+            "slo_p99_ms": 100.0, "inputs": [tensor], "outputs": [output]}},
+            "public_key": signing.public_key_text(keys[name])}  # fmt: skip
         client.publish(f"{base}/birth", orjson.dumps(birth), qos=1, retain=True)
         state = {"node": name, "session": session, "seq": 1, "state": "online", "reason": ""}
         client.publish(f"{base}/state", orjson.dumps(state), qos=1, retain=True)
@@ -90,6 +95,17 @@ def simulate(broker: str, root: str, nodes: int, interval_s: float, connections:
         encoded = codec.encode_response(
             model_name=MODEL, model_version="1", request=request, outputs={"y": x * 2 + 1}
         )
+        name = message.topic.split("/")[-4]
+        statement = signing.Statement(
+            job_id=signing.job_id(props.CorrelationData, None, request.id), model_sha256=SHA256,
+            input_sha256=signing.tensor_digest(request.inputs),
+            output_sha256=signing.tensor_digest({"y": x * 2 + 1}),
+            queue_ms=0.0, compute_ms=0.01, node=name, session=session,
+        )  # fmt: skip
+        proof = {**statement.fields(), "signature": signing.sign(keys[name], statement)}
+        header, *blobs = encoded.parts
+        signed = signing.attach(bytes(header), proof)
+        encoded = codec.EncodedResponse([signed, *blobs], len(signed) if blobs else None)
         user = [("status", "200")]
         if encoded.header_length is not None:
             user.append((codec.HEADER_LENGTH, str(encoded.header_length)))
@@ -205,7 +221,9 @@ def one_run(nodes: int, args: argparse.Namespace, scratch: Path) -> dict[str, ob
     env = {**os.environ, "APPLIANCE_GATEWAY__TOPIC_ROOT": root.rsplit("/", 1)[0],
            "APPLIANCE_GATEWAY__SITE": root.rsplit("/", 1)[1],
            "APPLIANCE_GATEWAY__MAX_JOBS_IN_FLIGHT": "20000",
-           "APPLIANCE_GATEWAY__DEFAULT_RATE_PER_S": "100000"}  # fmt: skip
+           "APPLIANCE_GATEWAY__DEFAULT_RATE_PER_S": "100000",
+           "APPLIANCE_GATEWAY__STATE_DIR": str(scratch / "gateway"),  # its key and SQLite ledger
+           "APPLIANCE_CANARY__SECOND_OPINION_PROBABILITY": "0"}  # fmt: skip
     gateway = subprocess.Popen([sys.executable, "-m", "appliance", "platform", "gateway", "--broker", broker,
         "--port", "0"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:

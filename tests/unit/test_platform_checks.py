@@ -1,0 +1,131 @@
+"""Canary material, tolerances, the catalogue's files and the gateway's verification of an answer."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from appliance.errors import ConfigError, InvalidInput
+from appliance.platform.catalogue import Catalogue, provider_class
+from appliance.platform.checks import compare
+from appliance.platform.golden import Golden, References
+from appliance.platform.ledger_cli import parse_time
+from appliance.platform.verify import Refused, check
+from appliance.platform.view import NodeView
+from appliance.pool import identity, signing
+from appliance.protocol import codec
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+INT8, FP32 = MODELS / "surface_defect/1/model.onnx", MODELS / "surface_defect_fp32/1/model.onnx"
+SAMPLES = MODELS / "surface_defect/1/samples.npz"
+# What the README and tests/integration/platform/checks_fixtures.py state for this model.
+TOLERANCES = {"int8~fp32": (0.2, 0.0), "int8~int8": (0.02, 0.0)}
+
+
+def test_canaries_are_drawn_afresh_perturbed_and_within_the_golden_range() -> None:
+    golden = Golden(SAMPLES)
+    rng = np.random.default_rng(1)
+    first, second = golden.draw(3, rng, 0.01)["image"], golden.draw(3, rng, 0.01)["image"]
+    source = golden.inputs["image"]
+    assert first.shape == (3, *source.shape[1:]) and first.dtype == source.dtype
+    assert not np.array_equal(first, second)
+    assert not any(
+        np.array_equal(row, golden_row) for row in first for golden_row in source
+    )  # never a sample
+    assert source.min() <= first.min() and first.max() <= source.max()
+    nearest = min(float(np.abs(first[0] - golden_row).mean()) for golden_row in source)
+    assert nearest < 0.01 * float(source.std()) * 2  # lightly: still the golden image, to the model
+    assert golden.draw(10, rng, 0.01)["image"].shape[0] == 10  # more rows than samples: repeats, perturbed
+
+
+def test_int8_and_fp32_agree_within_the_stated_tolerance_with_margin_and_not_within_a_tight_one() -> None:
+    golden, references, rng = Golden(SAMPLES), References(), np.random.default_rng(3)
+    worst = 0.0
+    for rows in (1, 2, 4, 8):
+        inputs = golden.draw(rows, rng, 0.01)
+        int8, fp32 = references.run(INT8, inputs), references.run(FP32, inputs)
+        assert compare(fp32, int8, *TOLERANCES["int8~fp32"]) == []
+        assert compare(references.run(INT8, inputs), int8, *TOLERANCES["int8~int8"]) == []
+        worst = max(worst, *(float(np.abs(int8[k] - fp32[k]).max()) for k in int8))
+    assert worst * 2 <= TOLERANCES["int8~fp32"][0], (
+        f"int8 and fp32 differ by up to {worst}: widen the tolerance"
+    )
+    # Break it: the tolerance of two runs of one file is too tight for two files, and says where.
+    [problem, *_] = compare(fp32, int8, 1e-6, 0.0)
+    assert (
+        problem.startswith("output 'defect_prob'") and "values differ beyond atol 1e-06 + rtol 0" in problem
+    )
+
+
+def test_a_catalogue_name_may_list_several_files_with_checked_trusted_copies(tmp_path: Path) -> None:
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (INT8, FP32)]
+    path = tmp_path / "catalogue.toml"
+    path.write_text(
+        f'[models.surface_defect]\nsha256 = ["{digests[0]}", "{digests[1]}"]\n'
+        f'model_files = ["{INT8}", "{FP32}"]\n'
+        '[models.surface_defect.tolerances]\n"int8/cpu~fp32/cpu" = [0.2, 0]\n'
+    )
+    entry = Catalogue.load(path).entries["surface_defect"]  # type: ignore[index]
+    assert entry.files == frozenset(digests) and entry.model_files == dict(
+        zip(digests, (INT8, FP32), strict=True)
+    )
+    assert entry.tolerance("fp32/cpu", "int8/cpu") == (0.2, 0.0)
+    path.write_text(f'[models.surface_defect]\nsha256 = "{digests[0]}"\nmodel_files = ["{FP32}"]\n')
+    with pytest.raises(ConfigError, match=f"{FP32} has sha256 {digests[1]}, which is not listed in sha256"):
+        Catalogue.load(path)
+    assert (provider_class("cuda"), provider_class("tensorrt"), provider_class("openvino")) == (
+        "gpu",
+        "gpu",
+        "npu",
+    )
+    assert provider_class("cpu") == provider_class("xnnpack") == "cpu"
+
+
+def signed_answer(key: object, *, job_id: str = "j/0", sha: str = "a" * 64) -> tuple[bytes, int | None, str]:
+    x, y = np.arange(4, dtype=np.float32).reshape(1, 4), np.ones((1, 4), np.float32)
+    body = codec.encode_request({"x": x}, binary=False, binary_output=False).body()
+    request = codec.decode_request(body)
+    encoded = codec.encode_response(model_name="m", model_version="1", request=request, outputs={"y": y})
+    digests = signing.tensor_digest({"x": x}), signing.tensor_digest({"y": y})
+    statement = signing.Statement(job_id, sha, *digests, 0.1, 1.0, "n1", 3)
+    proof = {**statement.fields(), "signature": signing.sign(key, statement)}  # type: ignore[arg-type]
+    return signing.attach(encoded.body(), proof), None, signing.tensor_digest({"x": x})
+
+
+def test_the_gateway_verifies_what_it_received_against_the_pinned_key() -> None:
+    key = identity.generate()
+    node = NodeView("s", "n1", needs_key=True, birth={"public_key": signing.public_key_text(key)})
+    node.trusted_key = node.public_key
+    payload, length, input_sha = signed_answer(key)
+    proof = check(node, "j/0", payload, length, input_sha256=input_sha, files=frozenset({"a" * 64}))
+    assert proof.statement.session == 3 and proof.outputs["y"].shape == (1, 4)
+    cases = {
+        "another job id": (payload, "j/1", input_sha, None),
+        "another input": (payload, "j/0", "0" * 64, None),
+        "a changed output": (payload.replace(b"1.0", b"2.0"), "j/0", input_sha, None),
+        "another file": (payload, "j/0", input_sha, frozenset({"b" * 64})),
+    }
+    for what, (body, job_id, digest, files) in cases.items():
+        with pytest.raises(Refused) as refused:
+            check(node, job_id, body, None, input_sha256=digest, files=files)
+        assert ("another file" in what) == ("not one the job may run on" in str(refused.value)), what
+    unsigned = orjson.dumps({"model_name": "m", "outputs": []})
+    with pytest.raises(Refused, match=r"the answer is not signed \(no parameters.pool_signature\)"):
+        check(node, "j/0", unsigned, None, input_sha256=input_sha, files=None)
+    node.trusted_key = signing.public_key_text(identity.generate())  # a key other than the one pinned
+    with pytest.raises(Refused, match="bad signature"):
+        check(node, "j/0", payload, None, input_sha256=input_sha, files=None)
+    assert node.refusal("m", 0.0) == "its device key is not the one the ledger pinned (or not checked yet)"
+
+
+def test_ledger_times_are_iso_8601_and_utc_unless_they_say_otherwise() -> None:
+    assert parse_time("2025-06-01T00:00:00Z", "--since") == 1748736000000
+    assert parse_time("2025-06-01", "--since") == 1748736000000
+    assert parse_time("2025-06-01T02:00:00+02:00", "--since") == 1748736000000
+    assert parse_time(None, "--since") is None
+    with pytest.raises(InvalidInput, match=r"--until 'yesterday': expected an ISO 8601 time such as"):
+        parse_time("yesterday", "--until")
