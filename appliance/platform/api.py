@@ -12,8 +12,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__, errors
 from appliance.platform import fleet
+from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
-from appliance.platform.dispatch import Answer, Job
 from appliance.platform.fleet import Gateway
 from appliance.protocol import codec
 from appliance.server.errors import appliance_error_response, error_response, install

@@ -22,8 +22,9 @@ import numpy as np
 
 from appliance import errors
 from appliance.platform import receipts
+from appliance.platform.attempts import Answer, Job
 from appliance.platform.catalogue import Catalogue, Entry, provider_class
-from appliance.platform.dispatch import Answer, Dispatcher, Job
+from appliance.platform.dispatch import Dispatcher
 from appliance.platform.golden import Golden, References
 from appliance.platform.ledger import KEY
 from appliance.platform.metering import Metering

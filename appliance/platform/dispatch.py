@@ -12,20 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import orjson
 
 from appliance import errors
+from appliance.platform.attempts import Answer, Attempt, Job, answer_of
 from appliance.platform.credit import CreditBook
 from appliance.platform.settings import GatewaySettings
 from appliance.platform.verify import Proof, Refused
 from appliance.platform.view import NodeView
 from appliance.pool.topics import NodeTopics
-from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound, Outbound
+from appliance.pool.wire import HEADER_LENGTH, Inbound, Outbound
 
 log = logging.getLogger(__name__)
 
@@ -40,50 +37,6 @@ class NodeLost(Exception):
 
 class JobLost(errors.Overloaded):
     """Two nodes in a row lost the job (offline or past the timeout): 503, try again."""
-
-
-@dataclass
-class Answer:
-    status: int
-    payload: bytes
-    header_length: int | None
-    node: NodeView
-    latency_ms: float
-    retry_after_s: float | None = None
-    job_id: str = ""  # the attempt's CorrelationData: what the node signed as the job id
-    attempt: int = 0
-    proof: Proof | None = None  # set once the signature is verified
-
-
-@dataclass
-class Job:
-    model: str
-    buyer: str
-    body: bytes
-    header_length: int | None
-    rows: int
-    files: frozenset[str] | None
-    input_sha256: str = ""
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    kind: str = "buyer"  # buyer, canary, second_opinion
-    target: NodeView | None = None  # a check aimed at one node (a quarantined node's way back)
-    excluded: frozenset[tuple[str, str]] = frozenset()  # nodes it must not go to (a second opinion's first)
-    attempts: list[Attempt] = field(default_factory=list)
-    is_done: bool = False
-    was_resent: bool = False
-
-    @property
-    def current(self) -> Attempt | None:
-        return self.attempts[-1] if self.attempts else None
-
-
-@dataclass(eq=False)
-class Attempt:
-    job: Job
-    node: NodeView
-    correlation: bytes
-    sent_s: float
-    reply: asyncio.Future[Answer]
 
 
 class Dispatcher:
@@ -271,10 +224,10 @@ class Dispatcher:
             self.late_answers += 1
             finished = self._finished.get(correlation)
             if finished is not None:
-                self._late(finished, _answer(message, finished))
+                self._late(finished, answer_of(message, finished))
             return
         job = attempt.job
-        answer = _answer(message, attempt)
+        answer = answer_of(message, attempt)
         current = job.current
         if attempt is current and not attempt.reply.done():
             attempt.reply.set_result(answer)
@@ -300,30 +253,3 @@ class Dispatcher:
         while True:
             await asyncio.sleep(self.settings.sweep_interval_s)
             self.sweep()
-
-
-def _answer(message: Inbound, attempt: Attempt) -> Answer:
-    raw_length = message.user.get(HEADER_LENGTH)
-    header_length = int(raw_length) if raw_length and raw_length.isdigit() else None
-    raw_status = message.user.get(STATUS, "")
-    status = int(raw_status) if raw_status.isdigit() else 502
-    retry_after_s = None
-    if status != 200:
-        try:
-            document = orjson.loads(message.payload)
-        except orjson.JSONDecodeError:
-            document = None
-        if isinstance(document, dict) and isinstance(document.get("retry_after_s"), int | float):
-            retry_after_s = float(document["retry_after_s"])
-    latency_ms = (time.perf_counter() - attempt.sent_s) * 1e3
-    job_id = attempt.correlation.decode()
-    return Answer(
-        status,
-        message.payload,
-        header_length,
-        attempt.node,
-        latency_ms,
-        retry_after_s,
-        job_id=job_id,
-        attempt=int(job_id.rpartition("/")[2]),
-    )

@@ -7,10 +7,10 @@ import time
 from typing import Any, Protocol
 
 from appliance import errors
+from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyers
 from appliance.platform.catalogue import Catalogue, Files
 from appliance.platform.credit import CreditBook
-from appliance.platform.dispatch import Answer, Job
 from appliance.platform.metrics import GatewayMetrics
 from appliance.platform.presence import Presence
 from appliance.platform.settings import GatewaySettings

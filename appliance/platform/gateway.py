@@ -17,11 +17,12 @@ import uvicorn
 
 from appliance.errors import ApplianceError, ConfigError
 from appliance.platform import api, receipts, verify
+from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyers
 from appliance.platform.catalogue import Catalogue
 from appliance.platform.checks import Checks
 from appliance.platform.credit import CreditBook
-from appliance.platform.dispatch import Answer, Dispatcher, Job
+from appliance.platform.dispatch import Dispatcher
 from appliance.platform.ledger import Ledger
 from appliance.platform.link import GatewayLink
 from appliance.platform.metering import Metering

@@ -8,7 +8,7 @@ import logging
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.platform import receipts
-from appliance.platform.dispatch import Answer, Job
+from appliance.platform.attempts import Answer, Job
 from appliance.platform.ledger import now_ms
 from appliance.platform.receipts import Receipt
 from appliance.platform.writer import LedgerWriter

@@ -231,3 +231,33 @@ async def test_a_bad_signature_is_refused_recorded_and_the_job_resent(
     resent = {r["job"] for r in refused}
     assert resent <= {r["job"] for r in billed}
     assert all(r["attempt"] >= 1 for r in billed if r["job"] in resent)
+
+
+@pytest.mark.asyncio
+async def test_a_quarantined_node_is_freed_by_the_first_canary_it_passes(
+    tmp_path: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    repo = repository(tmp_path, "int8")
+    events = await recorder_factory(broker, names, f"{names.root}/_gateways/+/evt/#")
+    rng = np.random.default_rng(11)
+    checked = run_gateway(
+        broker, names, catalogue=catalogue(tmp_path, INT8), canary={"recheck_interval_s": 0.5}
+    )
+    with run_nodes(tmp_path, repo, broker, names, 1) as _, checked as gateway:
+        await until(usable(gateway, "node-0"), what="node-0 offering")
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+            assert [a.status_code for a in await buy(http, rng, 3)] == [200] * 3
+            node = gateway.gateway.view.get(names.site, "node-0")
+            loop = gateway.gateway.link._loop
+            loop.call_soon_threadsafe(gateway.gateway.trust.fail, node, "an operator's test of quarantine")
+            assert await until(quarantined(gateway, "node-0")) == "an operator's test of quarantine"
+            refused = await http.post(INFER, content=request(rng)[0], headers=request(rng)[1])
+            assert refused.status_code == 503  # no buyer job goes to it
+            await until(lambda: not quarantined(gateway, "node-0")(), what="freed by a passing canary")
+            assert [a.status_code for a in await buy(http, rng, 2)] == [200] * 2
+            await checks_done(gateway)
+        figures = by_node(gateway)["node-0"]
+        released = await events.expect(lambda m: orjson.loads(m.payload)["event"] == "node_released")
+    assert figures["canaries_passed"] >= 1 and figures["canaries_failed"] == 0
+    assert figures["flagged_jobs"] == 3  # the jobs before the (pretended) failure stay flagged for review
+    assert orjson.loads(released.payload)["node"] == f"{names.site}/node-0"

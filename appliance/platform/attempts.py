@@ -1,0 +1,86 @@
+"""A buyer's job and each send of it (an attempt), and the answer a node gave to one attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import orjson
+
+from appliance.platform.verify import Proof
+from appliance.platform.view import NodeView
+from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound
+
+
+@dataclass
+class Answer:
+    status: int
+    payload: bytes
+    header_length: int | None
+    node: NodeView
+    latency_ms: float
+    retry_after_s: float | None = None
+    job_id: str = ""  # the attempt's CorrelationData: what the node signed as the job id
+    attempt: int = 0
+    proof: Proof | None = None  # set once the signature is verified
+
+
+@dataclass
+class Job:
+    model: str
+    buyer: str
+    body: bytes
+    header_length: int | None
+    rows: int
+    files: frozenset[str] | None
+    input_sha256: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    kind: str = "buyer"  # buyer, canary, second_opinion
+    target: NodeView | None = None  # a check aimed at one node (a quarantined node's way back)
+    excluded: frozenset[tuple[str, str]] = frozenset()  # nodes it must not go to (a second opinion's first)
+    attempts: list[Attempt] = field(default_factory=list)
+    is_done: bool = False
+    was_resent: bool = False
+
+    @property
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+
+@dataclass(eq=False)
+class Attempt:
+    job: Job
+    node: NodeView
+    correlation: bytes
+    sent_s: float
+    reply: asyncio.Future[Answer]
+
+
+def answer_of(message: Inbound, attempt: Attempt) -> Answer:
+    """The answer an MQTT message carries to one attempt."""
+    raw_length = message.user.get(HEADER_LENGTH)
+    header_length = int(raw_length) if raw_length and raw_length.isdigit() else None
+    raw_status = message.user.get(STATUS, "")
+    status = int(raw_status) if raw_status.isdigit() else 502
+    retry_after_s = None
+    if status != 200:
+        try:
+            document = orjson.loads(message.payload)
+        except orjson.JSONDecodeError:
+            document = None
+        if isinstance(document, dict) and isinstance(document.get("retry_after_s"), int | float):
+            retry_after_s = float(document["retry_after_s"])
+    latency_ms = (time.perf_counter() - attempt.sent_s) * 1e3
+    job_id = attempt.correlation.decode()
+    return Answer(
+        status,
+        message.payload,
+        header_length,
+        attempt.node,
+        latency_ms,
+        retry_after_s,
+        job_id=job_id,
+        attempt=int(job_id.rpartition("/")[2]),
+    )
