@@ -206,7 +206,7 @@ class Rauc:
             f'rauc service --conf="{self.root / "system.conf"}" --override-boot-slot=A '
             f'> "{self.root / "service.log"}" 2>&1 &\n'
             "service=$!\n"
-            "until rauc status >/dev/null 2>&1; do kill -0 $service || exit 99; done\n"
+            "until rauc status >/dev/null 2>&1; do kill -0 $service || exit 99; sleep 0.1; done\n"
             f'rauc install "{bundle}"\nresult=$?\nkill $service\nwait $service\nexit $result\n'
         )
         return subprocess.run(
