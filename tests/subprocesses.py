@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from appliance.system.admin import admin_request
 
 READY = re.compile(r"ready on http://([\d.]+):(\d+)")
 HELD = re.compile(r"^held: (\S+) batch of (\d+) request")
@@ -25,6 +28,7 @@ HELD_SERVE = Path(__file__).with_name("held_serve.py")
 @dataclass
 class Process:
     popen: subprocess.Popen[str]
+    runtime_dir: Path | None = None  # where its admin socket is, when the test knows
     lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
     seen: list[str] = field(default_factory=list)
 
@@ -44,6 +48,20 @@ class Process:
     def url(self) -> str:
         host, port = self.wait_for(READY).groups()
         return f"http://{host}:{port}"
+
+    def admitted(self, model: str) -> int:
+        """Requests to `model` the service has admitted and not answered (from its admin socket)."""
+        assert self.runtime_dir is not None, "a process started by `appliance()` knows its runtime dir"
+        status = admin_request(self.runtime_dir / "admin.sock", "status")
+        return int(status["models"][model].get("inflight", 0))
+
+    def wait_admitted(self, model: str, count: int, timeout_s: float = 60.0) -> None:
+        """Until `count` requests to `model` are admitted (e.g. queued behind a held batch)."""
+        deadline_s = time.monotonic() + timeout_s
+        while (admitted := self.admitted(model)) < count:
+            if time.monotonic() > deadline_s:
+                pytest.fail(f"{admitted} of {count} requests to {model} admitted:\n" + "".join(self.seen))
+            time.sleep(0.01)
 
     def release(self) -> None:
         """Let one held batch run (a process started with `held=`)."""
@@ -94,7 +112,8 @@ def appliance(
         text=True,
         env=environ,
     )
-    process = Process(popen)
+    runtime_dir = environ.get("RUNTIME_DIRECTORY")
+    process = Process(popen, Path(runtime_dir) if runtime_dir else None)
 
     def pump() -> None:
         assert popen.stdout is not None
