@@ -99,13 +99,11 @@ class Ledger:
                 connection.execute(self._insert.on_conflict_do_nothing(index_elements=["job_id"]), rows)
 
     def register_gateway(self, gateway: str, public_key: str) -> None:
+        """Record the key this gateway signs receipts with (its old keys stay: old receipts verify)."""
         insert = (sqlite.insert if self.is_sqlite else postgresql.insert)(gateways)
+        row = {"gateway": gateway, "public_key": public_key, "first_seen_ms": now_ms()}
         with self.engine.begin() as connection:
-            connection.execute(
-                insert.values(
-                    gateway=gateway, public_key=public_key, first_seen_ms=now_ms()
-                ).on_conflict_do_update(index_elements=["gateway"], set_={"public_key": public_key})
-            )
+            connection.execute(insert.values(**row).on_conflict_do_nothing())
 
     def pin(self, node: str, public_key: str) -> NodeRecord:
         """The node's record after showing `public_key`: pinned if new; a different key than the pinned

@@ -93,7 +93,7 @@ gateways = Table(
     "gateways",
     metadata,
     Column("gateway", String(100), primary_key=True),
-    Column("public_key", String(64), nullable=False),  # verifies the receipts' gateway_signature
+    Column("public_key", String(64), primary_key=True),  # every key it has had: verifies gateway_signature
     Column("first_seen_ms", BigInteger, nullable=False),
 )
 

@@ -90,7 +90,8 @@ class Trust:
     async def _fail(self, node: NodeView, reason: str, kind: str) -> None:
         flagged = await self.writer.call(self.writer.ledger.quarantine, node.name, reason, kind)
         log.warning("node %s quarantined: %s (%d receipts flagged)", node.name, reason, flagged)
-        self.emit("receipts_flagged", node=node.name, reason=reason, flagged=flagged)
+        if flagged:
+            self.emit("receipts_flagged", node=node.name, reason=reason, flagged=flagged)
 
     async def passed(self, node: NodeView) -> None:
         """A check passed: the ledger records it and may free the node."""

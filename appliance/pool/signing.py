@@ -47,12 +47,13 @@ def tensor_digest(named: Mapping[str, np.ndarray]) -> str:
     for name in sorted(named):
         array = named[name]
         datatype = tensors.oip_datatype(array.dtype).encode("ascii")
-        data = bytes(tensors.to_bytes(np.ascontiguousarray(array)))
+        data = tensors.to_bytes(np.ascontiguousarray(array))  # a view: hashed where it lies, not copied
         encoded = name.encode("utf-8")
         digest.update(struct.pack("<I", len(encoded)) + encoded)
         digest.update(struct.pack("<I", len(datatype)) + datatype)
-        digest.update(struct.pack("<I", array.ndim) + b"".join(struct.pack("<Q", d) for d in array.shape))
-        digest.update(struct.pack("<Q", len(data)) + data)
+        digest.update(struct.pack(f"<I{array.ndim}Q", array.ndim, *array.shape))
+        digest.update(struct.pack("<Q", len(data)))
+        digest.update(data)
     return digest.hexdigest()
 
 

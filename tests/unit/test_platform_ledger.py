@@ -134,3 +134,13 @@ async def test_the_writer_commits_before_it_returns_and_groups_what_waits(url: s
     if not url.startswith("postgresql"):
         with contextlib.closing(sqlite3.connect(url)) as connection:
             assert connection.execute("SELECT count(*) FROM receipts").fetchone()[0] == 300
+
+
+def test_a_gateway_keeps_every_key_it_signed_with(url: str) -> None:
+    ledger = Ledger.open(url)
+    for key in (KEY_A, KEY_A, KEY_B):  # a restart with the same key, then a new state directory
+        ledger.register_gateway("gw-1", key)
+    with ledger.engine.connect() as connection:
+        keys = connection.execute(select(schema.gateways.c.public_key).order_by("public_key")).scalars().all()
+    assert keys == [KEY_A, KEY_B]
+    ledger.close()
