@@ -11,7 +11,7 @@ it) and are not signed.
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -55,9 +55,7 @@ class Receipt:
     gateway_signature: str = ""
 
     def signed_fields(self) -> dict[str, object]:
-        fields = asdict(self)
-        del fields["gateway_signature"]
-        return fields
+        return {name: getattr(self, name) for name in SIGNED}
 
     def canonical(self) -> bytes:
         return CONTEXT + orjson.dumps(self.signed_fields(), option=orjson.OPT_SORT_KEYS)
@@ -67,13 +65,16 @@ class Receipt:
         return replace(self, gateway_signature=signature)
 
     def row(self) -> dict[str, object]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in COLUMNS}
+
+
+COLUMNS = tuple(Receipt.__dataclass_fields__)
+SIGNED = COLUMNS[:-1]  # all but gateway_signature
 
 
 def from_row(row: dict[str, object]) -> Receipt:
     """The receipt a ledger row holds (its annotations and id left out)."""
-    names = Receipt.__dataclass_fields__
-    return Receipt(**{name: row[name] for name in names})  # type: ignore[arg-type]
+    return Receipt(**{name: row[name] for name in COLUMNS})  # type: ignore[arg-type]
 
 
 def is_signed_by(receipt: Receipt, public_key: Ed25519PublicKey) -> bool:

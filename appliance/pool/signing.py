@@ -28,7 +28,7 @@ import base64
 import hashlib
 import struct
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -71,10 +71,10 @@ class Statement:
     session: int
 
     def fields(self) -> dict[str, object]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in FIELD_TYPES}  # flat: no need for asdict's deep copy
 
     def canonical(self) -> bytes:
-        return CONTEXT + orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)
+        return CONTEXT + orjson.dumps(self.fields(), option=orjson.OPT_SORT_KEYS)
 
     @classmethod
     def of(cls, proof: Mapping[str, object]) -> Statement:
