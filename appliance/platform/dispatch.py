@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 from appliance import errors
 from appliance.platform.attempts import Answer, Attempt, Job, answer_of
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 REFUSALS = (403, 404, 429, 503)  # the node will not run it: move the job, withhold the node's credit
 BUYER_ERRORS = (400, 413)  # the job itself is wrong: the buyer hears it as the node said it
-FINISHED_KEPT = 10_000  # attempts of finished jobs remembered, so that a late answer is still recorded
+FINISHED_KEPT = 10_000  # finished attempts remembered (2 job timeouts at most): a late answer is recorded
 
 
 class NodeLost(Exception):
@@ -85,11 +86,19 @@ class Dispatcher:
         finally:
             job.is_done = True
             self._jobs.pop(job.id, None)
-            for attempt in job.attempts:
-                self._attempts.pop(attempt.correlation, None)
-                self._finished[attempt.correlation] = attempt
-            while len(self._finished) > FINISHED_KEPT:
-                self._finished.popitem(last=False)
+            self._remember(job)
+
+    def _remember(self, job: Job) -> None:
+        """Keep a finished job's attempts (without its body) for as long as a late answer may come."""
+        light = replace(job, body=b"", attempts=[], target=None)
+        for attempt in job.attempts:
+            self._attempts.pop(attempt.correlation, None)
+            self._finished[attempt.correlation] = replace(attempt, job=light)
+        oldest_s = time.perf_counter() - 2 * self.settings.job_timeout_s
+        while self._finished and (
+            len(self._finished) > FINISHED_KEPT or next(iter(self._finished.values())).sent_s < oldest_s
+        ):
+            self._finished.popitem(last=False)
 
     def _pick(self, job: Job, barred: set[tuple[str, str]]) -> NodeView | None:
         if job.target is None:

@@ -132,3 +132,26 @@ async def test_no_capacity_is_a_503_at_once_and_nothing_waits() -> None:
         await f.dispatcher.run(job())
     f.answer(f.sent[0])
     assert (await running).status == 200
+
+
+@pytest.mark.asyncio
+async def test_a_late_answer_is_handed_over_to_be_recorded_and_the_body_is_not_kept() -> None:
+    f = Fixture()
+    late: list[tuple[Job, Any]] = []
+    f.dispatcher.on_late = lambda job, answer: late.append((job, answer))
+    add(f.view, "a", 1000.0)
+    add(f.view, "b", 1000.0)
+    running = asyncio.create_task(f.dispatcher.run(Job("m", "acme", b'{"inputs": []}', None, 1, None)))
+    first = await f.next_job(1)
+    lost = f.view.get("s", first.topic.split("/")[3])
+    assert lost is not None
+    f.view.ingest(f"{ROOT}/s/{lost.node}/state", orjson.dumps({"session": 1, "state": "offline"}), 0.0)
+    f.dispatcher.sweep()
+    f.answer(await f.next_job(2))
+    answer = await running
+    f.answer(first)  # the lost node answers after the job is over
+    [(kept, recorded)] = late
+    assert (kept.id, kept.buyer, kept.body) == (answer.job_id.split("/")[0], "acme", b"")
+    assert (recorded.attempt, recorded.node) == (0, lost) and answer.attempt == 1
+    f.answer(first, 503, error="busy")  # a late refusal is only counted
+    assert len(late) == 1 and f.dispatcher.late_answers == 2
