@@ -85,7 +85,11 @@ def serve(
 
 
 def raw_ort_throughput(
-    model_path: Path, inputs: dict[str, np.ndarray], *, duration_s: float = 3.0
+    model_path: Path,
+    inputs: dict[str, np.ndarray],
+    *,
+    duration_s: float = 3.0,
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
 ) -> dict[str, float]:
     """Best rows/s of a bare ORT session, over thread layouts and batch sizes, measured now.
 
@@ -100,7 +104,7 @@ def raw_ort_throughput(
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0" if callers > 1 else "1")
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        for rows in (1, 8, 32):
+        for rows in batch_sizes:
             feed = {name: np.repeat(array, rows, axis=0) for name, array in inputs.items()}
             session.run(None, feed)
             counts = [0] * callers
@@ -110,14 +114,17 @@ def raw_ort_throughput(
                 threading.Thread(target=_run_until, args=(session, feed, rows, stop_at, counts, i))
                 for i in range(callers)
             ]
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for worker in workers:
                 worker.start()
             for worker in workers:
                 worker.join()
-            rate = sum(counts) / (time.perf_counter() - started)
+            elapsed_s = time.perf_counter() - started
+            rate = sum(counts) / elapsed_s
             if rate > best["rows_per_s"]:
-                best = {"rows_per_s": rate, "batch_rows": rows, "threads": threads, "callers": callers}
+                cpu_cores = (time.process_time() - cpu_started) / elapsed_s  # < cores on a busy box
+                best = {"rows_per_s": rate, "batch_rows": rows, "threads": threads, "callers": callers,
+                        "cpu_cores": round(cpu_cores, 2)}  # fmt: skip
     return best
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,23 +107,31 @@ class Result:
 
 
 async def closed_loop(
-    host: str, port: int, request: Prepared, *, clients: int, duration_s: float, warmup_s: float = 1.0
+    host: str,
+    port: int,
+    request: Prepared | Sequence[Prepared],
+    *,
+    clients: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
 ) -> Result:
-    """`clients` connections, each sending its next request as soon as the last one is answered."""
+    """`clients` connections, each sending its next request as soon as the last one is answered; with
+    a sequence of requests, client i always sends the i-th (its own shared-memory region, say)."""
+    requests = [request] * clients if isinstance(request, Prepared) else list(request)
     connections = [await Connection.open(host, port) for _ in range(clients)]
     result = Result()
     start = time.perf_counter()
     measure_from = start + warmup_s
     stop_at = measure_from + duration_s
 
-    async def client(connection: Connection) -> None:
+    async def client(connection: Connection, request: Prepared) -> None:
         while (now := time.perf_counter()) < stop_at:
             status = await connection.send(request)
             if now >= measure_from:
                 result.record(status, time.perf_counter() - now)
 
     try:
-        await asyncio.gather(*(client(c) for c in connections))
+        await asyncio.gather(*(client(c, r) for c, r in zip(connections, requests, strict=True)))
     finally:
         for connection in connections:
             connection.close()
