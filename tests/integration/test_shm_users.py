@@ -78,7 +78,8 @@ def service_url(request: pytest.FixtureRequest) -> Iterator[str]:
         reader = threading.Thread(target=_pump, args=(process,), daemon=True)
         reader.start()
         try:
-            host, port = process.wait_for(READY).groups()
+            # Slow to start under load: no bytecode cache for this uid, every module compiled again.
+            host, port = process.wait_for(READY, timeout_s=300).groups()
             if prefix:  # only its own uid is mapped: the shared group is nogroup in there
                 assert Path(f"/proc/{popen.pid}/uid_map").read_text().split() == [str(SERVICE_UID)] * 2 + [
                     "1"
