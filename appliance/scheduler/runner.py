@@ -96,6 +96,7 @@ class ModelScheduler:
         )
         self.stats = ModelStats()
         self.served = {p: RateMeter() for p in Priority}
+        self.arrivals = RateMeter()  # requests admitted per second: whether waiting may fill a batch
         self.busy = RateMeter()  # worker-seconds per second
         k = config.instances
         self.line_workers = [Worker(i, model, self._worker_done, _inputs_of, clock) for i in range(k)]
@@ -160,6 +161,7 @@ class ModelScheduler:
         now = self.clock()
         deadline_s = now + (timeout_s if timeout_s else self.model.slo_p99_ms / 1e3)
         self._admit(rows, priority, now, deadline_s)
+        self.arrivals.add(now, 1)
         assert self._loop is not None
         job = Job(inputs, self._loop.create_future(), priority, now, timing=timing)
         work = Work(rows, priority, deadline_s, now, group=_group(inputs), payload=job)
@@ -227,6 +229,7 @@ class ModelScheduler:
     ) -> bool:
         """Form the next batch as of `starts_s` and hand it to `worker`; False when nothing is due."""
         while True:
+            self.batcher.arrivals_per_s = self.arrivals.rate(starts_s)
             decision = self.batcher.next(self.queues, starts_s, take_line=take_line, take_pool=take_pool)
             for work in decision.expired:
                 self._expire(work, starts_s)
