@@ -22,12 +22,14 @@ X = np.ones((1, 4), dtype=np.float32)
 async def until_the_broker_expires(
     broker: Broker, names: Names, recorder_factory: Any, expiry_s: int
 ) -> None:
-    """Until the broker's own clock has run `expiry_s` seconds of message expiry past now: a retained
-    probe published now with that expiry is no longer handed to a new subscriber. MQTT 5 expiry counts
-    whole seconds on the broker's clock; jobs published before the probe have expired by then too."""
+    """Until the broker's own clock has run past `expiry_s` seconds of message expiry from now: a
+    retained probe published now is no longer handed to a new subscriber. MQTT 5 expiry counts whole
+    seconds on the broker's clock, and mosquitto drops an expired retained message one second sooner
+    (`now >= expiry`) than an expired queued one (`now > expiry`), so the probe lives one second longer
+    than the jobs published before it."""
     probe = f"{names.root}/_probe/{uuid.uuid4().hex[:8]}"
     publisher = await recorder_factory(broker, names, probe)
-    publisher.publish(probe, b"probe", retain=True, expiry_s=expiry_s)
+    publisher.publish(probe, b"probe", retain=True, expiry_s=expiry_s + 1)
     await publisher.expect(lambda m: m.topic == probe)  # stored
     async with asyncio.timeout(60):
         while True:
