@@ -41,10 +41,11 @@ class Batcher:
         self.rules = rules
         self.profile = profile
         self.is_flushing = False  # draining: nothing new will come, so never wait for more rows
-        # Requests arriving per second lately (the scheduler keeps it): a partial batch waits for more
-        # rows only where more are likely to come within max_queue_delay_s. One client alone sends its
-        # next request only once this one is answered: holding it would add the whole delay to every
-        # request and batch nothing (the 224 model's 5 ms were most of a lone request's latency).
+        # Requests arriving per second lately while others were in flight (the scheduler keeps it,
+        # capacity.CompanyRate): a partial batch waits for more rows only where more are likely to
+        # come within max_queue_delay_s. One client alone sends its next request only once this one
+        # is answered: holding it would add the whole delay to every request and batch nothing (the
+        # 224 model's 5 ms were most of a lone request's latency).
         self.arrivals_per_s = float("inf")
 
     @property

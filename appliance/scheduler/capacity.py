@@ -210,3 +210,51 @@ class RateMeter:
     def _trim(self, now_s: float) -> None:
         while self._events and self._events[0][0] <= now_s - self.window_s:
             self._total -= self._events.popleft()[1]
+
+
+class CompanyRate:
+    """Requests per second that arrive while others are in flight, over the time some are (pure).
+
+    It says whether holding a partial batch may bring it company. A lone closed-loop client sends its
+    next request only once this one is answered: none of its arrivals find another in flight, so its
+    rate is 0 however fast it sends, and its requests never wait. Open (Poisson) traffic is seen at
+    its true rate, since arrivals see time averages; N closed-loop clients mostly arrive while the
+    others are out. A plain arrival rate told these apart only by chance: a client alone at 200
+    requests/s crossed the one-request-in-5-ms line and waited for nobody.
+    """
+
+    def __init__(self, window_s: float = 10.0, min_busy_s: float = 0.25) -> None:
+        self.window_s = window_s
+        self.min_busy_s = min_busy_s  # less time than this says little: one early pair reads as 1000/s
+        self._arrivals: deque[float] = deque()  # the arrivals that found others in flight
+        self._periods: deque[tuple[float, float]] = deque()  # ended busy periods: (start, end)
+        self._periods_s = 0.0  # their total length (rate() runs per batch: no sum over thousands)
+        self._busy_since: float | None = None
+
+    def arrived(self, now_s: float, in_flight: int) -> None:
+        """A request was admitted while `in_flight` others were out."""
+        if in_flight > 0:
+            self._arrivals.append(now_s)
+        if self._busy_since is None:
+            self._busy_since = now_s
+
+    def idle(self, now_s: float) -> None:
+        """Nothing is in flight any more."""
+        if self._busy_since is not None:
+            self._periods.append((self._busy_since, now_s))
+            self._periods_s += now_s - self._busy_since
+            self._busy_since = None
+
+    def rate(self, now_s: float) -> float:
+        start_s = now_s - self.window_s
+        while self._arrivals and self._arrivals[0] <= start_s:
+            self._arrivals.popleft()
+        while self._periods and self._periods[0][1] <= start_s:
+            begin, end = self._periods.popleft()
+            self._periods_s -= end - begin
+        busy_s = self._periods_s
+        if self._periods and self._periods[0][0] < start_s:
+            busy_s -= start_s - self._periods[0][0]  # only its part inside the window
+        if self._busy_since is not None:
+            busy_s += now_s - max(self._busy_since, start_s)
+        return len(self._arrivals) / max(busy_s, self.min_busy_s)

@@ -16,7 +16,7 @@ from appliance.engine.replica import Replica
 from appliance.errors import DeadlineExceeded, Draining, ModelNotReady
 from appliance.scheduler import admission
 from appliance.scheduler.batcher import Batcher, BatchRules
-from appliance.scheduler.capacity import Capacity, Ceiling, CpuBudget, RateMeter, spare
+from appliance.scheduler.capacity import Capacity, Ceiling, CompanyRate, CpuBudget, RateMeter, spare
 from appliance.scheduler.placement import PoolRules, Where, pool_may_take_a_worker, rules_for, should_preempt
 from appliance.scheduler.profile import LatencyProfile
 from appliance.scheduler.queues import Priority, Queues, Work
@@ -96,7 +96,7 @@ class ModelScheduler:
         )
         self.stats = ModelStats()
         self.served = {p: RateMeter() for p in Priority}
-        self.arrivals = RateMeter()  # requests admitted per second: whether waiting may fill a batch
+        self.company = CompanyRate()  # arrivals while others are out: whether waiting may fill a batch
         self.busy = RateMeter()  # worker-seconds per second
         k = config.instances
         self.line_workers = [Worker(i, model, self._worker_done, _inputs_of, clock) for i in range(k)]
@@ -161,7 +161,7 @@ class ModelScheduler:
         now = self.clock()
         deadline_s = now + (timeout_s if timeout_s else self.model.slo_p99_ms / 1e3)
         self._admit(rows, priority, now, deadline_s)
-        self.arrivals.add(now, 1)
+        self.company.arrived(now, self._inflight)
         assert self._loop is not None
         job = Job(inputs, self._loop.create_future(), priority, now, timing=timing)
         work = Work(rows, priority, deadline_s, now, group=_group(inputs), payload=job)
@@ -229,7 +229,7 @@ class ModelScheduler:
     ) -> bool:
         """Form the next batch as of `starts_s` and hand it to `worker`; False when nothing is due."""
         while True:
-            self.batcher.arrivals_per_s = self.arrivals.rate(starts_s)
+            self.batcher.arrivals_per_s = self.company.rate(starts_s)
             decision = self.batcher.next(self.queues, starts_s, take_line=take_line, take_pool=take_pool)
             for work in decision.expired:
                 self._expire(work, starts_s)
@@ -355,6 +355,7 @@ class ModelScheduler:
         self.stats.last_inference_ms = int(time.time() * 1e3)
         self._inflight -= 1
         if self._inflight == 0:
+            self.company.idle(now)
             self._settled.set()
 
     @property

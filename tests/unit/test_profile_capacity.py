@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.scheduler.capacity import CpuBudget, RateMeter, max_ips_at_slo, p99_wait_s, spare
+from appliance.scheduler.capacity import (
+    CompanyRate,
+    CpuBudget,
+    RateMeter,
+    max_ips_at_slo,
+    p99_wait_s,
+    spare,
+)
 from appliance.scheduler.profile import LatencyProfile
 
 
@@ -152,3 +159,28 @@ def test_the_margin_still_holds_noise_that_goes_on() -> None:
         profile.observe(4, 0.009 if index % 10 == 0 else 0.003, now)
     profile.refresh(now + 0.6)
     assert profile.margin_ratio > 2.0
+
+
+def test_company_rate_is_zero_for_a_lone_closed_loop_client_and_the_rate_for_open_traffic() -> None:
+    """Whether waiting may fill a batch: a client alone (next request once answered) never finds
+    company, however fast it sends; Poisson arrivals at the same rate are seen at that rate."""
+    lone = CompanyRate()
+    now = 0.0
+    for _ in range(2000):  # 200 requests/s: 5 ms each, answered, then the next
+        lone.arrived(now, in_flight=0)
+        now += 0.005
+        lone.idle(now)
+        now += 0.0001
+    assert lone.rate(now) == 0.0
+
+    rng = np.random.default_rng(7)
+    open_traffic, now, out = CompanyRate(), 0.0, []  # out: when each request in flight is answered
+    for gap in rng.exponential(1 / 200, 4000):  # Poisson at 200/s, 2 ms each, one at a time
+        now += gap
+        while out and out[0] <= now:
+            ended = out.pop(0)
+            if not out:
+                open_traffic.idle(ended)
+        open_traffic.arrived(now, in_flight=len(out))
+        out.append(max(now, out[-1] if out else now) + 0.002)
+    assert 150 < open_traffic.rate(now) < 250
