@@ -223,8 +223,8 @@ class CompanyRate:
     requests/s crossed the one-request-in-5-ms line and waited for nobody.
     """
 
-    def __init__(self, window_s: float = 10.0, min_busy_s: float = 0.25) -> None:
-        self.window_s = window_s
+    def __init__(self, window_s: float = 1.0, min_busy_s: float = 0.25) -> None:
+        self.window_s = window_s  # short: 32 clients gone, a lone one waited for the rest of 10 s
         self.min_busy_s = min_busy_s  # less time than this says little: one early pair reads as 1000/s
         self._arrivals: deque[float] = deque()  # the arrivals that found others in flight
         self._periods: deque[tuple[float, float]] = deque()  # ended busy periods: (start, end)
