@@ -34,6 +34,7 @@ class Batch:
     marks: tuple[float, ...]  # per request, in batch order: the first element of its first input
     rows: int
     is_solo: bool = False  # alone on the box: on the model's all-cores session
+    started_s: float = 0.0  # when the scheduler holds that it started (its clock: time.monotonic)
 
     @property
     def requests(self) -> int:
@@ -63,6 +64,7 @@ class Batches:
             marks=tuple(_mark(work.payload.inputs) for work in run.items),
             rows=run.rows,
             is_solo=run.is_solo,
+            started_s=run.started_s,
         )
         with self._changed:
             self.seen.append(batch)

@@ -114,6 +114,10 @@ class Worker:
             self._priority = ThreadPriority(self._thread.name)
         while (run := self._inbox.get()) is not None:
             self.busy_since_s = time.monotonic()
+            # A batch queued ahead was given the start its predecessor's prediction implied; it
+            # starts now. Left stale, a predecessor that ended early made admission see work that
+            # had already begun as starting up to one batch later (16 clients: a third refused).
+            run.started_s = self._clock()
             try:
                 self._execute(run)
             except BaseException as exc:

@@ -7,6 +7,7 @@ which of them can share a batch never depends on how fast the box is.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import httpx
@@ -146,3 +147,38 @@ def test_unbatched_models_run_one_request_at_a_time(serve, repository, batches, 
     assert sorted(batch.marks for batch in seen) == sorted((float(i),) for i in range(-1, 20))
     assert stats["execution_count"] == 21
     assert {b["batch_size"] for b in stats["batch_stats"]} == {1}
+
+
+def test_a_batch_queued_ahead_starts_when_the_worker_takes_it(serve, tmp_path, batches) -> None:
+    """Admission predicts a new request's wait from each worker's batches and when they started. A
+    batch queued ahead behind a running one is given the start its predecessor's prediction implies;
+    once the worker takes it, its start is when it really started. (Left at the prediction, a
+    predecessor that ended early made admission count work already running as starting later: at 16
+    clients on the 224 model, a third of requests were refused with a p99 far inside the SLO.)"""
+    repo = tmp_path / "repo"
+    modelzoo.write(
+        repo,
+        "batchable",
+        modelzoo.batchable(),
+        manifest="slo_p99_ms = 600000.0\ninstances = 1\n[batching]\nmax_queue_delay_ms = 0.0\n",
+    )
+
+    async def scenario(running) -> float:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60.0) as client:
+            with batches.holding(lambda batch: batch.marks == (OPENER,)):
+                opener = asyncio.create_task(
+                    _post(client, "batchable", np.full((1, 4), OPENER, np.float32), True)
+                )
+                await asyncio.to_thread(batches.wait_held)
+                second = asyncio.create_task(_post(client, "batchable", np.ones((1, 4), np.float32), True))
+                await running.inflight_reaches("batchable", 2)  # queued ahead on the held worker
+                released_s = time.monotonic()  # the opener runs far past its predicted end
+            await opener
+            await second
+            return released_s
+
+    with serve(repo) as running:
+        released_s = asyncio.run(scenario(running))
+    opener, second = batches.of("batchable")[-2:]
+    assert opener.marks == (OPENER,) and second.marks == (1.0,)
+    assert second.started_s >= released_s, "the batch queued ahead kept its predicted start"
