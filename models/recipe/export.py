@@ -89,12 +89,18 @@ class _Calibration(CalibrationDataReader):
 def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -> None:
     """Static 8-bit QDQ: uint8 activations, per-channel symmetric weights stored as uint8 (zero point 128),
     MinMax calibration (deterministic).
-    The heads stay fp32: a 1x1 conv and a linear layer cost nothing, and int8 logits coarsen defect_map."""
+    The heads stay fp32: a 1x1 conv and a linear layer cost nothing, and int8 logits coarsen defect_map.
+    So does the per-image standardisation in front of the first conv: in uint8, the squared deviations of
+    a faint texture (spread 0.03) round to a step or two, and its spread, hence the whole standardised
+    image, would come out wrong; in fp32 these few element-wise ops on one image cost next to nothing."""
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        heads = [node.name for node in onnx.load(str(prepared)).graph.node if "/heads/" in node.name]
+        nodes = onnx.load(str(prepared)).graph.node
+        first_conv = next(i for i, node in enumerate(nodes) if node.op_type == "Conv")
+        standardise = [node.name for node in nodes[:first_conv]]
+        heads = [node.name for node in nodes if "/heads/" in node.name]
         quantize_static(
             str(prepared),
             str(int8_path),
@@ -103,7 +109,7 @@ def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            nodes_to_exclude=heads,
+            nodes_to_exclude=standardise + heads,
         )
     quantised = onnx.load(str(int8_path))
     unsigned_weights(quantised)  # exact on x86 CPUs without VNNI too (unsigned.py says why)
@@ -140,7 +146,9 @@ def _toml_value(value) -> str:
     return repr(value)
 
 
-def write_manifest(model_dir: Path, manifest: Manifest, model_path: Path) -> Path:
+def write_manifest(
+    model_dir: Path, manifest: Manifest, model_path: Path, writer: str = "models/recipe/build.py"
+) -> Path:
     """<model>/model.toml with the sha256 of the model.onnx just written."""
     lines = [
         f"description = {_toml_value(manifest.description)}",
@@ -162,7 +170,5 @@ def write_manifest(model_dir: Path, manifest: Manifest, model_path: Path) -> Pat
         *(f"{key} = {_toml_value(value)}" for key, value in manifest.parameters.items()),
     ]
     path = model_dir / "model.toml"
-    path.write_text(
-        "# Written by models/recipe/build.py; rebuild rather than edit.\n" + "\n".join(lines) + "\n"
-    )
+    path.write_text(f"# Written by {writer}; rebuild rather than edit.\n" + "\n".join(lines) + "\n")
     return path

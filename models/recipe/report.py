@@ -1,4 +1,10 @@
-"""Held-out metrics, sizes and ONNX Runtime CPU latency of the bundled models (models/README.md figures)."""
+"""Held-out metrics, sizes and ONNX Runtime CPU latency of the bundled models (models/README.md figures).
+
+In-distribution: new images (seed 1000) of every texture family the shipped models were trained on, as a
+whole and per family. For surfaces no shipped model has seen, see lofo.py. With --baseline DIR (a models
+repository of other files, e.g. an older commit's), the latency of both is measured in the same run,
+alternating, so that the comparison shares the machine's state.
+"""
 
 import argparse
 import statistics
@@ -37,65 +43,84 @@ def _probabilities(path: Path, images: np.ndarray, threads: int) -> np.ndarray:
     )
 
 
-def latency_ms(path: Path, image: np.ndarray, batch: int, threads: int, runs: int) -> float:
-    """Median wall time of one session.run on `batch` copies of `image`, after 5 warm-up runs."""
-    served = _session(path, threads)
+def latency_ms(paths: list[Path], image: np.ndarray, batch: int, threads: int, runs: int) -> list[float]:
+    """Median wall time of one session.run on `batch` copies of `image` for each file, after 5 warm-up
+    runs each; the files take turns run by run, so that they share whatever else the machine is doing."""
+    sessions = [_session(path, threads) for path in paths]
     feed = {"image": np.repeat(image[None], batch, axis=0)}
-    for _ in range(5):
-        served.run(None, feed)
-    times_ms = []
+    for served in sessions:
+        for _ in range(5):
+            served.run(None, feed)
+    times_ms = [[] for _ in sessions]
     for _ in range(runs):
-        started = time.perf_counter()
-        served.run(None, feed)
-        times_ms.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times_ms)
+        for served, times in zip(sessions, times_ms, strict=True):
+            started = time.perf_counter()
+            served.run(None, feed)
+            times.append((time.perf_counter() - started) * 1e3)
+    return [statistics.median(times) for times in times_ms]
 
 
-def report(name: str, count: int, threads: int, runs: int) -> None:
+def _line(label: str, probabilities: np.ndarray, labels: np.ndarray) -> str:
+    found = metrics.at_threshold(probabilities, labels, THRESHOLD)
+    return (
+        f"| {label} | {metrics.auroc(probabilities, labels):.3f} | {found['accuracy']:.3f} "
+        f"| {found['false_positive_rate']:.3f} | {1 - found['miss_rate']:.3f} |"
+    )
+
+
+def report(name: str, count: int, threads: int, runs: int, baseline: Path | None) -> None:
     size_px, channels, reference = MODELS[name]
     int8, fp32 = MODELS_DIR / name / "1" / "model.onnx", MODELS_DIR / reference
-    images, _, labels = surfaces.dataset(HELD_OUT_SEED, count, size=size_px, channels=channels)
+    made = [
+        surfaces.surface(HELD_OUT_SEED, i, size=size_px, channels=channels, defect=bool(i % 2))
+        for i in range(count)
+    ]
+    images = np.stack([s.image for s in made])
+    labels = np.array([s.label for s in made])
+    families = np.array([s.texture for s in made])
     p8 = _probabilities(int8, images, threads)
-    found = metrics.at_threshold(p8, labels, THRESHOLD)
     print(f"## {name} ({count} held-out images, seed {HELD_OUT_SEED}, threshold {THRESHOLD})")
-    print(
-        f"int8: AUROC {metrics.auroc(p8, labels):.4f}, accuracy {found['accuracy']:.4f}, "
-        f"false-positive rate {found['false_positive_rate']:.4f}, miss rate {found['miss_rate']:.4f}"
-    )
+    print("| images | AUROC | accuracy | false-positive rate | recall |")
+    print("| --- | --- | --- | --- | --- |")
+    print(_line("int8, all families", p8, labels))
     paths = {"int8": int8}
     if fp32.exists():
         p32 = _probabilities(fp32, images, threads)
-        ref = metrics.at_threshold(p32, labels, THRESHOLD)
-        agreement = ((p8 >= THRESHOLD) == (p32 >= THRESHOLD)).mean()
-        print(
-            f"fp32: AUROC {metrics.auroc(p32, labels):.4f}, accuracy {ref['accuracy']:.4f}, "
-            f"false-positive rate {ref['false_positive_rate']:.4f}, miss rate {ref['miss_rate']:.4f}"
-        )
-        print(
-            f"int8/fp32 decision agreement {agreement:.4f}, "
-            f"max |prob difference| {np.abs(p8 - p32).max():.4f}"
-        )
+        print(_line("fp32, all families", p32, labels))
         paths["fp32"] = fp32
+    for family in surfaces.TEXTURES:
+        chosen = families == family
+        print(_line(f"int8, {family} ({chosen.sum()})", p8[chosen], labels[chosen]))
+    if "fp32" in paths:
+        agreement = ((p8 >= THRESHOLD) == (p32 >= THRESHOLD)).mean()
+        largest = np.abs(p8 - p32).max()
+        print(f"\nint8/fp32 decision agreement {agreement:.4f}, max |prob difference| {largest:.4f}")
     else:
-        print(f"fp32: {fp32} absent (run models/recipe/build.py --only {name})")
-    print(f"latency: ORT {ort.__version__} CPU, intra_op threads {threads}, median of {runs} runs")
-    print("| precision | file bytes | batch 1 ms | batch 8 ms | batch 8 ms/image |")
+        print(f"\nfp32: {fp32} absent (run models/recipe/build.py --only {name})")
+    if baseline:
+        paths |= {f"baseline {key}": baseline / path.relative_to(MODELS_DIR) for key, path in paths.items()}
+        paths = {key: path for key, path in paths.items() if path.exists()}
+    print(f"\nlatency: ORT {ort.__version__} CPU, intra_op threads {threads}, median of {runs} runs")
+    print("| file | bytes | batch 1 ms | batch 8 ms | batch 8 ms/image |")
     print("| --- | --- | --- | --- | --- |")
-    for precision, path in paths.items():
-        one, eight = (latency_ms(path, images[0], batch, threads, runs) for batch in (1, 8))
-        print(f"| {precision} | {path.stat().st_size} | {one:.2f} | {eight:.2f} | {eight / 8:.2f} |")
+    ones, eights = (latency_ms(list(paths.values()), images[0], batch, threads, runs) for batch in (1, 8))
+    for (label, path), one, eight in zip(paths.items(), ones, eights, strict=True):
+        print(f"| {label} | {path.stat().st_size} | {one:.3f} | {eight:.3f} | {eight / 8:.3f} |")
     print()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=sorted(MODELS), action="append")
-    parser.add_argument("--images", type=int, default=1000, help="held-out images per model (half defective)")
+    parser.add_argument("--images", type=int, default=1200, help="held-out images per model (half defective)")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per latency figure")
+    parser.add_argument("--baseline", type=Path, help="another models repository to time alongside")
     args = parser.parse_args(argv)
     for name in args.only or MODELS:
-        report(name, args.images, args.threads, args.runs)
+        report(name, args.images, args.threads, args.runs, args.baseline)
     return 0
 
 
