@@ -41,12 +41,6 @@ class Batcher:
         self.rules = rules
         self.profile = profile
         self.is_flushing = False  # draining: nothing new will come, so never wait for more rows
-        # Requests arriving per second lately while others were in flight (the scheduler keeps it,
-        # capacity.CompanyRate): a partial batch waits for more rows only where more are likely to
-        # come within max_queue_delay_s. One client alone sends its next request only once this one
-        # is answered: holding it would add the whole delay to every request and batch nothing (the
-        # 224 model's 5 ms were most of a lone request's latency).
-        self.arrivals_per_s = float("inf")
 
     @property
     def row_limit(self) -> int:
@@ -136,8 +130,11 @@ class Batcher:
         """When a partial batch is worth holding for more rows, the time to give up waiting."""
         if self.rules.max_queue_delay_s <= 0 or self.is_flushing:
             return None
-        if self.arrivals_per_s * self.rules.max_queue_delay_s < 1.0:
-            return None  # fewer than one more request expected in the wait: run what there is
+        if not any(work.expects_company for work in items):
+            # None came while more were likely (Work.expects_company). One client alone sends its
+            # next request only once this one is answered: holding it would add the whole delay to
+            # every request and batch nothing (the 224 model's 5 ms were most of its latency).
+            return None
         oldest_s = min(work.arrived_s for work in items)
         earliest_deadline_s = min(work.deadline_s for work in items)
         give_up_s = min(

@@ -34,6 +34,9 @@ class Work:
     group: Hashable = None  # only work of one group shares a batch (same non-batch dims)
     payload: Any = None
     seq: int = field(default=0)
+    # It arrived while more requests were likely to come within max_queue_delay_s, so a partial batch
+    # it heads may wait for them (the scheduler decides it from capacity.CompanyRate at arrival).
+    expects_company: bool = True
 
     def sort_key(self) -> tuple[float, int]:
         return (self.deadline_s, self.seq)

@@ -162,9 +162,18 @@ class ModelScheduler:
         deadline_s = now + (timeout_s if timeout_s else self.model.slo_p99_ms / 1e3)
         self._admit(rows, priority, now, deadline_s)
         self.company.arrived(now, self._inflight)
+        expects_company = self.company.rate(now) * self.batcher.rules.max_queue_delay_s >= 1.0
         assert self._loop is not None
         job = Job(inputs, self._loop.create_future(), priority, now, timing=timing)
-        work = Work(rows, priority, deadline_s, now, group=_group(inputs), payload=job)
+        work = Work(
+            rows,
+            priority,
+            deadline_s,
+            now,
+            group=_group(inputs),
+            payload=job,
+            expects_company=expects_company,
+        )
         self.queues.push(work)
         self._inflight += 1
         self._settled.clear()
@@ -229,7 +238,6 @@ class ModelScheduler:
     ) -> bool:
         """Form the next batch as of `starts_s` and hand it to `worker`; False when nothing is due."""
         while True:
-            self.batcher.arrivals_per_s = self.company.rate(starts_s)
             decision = self.batcher.next(self.queues, starts_s, take_line=take_line, take_pool=take_pool)
             for work in decision.expired:
                 self._expire(work, starts_s)

@@ -37,15 +37,7 @@ def _serve(tmp_path: Path, **settings: str):  # type: ignore[no-untyped-def]
 
 
 def _post(url: str, value: float) -> tuple[threading.Thread, list[httpx.Response]]:
-    body = codec.encode_request({"x": np.full((1, 4), value, np.float32)}, binary=False, binary_output=False)
-    answers: list[httpx.Response] = []
-
-    def send() -> None:
-        answers.append(httpx.post(f"{url}/v2/models/batchable/infer", content=body.body(), timeout=120))
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    return thread, answers
+    return _post_to(url, "batchable", value)
 
 
 def _state(process: Process) -> str:
@@ -143,38 +135,59 @@ def test_sighup_reloads_the_models_and_the_request_in_flight_finishes_on_the_old
 
 
 def test_sigterm_runs_at_once_a_batch_that_waits_for_more_rows(tmp_path: Path) -> None:
-    """A drain sends no more rows: a partial batch waiting up to max_queue_delay_ms runs at once."""
+    """A drain sends no more rows: a partial batch waiting up to max_queue_delay_ms runs at once.
+
+    A partial batch waits only for company that is likely (a lone client's request never waits), so
+    three requests come while an opener's batch is held: they wait in the queue for more rows, for
+    ten minutes, once the opener is let go."""
     repo = tmp_path / "repo"
     modelzoo.write(
         repo,
         "slow_to_fill",
         modelzoo.batchable(),
-        manifest="slo_p99_ms = 600000\n[batching]\nmax_batch_size = 64\nmax_queue_delay_ms = 600000\n",
+        manifest="slo_p99_ms = 600000\ninstances = 1\n[batching]\nmax_batch_size = 64\n"
+        "max_queue_delay_ms = 600000\n",
     )
-    with appliance(["serve", "--model-repository", str(repo), "--port", "0"], tmp_path) as process:
+    args = ["serve", "--model-repository", str(repo), "--port", "0"]
+    with appliance(args, tmp_path, environment(tmp_path), held="slow_to_fill") as process:
         url = process.url()
-        body = [
-            codec.encode_request(
-                {"x": np.full((1, 4), i, np.float32)}, binary=False, binary_output=False
-            ).body()
-            for i in range(3)
-        ]
-        results: list[httpx.Response] = []
-        senders = [
-            threading.Thread(
-                target=lambda b=b: results.append(
-                    httpx.post(f"{url}/v2/models/slow_to_fill/infer", content=b, timeout=120)
-                )
-            )
-            for b in body
-        ]
-        for sender in senders:
-            sender.start()
-        process.wait_admitted("slow_to_fill", 3)  # waiting for a fuller batch, for ten minutes
+        senders = [_post_to(url, "slow_to_fill", 100.0)]
+        process.wait_for(HELD)  # the opener
+        senders += [_post_to(url, "slow_to_fill", float(i)) for i in range(3)]
+        process.wait_admitted("slow_to_fill", 4)
+        process.release()  # the opener is answered; the three wait in the queue for a fuller batch
+        _wait_queued(process, "slow_to_fill", 3)
         process.popen.send_signal(signal.SIGTERM)
-        for sender in senders:
-            sender.join(60)
+        process.wait_for(HELD)  # the three, as one batch, at once
+        process.release()
+        for thread, _ in senders:
+            thread.join(60)
         assert process.popen.wait(60) == 0
-    assert sorted(r.status_code for r in results) == [200, 200, 200]
-    sums = sorted(r.json()["outputs"][1]["data"][0] for r in results)
-    assert sums == [0.0, 4.0, 8.0]
+    answers = [answer for _, answers in senders for answer in answers]
+    assert [a.status_code for a in answers] == [200] * 4
+    sums = sorted(a.json()["outputs"][1]["data"][0] for a in answers)
+    assert sums == [0.0, 4.0, 8.0, 400.0]
+
+
+def _post_to(url: str, model: str, value: float) -> tuple[threading.Thread, list[httpx.Response]]:
+    body = codec.encode_request({"x": np.full((1, 4), value, np.float32)}, binary=False, binary_output=False)
+    answers: list[httpx.Response] = []
+
+    def send() -> None:
+        answers.append(httpx.post(f"{url}/v2/models/{model}/infer", content=body.body(), timeout=120))
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread, answers
+
+
+def _wait_queued(process: Process, model: str, count: int) -> None:
+    """Until `count` requests to `model` are in flight and all of them still in its queue (no batch)."""
+    assert process.runtime_dir is not None
+    deadline_s = time.monotonic() + 60
+    while True:
+        status = admin_request(process.runtime_dir / "admin.sock", "status")["models"][model]
+        if status["inflight"] == count and status["line_queue_depth"] == count:
+            return
+        assert time.monotonic() < deadline_s, f"never {count} waiting in the queue: {status}"
+        time.sleep(0.01)

@@ -218,12 +218,14 @@ def test_simulation_invariants(arrivals: list[Arrival], workers: int, max_rows: 
 
 def test_a_partial_batch_waits_only_where_more_requests_are_likely_to_come() -> None:
     """One client alone sends its next request once this one is answered: holding it for more rows
-    would add the whole queue delay and batch nothing. A busy model still waits to fill batches."""
+    would add the whole queue delay and batch nothing. A request that came while company was likely
+    (the scheduler's CompanyRate at its arrival) still waits to fill its batch."""
     batcher = Batcher(BatchRules(max_rows=8, max_queue_delay_s=0.005, max_interference_s=1.0), profile())
-    for arrivals_per_s, waits in ((80.0, False), (1000.0, True)):  # 0.4 or 5 requests expected in 5 ms
+    for expects_company in (False, True):
         queues = Queues(line_max_requests=16, pool_max_requests=16)
-        queues.push(work(1, 1.0))
-        batcher.arrivals_per_s = arrivals_per_s
+        item = work(1, 1.0)
+        item.expects_company = expects_company
+        queues.push(item)
         decision = batcher.next(queues, 0.0)
-        assert (decision.batch is None) is waits
-        assert (decision.wake_s is not None) is waits
+        assert (decision.batch is None) is expects_company
+        assert (decision.wake_s is not None) is expects_company
