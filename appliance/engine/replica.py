@@ -129,6 +129,7 @@ class Replica:
         self.channels = channels
         self.failure: str | None = None
         self.restarts = 0
+        self.ran: dict[int, int] = {}  # batches each child answered, by its pid: pool work really ran there
         self._lock = threading.Lock()
         self._child: _Child | None = None
         self._is_closed = False
@@ -177,6 +178,9 @@ class Replica:
             ) from None
         if "error" in header:
             raise _ERRORS.get(header["error"], errors.InferenceFailed)(header["message"])
+        with self._lock:
+            pid = int(header.get("pid", 0))
+            self.ran[pid] = self.ran.get(pid, 0) + 1
         return dict(zip(header["outputs"], arrays, strict=True)), header["compute_s"]
 
     def close(self, timeout_s: float = 10.0) -> None:

@@ -79,7 +79,8 @@ def serve(model: LoadedModel, sock: socket.socket) -> None:
                 )
                 send_message(sock, {"error": "InferenceFailed", "message": message})
                 continue
-            send_message(sock, {"outputs": list(outputs), "compute_s": compute_s}, list(outputs.values()))
+            header = {"outputs": list(outputs), "compute_s": compute_s, "pid": os.getpid()}
+            send_message(sock, header, list(outputs.values()))
 
 
 def main(argv: list[str]) -> int:

@@ -54,6 +54,7 @@ async def test_job_runs_and_answers_on_the_response_topic(
         assert scheduler.stats.requests[("pool", "success")] == 1
         [batch] = batches.of("batchable")
         assert (batch.priority, batch.is_background, batch.in_pool_process) == ("pool", True, True)
+        assert replica.ran == {replica.pid: 1}, "the batch was not answered by the pool process"
         assert replica.restarts == 1 and replica.pid not in (None, first_child.pid, os.getpid())
 
 
