@@ -20,7 +20,10 @@ import train
 
 log = logging.getLogger("build")
 MODELS_DIR = Path(__file__).resolve().parent.parent
-CACHE_DIR = MODELS_DIR / ".cache"  # checkpoints and fp32 exports not shipped; ignored by git
+CACHE_DIR = MODELS_DIR / ".cache"  # fp32 exports not shipped, LOFO folds; ignored by git
+WEIGHTS_DIR = (
+    Path(__file__).resolve().parent / "weights"
+)  # shipped fp32 checkpoints (finetune.py starts there)
 CALIBRATION_SEED, SAMPLES_SEED, CHECK_SEED = 3, 4, 6  # training uses 1 and 5 (train.Recipe)
 THRESHOLD = 0.5
 
@@ -52,15 +55,16 @@ BUILDS = {
             size_px=128,
             channels=1,
             crop_px=128,
-            train_images=6144,
-            epochs=20,
+            train_images=8192,
+            epochs=8,
             learning_rate=5e-3,
         ),
         calibration_images=96,
         manifest=export.Manifest(
             description=(
                 "Surface defect detector for 128x128 grayscale images of textured surfaces (woven, "
-                "brushed metal, granular, wood): scratches, cracks, spots and texture patches. "
+                "brushed metal, granular, wood, cellular, mottled): scratches, cracks, spots and texture "
+                "patches. "
                 "defect_prob is P(defect) for the image; defect_map is P(defect) per 8x8 pixel cell. "
                 "Trained on DAGM-2007-style generated images (models/recipe). " + _LIMITS
             ),
@@ -122,12 +126,12 @@ BUILDS = {
 FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 
 
-def _model_path(name: str) -> Path:
-    return MODELS_DIR / name / "1" / "model.onnx"
+def _model_path(name: str, models_dir: Path) -> Path:
+    return models_dir / name / "1" / "model.onnx"
 
 
 def _trained(build: Build, threads: int, reuse: bool) -> torch.nn.Module:
-    checkpoint = CACHE_DIR / f"{build.recipe.architecture}.pt"
+    checkpoint = WEIGHTS_DIR / f"{build.recipe.architecture}.pt"
     if reuse and checkpoint.exists():
         log.info("%s: reusing %s", build.name, checkpoint)
         train.deterministic(build.recipe.seed, threads)
@@ -140,8 +144,8 @@ def _trained(build: Build, threads: int, reuse: bool) -> torch.nn.Module:
     return model
 
 
-def _ship(name: str, manifest: export.Manifest, source: Path, samples: np.ndarray) -> None:
-    target = _model_path(name)
+def _ship(name: str, manifest: export.Manifest, source: Path, samples: np.ndarray, models_dir: Path) -> None:
+    target = _model_path(name, models_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     golden.write_samples(target, samples)
@@ -149,7 +153,7 @@ def _ship(name: str, manifest: export.Manifest, source: Path, samples: np.ndarra
     log.info("%s: wrote %s (%d bytes), samples.npz and model.toml", name, target, target.stat().st_size)
 
 
-def build(spec: Build, threads: int, reuse: bool) -> None:
+def build(spec: Build, threads: int, reuse: bool, models_dir: Path = MODELS_DIR) -> None:
     recipe = spec.recipe
     model = _trained(spec, threads, reuse)
     fp32 = CACHE_DIR / f"{spec.name}.fp32.onnx"
@@ -160,12 +164,12 @@ def build(spec: Build, threads: int, reuse: bool) -> None:
     )
     export.quantise(fp32, int8, calibration)
     samples = export.sample_images(SAMPLES_SEED, recipe.size_px, recipe.channels)
-    _ship(spec.name, spec.manifest, int8, samples)
+    _ship(spec.name, spec.manifest, int8, samples, models_dir)
     if spec.fp32_name:
         twin = export.Manifest(**{**spec.manifest.__dict__, "precision": "fp32", **FP32_TOLERANCE})
-        _ship(spec.fp32_name, twin, fp32, samples)
+        _ship(spec.fp32_name, twin, fp32, samples, models_dir)
     if spec.uint8_name:
-        log.info("%s: wrote %s", spec.uint8_name, camera.derive(spec.name, spec.uint8_name, MODELS_DIR))
+        log.info("%s: wrote %s", spec.uint8_name, camera.derive(spec.name, spec.uint8_name, models_dir))
     _check(spec, fp32, int8)
 
 
@@ -206,13 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse-checkpoints",
         action="store_true",
-        help="skip training where models/.cache holds a checkpoint (re-export and re-quantise)",
+        help="skip training where recipe/weights holds a checkpoint (re-export and re-quantise)",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=MODELS_DIR,
+        help="model repository to write the shipped models into (default: models/, the bundled one)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for name in args.only or BUILDS:
         started_s = time.perf_counter()
-        build(BUILDS[name], args.threads, args.reuse_checkpoints)
+        build(BUILDS[name], args.threads, args.reuse_checkpoints, args.models_dir)
         log.info("%s: built in %.0f s", name, time.perf_counter() - started_s)
     return 0
 

@@ -1,4 +1,10 @@
-"""Synthetic textured surfaces with defects and pixel masks, made the way DAGM 2007 was (numpy only)."""
+"""Synthetic textured surfaces with defects and pixel masks, made the way DAGM 2007 was (numpy only).
+
+Domain randomisation: every texture family draws its own shape parameters (grain size, spectral slope,
+density, orientation, anisotropy...) per image, and every image gets its own optics and camera (contrast,
+gamma, blur, sharpening, illumination gradient, vignetting, highlight, sensor and fixed-pattern noise,
+block-DCT compression). A model trained on some families should meet the others as new surfaces.
+"""
 
 import argparse
 import json
@@ -10,16 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-TEXTURES = ("woven", "brushed", "granular", "wood")
+TEXTURES = ("woven", "brushed", "granular", "wood", "cellular", "mottled")
 DEFECTS = ("scratch", "crack", "spot", "patch")
 BASE_SIZE_PX = 128  # texture and defect sizes below are in pixels of a 128 px image, scaled with size
-_TINTS = {
-    "woven": (0.95, 1.0, 1.1),
-    "brushed": (0.97, 1.0, 1.06),
-    "granular": (1.04, 1.0, 0.92),
-    "wood": (1.3, 0.98, 0.66),
-}
-_PERIOD_PX = {"woven": (6.0, 12.0), "brushed": (3.0, 8.0), "granular": (3.0, 8.0), "wood": (10.0, 24.0)}
+_ISOTROPIC = ("granular", "cellular", "mottled")  # their patches change grain size; the others may turn
+_MIN_PATCH_CHANGE = 0.35  # a patch changes its grain at least this much (_grain_change): it shows
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,17 @@ def _rotate(grid: np.ndarray, angle_rad: float) -> tuple[np.ndarray, np.ndarray]
     return x * c + y * s, -x * s + y * c
 
 
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def _frequencies(size: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :]
+
+
 def _spectral(rng: np.random.Generator, size: int, weight) -> np.ndarray:
     """White noise shaped in the frequency domain by weight(fy, fx) (cycles per pixel), standardised."""
-    fy = np.fft.fftfreq(size)[:, None]
-    fx = np.fft.rfftfreq(size)[None, :]
+    fy, fx = _frequencies(size)
     spectrum = np.fft.rfft2(rng.standard_normal((size, size))) * weight(fy, fx)
     return _standardise(np.fft.irfft2(spectrum, s=(size, size)))
 
@@ -58,64 +66,216 @@ def _lowpass(cutoff: float):
     return lambda fy, fx: np.exp(-(fy**2 + fx**2) / (2 * cutoff**2))
 
 
-def _streaks(angle_rad: float, period_px: float):
-    """Spectral weight of streaks running along angle_rad: long along, period_px across."""
+def _bandpass(centre: float, width: float):
+    return lambda fy, fx: np.exp(-(((np.hypot(fy, fx) - centre) / width) ** 2))
+
+
+def _streaks(angle_rad: float, period_px: float, length: float = 10.0):
+    """Spectral weight of streaks running along angle_rad: `length` periods long, period_px across."""
     c, s = np.cos(angle_rad), np.sin(angle_rad)
 
     def weight(fy, fx):
         along, across = fx * c + fy * s, -fx * s + fy * c
-        return np.exp(-((along * period_px * 10) ** 2) - (across * period_px) ** 2)
+        return np.exp(-((along * period_px * length) ** 2) - (across * period_px) ** 2)
 
     return weight
 
 
-def _texture(family: str, tex_seed: int, size: int, angle_rad: float, period_px: float) -> np.ndarray:
-    """A standardised [size, size] texture; the same tex_seed gives the same noise, so a patch of the same
-    surface with another angle or period reads as a local distortion of it."""
-    rng = np.random.default_rng(tex_seed)
-    grid = np.mgrid[0:size, 0:size].astype(np.float64)
-    u, v = _rotate(grid, angle_rad)
+def _power_law(slope: float, angle_rad: float, stretch: float, grain_px: float, size: int):
+    """1/f^slope power (amplitude f^(-slope/2)), stretched along angle_rad, rolled off at grain_px."""
+    c, s = np.cos(angle_rad), np.sin(angle_rad)
+
+    def weight(fy, fx):
+        along, across = fx * c + fy * s, -fx * s + fy * c
+        f = np.hypot(along * stretch, across)
+        return (f + 1 / size) ** (-slope / 2) * np.exp(-0.5 * (f * grain_px) ** 2)
+
+    return weight
+
+
+def _worley(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, cell_px: float):
+    """Cells around jittered grid points in (u, v): distance to the nearest and second-nearest point, and a
+    random level per nearest point."""
+    iu, iv = np.floor(u / cell_px).astype(int), np.floor(v / cell_px).astype(int)
+    u0, v0 = iu.min() - 1, iv.min() - 1
+    shape = (iu.max() - u0 + 2, iv.max() - v0 + 2)
+    points = rng.uniform(0.1, 0.9, (2, *shape))
+    levels = rng.standard_normal(shape)
+    nearest = np.full(u.shape, np.inf)
+    second = np.full(u.shape, np.inf)
+    level = np.zeros(u.shape)
+    for du in (-1, 0, 1):
+        for dv in (-1, 0, 1):
+            cu, cv = iu - u0 + du, iv - v0 + dv
+            d = np.hypot(
+                u / cell_px - (cu + u0 + points[0, cu, cv]), v / cell_px - (cv + v0 + points[1, cu, cv])
+            )
+            closer = d < nearest
+            second = np.where(closer, nearest, np.minimum(second, d))
+            level = np.where(closer, levels[cu, cv], level)
+            nearest = np.minimum(nearest, d)
+    return nearest, second, level
+
+
+def _texture_params(family: str, rng: np.random.Generator, scale: float) -> dict:
+    """Everything that shapes one surface of `family` but its noise: drawn per image, wide on purpose."""
+    params = {
+        "angle": rng.uniform(0, np.pi),
+        "tilt": rng.uniform(-0.5, 0.5) if rng.random() < 0.5 else 0.0,  # spectral slope of the whole field
+    }
     if family == "woven":
-        wander = 0.25 * period_px * _spectral(rng, size, _lowpass(1 / (6 * period_px)))
-        weft, warp = np.cos(np.pi * (u + wander) / period_px), np.cos(np.pi * (v - wander) / period_px)
-        over = 0.5 + 0.5 * np.tanh(4 * weft * warp)
-        field = over * warp**2 + (1 - over) * weft**2
-        field = _standardise(field) + 0.35 * _spectral(rng, size, _lowpass(0.3))
+        params |= {
+            "period": rng.uniform(4.0, 16.0) * scale,
+            "aspect": rng.uniform(0.7, 1.4),
+            "wander": rng.uniform(0.0, 0.35),
+            "gain": _log_uniform(rng, 1.5, 8.0),
+            "fibre": rng.uniform(0.1, 0.6),
+        }
     elif family == "brushed":
-        field = _spectral(rng, size, _streaks(angle_rad, period_px))
-        field = field + 0.3 * _spectral(rng, size, _lowpass(1 / (2 * size)))
+        params |= {
+            "period": _log_uniform(rng, 2.0, 10.0) * scale,
+            "length": _log_uniform(rng, 5.0, 16.0),
+            "mottle": rng.uniform(0.0, 0.5),
+        }
     elif family == "granular":
-        f0 = 1 / period_px
-        field = _spectral(rng, size, lambda fy, fx: np.exp(-(((np.hypot(fy, fx) - f0) / (0.5 * f0)) ** 2)))
-        field = field + 0.6 * np.maximum(_spectral(rng, size, _lowpass(0.25)) - 2.2, 0)
+        params |= {
+            "period": _log_uniform(rng, 2.5, 12.0) * scale,
+            "bandwidth": rng.uniform(0.3, 1.2),
+            "grain_threshold": rng.uniform(1.8, 3.2),
+            "grain_amount": rng.uniform(0.0, 0.8),
+            "grain_cutoff": rng.uniform(0.12, 0.35) / scale,
+            "grain_sign": 1.0 if rng.random() < 0.7 else -1.0,
+        }
     elif family == "wood":
-        warp = 0.45 * period_px * _spectral(rng, size, _lowpass(1 / (5 * period_px)))
-        rings = np.sin(2 * np.pi * (v + warp) / period_px)
-        field = np.sign(rings) * np.abs(rings) ** 0.8 + 0.5 * _spectral(rng, size, _streaks(angle_rad, 2.0))
+        params |= {
+            "period": _log_uniform(rng, 6.0, 30.0) * scale,
+            "warp": rng.uniform(0.2, 0.7),
+            "profile": rng.uniform(0.5, 1.4),
+            "fibre": rng.uniform(0.2, 0.6),
+            "centre_px": rng.uniform(0.8, 5.0) * BASE_SIZE_PX * scale if rng.random() < 0.6 else 0.0,
+        }
+    elif family == "cellular":
+        params |= {
+            "period": _log_uniform(rng, 5.0, 22.0) * scale,
+            "stretch": rng.uniform(1.0, 2.0),
+            "level": rng.uniform(0.0, 1.0),
+            "edge": rng.uniform(0.0, 1.0),
+            "edge_width": rng.uniform(0.05, 0.2),
+            "edge_sign": rng.choice([-1.0, 1.0]),
+            "noise": rng.uniform(0.1, 0.5),
+        }
+    elif family == "mottled":
+        params |= {
+            "period": _log_uniform(rng, 1.5, 8.0) * scale,
+            "slope": rng.uniform(1.0, 2.8),
+            "stretch": _log_uniform(rng, 1.0, 3.0),
+            "speckle": rng.uniform(0.0, 0.4),
+        }
     else:
         raise ValueError(f"texture {family!r} is unknown; expected one of {TEXTURES}")
+    return params
+
+
+def _texture(family: str, params: dict, tex_seed: int, size: int) -> np.ndarray:
+    """A standardised [size, size] texture; the same tex_seed gives the same noise, so a patch of the same
+    surface with another angle or grain size reads as a local distortion of it."""
+    rng = np.random.default_rng(tex_seed)
+    grid = np.mgrid[0:size, 0:size].astype(np.float64)
+    angle, period = params["angle"], params["period"]
+    u, v = _rotate(grid, angle)
+    if family == "woven":
+        wander = params["wander"] * period * _spectral(rng, size, _lowpass(1 / (6 * period)))
+        weft = np.cos(np.pi * (u + wander) / period)
+        warp = np.cos(np.pi * (v - wander) / (period * params["aspect"]))
+        over = 0.5 + 0.5 * np.tanh(params["gain"] * weft * warp)
+        field = over * warp**2 + (1 - over) * weft**2
+        field = _standardise(field) + params["fibre"] * _spectral(rng, size, _lowpass(0.3))
+    elif family == "brushed":
+        field = _spectral(rng, size, _streaks(angle, period, params["length"]))
+        field = field + params["mottle"] * _spectral(rng, size, _lowpass(1 / (2 * size)))
+    elif family == "granular":
+        f0 = 1 / period
+        field = _spectral(rng, size, _bandpass(f0, params["bandwidth"] * f0))
+        grains = _spectral(rng, size, _lowpass(params["grain_cutoff"]))
+        field = (
+            field
+            + params["grain_sign"]
+            * params["grain_amount"]
+            * np.maximum(grains - params["grain_threshold"], 0)
+            * 2
+        )
+    elif family == "wood":
+        warp = params["warp"] * period * _spectral(rng, size, _lowpass(1 / (5 * period)))
+        centre = params["centre_px"]
+        across = v if centre == 0 else np.hypot(u - size / 2, v + centre) - centre
+        rings = np.sin(2 * np.pi * (across + warp) / period)
+        fibres = _spectral(rng, size, _streaks(angle, 2.0 * size / BASE_SIZE_PX))
+        field = np.sign(rings) * np.abs(rings) ** params["profile"] + params["fibre"] * fibres
+    elif family == "cellular":
+        nearest, second, level = _worley(rng, u / params["stretch"], v, period / params["stretch"])
+        edges = np.exp(-(((second - nearest) / params["edge_width"]) ** 2))
+        field = params["level"] * level + params["edge_sign"] * params["edge"] * 2 * edges
+        field = field + params["noise"] * _spectral(rng, size, _lowpass(0.25))
+    elif family == "mottled":
+        field = _spectral(rng, size, _power_law(params["slope"], angle, params["stretch"], period, size))
+        field = field + params["speckle"] * _spectral(rng, size, _lowpass(0.35))
+    else:
+        raise ValueError(f"texture {family!r} is unknown; expected one of {TEXTURES}")
+    if params["tilt"]:
+        fy, fx = _frequencies(size)
+        f = np.hypot(fy, fx)
+        field = np.fft.irfft2(np.fft.rfft2(field) * ((f + 1 / 32) * 8) ** params["tilt"], s=(size, size))
     return _standardise(field)
 
 
-def _stroke(size: int, points_px: np.ndarray, half_width_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Soft coverage and mask of a stroke through points spaced under a pixel apart, in their bounding box."""
+def _grain_change(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
+    """How much a region's grain changed, 0 for none: the larger of its decorrelation (1 - correlation)
+    and the relative change of its mean structure tensor (gradient energy and orientation). Either one
+    about 0.3 or more reads as another grain (a turned, finer or coarser texture)."""
+
+    def tensor(image: np.ndarray) -> np.ndarray:
+        gy, gx = np.gradient(image)
+        gy, gx = gy[mask], gx[mask]
+        return np.array([(gx * gx).mean(), (gx * gy).mean(), (gy * gy).mean()])
+
+    old, new = tensor(before), tensor(after)
+    structure = np.linalg.norm(new - old) / (np.linalg.norm(old) + 1e-12)
+    decorrelation = 1 - np.corrcoef(before[mask], after[mask])[0, 1]
+    return float(max(structure, decorrelation))
+
+
+def _stroke(size: int, points_px: np.ndarray, half_width_px: np.ndarray, strength: np.ndarray):
+    """Soft coverage (peak `strength` per point) and mask of a stroke through points spaced under a pixel
+    apart, each with its own half width; only points with strength above a third mark the mask."""
     alpha = np.zeros((size, size))
-    pad = int(np.ceil(4 * half_width_px)) + 2
-    (y0, x0), (y1, x1) = points_px.min(0).astype(int) - pad, points_px.max(0).astype(int) + pad + 1
-    y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, size), min(x1, size)
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    d2 = ((yy[None] - points_px[:, 0, None, None]) ** 2 + (xx[None] - points_px[:, 1, None, None]) ** 2).min(
-        0
-    )
-    alpha[y0:y1, x0:x1] = np.exp(-0.5 * d2 / half_width_px**2)
     mask = np.zeros((size, size), bool)
-    mask[y0:y1, x0:x1] = d2 <= (half_width_px + 0.5) ** 2
+    reach = int(np.ceil(3 * half_width_px.max())) + 1
+    for (py, px), width, peak in zip(points_px, half_width_px, strength, strict=True):
+        y0, x0 = max(int(py) - reach, 0), max(int(px) - reach, 0)
+        y1, x1 = min(int(py) + reach + 2, size), min(int(px) + reach + 2, size)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        d2 = (yy - py) ** 2 + (xx - px) ** 2
+        np.maximum(alpha[y0:y1, x0:x1], peak * np.exp(-0.5 * d2 / width**2), out=alpha[y0:y1, x0:x1])
+        if peak > 1 / 3:
+            mask[y0:y1, x0:x1] |= d2 <= (width + 0.5) ** 2
     return alpha, mask
 
 
 def _inside(points_px: np.ndarray, size: int) -> np.ndarray:
-    """The points that fall inside the image; a stroke leaves the frame rather than running along its edge."""
-    return points_px[((points_px >= 0) & (points_px <= size - 1)).all(1)]
+    """Which points fall inside the image; a stroke leaves the frame rather than running along its edge."""
+    return ((points_px >= 0) & (points_px <= size - 1)).all(1)
+
+
+def _profile(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Strength along a stroke: even, tapered at both ends, or broken into dashes."""
+    t = np.linspace(0, 1, count)
+    style = rng.choice(["even", "tapered", "dashed"], p=[0.5, 0.3, 0.2])
+    if style == "tapered":
+        return np.clip(np.minimum(t, 1 - t) / rng.uniform(0.1, 0.35), 0.35, 1.0)
+    if style == "dashed":
+        cycles = rng.uniform(3, 8)
+        return np.where(np.sin(2 * np.pi * cycles * t + rng.uniform(0, 2 * np.pi)) > -0.4, 1.0, 0.0)
+    return np.ones(count)
 
 
 def _blob(
@@ -124,7 +284,7 @@ def _blob(
     """Soft coverage and mask of an ellipse with a wobbly rim, centred inside the image."""
     margin = min(radius_px, size / 3)
     cy, cx = rng.uniform(margin, size - margin, 2)
-    aspect, angle = rng.uniform(0.5, 1.0), rng.uniform(0, np.pi)
+    aspect, angle = rng.uniform(0.35, 1.0), rng.uniform(0, np.pi)
     u, v = _rotate(np.mgrid[0:size, 0:size] - np.array([cy, cx])[:, None, None], angle)
     theta = np.arctan2(v, u)
     rim = 1 + wobble * sum(
@@ -135,52 +295,208 @@ def _blob(
     return 1 / (1 + np.exp(np.clip((r - 1) * edge, -50, 50))), r <= 1
 
 
+def _curve(rng: np.random.Generator, size: int, length_px: float) -> np.ndarray:
+    """A quadratic curve of about length_px from a point inside, heading roughly inwards."""
+    start = rng.uniform(0.1 * size, 0.9 * size, 2)
+    heading = np.arctan2(*(size / 2 - start)) + rng.uniform(-1.0, 1.0)  # roughly inwards: stays in frame
+    ahead = np.array([np.sin(heading), np.cos(heading)])
+    aside = np.array([np.cos(heading), -np.sin(heading)])
+    bend = start + ahead * length_px / 2 + aside * rng.uniform(-0.35, 0.35) * length_px
+    t = np.linspace(0, 1, int(2 * length_px) + 2)[:, None]
+    return (1 - t) ** 2 * start + 2 * t * (1 - t) * bend + t**2 * (start + ahead * length_px)
+
+
+def _walk(rng: np.random.Generator, start: np.ndarray, steps: int, jag: float) -> np.ndarray:
+    heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, jag, steps))
+    return start + 0.5 * np.cumsum(np.stack([np.sin(heading), np.cos(heading)], 1), 0)
+
+
+def _line_defect(rng, size, points, half_width, peak, sharpness) -> tuple[np.ndarray, np.ndarray]:
+    keep = _inside(points, size)
+    alpha, mask = _stroke(size, points[keep], half_width[keep], peak[keep])
+    if not mask.any():  # the stroke left the frame at once: mark where it entered
+        y, x = np.clip(points[0], 0, size - 1).astype(int)
+        mask[y, x] = True
+        alpha[y, x] = 1.0
+    return alpha * sharpness, mask
+
+
 def _defect(
     kind: str,
     rng: np.random.Generator,
     lum: np.ndarray,
     scale: float,
     contrast: float,
-    period_px: float,
     redo_texture,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply one defect to the luminance image; returns the new image and the mask. redo_texture(rng) renders
-    the same surface with its grain turned or made finer, for patches."""
+    """Apply one defect to the luminance image; returns the new image and the mask. redo_texture(rng)
+    renders the same surface with its grain turned, finer or coarser, for patches. Strengths are in units
+    of the texture's own spread (`contrast`), so a defect is as visible on a faint texture as on a strong one.
+    """
     size = lum.shape[0]
-    sign = rng.choice([-1.0, 1.0], p=[0.7, 0.3])
+    sign = rng.choice([-1.0, 1.0])
     if kind == "scratch":
-        start = rng.uniform(0.1 * size, 0.9 * size, 2)
-        heading = np.arctan2(*(size / 2 - start)) + rng.uniform(-1.0, 1.0)  # roughly inwards: stays in frame
-        length = rng.uniform(0.2, 0.6) * size
-        ahead, aside = (
-            np.array([np.sin(heading), np.cos(heading)]),
-            np.array([np.cos(heading), -np.sin(heading)]),
-        )
-        bend = start + ahead * length / 2 + aside * rng.uniform(-0.3, 0.3) * length
-        t = np.linspace(0, 1, int(2 * length) + 2)[:, None]
-        points = (1 - t) ** 2 * start + 2 * t * (1 - t) * bend + t**2 * (start + ahead * length)
-        alpha, mask = _stroke(size, _inside(points, size), rng.uniform(0.5, 1.1) * scale)
-        return lum + sign * rng.uniform(2.0, 4.5) * contrast * alpha, mask
+        points = _curve(rng, size, rng.uniform(0.08, 0.7) * size)
+        width = _log_uniform(rng, 0.4, 2.0) * scale
+        peak = _profile(rng, len(points))
+        amplitude = rng.uniform(2.0, 4.5) * contrast * min(1.0, 1.3 / np.sqrt(width / scale))
+        alpha, mask = _line_defect(rng, size, points, np.full(len(points), width), peak, 1.0)
+        return lum + sign * amplitude * alpha, mask
     if kind == "crack":
-        steps = int(rng.uniform(25, 70) * scale * 2)
-        heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.12, steps))
-        start = rng.uniform(size * 0.2, size * 0.8, 2)
-        path = start + 0.5 * np.cumsum(np.stack([np.sin(heading), np.cos(heading)], 1), 0)
-        alpha, mask = _stroke(size, _inside(path, size), rng.uniform(0.45, 0.9) * scale)
-        return lum - rng.uniform(2.5, 5.0) * contrast * alpha, mask
+        steps = int(rng.uniform(20, 80) * scale * 2)
+        main = _walk(rng, rng.uniform(size * 0.2, size * 0.8, 2), steps, rng.uniform(0.08, 0.35))
+        paths = [main]
+        if rng.random() < 0.4:  # a branch from somewhere along it
+            paths.append(_walk(rng, main[rng.integers(len(main))], steps // 2, rng.uniform(0.08, 0.35)))
+        points = np.concatenate(paths)
+        width = rng.uniform(0.4, 1.3) * scale
+        widths = width * np.clip(1 + 0.3 * np.cumsum(rng.normal(0, 0.1, len(points))), 0.5, 1.5)
+        alpha, mask = _line_defect(rng, size, points, widths, np.ones(len(points)), 1.0)
+        polarity = -1.0 if rng.random() < 0.8 else 1.0  # mostly dark; bright under dark-field lighting
+        return lum + polarity * rng.uniform(2.2, 5.0) * contrast * alpha, mask
     if kind == "spot":
-        alpha, mask = _blob(rng, size, rng.uniform(5.0, 11.0) * scale, wobble=0.1)
+        radius = _log_uniform(rng, 4.0, 14.0) * scale
+        alpha, mask = _blob(rng, size, radius, wobble=rng.uniform(0.0, 0.3), edge=rng.uniform(6.0, 20.0))
         if rng.random() < 0.5:  # stain: darker or lighter than the surface
             return lum + sign * rng.uniform(2.0, 3.5) * contrast * alpha, mask
         flattened = lum.mean() + sign * rng.uniform(1.5, 2.5) * contrast  # smudge: texture rubbed out
         return lum * (1 - alpha) + flattened * alpha, mask
     if kind == "patch":
-        radius_px = max(
-            rng.uniform(8.0, 20.0) * scale, rng.uniform(1.0, 1.6) * period_px
-        )  # a patch spans its grain
-        alpha, mask = _blob(rng, size, radius_px, wobble=0.2, edge=20.0)
-        return lum * (1 - alpha) + redo_texture(rng) * alpha, mask
+        best = None
+        for _ in range(6):  # a distortion that does not show is no defect: draw again, keep the clearest
+            radius_px = max(rng.uniform(8.0, 22.0) * scale, rng.uniform(1.0, 1.6) * redo_texture.period)
+            alpha, mask = _blob(rng, size, radius_px, wobble=0.2, edge=20.0)
+            patched = lum * (1 - alpha) + redo_texture(rng) * alpha
+            change = _grain_change(lum, patched, mask)
+            if best is None or change > best[0]:
+                best = (change, patched, mask)
+            if change >= _MIN_PATCH_CHANGE:
+                break
+        return best[1], best[2]
     raise ValueError(f"defect {kind!r} is unknown; expected one of {DEFECTS}")
+
+
+class _Patches:
+    """The same surface re-rendered with its grain turned (oriented families) or made finer or coarser."""
+
+    def __init__(self, family: str, params: dict, tex_seed: int, size: int, base: float, contrast: float):
+        self.family, self.params, self.tex_seed, self.size = family, params, tex_seed, size
+        self.base, self.contrast, self.period = base, contrast, params["period"]
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        params = dict(self.params)
+        if self.family in _ISOTROPIC or rng.random() < 0.5:
+            finer = rng.random() < 0.5 and self.period * 0.5 >= 2.0 * self.size / BASE_SIZE_PX  # resolvable
+            params["period"] *= rng.uniform(0.35, 0.55) if finer else rng.uniform(1.8, 2.6)
+            if self.family == "mottled":  # self-similar: a new grain size alone barely shows
+                params["slope"] += rng.uniform(0.8, 1.5) * (-1 if finer else 1)
+        else:
+            params["angle"] += rng.choice([-1, 1]) * rng.uniform(0.8, np.pi / 2)
+        return self.base + self.contrast * _texture(self.family, params, self.tex_seed, self.size)
+
+
+def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Separable Gaussian blur of the last two axes, edges reflected (no wrap-around)."""
+    if sigma_px < 0.2:
+        return image
+    reach = int(np.ceil(3 * sigma_px))
+    taps = np.exp(-0.5 * (np.arange(-reach, reach + 1) / sigma_px) ** 2)
+    taps /= taps.sum()
+    for axis in (-2, -1):
+        pad = [(0, 0)] * image.ndim
+        pad[axis] = (reach, reach)
+        padded = np.pad(image, pad, mode="reflect")
+        n = image.shape[axis]
+        image = sum(w * np.take(padded, np.arange(k, k + n), axis=axis) for k, w in enumerate(taps))
+    return image
+
+
+def _dct_matrix() -> np.ndarray:
+    k, n = np.mgrid[0:8, 0:8]
+    matrix = np.sqrt(2 / 8) * np.cos(np.pi * (2 * n + 1) * k / 16)
+    matrix[0] /= np.sqrt(2)
+    return matrix
+
+
+_DCT = _dct_matrix()
+_JPEG_LUMA = np.array(  # ITU T.81 Annex K luminance table
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=np.float64,
+)
+
+
+def _compress(image: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG-like artefacts: 8x8 block DCT, coefficients rounded to the quality-scaled table (no chroma
+    subsampling, no entropy coding: the loss is all in the rounding)."""
+    c, h, w = image.shape
+    h8, w8 = h - h % 8, w - w % 8
+    step = np.maximum(
+        np.floor((_JPEG_LUMA * (5000 / quality if quality < 50 else 200 - 2 * quality) + 50) / 100), 1
+    )
+    blocks = image[:, :h8, :w8].reshape(c, h8 // 8, 8, w8 // 8, 8) * 255 - 128
+    coefficients = np.einsum("ki,cyixj,lj->cykxl", _DCT, blocks, _DCT)
+    coefficients = np.round(coefficients / step[:, None, :]) * step[:, None, :]
+    restored = np.einsum("ki,cykxl,lj->cyixj", _DCT, coefficients, _DCT)
+    out = image.copy()
+    out[:, :h8, :w8] = (restored.reshape(c, h8, w8) + 128) / 255
+    return out
+
+
+def _tint(rng: np.random.Generator, saturation: float) -> np.ndarray:
+    """An RGB gain of mean 1: a random hue at a random saturation up to `saturation`."""
+    hue, amount = rng.uniform(0, 2 * np.pi), rng.uniform(0, saturation)
+    return 1 + amount * np.cos(hue - np.array([0, 2, 4]) * np.pi / 3)
+
+
+def _camera(
+    lum: np.ndarray, r_light: np.random.Generator, channels: int, contrast: float, base: float
+) -> np.ndarray:
+    """Optics, lighting and sensor, all drawn from the image's own light stream (never from the defect's,
+    so the same surface with and without its defect is photographed the same way)."""
+    size = lum.shape[0]
+    scale = size / BASE_SIZE_PX
+    blur_px = r_light.uniform(0.0, 1.2) * scale if r_light.random() < 0.6 else 0.0
+    sharpen = r_light.uniform(0.3, 1.5) if r_light.random() < 0.25 else 0.0
+    tilt, gain = r_light.uniform(-0.4, 0.4, 2), r_light.uniform(0.8, 1.2)
+    vignette = r_light.uniform(0.0, 0.5)
+    highlight = r_light.uniform(0.0, 0.3) if r_light.random() < 0.3 else 0.0
+    highlight_at, highlight_px = r_light.uniform(0, size, 2), r_light.uniform(0.3, 0.8) * size
+    gamma = _log_uniform(r_light, 0.7, 1.4)
+    read_noise = min(r_light.uniform(0.002, 0.025), 0.6 * contrast)
+    shot_noise = r_light.uniform(0.0, 0.03)
+    pattern = r_light.uniform(0.0, 0.2) * contrast if r_light.random() < 0.3 else 0.0
+    quality = int(r_light.integers(35, 96)) if r_light.random() < 0.35 else 0
+    surface_tint, grain_tint = _tint(r_light, 0.35), _tint(r_light, 0.25)
+
+    lum = _blur(lum, blur_px)
+    if sharpen:
+        lum = lum + sharpen * (lum - _blur(lum, 1.0 * scale))
+    y, x = np.mgrid[0:size, 0:size] / size - 0.5
+    light = gain * (1 + tilt[0] * y + tilt[1] * x - vignette * (x**2 + y**2))
+    hy, hx = np.mgrid[0:size, 0:size] - highlight_at[:, None, None]
+    light = light + highlight * np.exp(-0.5 * (hy**2 + hx**2) / highlight_px**2)
+    if channels == 1:
+        image = (lum * light)[None]
+    else:
+        image = (base * surface_tint[:, None, None] + (lum - base) * grain_tint[:, None, None]) * light
+    image = np.clip(image, 1e-6, 1) ** gamma
+    noise = r_light.standard_normal(image.shape)
+    image = image + noise * np.sqrt(read_noise**2 + shot_noise**2 * image * 0.1)
+    columns = r_light.standard_normal(size)
+    image = image + pattern * columns[None, None, :]  # a line camera's column gains (fixed pattern)
+    image = np.clip(image, 0, 1)
+    if quality:
+        image = np.clip(_compress(image, quality), 0, 1)
+    return np.round(image * 255) / 255
 
 
 def surface(
@@ -192,53 +508,44 @@ def surface(
     defect: bool | None = None,
     texture: str | None = None,
     defect_kind: str | None = None,
+    families: tuple[str, ...] = TEXTURES,
 ) -> Surface:
     """Image `index` of the stream `seed`. The texture, lighting and noise come from their own streams, so
-    the same (seed, index) with defect=False and defect=True differ only around the defect."""
+    the same (seed, index) with defect=False and defect=True differ only around the defect. `families`
+    are the texture families drawn from when `texture` is not given."""
     if channels not in (1, 3):
         raise ValueError(f"channels is {channels}; expected 1 (grayscale) or 3 (RGB)")
+    unknown = set(families) - set(TEXTURES)
+    if unknown or not families:
+        raise ValueError(f"families {families!r}: expected some of {TEXTURES}")
     r_texture, r_defect, r_light = (
         np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(3)
     )
     is_defect = bool(r_defect.random() < 0.5) if defect is None else defect
     kind = defect_kind or str(r_defect.choice(DEFECTS))
-    family = texture or str(r_texture.choice(TEXTURES))
+    family = texture or str(r_texture.choice(families))
     scale = size / BASE_SIZE_PX
-    angle, period = r_texture.uniform(0, np.pi), r_texture.uniform(*_PERIOD_PX[family]) * scale
+    params = _texture_params(family, r_texture, scale)
     tex_seed = int(r_texture.integers(2**63))
-    base, contrast = r_texture.uniform(0.3, 0.65), r_texture.uniform(0.05, 0.12)
-    tint = np.array(_TINTS[family]) * r_texture.uniform(0.85, 1.15, 3)
+    base, contrast = r_texture.uniform(0.25, 0.7), _log_uniform(r_texture, 0.03, 0.14)
 
-    def redo_texture(rng: np.random.Generator) -> np.ndarray:
-        if rng.random() < 0.5:  # finer grain (or, for isotropic grain, either way)
-            coarser = family == "granular" and rng.random() < 0.5
-            twist_angle, twist_period = (
-                angle,
-                period * (rng.uniform(2.0, 2.6) if coarser else rng.uniform(0.35, 0.5)),
-            )
-        else:  # grain turned across
-            twist_angle, twist_period = angle + rng.choice([-1, 1]) * rng.uniform(1.0, 2.1), period
-        return base + contrast * _texture(family, tex_seed, size, twist_angle, twist_period)
-
-    lum = base + contrast * _texture(family, tex_seed, size, angle, period)
+    lum = base + contrast * _texture(family, params, tex_seed, size)
     mask = np.zeros((size, size), bool)
     if is_defect:
-        lum, mask = _defect(kind, r_defect, lum, scale, contrast, period, redo_texture)
-    y, x = np.mgrid[0:size, 0:size] / size - 0.5
-    tilt = r_light.uniform(-0.35, 0.35, 2)
-    vignette = r_light.uniform(0.0, 0.4) * (x**2 + y**2)
-    lum = lum * (1 + tilt[0] * y + tilt[1] * x - vignette) * r_light.uniform(0.85, 1.15)
-    image = lum[None] if channels == 1 else lum[None] * (tint / tint.mean())[:, None, None]
-    image = image + r_light.normal(0, r_light.uniform(0.004, 0.025), image.shape)
-    image = np.round(np.clip(image, 0, 1) * 255) / 255
+        patches = _Patches(family, params, tex_seed, size, base, contrast)
+        lum, mask = _defect(kind, r_defect, lum, scale, contrast, patches)
+    image = _camera(lum, r_light, channels, contrast, base)
     return Surface(image.astype(np.float32), mask, family, kind if is_defect else None)
 
 
 def dataset(
-    seed: int, count: int, *, size: int = 128, channels: int = 1
+    seed: int, count: int, *, size: int = 128, channels: int = 1, families: tuple[str, ...] = TEXTURES
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`count` images [N, C, H, W] float32, masks [N, H, W] bool, labels [N] int64; odd ones defective."""
-    items = [surface(seed, i, size=size, channels=channels, defect=bool(i % 2)) for i in range(count)]
+    items = [
+        surface(seed, i, size=size, channels=channels, defect=bool(i % 2), families=families)
+        for i in range(count)
+    ]
     return (
         np.stack([s.image for s in items]),
         np.stack([s.mask for s in items]),

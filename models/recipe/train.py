@@ -36,6 +36,7 @@ class Recipe:
     seed: int = 1
     validation_seed: int = 5
     validation_images: int = 200
+    families: tuple[str, ...] = surfaces.TEXTURES  # texture families to train on (lofo.py leaves one out)
 
 
 def deterministic(seed: int, threads: int) -> None:
@@ -86,42 +87,101 @@ def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) ->
     )
 
 
+def generate(seed: int, count: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` generated images as uint8 pixels [N, C, H, W] (a quarter of float32's memory) and their
+    bool masks [N, H, W]; odd ones defective, textures from recipe.families."""
+    size, channels = recipe.size_px, recipe.channels
+    pixels = np.empty((count, channels, size, size), np.uint8)
+    masks = np.empty((count, size, size), bool)
+    for index in range(count):
+        made = surfaces.surface(
+            seed,
+            index,
+            size=size,
+            channels=channels,
+            defect=bool(index % 2),
+            families=recipe.families,
+        )
+        pixels[index] = np.round(made.image * 255)
+        masks[index] = made.mask
+    return torch.from_numpy(pixels), torch.from_numpy(masks)
+
+
 def train(recipe: Recipe, threads: int) -> torch.nn.Module:
     """Train `recipe` from scratch and return the net in eval mode."""
     deterministic(recipe.seed, threads)
     started_s = time.perf_counter()
-    images, masks, _ = surfaces.dataset(
-        recipe.seed, recipe.train_images, size=recipe.size_px, channels=recipe.channels
-    )
+    pixels, masks = generate(recipe.seed, recipe.train_images, recipe)
     held_images, _, held_labels = surfaces.dataset(
-        recipe.validation_seed, recipe.validation_images, size=recipe.size_px, channels=recipe.channels
+        recipe.validation_seed,
+        recipe.validation_images,
+        size=recipe.size_px,
+        channels=recipe.channels,
+        families=recipe.families,
     )
-    pixels = torch.from_numpy(np.round(images * 255).astype(np.uint8))  # a quarter of the memory
-    masks_t = torch.from_numpy(masks)
-    del images
     log.info(
-        "%s: generated %d training images in %.0f s",
+        "%s: generated %d training images of %s in %.0f s",
         recipe.architecture,
         recipe.train_images,
+        ", ".join(recipe.families),
         time.perf_counter() - started_s,
     )
+    model = nets.ARCHITECTURES[recipe.architecture]()
+    return fit(model, recipe, pixels, masks, None, (held_images, held_labels))
 
-    model = nets.ARCHITECTURES[recipe.architecture]().to(memory_format=torch.channels_last)  # faster on CPU
+
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+
+
+def fit(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    pixels: torch.Tensor,
+    masks: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    validation: tuple[np.ndarray, np.ndarray],
+    *,
+    freeze_batchnorm: bool = False,
+) -> torch.nn.Module:
+    """Train `model` on uint8 `pixels` [N, C, H, W] and bool `masks` [N, H, W] by `recipe`'s schedule and
+    return it in eval mode. Without masks (labels [N] only) the map loss is off and crops must be whole
+    images. `freeze_batchnorm` keeps the BatchNorm statistics the model came with (small fine-tuning sets).
+    Logs AUROC on `validation` (float images, labels) after each epoch."""
+    if masks is None and (labels is None or recipe.crop_px != recipe.size_px or recipe.whole_image_steps):
+        raise ValueError("without masks: give labels, train on whole images and no whole-image steps")
+    started_s = time.perf_counter()
+    count = len(pixels)
+    held_images, held_labels = validation
+    model = model.to(memory_format=torch.channels_last)  # faster on CPU
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=1e-4)
-    steps_per_epoch = recipe.train_images // recipe.batch_size
+    steps_per_epoch = max(count // recipe.batch_size, 1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, recipe.learning_rate, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.15
     )
     order = torch.Generator().manual_seed(recipe.seed)
     map_weight = torch.tensor(recipe.map_positive_weight)
+    no_masks = torch.zeros(1, recipe.size_px, recipe.size_px, dtype=torch.bool)
+
+    def train_mode() -> None:
+        model.train()
+        if freeze_batchnorm:
+            _freeze_batchnorm(model)
 
     def step(chosen: torch.Tensor, crop_px: int) -> float:
         batch = pixels[chosen].float() / 255
-        batch, batch_masks = _augment(*_crop(batch, masks_t[chosen], crop_px, order), order)
+        batch_masks = masks[chosen] if masks is not None else no_masks.expand(len(chosen), -1, -1).clone()
+        batch, batch_masks = _augment(*_crop(batch, batch_masks, crop_px, order), order)
         label, cells = _targets(batch_masks)
+        if masks is None:
+            label = labels[chosen].float()[:, None]
         prob_logit, map_logit = model(batch.contiguous(memory_format=torch.channels_last), logits=True)
-        map_loss = F.binary_cross_entropy_with_logits(map_logit, cells, pos_weight=map_weight)
-        loss = F.binary_cross_entropy_with_logits(prob_logit, label) + recipe.map_loss_weight * map_loss
+        loss = F.binary_cross_entropy_with_logits(prob_logit, label)
+        if recipe.map_loss_weight:
+            map_loss = F.binary_cross_entropy_with_logits(map_logit, cells, pos_weight=map_weight)
+            loss = loss + recipe.map_loss_weight * map_loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -139,8 +199,8 @@ def train(recipe: Recipe, threads: int) -> torch.nn.Module:
         )
 
     for epoch in range(recipe.epochs):
-        model.train()
-        permutation = torch.randperm(recipe.train_images, generator=order)
+        train_mode()
+        permutation = torch.randperm(count, generator=order)
         total_loss = 0.0
         for index in range(steps_per_epoch):
             total_loss += step(
@@ -151,10 +211,10 @@ def train(recipe: Recipe, threads: int) -> torch.nn.Module:
     if recipe.whole_image_steps:
         # Trained on crops, served on whole images: a short low-rate pass on whole images settles what
         # depends on the whole picture (per-image standardisation, pooling, BatchNorm statistics).
-        model.train()
+        train_mode()
         for group in optimiser.param_groups:
             group["lr"] = recipe.learning_rate / 20
-        permutation = torch.randperm(recipe.train_images, generator=order)
+        permutation = torch.randperm(count, generator=order)
         size = recipe.whole_image_batch_size
         total_loss = sum(
             step(permutation[i * size : (i + 1) * size], recipe.size_px)

@@ -34,9 +34,11 @@ def test_default_serve_flags_a_generated_defect(tmp_path: Path) -> None:
         assert "4 model(s) ready" in process.seen[-1]
         client = triton.InferenceServerClient(url.removeprefix("http://"), network_timeout=60.0)
         try:
-            scratched = surfaces.surface(7, defect=True).image[None]
-            clean = surfaces.surface(7, defect=False).image[None]
-            assert _defect_prob(client, "surface_defect", scratched)[0] > 0.5
+            # Seed 6: a crack on brushed metal, plainly visible (seed 7 is now a faint spot, which the model
+            # misses: models/README.md has the miss rates).
+            cracked = surfaces.surface(6, defect=True).image[None]
+            clean = surfaces.surface(6, defect=False).image[None]
+            assert _defect_prob(client, "surface_defect", cracked)[0] > 0.5
             assert _defect_prob(client, "surface_defect", clean)[0] < 0.5
             images, _, labels = surfaces.dataset(3030, 16)
             for model in ("surface_defect", "surface_defect_fp32"):
