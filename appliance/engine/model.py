@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -73,6 +74,12 @@ class LoadedModel:
     def session(self) -> ort.InferenceSession:
         return self.placement.session
 
+    def close(self) -> None:
+        """Free both sessions now, after the scheduler's last batch, rather than whenever the cyclic
+        garbage collector next finds this model: ORT's memory and threads go with them."""
+        self.solo = None
+        self.placement.session = None  # type: ignore[assignment]  # nothing runs a closed model
+
     @property
     def provider(self) -> str:
         return self.placement.provider
@@ -140,11 +147,10 @@ class LoadedModel:
         failure leaves the model without one (a lone request then runs as any other)."""
         before = _rss_bytes()
         try:
-            options = session_options(threads)
             # It runs only while nothing else does, so its threads may spin between operators: the
             # lone request's latency, not the shared cores, is what it is for. Without spinning the
             # 224 model took 3.3 ms here against raw ORT's 2.8 (its default spins).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            options = session_options(threads, spinning=True)
             solo = ort.InferenceSession(
                 str(self.source.path), options, providers=self.session.get_providers()
             )
@@ -276,14 +282,14 @@ def _rss_bytes() -> int:
         return 0
 
 
-def session_options(threads_per_call: int) -> ort.SessionOptions:
+def session_options(threads_per_call: int, *, spinning: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads_per_call
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning pool threads burn the cores the event loop and the other workers need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 4  # failures reach the caller with ORT's reason; no stderr noise
     return options
 
@@ -340,3 +346,18 @@ def _translate(model: str, exc: Exception) -> ApplianceError:
     if any(marker in text for marker in _INPUT_ERRORS) or type(exc).__name__ == "InvalidArgument":
         return InvalidInput(f"model {model!r} rejected the input: {text}")
     return InferenceFailed(f"model {model!r} failed: {text}")
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    A retired model's sessions are freed, but glibc keeps what they held: each reload of the 128x128
+    model grew the service by 4-8 MB, for good (30 reloads in a soak: +11% RSS). Trimmed after each
+    retirement, it levels off after about 15 reloads.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return
+    trim(0)

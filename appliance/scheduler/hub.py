@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from appliance.engine.model import LoadedModel
+from appliance.engine.model import LoadedModel, return_freed_memory
 from appliance.engine.replica import ReplicaSpec
 from appliance.engine.repository import ModelSource, Repository
 from appliance.errors import (
@@ -165,6 +165,8 @@ class ModelHub:
             )
         if old is not None and old.scheduler is not None:
             await self._retire(old.scheduler)
+            del old  # the last reference to its sessions: their memory is free to return
+            await asyncio.to_thread(return_freed_memory)
         return entry
 
     async def unload(self, name: str) -> None:
@@ -175,6 +177,8 @@ class ModelHub:
             self._entries[name] = ModelEntry(name, State.UNAVAILABLE, "unloaded")
         if entry.scheduler is not None:
             await self._retire(entry.scheduler)
+            del entry
+            await asyncio.to_thread(return_freed_memory)
 
     def _lock(self, name: str) -> asyncio.Lock:
         """The load/unload lock of a model this hub serves or its repository holds; ModelNotFound for

@@ -427,6 +427,8 @@ class ModelScheduler:
             await asyncio.to_thread(self.replica.close, timeout_s)
         if self._timer is not None:
             self._timer.cancel()
+        if not any(w.is_alive for w in self.workers):
+            self.model.close()  # its sessions go now; a worker still running keeps them
 
 
 def _inputs_of(work: Work) -> Mapping[str, np.ndarray]:

@@ -102,6 +102,10 @@ class Worker:
     def stop(self) -> None:
         self._inbox.put(None)
 
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout_s: float) -> bool:
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
@@ -126,6 +130,7 @@ class Worker:
                 run.outcomes = [failure] * len(run.items)
             self.busy_since_s = None
             self._on_done(self, run)
+        self._buffers.clear()  # stopped: the batch buffers go now, not when the scheduler is collected
 
     def _execute(self, run: BatchRun) -> None:
         late = [w for w in run.items if self._clock() > w.deadline_s]
