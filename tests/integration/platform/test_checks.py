@@ -110,7 +110,8 @@ async def test_honest_int8_and_fp32_nodes_pass_every_check_and_every_record_veri
         kinds.SECOND_OPINION,
         kinds.AGREED,
     ) in verdicts
-    honest = {(kinds.BUYER, kinds.ACCEPTED), (kinds.CANARY, kinds.CANARY_PASSED)}
+    # A slow honest node's answer may come after its job was re-sent: recorded late, never billed.
+    honest = {(kinds.BUYER, kinds.ACCEPTED), (kinds.BUYER, kinds.LATE), (kinds.CANARY, kinds.CANARY_PASSED)}
     assert verdicts <= honest | {(kinds.SECOND_OPINION, kinds.AGREED)}, verdicts
     assert sum(r["billed"] for r in rows) == 24 and not any(
         r["billed"] for r in rows if r["kind"] != kinds.BUYER
