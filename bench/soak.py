@@ -151,11 +151,11 @@ def _refusals(metrics: str) -> dict[str, float]:
     }
 
 
-def tree_memory(pid: int) -> tuple[int, int]:
-    """RSS (bytes) of the server and its children, and the server's open fds."""
+def tree_memory(pid: int) -> tuple[int, int, int]:
+    """RSS (bytes) of the server and its children (pool processes), and the server's open fds."""
     process = psutil.Process(pid)
-    rss = process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True))
-    return rss, process.num_fds()
+    children = sum(c.memory_info().rss for c in process.children(recursive=True))
+    return process.memory_info().rss + children, children, process.num_fds()
 
 
 async def soak(args, host: str, port: int, pid: int, broker_port: int, inputs) -> dict[str, object]:
@@ -166,7 +166,7 @@ async def soak(args, host: str, port: int, pid: int, broker_port: int, inputs) -
     bad = bad_requests(args.model, inputs)
     bad_statuses: dict[int, int] = {}
     reloads: dict[int, int] = {}
-    samples: list[tuple[float, int, int]] = []
+    samples: list[tuple[float, int, int, int]] = []  # (s, RSS of all, of the children, fds)
     started = time.monotonic()
     stop_at = started + args.duration
     rng = random.Random(0)
@@ -194,8 +194,7 @@ async def soak(args, host: str, port: int, pid: int, broker_port: int, inputs) -
 
     async def sample() -> None:
         while time.monotonic() < stop_at:
-            rss, fds = tree_memory(pid)
-            samples.append((time.monotonic() - started, rss, fds))
+            samples.append((time.monotonic() - started, *tree_memory(pid)))
             await asyncio.sleep(args.sample_every)
 
     async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=60) as client:
@@ -208,8 +207,8 @@ async def soak(args, host: str, port: int, pid: int, broker_port: int, inputs) -
         await asyncio.gather(*background)
         refusals = _refusals((await client.get("/metrics")).text)
     await asyncio.sleep(15)  # the last jobs' expiry (10 s) has passed: anything still pending is lost
-    rss_end, fds_end = tree_memory(pid)
-    samples.append((time.monotonic() - started, rss_end, fds_end))
+    rss_end, children_end, fds_end = tree_memory(pid)
+    samples.append((time.monotonic() - started, rss_end, children_end, fds_end))
     jobs.close()
     after_warmup = [s for s in samples if s[0] >= args.warmup] or samples
     rss_base = after_warmup[0][1]
@@ -225,9 +224,16 @@ async def soak(args, host: str, port: int, pid: int, broker_port: int, inputs) -
             "after_warmup": round(rss_base / 1e6, 1),
             "end": round(rss_end / 1e6, 1),
             "max": round(max(s[1] for s in after_warmup) / 1e6, 1),
+            "children_after_warmup": round(after_warmup[0][2] / 1e6, 1),  # the pool processes
+            "children_end": round(children_end / 1e6, 1),
         },
         "rss_growth_pct": round((rss_end - rss_base) / rss_base * 100, 2),
-        "fds": {"after_warmup": after_warmup[0][2], "end": fds_end, "max": max(s[2] for s in samples)},
+        # About ten points: seconds, MB of the server alone, MB of its pool processes.
+        "rss_series_mb": [
+            (round(s[0]), round((s[1] - s[2]) / 1e6, 1), round(s[2] / 1e6, 1))
+            for s in samples[:: max(1, len(samples) // 10)]
+        ],
+        "fds": {"after_warmup": after_warmup[0][3], "end": fds_end, "max": max(s[3] for s in samples)},
         "http_5xx": {
             str(s): n
             for statuses in (line_result.statuses, bad_statuses, reloads)
