@@ -228,7 +228,7 @@ class CompanyRate:
         self.min_busy_s = min_busy_s  # less time than this says little: one early pair reads as 1000/s
         self._arrivals: deque[float] = deque()  # the arrivals that found others in flight
         self._periods: deque[tuple[float, float]] = deque()  # ended busy periods: (start, end)
-        self._periods_s = 0.0  # their total length (rate() runs per batch: no sum over thousands)
+        self._periods_s = 0.0  # their total length (rate() runs per request: no sum over thousands)
         self._busy_since: float | None = None
 
     def arrived(self, now_s: float, in_flight: int) -> None:
