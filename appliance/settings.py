@@ -198,6 +198,13 @@ class SchedulerSettings(BaseModel):
         "at idle CPU priority: no GIL shared with line work, and a crash or OOM on a pool job ends only "
         "that child. Costs a second copy of each model in memory.",
     )
+    pool_cpu_priority: Literal["idle", "normal"] = Field(
+        "idle",
+        description="CPU priority of pool compute: idle (SCHED_IDLE, else nice 19) takes only CPU "
+        "nothing else on the box wants; normal competes at the service's own priority, for a box that "
+        "sells all of its time to the pool (or a test box that something else keeps busy). Line work "
+        "goes first in the queues either way.",
+    )
     solo_session: bool = Field(
         True,
         description="Where K > 1 workers split the cores (each call gets cores / K threads), a request "

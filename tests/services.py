@@ -27,7 +27,9 @@ def make_settings(tmp_path: Path, repository: Path, **sections: dict[str, Any]) 
     """Settings from init kwargs only (never os.environ or /etc), with every directory under tmp_path."""
     data: dict[str, dict[str, Any]] = {
         "models": {"repository": repository},
-        "scheduler": {"instances": 2},
+        # Pool work at the service's own priority: at idle priority a box that another process keeps
+        # busy starves it for minutes. test_replica and test_scheduler pin the idle default.
+        "scheduler": {"instances": 2, "pool_cpu_priority": "normal"},
         "system": {
             "state_dir": tmp_path / "state",
             "cache_dir": tmp_path / "cache",

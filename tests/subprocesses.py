@@ -81,6 +81,8 @@ def environment(tmp_path: Path, **settings: str) -> dict[str, str]:
         CACHE_DIRECTORY=str(tmp_path / "cache"),
         RUNTIME_DIRECTORY=str(tmp_path / "run"),
         APPLIANCE_SCHEDULER__INSTANCES="1",
+        # idle priority starves pool work on a busy box; test_replica and test_scheduler pin that default
+        APPLIANCE_SCHEDULER__POOL_CPU_PRIORITY="normal",
         APPLIANCE_SERVER__GRPC_PORT="0",  # a free port, not Triton's 8001: tests run side by side
     )
     env.update({f"APPLIANCE_{key.upper()}": str(value) for key, value in settings.items()})

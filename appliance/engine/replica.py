@@ -58,6 +58,7 @@ class ReplicaSpec:
     cache_dir: Path
     threads_per_call: int
     digest: str
+    idle_priority: bool = True  # the child computes at idle CPU priority
 
     @classmethod
     def of(
@@ -67,6 +68,7 @@ class ReplicaSpec:
         models: ModelSettings,
         provider_options: Mapping[str, Any],
         cache_dir: Path,
+        idle_priority: bool = True,
     ) -> ReplicaSpec:
         return cls(
             model.source,
@@ -76,6 +78,7 @@ class ReplicaSpec:
             cache_dir,
             model.threads_per_call,
             model.digest,
+            idle_priority,
         )
 
 
@@ -96,7 +99,8 @@ class _Child:
         finally:
             for sock in theirs:
                 sock.close()
-        lower_priority(self.process.pid)  # before its imports burn a second of CPU at normal priority
+        if spec.idle_priority:
+            lower_priority(self.process.pid)  # before its imports burn a second of CPU at normal priority
         self.ready = [False] * channels
         send_frame(self.sockets[0], pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
 

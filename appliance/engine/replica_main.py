@@ -88,12 +88,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.ERROR)  # what goes wrong reaches the parent in an error frame
-    lower_priority()
     with contextlib.suppress(OSError):
         Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
     sockets = [socket.socket(fileno=int(fd)) for fd in argv]
     try:
         spec: ReplicaSpec = pickle.loads(receive_frame(sockets[0]))
+        if spec.idle_priority:
+            lower_priority()  # the parent lowered this process at its start; this covers its threads
         model = open_model(spec)
     except (OSError, EOFError):
         return 1

@@ -228,6 +228,7 @@ class ModelHub:
                 models=self.settings.models,
                 provider_options=self.settings.providers.get(model.provider, {}),
                 cache_dir=self.settings.system.cache_dir,
+                idle_priority=scheduler.pool_cpu_priority == "idle",
             )
         return SchedulerConfig(
             instances=instances,
@@ -235,7 +236,9 @@ class ModelHub:
             pool_max_requests=scheduler.pool_queue_max_requests,
             profile_window=scheduler.profile_window_batches,
             max_interference_ms=pool.max_interference_ms,
-            pool=rules_for(model.placement.uses_host_cores, replica),
+            pool=rules_for(
+                model.placement.uses_host_cores, replica, idle_priority=scheduler.pool_cpu_priority == "idle"
+            ),
         )
 
     @property

@@ -4,6 +4,7 @@
   batches run in a child process at idle CPU priority (engine/replica.py), fed by K pool threads.
 - `THREADS`: on the host's cores without a pool process: K pool threads of the service's own, which
   drop to idle priority while ONNX Runtime computes (engine/priority.py).
+  (`scheduler.pool_cpu_priority = "normal"` keeps both at the service's own priority.)
 - `SHARED`: the model runs on a device (GPU, NPU): priority means nothing to its queue, so pool work
   takes the line workers, leaves `line_reserved_workers` of them to the line, and a running pool batch
   is stopped (ORT `RunOptions.terminate`) when line work finds every worker busy.
@@ -36,6 +37,7 @@ class PoolRules:
     replica: ReplicaSpec | None = None  # PROCESS: what the child reopens
     preempt: bool = True  # SHARED: a running pool batch is stopped for line work
     line_reserved_workers: int = 1  # SHARED: workers pool work leaves to line work (it keeps one)
+    idle_priority: bool = True  # PROCESS, THREADS: pool compute at idle CPU priority (else normal)
 
     def __post_init__(self) -> None:
         if (self.where is Where.PROCESS) != (self.replica is not None):
@@ -52,14 +54,16 @@ class PoolRules:
         return self.where is Where.SHARED and self.preempt
 
 
-def rules_for(uses_host_cores: bool, replica: ReplicaSpec | None = None) -> PoolRules:
+def rules_for(
+    uses_host_cores: bool, replica: ReplicaSpec | None = None, *, idle_priority: bool = True
+) -> PoolRules:
     """The rules for a model on a provider that does (or does not) compute on the host's cores; a
     `replica` (given where pool jobs come in) puts host-core pool work in a process of its own."""
     if not uses_host_cores:
         return PoolRules(Where.SHARED)
     if replica is not None:
-        return PoolRules(Where.PROCESS, replica)
-    return PoolRules(Where.THREADS)
+        return PoolRules(Where.PROCESS, replica, idle_priority=replica.idle_priority)
+    return PoolRules(Where.THREADS, idle_priority=idle_priority)
 
 
 class Running(Protocol):

@@ -105,7 +105,14 @@ class ModelScheduler:
         self.replica = Replica(rules.replica, k) if rules.where is Where.PROCESS and rules.replica else None
         self.pool_workers = [
             Worker(
-                k + i, model, self._worker_done, _inputs_of, clock, is_background=True, replica=self.replica
+                k + i,
+                model,
+                self._worker_done,
+                _inputs_of,
+                clock,
+                is_background=True,
+                idle_priority=rules.idle_priority,
+                replica=self.replica,
             )
             for i in range(k if rules.has_own_threads else 0)
         ]

@@ -64,10 +64,12 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
         *,
         is_background: bool = False,
+        idle_priority: bool = True,
         replica: Replica | None = None,
     ) -> None:
         self._clock = clock
-        self.is_background = is_background  # runs pool work at the lowest CPU priority
+        self.is_background = is_background  # runs pool work
+        self._lowers_priority = is_background and idle_priority  # at the lowest CPU priority
         self.replica = replica  # runs this worker's batches in the pool process
         self._priority: ThreadPriority | None = None
         self.index = index
@@ -114,7 +116,7 @@ class Worker:
         return self.busy_since_s is not None and now_s - self.busy_since_s > hang_s
 
     def _loop(self) -> None:
-        if self.is_background:
+        if self._lowers_priority:
             self._priority = ThreadPriority(self._thread.name)
         while (run := self._inbox.get()) is not None:
             self.busy_since_s = time.monotonic()

@@ -27,10 +27,14 @@ from appliance.system import cpu
 FAR_SLO = "slo_p99_ms = 60000\n"  # these tests are about where work runs, never about its deadline
 
 
-def pool_scheduler(model, instances: int = 2) -> ModelScheduler:
+def pool_scheduler(model, instances: int = 2, *, idle_priority: bool = True) -> ModelScheduler:
     settings = Settings()
     replica = ReplicaSpec.of(
-        model, models=settings.models, provider_options={}, cache_dir=settings.system.cache_dir
+        model,
+        models=settings.models,
+        provider_options={},
+        cache_dir=settings.system.cache_dir,
+        idle_priority=idle_priority,
     )
     config = SchedulerConfig(instances=instances, pool=PoolRules(Where.PROCESS, replica))
     scheduler = ModelScheduler(model, config)
@@ -67,6 +71,27 @@ def test_pool_batches_run_in_an_idle_priority_child_and_answer_as_line_batches(t
     assert policy == os.SCHED_IDLE
     assert oom_score_adj == 500  # short of memory, the kernel ends pool work before the service
     assert child.returncode == 0  # it ended when the scheduler closed its sockets
+
+
+def test_a_pool_process_at_normal_priority_competes_as_the_service_does(tmp_path: Path) -> None:
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
+
+    async def scenario():
+        scheduler = pool_scheduler(model, idle_priority=False)
+        try:
+            outputs = await scheduler.infer(rows(3), priority=Priority.POOL)
+            pid = scheduler.replica.pid
+            threads = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+            policies = {os.sched_getscheduler(t) for t in threads}
+            nices = {os.getpriority(os.PRIO_PROCESS, t) for t in threads}
+        finally:
+            await scheduler.close()
+        return outputs, policies, nices
+
+    outputs, policies, nices = asyncio.run(scenario())
+    np.testing.assert_array_equal(outputs["y"], rows(3)["x"] * 2 + 1)
+    assert policies == {os.sched_getscheduler(0)}
+    assert nices == {os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 def test_text_tensors_cross_to_the_pool_process(tmp_path: Path) -> None:

@@ -221,6 +221,31 @@ def test_pool_work_runs_on_lowest_priority_threads_on_the_cpu(tmp_path: Path) ->
     assert names == ["pool-m-2", "pool-m-3"]
 
 
+def test_pool_threads_at_normal_priority_never_lower_theirs(tmp_path: Path, monkeypatch) -> None:
+    model = load(tmp_path, modelzoo.batchable(), "slo_p99_ms = 10000\n")
+    seen: list[tuple[int, int]] = []
+    run = LoadedModel.run
+
+    def observing(self, *args, **kwargs):
+        tid = threading.get_native_id()
+        seen.append((os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoadedModel, "run", observing)
+
+    async def scenario() -> None:
+        rules = PoolRules(Where.THREADS, idle_priority=False)
+        scheduler = await started(model, instances=1, max_interference_ms=10_000, pool=rules)
+        try:
+            await scheduler.infer(x(value=2), priority=Priority.POOL)
+            assert [w._priority for w in scheduler.pool_workers] == [None]
+        finally:
+            await scheduler.close()
+
+    asyncio.run(scenario())
+    assert seen == [(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))]
+
+
 def test_background_priority_is_lowest_only_around_the_run() -> None:
     seen: list[tuple[bool, bool, bool]] = []
 

@@ -94,6 +94,7 @@ def test_every_field_is_described_and_units_are_named() -> None:
         "key_file",
         "accept_jobs",
         "pool_process",
+        "pool_cpu_priority",
         "log_level",
         "state_dir",
         "cache_dir",
