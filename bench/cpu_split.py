@@ -78,9 +78,13 @@ class CpuSplit:
 
 
 @contextlib.contextmanager
-def profiled(pid: int, folder: Path | None, name: str, duration_s: float) -> Iterator[None]:
+def profiled(
+    pid: int, folder: Path | None, name: str, duration_s: float, *, gil_only: bool = False
+) -> Iterator[None]:
     """py-spy's collapsed stacks of `pid`, by thread, over the block (nothing when `folder` is None);
-    sampling costs the box CPU, so figures from a profiled run are not the run's figures."""
+    sampling costs the box CPU, so figures from a profiled run are not the run's figures. `gil_only`
+    samples only the thread holding the GIL: for a pure-Python process whose threads contend for it,
+    where the interpreter's time goes (a thread waiting for the GIL otherwise looks busy)."""
     if folder is None:
         yield
         return
@@ -100,6 +104,7 @@ def profiled(pid: int, folder: Path | None, name: str, duration_s: float) -> Ite
         str(int(duration_s + 1)),
         "--output",
         str(folder / f"{name}.txt"),
+        *(["--gil"] if gil_only else []),
     ]
     recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:

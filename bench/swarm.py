@@ -38,6 +38,7 @@ import orjson
 import paho.mqtt.client as mqtt
 import psutil
 from common import ROOT, report
+from cpu_split import profiled
 from loadgen import Prepared, open_loop
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -241,20 +242,23 @@ def one_run(nodes: int, args: argparse.Namespace, scratch: Path) -> dict[str, ob
         ingested_before, started = _ingested(url)[0], time.perf_counter()
         host, port = url.removeprefix("http://").split(":")
         request = Prepared.infer(host, MODEL, {"x": x}, binary=True)
-        result = asyncio.run(open_loop(host, int(port), request, rate_per_s=args.rate,
-                                       duration_s=args.duration, connections=128))  # fmt: skip
+        with profiled(gateway.pid, args.profile, f"gateway-{nodes}", args.duration, gil_only=True):
+            result = asyncio.run(open_loop(host, int(port), request, rate_per_s=args.rate,
+                                           duration_s=args.duration, connections=128))  # fmt: skip
         elapsed = time.perf_counter() - started
         ingested = (_ingested(url)[0] - ingested_before) / elapsed
         cpu = {name: round(100 * (_cpu_s(p) - before[name]) / elapsed, 1) for name, p in processes.items()}
         rss_mb = processes["gateway"].memory_info().rss / 2**20
         through = result.summary()
+        answered = through["ok_per_s"] * elapsed
         return {"nodes": nodes, "reports_per_s": round(ingested, 1), "jobs_per_s": through["ok_per_s"],
                 "errors": through["errors"], "direct_lost": direct["lost"],
                 "gateway_p50_ms": through["p50_ms"], "gateway_p99_ms": through["p99_ms"],
                 "direct_p50_ms": round(direct["p50_ms"], 2), "direct_p99_ms": round(direct["p99_ms"], 2),
                 "overhead_p50_ms": round(through["p50_ms"] - direct["p50_ms"], 2),
                 "overhead_p99_ms": round(through["p99_ms"] - direct["p99_ms"], 2),
-                "gateway_rss_mb": round(rss_mb, 1), "cpu_pct_of_one_core": cpu}  # fmt: skip
+                "gateway_rss_mb": round(rss_mb, 1), "cpu_pct_of_one_core": cpu,
+                "gateway_cpu_ms_per_job": round(cpu["gateway"] * 10 * elapsed / max(answered, 1), 3)}  # fmt: skip
     finally:
         for process in (gateway, sim, mosquitto):
             process.terminate()
@@ -280,6 +284,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="jobs/s, both phases")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--interval-s", type=float, default=2.0, help="each node's report period")
+    parser.add_argument("--profile", type=Path, help="folder for py-spy's stacks of the gateway per phase")
     parser.add_argument("--broker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--connections", type=int, default=1, help=argparse.SUPPRESS)
