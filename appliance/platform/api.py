@@ -1,7 +1,14 @@
-"""The gateway's HTTP side: KServe v2 for buyers (index, metadata, infer), the fleet view, /metrics."""
+"""The gateway's HTTP side: KServe v2 for buyers (index, metadata, infer), the fleet view, /metrics.
+
+Inference is answered by plain ASGI (`BuyerInference`), as on the box (appliance/server/inference.py):
+FastAPI's routing, middleware and dependency layers took about a third of the gateway's interpreter
+time per job (bench/swarm.py --profile). Everything else goes through FastAPI.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from typing import Any
 
@@ -21,7 +28,10 @@ from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
 
 OPEN_PATHS = ("/v2/health/", "/metrics")
 LIMITS = ShapeLimits()
+INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
+_HEADER_LENGTH = codec.HEADER_LENGTH.encode()
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 def create_app(gateway: Gateway) -> ASGIApp:
@@ -29,7 +39,7 @@ def create_app(gateway: Gateway) -> ASGIApp:
     app.state.gateway = gateway
     app.include_router(router)
     install(app, gateway.settings.retry_after_s)
-    return BuyerToken(app, gateway)
+    return BuyerToken(BuyerInference(app, gateway), gateway)
 
 
 class BuyerToken:
@@ -104,10 +114,48 @@ async def model_ready(name: str, request: Request) -> Response:
     return Response(b"{}", media_type="application/json")
 
 
-@router.post("/v2/models/{name}/infer")
-async def infer(name: str, request: Request) -> Response:
-    gateway = _gateway(request)
-    buyer: Buyer = request.state.buyer
+class BuyerInference:
+    """POST /v2/models/{name}/infer answered here; every other request goes on to `app`."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = INFER.match(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            answer = error_response(405, f"{scope['method']} is not allowed on {scope['path']}; use POST")
+            await answer(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        buyer: Buyer = scope["state"]["buyer"]
+
+        async def read(limit_bytes: int) -> bytes:
+            return await _read_body(receive, headers, limit_bytes, buyer)
+
+        try:
+            answer = await infer(self.gateway, buyer, match.group(1), read, headers.get(_HEADER_LENGTH))
+        except _Disconnected:
+            return
+        except errors.ApplianceError as exc:
+            answer = appliance_error_response(exc, self.gateway.settings.retry_after_s)
+        except Exception as exc:
+            log.exception("unexpected error on POST %s", scope["path"])
+            answer = error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        await answer(scope, receive, send)
+
+
+class _Disconnected(Exception):
+    """The buyer went away before sending its whole body."""
+
+
+async def infer(
+    gateway: Gateway, buyer: Buyer, name: str, read: Any, header_length_text: bytes | None
+) -> Response:
+    """One buyer job, from admission to the node's answer (`read(limit)` gives the body)."""
     wait_s = gateway.buyers.admit(buyer)
     if wait_s is not None:
         gateway.metrics.refused("rate_limited")
@@ -121,8 +169,11 @@ async def infer(name: str, request: Request) -> Response:
             f"model {name!r} is not served by the pool (see POST /v2/repository/index)"
         )
     inputs = fleet.signature(gateway, name, files)
-    body = await _read_body(request, buyer)
-    header_length = codec.decimal(request.headers.get(codec.HEADER_LENGTH), "Inference-Header-Content-Length")
+    header_length = codec.decimal(
+        None if header_length_text is None else header_length_text.decode("latin-1"),
+        "Inference-Header-Content-Length",
+    )
+    body = await read(min(buyer.max_body_bytes, gateway.max_body_bytes))
     decoded = codec.decode_request(body, header_length, limits=LIMITS, expect=_expectation(name, inputs))
     missing = [spec.name for spec in inputs if spec.name not in decoded.inputs]
     if missing:
@@ -135,22 +186,28 @@ async def infer(name: str, request: Request) -> Response:
     return _response(answer, job)
 
 
-async def _read_body(request: Request, buyer: Buyer) -> bytes:
-    limit = min(buyer.max_body_bytes, _gateway(request).max_body_bytes)
-    declared = codec.decimal(request.headers.get("content-length"), "Content-Length")
+async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int, buyer: Buyer) -> bytes:
+    """The whole body; RequestTooLarge as soon as Content-Length or the bytes received pass `limit`."""
+    length = headers.get(b"content-length")
+    declared = codec.decimal(None if length is None else length.decode("latin-1"), "Content-Length")
     if declared is not None and declared > limit:
         raise errors.RequestTooLarge(
             f"request body of {declared} bytes is too large: buyer {buyer.name!r} may send {limit} bytes"
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise errors.RequestTooLarge(
                 f"request body is too large: buyer {buyer.name!r} may send {limit} bytes"
             )
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _expectation(model: str, inputs: list[TensorSpec]) -> codec.Expectation:

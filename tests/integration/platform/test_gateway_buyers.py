@@ -34,6 +34,8 @@ async def test_buyers_call_the_pool_as_one_kserve_server(
         f'[buyers.acme]\ntoken_sha256 = "{token_digest("acme-secret")}"\nrate_per_s = 1000\n'
         f'[buyers.tiny]\ntoken_sha256 = "{token_digest("tiny-secret")}"\n'
         "rate_per_s = 1\nmax_body_bytes = 200\n"
+        f'[buyers.slim]\ntoken_sha256 = "{token_digest("slim-secret")}"\n'
+        "rate_per_s = 1000\nmax_body_bytes = 200\n"
     )
     with (
         run_nodes(tmp_path, pool_repository, broker, names, 2) as _,
@@ -91,6 +93,18 @@ async def test_buyers_call_the_pool_as_one_kserve_server(
             metrics = (await http.get("/metrics")).text
             assert 'appliance_gateway_jobs_total{model="batchable",outcome="answered"} 2.0' in metrics
             assert "appliance_gateway_reports_ingested_total" in metrics
+
+            slim = {"Authorization": "Bearer slim-secret"}
+
+            async def chunks():  # no Content-Length: the limit holds on the bytes received
+                for _ in range(3):
+                    yield b"x" * 100
+
+            chunked = await http.post("/v2/models/batchable/infer", content=chunks(), headers=slim)
+            assert chunked.status_code == 413 and "may send 200 bytes" in chunked.json()["error"]
+            assert chunked.headers["connection"] == "close"  # the rest is never read
+            got = await http.get("/v2/models/batchable/infer", headers=slim)
+            assert got.status_code == 405 and "use POST" in got.json()["error"]
 
             tiny = {"Authorization": "Bearer tiny-secret"}
             big = await http.post("/v2/models/batchable/infer", content=b"x" * 201, headers=tiny)
