@@ -14,7 +14,7 @@ from appliance.platform.credit import CreditBook
 from appliance.platform.metrics import GatewayMetrics
 from appliance.platform.presence import Presence
 from appliance.platform.settings import GatewaySettings
-from appliance.platform.view import PoolView
+from appliance.platform.view import NodeView, PoolView
 from appliance.protocol.codec import InferenceRequest
 from appliance.tensors import TensorSpec
 
@@ -152,11 +152,12 @@ def _shown(files: Files | None) -> str | None:
 
 
 def _birth(gateway: Gateway, name: str, files: Files | None) -> dict[str, Any] | None:
-    for node in gateway.view.offering(name):
+    def serves(node: NodeView) -> bool:
         born = node.model_birth(name)
-        if files is not None and born.get("sha256") in files and born.get("inputs") is not None:
-            return born
-    return None
+        return files is not None and born.get("sha256") in files and born.get("inputs") is not None
+
+    found = gateway.view.find(name, serves)
+    return None if found is None else found.model_birth(name)
 
 
 def _version(gateway: Gateway, name: str, files: Files | None) -> str | None:

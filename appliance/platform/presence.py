@@ -26,6 +26,7 @@ class Presence:
         self.root = root
         self.own_id = own_id
         self._states: dict[str, str] = {}
+        self._share = 1.0  # kept with _states: dispatch reads it for every node it weighs
         self._lock = threading.Lock()
 
     def ingest(self, topic_name: str, payload: bytes) -> bool:
@@ -44,6 +45,8 @@ class Presence:
                 state = ONLINE
         with self._lock:
             self._states[gateway_id] = state
+            others = sum(1 for g, seen in self._states.items() if seen == ONLINE and g != self.own_id)
+            self._share = 1.0 / (1 + others)
         return True
 
     def live(self) -> list[str]:
@@ -53,6 +56,4 @@ class Presence:
 
     def share(self) -> float:
         """This gateway's share of every node's offer: 1/N of the live gateways."""
-        with self._lock:
-            count = 1 + sum(1 for g, state in self._states.items() if state == ONLINE and g != self.own_id)
-        return 1.0 / count
+        return self._share

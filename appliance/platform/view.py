@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +128,7 @@ class PoolView:
         self.needs_key = needs_key
         self.ingested = 0  # messages taken (not ignored), for /metrics
         self._nodes: dict[tuple[str, str], NodeView] = {}
-        self._offering: dict[str, dict[tuple[str, str], NodeView]] = {}  # model -> nodes reporting it
+        self._offering: dict[str, _Holders] = {}  # model -> nodes reporting it
         self._lock = threading.Lock()
 
     def nodes(self) -> list[NodeView]:
@@ -184,29 +185,32 @@ class PoolView:
         models = set((view.capacity or {}).get("models", {}))
         for model, holders in self._offering.items():
             if model not in models:
-                holders.pop(key, None)
+                holders.drop(key)
         for model in models:
-            self._offering.setdefault(model, {})[key] = view
+            holders = self._offering.get(model) or self._offering.setdefault(model, _Holders())
+            holders.put(key, view)
 
     def offering(self, model: str) -> list[NodeView]:
         """Nodes whose last report names `model` (fresh or not: callers check the offer)."""
         with self._lock:
-            return list(self._offering.get(model, {}).values())
+            holders = self._offering.get(model)
+            return list(holders.views.values()) if holders else []
+
+    def find(self, model: str, accept: Callable[[NodeView], bool]) -> NodeView | None:
+        """The first node reporting `model` that `accept`s, without copying the fleet (once per job)."""
+        with self._lock:
+            holders = self._offering.get(model)
+            return next((view for view in holders.views.values() if accept(view)), None) if holders else None
 
     def sample(self, model: str, count: int) -> list[NodeView]:
         """Up to `count` nodes reporting `model`, drawn at random (dispatch's power-of-d choices)."""
         with self._lock:
             holders = self._offering.get(model)
-            if not holders:
-                return []
-            if len(holders) <= count:
-                return list(holders.values())
-            keys = random.sample(list(holders), count) if len(holders) < 64 else _draw(holders, count)
-            return [holders[k] for k in keys]
+            return holders.draw(count) if holders else []
 
     def models(self) -> list[str]:
         with self._lock:
-            return sorted(name for name, holders in self._offering.items() if holders)
+            return sorted(name for name, holders in self._offering.items() if holders.views)
 
     def best(self, model: str, now_s: float) -> NodeView | None:
         """The node with the most spare capacity for `model` now, or None when no node has any."""
@@ -220,10 +224,41 @@ class PoolView:
         return table(self.nodes(), now_s)
 
 
-def _draw(holders: dict[tuple[str, str], NodeView], count: int) -> list[tuple[str, str]]:
-    # A large fleet: random positions in the dict's key order, without copying all keys each time.
-    keys = list(holders)  # O(n) but a C-level copy; still far cheaper than scoring every node
-    return [keys[random.randrange(len(keys))] for _ in range(count)]
+class _Holders:
+    """The nodes reporting one model, drawn at random in O(count) (a key list kept beside the views,
+    removal by swapping in the last key): a fleet of thousands is never copied per job."""
+
+    __slots__ = ("_at", "_keys", "views")
+
+    def __init__(self) -> None:
+        self.views: dict[tuple[str, str], NodeView] = {}
+        self._keys: list[tuple[str, str]] = []
+        self._at: dict[tuple[str, str], int] = {}
+
+    def put(self, key: tuple[str, str], view: NodeView) -> None:
+        if key not in self._at:
+            self._at[key] = len(self._keys)
+            self._keys.append(key)
+        self.views[key] = view
+
+    def drop(self, key: tuple[str, str]) -> None:
+        index = self._at.pop(key, None)
+        if index is None:
+            return
+        last = self._keys.pop()
+        if last != key:
+            self._keys[index] = last
+            self._at[last] = index
+        del self.views[key]
+
+    def draw(self, count: int) -> list[NodeView]:
+        """`count` nodes at random: distinct in a small fleet, with replacement in a large one."""
+        keys = self._keys
+        if len(keys) <= count:
+            return [self.views[k] for k in keys]
+        if len(keys) < 64:
+            return [self.views[k] for k in random.sample(keys, count)]
+        return [self.views[keys[random.randrange(len(keys))]] for _ in range(count)]
 
 
 def table(nodes: list[NodeView], now_s: float) -> str:

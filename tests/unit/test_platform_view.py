@@ -107,3 +107,25 @@ def test_garbage_is_ignored() -> None:
     ]:
         assert view.ingest(topic, payload, 0.0) is None
     assert view.ingested == 0
+
+
+def test_draws_and_finds_only_nodes_that_still_report_the_model() -> None:
+    view = PoolView(ROOT)
+    for index in range(100):  # a large fleet: draws with replacement from a kept key list
+        online(view, node=f"n{index:03d}")
+    for index in range(0, 100, 2):  # half stop reporting `m`: their next report names another model
+        other = {"max_ips_at_slo": 1.0, "spare_ips_at_slo": 1.0, "accepts_pool_jobs": True}
+        report = message(session=1, seq=3, valid_for_s=3, models={"other": other})
+        view.ingest(f"{ROOT}/s/n{index:03d}/capacity", report, 0.5)
+    drawn = {n.node for _ in range(200) for n in view.sample("m", 4)}
+    assert drawn <= {f"n{i:03d}" for i in range(1, 100, 2)} and len(drawn) > 25
+    assert {n.node for n in view.sample("other", 4)} <= {f"n{i:03d}" for i in range(0, 100, 2)}
+    assert len(view.offering("m")) == 50 and view.models() == ["m", "other"]
+    found = view.find("m", lambda n: n.node > "n090")
+    assert found is not None and found.node in {"n091", "n093", "n095", "n097", "n099"}
+    assert view.find("m", lambda n: n.node == "n000") is None and view.find("x", lambda n: True) is None
+    few = PoolView(ROOT)
+    for name in ("a", "b", "c"):
+        online(few, node=name)
+    assert sorted(n.node for n in few.sample("m", 2)) in (["a", "b"], ["a", "c"], ["b", "c"])  # distinct
+    assert sorted(n.node for n in few.sample("m", 8)) == ["a", "b", "c"]
