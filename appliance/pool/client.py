@@ -144,6 +144,11 @@ class Connection:
             )
         except ValueError as exc:  # a topic with a wildcard or not UTF-8, a payload over 256 MB
             raise Unpublishable(str(exc)) from exc
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            # paho's thread may have written the packet, then read the broker hanging up on it, before
+            # publish() returned: such a message is in flight, so that one the broker hangs up on is
+            # struck at every loss (Outbox.connection_lost), not only from the second on.
+            return info.mid
         return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
