@@ -165,9 +165,7 @@ async def infer(
         )
     files = gateway.catalogue.files(name, gateway.view)
     if files is None:
-        raise errors.ModelNotFound(
-            f"model {name!r} is not served by the pool (see POST /v2/repository/index)"
-        )
+        raise fleet.not_served(gateway, name)
     inputs = fleet.signature(gateway, name, files)
     header_length = codec.decimal(
         None if header_length_text is None else header_length_text.decode("latin-1"),

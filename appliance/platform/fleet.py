@@ -22,6 +22,8 @@ from appliance.tensors import TensorSpec
 class Link(Protocol):
     connected: threading.Event
 
+    def is_learning(self) -> bool: ...
+
 
 class Gateway(Protocol):
     """What the HTTP side needs of the gateway (gateway.py builds it)."""
@@ -123,9 +125,7 @@ def metadata(gateway: Gateway, name: str) -> dict[str, Any]:
     files = gateway.catalogue.files(name, gateway.view)
     born = _birth(gateway, name, files)
     if files is None or born is None:
-        raise errors.ModelNotFound(
-            f"model {name!r} is not served by the pool (see POST /v2/repository/index)"
-        )
+        raise not_served(gateway, name)
     return {
         "name": name,
         "versions": [str(born.get("version", ""))],
@@ -134,6 +134,18 @@ def metadata(gateway: Gateway, name: str) -> dict[str, Any]:
         "outputs": born.get("outputs", []),
         "parameters": {"pool_spare_ips_at_slo": spare_ips(gateway, name, files), "sha256": _shown(files)},
     }
+
+
+def not_served(gateway: Gateway, name: str) -> errors.ApplianceError:
+    """The error for a model no node is known to offer: 404, except from a gateway without a catalogue
+    that has only just (re)connected, which may not have heard of it yet: 503, try again."""
+    if gateway.catalogue.entries is None and gateway.link.is_learning():
+        return errors.NoPoolCapacity(
+            f"model {name!r} is not known yet: the gateway has just connected to the broker and is still "
+            "reading the pool's retained state; try again",
+            retry_after_s=1.0,
+        )
+    return errors.ModelNotFound(f"model {name!r} is not served by the pool (see POST /v2/repository/index)")
 
 
 def signature(gateway: Gateway, name: str, files: Files) -> list[TensorSpec]:

@@ -65,6 +65,7 @@ class GatewayLink:
         self._on_birth = on_birth
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = threading.Event()
+        self.connected_s: float | None = None  # monotonic, of the last connection
         self.connections = 0
         self._is_closing = False
         self._client = mqtt.Client(
@@ -87,6 +88,14 @@ class GatewayLink:
         self._loop = loop
         self._client.connect_async(self.broker.host, self.broker.port, keepalive=15)
         self._client.loop_start()
+
+    def is_learning(self) -> bool:
+        """Not connected, or connected so recently (gateway.learning_s) that the pool's retained births,
+        states and reports, which the broker sends right after the subscription, may still be arriving."""
+        since_s = self.connected_s
+        if not self.connected.is_set() or since_s is None:
+            return True
+        return time.monotonic() - since_s < self.settings.learning_s
 
     async def wait_connected(self, timeout_s: float) -> bool:
         return await asyncio.to_thread(self.connected.wait, timeout_s)
@@ -122,6 +131,7 @@ class GatewayLink:
             log.warning("gateway: broker %s refused the connection: %s", self.broker, reason)
             return
         self.connections += 1
+        self.connected_s = time.monotonic()
         site = self.settings.site
         filters = [(node_filter(self.root, kind, site=site), 1) for kind in KINDS]
         filters += [(f"{self.reply_base}/#", 1), (presence.topic(self.root), 1)]

@@ -80,6 +80,12 @@ class GatewaySettings(BaseModel):
     sample_nodes: int = Field(
         4, ge=1, description="Nodes drawn at random per job; the one with most free credit wins."
     )
+    learning_s: float = Field(
+        5.0,
+        ge=0,
+        description="After each broker connection, without a catalogue, a model no node has been heard "
+        "offering yet is answered 503 (its retained birth may still be on its way), not 404.",
+    )
     sweep_interval_s: float = Field(
         0.25, gt=0, description="How often nodes holding jobs are checked for silence (failover)."
     )

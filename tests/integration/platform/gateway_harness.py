@@ -68,6 +68,7 @@ def run_gateway(
         "site": names.site,
         "sweep_interval_s": 0.1,
         "state_dir": scratch.name,
+        "learning_s": 0.0,  # an unknown model is 404 at once (test_gateway_buyers pins the window)
     }
     section.update(settings)
     overrides = {

@@ -130,3 +130,27 @@ async def test_buyers_call_the_pool_as_one_kserve_server(
         await asyncio.to_thread(watch_gateway, gateway.url, token=token, once=True, out=Sink())  # type: ignore[arg-type]
         table = "".join(lines)
         assert f"{names.site}/node-0" in table and f"{names.site}/node-1" in table and "online" in table
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_that_has_just_connected_says_try_again_for_a_model_it_has_not_heard_of(
+    tmp_path: Path, broker: Broker, names: Names
+) -> None:
+    # No node: whatever the buyer names has not been heard of. Within the learning window after the
+    # connection (the pool's retained births may still be arriving), that is 503, not 404...
+    _, body, headers = request_body(1)
+    with run_gateway(broker, names, learning_s=3600.0) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            await until(lambda: gateway.gateway.link.connected.is_set(), what="the gateway connected")
+            early = await http.post("/v2/models/batchable/infer", content=body, headers=headers)
+            assert early.status_code == 503 and "not known yet" in early.json()["error"]
+            assert int(early.headers["retry-after"]) >= 1
+            assert (await http.get("/v2/models/batchable")).status_code == 503
+    # ...but a catalogue says what is served: a name outside it is 404 whenever asked.
+    listed = tmp_path / "catalogue.toml"
+    listed.write_text(f'[models.other]\nsha256 = ["{"0" * 64}"]\n')
+    with run_gateway(broker, names, learning_s=3600.0, catalogue=str(listed)) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            await until(lambda: gateway.gateway.link.connected.is_set(), what="the gateway connected")
+            unknown = await http.post("/v2/models/batchable/infer", content=body, headers=headers)
+            assert unknown.status_code == 404 and "not served by the pool" in unknown.json()["error"]

@@ -65,6 +65,12 @@ def writes_held(kind: str, url: str) -> Iterator[None]:
         connection.rollback()
 
 
+def offered(url: str) -> bool:
+    """The gateway has heard a node offer `batchable` (a new one reads the retained offers first)."""
+    nodes = httpx.get(f"{url}/v2/pool/nodes", timeout=10).json()["nodes"]
+    return any(node["models"].get("batchable", {}).get("is_offer_usable") for node in nodes)
+
+
 def commits_waiting(url: str) -> float:
     """How many receipts the gateway is waiting to commit (its /metrics)."""
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
@@ -132,6 +138,7 @@ async def test_sigkill_mid_run_leaves_the_ledger_whole_and_every_answer_receipte
         # A new gateway on the same ledger and state (the same key) carries on.
         with appliance([*args, "--ledger", url], tmp_path, env) as again:
             base = again.wait_for(READY, 60).group(1)
+            await until(lambda: offered(base), what="the new gateway hearing the nodes' offers")
             _, body, headers = request_body(2)
             async with httpx.AsyncClient(base_url=base, timeout=30) as http:
                 for _ in range(3):
