@@ -55,9 +55,10 @@ BUILDS = {
             size_px=128,
             channels=1,
             crop_px=128,
-            train_images=8192,
-            epochs=8,
+            train_images=24576,
+            epochs=20,
             learning_rate=5e-3,
+            threads=1,
         ),
         calibration_images=96,
         manifest=export.Manifest(
@@ -204,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        default=2,
-        help="torch threads; the same count on the same kind of CPU rebuilds identical files",
+        default=None,
+        help="torch threads (default: the recipe's); the same count on the same kind of CPU rebuilds "
+        "identical files, so another count gives other (equally good) bits",
     )
     parser.add_argument(
         "--reuse-checkpoints",
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for name in args.only or BUILDS:
         started_s = time.perf_counter()
-        build(BUILDS[name], args.threads, args.reuse_checkpoints, args.models_dir)
+        spec = BUILDS[name]
+        build(spec, args.threads or spec.recipe.threads, args.reuse_checkpoints, args.models_dir)
         log.info("%s: built in %.0f s", name, time.perf_counter() - started_s)
     return 0
 

@@ -37,6 +37,7 @@ class Recipe:
     validation_seed: int = 5
     validation_images: int = 200
     families: tuple[str, ...] = surfaces.TEXTURES  # texture families to train on (lofo.py leaves one out)
+    threads: int = 2  # torch threads: part of the recipe, since the count changes the last bits
 
 
 def deterministic(seed: int, threads: int) -> None:

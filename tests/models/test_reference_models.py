@@ -167,10 +167,10 @@ def test_golden_samples_reproduce_within_the_manifest_tolerance(shipped):
         )
 
 
-# Floors against a broken build, a little under what the shipped files measure on these images (0.78 and
-# 0.70), not the targets: on the randomised generator neither model reaches issue 18's 0.90 (models/README.md
-# has the figures). surface_defect_224 was trained on the earlier, narrower generator and not retrained since.
-@pytest.mark.parametrize(("name", "min_auroc"), [("surface_defect", 0.75), ("surface_defect_224", 0.65)])
+# Floors against a broken build, a little under what the shipped files measure on these images (0.91 and
+# 0.70), not issue 18's held-out targets (models/README.md has the figures). surface_defect_224 was trained
+# on the earlier, narrower generator and not retrained since.
+@pytest.mark.parametrize(("name", "min_auroc"), [("surface_defect", 0.88), ("surface_defect_224", 0.65)])
 def test_int8_model_separates_defects_on_held_out_surfaces(name, min_auroc, held_out):
     images, _, labels = held_out(name)
     assert _auroc(_probabilities(name, images), labels) >= min_auroc
