@@ -23,6 +23,7 @@ from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
 from appliance.platform.fleet import Gateway
 from appliance.protocol import codec
+from appliance.server.body import BodyReceiver, discard_rest
 from appliance.server.errors import appliance_error_response, error_response, install
 from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
 
@@ -132,16 +133,18 @@ class BuyerInference:
             return
         headers = dict(scope["headers"])
         buyer: Buyer = scope["state"]["buyer"]
+        body = BodyReceiver(receive)
 
         async def read(limit_bytes: int) -> bytes:
-            return await _read_body(receive, headers, limit_bytes, buyer)
+            return await _read_body(body, headers, limit_bytes, buyer)
 
         try:
             answer = await infer(self.gateway, buyer, match.group(1), read, headers.get(_HEADER_LENGTH))
         except _Disconnected:
             return
         except errors.ApplianceError as exc:
-            answer = appliance_error_response(exc, self.gateway.settings.retry_after_s)
+            body_read = isinstance(exc, errors.RequestTooLarge) and await discard_rest(scope, body)
+            answer = appliance_error_response(exc, self.gateway.settings.retry_after_s, body_read=body_read)
         except Exception as exc:
             log.exception("unexpected error on POST %s", scope["path"])
             answer = error_response(500, f"internal error: {type(exc).__name__}: {exc}")

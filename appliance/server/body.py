@@ -2,15 +2,55 @@
 
 from __future__ import annotations
 
-from starlette.types import Receive, Scope
+from starlette.types import Message, Receive, Scope
 
 from appliance.dataplane.plane import CallAbandoned
 from appliance.errors import RequestTooLarge
 from appliance.protocol.codec import decimal
 
+# A refused body up to this long is read and dropped before the answer: closing a socket with unread
+# bytes makes the kernel send a reset, which can reach the client before it reads the answer (it sees
+# "connection reset" instead of 413). Longer ones are not read: answered, then the connection closes.
+DRAIN_BYTES = 1024 * 1024
+
 
 class ClientDisconnected(CallAbandoned):
     """The client went away before sending its whole body."""
+
+
+class BodyReceiver:
+    """An ASGI `receive` that notes whether the request's body has ended (or the client has gone)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.ended = False
+        self.gone = False
+
+    async def __call__(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.gone = True
+        elif not message.get("more_body", False):
+            self.ended = True
+        return message
+
+
+async def discard_rest(scope: Scope, receive: BodyReceiver, budget_bytes: int = DRAIN_BYTES) -> bool:
+    """Read and drop what is left of a refused request's body, up to `budget_bytes`: True once it has
+    ended (the answer can go out whole, on a connection that may stay open); False when it is longer
+    (the answer goes out and the connection closes) or the client has gone."""
+    declared = decimal(header(scope, b"content-length"), "Content-Length")
+    if declared is not None and declared > budget_bytes:
+        return False
+    seen = 0
+    while not receive.ended:
+        if receive.gone:
+            return False
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > budget_bytes:
+            return False
+    return not receive.gone
 
 
 def header(scope: Scope, name: bytes) -> str | None:

@@ -34,14 +34,18 @@ def error_response(
 
 
 def appliance_error_response(
-    exc: errors.ApplianceError, default_retry_after_s: float = DEFAULT_RETRY_AFTER_S
+    exc: errors.ApplianceError,
+    default_retry_after_s: float = DEFAULT_RETRY_AFTER_S,
+    *,
+    body_read: bool = False,
 ) -> Response:
     """The answer to an error: its status, Retry-After on 503 and 429, `WWW-Authenticate` on 401, and
-    `Connection: close` while draining and for a body too large."""
+    `Connection: close` while draining and for a body too large unless `body_read` (all of it was read:
+    the connection can carry the next request)."""
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Unauthorised):
         headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
-    if isinstance(exc, errors.Draining | errors.RequestTooLarge):
+    if isinstance(exc, errors.Draining) or (isinstance(exc, errors.RequestTooLarge) and not body_read):
         # Draining: keep-alive clients move on. Too large: the rest of the body is never read (a
         # refused 40 MB body would otherwise still be read, to be thrown away).
         headers["Connection"] = "close"

@@ -11,9 +11,9 @@ import re
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance.dataplane.plane import Call, DataPlane
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, Draining, RequestTooLarge
 from appliance.protocol import codec
-from appliance.server.body import ClientDisconnected, header, read_body
+from appliance.server.body import BodyReceiver, ClientDisconnected, discard_rest, header, read_body
 from appliance.server.errors import appliance_error_response, error_response
 
 ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
@@ -40,9 +40,10 @@ class InferenceRoute:
             )
             return
         model, version = match.group(1), match.group(2)
+        body = BodyReceiver(receive)
 
         async def read(limit_bytes: int) -> bytes:
-            return await read_body(scope, receive, limit_bytes, model=model)
+            return await read_body(scope, body, limit_bytes, model=model)
 
         try:
             call = Call(
@@ -52,7 +53,11 @@ class InferenceRoute:
         except ClientDisconnected:
             return
         except ApplianceError as exc:
-            await appliance_error_response(exc, self.plane.retry_after_s)(scope, receive, send)
+            # An answer that closes the connection goes after the body, so it arrives (body.DRAIN_BYTES).
+            closes = isinstance(exc, RequestTooLarge | Draining)
+            body_read = closes and await discard_rest(scope, body)
+            answer = appliance_error_response(exc, self.plane.retry_after_s, body_read=body_read)
+            await answer(scope, receive, send)
             return
         encoded = answer.encoded
         headers = list(_JSON)

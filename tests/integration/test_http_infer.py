@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import httpx
@@ -341,23 +342,39 @@ def test_unknown_and_unavailable_models(client: httpx.Client) -> None:
     assert client.get("/v2/models/batchable/infer").status_code == 405
 
 
-def test_oversized_body_is_refused_before_it_is_read(serve, repository) -> None:
+def test_oversized_body_is_refused_and_the_refusal_always_arrives(serve, repository) -> None:
     with (
         serve(repository, server={"max_body_bytes": 1024}) as running,
         httpx.Client(base_url=running.url) as http,
     ):
         big = infer(http, "batchable", {"x": np.zeros((8, 4), np.float32)}, binary=False)
         assert big.status_code == 200
+        # A body up to body.DRAIN_BYTES is read and dropped before the 413: closing on unread bytes
+        # would send a reset, which can beat the answer to the client. The connection stays open.
         declared = http.post("/v2/models/batchable/infer", content=b"x" * 2048)
         assert declared.status_code == 413 and "at most 1024 bytes" in declared.json()["error"]
+        assert declared.headers.get("connection") != "close"
 
         def chunks():
             for _ in range(64):
                 yield b"y" * 64
 
         streamed = http.post("/v2/models/batchable/infer", content=chunks())
-        assert streamed.status_code == 413
+        assert streamed.status_code == 413 and streamed.headers.get("connection") != "close"
         assert infer(http, "batchable", {"x": np.zeros((1, 4), np.float32)}).status_code == 200
+        # A longer one is never read: the 413 comes at once, from the declared length, and the
+        # connection closes (here the body is never sent: the server must not wait for it).
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            head = (
+                f"POST /v2/models/batchable/infer HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Length: {64 * 1024 * 1024}\r\n\r\n"
+            )
+            sock.sendall(head.encode())
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower()
 
 
 def test_metadata_config_stats_and_index(client: httpx.Client) -> None:
