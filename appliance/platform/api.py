@@ -23,7 +23,7 @@ from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
 from appliance.platform.fleet import Gateway
 from appliance.protocol import codec
-from appliance.server.body import BodyReceiver, discard_rest
+from appliance.server.body import BodyReceiver, ClientDisconnected, discard_rest, header, read_body
 from appliance.server.errors import appliance_error_response, error_response, install
 from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
 
@@ -131,16 +131,16 @@ class BuyerInference:
             answer = error_response(405, f"{scope['method']} is not allowed on {scope['path']}; use POST")
             await answer(scope, receive, send)
             return
-        headers = dict(scope["headers"])
         buyer: Buyer = scope["state"]["buyer"]
         body = BodyReceiver(receive)
 
         async def read(limit_bytes: int) -> bytes:
-            return await _read_body(body, headers, limit_bytes, buyer)
+            says = f"buyer {buyer.name!r} may send {limit_bytes} bytes"
+            return await read_body(scope, body, limit_bytes, limit_says=says)
 
         try:
-            answer = await infer(self.gateway, buyer, match.group(1), read, headers.get(_HEADER_LENGTH))
-        except _Disconnected:
+            answer = await infer(self.gateway, buyer, match.group(1), read, header(scope, _HEADER_LENGTH))
+        except ClientDisconnected:
             return
         except errors.ApplianceError as exc:
             body_read = isinstance(exc, errors.RequestTooLarge) and await discard_rest(scope, body)
@@ -151,12 +151,8 @@ class BuyerInference:
         await answer(scope, receive, send)
 
 
-class _Disconnected(Exception):
-    """The buyer went away before sending its whole body."""
-
-
 async def infer(
-    gateway: Gateway, buyer: Buyer, name: str, read: Any, header_length_text: bytes | None
+    gateway: Gateway, buyer: Buyer, name: str, read: Any, header_length_text: str | None
 ) -> Response:
     """One buyer job, from admission to the node's answer (`read(limit)` gives the body)."""
     wait_s = gateway.buyers.admit(buyer)
@@ -170,10 +166,7 @@ async def infer(
     if files is None:
         raise fleet.not_served(gateway, name)
     inputs = fleet.signature(gateway, name, files)
-    header_length = codec.decimal(
-        None if header_length_text is None else header_length_text.decode("latin-1"),
-        "Inference-Header-Content-Length",
-    )
+    header_length = codec.decimal(header_length_text, "Inference-Header-Content-Length")
     body = await read(min(buyer.max_body_bytes, gateway.max_body_bytes))
     decoded = codec.decode_request(body, header_length, limits=LIMITS, expect=_expectation(name, inputs))
     missing = [spec.name for spec in inputs if spec.name not in decoded.inputs]
@@ -185,30 +178,6 @@ async def infer(
     if answer.status == 200:
         gateway.metrics.answered(name, time.perf_counter() - started_s)
     return _response(answer, job)
-
-
-async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int, buyer: Buyer) -> bytes:
-    """The whole body; RequestTooLarge as soon as Content-Length or the bytes received pass `limit`."""
-    length = headers.get(b"content-length")
-    declared = codec.decimal(None if length is None else length.decode("latin-1"), "Content-Length")
-    if declared is not None and declared > limit:
-        raise errors.RequestTooLarge(
-            f"request body of {declared} bytes is too large: buyer {buyer.name!r} may send {limit} bytes"
-        )
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise errors.RequestTooLarge(
-                f"request body is too large: buyer {buyer.name!r} may send {limit} bytes"
-            )
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _expectation(model: str, inputs: list[TensorSpec]) -> codec.Expectation:

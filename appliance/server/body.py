@@ -60,19 +60,26 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit_bytes: int, *, model: str | None = None) -> bytes:
+async def read_body(
+    scope: Scope,
+    receive: Receive,
+    limit_bytes: int,
+    *,
+    model: str | None = None,
+    limit_says: str | None = None,
+) -> bytes:
     """The whole body; RequestTooLarge as soon as Content-Length or the bytes received pass the limit.
 
     The limit is the model's (what a request to it can need) or server.max_body_bytes; reads stop
-    there, so a client cannot make the service hold more than that for one request.
+    there, so a client cannot make the service hold more than that for one request. `limit_says`
+    words the limit in the refusal for another caller (the gateway: a buyer's limit).
     """
-    whose = f"model {model!r} takes" if model else "the limit is"
+    if limit_says is None:
+        whose = f"model {model!r} takes" if model else "the limit is"
+        limit_says = f"{whose} at most {limit_bytes} bytes (server.max_body_bytes and the model's inputs)"
     declared = decimal(header(scope, b"content-length"), "Content-Length")
     if declared is not None and declared > limit_bytes:
-        raise RequestTooLarge(
-            f"request body of {declared} bytes is too large: {whose} at most {limit_bytes} bytes "
-            "(server.max_body_bytes and the model's inputs)"
-        )
+        raise RequestTooLarge(f"request body of {declared} bytes is too large: {limit_says}")
     chunks: list[bytes] = []
     received = 0
     while True:
@@ -82,10 +89,7 @@ async def read_body(scope: Scope, receive: Receive, limit_bytes: int, *, model: 
         chunk = message.get("body", b"")
         received += len(chunk)
         if received > limit_bytes:
-            raise RequestTooLarge(
-                f"request body is too large: {whose} at most {limit_bytes} bytes "
-                "(server.max_body_bytes and the model's inputs)"
-            )
+            raise RequestTooLarge(f"request body is too large: {limit_says}")
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
