@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -144,3 +145,27 @@ def test_a_gateway_keeps_every_key_it_signed_with(url: str) -> None:
         keys = connection.execute(select(schema.gateways.c.public_key).order_by("public_key")).scalars().all()
     assert keys == [KEY_A, KEY_B]
     ledger.close()
+
+
+def test_a_lost_database_connection_fails_its_batch_and_the_next_one_reconnects(tmp_path: Path) -> None:
+    name = f"ledger-test-{uuid.uuid4().hex[:8]}"
+    with ledger_url("postgresql", tmp_path) as url:
+        ledger = Ledger.open(f"{url}&application_name={name}")
+        key = identity.device_key(tmp_path / "gw")
+        ledger.write([receipt("j1/0").signed(key)])
+        with ledger.engine.connect() as connection:  # the database drops every connection of the ledger
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+            connection.commit()
+        with pytest.raises(Exception, match=r"terminat|closed"):
+            ledger.write([receipt("j2/0").signed(key)])
+        ledger.write([receipt("j3/0").signed(key)])
+        with ledger.engine.connect() as connection:
+            found = connection.execute(select(schema.receipts.c.job_id).order_by("job_id")).scalars().all()
+        assert found == ["j1/0", "j3/0"]
+        ledger.close()
