@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,4 +67,15 @@ def run_gateway(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     logs.configure(args.log_level, "text")
     gateway = Gateway(settings)
-    return asyncio.run(gateway.run())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(gateway.run())
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed (uvicorn[standard] brings it): its transports and callbacks cost the
+    gateway's one event loop a good deal less per buyer request than asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
