@@ -231,7 +231,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self.metering.drain()
-            await asyncio.to_thread(self.link.close)
+            await self.link.close()
             await asyncio.to_thread(self.writer.close)
         return 0 if self._server.started else 1
 

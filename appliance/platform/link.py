@@ -1,8 +1,12 @@
 """The gateway's MQTT 5 link: ingest, presence, jobs out and answers in; reconnects on its own.
 
-paho runs its network loop in its own thread. Reports are ingested there, straight into the view (it
-takes a lock), so that hundreds of reports per second never queue behind buyer requests on the event
-loop; job answers and changes that may need failover are handed to the loop with call_soon_threadsafe.
+paho runs on the gateway's event loop, not in a thread of its own: the loop reads the socket when it
+is readable and writes it when paho has packets queued (paho's external-loop callbacks), and a
+supervisor task keeps the connection alive and reconnects. Every job is a publish, a PUBACK, an answer
+and its PUBACK; with paho in its own thread each of them woke a second thread and passed the GIL back
+and forth, which cost the gateway more CPU per job than paho's own work (bench/swarm.py). Reports are
+ingested on the loop as they are read; a connection attempt, which can block for its timeout, runs
+in a worker thread.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from appliance.pool.wire import Broker, Inbound, Outbound, Security, inbound, pu
 log = logging.getLogger(__name__)
 
 KINDS = ("birth", "state", "capacity")
+KEEPALIVE_S = 15
+MISC_INTERVAL_S = 1.0  # paho's loop_misc: keepalive pings and retries
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 2.0
+TLS_READS_PER_TURN = 64
 
 
 class BrokerAway(ModelNotReady):
@@ -64,6 +72,11 @@ class GatewayLink:
         self._on_state = on_state
         self._on_birth = on_birth
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._lost: asyncio.Event | None = None  # set when the connection ends: the supervisor reconnects
+        self._delay_s = RECONNECT_MIN_S
+        self._is_flush_due = False
         self.connected = threading.Event()
         self.connected_s: float | None = None  # monotonic, of the last connection
         self.connections = 0
@@ -75,19 +88,43 @@ class GatewayLink:
         self._client.will_set(
             self.presence_topic, presence.document(settings.gateway_id, presence.OFFLINE), qos=1, retain=True
         )
-        self._client.reconnect_delay_set(0.1, 2.0)
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(10000)
-        self._client.on_socket_open = _no_delay
+        self._client.on_socket_open = self._socket_open
+        self._client.on_socket_close = self._socket_close
+        self._client.on_socket_register_write = self._write_wanted
+        self._client.on_socket_unregister_write = self._write_done
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._received
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Connect in the background; paho keeps reconnecting after any loss."""
+        """Connect in the background (on `loop`, from its thread); reconnect after any loss."""
         self._loop = loop
-        self._client.connect_async(self.broker.host, self.broker.port, keepalive=15)
-        self._client.loop_start()
+        self._loop_thread = threading.get_ident()
+        self._lost = asyncio.Event()
+        self._client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
+        self._supervisor = loop.create_task(self._supervise(), name="gateway-mqtt")
+
+    async def _supervise(self) -> None:
+        """Connect, keep alive (paho's loop_misc: pings, retries), and after a loss connect again with a
+        backoff from RECONNECT_MIN_S to RECONNECT_MAX_S."""
+        assert self._lost is not None
+        while not self._is_closing:
+            self._lost.clear()
+            try:
+                await asyncio.to_thread(self._client.reconnect)  # blocking connect (and TLS handshake)
+            except Exception as exc:  # noqa: BLE001 - any failure to connect is retried
+                log.warning("gateway: cannot connect to broker %s (%s); retrying", self.broker, exc)
+                self._lost.set()
+            while not self._lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), MISC_INTERVAL_S)
+                if not self._lost.is_set():
+                    self._client.loop_misc()
+            if not self._is_closing:
+                await asyncio.sleep(self._delay_s)
+                self._delay_s = min(2 * self._delay_s, RECONNECT_MAX_S)
 
     def is_learning(self) -> bool:
         """Not connected, or connected so recently (gateway.learning_s) that the pool's retained births,
@@ -110,9 +147,10 @@ class GatewayLink:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerAway(f"broker {self.broker} did not take a job: {mqtt.error_string(info.rc)}")
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
         """Say `offline` (so the others take our share back at once), then disconnect."""
         self._is_closing = True
+        deadline_s = time.monotonic() + timeout_s
         if self.connected.is_set():
             info = self._client.publish(
                 self.presence_topic,
@@ -120,11 +158,87 @@ class GatewayLink:
                 qos=1,
                 retain=True,
             )
-            info.wait_for_publish(timeout_s)
-        self._client.disconnect()
-        self._client.loop_stop()
+            while not info.is_published() and self.connected.is_set() and time.monotonic() < deadline_s:
+                await asyncio.sleep(0.01)  # the loop writes it and reads its PUBACK meanwhile
+        self._client.disconnect()  # queues DISCONNECT; paho closes the socket once it is written
+        while self._client.socket() is not None and time.monotonic() < deadline_s:
+            await asyncio.sleep(0.01)
+        if self._client.socket() is not None:
+            self._client.loop_write()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
 
-    # paho's thread.
+    # paho's callbacks: on the loop's thread, except the socket opening in a connection attempt.
+
+    def _socket_open(self, client: mqtt.Client, _u: Any, sock: Any) -> None:
+        _no_delay(client, _u, sock)
+        self._on_loop(self._watch, sock)
+
+    def _watch(self, sock: Any) -> None:
+        assert self._loop is not None
+        if self._client.socket() is sock:  # not one a failed attempt has closed meanwhile
+            self._loop.add_reader(sock, self._readable)
+
+    def _socket_close(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch, sock.fileno())  # the fd: paho closes the socket next
+
+    def _unwatch(self, fd: int) -> None:
+        assert self._loop is not None
+        if fd >= 0:
+            with contextlib.suppress(OSError, ValueError):  # closed already: nothing left to watch
+                self._loop.remove_reader(fd)
+                self._loop.remove_writer(fd)
+
+    def _write_wanted(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        """paho has packets queued: write them in this turn of the loop, with whatever else was
+        published in it (a writer is watched only while the socket's buffer is full)."""
+        self._on_loop(self._flush_soon, sock)
+
+    def _flush_soon(self, sock: Any) -> None:
+        assert self._loop is not None
+        if not self._is_flush_due:
+            self._is_flush_due = True
+            self._loop.call_soon(self._flush, sock)
+
+    def _flush(self, sock: Any) -> None:
+        self._is_flush_due = False
+        if self._client.socket() is not sock:
+            return
+        self._client.loop_write()
+        if self._client.want_write() and self._client.socket() is sock:
+            assert self._loop is not None
+            self._loop.add_writer(sock, self._client.loop_write)
+
+    def _write_done(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch_writes, sock.fileno())
+
+    def _unwatch_writes(self, fd: int) -> None:
+        assert self._loop is not None
+        if fd >= 0:
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_writer(fd)
+
+    def _readable(self) -> None:
+        """Read what came; a TLS socket may hold decrypted bytes that the poller cannot see."""
+        sock = self._client.socket()
+        for _ in range(TLS_READS_PER_TURN):
+            self._client.loop_read()
+            if sock is None or self._client.socket() is not sock or not _pending(sock):
+                return
+        assert self._loop is not None
+        self._loop.call_soon(self._readable)
+
+    def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run now when on the loop's thread (reads, writes, publishes); else hand it to the loop."""
+        if self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        elif not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
+                self._loop.call_soon_threadsafe(callback, *args)
 
     def _connected(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -132,6 +246,7 @@ class GatewayLink:
             return
         self.connections += 1
         self.connected_s = time.monotonic()
+        self._delay_s = RECONNECT_MIN_S
         site = self.settings.site
         filters = [(node_filter(self.root, kind, site=site), 1) for kind in KINDS]
         filters += [(f"{self.reply_base}/#", 1), (presence.topic(self.root), 1)]
@@ -149,6 +264,8 @@ class GatewayLink:
         self.connected.clear()
         if not self._is_closing:
             log.warning("gateway: lost broker %s (%s); reconnecting", self.broker, reason)
+        if self._lost is not None:
+            self._on_loop(self._lost.set)
         self._call(self._on_state)
 
     def _received(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
@@ -168,9 +285,17 @@ class GatewayLink:
                 self._call(self._on_birth, changed)
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
-                self._loop.call_soon_threadsafe(callback, *args)
+        """The gateway's handlers run in a later turn of the loop, outside paho's read."""
+        self._on_loop(self._soon, callback, *args)
+
+    def _soon(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon(callback, *args)
+
+
+def _pending(sock: Any) -> bool:
+    pending = getattr(sock, "pending", None)
+    return pending is not None and pending() > 0
 
 
 def _no_delay(_c: mqtt.Client, _u: Any, sock: Any) -> None:

@@ -154,3 +154,33 @@ async def test_a_gateway_that_has_just_connected_says_try_again_for_a_model_it_h
             await until(lambda: gateway.gateway.link.connected.is_set(), what="the gateway connected")
             unknown = await http.post("/v2/models/batchable/infer", content=body, headers=headers)
             assert unknown.status_code == 404 and "not served by the pool" in unknown.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_on_a_tls_broker_with_passwords_serves_buyers(
+    tmp_path: Path, pool_repository: Path, broker_factory: Any, names: Names
+) -> None:
+    """mqtts:// with a CA file and a user on both sides; many answers at once, so that TLS records carry
+    several of them (the gateway's loop must read what its TLS socket has already decrypted)."""
+    broker: Broker = broker_factory(tls=True, users={"node": "n0de-secret", "platform": "pl4tform"})
+    assert broker.tls is not None
+    login = {"*": {"username": "node", "password": "n0de-secret"}}
+    with (
+        run_nodes(tmp_path, pool_repository, broker, names, 2, **login) as _,
+        run_gateway(
+            broker, names, username="platform", password="pl4tform", ca_file=str(broker.tls.ca)
+        ) as gateway,
+    ):
+        assert gateway.gateway.link.broker.is_tls
+        await until(offering(gateway, 2), what="both nodes offering over TLS")
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            jobs = [request_body(1 + index % 4) for index in range(32)]
+            answers = await asyncio.gather(
+                *(
+                    http.post("/v2/models/batchable/infer", content=body, headers=headers)
+                    for _, body, headers in jobs
+                )
+            )
+        for (x, _, _), answer in zip(jobs, answers, strict=True):
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["outputs"][0]["data"] == (x * 2 + 1).ravel().tolist()
