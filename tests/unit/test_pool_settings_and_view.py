@@ -6,6 +6,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from appliance.errors import ConfigError
@@ -71,6 +73,32 @@ def test_publish_properties() -> None:
     assert properties.MessageExpiryInterval == 2
     assert (properties.CorrelationData, properties.ResponseTopic) == (b"c", "r")
     assert properties.UserProperty == [("status", "200")]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Outbound("t", b""),
+        Outbound("t", b"", expiry_s=0.2, correlation=b"job/0", response_topic="ecp/v1/_reply/gw/acme/1"),
+        Outbound("t", b"", content_type="application/json", user={"status": "200", "a": "b"}),
+        Outbound("t", b"", expiry_s=600, correlation=b"\x00\xff", response_topic="r", user={"x": ""}),
+    ],
+)
+def test_publish_properties_pack_as_pahos_checked_ones(message: Outbound) -> None:
+    checked = Properties(PacketTypes.PUBLISH)  # paho's own way: every assignment checked
+    if message.expiry_s is not None:
+        checked.MessageExpiryInterval = max(1, int(message.expiry_s))
+    if message.correlation is not None:
+        checked.CorrelationData = message.correlation
+    if message.response_topic is not None:
+        checked.ResponseTopic = message.response_topic
+    if message.content_type is not None:
+        checked.ContentType = message.content_type
+    for pair in message.user.items():
+        checked.UserProperty = pair
+    fast = publish_properties(message)
+    assert fast.pack() == checked.pack()
+    assert publish_properties(Outbound("t", b"")).pack() == b"\x00"  # what it copies stayed empty
 
 
 def capacity(session: int, seq: int, spare: float, *, accepts: bool = True, valid_for_s: int = 3) -> bytes:
