@@ -222,10 +222,13 @@ class GatewayLink:
 
     def _readable(self) -> None:
         """Read what came; a TLS socket may hold decrypted bytes that the poller cannot see."""
+        if not self.broker.is_tls:
+            self._client.loop_read()
+            return
         sock = self._client.socket()
         for _ in range(TLS_READS_PER_TURN):
             self._client.loop_read()
-            if sock is None or self._client.socket() is not sock or not _pending(sock):
+            if sock is None or self._client.socket() is not sock or not sock.pending():
                 return
         assert self._loop is not None
         self._loop.call_soon(self._readable)
@@ -291,11 +294,6 @@ class GatewayLink:
     def _soon(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
         self._loop.call_soon(callback, *args)
-
-
-def _pending(sock: Any) -> bool:
-    pending = getattr(sock, "pending", None)
-    return pending is not None and pending() > 0
 
 
 def _no_delay(_c: mqtt.Client, _u: Any, sock: Any) -> None:
