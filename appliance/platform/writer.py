@@ -10,6 +10,7 @@ one gateway writes thousands of receipts a second (bench/ledger.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -45,12 +46,15 @@ class LedgerWriter:
         self._thread.start()
 
     async def commit(self, receipt: Receipt) -> None:
-        """Return once the receipt is committed; LedgerUnavailable when the database refused it."""
-        done: Future[None] = Future()
+        """Return once the receipt is committed; LedgerUnavailable when the database refused it.
+
+        The waiter is a plain asyncio future: the writer settles a whole group with one call into the
+        loop, and a waiter that was cancelled meanwhile is skipped."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put((receipt, done))
         self.waiting += 1
         try:
-            await asyncio.wrap_future(done)
+            await done
         except Exception as exc:
             raise LedgerUnavailable(
                 f"the receipts ledger cannot be written ({exc}); try again", retry_after_s=1.0
@@ -95,22 +99,42 @@ class LedgerWriter:
             if held is not None:
                 self._run(*held)
 
-    def _write(self, group: list[tuple[Receipt, Future[None]]]) -> None:
+    def _write(self, group: list[tuple[Receipt, asyncio.Future[None]]]) -> None:
         try:
             self.ledger.write(receipt for receipt, _ in group)
         except Exception as exc:  # noqa: BLE001 - every waiter hears it; the thread goes on
             log.error("ledger: %d receipts not written: %s", len(group), exc)
-            for _, done in group:
-                done.set_exception(exc)
+            _settle([done for _, done in group], exc)
             return
         self.committed += len(group)
         self.groups += 1
-        for _, done in group:
-            done.set_result(None)
+        _settle([done for _, done in group], None)
 
     @staticmethod
     def _run(function: Callable[..., Any], args: tuple[Any, ...], done: Future[Any]) -> None:
+        if not done.set_running_or_notify_cancel():  # its waiter was cancelled: nothing to run
+            return
         try:
             done.set_result(function(*args))
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             done.set_exception(exc)
+
+
+def _settle(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
+    """From the writer thread: one call into each waiting loop settles all of its waiters."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for done in waiters:
+        by_loop.setdefault(done.get_loop(), []).append(done)
+    for loop, futures in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits there any more
+            loop.call_soon_threadsafe(_resolve, futures, error)
+
+
+def _resolve(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
+    for done in futures:
+        if done.done():  # its waiter was cancelled
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -169,3 +170,28 @@ def test_a_lost_database_connection_fails_its_batch_and_the_next_one_reconnects(
             found = connection.execute(select(schema.receipts.c.job_id).order_by("job_id")).scalars().all()
         assert found == ["j1/0", "j3/0"]
         ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_cancelled_while_the_writer_is_busy_does_not_stop_the_writer(tmp_path: Path) -> None:
+    writer = LedgerWriter(Ledger.open(str(tmp_path / "ledger.sqlite3")))
+    busy, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        busy.set()
+        release.wait(30)
+
+    held = asyncio.ensure_future(writer.call(hold))
+    assert await asyncio.to_thread(busy.wait, 30)
+    cancelled = [
+        asyncio.ensure_future(writer.commit(receipt("j1/0"))),
+        asyncio.ensure_future(writer.call(writer.ledger.pin, "s/n1", KEY_A)),
+    ]
+    await asyncio.sleep(0)  # both are queued behind `hold`
+    for task in cancelled:
+        task.cancel()
+    release.set()
+    await held
+    await asyncio.wait_for(writer.commit(receipt("j2/0")), 30)  # the writer goes on
+    assert (await asyncio.wait_for(writer.call(writer.ledger.pin, "s/n2", KEY_B), 30)).public_key == KEY_B
+    writer.close()
