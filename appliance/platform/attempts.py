@@ -58,7 +58,19 @@ class Attempt:
     reply: asyncio.Future[Answer]
 
 
-def answer_of(message: Inbound, attempt: Attempt) -> Answer:
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What is kept of an attempt once its job is over, for as long as a late answer may come: enough
+    to record that answer, and nothing of the answer the buyer got (its payload, proof and decoded
+    document would stay in memory, and in every full collection's scan, for two job timeouts)."""
+
+    job: Job  # without its body
+    node: NodeView
+    correlation: bytes
+    sent_s: float
+
+
+def answer_of(message: Inbound, attempt: Attempt | Finished) -> Answer:
     """The answer an MQTT message carries to one attempt."""
     raw_length = message.user.get(HEADER_LENGTH)
     header_length = int(raw_length) if raw_length and raw_length.isdigit() else None

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from appliance import errors
-from appliance.platform.attempts import Answer, Attempt, Job, answer_of
+from appliance.platform.attempts import Answer, Attempt, Finished, Job, answer_of
 from appliance.platform.credit import CreditBook
 from appliance.platform.settings import GatewaySettings
 from appliance.platform.verify import Proof, Refused
@@ -66,7 +66,7 @@ class Dispatcher:
         self.late_answers = 0
         self._jobs: dict[str, Job] = {}
         self._attempts: dict[bytes, Attempt] = {}
-        self._finished: OrderedDict[bytes, Attempt] = OrderedDict()
+        self._finished: OrderedDict[bytes, Finished] = OrderedDict()
         self._by_node: dict[tuple[str, str], set[Attempt]] = {}
 
     @property
@@ -93,7 +93,9 @@ class Dispatcher:
         light = replace(job, body=b"", attempts=[], target=None)
         for attempt in job.attempts:
             self._attempts.pop(attempt.correlation, None)
-            self._finished[attempt.correlation] = replace(attempt, job=light)
+            self._finished[attempt.correlation] = Finished(
+                light, attempt.node, attempt.correlation, attempt.sent_s
+            )
         oldest_s = time.perf_counter() - 2 * self.settings.job_timeout_s
         while self._finished and (
             len(self._finished) > FINISHED_KEPT or next(iter(self._finished.values())).sent_s < oldest_s
@@ -246,7 +248,7 @@ class Dispatcher:
             self.late_answers += 1
             self._late(attempt, answer)
 
-    def _late(self, attempt: Attempt, answer: Answer) -> None:
+    def _late(self, attempt: Attempt | Finished, answer: Answer) -> None:
         if answer.status == 200 and self._refusal(attempt.job, answer) is None:
             self.on_late(attempt.job, answer)
 

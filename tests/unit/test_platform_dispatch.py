@@ -155,3 +155,5 @@ async def test_a_late_answer_is_handed_over_to_be_recorded_and_the_body_is_not_k
     assert (recorded.attempt, recorded.node) == (0, lost) and answer.attempt == 1
     f.answer(first, 503, error="busy")  # a late refusal is only counted
     assert len(late) == 1 and f.dispatcher.late_answers == 2
+    kept_records = list(f.dispatcher._finished.values())  # what is kept for late answers
+    assert len(kept_records) == 2 and not any(hasattr(r, "reply") for r in kept_records)  # no answer in it
