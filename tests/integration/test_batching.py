@@ -103,7 +103,11 @@ def test_a_failing_request_does_not_fail_its_batch_mates(serve, tmp_path, batche
             with batches.holding(lambda batch: batch.marks == (2.0,)):
                 opener = asyncio.create_task(post(2))
                 await asyncio.to_thread(batches.wait_held)
-                posts = [asyncio.create_task(post(i)) for i in [0, 1, 0, 9, 2, 1]]
+                # The first to come is queued ahead on the busy worker, alone (runner.py); the rest
+                # wait in the line queue and leave it as one batch once the worker is free.
+                posts = [asyncio.create_task(post(0))]
+                await running.inflight_reaches("gather", 2)
+                posts += [asyncio.create_task(post(i)) for i in [1, 0, 9, 2, 1]]
                 await running.inflight_reaches("gather", 7)
             await opener
             return await asyncio.gather(*posts)
