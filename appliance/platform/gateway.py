@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # whatever a buyer's own limit says
 STOP_TIMEOUT_S = 10.0
-# Each job crosses between paho's thread and the event loop twice; with CPython's default 5 ms GIL
-# switch interval a busy thread holds the other off for up to 5 ms each time (bench/swarm.py: p50
-# 18.7 ms at 500 jobs/s with 5 ms, 11.7 ms with 0.5 ms, on 2 shared cores).
+# Each job's receipt crosses to the ledger thread and back (MQTT runs on the loop itself since
+# 2026-12-06; before, each job also crossed to paho's thread). With CPython's default 5 ms GIL switch
+# interval a busy loop holds the other thread off for up to 5 ms each time (bench/swarm.py, with
+# paho's thread: p50 18.7 ms at 500 jobs/s with 5 ms, 11.7 ms with 0.5 ms, on 2 shared cores).
 SWITCH_INTERVAL_S = 0.0005
 
 

@@ -20,7 +20,8 @@ def document(gateway_id: str, state: str) -> bytes:
 
 
 class Presence:
-    """Live gateways by id, this one always counted; `ingest` runs on paho's thread."""
+    """Live gateways by id, this one always counted; `ingest` runs on the gateway's event loop (the lock
+    keeps reads from other threads safe)."""
 
     def __init__(self, root: str, own_id: str) -> None:
         self.root = root

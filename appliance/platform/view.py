@@ -121,7 +121,8 @@ class NodeView:
 
 
 class PoolView:
-    """Every node heard of under `root`. `ingest` may be called from paho's thread: it takes a lock."""
+    """Every node heard of under `root`. `ingest` takes a lock: `watch` calls it from paho's thread while
+    its table is drawn on another (the gateway calls it on its event loop)."""
 
     def __init__(self, root: str, *, needs_key: bool = False) -> None:
         self.root = root

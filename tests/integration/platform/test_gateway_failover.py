@@ -4,15 +4,23 @@ a broker restart, and two gateways sharing one broker."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
-from gateway_harness import request_body, run_gateway, run_nodes, until
+from gateway_harness import WAIT_S, request_body, run_gateway, run_nodes, until
 from pool_brokers import Broker
 from pool_recorder import Names
+
+from appliance.platform.link import GatewayLink
+from appliance.platform.presence import Presence
+from appliance.platform.presence import topic as presence_topic
+from appliance.platform.settings import PlatformSettings
+from appliance.platform.view import PoolView
 
 INFER = "/v2/models/batchable/infer"
 
@@ -172,3 +180,31 @@ async def test_two_gateways_share_each_offer_and_both_serve(
         # gw-b said `offline` on its way out: gw-a takes the whole offer again.
         await until(lambda: first.nodes()["gateways"] == ["gw-a"], what="gw-b gone")
         assert first.gateway.presence.share() == 1.0
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_started_before_its_broker_connects_once_the_broker_is_up(
+    broker_factory: Any, names: Names, recorder_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker: Broker = broker_factory(start=False)
+    overrides = {"gateway": {"broker": broker.url, "topic_root": names.root, "site": names.site}}
+    settings = PlatformSettings.load(None, environ={}, overrides=overrides).gateway
+    presence = Presence(names.root, settings.gateway_id)
+    link = GatewayLink(
+        settings, PoolView(names.root), presence, on_answer=lambda *_: None, on_state=lambda: None
+    )
+    with caplog.at_level(logging.WARNING, logger="appliance.platform.link"):
+        link.start(asyncio.get_running_loop())
+        await until(lambda: "cannot connect to broker" in caplog.text, what="a refused connection")
+        assert not link.connected.is_set()
+        await asyncio.to_thread(broker.start)
+        assert await link.wait_connected(WAIT_S), "the gateway did not connect once the broker was up"
+    topic = presence_topic(names.root, settings.gateway_id)
+    recorder = await recorder_factory(broker, names, topic)
+    said = await recorder.expect(lambda m: m.topic == topic and orjson.loads(m.payload)["state"] == "online")
+    await link.close()  # says `offline` before it disconnects
+    await recorder.expect(
+        lambda m: m.topic == topic and orjson.loads(m.payload)["state"] == "offline",
+        since=recorder.messages.index(said) + 1,
+    )
+    assert not link.connected.is_set()
