@@ -21,6 +21,7 @@ from appliance.platform.presence import Presence
 from appliance.platform.presence import topic as presence_topic
 from appliance.platform.settings import PlatformSettings
 from appliance.platform.view import PoolView
+from appliance.pool.wire import Outbound
 
 INFER = "/v2/models/batchable/infer"
 
@@ -208,3 +209,32 @@ async def test_a_gateway_started_before_its_broker_connects_once_the_broker_is_u
         since=recorder.messages.index(said) + 1,
     )
     assert not link.connected.is_set()
+
+
+@pytest.mark.asyncio
+async def test_a_job_larger_than_the_socket_buffer_is_written_whole(
+    broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """The loop writes what paho queued once per turn and watches the socket only while its buffer is
+    full: a 16 MB job (several buffers' worth) must still leave whole, with small jobs behind it."""
+    overrides = {"gateway": {"broker": broker.url, "topic_root": names.root, "site": names.site}}
+    settings = PlatformSettings.load(None, environ={}, overrides=overrides).gateway
+    link = GatewayLink(
+        settings,
+        PoolView(names.root),
+        Presence(names.root, settings.gateway_id),
+        on_answer=lambda *_: None,
+        on_state=lambda: None,
+    )
+    topic = f"{names.root}/{names.site}/big/cmd/infer/m"
+    recorder = await recorder_factory(broker, names, topic)
+    link.start(asyncio.get_running_loop())
+    assert await link.wait_connected(WAIT_S)
+    big = bytes(range(256)) * (16 * 4096)
+    link.publish(Outbound(topic, big, correlation=b"big"))
+    for index in range(3):
+        link.publish(Outbound(topic, b"small", correlation=f"small-{index}".encode()))
+    arrived = await recorder.expect(lambda m: m.correlation == b"small-2")
+    first = await recorder.expect(lambda m: m.correlation == b"big")
+    assert first.payload == big and recorder.messages.index(first) < recorder.messages.index(arrived)
+    await link.close()
