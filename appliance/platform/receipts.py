@@ -64,9 +64,6 @@ class Receipt:
         signature = base64.b64encode(key.sign(self.canonical())).decode("ascii")
         return replace(self, gateway_signature=signature)
 
-    def row(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in COLUMNS}
-
 
 COLUMNS = tuple(Receipt.__dataclass_fields__)
 SIGNED = COLUMNS[:-1]  # all but gateway_signature
