@@ -76,15 +76,15 @@ def run_gateway(args: argparse.Namespace) -> int:
 def _freeze_startup_heap() -> None:
     """Take what was built at start (modules, the app, settings: about 115,000 objects) out of the
     cyclic collector's sight. Every full collection scanned all of it: 90-150 ms with the gateway
-    stopped, a few times a minute at 250 jobs/s, which was the whole p99 of dispatch (bench/swarm.py).
+    stopped, a few times a minute at 250 jobs/s: most of dispatch's p99 (bench/swarm.py).
     Those objects live as long as the process; reference counting still frees any of them let go."""
     gc.collect()
     gc.freeze()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where installed (uvicorn[standard] brings it): its transports and callbacks cost the
-    gateway's one event loop a good deal less per buyer request than asyncio's own loop."""
+    """uvloop where installed (uvicorn[standard] brings it), as `appliance serve` runs. On its own it
+    made no difference measurable on bench/swarm.py; the gateway's time is in Python, not the loop."""
     try:
         import uvloop
     except ImportError:
