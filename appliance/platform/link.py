@@ -110,13 +110,18 @@ class GatewayLink:
         """Connect, keep alive (paho's loop_misc: pings, retries), and after a loss connect again with a
         backoff from RECONNECT_MIN_S to RECONNECT_MAX_S."""
         assert self._lost is not None
+        failures = 0
         while not self._is_closing:
             self._lost.clear()
             try:
                 await asyncio.to_thread(self._client.reconnect)  # blocking connect (and TLS handshake)
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried
-                log.warning("gateway: cannot connect to broker %s (%s); retrying", self.broker, exc)
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG  # once per outage
+                log.log(level, "gateway: cannot connect to broker %s (%s); retrying", self.broker, exc)
                 self._lost.set()
+            else:
+                failures = 0
             while not self._lost.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._lost.wait(), MISC_INTERVAL_S)
