@@ -37,6 +37,7 @@ from appliance.engine.repository import ModelSource
 from appliance.settings import ModelSettings
 
 log = logging.getLogger(__name__)
+OOM_SCORE_ADJ = 500  # short of memory, the kernel kills pool work before the line; raising needs no right
 
 _ERRORS: dict[str, type[errors.ApplianceError]] = {
     "InvalidInput": errors.InvalidInput,
@@ -101,6 +102,8 @@ class _Child:
                 sock.close()
         if spec.idle_priority:
             lower_priority(self.process.pid)  # before its imports burn a second of CPU at normal priority
+        with contextlib.suppress(OSError):  # first for the OOM killer from its start (it writes it too)
+            Path(f"/proc/{self.process.pid}/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
         self.ready = [False] * channels
         send_frame(self.sockets[0], pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
 

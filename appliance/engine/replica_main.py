@@ -24,12 +24,11 @@ from appliance import errors
 from appliance.engine.frames import receive_frame, receive_message, send_message
 from appliance.engine.model import LoadedModel
 from appliance.engine.priority import lower_priority
-from appliance.engine.replica import ReplicaSpec
+from appliance.engine.replica import OOM_SCORE_ADJ, ReplicaSpec
 from appliance.engine.repository import file_digest
 
 log = logging.getLogger(__name__)
 
-OOM_SCORE_ADJ = 500  # short of memory, the kernel kills pool work before the line; raising needs no right
 
 
 def open_model(spec: ReplicaSpec) -> LoadedModel:
