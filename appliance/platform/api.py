@@ -23,8 +23,8 @@ from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
 from appliance.platform.fleet import Gateway
 from appliance.protocol import codec
-from appliance.server.body import BodyReceiver, ClientDisconnected, discard_rest, header, read_body
-from appliance.server.errors import appliance_error_response, error_response, install
+from appliance.server.body import BodyReceiver, ClientDisconnected, header, read_body
+from appliance.server.errors import appliance_error_response, error_after_body, error_response, install
 from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
 
 OPEN_PATHS = ("/v2/health/", "/metrics")
@@ -143,8 +143,7 @@ class BuyerInference:
         except ClientDisconnected:
             return
         except errors.ApplianceError as exc:
-            body_read = isinstance(exc, errors.RequestTooLarge) and await discard_rest(scope, body)
-            answer = appliance_error_response(exc, self.gateway.settings.retry_after_s, body_read=body_read)
+            answer = await error_after_body(exc, scope, body, self.gateway.settings.retry_after_s)
         except Exception as exc:
             log.exception("unexpected error on POST %s", scope["path"])
             answer = error_response(500, f"internal error: {type(exc).__name__}: {exc}")

@@ -9,9 +9,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
 from appliance import errors
 from appliance.dataplane import outcomes
+from appliance.server.body import BodyReceiver, discard_rest
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,17 @@ def appliance_error_response(
         headers["Connection"] = "close"
     retry_after = outcomes.retry_after_s(exc, default_retry_after_s)
     return error_response(status_of(exc), str(exc), retry_after, headers)
+
+
+async def error_after_body(
+    exc: errors.ApplianceError, scope: Scope, body: BodyReceiver, default_retry_after_s: float
+) -> Response:
+    """The answer to an error raised while the request's body may be partly unread. The errors whose
+    answer closes the connection (draining, a body too large) first read and drop the rest of the body,
+    up to body.DRAIN_BYTES: a socket closed on unread bytes sends a reset, which can beat the answer."""
+    closes = isinstance(exc, errors.Draining | errors.RequestTooLarge)
+    body_read = closes and await discard_rest(scope, body)
+    return appliance_error_response(exc, default_retry_after_s, body_read=body_read)
 
 
 def install(app: FastAPI, default_retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> None:

@@ -11,10 +11,10 @@ import re
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance.dataplane.plane import Call, DataPlane
-from appliance.errors import ApplianceError, Draining, RequestTooLarge
+from appliance.errors import ApplianceError
 from appliance.protocol import codec
-from appliance.server.body import BodyReceiver, ClientDisconnected, discard_rest, header, read_body
-from appliance.server.errors import appliance_error_response, error_response
+from appliance.server.body import BodyReceiver, ClientDisconnected, header, read_body
+from appliance.server.errors import error_after_body, error_response
 
 ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 _JSON = [(b"content-type", b"application/json")]
@@ -53,10 +53,7 @@ class InferenceRoute:
         except ClientDisconnected:
             return
         except ApplianceError as exc:
-            # An answer that closes the connection goes after the body, so it arrives (body.DRAIN_BYTES).
-            closes = isinstance(exc, RequestTooLarge | Draining)
-            body_read = closes and await discard_rest(scope, body)
-            answer = appliance_error_response(exc, self.plane.retry_after_s, body_read=body_read)
+            answer = await error_after_body(exc, scope, body, self.plane.retry_after_s)
             await answer(scope, receive, send)
             return
         encoded = answer.encoded
