@@ -194,7 +194,7 @@ class GatewayLink:
         if fd >= 0:
             with contextlib.suppress(OSError, ValueError):  # closed already: nothing left to watch
                 self._loop.remove_reader(fd)
-                self._loop.remove_writer(fd)
+        self._unwatch_writes(fd)
 
     def _write_wanted(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         """paho has packets queued: write them in this turn of the loop, with whatever else was
