@@ -9,10 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.errors import ApplianceError
-from appliance.pool.wire import Broker, Inbound, Outbound, Security, inbound, publish_properties
+from appliance.pool.wire import Broker, Inbound, Outbound, Security, inbound, paho_client, publish_properties
 
 _UNSUPPORTED_PROTOCOL = 132
 
@@ -102,7 +101,7 @@ class PlatformClient:
 
     def _connect(self, protocol: int, timeout_s: float) -> tuple[int | None, str]:
         self.close()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
+        client = paho_client(self.client_id, protocol)
         self.security.apply(client)
         answered = threading.Event()
         outcome: list[tuple[int, str]] = []

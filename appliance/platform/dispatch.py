@@ -87,6 +87,7 @@ class Dispatcher:
             job.is_done = True
             self._jobs.pop(job.id, None)
             self._remember(job)
+            job.attempts.clear()  # each refers to the job: freed now, not by the cycle collector
 
     def _remember(self, job: Job) -> None:
         """Keep a finished job's attempts (without its body) for as long as a late answer may come."""

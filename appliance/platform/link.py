@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.errors import ModelNotReady
 from appliance.platform import presence
@@ -29,7 +28,7 @@ from appliance.platform.presence import Presence
 from appliance.platform.settings import GatewaySettings
 from appliance.platform.view import NodeView, PoolView
 from appliance.pool.topics import node_filter
-from appliance.pool.wire import Broker, Inbound, Outbound, Security, inbound, publish_properties
+from appliance.pool.wire import Broker, Inbound, Outbound, Security, inbound, paho_client, publish_properties
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +80,7 @@ class GatewayLink:
         self.connected_s: float | None = None  # monotonic, of the last connection
         self.connections = 0
         self._is_closing = False
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"gateway-{settings.gateway_id}", protocol=mqtt.MQTTv5
-        )
+        self._client = paho_client(f"gateway-{settings.gateway_id}", mqtt.MQTTv5)
         self.security.apply(self._client)
         self._client.will_set(
             self.presence_topic, presence.document(settings.gateway_id, presence.OFFLINE), qos=1, retain=True

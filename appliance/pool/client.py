@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance.pool.wire import Broker, Inbound, Outbound, Security, inbound, publish_properties
+from appliance.pool.wire import Broker, Inbound, Outbound, Security, inbound, paho_client, publish_properties
 from appliance.settings import PoolSettings
 
 log = logging.getLogger(__name__)
@@ -233,10 +232,9 @@ class Connection:
         return f"connection refused: {reason} (CONNACK code {code})"
 
     def _client(self, is_v5: bool) -> mqtt.Client:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if is_v5 else mqtt.MQTTv311,
+        client = paho_client(
+            self.client_id,
+            mqtt.MQTTv5 if is_v5 else mqtt.MQTTv311,
             clean_session=None if is_v5 else True,
             reconnect_on_failure=False,  # the supervisor reconnects, with jitter and protocol fallback
         )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -127,6 +130,32 @@ def inbound(message: mqtt.MQTTMessage) -> Inbound:
         found.expiry_s = getattr(properties, "MessageExpiryInterval", None)
         found.user = dict(getattr(properties, "UserProperty", None) or [])
     return found
+
+
+class _Filters(MQTTMatcher):
+    """paho's per-filter callbacks. paho looks for matching ones in every message it receives, with a
+    recursive closure that refers to itself: a reference cycle per message (more objects the deeper
+    its topic), left to the garbage collector, whose collections then stop the loop. Nothing here
+    registers a per-filter callback (everything goes to `on_message`), so the search is skipped while
+    there is none (tests/integration/pool/test_mqtt_garbage.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_empty = True
+
+    def __setitem__(self, key: str, value: object) -> None:
+        self.is_empty = False
+        super().__setitem__(key, value)
+
+    def iter_match(self, topic: str) -> Iterator[object]:
+        return iter(()) if self.is_empty else super().iter_match(topic)
+
+
+def paho_client(client_id: str, protocol: int, **options: object) -> mqtt.Client:
+    """A paho client (callback API 2) that leaves no garbage per received message (`_Filters`)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **options)  # type: ignore[arg-type]
+    client._on_message_filtered = _Filters()
+    return client
 
 
 _PUBLISH = Properties(PacketTypes.PUBLISH)
