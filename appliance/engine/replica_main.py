@@ -30,7 +30,6 @@ from appliance.engine.repository import file_digest
 log = logging.getLogger(__name__)
 
 
-
 def open_model(spec: ReplicaSpec) -> LoadedModel:
     """The parent's model, reopened exactly: same file (digest checked), provider and threads."""
     from appliance.providers.registry import Registry  # the child's own discovery of plugins and EPs

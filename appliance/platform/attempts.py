@@ -60,14 +60,53 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """What is kept of an attempt once its job is over, for as long as a late answer may come: enough
-    to record that answer, and nothing of the answer the buyer got (its payload, proof and decoded
-    document would stay in memory, and in every full collection's scan, for two job timeouts)."""
+    """What is kept of an attempt once its job is over, for as long as a late answer may come (up to
+    10,000 of them): enough to record that answer, in one object. Not the answer the buyer got (its
+    payload, proof and decoded document), and not the Job, whose dict, list and sets every full
+    collection would scan (four objects more per attempt, 20-30 ms more per collection at 500 jobs/s)."""
 
-    job: Job  # without its body
+    job_id: str
+    kind: str
+    buyer: str
+    model: str
+    rows: int
+    input_sha256: str
+    files: frozenset[str] | None
     node: NodeView
     correlation: bytes
     sent_s: float
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> Finished:
+        job = attempt.job
+        return cls(
+            job.id,
+            job.kind,
+            job.buyer,
+            job.model,
+            job.rows,
+            job.input_sha256,
+            job.files,
+            attempt.node,
+            attempt.correlation,
+            attempt.sent_s,
+        )
+
+    @property
+    def job(self) -> Job:
+        """The job as a late answer's proof and receipt need it (no body, no attempts)."""
+        return Job(
+            self.model,
+            self.buyer,
+            b"",
+            None,
+            self.rows,
+            self.files,
+            input_sha256=self.input_sha256,
+            id=self.job_id,
+            kind=self.kind,
+            is_done=True,
+        )
 
 
 def answer_of(message: Inbound, attempt: Attempt | Finished) -> Answer:

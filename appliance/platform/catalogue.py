@@ -56,7 +56,7 @@ class Catalogue:
 
     def __init__(self, entries: dict[str, Entry] | None) -> None:
         self.entries = entries
-        self._chosen: dict[str, tuple[float, str | None]] = {}  # name -> (until, sha256), unpinned only
+        self._chosen: dict[str, tuple[float, Files | None]] = {}  # name -> (until, {sha256}), unpinned
 
     @property
     def is_pinned(self) -> bool:
@@ -85,9 +85,10 @@ class Catalogue:
         if (
             until_s <= now_s or chosen is None
         ):  # a vote over every node offering it: recounted once a second, not per job
-            chosen = majority_sha256(view.offering(name), name)
+            majority = majority_sha256(view.offering(name), name)
+            chosen = None if majority is None else frozenset((majority,))  # one set, not one per job
             self._chosen[name] = (now_s + RECOUNT_S, chosen)
-        return None if chosen is None else frozenset((chosen,))
+        return chosen
 
 
 def majority_sha256(nodes: list[NodeView], name: str) -> str | None:

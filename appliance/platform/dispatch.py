@@ -14,7 +14,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
 
 from appliance import errors
 from appliance.platform.attempts import Answer, Attempt, Finished, Job, answer_of
@@ -91,12 +90,9 @@ class Dispatcher:
 
     def _remember(self, job: Job) -> None:
         """Keep a finished job's attempts (without its body) for as long as a late answer may come."""
-        light = replace(job, body=b"", attempts=[], target=None)
         for attempt in job.attempts:
             self._attempts.pop(attempt.correlation, None)
-            self._finished[attempt.correlation] = Finished(
-                light, attempt.node, attempt.correlation, attempt.sent_s
-            )
+            self._finished[attempt.correlation] = Finished.of(attempt)
         oldest_s = time.perf_counter() - 2 * self.settings.job_timeout_s
         while self._finished and (
             len(self._finished) > FINISHED_KEPT or next(iter(self._finished.values())).sent_s < oldest_s

@@ -158,6 +158,9 @@ async def test_a_late_answer_is_handed_over_to_be_recorded_and_the_body_is_not_k
     assert len(late) == 1 and f.dispatcher.late_answers == 2
     kept_records = list(f.dispatcher._finished.values())  # what is kept for late answers
     assert len(kept_records) == 2 and not any(hasattr(r, "reply") for r in kept_records)  # no answer in it
+    # one object each for full collections to scan: no Job (with its dict and lists) inside
+    inside = [type(x) for record in kept_records for x in gc.get_referents(record)]
+    assert not {Job, dict, list} & set(inside), inside
 
 
 @pytest.mark.asyncio
