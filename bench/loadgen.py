@@ -148,12 +148,15 @@ async def open_loop(
     duration_s: float,
     connections: int = 64,
     seed: int = 0,
+    more_ports: Sequence[int] = (),
 ) -> Result:
-    """Poisson arrivals at `rate_per_s`; latency counts from the scheduled time (no coordinated omission)."""
+    """Poisson arrivals at `rate_per_s`; latency counts from the scheduled time (no coordinated omission).
+    With `more_ports`, the connections are spread evenly over `port` and those (more servers)."""
     rng = random.Random(seed)
     idle: asyncio.Queue[Connection] = asyncio.Queue()
-    for _ in range(connections):
-        idle.put_nowait(await Connection.open(host, port))
+    ports = [port, *more_ports]
+    for n in range(connections):
+        idle.put_nowait(await Connection.open(host, ports[n % len(ports)]))
     result = Result()
     pending: set[asyncio.Task[None]] = set()
     start = time.perf_counter()

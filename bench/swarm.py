@@ -12,6 +12,8 @@ simulated nodes over MQTT 5 (the direct baseline), then the same through the gat
 Figures: reports ingested/s (the gateway's counter), jobs/s, dispatch overhead (gateway p50/p99 minus
 direct p50/p99), the gateway's RSS, every process's CPU over the gateway phase. Every process shares
 the same cores; the whole bench runs at nice 19 so that others' work on a shared box goes first.
+`--gateways N` runs N gateway processes on the broker (each takes 1/N of every offer, each with its own
+key and ledger) and spreads the load generator's connections over them.
 """
 
 from __future__ import annotations
@@ -206,11 +208,13 @@ def _cpu_s(process: psutil.Process) -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def _ingested(url: str) -> tuple[float, float]:
+def _ingested(url: str) -> tuple[float, float, float]:
+    """The gateway's reports ingested, nodes online and live gateways (itself included)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
     found = re.search(r"^appliance_gateway_reports_ingested_total (\S+)", text, re.M)
     online = re.search(r'^appliance_gateway_nodes\{state="online"\} (\S+)', text, re.M)
-    return float(found.group(1)) if found else 0.0, float(online.group(1)) if online else 0.0
+    live = re.search(r"^appliance_gateway_live_gateways (\S+)", text, re.M)
+    return tuple(float(m.group(1)) if m else 0.0 for m in (found, online, live))  # type: ignore[return-value]
 
 
 def one_run(nodes: int, args: argparse.Namespace, scratch: Path) -> dict[str, object]:
@@ -219,41 +223,50 @@ def one_run(nodes: int, args: argparse.Namespace, scratch: Path) -> dict[str, ob
     connections = max(1, nodes // 1000)
     sim = subprocess.Popen([sys.executable, __file__, "sim", "--broker", broker, "--root", root, "--nodes",
         str(nodes), "--interval-s", str(args.interval_s), "--connections", str(connections)])  # fmt: skip
-    env = {**os.environ, "APPLIANCE_GATEWAY__TOPIC_ROOT": root.rsplit("/", 1)[0],
-           "APPLIANCE_GATEWAY__SITE": root.rsplit("/", 1)[1],
-           "APPLIANCE_GATEWAY__MAX_JOBS_IN_FLIGHT": "20000",
-           "APPLIANCE_GATEWAY__DEFAULT_RATE_PER_S": "100000",
-           "APPLIANCE_GATEWAY__STATE_DIR": str(scratch / "gateway"),  # its key and SQLite ledger
-           "APPLIANCE_CANARY__SECOND_OPINION_PROBABILITY": "0"}  # fmt: skip
-    gateway = subprocess.Popen([sys.executable, "-m", "appliance", "platform", "gateway", "--broker", broker,
-        "--port", "0"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    gateways: list[subprocess.Popen[str]] = []
+    for n in range(args.gateways):
+        env = {**os.environ, "APPLIANCE_GATEWAY__TOPIC_ROOT": root.rsplit("/", 1)[0],
+               "APPLIANCE_GATEWAY__SITE": root.rsplit("/", 1)[1],
+               "APPLIANCE_GATEWAY__GATEWAY_ID": f"swarm-{n}",
+               "APPLIANCE_GATEWAY__MAX_JOBS_IN_FLIGHT": "20000",
+               "APPLIANCE_GATEWAY__DEFAULT_RATE_PER_S": "100000",
+               "APPLIANCE_GATEWAY__STATE_DIR": str(scratch / f"gateway{n}"),  # its key and SQLite ledger
+               "APPLIANCE_CANARY__SECOND_OPINION_PROBABILITY": "0"}  # fmt: skip
+        gateways.append(subprocess.Popen([sys.executable, "-m", "appliance", "platform", "gateway",
+            "--broker", broker, "--port", "0"], env=env, stderr=subprocess.PIPE, text=True))  # fmt: skip
     try:
-        url = _gateway_url(gateway)
-        while _ingested(url)[1] < nodes:
-            time.sleep(0.5)
+        urls = [_gateway_url(gateway) for gateway in gateways]
+        for url in urls:  # every node online, and every gateway taking its 1/N of each offer
+            while _ingested(url)[1:] != (float(nodes), float(len(urls))):
+                time.sleep(0.5)
+        url = urls[0]
         x = np.random.default_rng(0).random((1, WIDTH), dtype=np.float32)
         encoded = codec.encode_request({"x": x}, binary=True, binary_output=True)
         direct = Direct(broker, root, nodes).run(
             encoded.body(), encoded.header_length or 0, args.rate, args.duration
         )
-        processes = {"gateway": psutil.Process(gateway.pid), "mosquitto": psutil.Process(mosquitto.pid),
-                     "simulator": psutil.Process(sim.pid), "bench (load)": psutil.Process()}  # fmt: skip
-        before = {name: _cpu_s(p) for name, p in processes.items()}
+        processes = {"gateway": [psutil.Process(gateway.pid) for gateway in gateways],
+                     "mosquitto": [psutil.Process(mosquitto.pid)], "simulator": [psutil.Process(sim.pid)],
+                     "bench (load)": [psutil.Process()]}  # fmt: skip
+        before = {name: sum(_cpu_s(p) for p in group) for name, group in processes.items()}
         ingested_before, started = _ingested(url)[0], time.perf_counter()
-        host, port = url.removeprefix("http://").split(":")
+        host = url.removeprefix("http://").split(":")[0]
+        ports = [int(u.rsplit(":", 1)[1]) for u in urls]
         request = Prepared.infer(host, MODEL, {"x": x}, binary=True)
-        with profiled(gateway.pid, args.profile, f"gateway-{nodes}", args.duration, gil_only=True):
-            result = asyncio.run(open_loop(host, int(port), request, rate_per_s=args.rate,
-                                           duration_s=args.duration, connections=128))  # fmt: skip
+        with profiled(gateways[0].pid, args.profile, f"gateway-{nodes}", args.duration, gil_only=True):
+            result = asyncio.run(open_loop(host, ports[0], request, rate_per_s=args.rate,
+                                           duration_s=args.duration, connections=128,
+                                           more_ports=ports[1:]))  # fmt: skip
         elapsed = time.perf_counter() - started
         ingested = (_ingested(url)[0] - ingested_before) / elapsed
-        cpu = {name: round(100 * (_cpu_s(p) - before[name]) / elapsed, 1) for name, p in processes.items()}
-        rss_mb = processes["gateway"].memory_info().rss / 2**20
+        cpu = {name: round(100 * (sum(_cpu_s(p) for p in group) - before[name]) / elapsed, 1)
+               for name, group in processes.items()}  # fmt: skip
+        rss_mb = max(p.memory_info().rss for p in processes["gateway"]) / 2**20
         through = result.summary()
         answered = through["ok_per_s"] * elapsed
         cpu_ms_per_job = cpu["gateway"] * 10 * elapsed / max(answered, 1)  # % of a core x s -> ms per job
-        return {"nodes": nodes, "reports_per_s": round(ingested, 1), "jobs_per_s": through["ok_per_s"],
-                "errors": through["errors"], "direct_lost": direct["lost"],
+        return {"nodes": nodes, "gateways": len(gateways), "reports_per_s": round(ingested, 1),
+                "jobs_per_s": through["ok_per_s"], "errors": through["errors"], "direct_lost": direct["lost"],
                 "gateway_p50_ms": through["p50_ms"], "gateway_p99_ms": through["p99_ms"],
                 "direct_p50_ms": round(direct["p50_ms"], 2), "direct_p99_ms": round(direct["p99_ms"], 2),
                 "overhead_p50_ms": round(through["p50_ms"] - direct["p50_ms"], 2),
@@ -261,7 +274,7 @@ def one_run(nodes: int, args: argparse.Namespace, scratch: Path) -> dict[str, ob
                 "gateway_rss_mb": round(rss_mb, 1), "cpu_pct_of_one_core": cpu,
                 "gateway_cpu_ms_per_job": round(cpu_ms_per_job, 3)}  # fmt: skip
     finally:
-        for process in (gateway, sim, mosquitto):
+        for process in (*gateways, sim, mosquitto):
             process.terminate()
             process.wait(30)
 
@@ -286,6 +299,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--interval-s", type=float, default=2.0, help="each node's report period")
     parser.add_argument("--profile", type=Path, help="folder for py-spy's stacks of the gateway per phase")
+    parser.add_argument("--gateways", type=int, default=1,
+                        help="gateway processes on the one broker; the load's connections are spread "
+                        "over them (CPU: all of them; RSS: the largest; profile: the first)")  # fmt: skip
     parser.add_argument("--broker", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--connections", type=int, default=1, help=argparse.SUPPRESS)
