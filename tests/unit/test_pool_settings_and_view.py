@@ -7,12 +7,13 @@ from pathlib import Path
 import orjson
 import pytest
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt import _packet
+from paho.mqtt.properties import MQTTException, Properties
 from pydantic import ValidationError
 
 from appliance.errors import ConfigError
 from appliance.platform.view import PoolView
-from appliance.pool.wire import Broker, Outbound, Security, publish_properties
+from appliance.pool.wire import Broker, FastProperties, Outbound, Security, publish_properties
 from appliance.settings import PoolSettings, Settings
 
 
@@ -99,6 +100,55 @@ def test_publish_properties_pack_as_pahos_checked_ones(message: Outbound) -> Non
     fast = publish_properties(message)
     assert fast.pack() == checked.pack()
     assert publish_properties(Outbound("t", b"")).pack() == b"\x00"  # what it copies stayed empty
+
+
+PUBLISH_PROPERTIES = [
+    ("PayloadFormatIndicator", 1), ("MessageExpiryInterval", 7), ("ContentType", "application/json"),
+    ("ResponseTopic", "ecp/v1/_reply/g/acme/1"), ("CorrelationData", b"job/0\xff"), ("TopicAlias", 3),
+    ("SubscriptionIdentifier", 268435455), ("UserProperty", ("status", "200")),
+    ("UserProperty", [("a", ""), ("status", "503")]), ("SubscriptionIdentifier", 5),
+]  # fmt: skip
+
+
+def test_fast_properties_pack_and_unpack_as_pahos() -> None:
+    """FastProperties (what paho now decodes received PUBLISH properties with) against paho's own."""
+    assert _packet.Properties is FastProperties  # installed by importing appliance.pool.wire
+    pahos, fast = Properties(PacketTypes.PUBLISH), FastProperties(PacketTypes.PUBLISH)
+    for name, value in PUBLISH_PROPERTIES:
+        setattr(pahos, name, value)
+        setattr(fast, name, value)
+    assert fast.pack() == pahos.pack() and fast.json() == pahos.json()
+    for kind in (Properties, FastProperties):  # each unpacks what the other packed, as paho does
+        decoded, length = kind(PacketTypes.PUBLISH).unpack(pahos.pack())
+        assert decoded.json() == pahos.json() and length == len(pahos.pack())
+    fast.clear()
+    assert fast.isEmpty() and fast.pack() == b"\x00" and FastProperties(PacketTypes.PUBLISH).pack() == b"\x00"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NoSuchProperty", 1),
+        ("ReceiveMaximum", 10),  # a CONNECT/CONNACK property, not a PUBLISH one
+        ("TopicAlias", 0),
+        ("SubscriptionIdentifier", 0),
+        ("PayloadFormatIndicator", 2),
+    ],
+)
+def test_fast_properties_refuse_what_pahos_refuse(name: str, value: object) -> None:
+    with pytest.raises(MQTTException) as pahos:
+        setattr(Properties(PacketTypes.PUBLISH), name, value)
+    with pytest.raises(MQTTException) as fast:
+        setattr(FastProperties(PacketTypes.PUBLISH), name, value)
+    assert str(fast.value) == str(pahos.value)
+
+
+def test_a_property_twice_in_a_packet_is_refused_as_paho_refuses_it() -> None:
+    twice = b"\x04\x02\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x02"  # MessageExpiryInterval twice
+    packed = bytes([len(twice) - 1]) + twice[1:]
+    for kind in (Properties, FastProperties):
+        with pytest.raises(MQTTException, match="must not exist more than once"):
+            kind(PacketTypes.PUBLISH).unpack(packed)
 
 
 def capacity(session: int, seq: int, spare: float, *, accepts: bool = True, valid_for_s: int = 3) -> bytes:
