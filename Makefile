@@ -30,7 +30,7 @@ run: $(STAMP)
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
-## make models: retrain and rewrite the bundled reference models (about 20 min on 2 cores)
+## make models: retrain and rewrite the bundled reference models (about 85 min on 2 quiet cores)
 models: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[train]'
 	$(BIN)/python models/recipe/build.py

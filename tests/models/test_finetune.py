@@ -169,3 +169,16 @@ def test_a_bad_labels_file_is_refused_with_its_line(recipe, factory, tmp_path):
     bad.write_text("file,label\npart000.png,0\npart001.png,yes\n")
     with pytest.raises(ValueError, match="line 3"):
         recipe["finetune"].run(["--images", str(factory), "--labels", str(bad), "--out", str(tmp_path / "o")])
+
+
+def test_the_224_model_s_shipped_checkpoint_is_the_shipped_model(recipe, factory, tmp_path):
+    """recipe/weights/mobile_surface_net.pt ships with surface_defect_224: zero epochs from it export the
+    shipped model's fp32 twin, whose answers to the shipped golden samples (int8 outputs) differ by
+    no more than the int8 model itself does from fp32 (models/README.md: at most 0.08 on 800 images)."""
+    _run(recipe, factory, tmp_path, "--base", "surface_defect_224", "--epochs", "0")
+    written = sorted(path.parent.parent.name for path in tmp_path.glob("*/1/model.onnx"))
+    fp32 = next(name for name in written if name.endswith("fp32"))
+    with np.load(MODELS_DIR / "surface_defect_224" / "1" / "samples.npz") as samples:
+        images, expected = samples["input__image"], samples["output__defect_prob"][:, 0]
+    exported = _probabilities(tmp_path / fp32 / "1" / "model.onnx", images)
+    np.testing.assert_allclose(exported, expected, atol=0.08)
