@@ -6,8 +6,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt import _packet
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MQTTException, Properties
 from pydantic import ValidationError
 
