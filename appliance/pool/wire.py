@@ -194,7 +194,7 @@ class FastProperties(Properties):
         ):
             super().__setattr__(name, value)  # paho's checks, and its errors
             return
-        if identifier in _MULTIPLE:
+        if self.allowsMultiple(compressed):  # paho's own list (lists of values)
             value = value if isinstance(value, list) else [value]
             if compressed in self.__dict__:
                 value = self.__dict__[compressed] + value
@@ -204,7 +204,6 @@ class FastProperties(Properties):
 _TABLES = Properties(PacketTypes.PUBLISH)
 _IDENTS = {name.replace(" ", ""): identifier for name, identifier in _TABLES.names.items()}
 _NAMES = {identifier: name for name, identifier in _TABLES.names.items()}
-_MULTIPLE = (11, 38)  # SubscriptionIdentifier, UserProperty: lists
 _RANGE_CHECKED = frozenset({
     "ReceiveMaximum", "TopicAlias", "TopicAliasMaximum", "MaximumPacketSize", "SubscriptionIdentifier",
     "RequestResponseInformation", "RequestProblemInformation", "PayloadFormatIndicator",
