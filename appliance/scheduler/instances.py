@@ -14,8 +14,9 @@ from appliance.scheduler.profile import LatencyProfile
 
 log = logging.getLogger(__name__)
 
-_MEASURE_S = 1.0  # per candidate; enough for ~10 batches of a 224x224 CNN on 2 cores
+_MEASURE_S = 1.0  # per candidate and comparison; enough for ~10 batches of a 224x224 CNN on 2 cores
 _MIN_RUNS = 3  # per thread, however long a batch takes
+_ROUNDS = 2  # alternating slices per candidate (its best counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,21 +79,37 @@ def _rows_per_s(model: LoadedModel, instances: int, rows: int, budget_s: float) 
 
 
 def choose(load: Callable[[int], LoadedModel], cores: int) -> tuple[LoadedModel, int, list[Trial]]:
-    """Load one session per candidate, keep the fastest; ties (within 3%) go to fewer instances."""
-    best: tuple[LoadedModel, int] | None = None
-    best_rate = 0.0
-    trials: list[Trial] = []
-    for instances, threads in candidates(cores):
+    """Load one session per candidate, keep the fastest; ties (within 3%) go to fewer instances.
+
+    Each candidate is measured against the best so far in alternating slices, and each keeps its best
+    slice: another process on the box only ever slows a slice down. One measurement each, one after
+    the other, let a busy second at start-up pick one worker with every core (2 of about 12 starts on a
+    noisy 2-core box), which serves the 224 px reference model to 32 shared-memory clients at 250-278
+    rows/s against 319-323 for two workers with a core each, for the life of the process. Two sessions
+    are open at a time, as before.
+    """
+    layouts = candidates(cores)
+    instances, threads = layouts[0]
+    best, best_instances = load(threads), instances
+    rates = {(instances, threads): 0.0}
+    best_key = (instances, threads)
+    if len(layouts) == 1:
+        rates[best_key] = measure(best, instances)
+    for instances, threads in layouts[1:]:
         model = load(threads)
-        rate = measure(model, instances)
-        trials.append(Trial(instances, threads, rate))
-        if best is None or rate > best_rate * 1.03:
-            best, best_rate = (model, instances), rate
-    assert best is not None
+        key = (instances, threads)
+        rates[key] = 0.0
+        for _ in range(_ROUNDS):
+            slice_s = _MEASURE_S / _ROUNDS
+            rates[best_key] = max(rates[best_key], measure(best, best_instances, slice_s))
+            rates[key] = max(rates[key], measure(model, instances, slice_s))
+        if rates[key] > rates[best_key] * 1.03:
+            best, best_instances, best_key = model, instances, key
+    trials = [Trial(k, t, rates[(k, t)]) for k, t in layouts]
     log.info(
         "model %s: %d instance(s) chosen; measured %s",
-        best[0].name,
-        best[1],
+        best.name,
+        best_instances,
         ", ".join(f"{t.instances}x{t.threads_per_call} threads: {t.rows_per_s:.0f} rows/s" for t in trials),
     )
-    return best[0], best[1], trials
+    return best, best_instances, trials

@@ -1,0 +1,57 @@
+"""Choosing K (worker threads sharing a session) at start-up: alternating slices, each layout's best."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+
+from appliance.scheduler import instances
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, slices: dict[int, list[float]]) -> list[int]:
+    """`measure` answers each layout (by K) with its next scripted rate; returns the order asked."""
+    rates: dict[int, Iterator[float]] = {k: iter(v) for k, v in slices.items()}
+    asked: list[int] = []
+
+    def measure(model: object, count: int, budget_s: float = 1.0) -> float:
+        asked.append(count)
+        return next(rates[count])
+
+    monkeypatch.setattr(instances, "measure", measure)
+    return asked
+
+
+def _load(threads: int) -> SimpleNamespace:
+    return SimpleNamespace(name="m", threads=threads)
+
+
+def test_a_busy_slice_at_start_up_does_not_pick_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two workers with a core each are faster (400 against 340 rows/s), but the box was busy during
+    # their first slice: measured once each, one after the other, one worker with both cores won.
+    asked = _scripted(monkeypatch, {1: [300.0, 340.0], 2: [250.0, 400.0]})
+    model, count, trials = instances.choose(_load, cores=2)
+    assert asked == [1, 2, 1, 2]  # alternating, so that noise hits both alike
+    assert count == 2 and model.threads == 1
+    assert [(t.instances, t.threads_per_call, t.rows_per_s) for t in trials] == [(1, 2, 340.0), (2, 1, 400.0)]
+
+
+def test_within_3_percent_fewer_instances_keep_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    _scripted(monkeypatch, {1: [400.0, 390.0], 2: [405.0, 411.0]})
+    model, count, _ = instances.choose(_load, cores=2)
+    assert count == 1 and model.threads == 2
+
+
+def test_four_cores_compare_each_layout_with_the_best_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = _scripted(monkeypatch, {1: [300.0, 310.0], 2: [500.0, 480.0, 470.0, 490.0], 4: [450.0, 520.0]})
+    _, count, trials = instances.choose(_load, cores=4)
+    assert asked == [1, 2, 1, 2, 2, 4, 2, 4]
+    assert count == 4
+    assert [t.rows_per_s for t in trials] == [310.0, 500.0, 520.0]
+
+
+def test_one_core_measures_its_only_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    _scripted(monkeypatch, {1: [123.0]})
+    _, count, trials = instances.choose(_load, cores=1)
+    assert count == 1 and [t.rows_per_s for t in trials] == [123.0]
