@@ -84,6 +84,39 @@ def serve(
         scratch.cleanup()
 
 
+class RawOrt:
+    """A bare ORT session in one layout: `threads` intra-op threads, called from `callers` Python threads
+    at once (ORT releases the GIL); spinning only where one caller has the cores to itself."""
+
+    def __init__(
+        self, model_path: Path, inputs: dict[str, np.ndarray], *, threads: int, callers: int
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if callers > 1 else "1")
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.inputs, self.threads, self.callers = inputs, threads, callers
+
+    def rows_per_s(self, rows: int, duration_s: float) -> tuple[float, float]:
+        """Rows/s at batch `rows` over `duration_s`, and the CPU cores this process used meanwhile."""
+        feed = {name: np.repeat(array, rows, axis=0) for name, array in self.inputs.items()}
+        self.session.run(None, feed)
+        counts = [0] * self.callers
+        stop_at = time.perf_counter() + duration_s
+        workers = [
+            threading.Thread(target=_run_until, args=(self.session, feed, rows, stop_at, counts, i))
+            for i in range(self.callers)
+        ]
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        elapsed_s = time.perf_counter() - started
+        return sum(counts) / elapsed_s, (time.process_time() - cpu_started) / elapsed_s
+
+
 def raw_ort_throughput(
     model_path: Path,
     inputs: dict[str, np.ndarray],
@@ -99,30 +132,10 @@ def raw_ort_throughput(
     cores = len(os.sched_getaffinity(0))
     best: dict[str, float] = {"rows_per_s": 0.0}
     for threads, callers in sorted({(cores, 1), (1, cores)}):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if callers > 1 else "1")
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        raw = RawOrt(model_path, inputs, threads=threads, callers=callers)
         for rows in batch_sizes:
-            feed = {name: np.repeat(array, rows, axis=0) for name, array in inputs.items()}
-            session.run(None, feed)
-            counts = [0] * callers
-            stop_at = time.perf_counter() + duration_s
-
-            workers = [
-                threading.Thread(target=_run_until, args=(session, feed, rows, stop_at, counts, i))
-                for i in range(callers)
-            ]
-            started, cpu_started = time.perf_counter(), time.process_time()
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            elapsed_s = time.perf_counter() - started
-            rate = sum(counts) / elapsed_s
+            rate, cpu_cores = raw.rows_per_s(rows, duration_s)  # cpu_cores < cores on a busy box
             if rate > best["rows_per_s"]:
-                cpu_cores = (time.process_time() - cpu_started) / elapsed_s  # < cores on a busy box
                 best = {"rows_per_s": rate, "batch_rows": rows, "threads": threads, "callers": callers,
                         "cpu_cores": round(cpu_cores, 2)}  # fmt: skip
     return best

@@ -13,6 +13,10 @@ input is written once (a camera captures into it), so a request carries only its
 clients each have their own channel (HTTP/2 connection) and send pre-serialised ModelInferRequests,
 the HTTP generator pre-encoded bodies: both clients cost as little as they can.
 
+`--slices K` splits each N-client phase into K slices, each right after a raw ORT slice as long
+(raw's best layout from the start): on a shared VM whose speed drifts within minutes, the median of
+the K pairs' ratios is the figure to trust (`vs_raw_ort_interleaved`; `--profile` is not taken then).
+
 Where the time goes: during each N-client phase, CPU seconds of the server by thread (the event
 loop; the workers, where ONNX Runtime computes; the rest: gRPC's threads, decode threads), of this
 process (the load generator) and of everything else on the box, as shares of the cores.
@@ -21,6 +25,7 @@ process (the load generator) and of everything else on the box, as shares of the
 from __future__ import annotations
 
 import asyncio
+import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -36,7 +41,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_parser, raw_ort_latency_ms, raw_ort_throughput, report, serve
+from common import RawOrt, bench_parser, raw_ort_latency_ms, raw_ort_throughput, report, serve
 from cpu_split import CpuSplit, profiled
 from loadgen import Prepared, Result, closed_loop
 from throughput import sample_input
@@ -56,6 +61,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument(
         "--order", default=",".join(TRANSPORTS), help="transports in the order measured (rotate across runs)"
+    )
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=0,
+        help="split each N-client phase into this many slices, each after a raw ORT slice as long",
     )
     parser.add_argument(
         "--profile",
@@ -103,6 +114,10 @@ def main() -> None:
     figures["grpc_vs_http_binary"] = round(
         figures["grpc"]["ok_per_s"] / figures["http_binary"]["ok_per_s"], 3
     )
+    if args.slices:
+        interleaved = {name: figures[name]["vs_raw_ort_interleaved"]["median"] for name in order}
+        ratio = interleaved["grpc"] / interleaved["http_binary"]
+        figures["grpc_vs_http_binary_interleaved"] = round(ratio, 3)
     report("local_clients", figures)
 
 
@@ -110,14 +125,22 @@ def _measure(
     server: Any, load: Any, name: str, args: Any, model_path: Path, inputs: dict[str, np.ndarray], before: Any
 ) -> dict[str, Any]:
     """One transport: raw ORT just before it (the box's other tenants come and go), N clients with
-    the cores' split, then raw ORT's batch-1 p50 and one client's p50 with the server's compute time."""
+    the cores' split, then raw ORT's batch-1 p50 and one client's p50 with the server's compute time.
+
+    With `--slices K`, the N-client phase is K slices, each right after a slice of raw ORT of the same
+    length in its best layout: the pairs' ratios (median, min-max) are what a box whose speed drifts by
+    a third within minutes (a shared VM) still measures fairly."""
     rows = (int(before["batch_rows"]),)
     adjacent = raw_ort_throughput(model_path, inputs, duration_s=args.duration / 2, batch_sizes=rows)
-    split = CpuSplit(server.process.pid)
-    with profiled(server.process.pid, args.profile, name, args.duration):
-        many = asyncio.run(load(args.clients, args.duration))
-    found = {**many.summary(), "statuses": {str(k): n for k, n in many.statuses.items()}}
-    found |= {"cpu_cores": split.shares(), "raw_ort_adjacent": adjacent}
+    if args.slices:
+        found = _interleaved(server, load, args, model_path, inputs, before)
+        found["raw_ort_adjacent"] = adjacent
+    else:
+        split = CpuSplit(server.process.pid)
+        with profiled(server.process.pid, args.profile, name, args.duration):
+            many = asyncio.run(load(args.clients, args.duration))
+        found = {**many.summary(), "statuses": {str(k): n for k, n in many.statuses.items()}}
+        found |= {"cpu_cores": split.shares(), "raw_ort_adjacent": adjacent}
     raw_p50_ms = raw_ort_latency_ms(model_path, inputs, runs=300)
     computed = _batch_one_compute(server.host, server.port, args.model)
     one = asyncio.run(load(1, args.duration / 2))
@@ -131,6 +154,38 @@ def _measure(
         "server_queue_ms": round(queue_s / max(queued, 1) * 1e3, 3),  # the batcher's wait, mostly
         "raw_ort_batch1_p50_ms": round(raw_p50_ms, 3),
         "p50_over_raw_ms": round(one.percentile_ms(50) - raw_p50_ms, 3),
+    }
+    return found
+
+
+def _interleaved(
+    server: Any, load: Any, args: Any, model_path: Path, inputs: dict[str, np.ndarray], before: Any
+) -> dict[str, Any]:
+    """K pairs of (raw ORT slice, N-client slice); CPU shares averaged over the served slices."""
+    raw = RawOrt(model_path, inputs, threads=int(before["threads"]), callers=int(before["callers"]))
+    slice_s = args.duration / args.slices
+    served, ratios, raw_rates = Result(), [], []
+    shares: dict[str, float] = {}
+    for _ in range(args.slices):
+        raw_rate, _ = raw.rows_per_s(int(before["batch_rows"]), slice_s)
+        split = CpuSplit(server.process.pid)
+        part = asyncio.run(load(args.clients, slice_s))
+        for key, value in split.shares().items():
+            shares[key] = shares.get(key, 0.0) + value / args.slices
+        served.latencies_s += part.latencies_s
+        for status, count in part.statuses.items():
+            served.statuses[status] = served.statuses.get(status, 0) + count
+        served.elapsed_s += part.elapsed_s
+        raw_rates.append(raw_rate)
+        ratios.append(part.rate / raw_rate)
+    found = {**served.summary(), "statuses": {str(k): n for k, n in served.statuses.items()}}
+    found["cpu_cores"] = {key: round(value, 2) for key, value in shares.items()}
+    found["vs_raw_ort_interleaved"] = {
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+        "slices": args.slices,
+        "raw_rows_per_s": [round(r) for r in raw_rates],
     }
     return found
 
