@@ -3,8 +3,9 @@
 Per-thread utime + stime of the server from /proc, each thread named by py-spy (`py-spy dump --json`
 maps OS thread ids to Python thread names; `pip install py-spy`): MainThread runs the event loop,
 worker-<model>-<i> (and pool ones) are the workers (ONNX Runtime computes on them), asyncio_<i> decode
-big bodies; threads Python does not know are native (gRPC's and ONNX Runtime's pools). Without py-spy,
-the main thread is told from the rest only. This process's CPU time is the load generator's, and
+big bodies; threads Python does not know are grpcio's (by their names) or native (ONNX Runtime's intra-op
+pools, busy where a session has 2+ threads per call). Without py-spy, the main thread is told from the
+rest only. This process's CPU time is the load generator's, and
 the box's busy time (/proc/stat) less both is everything else on the box (other people's work).
 """
 
@@ -33,7 +34,10 @@ def thread_names(pid: int) -> dict[int, str]:
         return {}
 
 
-def _kind(tid: int, pid: int, names: dict[int, str]) -> str:
+SERVER_KINDS = ("event_loop", "workers", "decode_threads", "other_python", "grpc_threads", "native")
+
+
+def _kind(tid: int, pid: int, names: dict[int, str], comm: str) -> str:
     name = names.get(tid, "")
     if tid == pid or name == "MainThread":
         return "event_loop"
@@ -41,7 +45,11 @@ def _kind(tid: int, pid: int, names: dict[int, str]) -> str:
         return "workers"
     if name.startswith("asyncio_"):
         return "decode_threads"
-    return "other_python" if name else "native"
+    if name:
+        return "other_python"
+    # Threads Python does not know: grpcio names its own (event_engine, grpc_*); ONNX Runtime's intra-op
+    # pool threads keep the process's name, and are most of the rest (a session with 2+ threads per call).
+    return "grpc_threads" if comm.startswith(("event_engine", "grpc")) else "native"
 
 
 class CpuSplit:
@@ -53,14 +61,16 @@ class CpuSplit:
         self.started = self._sample()
 
     def _sample(self) -> dict[str, float]:
-        found = dict.fromkeys(("event_loop", "workers", "decode_threads", "other_python", "native"), 0.0)
+        found = dict.fromkeys(SERVER_KINDS, 0.0)
         for task in Path(f"/proc/{self.pid}/task").iterdir():
             try:
                 stat = (task / "stat").read_text()
             except OSError:
                 continue  # a thread that ended meanwhile
             fields = stat[stat.rindex(")") + 2 :].split()
-            found[_kind(int(task.name), self.pid, self.names)] += (int(fields[11]) + int(fields[12])) * TICK_S
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            kind = _kind(int(task.name), self.pid, self.names, comm)
+            found[kind] += (int(fields[11]) + int(fields[12])) * TICK_S
         found["generator"] = time.process_time()
         with open("/proc/stat") as stat:
             user, nice, system, _, _, irq, softirq, steal = map(int, stat.readline().split()[1:9])
@@ -72,7 +82,7 @@ class CpuSplit:
         ended = self._sample()
         wall_s = ended.pop("wall") - self.started["wall"]
         used = {key: (value - self.started[key]) / wall_s for key, value in ended.items()}
-        server = sum(used[k] for k in ("event_loop", "workers", "decode_threads", "other_python", "native"))
+        server = sum(used[k] for k in SERVER_KINDS)
         used["others_on_box"] = max(0.0, used.pop("box_busy") - server - used["generator"])
         return {key: round(value, 2) for key, value in used.items()}
 
