@@ -224,7 +224,7 @@ class Service:
     async def _sample_cpu(self) -> None:
         """Feed the capacity estimate with CPU counters: what requests cost beyond compute."""
         while True:
-            counters = cpu.sample()
+            counters = cpu.sample(self.hub.child_pids())
             self.hub.observe_cpu(
                 counters.wall_s, counters.own_cpu_s, counters.thread_cpu_s, counters.busy_cpu_s
             )

@@ -71,6 +71,15 @@ class ModelHub:
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(list(self._entries.values()))
 
+    def child_pids(self) -> list[int]:
+        """The pool processes running now: their CPU is this service's (the capacity budget)."""
+        pids = []
+        for entry in self:
+            replica = entry.scheduler.replica if entry.scheduler is not None else None
+            if replica is not None and (pid := replica.pid) is not None:
+                pids.append(pid)
+        return pids
+
     def is_served(self, name: str) -> bool:
         """Whether `name` is a model of this hub, in any state (metrics label only these by name)."""
         return name in self._entries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psutil
@@ -18,19 +19,32 @@ class CpuSample:
     busy_cpu_s: float  # every process on the box (all cores, idle and iowait excluded)
 
 
-def sample() -> CpuSample:
+def sample(children: Iterable[int] | None = None) -> CpuSample:
+    """The counters now. `children`: the pids of the running children to count (the service knows its
+    pool processes); None finds them, which reads every process's stat on the box (1.3 ms here with 90
+    processes, on the event loop)."""
     times = psutil.cpu_times()
     busy = times.user + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
     busy += getattr(times, "steal", 0.0) + getattr(times, "nice", 0.0)
-    return CpuSample(time.monotonic(), time.process_time() + _children_cpu_s(), time.thread_time(), busy)
+    own_s = time.process_time() + _children_cpu_s(children)
+    return CpuSample(time.monotonic(), own_s, time.thread_time(), busy)
 
 
-def _children_cpu_s() -> float:
+def _children_cpu_s(pids: Iterable[int] | None) -> float:
     """CPU of the children still running plus those already reaped, so the sum never goes back."""
     reaped = os.times()
     total = reaped.children_user + reaped.children_system
-    for child in psutil.Process().children():
+    running = psutil.Process().children() if pids is None else [_process(pid) for pid in pids]
+    for child in running:
         with contextlib.suppress(psutil.Error):
-            times = child.cpu_times()
-            total += times.user + times.system
+            if child is not None:
+                times = child.cpu_times()
+                total += times.user + times.system
     return total
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None  # ended meanwhile: reaped, it is in os.times()

@@ -221,8 +221,12 @@ def test_the_cpu_budget_counts_the_pool_processes() -> None:
     try:
         assert child.stdout is not None and child.stdout.readline() == "burnt\n"
         alive = cpu.sample().own_cpu_s
+        named = cpu.sample([child.pid]).own_cpu_s  # as the service asks: its pool processes by pid
+        unnamed = cpu.sample([]).own_cpu_s
     finally:
         child.communicate("\n")
     reaped = cpu.sample().own_cpu_s
     assert alive - before >= 0.3  # a running child counts...
+    assert named - before >= 0.3 and unnamed - before < 0.3  # ...when found, or named
     assert reaped >= alive  # ...and still counts once it has ended
+    assert cpu.sample([child.pid]).own_cpu_s >= reaped  # its pid gone: counted once, as reaped
