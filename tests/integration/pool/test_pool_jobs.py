@@ -35,11 +35,13 @@ async def test_job_runs_and_answers_on_the_response_topic(
         await recorder.node("birth")
         replica = running.service.hub.scheduler("batchable").replica
         assert replica is not None and replica.pid not in (None, os.getpid())
+        assert replica.pid in running.service.hub.child_pids()  # its CPU counts in the capacity budget
         # The pool process, killed while idle, is started again by the next batch that goes to it:
         # so a restart below shows the job's batch went there.
         first_child = replica._child.process
         first_child.kill()
         first_child.wait()
+        assert first_child.pid not in running.service.hub.child_pids()
         body, user = job(binary, timeout=5_000_000)
         validate("job_request", orjson.loads(body[: int(user.get(codec.HEADER_LENGTH, len(body)))]))
         answer = await ask(recorder, names, "infer/batchable", body, user=user, expiry_s=30)
