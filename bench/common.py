@@ -96,7 +96,7 @@ class RawOrt:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0" if callers > 1 else "1")
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        self.inputs, self.threads, self.callers = inputs, threads, callers
+        self.inputs, self.callers = inputs, callers
 
     def rows_per_s(self, rows: int, duration_s: float) -> tuple[float, float]:
         """Rows/s at batch `rows` over `duration_s`, and the CPU cores this process used meanwhile."""

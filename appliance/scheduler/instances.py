@@ -89,27 +89,25 @@ def choose(load: Callable[[int], LoadedModel], cores: int) -> tuple[LoadedModel,
     are open at a time, as before.
     """
     layouts = candidates(cores)
-    instances, threads = layouts[0]
-    best, best_instances = load(threads), instances
-    rates = {(instances, threads): 0.0}
-    best_key = (instances, threads)
+    best_key = layouts[0]  # (instances, threads per call)
+    best = load(best_key[1])
+    rates = dict.fromkeys(layouts, 0.0)
     if len(layouts) == 1:
-        rates[best_key] = measure(best, instances)
-    for instances, threads in layouts[1:]:
+        rates[best_key] = measure(best, best_key[0])
+    for key in layouts[1:]:
+        instances, threads = key
         model = load(threads)
-        key = (instances, threads)
-        rates[key] = 0.0
         for _ in range(_ROUNDS):
             slice_s = _MEASURE_S / _ROUNDS
-            rates[best_key] = max(rates[best_key], measure(best, best_instances, slice_s))
+            rates[best_key] = max(rates[best_key], measure(best, best_key[0], slice_s))
             rates[key] = max(rates[key], measure(model, instances, slice_s))
         if rates[key] > rates[best_key] * 1.03:
-            best, best_instances, best_key = model, instances, key
+            best, best_key = model, key
     trials = [Trial(k, t, rates[(k, t)]) for k, t in layouts]
     log.info(
         "model %s: %d instance(s) chosen; measured %s",
         best.name,
-        best_instances,
+        best_key[0],
         ", ".join(f"{t.instances}x{t.threads_per_call} threads: {t.rows_per_s:.0f} rows/s" for t in trials),
     )
-    return best, best_instances, trials
+    return best, best_key[0], trials

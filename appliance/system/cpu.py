@@ -34,12 +34,14 @@ def _children_cpu_s(pids: Iterable[int] | None) -> float:
     """CPU of the children still running plus those already reaped, so the sum never goes back."""
     reaped = os.times()
     total = reaped.children_user + reaped.children_system
-    running = psutil.Process().children() if pids is None else [_process(pid) for pid in pids]
+    if pids is None:
+        running = psutil.Process().children()
+    else:
+        running = [child for child in map(_process, pids) if child is not None]
     for child in running:
         with contextlib.suppress(psutil.Error):
-            if child is not None:
-                times = child.cpu_times()
-                total += times.user + times.system
+            times = child.cpu_times()
+            total += times.user + times.system
     return total
 
 
