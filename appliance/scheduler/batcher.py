@@ -47,9 +47,16 @@ class Batcher:
         return max(1, self.rules.max_rows)
 
     def next(
-        self, queues: Queues, now_s: float, *, take_line: bool = True, take_pool: bool = True
+        self,
+        queues: Queues,
+        now_s: float,
+        *,
+        take_line: bool = True,
+        take_pool: bool = True,
+        share_rows: int | None = None,
     ) -> Decision:
-        """Decide for one free worker (one that takes line work, pool work or both).
+        """Decide for one free worker (one that takes line work, pool work or both). `share_rows`
+        (from share()) caps its line batch when several workers take from the queue in turn.
 
         Pool work is considered only when no line work waits, whoever asks.
         """
@@ -57,7 +64,8 @@ class Batcher:
         if len(queues.line):
             if not take_line:
                 return decision
-            batch, wake_s = self._form(queues.line, now_s, self.batch_rows(), self.row_limit)
+            rows = self.batch_rows() if share_rows is None else min(self.batch_rows(), share_rows)
+            batch, wake_s = self._form(queues.line, now_s, rows, self.row_limit, may_wait=share_rows is None)
             if batch is None:
                 decision.wake_s = wake_s
             decision.batch = batch
@@ -68,6 +76,15 @@ class Batcher:
                 queues.pool, now_s, min(pool_limit, self.batch_rows()), pool_limit
             )
         return decision
+
+    def share(self, queues: Queues, workers: int) -> int | None:
+        """Line rows per worker when `workers` free workers take from the queue in turn, or None when
+        there is nothing to share. They split the queued rows evenly and none holds its batch for more:
+        a burst runs on all of them at once, where one would take a whole batch (a straight latency
+        profile's best is the largest) while the others idle."""
+        if workers < 2 or queues.line.rows < 2:
+            return None
+        return -(-queues.line.rows // workers)
 
     def batch_rows(self) -> int:
         """Rows to aim for: the profile's best rate, so a long queue runs as several right-sized batches."""
@@ -100,7 +117,7 @@ class Batcher:
         return expired
 
     def _form(
-        self, queue: ClassQueue, now_s: float, row_limit: int, hard_limit: int
+        self, queue: ClassQueue, now_s: float, row_limit: int, hard_limit: int, *, may_wait: bool = True
     ) -> tuple[Batch | None, float | None]:
         """A batch of about `row_limit` rows (a bigger request, up to `hard_limit`, runs alone)."""
         head = queue.head()
@@ -118,7 +135,7 @@ class Batcher:
                 break  # more rows would make the most urgent request late
             items.append(work)
             rows += work.rows
-        if rows < row_limit:
+        if rows < row_limit and may_wait:
             wake_s = self._wait_until(items, row_limit, now_s)
             if wake_s is not None:
                 return None, wake_s

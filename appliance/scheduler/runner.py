@@ -209,8 +209,9 @@ class ModelScheduler:
         for work in self.batcher.expire(self.queues, now):
             self._expire(work, now)
         shares_workers = not self.pool_rules.has_own_threads
+        share = self.batcher.share(self.queues, sum(not w.runs for w in self.line_workers))
         while idle := [w for w in self.line_workers if not w.runs]:
-            if not self._submit_next(idle[0], now, take_pool=shares_workers):
+            if not self._submit_next(idle[0], now, take_pool=shares_workers, share_rows=share):
                 break
         if len(self.queues.line):
             self._queue_line_work_ahead(now)
@@ -231,21 +232,30 @@ class ModelScheduler:
         batches while the event loop read request bodies. Pool batches are never queued ahead:
         they must not stand between line work and a worker.
         """
-        for worker in self.line_workers:
+        busy = [w for w in self.line_workers if len(w.runs) == 1 and w.runs[0].priority is Priority.LINE]
+        share = self.batcher.share(self.queues, len(busy))
+        for worker in busy:
             if len(self.queues.line) == 0:
                 return
-            if len(worker.runs) != 1 or worker.runs[0].priority is not Priority.LINE:
-                continue
             running = worker.runs[0]
             starts_s = max(now_s, running.started_s + running.predicted_s)
-            self._submit_next(worker, starts_s, take_pool=False)
+            self._submit_next(worker, starts_s, take_pool=False, share_rows=share)
 
     def _submit_next(
-        self, worker: Worker, starts_s: float, *, take_line: bool = True, take_pool: bool = True
+        self,
+        worker: Worker,
+        starts_s: float,
+        *,
+        take_line: bool = True,
+        take_pool: bool = True,
+        share_rows: int | None = None,
     ) -> bool:
-        """Form the next batch as of `starts_s` and hand it to `worker`; False when nothing is due."""
+        """Form the next batch as of `starts_s` and hand it to `worker`, its line rows capped at
+        `share_rows` (Batcher.share); False when nothing is due."""
         while True:
-            decision = self.batcher.next(self.queues, starts_s, take_line=take_line, take_pool=take_pool)
+            decision = self.batcher.next(
+                self.queues, starts_s, take_line=take_line, take_pool=take_pool, share_rows=share_rows
+            )
             for work in decision.expired:
                 self._expire(work, starts_s)
             batch = decision.batch

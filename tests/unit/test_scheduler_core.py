@@ -59,6 +59,26 @@ def test_batch_counts_rows_and_respects_the_limit() -> None:
     assert [w.rows for w in queues.line] == [2, 1]
 
 
+def test_free_workers_share_a_burst_evenly() -> None:
+    """31 queued rows and two free workers: batches of 16 and 15 that run at once, not 31 held for a
+    32nd on one worker while the other idles (a straight profile's best batch is the largest)."""
+    batcher = Batcher(BatchRules(max_rows=32, max_queue_delay_s=0.05, max_interference_s=1.0), profile())
+    queues = Queues(line_max_requests=64, pool_max_requests=16)
+    for _ in range(31):
+        queues.push(work(1, 10.0))
+    queues.push(work(1, 10.0, Priority.POOL))
+    assert batcher.batch_rows() == 32
+    alone = batcher.next(queues, now_s=0.0)
+    assert alone.batch is None and alone.wake_s == pytest.approx(0.05)  # one worker: held for a 32nd
+    share = batcher.share(queues, 2)
+    assert share == 16
+    first, second = (batcher.next(queues, now_s=0.0, share_rows=share).batch for _ in range(2))
+    assert first is not None and second is not None
+    assert (first.rows, second.rows) == (16, 15)  # line rows only: pool work waits behind them
+    assert not len(queues.line) and len(queues.pool) == 1
+    assert batcher.share(queues, 1) is None and batcher.share(queues, 2) is None  # nothing to share
+
+
 def test_line_before_pool_and_pool_bounded_by_interference() -> None:
     p = profile(intercept_s=0.002, per_row_s=0.001)
     batcher = Batcher(BatchRules(max_rows=8, max_queue_delay_s=0.0, max_interference_s=0.0045), p)
@@ -178,10 +198,11 @@ def test_simulation_invariants(arrivals: list[Arrival], workers: int, max_rows: 
             queues.push(item)
             admitted.append(item)
         wake = None
+        share = batcher.share(queues, sum(until <= now for until in busy_until))
         for index in range(workers):
             if busy_until[index] > now:
                 continue
-            decision = batcher.next(queues, now)
+            decision = batcher.next(queues, now, share_rows=share)
             for item in decision.expired:
                 assert now + p.expected_s(item.rows) > item.deadline_s, "expired work that could run"
                 answer(item, "expired")
