@@ -80,7 +80,12 @@ def _rows_per_s(model: LoadedModel, instances: int, rows: int, budget_s: float) 
 
 
 def choose(load: Callable[[int], LoadedModel], cores: int) -> tuple[LoadedModel, int, list[Trial]]:
-    """Load one session per candidate, keep the fastest; ties (within 3%) go to fewer instances.
+    """Load one session per candidate, keep the fastest; ties (within 3%) go to more instances.
+
+    Ties go to more instances because the layouts only come close when something else keeps the cores
+    busy during the measurement (2-6% apart beside a training run, 14-27% on a quiet box, the 224 px
+    model on 2 cores), and the busy spell passes where the choice stays; one request alone still gets
+    every core from the solo session.
 
     Each candidate is measured against the best so far in alternating slices, and each keeps its best
     slice: another process on the box only ever slows a slice down. One measurement each, one after
@@ -109,7 +114,7 @@ def choose(load: Callable[[int], LoadedModel], cores: int) -> tuple[LoadedModel,
             slice_s = _MEASURE_S / _ROUNDS
             rates[best_key] = max(rates[best_key], measure(best, best_key[0], slice_s))
             rates[key] = max(rates[key], measure(model, instances, slice_s))
-        if rates[key] > rates[best_key] * 1.03:
+        if rates[key] * 1.03 >= rates[best_key]:
             best, best_key = model, key
     trials = [Trial(k, t, rates[(k, t)]) for k, t in layouts]
     log.info(
