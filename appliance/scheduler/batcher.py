@@ -64,7 +64,9 @@ class Batcher:
         if len(queues.line):
             if not take_line:
                 return decision
-            rows = self.batch_rows() if share_rows is None else min(self.batch_rows(), share_rows)
+            rows = self.batch_rows()
+            if share_rows is not None:
+                rows = min(rows, share_rows)
             batch, wake_s = self._form(queues.line, now_s, rows, self.row_limit, may_wait=share_rows is None)
             if batch is None:
                 decision.wake_s = wake_s

@@ -79,6 +79,13 @@ def _rows_per_s(model: LoadedModel, instances: int, rows: int, budget_s: float) 
     return sum(done) / (time.perf_counter() - started)
 
 
+def _alternate(rates: dict[tuple[int, int], float], *layouts: tuple[LoadedModel, tuple[int, int]]) -> None:
+    """_ROUNDS alternating slices of each (session, (instances, threads)); each keeps its best rate."""
+    for _ in range(_ROUNDS):
+        for model, key in layouts:
+            rates[key] = max(rates[key], measure(model, key[0], _MEASURE_S / _ROUNDS))
+
+
 def choose(load: Callable[[int], LoadedModel], cores: int) -> tuple[LoadedModel, int, list[Trial]]:
     """Load one session per candidate, keep the fastest; ties (within 3%) go to more instances.
 
@@ -104,16 +111,10 @@ def choose(load: Callable[[int], LoadedModel], cores: int) -> tuple[LoadedModel,
     if len(layouts) == 1:
         rates[best_key] = measure(best, best_key[0])
     for key in layouts[1:]:
-        instances, threads = key
-        model = load(threads)
-        for round_index in range(2 * _ROUNDS):
-            if round_index == _ROUNDS and max(rates[key], rates[best_key]) > _CLOSE * min(
-                rates[key], rates[best_key]
-            ):
-                break  # clearly apart: no need to look again
-            slice_s = _MEASURE_S / _ROUNDS
-            rates[best_key] = max(rates[best_key], measure(best, best_key[0], slice_s))
-            rates[key] = max(rates[key], measure(model, instances, slice_s))
+        model = load(key[1])
+        _alternate(rates, (best, best_key), (model, key))
+        if max(rates[key], rates[best_key]) <= _CLOSE * min(rates[key], rates[best_key]):
+            _alternate(rates, (best, best_key), (model, key))  # close: look again, later
         if rates[key] * 1.03 >= rates[best_key]:
             best, best_key = model, key
     trials = [Trial(k, t, rates[(k, t)]) for k, t in layouts]
