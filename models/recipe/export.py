@@ -92,7 +92,9 @@ def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -
     The heads stay fp32: a 1x1 conv and a linear layer cost nothing, and int8 logits coarsen defect_map.
     So does the per-image standardisation in front of the first conv: in uint8, the squared deviations of
     a faint texture (spread 0.03) round to a step or two, and its spread, hence the whole standardised
-    image, would come out wrong; in fp32 these few element-wise ops on one image cost next to nothing."""
+    image, would come out wrong; in fp32 these few element-wise ops on one image cost next to nothing.
+    The spectral whitening of SurfaceNet (nets.Whiten) stays fp32 as well: its matrix products carry a
+    spectrum whose bins span many orders of magnitude, which 8 bits cannot hold."""
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
@@ -100,7 +102,7 @@ def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -
         nodes = onnx.load(str(prepared)).graph.node
         first_conv = next(i for i, node in enumerate(nodes) if node.op_type == "Conv")
         standardise = [node.name for node in nodes[:first_conv]]
-        heads = [node.name for node in nodes if "/heads/" in node.name]
+        fp32_parts = [node.name for node in nodes if "/heads/" in node.name or "/whiten/" in node.name]
         quantize_static(
             str(prepared),
             str(int8_path),
@@ -109,7 +111,7 @@ def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            nodes_to_exclude=standardise + heads,
+            nodes_to_exclude=list(dict.fromkeys(standardise + fp32_parts)),
         )
     quantised = onnx.load(str(int8_path))
     unsigned_weights(quantised)  # exact on x86 CPUs without VNNI too (unsigned.py says why)
