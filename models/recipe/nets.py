@@ -8,7 +8,9 @@ from torch.nn import functional as F
 
 WHITEN_SMOOTH = 5  # frequency bins (a square) over which the image's own power spectrum is averaged
 WHITEN_FLOOR = 1e-3  # of the mean power: bins with almost nothing in them are not blown up to noise
-WHITEN_EMPTY = 1e-12  # power added to every bin, so that a flat image (no power at all) whitens to zeros
+# Power added to every bin, so that a flat image (no power at all) whitens to zeros, not NaN. Below the last
+# bit of any bin a texture has, so it changes nothing else (not even how the shipped weights trained).
+WHITEN_EMPTY = 1e-30
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Sequential:
