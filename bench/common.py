@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,13 @@ def raw_ort_latency_ms(model_path: Path, inputs: dict[str, np.ndarray], runs: in
 
 SCHED_CHOICES = ("normal", "idle")
 DEFAULT_MODEL = "surface_defect_224_u8"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a broker or server a bench starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def bench_parser(doc: str | None, *, duration_s: float) -> argparse.ArgumentParser:

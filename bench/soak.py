@@ -38,19 +38,13 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_parser, report, serve
+from common import bench_parser, free_port, report, serve
 from loadgen import Prepared, closed_loop, open_loop
 from throughput import sample_input
 
 from appliance.protocol import codec
 
 SITE, NODE = "soak", "box-1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_broker(directory: Path) -> tuple[subprocess.Popen[bytes], int]:

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
-from common import bench_parser, report
+from common import bench_parser, free_port, report
 from loadgen import Prepared, closed_loop
 
 ANSWER = b"\0" * 3072
@@ -92,14 +92,8 @@ async def _http_load(port: int, body: bytes, clients: int, duration_s: float) ->
     return result.ok
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _measure(transport: str, body: bytes, clients: int, duration_s: float) -> dict[str, float]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, __file__, f"serve-{transport}", str(port)])
     try:
         for _ in range(200):  # a bench may poll; tests may not
