@@ -68,10 +68,10 @@ class Whiten(nn.Module):
     The transforms are matrix products with fixed DFT matrices (orthonormal, real arithmetic), not torch.fft,
     so that the TorchScript exporter writes plain MatMul nodes that any ONNX runtime runs; they stay fp32
     (export.quantise). Whitening does not care about scale, so it only takes the image's mean away: it then
-    reads the model's fp32 input, not the 8-bit copy of the standardised image that the quantised first
-    convolution reads (whitening would lift that copy's rounding noise wherever the texture has little
-    power). Square `side_px` images in, averaged over `pool` x `pool` pixels; out, standardised, side_px /
-    pool pixels a side."""
+    reads the model's fp32 input itself, never an 8-bit copy of the standardised image, should the first
+    convolution be quantised (whitening would lift that copy's rounding noise wherever the texture has
+    little power). Square `side_px` images in, averaged over `pool` x `pool` pixels; out, standardised,
+    side_px / pool pixels a side."""
 
     def __init__(self, side_px: int, pool: int = 1, smooth: int = WHITEN_SMOOTH) -> None:
         super().__init__()

@@ -96,7 +96,7 @@ def test_a_flat_image_whitens_to_zeros_not_nan(recipe):
 
 def test_the_int8_export_keeps_the_whitening_in_fp32(recipe, tmp_path):
     """Quantised, the spectrum's bins (decades apart) would round away; the whitening must also read the
-    fp32 input, not the 8-bit copy of it that the first convolution reads."""
+    fp32 input, never an 8-bit copy of it."""
     onnx = pytest.importorskip("onnx")
     nets, export, surfaces = recipe["nets"], recipe["export"], recipe["surfaces"]
     torch.manual_seed(0)
