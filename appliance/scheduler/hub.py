@@ -138,7 +138,8 @@ class ModelHub:
                 self._entries[name] = ModelEntry(name, State.LOADING)
             try:
                 source = self.repository.source(name)
-                model, count, trials = await asyncio.to_thread(self._load_model, source)
+                kept = None if old is None or old.scheduler is None else (old.scheduler.instances, old.trials)
+                model, count, trials = await asyncio.to_thread(self._load_model, source, kept)
             except ModelNotFound:
                 if old is None or old.scheduler is None:
                     self._entries.pop(name, None)
@@ -204,7 +205,12 @@ class ModelHub:
             log.warning("model %s: %d requests still running at unload", scheduler.name, scheduler.inflight)
         await scheduler.close()
 
-    def _load_model(self, source: ModelSource) -> tuple[LoadedModel, int, list[instance_choice.Trial]]:
+    def _load_model(
+        self, source: ModelSource, serving: tuple[int, list[instance_choice.Trial]] | None = None
+    ) -> tuple[LoadedModel, int, list[instance_choice.Trial]]:
+        """The new version's session and worker count. Where the count is measured (no `instances` set) and
+        a version already serves, a reload keeps that version's count and trials: measuring runs batches
+        back to back on every core for seconds, and the version still serving the line needs them."""
         cores = self.cores
         wanted = source.manifest.instances or self.settings.scheduler.instances
 
@@ -222,6 +228,9 @@ class ModelHub:
 
         if wanted:
             model, count, trials = load(max(1, cores // wanted)), wanted, []
+        elif serving is not None:
+            count, trials = serving
+            model = load(max(1, cores // count))
         else:
             model, count, trials = instance_choice.choose(load, cores)
         if self.settings.scheduler.solo_session and model.placement.uses_host_cores and count > 1:

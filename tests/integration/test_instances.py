@@ -49,3 +49,28 @@ def test_a_model_toml_instances_is_taken_as_it_is(serve, tmp_path) -> None:
         assert entry.trials == []  # nothing measured
         assert entry.scheduler is not None and entry.scheduler.instances == 1
         assert entry.scheduler.model.threads_per_call == running.service.hub.cores
+
+
+def test_a_reload_keeps_the_measured_layout_instead_of_taking_the_cores_to_measure_again(
+    serve, tmp_path, caplog
+) -> None:
+    """Measuring runs batches back to back on every core for seconds; during a reload the version still
+    serving the line needs them, so the new version takes the serving one's worker count."""
+    caplog.set_level(logging.INFO, "appliance")
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable())
+    with serve(repo, scheduler={"instances": 0}) as running:
+        hub = running.service.hub
+        first = hub.entry("batchable")
+        assert first.trials and first.scheduler is not None
+        modelzoo.write(repo, "batchable", modelzoo.batchable(), version=2)
+        with httpx.Client(base_url=running.url, timeout=60.0) as client:
+            assert client.post("/v2/repository/models/batchable/load").json()["version"] == "2"
+            stats = client.get("/v2/models/batchable/stats").json()["model_stats"][0]
+        second = hub.entry("batchable")
+        assert second.scheduler is not None and second.scheduler is not first.scheduler
+    assert caplog.text.count("instance(s) chosen; measured") == 1  # at start-up only
+    assert second.scheduler.instances == first.scheduler.instances
+    assert second.scheduler.model.threads_per_call == first.scheduler.model.threads_per_call
+    assert second.trials == first.trials  # what the layout was chosen on, still reported
+    assert [t["instances"] for t in stats["instances"]] == [t.instances for t in first.trials]
