@@ -1,6 +1,6 @@
 """Leave-one-family-out evaluation: for each texture family, train without it and test on it.
 
-A family is one texture generator of surfaces.py with all of its parameters randomised. Each fold trains
+A family is one texture generator of textures.py with all of its parameters randomised. Each fold trains
 the build's recipe on the other families (optionally on a shorter schedule: --epochs, --train-images),
 exports fp32, quantises int8 with calibration images of the training families only, and measures both
 on the held-out family and, for comparison, on new images of the training families. Folds are cached

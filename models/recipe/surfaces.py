@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optics
+import textures
+from textures import BASE_SIZE_PX, TEXTURES
 
-TEXTURES = ("woven", "brushed", "granular", "wood", "cellular", "mottled")
 DEFECTS = ("scratch", "crack", "spot", "patch")
-BASE_SIZE_PX = 128  # texture and defect sizes below are in pixels of a 128 px image, scaled with size
-_ISOTROPIC = ("granular", "cellular", "mottled")  # their patches change grain size; the others may turn
 _MIN_PATCH_CHANGE = 0.35  # a patch changes its grain at least this much (_grain_change): it shows
 
 
@@ -35,213 +35,6 @@ class Surface:
     @property
     def label(self) -> int:
         return int(self.defect is not None)
-
-
-def _standardise(field: np.ndarray) -> np.ndarray:
-    return (field - field.mean()) / (field.std() + 1e-9)
-
-
-def _rotate(grid: np.ndarray, angle_rad: float) -> tuple[np.ndarray, np.ndarray]:
-    y, x = grid
-    c, s = np.cos(angle_rad), np.sin(angle_rad)
-    return x * c + y * s, -x * s + y * c
-
-
-def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
-    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
-
-
-def _frequencies(size: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :]
-
-
-def _spectral(rng: np.random.Generator, size: int, weight) -> np.ndarray:
-    """White noise shaped in the frequency domain by weight(fy, fx) (cycles per pixel), standardised."""
-    fy, fx = _frequencies(size)
-    spectrum = np.fft.rfft2(rng.standard_normal((size, size))) * weight(fy, fx)
-    return _standardise(np.fft.irfft2(spectrum, s=(size, size)))
-
-
-def _lowpass(cutoff: float):
-    return lambda fy, fx: np.exp(-(fy**2 + fx**2) / (2 * cutoff**2))
-
-
-def _bandpass(centre: float, width: float):
-    return lambda fy, fx: np.exp(-(((np.hypot(fy, fx) - centre) / width) ** 2))
-
-
-def _streaks(angle_rad: float, period_px: float, length: float = 10.0):
-    """Spectral weight of streaks running along angle_rad: `length` periods long, period_px across."""
-    c, s = np.cos(angle_rad), np.sin(angle_rad)
-
-    def weight(fy, fx):
-        along, across = fx * c + fy * s, -fx * s + fy * c
-        return np.exp(-((along * period_px * length) ** 2) - (across * period_px) ** 2)
-
-    return weight
-
-
-def _power_law(slope: float, angle_rad: float, stretch: float, grain_px: float, size: int):
-    """1/f^slope power (amplitude f^(-slope/2)), stretched along angle_rad, rolled off at grain_px."""
-    c, s = np.cos(angle_rad), np.sin(angle_rad)
-
-    def weight(fy, fx):
-        along, across = fx * c + fy * s, -fx * s + fy * c
-        f = np.hypot(along * stretch, across)
-        return (f + 1 / size) ** (-slope / 2) * np.exp(-0.5 * (f * grain_px) ** 2)
-
-    return weight
-
-
-def _worley(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, cell_px: float):
-    """Cells around jittered grid points in (u, v): distance to the nearest and second-nearest point, and a
-    random level per nearest point."""
-    iu, iv = np.floor(u / cell_px).astype(int), np.floor(v / cell_px).astype(int)
-    u0, v0 = iu.min() - 1, iv.min() - 1
-    shape = (iu.max() - u0 + 2, iv.max() - v0 + 2)
-    points = rng.uniform(0.1, 0.9, (2, *shape))
-    levels = rng.standard_normal(shape)
-    nearest = np.full(u.shape, np.inf)
-    second = np.full(u.shape, np.inf)
-    level = np.zeros(u.shape)
-    for du in (-1, 0, 1):
-        for dv in (-1, 0, 1):
-            cu, cv = iu - u0 + du, iv - v0 + dv
-            d = np.hypot(
-                u / cell_px - (cu + u0 + points[0, cu, cv]), v / cell_px - (cv + v0 + points[1, cu, cv])
-            )
-            closer = d < nearest
-            second = np.where(closer, nearest, np.minimum(second, d))
-            level = np.where(closer, levels[cu, cv], level)
-            nearest = np.minimum(nearest, d)
-    return nearest, second, level
-
-
-def _texture_params(family: str, rng: np.random.Generator, scale: float) -> dict:
-    """Everything that shapes one surface of `family` but its noise: drawn per image, wide on purpose."""
-    params = {
-        "angle": rng.uniform(0, np.pi),
-        "tilt": rng.uniform(-0.5, 0.5) if rng.random() < 0.5 else 0.0,  # spectral slope of the whole field
-    }
-    if family == "woven":
-        params |= {
-            "period": rng.uniform(4.0, 16.0) * scale,
-            "aspect": rng.uniform(0.7, 1.4),
-            "wander": rng.uniform(0.0, 0.35),
-            "gain": _log_uniform(rng, 1.5, 8.0),
-            "fibre": rng.uniform(0.1, 0.6),
-        }
-    elif family == "brushed":
-        params |= {
-            "period": _log_uniform(rng, 2.0, 10.0) * scale,
-            "length": _log_uniform(rng, 5.0, 16.0),
-            "mottle": rng.uniform(0.0, 0.5),
-        }
-    elif family == "granular":
-        params |= {
-            "period": _log_uniform(rng, 2.5, 12.0) * scale,
-            "bandwidth": rng.uniform(0.3, 1.2),
-            "grain_threshold": rng.uniform(1.8, 3.2),
-            "grain_amount": rng.uniform(0.0, 0.8),
-            "grain_cutoff": rng.uniform(0.12, 0.35) / scale,
-            "grain_sign": 1.0 if rng.random() < 0.7 else -1.0,
-        }
-    elif family == "wood":
-        params |= {
-            "period": _log_uniform(rng, 6.0, 30.0) * scale,
-            "warp": rng.uniform(0.2, 0.7),
-            "profile": rng.uniform(0.5, 1.4),
-            "fibre": rng.uniform(0.2, 0.6),
-            "centre_px": rng.uniform(0.8, 5.0) * BASE_SIZE_PX * scale if rng.random() < 0.6 else 0.0,
-        }
-    elif family == "cellular":
-        params |= {
-            "period": _log_uniform(rng, 5.0, 22.0) * scale,
-            "stretch": rng.uniform(1.0, 2.0),
-            "level": rng.uniform(0.0, 1.0),
-            "edge": rng.uniform(0.0, 1.0),
-            "edge_width": rng.uniform(0.05, 0.2),
-            "edge_sign": rng.choice([-1.0, 1.0]),
-            "noise": rng.uniform(0.1, 0.5),
-        }
-    elif family == "mottled":
-        params |= {
-            "period": _log_uniform(rng, 1.5, 8.0) * scale,
-            "slope": rng.uniform(1.0, 2.8),
-            "stretch": _log_uniform(rng, 1.0, 3.0),
-            "speckle": rng.uniform(0.0, 0.4),
-        }
-    else:
-        raise ValueError(f"texture {family!r} is unknown; expected one of {TEXTURES}")
-    return params
-
-
-def _texture(family: str, params: dict, tex_seed: int, size: int) -> np.ndarray:
-    """A standardised [size, size] texture; the same tex_seed gives the same noise, so a patch of the same
-    surface with another angle or grain size reads as a local distortion of it."""
-    rng = np.random.default_rng(tex_seed)
-    grid = np.mgrid[0:size, 0:size].astype(np.float64)
-    angle, period = params["angle"], params["period"]
-    u, v = _rotate(grid, angle)
-    if family == "woven":
-        wander = params["wander"] * period * _spectral(rng, size, _lowpass(1 / (6 * period)))
-        weft = np.cos(np.pi * (u + wander) / period)
-        warp = np.cos(np.pi * (v - wander) / (period * params["aspect"]))
-        over = 0.5 + 0.5 * np.tanh(params["gain"] * weft * warp)
-        field = over * warp**2 + (1 - over) * weft**2
-        field = _standardise(field) + params["fibre"] * _spectral(rng, size, _lowpass(0.3))
-    elif family == "brushed":
-        field = _spectral(rng, size, _streaks(angle, period, params["length"]))
-        field = field + params["mottle"] * _spectral(rng, size, _lowpass(1 / (2 * size)))
-    elif family == "granular":
-        f0 = 1 / period
-        field = _spectral(rng, size, _bandpass(f0, params["bandwidth"] * f0))
-        grains = _spectral(rng, size, _lowpass(params["grain_cutoff"]))
-        field = (
-            field
-            + params["grain_sign"]
-            * params["grain_amount"]
-            * np.maximum(grains - params["grain_threshold"], 0)
-            * 2
-        )
-    elif family == "wood":
-        warp = params["warp"] * period * _spectral(rng, size, _lowpass(1 / (5 * period)))
-        centre = params["centre_px"]
-        across = v if centre == 0 else np.hypot(u - size / 2, v + centre) - centre
-        rings = np.sin(2 * np.pi * (across + warp) / period)
-        fibres = _spectral(rng, size, _streaks(angle, 2.0 * size / BASE_SIZE_PX))
-        field = np.sign(rings) * np.abs(rings) ** params["profile"] + params["fibre"] * fibres
-    elif family == "cellular":
-        nearest, second, level = _worley(rng, u / params["stretch"], v, period / params["stretch"])
-        edges = np.exp(-(((second - nearest) / params["edge_width"]) ** 2))
-        field = params["level"] * level + params["edge_sign"] * params["edge"] * 2 * edges
-        field = field + params["noise"] * _spectral(rng, size, _lowpass(0.25))
-    elif family == "mottled":
-        field = _spectral(rng, size, _power_law(params["slope"], angle, params["stretch"], period, size))
-        field = field + params["speckle"] * _spectral(rng, size, _lowpass(0.35))
-    else:
-        raise ValueError(f"texture {family!r} is unknown; expected one of {TEXTURES}")
-    if params["tilt"]:
-        fy, fx = _frequencies(size)
-        f = np.hypot(fy, fx)
-        field = np.fft.irfft2(np.fft.rfft2(field) * ((f + 1 / 32) * 8) ** params["tilt"], s=(size, size))
-    return _standardise(field)
-
-
-def _grain_change(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
-    """How much a region's grain changed, 0 for none: the larger of its decorrelation (1 - correlation)
-    and the relative change of its mean structure tensor (gradient energy and orientation). Either one
-    about 0.3 or more reads as another grain (a turned, finer or coarser texture)."""
-
-    def tensor(image: np.ndarray) -> np.ndarray:
-        gy, gx = np.gradient(image)
-        gy, gx = gy[mask], gx[mask]
-        return np.array([(gx * gx).mean(), (gx * gy).mean(), (gy * gy).mean()])
-
-    old, new = tensor(before), tensor(after)
-    structure = np.linalg.norm(new - old) / (np.linalg.norm(old) + 1e-12)
-    decorrelation = 1 - np.corrcoef(before[mask], after[mask])[0, 1]
-    return float(max(structure, decorrelation))
 
 
 def _stroke(size: int, points_px: np.ndarray, half_width_px: np.ndarray, strength: np.ndarray):
@@ -285,7 +78,7 @@ def _blob(
     margin = min(radius_px, size / 3)
     cy, cx = rng.uniform(margin, size - margin, 2)
     aspect, angle = rng.uniform(0.35, 1.0), rng.uniform(0, np.pi)
-    u, v = _rotate(np.mgrid[0:size, 0:size] - np.array([cy, cx])[:, None, None], angle)
+    u, v = textures.rotate(np.mgrid[0:size, 0:size] - np.array([cy, cx])[:, None, None], angle)
     theta = np.arctan2(v, u)
     rim = 1 + wobble * sum(
         rng.uniform(-1, 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
@@ -337,7 +130,7 @@ def _defect(
     sign = rng.choice([-1.0, 1.0])
     if kind == "scratch":
         points = _curve(rng, size, rng.uniform(0.08, 0.7) * size)
-        width = _log_uniform(rng, 0.4, 2.0) * scale
+        width = textures.log_uniform(rng, 0.4, 2.0) * scale
         peak = _profile(rng, len(points))
         amplitude = rng.uniform(2.0, 4.5) * contrast * min(1.0, 1.3 / np.sqrt(width / scale))
         alpha, mask = _line_defect(rng, size, points, np.full(len(points), width), peak, 1.0)
@@ -355,7 +148,7 @@ def _defect(
         polarity = -1.0 if rng.random() < 0.8 else 1.0  # mostly dark; bright under dark-field lighting
         return lum + polarity * rng.uniform(2.2, 5.0) * contrast * alpha, mask
     if kind == "spot":
-        radius = _log_uniform(rng, 4.0, 14.0) * scale
+        radius = textures.log_uniform(rng, 4.0, 14.0) * scale
         alpha, mask = _blob(rng, size, radius, wobble=rng.uniform(0.0, 0.3), edge=rng.uniform(6.0, 20.0))
         if rng.random() < 0.5:  # stain: darker or lighter than the surface
             return lum + sign * rng.uniform(2.0, 3.5) * contrast * alpha, mask
@@ -367,7 +160,7 @@ def _defect(
             radius_px = max(rng.uniform(8.0, 22.0) * scale, rng.uniform(1.0, 1.6) * redo_texture.period)
             alpha, mask = _blob(rng, size, radius_px, wobble=0.2, edge=20.0)
             patched = lum * (1 - alpha) + redo_texture(rng) * alpha
-            change = _grain_change(lum, patched, mask)
+            change = textures.grain_change(lum, patched, mask)
             if best is None or change > best[0]:
                 best = (change, patched, mask)
             if change >= _MIN_PATCH_CHANGE:
@@ -385,118 +178,14 @@ class _Patches:
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         params = dict(self.params)
-        if self.family in _ISOTROPIC or rng.random() < 0.5:
+        if self.family in textures.ISOTROPIC or rng.random() < 0.5:
             finer = rng.random() < 0.5 and self.period * 0.5 >= 2.0 * self.size / BASE_SIZE_PX  # resolvable
             params["period"] *= rng.uniform(0.35, 0.55) if finer else rng.uniform(1.8, 2.6)
             if self.family == "mottled":  # self-similar: a new grain size alone barely shows
                 params["slope"] += rng.uniform(0.8, 1.5) * (-1 if finer else 1)
         else:
             params["angle"] += rng.choice([-1, 1]) * rng.uniform(0.8, np.pi / 2)
-        return self.base + self.contrast * _texture(self.family, params, self.tex_seed, self.size)
-
-
-def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Separable Gaussian blur of the last two axes, edges reflected (no wrap-around)."""
-    if sigma_px < 0.2:
-        return image
-    reach = int(np.ceil(3 * sigma_px))
-    taps = np.exp(-0.5 * (np.arange(-reach, reach + 1) / sigma_px) ** 2)
-    taps /= taps.sum()
-    for axis in (-2, -1):
-        pad = [(0, 0)] * image.ndim
-        pad[axis] = (reach, reach)
-        padded = np.pad(image, pad, mode="reflect")
-        n = image.shape[axis]
-        image = sum(w * np.take(padded, np.arange(k, k + n), axis=axis) for k, w in enumerate(taps))
-    return image
-
-
-def _dct_matrix() -> np.ndarray:
-    k, n = np.mgrid[0:8, 0:8]
-    matrix = np.sqrt(2 / 8) * np.cos(np.pi * (2 * n + 1) * k / 16)
-    matrix[0] /= np.sqrt(2)
-    return matrix
-
-
-_DCT = _dct_matrix()
-_JPEG_LUMA = np.array(  # ITU T.81 Annex K luminance table
-    [
-        [16, 11, 10, 16, 24, 40, 51, 61],
-        [12, 12, 14, 19, 26, 58, 60, 55],
-        [14, 13, 16, 24, 40, 57, 69, 56],
-        [14, 17, 22, 29, 51, 87, 80, 62],
-        [18, 22, 37, 56, 68, 109, 103, 77],
-        [24, 35, 55, 64, 81, 104, 113, 92],
-        [49, 64, 78, 87, 103, 121, 120, 101],
-        [72, 92, 95, 98, 112, 100, 103, 99],
-    ],
-    dtype=np.float64,
-)
-
-
-def _compress(image: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG-like artefacts: 8x8 block DCT, coefficients rounded to the quality-scaled table (no chroma
-    subsampling, no entropy coding: the loss is all in the rounding)."""
-    c, h, w = image.shape
-    h8, w8 = h - h % 8, w - w % 8
-    step = np.maximum(
-        np.floor((_JPEG_LUMA * (5000 / quality if quality < 50 else 200 - 2 * quality) + 50) / 100), 1
-    )
-    blocks = image[:, :h8, :w8].reshape(c, h8 // 8, 8, w8 // 8, 8) * 255 - 128
-    coefficients = np.einsum("ki,cyixj,lj->cykxl", _DCT, blocks, _DCT)
-    coefficients = np.round(coefficients / step[:, None, :]) * step[:, None, :]
-    restored = np.einsum("ki,cykxl,lj->cyixj", _DCT, coefficients, _DCT)
-    out = image.copy()
-    out[:, :h8, :w8] = (restored.reshape(c, h8, w8) + 128) / 255
-    return out
-
-
-def _tint(rng: np.random.Generator, saturation: float) -> np.ndarray:
-    """An RGB gain of mean 1: a random hue at a random saturation up to `saturation`."""
-    hue, amount = rng.uniform(0, 2 * np.pi), rng.uniform(0, saturation)
-    return 1 + amount * np.cos(hue - np.array([0, 2, 4]) * np.pi / 3)
-
-
-def _camera(
-    lum: np.ndarray, r_light: np.random.Generator, channels: int, contrast: float, base: float
-) -> np.ndarray:
-    """Optics, lighting and sensor, all drawn from the image's own light stream (never from the defect's,
-    so the same surface with and without its defect is photographed the same way)."""
-    size = lum.shape[0]
-    scale = size / BASE_SIZE_PX
-    blur_px = r_light.uniform(0.0, 1.2) * scale if r_light.random() < 0.6 else 0.0
-    sharpen = r_light.uniform(0.3, 1.5) if r_light.random() < 0.25 else 0.0
-    tilt, gain = r_light.uniform(-0.4, 0.4, 2), r_light.uniform(0.8, 1.2)
-    vignette = r_light.uniform(0.0, 0.5)
-    highlight = r_light.uniform(0.0, 0.3) if r_light.random() < 0.3 else 0.0
-    highlight_at, highlight_px = r_light.uniform(0, size, 2), r_light.uniform(0.3, 0.8) * size
-    gamma = _log_uniform(r_light, 0.7, 1.4)
-    read_noise = min(r_light.uniform(0.002, 0.025), 0.6 * contrast)
-    shot_noise = r_light.uniform(0.0, 0.03)
-    pattern = r_light.uniform(0.0, 0.2) * contrast if r_light.random() < 0.3 else 0.0
-    quality = int(r_light.integers(35, 96)) if r_light.random() < 0.35 else 0
-    surface_tint, grain_tint = _tint(r_light, 0.35), _tint(r_light, 0.25)
-
-    lum = _blur(lum, blur_px)
-    if sharpen:
-        lum = lum + sharpen * (lum - _blur(lum, 1.0 * scale))
-    y, x = np.mgrid[0:size, 0:size] / size - 0.5
-    light = gain * (1 + tilt[0] * y + tilt[1] * x - vignette * (x**2 + y**2))
-    hy, hx = np.mgrid[0:size, 0:size] - highlight_at[:, None, None]
-    light = light + highlight * np.exp(-0.5 * (hy**2 + hx**2) / highlight_px**2)
-    if channels == 1:
-        image = (lum * light)[None]
-    else:
-        image = (base * surface_tint[:, None, None] + (lum - base) * grain_tint[:, None, None]) * light
-    image = np.clip(image, 1e-6, 1) ** gamma
-    noise = r_light.standard_normal(image.shape)
-    image = image + noise * np.sqrt(read_noise**2 + shot_noise**2 * image * 0.1)
-    columns = r_light.standard_normal(size)
-    image = image + pattern * columns[None, None, :]  # a line camera's column gains (fixed pattern)
-    image = np.clip(image, 0, 1)
-    if quality:
-        image = np.clip(_compress(image, quality), 0, 1)
-    return np.round(image * 255) / 255
+        return self.base + self.contrast * textures.render(self.family, params, self.tex_seed, self.size)
 
 
 def surface(
@@ -525,16 +214,16 @@ def surface(
     kind = defect_kind or str(r_defect.choice(DEFECTS))
     family = texture or str(r_texture.choice(families))
     scale = size / BASE_SIZE_PX
-    params = _texture_params(family, r_texture, scale)
+    params = textures.draw_params(family, r_texture, scale)
     tex_seed = int(r_texture.integers(2**63))
-    base, contrast = r_texture.uniform(0.25, 0.7), _log_uniform(r_texture, 0.03, 0.14)
+    base, contrast = r_texture.uniform(0.25, 0.7), textures.log_uniform(r_texture, 0.03, 0.14)
 
-    lum = base + contrast * _texture(family, params, tex_seed, size)
+    lum = base + contrast * textures.render(family, params, tex_seed, size)
     mask = np.zeros((size, size), bool)
     if is_defect:
         patches = _Patches(family, params, tex_seed, size, base, contrast)
         lum, mask = _defect(kind, r_defect, lum, scale, contrast, patches)
-    image = _camera(lum, r_light, channels, contrast, base)
+    image = optics.photograph(lum, r_light, channels, contrast, base)
     return Surface(image.astype(np.float32), mask, family, kind if is_defect else None)
 
 

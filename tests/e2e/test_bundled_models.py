@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _surfaces():
+    """models/recipe/surfaces.py by path, its siblings (textures.py, optics.py) on sys.path."""
+    recipe = str(ROOT / "models" / "recipe")
+    if recipe not in sys.path:
+        sys.path.append(recipe)
     spec = importlib.util.spec_from_file_location("surfaces", ROOT / "models" / "recipe" / "surfaces.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -45,7 +45,11 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def surfaces():
-    """models/recipe/surfaces.py, imported by path: models/ is a model repository, not a package."""
+    """models/recipe/surfaces.py, imported by path: models/ is a model repository, not a package (its
+    siblings textures.py and optics.py are found on sys.path)."""
+    recipe = str(MODELS_DIR / "recipe")
+    if recipe not in sys.path:
+        sys.path.append(recipe)
     spec = importlib.util.spec_from_file_location("recipe_surfaces", MODELS_DIR / "recipe" / "surfaces.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
