@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import tritonclient.http as triton
+from recipe_path import recipe_first
 from subprocesses import appliance
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,9 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _surfaces():
     """models/recipe/surfaces.py by path, its siblings (textures.py, optics.py) on sys.path."""
-    recipe = str(ROOT / "models" / "recipe")
-    if recipe not in sys.path:
-        sys.path.append(recipe)
+    recipe_first()
     spec = importlib.util.spec_from_file_location("surfaces", ROOT / "models" / "recipe" / "surfaces.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

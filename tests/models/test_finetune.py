@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from recipe_path import recipe_first
 
 pytest.importorskip("torch", reason="finetune.py needs torch: the train extra, not installed by make test")
 pytest.importorskip("PIL", reason="finetune.py reads images with Pillow: the train extra")
@@ -26,9 +27,7 @@ FACTORY_SEED = 2026  # used nowhere else
 @pytest.fixture(scope="module")
 def recipe():
     """The recipe modules, imported the way the scripts import one another (their folder on sys.path)."""
-    folder = str(MODELS_DIR / "recipe")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+    recipe_first()
     return {name: importlib.import_module(name) for name in ("finetune", "surfaces", "golden", "metrics")}
 
 

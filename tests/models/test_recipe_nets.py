@@ -7,22 +7,18 @@ tests/models/test_finetune.py for how to run them).
 
 import importlib
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from recipe_path import recipe_first
 
 torch = pytest.importorskip("torch", reason="the recipe's nets need torch: the train extra")
 F = torch.nn.functional
 
-RECIPE = Path(__file__).resolve().parents[2] / "models" / "recipe"
-
 
 @pytest.fixture(scope="module")
 def recipe():
-    if str(RECIPE) not in sys.path:
-        sys.path.insert(0, str(RECIPE))
+    recipe_first()
     return {name: importlib.import_module(name) for name in ("nets", "surfaces", "export")}
 
 

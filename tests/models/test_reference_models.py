@@ -4,13 +4,13 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import sys
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from recipe_path import recipe_first
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 SHIPPED = ("surface_defect", "surface_defect_fp32", "surface_defect_224", "surface_defect_224_u8")
@@ -47,9 +47,7 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def surfaces():
     """models/recipe/surfaces.py, imported by path: models/ is a model repository, not a package (its
     siblings textures.py and optics.py are found on sys.path)."""
-    recipe = str(MODELS_DIR / "recipe")
-    if recipe not in sys.path:
-        sys.path.append(recipe)
+    recipe_first()
     spec = importlib.util.spec_from_file_location("recipe_surfaces", MODELS_DIR / "recipe" / "surfaces.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -90,9 +88,7 @@ def image_dtype(name: str) -> type[np.generic]:
 
 def _camera():
     """models/recipe/camera.py, imported by path like surfaces.py (with its sibling golden.py)."""
-    recipe = str(MODELS_DIR / "recipe")
-    if recipe not in sys.path:
-        sys.path.append(recipe)
+    recipe_first()
     spec = importlib.util.spec_from_file_location("recipe_camera", MODELS_DIR / "recipe" / "camera.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
