@@ -446,6 +446,8 @@ class ModelScheduler:
             self._timer.cancel()
         if not any(w.is_alive for w in self.workers):
             self.model.close()  # its sessions go now; a worker still running keeps them
+            for worker in self.workers:
+                worker.release()
 
 
 def _inputs_of(work: Work) -> Mapping[str, np.ndarray]:

@@ -29,6 +29,10 @@ Outcome = dict[str, np.ndarray] | ApplianceError
 before_batch: Callable[[Worker, BatchRun], None] | None = None
 
 
+def _gone(_worker: Worker, _run: BatchRun) -> None:
+    """The callback of a released worker: it has stopped, so nothing calls it."""
+
+
 @dataclass(slots=True, eq=False)
 class BatchRun:
     """One batch handed to a worker, and what came of it."""
@@ -111,6 +115,12 @@ class Worker:
     def join(self, timeout_s: float) -> bool:
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
+
+    def release(self) -> None:
+        """Once stopped: let go of the scheduler (the bound callback), so that a retired scheduler is freed
+        when its last reference goes, not whenever the cyclic collector next runs (and never, where the
+        service froze its heap at start-up)."""
+        self._on_done = _gone
 
     def is_hung(self, now_s: float, hang_s: float) -> bool:
         return self.busy_since_s is not None and now_s - self.busy_since_s > hang_s
