@@ -58,9 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure(settings.system.log_level, settings.system.log_format)
-    service = Service(
-        settings, sockets=_activated_sockets(), config_file=_config_file(args), freeze_heap=True
-    )
+    service = Service(settings, sockets=_activated_sockets(), config_file=_config_file(args))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(service.run())
 

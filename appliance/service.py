@@ -27,7 +27,6 @@ from appliance.server.grpc.server import GrpcServer
 from appliance.settings import Settings
 from appliance.system import cpu, logs
 from appliance.system.admin import AdminServer
-from appliance.system.heap import freeze_startup_heap
 from appliance.system.sdnotify import Notifier
 
 if TYPE_CHECKING:
@@ -79,11 +78,9 @@ class Service:
         sockets: Sequence[socket.socket] | None = None,
         notifier: Notifier | None = None,
         config_file: Path | None = None,
-        freeze_heap: bool = False,
     ) -> None:
         self.settings = settings
         self.config_file = config_file
-        self.freeze_heap = freeze_heap  # the process is this service's own (`appliance serve`): system.heap
         self.sockets = list(sockets) if sockets else None
         self.notifier = notifier or Notifier.from_env()
         self.registry = Registry.discover()
@@ -161,8 +158,6 @@ class Service:
             self.started.set()
             await self._start_admin(admin)
             await self.hub.load_all(before_each=self._loading)
-            if self.freeze_heap:
-                log.debug("start-up heap frozen: %d objects", freeze_startup_heap())
             summary = self.summary()
             log.info("ready on http://%s:%d: %s", server_settings.host, self.port, summary)
             if self.pool is not None:

@@ -117,9 +117,8 @@ class Worker:
         return not self._thread.is_alive()
 
     def release(self) -> None:
-        """Once stopped: let go of the scheduler (the bound callback), so that a retired scheduler is freed
-        when its last reference goes, not whenever the cyclic collector next runs (and never, where the
-        service froze its heap at start-up)."""
+        """Once stopped: let go of the scheduler (the bound callback), so that a retired scheduler and all it
+        holds are freed when its last reference goes, not whenever the cyclic collector next runs."""
         self._on_done = _gone
 
     def is_hung(self, now_s: float, hang_s: float) -> bool:

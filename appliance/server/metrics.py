@@ -7,7 +7,6 @@ collector reads them only when /metrics is scraped, so exposition costs the requ
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -116,14 +115,9 @@ class ApplianceCollector(Collector):
             refusals.add_metric([model, priority, reason], count)
         draining = GaugeMetricFamily("appliance_draining", "1 while the service drains.")
         draining.add_metric([], 1.0 if hub.is_draining else 0.0)
-        frozen = GaugeMetricFamily(
-            "appliance_gc_frozen_objects",
-            "Objects of the start-up heap that full garbage collections no longer scan (system/heap.py).",
-        )
-        frozen.add_metric([], float(gc.get_freeze_count()))
         yield from (ready, requests, failures, refusals, inferences, preemptions, restarts)
         yield from histograms.values()
-        yield from (depth, max_ips, served, spare, fallbacks, draining, frozen)
+        yield from (depth, max_ips, served, spare, fallbacks, draining)
 
 
 def _observe(family: HistogramMetricFamily, model: str, histogram: Histogram) -> None:

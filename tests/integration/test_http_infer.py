@@ -418,6 +418,7 @@ def test_metrics_are_prometheus_text(client: httpx.Client) -> None:
     assert 'appliance_refusals_total{model="_unknown",priority="line",reason="not_found"} 2.0' in text
     assert "nosuch" not in text
     assert "process_resident_memory_bytes" in text
+    assert 'python_gc_collections_total{generation="2"}' in text  # full collections hold the GIL
     stats = client.get("/v2/models/batchable/stats").json()["model_stats"][0]
     assert stats["refusals"] == {"line": {"bad_request": 1}}
     assert "# TYPE appliance_compute_duration_seconds histogram" in text

@@ -71,9 +71,9 @@ def test_reload_under_load_fails_nothing(serve, tmp_path) -> None:
 
 
 def test_a_retired_version_is_freed_without_the_cyclic_collector(serve, tmp_path) -> None:
-    """`appliance serve` freezes its start-up heap (system/heap.py), so the first version of a model is
-    never scanned by the cyclic collector again: once retired, it must go by reference counting alone, or
-    it stays for the life of the process. The collector is off here for the whole reload."""
+    """Once retired, a version goes by reference counting alone, at once (its memory is then free for the
+    trim after retirement), not whenever the cyclic collector next runs: a full collection holds the GIL
+    for tens of milliseconds in a serving process. The collector is off here for the whole reload."""
     repo = tmp_path / "repo"
     modelzoo.write(repo, "batchable", modelzoo.batchable())
     with serve(repo) as running:
