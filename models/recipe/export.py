@@ -93,21 +93,19 @@ def quantise(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -
     So does the per-image standardisation in front of the first conv: in uint8, the squared deviations of
     a faint texture (spread 0.03) round to a step or two, and its spread, hence the whole standardised
     image, would come out wrong; in fp32 these few element-wise ops on one image cost next to nothing.
-    So does a first convolution that reads a single channel (SurfaceNet's stem): ONNX Runtime's int8
-    kernels do worst with one input channel, and in fp32 it ran about 7 times faster (int8, one thread,
-    batch 8: 73 against 10 microseconds per image), with no 8-bit copy of the image to round.
+    So does the first convolution, which reads the image: ONNX Runtime's int8 kernels do worst with few
+    input channels. SurfaceNet's (one channel) ran about 7 times faster in fp32 (one thread, batch 8: 73
+    against 10 microseconds per image), MobileSurfaceNet's (three) made the whole file 5% faster; and
+    there is no 8-bit copy of the image to round.
     The spectral whitening of SurfaceNet (nets.Whiten) stays fp32 as well: its matrix products carry a
     spectrum whose bins span many orders of magnitude, which 8 bits cannot hold."""
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared)).graph
-        nodes = graph.node
+        nodes = onnx.load(str(prepared)).graph.node
         first_conv = next(i for i, node in enumerate(nodes) if node.op_type == "Conv")
-        weight = next(w for w in graph.initializer if w.name == nodes[first_conv].input[1])
-        one_channel = weight.dims[1] == 1  # [out, in, height, width]
-        standardise = [node.name for node in nodes[: first_conv + one_channel]]
+        standardise = [node.name for node in nodes[: first_conv + 1]]  # and the first convolution
         fp32_parts = [node.name for node in nodes if "/heads/" in node.name or "/whiten/" in node.name]
         quantize_static(
             str(prepared),

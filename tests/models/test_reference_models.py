@@ -217,16 +217,17 @@ def test_int8_model_is_quantised_and_fp32_twin_is_not():
     assert "QuantizeLinear" not in ops["surface_defect_fp32"]
 
 
-def test_only_a_first_convolution_over_one_channel_stays_fp32_in_the_int8_models():
-    """ONNX Runtime's int8 kernels do worst with one input channel (recipe/export.py): the 128 px grey
-    model's first convolution runs fp32, the 224 px RGB model's (three channels) int8."""
+def test_the_int8_models_keep_their_first_convolution_in_fp32():
+    """It reads the image, few channels, where ONNX Runtime's int8 kernels do worst (recipe/export.py):
+    in fp32 the 128 px model's ran 7 times faster, and the 224 px files are 5% faster per image."""
     onnx = pytest.importorskip("onnx")
-    for name, fp32 in (("surface_defect", True), ("surface_defect_224", False)):
+    for name in ("surface_defect", "surface_defect_224", *UINT8_TWINS):
         graph = onnx.load(str(MODELS_DIR / name / "1" / "model.onnx")).graph
         made_by = {output: node.op_type for node in graph.node for output in node.output}
-        first = next(node for node in graph.node if node.op_type == "Conv")
-        dequantised = [made_by.get(i) == "DequantizeLinear" for i in first.input[:2]]  # image, weight
-        assert dequantised == [not fp32, not fp32], (name, first.name)
+        convs = [node for node in graph.node if node.op_type == "Conv"]
+        dequantised = [[made_by.get(i) == "DequantizeLinear" for i in conv.input[:2]] for conv in convs]
+        assert dequantised[0] == [False, False], (name, convs[0].name)  # image and weight in fp32
+        assert [True, True] in dequantised[1:], name  # and the others int8
 
 
 def test_int8_weights_are_stored_unsigned_so_no_x86_kernel_saturates():
