@@ -44,7 +44,7 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_flood_arguments, bench_parser, report, serve, set_sched
+from common import add_flood_arguments, bench_parser, free_port, report, serve, set_sched
 from loadgen import Prepared, closed_loop, open_loop
 from throughput import sample_input
 
@@ -56,9 +56,7 @@ MAX_REFUSED_PAUSE_S = (
 
 
 def start_mosquitto(directory: Path, sched: str = "normal") -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     config = directory / "mosquitto.conf"
     config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

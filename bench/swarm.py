@@ -39,7 +39,7 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 import psutil
-from common import ROOT, report
+from common import ROOT, free_port, report
 from cpu_split import profiled
 from loadgen import Prepared, open_loop
 from paho.mqtt.enums import CallbackAPIVersion
@@ -185,9 +185,7 @@ class Direct:
 
 def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     """mosquitto on a free port, with TCP_NODELAY (jobs are small and latency-bound)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     config = directory / "mosquitto.conf"
     config.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"
