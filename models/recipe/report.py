@@ -109,6 +109,45 @@ def report(name: str, count: int, threads: int, runs: int, baseline: Path | None
     print()
 
 
+def _against(ok: np.ndarray, defective: np.ndarray) -> float:
+    """AUROC of ok images' probabilities against defective ones'."""
+    return metrics.auroc(np.concatenate([ok, defective]), np.r_[np.zeros(len(ok)), np.ones(len(defective))])
+
+
+def by_defect(name: str, count: int, threads: int) -> None:
+    """Per family and kind of defect: `count` ok images of the family against `count` with that defect
+    (AUROC, recall at the threshold); what bounds a family's figures (models/README.md)."""
+    size_px, channels, _ = MODELS[name]
+    int8 = MODELS_DIR / name / "1" / "model.onnx"
+
+    def scored(family: str, kind: str | None) -> np.ndarray:
+        made = [
+            surfaces.surface(
+                HELD_OUT_SEED,
+                i,
+                size=size_px,
+                channels=channels,
+                defect=kind is not None,
+                defect_kind=kind,
+                families=(family,),
+            ).image
+            for i in range(int(kind is not None), 2 * count, 2)  # ok: even indices, defective: odd ones
+        ]
+        return _probabilities(int8, np.stack(made), threads)
+
+    print(f"## {name} int8: ok against each defect ({count} images each, seed {HELD_OUT_SEED})")
+    print("| family | all: AUROC, FP rate | " + " | ".join(surfaces.DEFECTS) + " |")
+    print("| --- | --- |" + " --- |" * len(surfaces.DEFECTS))
+    for family in surfaces.TEXTURES:
+        ok = scored(family, None)
+        flawed = {kind: scored(family, kind) for kind in surfaces.DEFECTS}
+
+        cells = [f"{_against(ok, p):.3f} ({(p >= THRESHOLD).mean():.2f})" for p in flawed.values()]
+        whole = _against(ok, np.concatenate(list(flawed.values())))
+        print(f"| {family} | {whole:.3f}, FP {(ok >= THRESHOLD).mean():.3f} | " + " | ".join(cells) + " |")
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,9 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per latency figure")
     parser.add_argument("--baseline", type=Path, help="another models repository to time alongside")
+    parser.add_argument(
+        "--by-defect", type=int, metavar="N", help="instead: per family and kind of defect, N images each"
+    )
     args = parser.parse_args(argv)
     for name in args.only or MODELS:
-        report(name, args.images, args.threads, args.runs, args.baseline)
+        if args.by_defect:
+            by_defect(name, args.by_defect, args.threads)
+        else:
+            report(name, args.images, args.threads, args.runs, args.baseline)
     return 0
 
 
