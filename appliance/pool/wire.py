@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import MalformedPacket, Properties, readInt16
 
 from appliance.errors import ConfigError
 from appliance.settings import PoolSettings
@@ -184,6 +184,19 @@ class FastProperties(Properties):
         for name in [name for name in self.__dict__ if name in _IDENTS]:
             object.__delattr__(self, name)
 
+    def readProperty(self, buffer: bytes, type: int, propslen: int) -> tuple[Any, int]:
+        """paho's, with strings read as MQTT 5 has them: U+FEFF is a character like any other, never
+        stripped or refused [MQTT-1.5.4-3]. paho called a string holding one malformed and hung up before
+        acknowledging the message; the broker (which forwards it) then delivered the same job again at
+        every reconnect, for as long as the session lived: one message took a node out of the pool."""
+        if type == _TEXT:
+            return _read_text(buffer, propslen)
+        if type == _TEXT_PAIR:
+            key, used = _read_text(buffer, propslen)
+            value, more = _read_text(buffer[used:], propslen - used)
+            return (key, value), used + more
+        return super().readProperty(buffer, type, propslen)
+
     def __setattr__(self, name: str, value: Any) -> None:
         compressed = name.replace(" ", "")
         identifier = _IDENTS.get(compressed)
@@ -201,7 +214,20 @@ class FastProperties(Properties):
         object.__setattr__(self, compressed, value)
 
 
+def _read_text(buffer: bytes, limit: int) -> tuple[str, int]:
+    """A length-prefixed UTF-8 string and the bytes it took. What the broker has already checked (valid
+    UTF-8, no NUL) is not checked again; bytes that are not UTF-8 are replaced, not raised on, so that
+    no string a peer wrote can make the client hang up (the routes refuse what they cannot use)."""
+    if limit < 2:
+        raise MalformedPacket("Not enough data to read string length")
+    length = readInt16(buffer)
+    if length > limit - 2:
+        raise MalformedPacket("Length delimited string too long")
+    return bytes(buffer[2 : 2 + length]).decode("utf-8", errors="replace"), length + 2
+
+
 _TABLES = Properties(PacketTypes.PUBLISH)
+_TEXT, _TEXT_PAIR = _TABLES.types.index("UTF-8 Encoded String"), _TABLES.types.index("UTF-8 String Pair")
 _IDENTS = {name.replace(" ", ""): identifier for name, identifier in _TABLES.names.items()}
 _NAMES = {identifier: name for name, identifier in _TABLES.names.items()}
 _RANGE_CHECKED = frozenset({

@@ -146,6 +146,24 @@ async def test_a_reply_topic_holding_nul_is_refused_and_later_jobs_are_answered(
 
 
 @pytest.mark.asyncio
+async def test_u_feff_in_a_string_property_is_read_not_hung_up_on(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """Regression: paho refuses U+FEFF in a string, which MQTT 5 allows ([MQTT-1.5.4-3]) and mosquitto
+    forwards: the node hung up before acknowledging the job and got it again at every reconnect."""
+    if not broker.is_v5:
+        pytest.skip("string properties are MQTT 5")
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        birth = await recorder.node("birth")
+        body, user = job()
+        marked = user | {"note": "\ufeff", "\ufeffkey": "x\ufeffy"}
+        answer = await ask(recorder, names, "infer/batchable", body, user=marked, sender="plat\ufeffform")
+        assert "outputs" in answer.document, answer.document
+        await still_serving(running, recorder, names, birth["session"])
+
+
+@pytest.mark.asyncio
 async def test_a_message_the_broker_hangs_up_on_is_dropped_with_an_event(
     serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
 ) -> None:
