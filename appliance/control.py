@@ -27,7 +27,7 @@ MAX_TEXT_CHARS = 200  # a drain reason goes into the pool's evt and the log
 class PoolAnnouncer(Protocol):
     """The pool link, as far as an operator's drain needs it (pool/link.py PoolLink)."""
 
-    async def announce_draining(self, reason: str) -> None: ...
+    async def announce_local_drain(self, reason: str) -> None: ...
 
 
 class Control:
@@ -74,7 +74,7 @@ class Control:
         timeout_s = _number(args, "timeout_s", self.settings.server.drain_timeout_s)
         reason = _text(args, "reason", "drain requested")
         if self.pool is not None:
-            await self.pool.announce_draining(reason)
+            await self.pool.announce_local_drain(reason)
         self.notifier.status("draining")
         drained = await self.hub.drain(timeout_s)
         return {"drained": drained, "inflight": _inflight(self.hub)}

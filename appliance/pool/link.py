@@ -73,8 +73,16 @@ class PoolLink:
         self.connection.start()
         self._reporter = asyncio.create_task(self._report_loop(), name="pool-reports")
 
+    async def announce_local_drain(self, reason: str) -> None:
+        """An operator or OTA drains the service: refuse new jobs and tell the pool now, with the reason;
+        its resume brings the pool side back online (`_follow_local_drain`). A drain the pool asked for
+        (cmd/drain) stays until the pool resumes it."""
+        if self.state == ONLINE:
+            self._is_local_drain = True
+            self.set_state(DRAINING, reason)
+
     async def announce_draining(self, reason: str) -> None:
-        """The service is stopping: refuse new jobs and tell the pool (retained state `draining`)."""
+        """The service is stopping: refuse new jobs and tell the pool (retained state `draining`) for good."""
         self.is_stopping = True
         self.jobs.refusal = "stopping"
         self.set_state(DRAINING, reason)

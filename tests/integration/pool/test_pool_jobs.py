@@ -146,6 +146,29 @@ async def test_drain_resume_and_rebirth_commands(
 
 
 @pytest.mark.asyncio
+async def test_an_operator_drain_and_resume_take_the_pool_side_along(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """Regression: a drain by the admin socket or `appliance ota` marked the link as stopping, so after
+    the resume it refused every job for good while its retained capacity still offered them."""
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        await recorder.node("birth")
+        control = running.service.control
+        running.call(lambda: control.drain({"timeout_s": 5, "reason": "firmware update"}))
+        state = await recorder.node("state", lambda d: d["state"] == "draining")
+        assert state["reason"] == "firmware update"
+        body, user = job(binary=broker.is_v5)
+        refused = await ask(recorder, names, "infer/batchable", body, user=user)
+        assert refused.document["status"] == 503 and "draining" in refused.document["error"]
+
+        running.call(lambda: control.resume({}))
+        online = await recorder.node("state", lambda d: d["state"] == "online" and d["seq"] > state["seq"])
+        await recorder.node("capacity", lambda d: d["draining"] is False and d["seq"] > online["seq"])
+        assert "outputs" in (await ask(recorder, names, "infer/batchable", body, user=user)).document
+
+
+@pytest.mark.asyncio
 async def test_node_that_does_not_accept_jobs_refuses_them(
     serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
 ) -> None:
