@@ -53,6 +53,7 @@ class PoolLink:
         self.is_stopping = False
         self.default_drain_timeout_s = settings.server.drain_timeout_s
         self._is_local_drain = False  # drained by the service (OTA, admin), not by cmd/drain
+        self._born_with: tuple[Any, ...] = ()  # messages.models_served at the last birth
         self._settled = asyncio.Event()
         self._reporter: asyncio.Task[None] | None = None
         self._commands: set[asyncio.Task[None]] = set()
@@ -251,6 +252,7 @@ class PoolLink:
         return Outbound(self.topics.state, messages.encode(document), retain=True)
 
     def publish_birth(self) -> None:
+        self._born_with = messages.models_served(self.hub)
         self._publish(self.topics.birth, self._birth(), retain=True)
 
     def _birth(self) -> dict[str, Any]:
@@ -306,6 +308,9 @@ class PoolLink:
             self._follow_local_drain()
             if not self.is_connected:
                 continue  # no backlog: the reconnect publishes one fresh report
+            if messages.models_served(self.hub) != self._born_with:
+                self.publish_birth()  # a reload or a model loaded, removed or failed: say what is served now
+                self.cadence.forget()
             report = capacity_report(self.hub)
             if self.cadence.is_due(time.monotonic(), messages.spare_by_model(report)):
                 self._publish_capacity(report)

@@ -104,6 +104,16 @@ def spare_by_model(report: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def models_served(hub: ModelHub) -> tuple[tuple[str, str, Any, Any], ...]:
+    """Which models the hub serves, in which state, version and file: when this changes (a reload, a
+    model loaded, removed or failed), the birth that lists them is out of date."""
+    served = []
+    for entry in hub:
+        view = ModelView.of(entry)
+        served.append((entry.name, view.state, view.version, view.sha256 if entry.scheduler else None))
+    return tuple(sorted(served, key=lambda item: item[0]))
+
+
 def _model(entry: ModelEntry) -> dict[str, Any]:
     view = ModelView.of(entry)
     if entry.scheduler is None:

@@ -50,6 +50,33 @@ async def test_birth_state_and_capacity(
 
 
 @pytest.mark.asyncio
+async def test_a_reload_that_changes_what_is_served_is_born_again(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """Regression: the birth (the platform's list of models and their files, by which it routes and checks
+    signatures) went out at connect only, so after a reload it named the old file and not a new model."""
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        birth = await recorder.node("birth")
+        old = birth["models"]["batchable"]
+        manifest = "[batching]\nmax_batch_size = 8\n"
+        modelzoo.write(
+            pool_repository, "batchable", modelzoo.batchable(scale=3.0), version=2, manifest=manifest
+        )
+        modelzoo.write(pool_repository, "newmodel", modelzoo.batchable(), manifest=manifest)
+        running.call(lambda: running.service.control.reload({}), 120)
+        again = await recorder.node("birth", lambda d: d["seq"] > birth["seq"] and "newmodel" in d["models"])
+        served = running.service.hub.scheduler("batchable").model
+        assert again["session"] == birth["session"]
+        assert (again["models"]["batchable"]["version"], again["models"]["batchable"]["sha256"]) == (
+            "2",
+            served.digest,
+        )
+        assert served.digest != old["sha256"] and again["models"]["newmodel"]["state"] == "READY"
+        await recorder.node("capacity", lambda d: d["seq"] > again["seq"] and "newmodel" in d["models"])
+
+
+@pytest.mark.asyncio
 async def test_retained_state_and_birth_reach_late_subscribers(
     serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
 ) -> None:
