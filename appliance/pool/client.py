@@ -122,6 +122,20 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._supervise(), name="pool-connection")
 
+    def oversize(self, message: Outbound) -> str | None:
+        """Why the broker would not take `message` for its size (MQTT 5 Maximum Packet Size), or None."""
+        attempt = self._attempt
+        if attempt is None or not attempt.is_v5:
+            return None
+        return self._oversize(message, publish_properties(message))
+
+    def _oversize(self, message: Outbound, properties: Properties | None) -> str | None:
+        limit = self.broker_max_packet_bytes
+        if limit is None:
+            return None
+        size = packet_bytes(message, properties)
+        return f"a packet of {size} bytes is larger than the broker takes ({limit})" if size > limit else None
+
     def publish(self, message: Outbound) -> int | None:
         """Hand a message to paho (never blocks); its mid, or None while not connected.
 
@@ -132,11 +146,9 @@ class Connection:
             return None
         assert self._attempt is not None
         properties = publish_properties(message) if self._attempt.is_v5 else None
-        limit = self.broker_max_packet_bytes
-        if limit is not None:
-            size = packet_bytes(message, properties)
-            if size > limit:
-                raise Unpublishable(f"a packet of {size} bytes is larger than the broker takes ({limit})")
+        too_large = self._oversize(message, properties)
+        if too_large is not None:
+            raise Unpublishable(too_large)
         try:
             info = self._attempt.client.publish(
                 message.topic, message.payload, qos=message.qos, retain=message.retain, properties=properties

@@ -48,6 +48,7 @@ class JobIntake:
         send: Callable[[Outbound], None],
         emit: Callable[..., None],
         session: Callable[[], int] = lambda: 0,
+        oversize: Callable[[Outbound], str | None] = lambda _message: None,
     ) -> None:
         self.plane = plane
         self.hub = plane.hub
@@ -55,6 +56,7 @@ class JobIntake:
         self._send = send
         self._emit = emit
         self._session = session
+        self._oversize = oversize  # why the broker would not take a message of that size, or None
         self.key = identity.device_key(settings.system.state_dir, identity.credentials_directory())
         self.public_key = signing.public_key_text(self.key)
         self.rules = ReplyRules(settings.pool.topic_root, settings.pool.reply_topic_prefix)
@@ -94,7 +96,16 @@ class JobIntake:
                 self.plane.refuse(model, Priority.POOL, exc)
             self._refuse(model, message, reply, exc, started_s)
             return
-        self._answer(reply, self._signed(answer, reply), 200)
+        answered = self._message(reply, self._signed(answer, reply), 200)
+        too_large = self._oversize(answered)
+        if too_large is not None:
+            # Sent, it would be dropped (the broker takes no larger packet) and the platform never told.
+            exc = errors.RequestTooLarge(
+                f"the answer to this job is too large to send: {too_large}; ask for fewer rows or outputs"
+            )
+            self._refuse(model, message, reply, exc, started_s)
+            return
+        self._send(answered)
         self._emit("job_done", model=model, job_id=request.id, status=200, latency_ms=_ms_since(started_s))
 
     def _signed(self, answer: Answer, reply: Reply) -> codec.EncodedResponse:
@@ -207,6 +218,9 @@ class JobIntake:
         self._answer(reply, codec.EncodedResponse([orjson.dumps(document)], None), status)
 
     def _answer(self, reply: Reply, encoded: codec.EncodedResponse, status: int) -> None:
+        self._send(self._message(reply, encoded, status))
+
+    def _message(self, reply: Reply, encoded: codec.EncodedResponse, status: int) -> Outbound:
         body = encoded.body()
         message = Outbound(reply.topic, body, content_type=encoded.content_type)
         if reply.is_in_body:
@@ -218,7 +232,7 @@ class JobIntake:
             message.user[STATUS] = str(status)
             if encoded.header_length is not None:
                 message.user[HEADER_LENGTH] = str(encoded.header_length)
-        self._send(message)
+        return message
 
 
 def _json_document(message: Inbound) -> Any:

@@ -40,7 +40,14 @@ class PoolLink:
         self.state, self.reason = ONLINE, ""
         self.outbox = Outbox(self.pool.max_pending_responses)
         self.cadence = ReportCadence(self.pool.report_interval_s, self.pool.capacity_change_pct / 100)
-        self.jobs = JobIntake(plane, settings, send=self._send, emit=self._emit, session=lambda: self.session)
+        self.jobs = JobIntake(
+            plane,
+            settings,
+            send=self._send,
+            emit=self._emit,
+            session=lambda: self.session,
+            oversize=lambda message: self.connection.oversize(message),
+        )
         self.is_remote_control = self.pool.remote_control  # cmd/drain, resume, rebirth from the pool
         self.connection = Connection(
             self.pool,

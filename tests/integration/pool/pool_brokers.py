@@ -49,6 +49,7 @@ class Broker:
     password_file: Path | None = None
     acl_file: Path | None = None
     is_persistent: bool = False  # mosquitto keeps sessions and queued messages across a restart
+    max_packet_bytes: int | None = None  # mosquitto's max_packet_size: what it takes, and tells clients
     process: subprocess.Popen[str] | None = None
     log: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
@@ -114,6 +115,8 @@ class Broker:
             lines.append(f"acl_file {self.acl_file}")
         else:
             lines.append("allow_anonymous true")
+        if self.max_packet_bytes is not None:
+            lines.append(f"max_packet_size {self.max_packet_bytes}")
         if self.tls is not None:
             lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
         return "\n".join(lines) + "\n"

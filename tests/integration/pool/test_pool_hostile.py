@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from pool_brokers import Broker
@@ -24,7 +25,9 @@ from pool_recorder import (
     validate,
 )
 
-from appliance.pool.wire import Outbound
+from appliance.pool.client import packet_bytes
+from appliance.pool.wire import Outbound, publish_properties
+from appliance.protocol import codec
 
 
 async def still_serving(running: Any, recorder: Recorder, names: Names, session: int) -> None:
@@ -246,6 +249,50 @@ async def test_jobs_per_sender_are_rate_limited(
         assert stats.stats.requests[("pool", "success")] == 2
         await assert_line_serves(running.url)
         assert running.service.pool.session == birth["session"]
+
+
+@pytest.mark.asyncio
+async def test_an_answer_larger_than_the_broker_takes_is_refused_not_lost(
+    serve: Callable[..., Any],
+    pool_repository: Path,
+    broker_factory: Callable[..., Broker],
+    names: Names,
+    recorder_factory: Any,
+) -> None:
+    """Regression: an answer over the broker's Maximum Packet Size was dropped on the way out, so the
+    platform heard nothing, and evt said job_done. Now the job is answered 413, with why."""
+    broker = broker_factory(start=False)
+    if broker.kind != "mosquitto":
+        pytest.skip("needs a broker with a Maximum Packet Size (mosquitto)")
+    rows = np.full((8, 4), 0.123456789, np.float32)  # a binary job, answered in JSON: long decimals
+    encoded = codec.encode_request(
+        {"x": rows}, binary=True, binary_output=False, parameters={"timeout": 30_000_000}
+    )
+    user = {codec.HEADER_LENGTH: str(encoded.header_length)}
+    correlation = b"7" * 6000  # echoed in the answer: makes the job larger than a birth
+    reply_topic = names.reply_topic()
+    request = Outbound(f"{names.base}/cmd/infer/batchable", encoded.body(), response_topic=reply_topic)
+    request.correlation, request.user = correlation, user
+    # The job fits with 400 bytes to spare; its answer (about 1 KB more: outputs as text, a signature) not.
+    broker.max_packet_bytes = packet_bytes(request, publish_properties(request)) + 400
+    broker.start()
+    recorder = await recorder_factory(broker, names)
+    with serve(pool_repository, pool=pool_section(broker, names)) as running:
+        birth = await recorder.node("birth")
+        await recorder.subscribe(reply_topic)
+        mark = len(recorder.messages)
+        recorder.publish(
+            request.topic, request.payload, response_topic=reply_topic, correlation=correlation, user=user
+        )
+        answer = await recorder.expect(lambda m: m.topic == reply_topic, since=mark)
+        assert answer.document["status"] == 413, answer.document
+        assert f"larger than the broker takes ({broker.max_packet_bytes})" in answer.document["error"]
+        event = await recorder.node("evt", lambda d: d["event"] == "job_refused", since=mark)
+        assert event["status"] == 413
+        assert not [
+            m for m in recorder.messages[mark:] if m.kind == "evt" and m.document["event"] == "job_done"
+        ]
+        await still_serving(running, recorder, names, birth["session"])
 
 
 @pytest.mark.asyncio
