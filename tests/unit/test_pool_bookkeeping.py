@@ -193,6 +193,19 @@ def test_slow_rates_allow_one_job_then_wait() -> None:
     assert rates.admit("a") == pytest.approx(100.0)
 
 
+def test_long_sender_names_are_tracked_by_a_digest_of_bounded_size() -> None:
+    """Regression: 1,024 senders of 64 KB each held 64 MB of names; a long name is still one sender."""
+    now = [0.0]
+    rates = SenderRates(1.0, clock=lambda: now[0])
+    long = "a/" + "x" * 65_000
+    assert rates.admit(long) is None
+    assert rates.admit(long) is not None  # the same sender: its bucket is spent
+    assert rates.admit(long[:-1] + "y") is None  # another one
+    for index in range(2000):
+        rates.admit(f"{index}/" + "z" * 65_000)
+    assert len(rates) == 1024 and sum(len(key) for key in rates._buckets) <= 1024 * 128
+
+
 def test_only_a_bounded_number_of_senders_is_tracked() -> None:
     now = [0.0]
     rates = SenderRates(1.0, max_senders=3, clock=lambda: now[0])
