@@ -30,6 +30,10 @@ from appliance.scheduler.runner import ModelScheduler
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
+# Jobs received and not yet started. One is started per turn of the event loop, so that the line's
+# requests are served between two jobs' routing and decoding, however many arrive at once; past this
+# many waiting, a job is refused at once (503), without being read.
+MAX_WAITING_JOBS = 64
 
 
 def status_of(exc: BaseException) -> int:
@@ -62,19 +66,55 @@ class JobIntake:
         self.rules = ReplyRules(settings.pool.topic_root, settings.pool.reply_topic_prefix)
         self.rates = SenderRates(settings.pool.max_jobs_per_sender_per_s)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: asyncio.Queue[tuple[str, Inbound]] = asyncio.Queue(MAX_WAITING_JOBS)
+        self._starter: asyncio.Task[None] | None = None
         self.refusal: str | None = None  # set while draining or stopping: why jobs are refused
 
     def submit(self, model: str, message: Inbound) -> None:
-        task = asyncio.create_task(self._serve(model, message), name=f"pool-job-{model}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Take a job from the link: it starts in its turn, or is refused at once if too many wait."""
+        try:
+            self._waiting.put_nowait((model, message))
+        except asyncio.QueueFull:
+            self._refuse_unread(model, message)
+            return
+        if self._starter is None or self._starter.done():
+            self._starter = asyncio.create_task(self._start_waiting(), name="pool-job-intake")
+
+    async def _start_waiting(self) -> None:
+        while not self._waiting.empty():
+            model, message = self._waiting.get_nowait()
+            task = asyncio.create_task(self._serve(model, message), name=f"pool-job-{model}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(0)  # the job's first step runs next turn, beside the line's handlers
 
     async def wait(self, timeout_s: float) -> bool:
-        """Wait for the jobs in progress to be answered; False if some were still running at the end."""
-        if not self._tasks:
-            return True
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        return not pending
+        """Wait for the jobs received to be answered; False if some were still waiting or running."""
+        deadline_s = time.monotonic() + timeout_s
+        while self._tasks or not self._waiting.empty():
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                return False
+            pending = {*self._tasks, *([self._starter] if self._starter and not self._starter.done() else [])}
+            await asyncio.wait(pending, timeout=remaining_s, return_when=asyncio.FIRST_COMPLETED)
+        return True
+
+    def _refuse_unread(self, model: str, message: Inbound) -> None:
+        """A job past MAX_WAITING_JOBS: answered 503 where MQTT 5 says where (nothing is parsed), else
+        only reported; either way it is never read."""
+        started_s = time.perf_counter()
+        exc = errors.QueueFull(
+            f"this node has {MAX_WAITING_JOBS} pool jobs waiting to start; try again later",
+            retry_after_s=1.0,
+        )
+        reply = None
+        if message.response_topic is not None:
+            try:
+                reply = self.rules.route(message)
+            except Unanswerable:
+                reply = None
+        self.plane.refuse(model, Priority.POOL, exc)
+        self._refuse(model, message, reply, exc, started_s, read_id=False)
 
     async def _serve(self, model: str, message: Inbound) -> None:
         started_s = time.perf_counter()
@@ -194,6 +234,8 @@ class JobIntake:
         reply: Reply | None,
         exc: errors.ApplianceError,
         started_s: float,
+        *,
+        read_id: bool = True,
     ) -> None:
         status = status_of(exc)
         kind = (
@@ -201,7 +243,7 @@ class JobIntake:
             if isinstance(exc, errors.DeadlineExceeded)
             else ("job_failed" if status >= 500 and status != 503 else "job_refused")
         )
-        job_id = _job_id(message)
+        job_id = _job_id(message) if read_id else None
         self._emit(
             kind, model=model, job_id=job_id, status=status, error=str(exc), latency_ms=_ms_since(started_s)
         )

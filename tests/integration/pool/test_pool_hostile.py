@@ -5,6 +5,7 @@ Each test ends with the node answering a valid job and the line answering over H
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from pool_recorder import (
 )
 
 from appliance.pool.client import packet_bytes
-from appliance.pool.wire import Outbound, publish_properties
+from appliance.pool.jobs import MAX_WAITING_JOBS
+from appliance.pool.wire import Inbound, Outbound, publish_properties
 from appliance.protocol import codec
 
 
@@ -249,6 +251,121 @@ async def test_jobs_per_sender_are_rate_limited(
         assert stats.stats.requests[("pool", "success")] == 2
         await assert_line_serves(running.url)
         assert running.service.pool.session == birth["session"]
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_jobs_starts_one_per_loop_turn_and_each_is_answered_once(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """Regression: every job received became a task at once, and a burst's routing and decoding ran back
+    to back in one turn of the event loop that serves the line (a second with 300 jobs of 1 MB). Jobs
+    now start one per turn, and past MAX_WAITING_JOBS waiting are refused 503 unread; none is lost."""
+    if not broker.is_v5:
+        pytest.skip("answers to a burst are matched by MQTT 5 correlation data")
+    recorder = await recorder_factory(broker, names)
+    pool = pool_section(broker, names, max_jobs_per_sender_per_s=10_000)
+    with serve(pool_repository, pool=pool) as running:
+        birth = await recorder.node("birth")
+        jobs = running.service.pool.jobs
+        turn, starts, serve_job = [0], [], jobs._serve
+
+        async def counted(model: str, message: Any) -> None:
+            starts.append(turn[0])
+            await serve_job(model, message)
+
+        async def install() -> None:
+            loop = asyncio.get_running_loop()
+
+            def tick() -> None:  # one call per turn of the loop
+                turn[0] += 1
+                if turn[0] > 0:
+                    loop.call_soon(tick)
+
+            jobs._serve = counted
+            loop.call_soon(tick)
+
+        running.call(install)
+        reply_topic = names.reply_topic()
+        await recorder.subscribe(reply_topic)
+        mark = len(recorder.messages)
+        body, user = job()
+        burst = 150
+        for index in range(burst):
+            correlation = str(index).encode()
+            recorder.publish(
+                f"{names.base}/cmd/infer/batchable",
+                body,
+                response_topic=reply_topic,
+                correlation=correlation,
+                user=user,
+            )
+
+        def all_answered(_message: Any) -> bool:
+            return sum(m.topic == reply_topic for m in recorder.messages[mark:]) >= burst
+
+        await recorder.expect(all_answered, since=mark)
+        turn[0] = -(10**9)  # stops the ticking
+        answers = [m for m in recorder.messages[mark:] if m.topic == reply_topic]
+        assert sorted(int(m.correlation) for m in answers) == list(range(burst))  # each once
+        statuses = {m.document.get("status", 200) for m in answers}
+        assert statuses <= {200, 503}, statuses
+        assert len(starts) == len(set(starts)), "two jobs started in the same turn of the loop"
+        assert len(starts) + sum("waiting to start" in m.document.get("error", "") for m in answers) == burst
+        await still_serving(running, recorder, names, birth["session"])
+
+
+@pytest.mark.asyncio
+async def test_jobs_past_the_waiting_bound_are_refused_unread(
+    serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """More jobs at once than MAX_WAITING_JOBS: the rest are answered 503 at once (where MQTT 5 says
+    where; otherwise reported on evt), each job once."""
+    if not broker.is_v5:
+        pytest.skip("answers are matched by MQTT 5 correlation data")
+    recorder = await recorder_factory(broker, names)
+    pool = pool_section(broker, names, max_jobs_per_sender_per_s=10_000)
+    with serve(pool_repository, pool=pool) as running:
+        birth = await recorder.node("birth")
+        reply_topic = names.reply_topic()
+        await recorder.subscribe(reply_topic)
+        mark = len(recorder.messages)
+        body, user = job()
+        count = MAX_WAITING_JOBS + 6
+        topic = f"{names.base}/cmd/infer/batchable"
+        arrived = [
+            Inbound(topic, body, response_topic=reply_topic, correlation=str(i).encode(), user=user)
+            for i in range(count)
+        ]
+        unrouted = Inbound(topic, body, user=user)  # past the bound with nowhere to answer: evt only
+
+        async def arrive_at_once() -> None:  # as a burst the link hands over within one turn
+            for message in [*arrived, unrouted]:
+                running.service.pool.jobs.submit("batchable", message)
+
+        running.call(arrive_at_once)
+
+        def all_answered(_message: Any) -> bool:
+            return sum(m.topic == reply_topic for m in recorder.messages[mark:]) >= count
+
+        await recorder.expect(all_answered, since=mark)
+        replies = [m for m in recorder.messages[mark:] if m.topic == reply_topic]
+        answers = {int(m.correlation): m.document for m in replies}
+        assert sorted(answers) == list(range(count)) and len(replies) == count  # each once
+        refused = [i for i, document in answers.items() if "waiting to start" in document.get("error", "")]
+        assert refused == list(range(MAX_WAITING_JOBS, count))
+        assert {answers[i]["status"] for i in refused} == {503} and answers[count - 1]["retry_after_s"] > 0
+        unread = count - MAX_WAITING_JOBS + 1  # and the one with nowhere to answer
+
+        def reported(_message: Any) -> bool:
+            events = [m.document for m in recorder.messages[mark:] if m.kind == "evt"]
+            return sum("waiting to start" in e.get("error", "") for e in events) >= unread
+
+        await recorder.expect(reported, since=mark)
+        events = [m.document for m in recorder.messages[mark:] if m.kind == "evt"]
+        assert {(e["event"], e["status"]) for e in events if "waiting to start" in e.get("error", "")} == {
+            ("job_refused", 503)
+        }
+        await still_serving(running, recorder, names, birth["session"])
 
 
 @pytest.mark.asyncio
