@@ -21,7 +21,8 @@ from appliance.engine.repository import Repository
 from appliance.providers.registry import Registry
 from appliance.scheduler.hub import ModelHub
 from appliance.server.app import create_app
-from appliance.server.connections import ConnectionGate, bounded_protocol
+from appliance.server.connections import bounded_protocol
+from appliance.server.gate import ConnectionGate
 from appliance.server.grpc.server import OFF as GRPC_OFF
 from appliance.server.grpc.server import GrpcServer
 from appliance.settings import Settings

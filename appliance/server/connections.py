@@ -5,17 +5,23 @@ takes every connection offered. `BoundedHttpProtocol` adds the bounds of `[serve
 `uvicorn.Config(http=bounded_protocol(...))`. Every refusal made here is counted by the data plane under
 model "" and priority class `line`, and answered from the one status table with the OIP body.
 
-A connection has one timer, armed at most once per deadline it has to watch: a request only notes its
-deadline when a read leaves it incomplete, and a timer that fires early re-arms for the deadline then
-current. With a fake transport (no sockets), a GET costs 2 us more than with uvicorn's protocol and a
-150 KB inference body in three reads 5 us more, against milliseconds of inference (bench/throughput.py).
+A connection has one timer for what it reads, armed at most once per deadline it has to watch: a
+request only notes its deadline when a read leaves it incomplete, and a timer that fires early re-arms
+for the deadline then current. Writes have their own timer, armed only while bytes wait to be sent
+(the transport buffers them: a client that reads fast leaves none). With a fake transport (no
+sockets), a GET costs 2 us more than with uvicorn's protocol and a 150 KB inference body in three reads
+5 us more, against milliseconds of inference (bench/throughput.py). The places connections take are
+counted by `ConnectionGate` (server/gate.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +34,7 @@ from appliance import errors
 from appliance.dataplane.outcomes import NO_MODEL
 from appliance.scheduler.queues import Priority
 from appliance.server.errors import appliance_error_response
+from appliance.server.gate import ConnectionGate
 from appliance.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -39,54 +46,6 @@ LINGER_S = 5.0
 _CLOCK_SLACK_S = 0.001  # asyncio runs a timer up to its clock's resolution early
 
 Refuse = Callable[[str | None, Priority | str, BaseException], None]
-
-
-class ConnectionGate:
-    """Open connections of one server, in all and per client address. Used on the event loop only."""
-
-    def __init__(self, max_connections: int, max_per_peer: int) -> None:
-        self.max_connections = max_connections
-        self.max_per_peer = max_per_peer
-        self.open = 0
-        self.lingering = 0  # refused connections still open to deliver their answer
-        self.stop_by: float | None = None  # loop time by which a stopping server closes every connection
-        self._by_peer: dict[str, int] = {}
-
-    @classmethod
-    def of(cls, server: ServerSettings) -> ConnectionGate:
-        return cls(server.max_connections, server.max_connections_per_peer)
-
-    def admit(self, peer: str, retry_after_s: float) -> errors.ConnectionLimit | None:
-        """Take a place for a connection from `peer`, or return why there is none."""
-        from_peer = self._by_peer.get(peer, 0)
-        if from_peer >= self.max_per_peer:
-            return errors.ConnectionLimit(
-                f"too many connections from {peer}: {from_peer} open, at most {self.max_per_peer} "
-                "per client address (server.max_connections_per_peer)",
-                retry_after_s=retry_after_s,
-            )
-        if self.open >= self.max_connections:
-            return errors.ConnectionLimit(
-                f"too many connections: {self.open} open, at most {self.max_connections} "
-                "(server.max_connections)",
-                retry_after_s=retry_after_s,
-            )
-        self.open += 1
-        self._by_peer[peer] = from_peer + 1
-        return None
-
-    def release(self, peer: str) -> None:
-        self.open -= 1
-        left = self._by_peer[peer] - 1
-        if left:
-            self._by_peer[peer] = left
-        else:
-            del self._by_peer[peer]
-
-    @property
-    def peers(self) -> int:
-        """Client addresses with connections open (an address leaves no entry once they close)."""
-        return len(self._by_peer)
 
 
 def bounded_protocol(
@@ -102,9 +61,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     - request line and headers: at most `max_header_bytes` (431), within `header_timeout_s` of the
       connection opening or of the request's first byte (408);
     - body: whole within `body_timeout_s` of its headers (408, or a plain close once an answer began);
-    - idle keep-alive: closed after `idle_timeout_s` (uvicorn's `timeout_keep_alive`);
+    - idle keep-alive: closed after `idle_timeout_s` (uvicorn's `timeout_keep_alive`); bytes sent
+      between requests (an empty line, which begins no request) start the next request's header time;
+    - answers: a client that takes none of its unsent answer for `idle_timeout_s` is reset (nginx's
+      send_timeout, between two writes rather than for the whole answer, so a slow link is served);
     - connections: `max_connections` in all and `max_connections_per_peer` per address (503);
-    - on shutdown: a request still incomplete after `drain_timeout_s` gets 503 and the connection closes.
+    - on shutdown: a request still incomplete after `drain_timeout_s` gets 503 and the connection
+      closes; an answer still being sent then is reset.
     """
 
     def __init__(
@@ -133,6 +96,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._body_due: float | None = None  # loop time by which the body must be in
         self._timer: asyncio.TimerHandle | None = None  # fires by the nearest deadline, or ends a linger
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None  # armed while bytes wait to be sent
+        self._unsent_bytes = 0  # what waited to be sent when the send timer was armed
 
     # asyncio.Protocol
 
@@ -154,9 +119,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-            self._drain_timer = None
+        for timer in (self._drain_timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._drain_timer = self._send_timer = None
         if self._peer is not None:
             self.gate.release(self._peer)
             self._peer = None
@@ -169,6 +135,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self._is_refused:
             return
         self._unset_keepalive_if_required()
+        if not (self._in_headers or self._in_body) and (self.cycle is None or self.cycle.response_complete):
+            # Between requests: the idle timer is cancelled above, and llhttp skips an empty line here
+            # without beginning a request. Whatever came begins the next request's time for headers.
+            self._in_headers = True
         if not self._in_body:
             self._header_bytes += len(data)
         try:
@@ -214,13 +184,29 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._body_due = None
         super().on_message_complete()
 
+    # Writes
+
+    def pause_writing(self) -> None:
+        """Called by the transport when more than its high-water mark waits to be sent."""
+        super().pause_writing()
+        self._watch_send()
+
+    def on_response_complete(self) -> None:
+        """Called by uvicorn once an answer is written whole (into the transport, not yet sent)."""
+        super().on_response_complete()
+        if self.transport.get_write_buffer_size():
+            # Closing, or kept alive, the transport waits for these bytes to go without a deadline.
+            self._watch_send()
+
     # uvicorn.Server
 
     def shutdown(self) -> None:
-        """Called when the server stops: idle connections close now, the others within the drain."""
+        """Called when the server stops: idle connections close now, the others within the drain (an
+        answer still being sent too: uvicorn waits for every connection to close before it stops)."""
         self._is_stopping = True
         super().shutdown()
-        if not self.transport.is_closing() and self._drain_timer is None:
+        is_done = self.transport.is_closing() and not self.transport.get_write_buffer_size()
+        if not is_done and self._drain_timer is None:
             stop_by = self.gate.stop_by
             delay_s = (
                 self.settings.drain_timeout_s if stop_by is None else max(0.0, stop_by - self.loop.time())
@@ -276,9 +262,34 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             )
         )
 
+    def _watch_send(self) -> None:
+        """Have the send timer fire `idle_timeout_s` after the latest answer was written."""
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+        self._unsent_bytes = self.transport.get_write_buffer_size()
+        self._send_timer = self.loop.call_later(self.settings.idle_timeout_s, self._send_late)
+
+    def _send_late(self) -> None:
+        self._send_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if not unsent:
+            return
+        if unsent < self._unsent_bytes:
+            self._watch_send()  # the client takes its answer, if slowly: as long as it takes some
+            return
+        log.debug(
+            "%s took none of %d unsent bytes in %g s (server.idle_timeout_s): reset",
+            self.client,
+            unsent,
+            self.settings.idle_timeout_s,
+        )
+        self._reset()
+
     def _drain_late(self) -> None:
         self._drain_timer = None
         if self.transport.is_closing():
+            if self.transport.get_write_buffer_size():
+                self._reset()  # its answer is still going out, slowly: the stop is due
             return
         if self._is_refused:
             self.transport.abort()
@@ -345,9 +356,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _close(self) -> None:
         """Close now; a client that does not read what is still unsent is reset rather than waited on."""
         if self.transport.get_write_buffer_size():
-            self.transport.abort()
+            self._reset()
         else:
             self.transport.close()
+
+    def _reset(self) -> None:
+        """Abort with a TCP reset: what the kernel still holds for a client that does not read goes too,
+        rather than waiting out its retries (nginx's reset_timedout_connection)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

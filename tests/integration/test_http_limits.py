@@ -174,6 +174,61 @@ def test_slow_or_silent_headers_get_408(serve, repo) -> None:
             assert refusals(sock, "timeout") == 2
 
 
+def test_an_empty_line_after_a_request_does_not_hold_the_connection_open(serve, repo) -> None:
+    """llhttp skips an empty line between requests without beginning one, and the idle timer stops on
+    any byte: the line starts the next request's header time, as its first byte would."""
+    with serve(repo, server={"header_timeout_s": 0.2, "idle_timeout_s": 3600.0}) as running:
+        with connection(running.port) as sock:
+            sock.sendall(request() + b"\r\n")  # an empty line within the read of a request: no harm
+            assert one_response(sock)[0] == 200
+            assert get(sock)[0] == 200
+            sock.sendall(b"\r\n")
+            status, _, message = refused(until_closed(sock))
+        assert status == 408
+        assert message == "request line and headers not received within 0.2 s (server.header_timeout_s)"
+        with connection(running.port) as other:
+            assert refusals(other, "timeout") == 1
+
+
+def test_a_client_that_takes_none_of_its_answer_is_reset(serve, tmp_path: Path) -> None:
+    """A 16 MB answer to a client that reads none of it: past what the kernel holds, the rest waits in
+    the transport, which would wait for it forever. The client is reset within idle_timeout_s of the
+    answer and its place given back."""
+    repository = tmp_path / "wide"
+    modelzoo.write(repository, "any_width", modelzoo.any_width())
+    width = 4 * 1024 * 1024
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [1, width],
+                    "parameters": {"binary_data_size": 4 * width},
+                }
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    )
+    body = header + bytes(4 * width)
+    head = (
+        "POST /v2/models/any_width/infer HTTP/1.1\r\nHost: box\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with serve(repository, server={"idle_timeout_s": 0.2}) as running:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with contextlib.closing(sock):
+            sock.connect(("127.0.0.1", running.port))
+            sock.sendall(head.encode() + body)
+            watch = select.poll()
+            watch.register(sock, select.POLLRDHUP)  # not POLLIN: the answer's first bytes wait unread
+            events = watch.poll(READ_TIMEOUT_S * 1000)
+            assert events, f"the connection is still open {READ_TIMEOUT_S:g} s on"
+            assert events[0][1] & (select.POLLERR | select.POLLHUP)  # a reset, not a close after a flush
+        assert running.service.gate.open == 0  # given back before the reset was sent
+
+
 def test_trickled_body_gets_408(serve, repo) -> None:
     with serve(repo, server={"body_timeout_s": 0.2}) as running, connection(running.port) as sock:
         sock.sendall(INFER_HEAD + b"\r\n{")
