@@ -4,20 +4,25 @@ plane's table, the token, the message size bound, the port setting and the drain
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import modelzoo
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.utils.shared_memory as shm
 from services import make_settings, run_service
 from tritonclient.utils import InferenceServerException
+
+from appliance.server.grpc import messages, streams
 
 
 def _client(running: Any) -> triton.InferenceServerClient:
@@ -71,6 +76,26 @@ def test_health_metadata_config_statistics_repository(client: Any) -> None:
     client.load_model("batchable")
     assert client.is_model_ready("batchable")
     assert "failed to load 'corrupt'" in str(_error(lambda: client.load_model("corrupt")))
+
+
+@pytest.mark.parametrize("models", [["batchable"], []])
+def test_statistics_of_every_model_ignore_a_version_as_tritons_do(
+    serve: Any, tmp_path: Any, models: list[str]
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in models:
+        modelzoo.write(repo, name, modelzoo.batchable())
+    with serve(repo) as running:
+        client = _client(running)
+        everything = client.get_inference_statistics(as_json=True).get("model_stats", [])
+        assert [s["name"] for s in everything] == models
+        assert client.get_inference_statistics("", "7", as_json=True).get("model_stats", []) == everything
+        if models:
+            named = _error(lambda: client.get_inference_statistics("batchable", "7"))
+            assert named.status() == "StatusCode.NOT_FOUND"
+            assert named.message() == "model 'batchable' version 7 is not served; serving version 1"
+        client.close()
 
 
 def test_infer_raw_contents_bytes_and_half(client: Any) -> None:
@@ -179,6 +204,42 @@ def test_a_stream_answers_each_request_and_an_error_ends_only_its_own(client: An
     ids = sorted(r.get_response().id for r, e in got if e is None)
     errors = [str(e) for r, e in got if e is not None]
     assert ids == ["a", "c"] and len(errors) == 1 and "model expects [N, 4]" in errors[0]
+
+
+def test_a_stream_reads_no_further_while_its_answers_go_unsent() -> None:
+    """A request takes a place of the stream's MAX_INFLIGHT_PER_STREAM until its answer is sent, not
+    until it is computed: a client that reads no answers stops being read. Inference here is instant
+    and the client slow (each answer's send takes turns of the loop, no time), so the stream is read as
+    fast as places allow: the (k+1)th inference may start only once the client took k + 1 - MAX answers."""
+    limit = streams.MAX_INFLIGHT_PER_STREAM
+    taken = 0
+    taken_at_each_inference: list[int] = []
+
+    async def requests() -> AsyncIterator[bytes]:
+        for i in range(4 * limit):
+            yield str(i).encode()
+        await asyncio.Event().wait()  # the client keeps its stream open
+
+    async def infer(data: bytes) -> Any:
+        taken_at_each_inference.append(taken)
+        encoded = messages.ModelInferResponse(id=data.decode()).SerializeToString()
+        return SimpleNamespace(encoded=SimpleNamespace(parts=[encoded]))
+
+    async def scenario() -> None:
+        nonlocal taken
+        answers = streams.answer_each(requests(), infer)
+        async with asyncio.timeout(60):
+            for _ in range(2 * limit):
+                await anext(answers)
+                taken += 1
+                for _turn in range(limit):  # the slow send: everything else runs meanwhile
+                    await asyncio.sleep(0)
+        await answers.aclose()
+
+    asyncio.run(scenario())
+    assert len(taken_at_each_inference) >= 2 * limit
+    late = [(k, took) for k, took in enumerate(taken_at_each_inference) if k + 1 - limit > took]
+    assert not late, f"(inference, answers taken) with more than {limit} answers unsent: {late}"
 
 
 def test_the_token_is_read_from_authorization_metadata(serve: Any, repository: Any) -> None:

@@ -190,12 +190,18 @@ class Handlers:
         return _from_json(document, messages.response_of("ModelConfig"))
 
     async def model_statistics(self, request: Any) -> Any:
-        entries = list(self.hub) if not request.name else [self.hub.entry(request.name)]
-        if request.version and entries[0].version and entries[0].version != request.version:
-            raise errors.ModelNotFound(
-                f"model {request.name!r} version {request.version} is not served; serving version "
-                f"{entries[0].version}"
-            )
+        """One model's statistics, or every model's when no name is given; a version is checked only
+        against a named model: with no name, Triton ignores it (TRITONSERVER_ServerModelStatistics)."""
+        if not request.name:
+            entries = list(self.hub)
+        else:
+            entry = self.hub.entry(request.name)
+            if request.version and entry.version and entry.version != request.version:
+                raise errors.ModelNotFound(
+                    f"model {request.name!r} version {request.version} is not served; serving version "
+                    f"{entry.version}"
+                )
+            entries = [entry]
         stats = [documents.statistics(e, self.plane.refusals.of_model(e.name)) for e in entries]
         return _from_json({"model_stats": stats}, messages.response_of("ModelStatistics"))
 

@@ -10,8 +10,9 @@ from appliance import errors
 from appliance.dataplane.plane import Answer
 from appliance.server.grpc import messages
 
-# Requests of one stream in the data plane at once; the stream is read no further meanwhile, so
-# HTTP/2 flow control holds the client back (one HTTP/1.1 connection has one request at a time).
+# Requests of one stream in the data plane or answered and not yet sent, at once; the stream is read no
+# further meanwhile, so HTTP/2 flow control holds the client back (one HTTP/1.1 connection has one
+# request at a time). A client that does not read its answers stops being read after this many.
 MAX_INFLIGHT_PER_STREAM = 16
 
 
@@ -19,7 +20,10 @@ async def answer_each(
     requests: AsyncIterator[bytes], infer: Callable[[bytes], Awaitable[Answer]]
 ) -> AsyncIterator[bytes]:
     """Serialised ModelStreamInferResponse messages, in the order the requests complete: the answer,
-    or the request's own error in `error_message` (the stream goes on, as Triton's does)."""
+    or the request's own error in `error_message` (the stream goes on, as Triton's does).
+
+    A request's place is given back once its answer is sent (grpc.aio resumes this generator after
+    the message is written), not once it is computed: answers a client leaves unread stay bounded."""
     done: asyncio.Queue[bytes | None] = asyncio.Queue()
     slots = asyncio.Semaphore(MAX_INFLIGHT_PER_STREAM)
     tasks: set[asyncio.Task[None]] = set()
@@ -32,8 +36,6 @@ async def answer_each(
             response.infer_response.MergeFromString(answer.encoded.parts[0])
         except errors.ApplianceError as exc:
             response = messages.ModelStreamInferResponse(error_message=str(exc))
-        finally:
-            slots.release()
         done.put_nowait(response.SerializeToString())
 
     async def read() -> None:
@@ -58,6 +60,7 @@ async def answer_each(
                 continue
             outstanding -= 1
             yield item
+            slots.release()
         await reading  # its errors (a broken stream) end the RPC
     finally:
         for task in (reading, *tasks):
