@@ -12,7 +12,7 @@ import orjson
 
 from appliance import tensors
 from appliance.errors import InvalidInput
-from appliance.protocol import bulk_json
+from appliance.protocol import bulk_json, nonfinite
 from appliance.protocol.shared_memory import RegionRef, Regions, region_ref, write_region
 from appliance.protocol.tensor_data import from_json_data, json_data
 
@@ -76,14 +76,16 @@ _NO_LIMITS = tensors.ShapeLimits()
 
 def decimal(raw: str | bytes | None, what: str) -> int | None:
     """A header or property holding a non-negative decimal count, parsed strictly (ASCII digits only:
-    str.isdigit() also takes '²', which int() refuses); None when absent, InvalidInput when not one."""
+    str.isdigit() also takes '²', which int() refuses); None when absent, InvalidInput when not one.
+    Leading zeros are allowed, as HTTP allows them in Content-Length; 19 digits remain after them."""
     if raw is None:
         return None
     text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
     text = text.strip(" \t")
-    if not text or len(text) > 19 or not text.isascii() or not text.isdigit():
+    significant = text.lstrip("0") or text[-1:]
+    if not text or len(significant) > 19 or not text.isascii() or not text.isdigit():
         raise InvalidInput(f"{what} {text[:40]!r} is not a non-negative integer in ASCII digits")
-    return int(text)
+    return int(significant)
 
 
 class Payload:
@@ -139,7 +141,7 @@ def decode_request(
             )
         header, binary = view[:header_length], view[header_length:]
     try:
-        document = bulk_json.loads(header)
+        document = nonfinite.loads(header, bulk_json.loads)
     except orjson.JSONDecodeError as exc:
         hint = "" if header_length is not None else " (binary data needs Inference-Header-Content-Length)"
         raise InvalidInput(f"request body is not valid JSON: {exc}{hint}") from None
@@ -360,16 +362,27 @@ def encode_request(
 
 
 def decode_response(body: bytes | memoryview, header_length: int | None = None) -> dict[str, np.ndarray]:
-    """Decode a v2 response into arrays (the client side); raises InvalidInput on a malformed one."""
+    """Decode a v2 response into arrays (the client side: a pool node's or a box's answer, both
+    untrusted); raises InvalidInput on a malformed one, whatever its JSON holds."""
     view = memoryview(body)
+    if header_length is not None and not 0 <= header_length <= len(view):
+        raise InvalidInput(f"response header length is {header_length}; the answer has {len(view)} bytes")
     header = view if header_length is None else view[:header_length]
     binary = view[len(view) :] if header_length is None else view[header_length:]
-    document = orjson.loads(header)
+    try:
+        document = nonfinite.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"response is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput(f"response must be a JSON object, got {type(document).__name__}")
     if "error" in document:
         raise InvalidInput(str(document["error"]))
+    raw_outputs = document.get("outputs", [])
+    if not isinstance(raw_outputs, list):
+        raise InvalidInput(f"response 'outputs' must be a list, got {type(raw_outputs).__name__}")
     payload = Payload([binary])
     arrays: dict[str, np.ndarray] = {}
-    for raw in document.get("outputs", []):
+    for raw in raw_outputs:
         name, array = _decode_input(raw, payload)
         arrays[name] = array
     return arrays

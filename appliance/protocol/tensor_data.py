@@ -9,6 +9,7 @@ import numpy as np
 
 from appliance import tensors
 from appliance.errors import InvalidInput
+from appliance.protocol import nonfinite
 
 
 def from_json_data(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarray:
@@ -17,9 +18,10 @@ def from_json_data(name: str, data: Any, datatype: str, shape: list[int]) -> np.
         data = [data]
     try:
         if datatype == "BYTES":
-            flat = np.array(data, dtype=object).reshape(-1)
-            array = np.empty(flat.size, dtype=object)
-            array[:] = [_to_bytes(name, item) for item in flat]
+            array = np.array(data, dtype=object).reshape(-1)
+            for index, item in enumerate(array):
+                if type(item) is not bytes:
+                    array[index] = _to_bytes(name, item)
         elif datatype == "BOOL":
             array = np.asarray(data)
             if array.dtype != np.bool_ and array.size:
@@ -70,10 +72,14 @@ def _to_bytes(name: str, item: Any) -> bytes:
 
 
 def json_data(array: np.ndarray) -> Any:
-    """A flat row-major JSON-serialisable view (orjson serialises numpy natively)."""
+    """A flat row-major JSON-serialisable view (orjson serialises numpy natively); a float array that
+    holds NaN or an infinity is written with the tokens Triton writes, where orjson would write null."""
     if array.dtype.kind in "OSU":
         return [_text(item) for item in array.reshape(-1)]
-    return np.ascontiguousarray(array).reshape(-1)
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return nonfinite.fragment(flat)
+    return flat
 
 
 def _text(item: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.types import Message, Receive, Scope
 
 from appliance.dataplane.plane import CallAbandoned
-from appliance.errors import RequestTooLarge
+from appliance.errors import InvalidInput, RequestTooLarge
 from appliance.protocol.codec import decimal
 
 # A refused body up to this long is read and dropped before the answer: closing a socket with unread
@@ -38,8 +38,13 @@ class BodyReceiver:
 async def discard_rest(scope: Scope, receive: BodyReceiver, budget_bytes: int = DRAIN_BYTES) -> bool:
     """Read and drop what is left of a refused request's body, up to `budget_bytes`: True once it has
     ended (the answer can go out whole, on a connection that may stay open); False when it is longer
-    (the answer goes out and the connection closes) or the client has gone."""
-    declared = decimal(header(scope, b"content-length"), "Content-Length")
+    (the answer goes out and the connection closes) or the client has gone. A Content-Length it cannot
+    read (HTTP framed the body by it, so it is digits, but past 19 of them) means the body is not read:
+    the answer to the refusal being drained for goes out, not one about the length."""
+    try:
+        declared = decimal(header(scope, b"content-length"), "Content-Length")
+    except InvalidInput:
+        return False
     if declared is not None and declared > budget_bytes:
         return False
     seen = 0

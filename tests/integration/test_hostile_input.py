@@ -150,6 +150,26 @@ def test_draining_answers_close_keep_alive_connections(server, client: httpx.Cli
         server.service.hub.resume()
 
 
+@pytest.mark.parametrize("is_padded", [True, False])
+def test_a_content_length_of_20_digits_while_draining_is_a_503(server, is_padded: bool) -> None:
+    """Leading zeros (valid HTTP) are read; 20 significant digits (llhttp takes up to 2**64 - 1) mean
+    the body is not drained: either way the answer is the drain's 503, never a 500."""
+    body = _declared("x", "FP32", [1, 4], [1, 2, 3, 4])
+    length = f"{len(body):020d}" if is_padded else str(2**64 - 1)
+    head = f"POST /v2/models/batchable/infer HTTP/1.1\r\nHost: box\r\nContent-Length: {length}"
+    server.call(lambda: server.service.hub.drain(5.0))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), 30.0) as sock:
+            sock.sendall(head.encode() + b"\r\n\r\n" + body)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    finally:
+        server.service.hub.resume()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert b"connection: close\r\n" in answer and b"draining" in answer
+
+
 @pytest.mark.parametrize(
     ("strict", "models", "status"),
     [

@@ -46,6 +46,18 @@ def test_infer_binary_and_json(triton_client, binary: bool) -> None:
     assert result.get_response()["id"] == "abc"
 
 
+@pytest.mark.parametrize("binary_input", [True, False])
+def test_non_finite_values_cross_json_as_with_triton(triton_client, binary_input: bool) -> None:
+    """NaN, Infinity and -Infinity are JSON tokens both ways, as Triton writes and reads them: not null,
+    which tritonclient reads as NaN whatever the value was."""
+    x = np.array([[np.nan, np.inf, -np.inf, 3e38]], np.float32)  # y = 2x + 1: 2 * 3e38 overflows
+    tensor = triton.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary_input)
+    outputs = [triton.InferRequestedOutput("y", binary_data=False)]
+    result = triton_client.infer("batchable", [tensor], outputs=outputs)
+    np.testing.assert_array_equal(result.as_numpy("y"), [[np.nan, np.inf, -np.inf, np.inf]])
+
+
 def test_infer_default_outputs_bytes(triton_client) -> None:
     text = np.array([b"alpha", b"\xce\xb2eta"], dtype=np.object_)
     tensor = triton.InferInput("text", [2], "BYTES")

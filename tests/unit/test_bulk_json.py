@@ -108,6 +108,38 @@ def test_both_paths_refuse_bad_data_with_the_same_message(data: object, datatype
     assert isinstance(plain, str) and fast == plain
 
 
+@pytest.mark.parametrize(
+    ("data", "shape"),
+    [
+        (["ab", "\u03b2eta", ""], [3]),
+        ([["a", "b"], ["c", "d"]], [2, 2]),
+        (["a", 1], [2]),
+        (["\ud800", "a"], [2]),  # a lone surrogate, escaped by json.dumps
+        ([["a"], "b"], [2]),
+    ],
+)
+def test_both_paths_decode_bytes_data_the_same(data: object, shape: list[int]) -> None:
+    document = {"inputs": [{"name": "t", "datatype": "BYTES", "shape": shape, "data": data}]}
+    body = json.dumps(document).encode()
+    plain, fast = decode_both(body)
+    if isinstance(plain, str):
+        assert fast == plain
+    else:
+        assert isinstance(fast, codec.InferenceRequest)
+        assert fast.inputs["t"].tolist() == plain.inputs["t"].tolist()
+
+
+def test_big_bytes_data_arrives_as_bytes_not_strings_then_bytes() -> None:
+    """A 2-byte element costs 51 bytes as a str and 35 as bytes: the fast path keeps only the bytes."""
+    body = orjson.dumps(
+        {"inputs": [{"name": "t", "datatype": "BYTES", "shape": [30_000], "data": ["ab"] * 30_000}]}
+    )
+    assert len(body) > bulk_json.BULK_BYTES
+    data = bulk_json.loads(body)["inputs"][0]["data"]
+    assert isinstance(data, list) and data[:2] == [b"ab", b"ab"]
+    assert codec.decode_request(body).inputs["t"].tolist() == [b"ab"] * 30_000
+
+
 def test_ragged_nested_data_is_refused_on_both_paths() -> None:
     # simdjson flattens nested arrays, so the fast path counts values instead of failing on the shape
     body = orjson.dumps(
