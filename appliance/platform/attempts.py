@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from appliance.errors import InvalidInput
 from appliance.platform.verify import Proof
 from appliance.platform.view import NodeView
 from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound
+from appliance.protocol import codec
 
 
 @dataclass
@@ -110,11 +112,10 @@ class Finished:
 
 
 def answer_of(message: Inbound, attempt: Attempt | Finished) -> Answer:
-    """The answer an MQTT message carries to one attempt."""
-    raw_length = message.user.get(HEADER_LENGTH)
-    header_length = int(raw_length) if raw_length and raw_length.isdigit() else None
-    raw_status = message.user.get(STATUS, "")
-    status = int(raw_status) if raw_status.isdigit() else 502
+    """The answer an MQTT message carries to one attempt; whatever its user properties say, an answer
+    (a status that is not a decimal number is 502, a header length that is not one is no length)."""
+    header_length = _decimal(message.user.get(HEADER_LENGTH), HEADER_LENGTH)
+    status = _decimal(message.user.get(STATUS), STATUS) or 502
     retry_after_s = None
     if status != 200:
         try:
@@ -135,3 +136,11 @@ def answer_of(message: Inbound, attempt: Attempt | Finished) -> Answer:
         job_id=job_id,
         attempt=int(job_id.rpartition("/")[2]),
     )
+
+
+def _decimal(text: str | None, what: str) -> int | None:
+    """A node's decimal user property, strictly (codec.decimal: ASCII digits, at most 19), else None."""
+    try:
+        return codec.decimal(text, what)
+    except InvalidInput:
+        return None

@@ -1,6 +1,10 @@
 """What buyers may call: a catalogue file pinning model names to files by sha256 (with golden samples,
 trusted copies and tolerances), or, with none, every name the nodes offer under one sha256.
 
+With no catalogue, what buyers are told of a name (its file, its inputs and outputs) is what most nodes
+in good standing say: trusted (their key is the pinned one) and not quarantined. The others get no jobs
+and decide nothing buyers see, while one in good standing serves the name.
+
 One name may stand for several files (an int8 and an fp32 build of the same model): the operator says
 so by listing them, and states how far their answers may differ in `tolerances`, keyed by pairs of
 "precision/provider class" (`int8/cpu~fp32/cpu`; class cpu, gpu or npu, see `provider_class`).
@@ -9,11 +13,15 @@ so by listing them, and states how far their answers may differ in `tolerances`,
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from appliance.config_sources import read_toml
 from appliance.errors import ConfigError
@@ -23,8 +31,13 @@ Tolerance = tuple[float, float]  # (atol, rtol)
 Files = frozenset[str]  # the sha256 of every file a name may run on
 DEFAULT_TOLERANCE: Tolerance = (1e-4, 1e-3)
 RECOUNT_S = 1.0
+# Names whose vote is kept between recounts. Only names some node in good standing serves are kept (a
+# buyer's made-up name never is), so this bounds only what a node could add by naming models.
+MAX_KEPT = 4096
 GPU = ("cuda", "tensorrt", "rocm", "migraphx", "directml", "coreml")
 NPU = ("openvino", "qnn", "cann", "rknpu", "vitisai", "nnapi")
+
+log = logging.getLogger(__name__)
 
 
 def provider_class(provider: str) -> str:
@@ -51,12 +64,25 @@ class Entry:
         return self.tolerances.get("default", DEFAULT_TOLERANCE)
 
 
+@dataclass(frozen=True, slots=True)
+class _Described:
+    """What buyers are told of a name: the birth entry most nodes serving `files` agree on."""
+
+    files: Files
+    signature: bytes  # the inputs and outputs voted on, canonical: what a later count compares
+    born: dict[str, Any]
+
+
 class Catalogue:
     """Pinned entries, or (with no file) whatever the pool offers, one sha256 per name."""
 
-    def __init__(self, entries: dict[str, Entry] | None) -> None:
+    def __init__(
+        self, entries: dict[str, Entry] | None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.entries = entries
-        self._chosen: dict[str, tuple[float, Files | None]] = {}  # name -> (until, {sha256}), unpinned
+        self.clock = clock
+        self._chosen: dict[str, tuple[float, Files]] = {}  # name -> (until, {sha256}), unpinned
+        self._described: dict[str, tuple[float, _Described]] = {}  # name -> (until, what buyers see)
 
     @property
     def is_pinned(self) -> bool:
@@ -80,24 +106,107 @@ class Catalogue:
         if self.entries is not None:
             entry = self.entries.get(name)
             return entry.files if entry else None
-        now_s = time.monotonic()
-        until_s, chosen = self._chosen.get(name, (0.0, None))
-        if (
-            until_s <= now_s or chosen is None
-        ):  # a vote over every node offering it: recounted once a second, not per job
-            majority = majority_sha256(view.offering(name), name)
-            chosen = None if majority is None else frozenset((majority,))  # one set, not one per job
-            self._chosen[name] = (now_s + RECOUNT_S, chosen)
+        now_s = self.clock()
+        kept = self._chosen.get(name)
+        if kept is not None and kept[0] > now_s:
+            return kept[1]
+        # A vote over the nodes reporting it, recounted once a second rather than per job; a name no
+        # node serves is counted each time it is asked for (in O(1): no node reports it), never kept.
+        majority = majority_sha256(view.offering(name), name)
+        if majority is None:
+            self._chosen.pop(name, None)
+            return None
+        chosen = frozenset((majority,))  # one set per recount, not one per job
+        _keep(self._chosen, name, now_s + RECOUNT_S, chosen, now_s)
         return chosen
+
+    def described(self, name: str, files: Files, view: PoolView) -> dict[str, Any] | None:
+        """The birth entry that tells buyers what `name` takes and gives (inputs, outputs, version), or
+        None when no node in good standing serves one of `files`.
+
+        It is the one most nodes serving those files agree on, counting only trusted, unquarantined
+        nodes, and of those only the ones with a usable offer when any has one. On a tie what buyers
+        were told before stands, else the node heard of first decides: a newcomer alone never changes
+        the signature buyers' requests are checked against. Recounted once a second, not per job."""
+        now_s = self.clock()
+        until_s, kept = self._described.get(name, (0.0, None))
+        if kept is not None and until_s > now_s and kept.files == files:
+            return kept.born
+        incumbent = kept.signature if kept is not None else None
+        found = majority_birth(view.offering(name), name, files, now_s, incumbent)
+        if found is None:
+            self._described.pop(name, None)
+            return None
+        signature, born = found
+        if incumbent is not None and signature != incumbent:
+            log.warning(
+                "model %r: most nodes in good standing now describe it as %s; buyers are told so",
+                name,
+                signature.decode()[:300],
+            )
+        _keep(self._described, name, now_s + RECOUNT_S, _Described(files, signature, born), now_s)
+        return born
+
+
+def in_good_standing(node: NodeView) -> bool:
+    """A node whose word counts: its key is the pinned one and it is not quarantined."""
+    return node.is_trusted and node.quarantine is None
 
 
 def majority_sha256(nodes: list[NodeView], name: str) -> str | None:
-    """With no catalogue, the sha256 most nodes serve `name` with (ties: the smallest digest), so that
-    one name never mixes two different files."""
-    counts = Counter(d for node in nodes if (d := node.model_birth(name).get("sha256")))
+    """With no catalogue, the sha256 most nodes in good standing serve `name` with (ties: the smallest
+    digest), so that one name never mixes two different files. A name that only nodes out of good
+    standing serve (a changed key, a failed canary) stays known by their count: none of them gets a
+    job, so its buyers hear 503 (not 404) until one is back."""
+    counts = Counter(_digests((node for node in nodes if in_good_standing(node)), name))
+    if not counts:
+        counts = Counter(_digests(nodes, name))
     if not counts:
         return None
     return min(counts, key=lambda digest: (-counts[digest], digest))
+
+
+def _digests(nodes: Iterable[NodeView], name: str) -> Iterator[str]:
+    for node in nodes:
+        digest = node.model_birth(name).get("sha256")
+        if digest:
+            yield digest
+
+
+def majority_birth(
+    nodes: list[NodeView], name: str, files: Files, now_s: float, incumbent: bytes | None = None
+) -> tuple[bytes, dict[str, Any]] | None:
+    """(signature, birth entry) of `name` as most nodes in good standing serving one of `files` describe
+    it (see `Catalogue.described`); `nodes` in the order they were heard of."""
+    standing = []
+    for node in nodes:
+        born = node.model_birth(name)
+        if in_good_standing(node) and born.get("sha256") in files and born.get("inputs") is not None:
+            standing.append((node, born))
+    offering = [(node, born) for node, born in standing if node.offer(name, now_s) is not None]
+    counts: Counter[bytes] = Counter()
+    first: dict[bytes, dict[str, Any]] = {}
+    for _, born in offering or standing:
+        signature = orjson.dumps([born["inputs"], born.get("outputs")], option=orjson.OPT_SORT_KEYS)
+        counts[signature] += 1
+        first.setdefault(signature, born)
+    if not counts:
+        return None
+    most = max(counts.values())
+    tied = [signature for signature, count in counts.items() if count == most]  # in the order first heard
+    chosen = incumbent if incumbent in tied else tied[0]
+    return chosen, first[chosen]
+
+
+def _keep(kept: dict[str, tuple[float, Any]], name: str, until_s: float, value: Any, now_s: float) -> None:
+    """Keep a name's vote until `until_s`, at most MAX_KEPT names: expired votes go first, then the
+    oldest."""
+    if name not in kept and len(kept) >= MAX_KEPT:
+        for stale in [key for key, (until, _) in kept.items() if until <= now_s]:
+            del kept[stale]
+        while len(kept) >= MAX_KEPT:
+            del kept[next(iter(kept))]
+    kept[name] = (until_s, value)
 
 
 def _entry(path: Path, name: str, raw: Any) -> Entry:

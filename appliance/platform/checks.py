@@ -192,17 +192,24 @@ class Checks:
         return receipts.DISAGREED, f"{said}; wrong by a trusted run: {', '.join(judged) or 'neither'}"
 
     async def recheck_forever(self) -> None:
-        """Every recheck interval, a canary for each quarantined node that could pass one."""
+        """Every recheck interval, a canary for each quarantined node that could pass one. What one node
+        published never ends the loop: a node whose offer cannot be read is skipped, and logged."""
         while True:
             await asyncio.sleep(self.settings.recheck_interval_s)
             now_s = self.dispatcher.credit.clock()
             for node in self.trust.view.nodes():
-                record = self.trust.records.get(node.name)
-                if node.quarantine is None or (record is not None and record.quarantine_kind == KEY):
-                    continue
-                model = next((m for m in self.golden if node.offer(m, now_s, is_check=True)), None)
-                if model is not None:
-                    self._spawn(self.canary(model, 1, self._buyer, target=node))
+                try:
+                    self._recheck(node, now_s)
+                except Exception:  # the next node, and the next round, still get theirs
+                    log.exception("recheck of node %s skipped", node.name)
+
+    def _recheck(self, node: NodeView, now_s: float) -> None:
+        record = self.trust.records.get(node.name)
+        if node.quarantine is None or (record is not None and record.quarantine_kind == KEY):
+            return
+        model = next((m for m in self.golden if node.offer(m, now_s, is_check=True)), None)
+        if model is not None:
+            self._spawn(self.canary(model, 1, self._buyer, target=node))
 
     def _entry(self, model: str) -> Entry:
         entries = self.catalogue.entries or {}

@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable
 from appliance.platform.view import NodeView, PoolView
 
 Key = tuple[str, str, str]  # site, node, model
+# Far more rows than a gateway ever has in flight, and small enough that the free rows of any fleet,
+# which weigh each pick, sum to a finite number whatever an offer claims (random.choices needs one).
+MAX_CREDIT_ROWS = 1e9
 
 
 class CreditBook:
@@ -48,7 +51,7 @@ class CreditBook:
             return 0.0
         if self._withheld.get((node.site, node.node, model), 0.0) > now_s:
             return 0.0
-        return offer.spare_ips * offer.slo_window_s * self.share()
+        return min(offer.spare_ips * offer.slo_window_s * self.share(), MAX_CREDIT_ROWS)
 
     def in_flight(self, node: NodeView, model: str) -> int:
         return self._in_flight.get((node.site, node.node, model), 0)

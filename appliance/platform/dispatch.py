@@ -132,10 +132,10 @@ class Dispatcher:
                     answer.node.count(job.model, "answered")
                     self.on_event(job.model, "answered")
                     return answer
-                node.count(job.model, "unverified")
+                answer.node.count(job.model, "unverified")  # whose answer it is: see `answered`
                 self.on_event(job.model, "bad_signature")
                 self.on_refused(job, answer, why)
-                barred.add((node.site, node.node))
+                barred.add((answer.node.site, answer.node.node))
                 moves += 1
                 if moves > self.settings.max_refusal_moves:
                     raise errors.NoPoolCapacity(
@@ -171,7 +171,7 @@ class Dispatcher:
 
     def _refusal(self, job: Job, answer: Answer) -> Refused | None:
         """Why a 200 cannot be accepted (None: verified, its proof set on the answer)."""
-        if self.verify is None:
+        if self.verify is None or answer.proof is not None:
             return None
         try:
             answer.proof = self.verify(job, answer)
@@ -240,7 +240,12 @@ class Dispatcher:
         if attempt is current and not attempt.reply.done():
             attempt.reply.set_result(answer)
         elif answer.status == 200 and current is not None and not current.reply.done():
-            current.reply.set_result(answer)  # the first node answered after all: take it
+            # An earlier node answered after all: take its answer if it verifies. One that does not is
+            # only late: the current node, still working on the job, must not answer for it.
+            if self._refusal(job, answer) is None:
+                current.reply.set_result(answer)
+            else:
+                self.late_answers += 1
         else:
             self.late_answers += 1
             self._late(attempt, answer)

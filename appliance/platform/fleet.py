@@ -14,7 +14,7 @@ from appliance.platform.credit import CreditBook
 from appliance.platform.metrics import GatewayMetrics
 from appliance.platform.presence import Presence
 from appliance.platform.settings import GatewaySettings
-from appliance.platform.view import NodeView, PoolView
+from appliance.platform.view import PoolView
 from appliance.protocol.codec import InferenceRequest
 from appliance.tensors import TensorSpec
 
@@ -121,7 +121,8 @@ def index(gateway: Gateway) -> list[dict[str, Any]]:
 
 
 def metadata(gateway: Gateway, name: str) -> dict[str, Any]:
-    """GET /v2/models/{name}: the model's signature from a node's birth, plus the pool's spare capacity."""
+    """GET /v2/models/{name}: the model's signature from its nodes' births (Catalogue.described), plus
+    the pool's spare capacity."""
     files = gateway.catalogue.files(name, gateway.view)
     born = _birth(gateway, name, files)
     if files is None or born is None:
@@ -149,7 +150,8 @@ def not_served(gateway: Gateway, name: str) -> errors.ApplianceError:
 
 
 def signature(gateway: Gateway, name: str, files: Files) -> list[TensorSpec]:
-    """The inputs buyers must send (from a birth of a node serving one of those files)."""
+    """The inputs buyers must send, as most nodes in good standing serving one of those files describe
+    them (their births' inputs were checked at ingest: intake.py)."""
     born = _birth(gateway, name, files)
     if born is None:
         raise errors.NoPoolCapacity(f"no node serves model {name!r} with sha256 {_shown(files)} now")
@@ -164,12 +166,7 @@ def _shown(files: Files | None) -> str | None:
 
 
 def _birth(gateway: Gateway, name: str, files: Files | None) -> dict[str, Any] | None:
-    def serves(node: NodeView) -> bool:
-        born = node.model_birth(name)
-        return files is not None and born.get("sha256") in files and born.get("inputs") is not None
-
-    found = gateway.view.find(name, serves)
-    return None if found is None else found.model_birth(name)
+    return None if files is None else gateway.catalogue.described(name, files, gateway.view)
 
 
 def _version(gateway: Gateway, name: str, files: Files | None) -> str | None:

@@ -281,7 +281,8 @@ class GatewayLink:
         elif self.gateways.ingest(topic, bytes(message.payload)):
             return
         else:
-            changed = self.view.ingest(topic, bytes(message.payload), received_s)
+            report = inbound(message)  # a retained report's expiry is what the broker says is left of it
+            changed = self.view.ingest(topic, report.payload, received_s, report.expiry_s)
             if changed is None:
                 return
             if topic.endswith("/state") and changed.state != "online":

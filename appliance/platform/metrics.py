@@ -62,6 +62,14 @@ class GatewayMetrics(Collector):
         yield CounterMetricFamily(
             "appliance_gateway_reports_ingested", "Node messages taken.", value=self.view.ingested
         )
+        rejected = CounterMetricFamily(
+            "appliance_gateway_reports_rejected",
+            "Node births and capacity reports ignored in whole or in part for their shape.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.view.rejected.items()):
+            rejected.add_metric([kind], count)
+        yield rejected
         now_s = time.monotonic()
         states: Counter[str] = Counter(node.effective_state(now_s)[0] for node in self.view.nodes())
         nodes = GaugeMetricFamily("appliance_gateway_nodes", "Nodes by state.", labels=["state"])

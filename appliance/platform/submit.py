@@ -50,7 +50,9 @@ def submit(
     PoolUnreachable when the broker or the node does not answer within `timeout_s`.
     """
     view = PoolView(root)
-    client.on_message = lambda message, received_s: view.ingest(message.topic, message.payload, received_s)
+    client.on_message = lambda message, received_s: view.ingest(
+        message.topic, message.payload, received_s, message.expiry_s
+    )
     client.subscribe(*(node_filter(root, kind, site=site) for kind in ("birth", "state", "capacity")))
     client.sync(root)
     node = view.best(model, time.monotonic())

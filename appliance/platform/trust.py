@@ -21,10 +21,12 @@ from appliance.platform.catalogue import Catalogue
 from appliance.platform.ledger import CHECK, FILE, NodeRecord, now_ms
 from appliance.platform.view import NodeView, PoolView
 from appliance.platform.writer import LedgerWriter
+from appliance.pool import signing
 
 log = logging.getLogger(__name__)
 
 NO_KEY = "its birth carries no public_key: its answers cannot be verified"
+BAD_KEY = "its birth's public_key is not an Ed25519 key: its answers cannot be verified"
 
 
 class Trust:
@@ -52,11 +54,18 @@ class Trust:
         return sum(1 for node in self.view.nodes() if node.quarantine is not None)
 
     def born(self, node: NodeView) -> None:
-        """A birth arrived (on the loop): pin or check its key, then check the files it serves."""
+        """A birth arrived (on the loop): pin or check its key, then check the files it serves. A key that
+        is not an Ed25519 public key is never pinned: nothing it would verify could be accepted."""
         key = node.public_key
         if key is None:
             node.trusted_key = None
             self._set(node, NO_KEY)
+            return
+        try:
+            signing.parse_public_key(key)
+        except ValueError as exc:
+            node.trusted_key = None
+            self._set(node, f"{BAD_KEY}: {exc}")
             return
         record = self.records.get(node.name)
         if record is not None and record.public_key == key and record.offered_key is None:

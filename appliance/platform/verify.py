@@ -16,7 +16,6 @@ import numpy as np
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from appliance.errors import ApplianceError
 from appliance.platform.view import NodeView
 from appliance.pool import signing
 from appliance.protocol import codec
@@ -56,15 +55,20 @@ def check(
     input_sha256: str,
     files: frozenset[str] | None,
 ) -> Proof:
-    """The answer's proof, or Refused naming what is wrong with it."""
+    """The answer's proof, or Refused naming what is wrong with it. Whatever the node sent, nothing else
+    is raised: an answer that cannot be checked is refused like one that checks wrong."""
     key_text = node.trusted_key or node.public_key
     if key_text is None:
         raise Refused(f"node {node.name} has no device key to verify with")
     try:
+        key = _key(key_text)
+    except ValueError as exc:
+        raise Refused(f"node {node.name}'s device key cannot verify anything: {exc}") from None
+    try:
         document = orjson.loads(payload[:header_length] if header_length is not None else payload)
         outputs = codec.decode_response(payload, header_length)
-    except (orjson.JSONDecodeError, ApplianceError, ValueError) as exc:
-        raise Refused(f"the answer cannot be decoded: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the codec raises more than ApplianceError on hostile bytes
+        raise Refused(f"the answer cannot be decoded: {type(exc).__name__}: {exc}") from None
     parameters = document.get("parameters") if isinstance(document, dict) else None
     proof = parameters.get("pool_signature") if isinstance(parameters, dict) else None
     if not isinstance(proof, dict):
@@ -85,7 +89,7 @@ def check(
     )
     signature = proof.get("signature")
     signature = signature if isinstance(signature, str) else ""
-    if not signing.verify(_key(key_text), statement, signature):
+    if not signing.verify(key, statement, signature):
         raise Refused(
             f"bad signature: node {node.name}'s key does not sign what the gateway received",
             statement,

@@ -2,11 +2,13 @@
 
 Ordering rules: a message of an older `session` than the one known is late (a Last Will of a connection
 the node has since replaced, a retained report of a previous run) and is ignored; within a session each
-kind's `seq` only rises. Staleness goes by receive time here, never by the node's clock.
+kind's `seq` only rises. Staleness goes by receive time here, never by the node's clock. A birth or
+report whose shape the gateway cannot use is ignored, in whole or in part (intake.py), and counted.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections import Counter
@@ -16,9 +18,13 @@ from typing import Any
 
 import orjson
 
+from appliance.platform import intake
 from appliance.pool.topics import parse_node_topic
 
+log = logging.getLogger(__name__)
+
 SILENT = "reports stopped"  # the reason of a node whose last capacity report has expired
+SHOWN = 5  # problems of one message a log line shows
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,7 @@ class NodeView:
     birth: dict[str, Any] | None = None
     capacity: dict[str, Any] | None = None
     capacity_received_s: float | None = None
+    capacity_valid_for_s: float = 0.0  # its valid_for_s, or less: what the broker said was left of it
     last_received_s: float | None = None
     seqs: dict[str, int] = field(default_factory=dict)  # kind -> last seq in this session
     jobs: dict[str, Counter[str]] = field(default_factory=dict)  # model -> sent/answered/refused/...
@@ -68,7 +75,7 @@ class NodeView:
 
     def is_stale(self, now_s: float) -> bool:
         age_s = self.age_s(now_s)
-        return age_s is None or self.capacity is None or age_s > self.capacity["valid_for_s"]
+        return age_s is None or self.capacity is None or age_s > self.capacity_valid_for_s
 
     def is_live(self, now_s: float) -> bool:
         """Online and still reporting: what failover and dispatch go by."""
@@ -128,6 +135,8 @@ class PoolView:
         self.root = root
         self.needs_key = needs_key
         self.ingested = 0  # messages taken (not ignored), for /metrics
+        self.rejected: Counter[str] = Counter()  # kind -> messages ignored in whole or in part (intake)
+        self._warned: set[tuple[str, str, str]] = set()  # (site, node, kind) whose rejection was logged
         self._nodes: dict[tuple[str, str], NodeView] = {}
         self._offering: dict[str, _Holders] = {}  # model -> nodes reporting it
         self._lock = threading.Lock()
@@ -139,8 +148,13 @@ class PoolView:
     def get(self, site: str, node: str) -> NodeView | None:
         return self._nodes.get((site, node))
 
-    def ingest(self, topic: str, payload: bytes, received_s: float) -> NodeView | None:
-        """Take one node message; returns the node when the message changed it, None when ignored."""
+    def ingest(
+        self, topic: str, payload: bytes, received_s: float, expiry_s: int | None = None
+    ) -> NodeView | None:
+        """Take one node message; returns the node when the message changed it, None when ignored.
+
+        `expiry_s` is the MQTT 5 message expiry the broker forwarded with it: for a retained report, what
+        is left of its life, which a report's own valid_for_s (counted from receipt) may outlast."""
         origin = parse_node_topic(self.root, topic)
         if origin is None or origin.kind == "evt" or not payload:
             return None
@@ -151,6 +165,15 @@ class PoolView:
         session = document.get("session") if isinstance(document, dict) else None
         if not isinstance(session, int) or isinstance(session, bool):
             return None
+        if origin.kind in ("birth", "capacity"):
+            check = intake.birth if origin.kind == "birth" else intake.capacity
+            document, problems = check(document)
+            if problems:
+                taken = document is not None
+                with self._lock:
+                    self._rejected(origin.site, origin.node, origin.kind, problems, taken=taken)
+            if document is None:
+                return None
         seq = document.get("seq")
         with self._lock:
             key = (origin.site, origin.node)
@@ -174,19 +197,40 @@ class PoolView:
                 )
             elif origin.kind == "birth":
                 view.birth = document
-            elif isinstance(document.get("models"), dict) and isinstance(document.get("valid_for_s"), int):
-                view.capacity, view.capacity_received_s = document, received_s
             else:
-                return None
+                view.capacity, view.capacity_received_s = document, received_s
+                view.capacity_valid_for_s = document["valid_for_s"]
+                if expiry_s is not None and 0 <= expiry_s < view.capacity_valid_for_s:
+                    view.capacity_valid_for_s = expiry_s
             self._index(key, view)
             self.ingested += 1
             return view
 
+    def _rejected(self, site: str, node: str, kind: str, problems: list[str], *, taken: bool) -> None:
+        """Count a message ignored in whole or in part; log it once per node and kind (a node that keeps
+        sending it would fill the log), later ones at debug level."""
+        self.rejected[kind] += 1
+        first = (site, node, kind) not in self._warned
+        if first:
+            self._warned.add((site, node, kind))
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "node %s/%s: %s %s: %s",
+            site,
+            node,
+            kind,
+            "taken in part" if taken else "ignored",
+            "; ".join(problems[:SHOWN])
+            + (f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""),
+        )
+
     def _index(self, key: tuple[str, str], view: NodeView) -> None:
         models = set((view.capacity or {}).get("models", {}))
-        for model, holders in self._offering.items():
-            if model not in models:
-                holders.drop(key)
+        for model in [name for name in self._offering if name not in models]:
+            holders = self._offering[model]
+            holders.drop(key)
+            if not holders.views:
+                del self._offering[model]  # no node reports it now: a node renaming models keeps no trail
         for model in models:
             holders = self._offering.get(model) or self._offering.setdefault(model, _Holders())
             holders.put(key, view)
@@ -270,7 +314,7 @@ def table(nodes: list[NodeView], now_s: float) -> str:
         if view.capacity is not None:
             models = (
                 ", ".join(
-                    f"{name} {m['spare_ips_at_slo']:.0f}/{m['max_ips_at_slo']:.0f}"
+                    f"{name} {m.get('spare_ips_at_slo', 0.0):.0f}/{m['max_ips_at_slo']:.0f}"
                     + ("" if m.get("accepts_pool_jobs") else " (no jobs)")
                     for name, m in view.capacity["models"].items()
                     if "max_ips_at_slo" in m

@@ -44,7 +44,7 @@ def watch(
     lock = threading.Lock()
 
     def on_message(message: Inbound, received_s: float) -> None:
-        view.ingest(message.topic, message.payload, received_s)
+        view.ingest(message.topic, message.payload, received_s, message.expiry_s)
         if as_json:
             with lock:
                 out.write(_json_line(root, message) + "\n")

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import orjson
 import pytest
 
-from appliance.errors import ConfigError, InvalidInput
+from appliance.errors import ConfigError, InvalidInput, NoPoolCapacity
+from appliance.platform import catalogue as catalogues
 from appliance.platform.catalogue import Catalogue, provider_class
-from appliance.platform.checks import compare
+from appliance.platform.checks import Checks, compare
+from appliance.platform.fleet import signature
 from appliance.platform.golden import Golden, References
 from appliance.platform.ledger_cli import parse_time
+from appliance.platform.settings import CanarySettings
 from appliance.platform.verify import Refused, check
-from appliance.platform.view import NodeView
+from appliance.platform.view import NodeView, PoolView
 from appliance.pool import identity, signing
 from appliance.protocol import codec
+from appliance.tensors import TensorSpec
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 INT8, FP32 = MODELS / "surface_defect/1/model.onnx", MODELS / "surface_defect_fp32/1/model.onnx"
@@ -129,3 +136,124 @@ def test_ledger_times_are_iso_8601_and_utc_unless_they_say_otherwise() -> None:
     assert parse_time(None, "--since") is None
     with pytest.raises(InvalidInput, match=r"--until 'yesterday': expected an ISO 8601 time such as"):
         parse_time("yesterday", "--until")
+
+
+def test_an_answer_that_cannot_be_checked_is_refused_not_raised() -> None:
+    key = identity.generate()
+    node = NodeView("s", "n1", needs_key=True, birth={"public_key": signing.public_key_text(key)})
+    node.trusted_key = node.public_key
+    payload, _, input_sha = signed_answer(key)
+    hostile = [b"[]", b'{"outputs": 5}', b'{"outputs": ["x"]}', b'{"outputs": [{"name": 1}]}', b"\xff"]
+    for body in [*hostile, payload[:-1]]:
+        with pytest.raises(Refused, match="the answer cannot be decoded"):
+            check(node, "j/0", body, None, input_sha256=input_sha, files=None)
+    with pytest.raises(Refused, match="cannot be decoded"):
+        check(node, "j/0", payload, 10**6, input_sha256=input_sha, files=None)  # a header length past it
+    node.trusted_key = "ed25519:not-base64!!"  # as a key pinned on first sight once was
+    with pytest.raises(Refused, match="n1's device key cannot verify anything: public key is not base64"):
+        check(node, "j/0", payload, None, input_sha256=input_sha, files=None)
+
+
+def described_by(
+    view: PoolView, name: str, datatype: str, *, key: bool = True, offers: bool = True
+) -> NodeView:
+    """A node serving model m (file a*64) whose birth says its input x is `datatype`."""
+    inputs = [{"name": "x", "datatype": datatype, "shape": [-1, 4]}]
+    birth = {"session": 1, "seq": 0, "models": {"m": {"sha256": "a" * 64, "inputs": inputs}}}
+    if key:
+        birth["public_key"] = signing.public_key_text(identity.generate())
+    view.ingest(f"ecp/v1/s/{name}/birth", orjson.dumps(birth), 0.0)
+    view.ingest(f"ecp/v1/s/{name}/state", orjson.dumps({"session": 1, "seq": 1, "state": "online"}), 0.0)
+    report = {"spare_ips_at_slo": 100.0 if offers else 0.0, "accepts_pool_jobs": offers, "slo_p99_ms": 50}
+    document = {"session": 1, "seq": 2, "valid_for_s": 60, "models": {"m": report}}
+    view.ingest(f"ecp/v1/s/{name}/capacity", orjson.dumps(document), 0.0)
+    node = view.get("s", name)
+    assert node is not None
+    node.trusted_key = node.public_key  # as Trust pins a key on first sight
+    return node
+
+
+def test_what_buyers_must_send_is_what_most_nodes_in_good_standing_say() -> None:
+    view, now = PoolView("ecp/v1", needs_key=True), [1.0]
+    gateway = SimpleNamespace(view=view, catalogue=Catalogue(None, clock=lambda: now[0]))
+
+    def told() -> list[str]:
+        files = gateway.catalogue.files("m", view)
+        return [spec.datatype for spec in signature(gateway, "m", files)]  # type: ignore[arg-type]
+
+    # Strangers heard before the honest node: one without a key, one quarantined, one taking no jobs.
+    described_by(view, "keyless", "INT8", key=False)
+    described_by(view, "quarantined", "INT8").quarantine = "canary failed on model 'm'"
+    described_by(view, "idle", "INT8", offers=False)
+    honest = described_by(view, "honest", "FP32")
+    assert told() == ["FP32"] and signature(gateway, "m", frozenset({"a" * 64})) == [  # type: ignore[arg-type]
+        TensorSpec("x", "FP32", (-1, 4))
+    ]
+    # With no offer anywhere, the idle node and the honest one tie: what buyers were told stands...
+    honest.capacity["models"]["m"]["accepts_pool_jobs"] = False  # type: ignore[index]
+    now[0] += catalogues.RECOUNT_S
+    assert told() == ["FP32"]
+    # ...and with nothing told before, the node heard of first decides (here the idle one), until more
+    # nodes in good standing say otherwise.
+    gateway.catalogue = Catalogue(None, clock=lambda: now[0])
+    assert told() == ["INT8"]
+    described_by(view, "second", "FP32", offers=False)
+    now[0] += catalogues.RECOUNT_S
+    assert told() == ["FP32"]  # two against one
+    # With no node in good standing left the name stays known, but nobody describes it: 503, not 404.
+    for node in view.nodes():
+        node.quarantine = node.quarantine or "its device key changed"
+    now[0] += catalogues.RECOUNT_S
+    files = gateway.catalogue.files("m", view)
+    assert files == frozenset({"a" * 64})
+    with pytest.raises(NoPoolCapacity, match=r"no node serves model 'm' with sha256 a{64} now"):
+        signature(gateway, "m", files)  # type: ignore[arg-type]
+
+
+def test_names_no_node_serves_are_never_kept_and_the_rest_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    view, now = PoolView("ecp/v1"), [1.0]
+    catalogue = Catalogue(None, clock=lambda: now[0])
+    for _ in range(10_000):  # what GET /v2/models/<anything> asks the catalogue
+        assert catalogue.files(uuid.uuid4().hex, view) is None
+    assert not catalogue._chosen
+    monkeypatch.setattr(catalogues, "MAX_KEPT", 8)
+    models = {f"m{index}": {"sha256": "a" * 64, "inputs": []} for index in range(20)}
+    view.ingest("ecp/v1/s/a/birth", orjson.dumps({"session": 1, "models": models}), 0.0)
+    capacity = {"session": 1, "valid_for_s": 60, "models": {name: {} for name in models}}
+    view.ingest("ecp/v1/s/a/capacity", orjson.dumps(capacity), 0.0)
+    for name in models:
+        files = catalogue.files(name, view)
+        assert files == frozenset({"a" * 64}) and catalogue.described(name, files, view) == models[name]
+    assert len(catalogue._chosen) == len(catalogue._described) == 8
+
+
+@pytest.mark.asyncio
+async def test_the_recheck_loop_outlives_a_node_whose_offer_cannot_be_read() -> None:
+    view = PoolView("ecp/v1")
+    broken, fine = described_by(view, "broken", "FP32"), described_by(view, "fine", "FP32")
+    for node in (broken, fine):
+        node.quarantine = "canary failed on model 'm'"
+    assert broken.capacity is not None  # what ingest refuses now, put there past it: the loop must not care
+    broken.capacity["models"]["m"] = [1]
+    rechecked: list[str] = []
+    both_rounds = asyncio.Event()
+
+    async def canary(model: str, rows: int, buyer: str, *, target: NodeView, **_: object) -> None:
+        rechecked.append(target.node)
+        if len(rechecked) == 2:
+            both_rounds.set()
+
+    dispatcher = SimpleNamespace(credit=SimpleNamespace(clock=lambda: 1.0))
+    trust = SimpleNamespace(view=view, records={})
+    checks = Checks(CanarySettings(recheck_interval_s=0.01), Catalogue(None), dispatcher, None, trust)  # type: ignore[arg-type]
+    checks.golden = {"m": None}  # type: ignore[dict-item]
+    checks.canary = canary  # type: ignore[assignment,method-assign]
+    loop = asyncio.create_task(checks.recheck_forever())
+    async with asyncio.timeout(10):
+        await both_rounds.wait()
+    assert rechecked == ["fine", "fine"] and not loop.done()
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loop

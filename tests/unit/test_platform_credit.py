@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from appliance.platform.credit import CreditBook
+from appliance.platform.credit import MAX_CREDIT_ROWS, CreditBook
 from appliance.platform.view import NodeView, PoolView
 
 ROOT = "ecp/v1"
@@ -114,3 +114,50 @@ def test_work_spreads_in_proportion_to_free_credit() -> None:
     assert set(picks) == set("abcd")
     assert picks["d"] > 2 * picks["a"]  # three times the spare: about three times the work
     assert book.pick("m", 1, None, excluded=[("s", n) for n in "abcd"]) is None
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        [1],
+        {"spare_ips_at_slo": "lots", "accepts_pool_jobs": True},
+        {"spare_ips_at_slo": 5, "accepts_pool_jobs": True, "slo_p99_ms": "fast"},
+        {"spare_ips_at_slo": 5, "accepts_pool_jobs": "yes"},
+        {"spare_ips_at_slo": -5, "accepts_pool_jobs": True},
+        {"spare_ips_at_slo": True, "accepts_pool_jobs": True},
+        {"spare_ips_at_slo": 5, "accepts_pool_jobs": True, "slo_p99_ms": 0},
+        {"spare_ips_at_slo": 1e300, "accepts_pool_jobs": True, "slo_p99_ms": 1e12},
+        {"spare_ips_at_slo": 1e308, "accepts_pool_jobs": True, "slo_p99_ms": 1000},
+    ],
+    ids=["list", "spare-text", "slo-text", "accepts-text", "negative", "bool", "slo-zero", "huge", "max"],
+)
+def test_a_report_one_node_cannot_back_is_dropped_and_the_others_are_still_picked(report: Any) -> None:
+    view, clock = PoolView(ROOT), Clock()
+    book = CreditBook(view, clock=clock)
+    honest = add(view, "honest", spare=100.0)
+    for name in ("evil1", "evil2"):  # two of them: their weights would sum past a float's range
+        add(view, name, spare=100.0)
+        document = {"session": 1, "seq": 3, "valid_for_s": 3, "models": {"m": report, "other": {}}}
+        assert view.ingest(f"{ROOT}/s/{name}/capacity", orjson.dumps(document), 0.0) is not None
+        evil = view.get("s", name)
+        assert (
+            evil is not None and evil.offer("m", 0.0) is None and list(evil.capacity["models"]) == ["other"]
+        )
+    assert all(book.pick("m", 1, None) is honest for _ in range(20))
+    assert view.rejected["capacity"] == 2 and "evil1" in view.table(0.0)
+    for bad in ({"valid_for_s": "3"}, {"valid_for_s": 0}, {"valid_for_s": True}, {"models": [report]}):
+        document = {"session": 1, "seq": 4, "valid_for_s": 3, "models": {"m": {}}} | bad
+        assert view.ingest(f"{ROOT}/s/honest/capacity", orjson.dumps(document), 0.0) is None  # ignored whole
+    assert book.pick("m", 1, None) is honest  # the last report that could be used still stands
+
+
+def test_credit_is_bounded_so_that_the_weights_of_a_pick_stay_finite() -> None:
+    view, clock = PoolView(ROOT), Clock()
+    book = CreditBook(view, clock=clock)
+    nodes = [add(view, name, spare=100.0) for name in "abc"]
+    for node in nodes[1:]:  # past what ingest takes: whatever an offer says, credit has a ceiling
+        assert node.capacity is not None
+        node.capacity["models"]["m"] |= {"spare_ips_at_slo": 1e308, "slo_p99_ms": 1e12}
+    assert book.credit_rows(nodes[1], "m", 0.0) == MAX_CREDIT_ROWS
+    picks = Counter(book.pick("m", 1, None).node for _ in range(200))  # type: ignore[union-attr]
+    assert set(picks) <= {"a", "b", "c"} and picks["b"] + picks["c"] > 190

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from test_platform_credit import ROOT, add
 
 from appliance import errors
+from appliance.platform import verify
+from appliance.platform.attempts import Answer, answer_of
 from appliance.platform.credit import CreditBook
 from appliance.platform.dispatch import Dispatcher, Job, JobLost
 from appliance.platform.settings import GatewaySettings
-from appliance.platform.view import PoolView
+from appliance.platform.view import NodeView, PoolView
+from appliance.pool import identity, signing
 from appliance.pool.wire import Inbound, Outbound
+from appliance.protocol import codec
 
 
 class Fixture:
@@ -181,3 +187,135 @@ async def test_a_finished_job_leaves_nothing_for_the_cycle_collector() -> None:
     finally:
         gc.enable()
     assert found < 50, f"{found} objects of cyclic garbage after 50 jobs"
+
+
+# An answer that decodes and carries a well-formed pool_signature: only the node's key is left to check.
+SIGNED_LOOKING = orjson.dumps(
+    {
+        "parameters": {
+            "pool_signature": {
+                **signing.Statement("j/0", "a" * 64, "", "", 0.0, 0.0, "evil", 1).fields(),
+                "signature": "AAAA",
+            }
+        },
+        "outputs": [],
+    }
+)
+
+
+class Signing(Fixture):
+    """Nodes with device keys, and a dispatcher that verifies every 200 as the gateway does."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.keys: dict[str, Any] = {}
+        self.refused: list[str] = []
+        self.dispatcher.verify = lambda job, answer: verify.check(
+            answer.node, answer.job_id, answer.payload, answer.header_length,
+            input_sha256=job.input_sha256, files=job.files,
+        )  # fmt: skip
+        self.dispatcher.on_refused = lambda job, answer, why: self.refused.append(answer.node.node)
+
+    def node(self, name: str, key_text: str | None = None) -> NodeView:
+        node = add(self.view, name, 1000.0)
+        self.keys[name] = identity.generate()
+        node.birth = {
+            **(node.birth or {}),
+            "public_key": key_text or signing.public_key_text(self.keys[name]),
+        }
+        return node
+
+    def signed(self, job: Outbound) -> bytes:
+        """What an honest node answers: outputs, with its signature over them."""
+        name = job.topic.split("/")[3]
+        outputs = {"y": np.ones((1, 2), np.float32)}
+        asked = codec.encode_request({"x": np.zeros((1, 4), np.float32)}, binary=False, binary_output=False)
+        request = codec.decode_request(asked.body())
+        encoded = codec.encode_response(model_name="m", model_version="1", request=request, outputs=outputs)
+        assert encoded.header_length is None  # JSON: the signed header is the whole answer
+        statement = signing.Statement(
+            (job.correlation or b"").decode(), "a" * 64, "", signing.tensor_digest(outputs), 0.0, 1.0, name, 1
+        )
+        proof = {**statement.fields(), "signature": signing.sign(self.keys[name], statement)}
+        return signing.attach(encoded.body(), proof)
+
+    def reply(self, job: Outbound, payload: bytes, **user: str) -> None:
+        message = Inbound(job.response_topic or "", payload, correlation=job.correlation, user=user)
+        self.dispatcher.answered(message, 0.0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "key_text"),
+    [(b"[]", None), (b'{"outputs": 5}', None), (SIGNED_LOOKING, "ed25519:not-base64!!")],
+    ids=["list", "outputs-number", "key-not-base64"],
+)
+async def test_a_200_that_cannot_be_verified_is_refused_and_the_job_moves_on(
+    body: bytes, key_text: str | None
+) -> None:
+    f = Signing()
+    evil = f.node("evil", key_text)
+    f.node("honest")
+    f.credit.withhold(f.view.get("s", "honest"), "m", 1.0)  # so that the job goes to evil first
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    assert first.topic.split("/")[3] == "evil"
+    f.clock_s = 2.0
+    f.reply(first, body, status="200")
+    second = await f.next_job(2)
+    assert second.topic.split("/")[3] == "honest"
+    f.reply(second, f.signed(second), status="200")
+    answer = await running
+    assert answer.status == 200 and answer.node.node == "honest" and answer.proof is not None
+    assert f.refused == ["evil"] and evil.jobs["m"]["unverified"] == 1
+
+
+def test_a_status_or_header_length_that_is_not_a_decimal_number_is_still_an_answer() -> None:
+    node = NodeView("s", "a")
+    attempt = SimpleNamespace(node=node, correlation=b"job/0", sent_s=0.0)
+    for user, expected in [
+        ({"status": "\u00b2"}, (502, None)),  # str.isdigit() says yes, int() says no
+        ({"status": "2" * 5000}, (502, None)),  # past int()'s 4300 digits
+        ({"status": "200", codec.HEADER_LENGTH: "\u00b9"}, (200, None)),
+        ({"status": " 200 ", codec.HEADER_LENGTH: "12"}, (200, 12)),
+        ({}, (502, None)),
+    ]:
+        answer: Answer = answer_of(Inbound("t", b"{}", correlation=b"job/0", user=user), attempt)  # type: ignore[arg-type]
+        assert (answer.status, answer.header_length) == expected, user
+
+
+@pytest.mark.asyncio
+async def test_a_late_answer_that_does_not_verify_is_late_and_never_costs_the_current_node() -> None:
+    f = Signing()
+    a, b = f.node("a"), f.node("b")
+    f.credit.withhold(b, "m", 1.0)  # the job goes to a first
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    f.view.ingest(f"{ROOT}/s/a/state", orjson.dumps({"session": 1, "state": "offline"}), 0.0)
+    f.clock_s = 2.0
+    f.dispatcher.sweep()  # a is lost: the job is re-sent to b
+    second = await f.next_job(2)
+    assert (first.topic.split("/")[3], second.topic.split("/")[3]) == ("a", "b")
+    f.reply(first, b'{"outputs": []}', status="200")  # a answers after all, unsigned: only late
+    f.reply(second, f.signed(second), status="200")
+    answer = await running
+    assert answer.node is b and answer.proof is not None and f.refused == []
+    assert (
+        "unverified" not in a.jobs["m"] and "unverified" not in b.jobs["m"] and f.dispatcher.late_answers == 1
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_late_answer_that_verifies_answers_for_the_job() -> None:
+    f = Signing()
+    a, b = f.node("a"), f.node("b")
+    f.credit.withhold(b, "m", 1.0)
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    f.view.ingest(f"{ROOT}/s/a/state", orjson.dumps({"session": 1, "state": "offline"}), 0.0)
+    f.clock_s = 2.0
+    f.dispatcher.sweep()
+    await f.next_job(2)
+    f.reply(first, f.signed(first), status="200")
+    answer = await running
+    assert answer.node is a and answer.proof is not None and a.jobs["m"]["answered"] == 1

@@ -11,13 +11,17 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 from ledger_databases import KINDS, ledger_url
 from sqlalchemy import select, text
 
 from appliance.errors import ConfigError
 from appliance.platform import receipts, schema
+from appliance.platform.catalogue import Catalogue
 from appliance.platform.ledger import CHECK, FILE, KEY, Ledger, engine_url
+from appliance.platform.trust import BAD_KEY, Trust
+from appliance.platform.view import PoolView
 from appliance.platform.writer import LedgerWriter
 from appliance.pool import identity, signing
 
@@ -194,4 +198,23 @@ async def test_a_waiter_cancelled_while_the_writer_is_busy_does_not_stop_the_wri
     await held
     await asyncio.wait_for(writer.commit(receipt("j2/0")), 30)  # the writer goes on
     assert (await asyncio.wait_for(writer.call(writer.ledger.pin, "s/n2", KEY_B), 30)).public_key == KEY_B
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_birth_key_that_is_not_an_ed25519_key_is_never_pinned(tmp_path: Path) -> None:
+    writer = LedgerWriter(Ledger.open(str(tmp_path / "ledger.sqlite3")))
+    view = PoolView("ecp/v1", needs_key=True)
+    events: list[str] = []
+    trust = Trust(view, writer, Catalogue(None), emit=lambda kind, **_: events.append(kind), refresh_s=60.0)
+    for key in ("ed25519:not-base64!!", "ed25519:AAAA", "rsa:" + "A" * 43 + "="):
+        birth = {"session": 1, "public_key": key, "models": {"m": {"sha256": "a" * 64}}}
+        node = view.ingest("ecp/v1/s/n1/birth", orjson.dumps(birth), 0.0)
+        assert node is not None
+        trust.born(node)
+        assert (
+            (node.quarantine or "").startswith(BAD_KEY) and node.trusted_key is None and not node.is_trusted
+        )
+    assert not trust._tasks and await writer.call(writer.ledger.nodes) == []  # nothing went to the ledger
+    assert events == ["node_quarantined"]
     writer.close()

@@ -129,3 +129,51 @@ def test_draws_and_finds_only_nodes_that_still_report_the_model() -> None:
         online(few, node=name)
     assert sorted(n.node for n in few.sample("m", 2)) in (["a", "b"], ["a", "c"], ["b", "c"])  # distinct
     assert sorted(n.node for n in few.sample("m", 8)) == ["a", "b", "c"]
+
+
+def test_a_birth_the_gateway_cannot_use_is_ignored_whole_or_in_part_and_counted() -> None:
+    view = PoolView(ROOT)
+    good = {"sha256": "f" * 64, "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]}
+    assert view.ingest(f"{ROOT}/s/a/birth", message(session=1, seq=0, models="zz"), 0.0) is None
+    assert view.get("s", "a") is None and view.rejected["birth"] == 1
+    broken = {
+        "string": "zz",
+        "list": [1],
+        "digest": {"sha256": ["f" * 64]},
+        "no datatype": {"sha256": "f" * 64, "inputs": [{"name": "x"}]},
+        "unknown datatype": {"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1]}]},
+        "datatype a list": {"inputs": [{"name": "x", "datatype": ["FP32"], "shape": [1]}]},
+        "shape of text": {"inputs": [{"name": "x", "datatype": "FP32", "shape": "N,4"}]},
+        "shape of floats": {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1.5]}]},
+        "shape of bools": {"inputs": [{"name": "x", "datatype": "FP32", "shape": [True]}]},
+        "inputs a table": {"inputs": {"x": "FP32"}},
+        "outputs unnamed": {"outputs": [{"datatype": "FP32", "shape": [1]}]},
+        "slo of text": {"slo_p99_ms": "fast"},
+    }
+    node = view.ingest(f"{ROOT}/s/a/birth", message(session=1, seq=1, models={"m": good, **broken}), 0.0)
+    assert node is not None and list(node.birth["models"]) == ["m"]  # type: ignore[index]
+    assert view.rejected["birth"] == 2 and view.ingested == 1
+    assert node.inputs("m") == good["inputs"] and all(node.model_birth(name) == {} for name in broken)
+
+
+def test_a_retained_report_holds_only_for_what_the_broker_says_is_left_of_it() -> None:
+    view = PoolView(ROOT)
+    online(view, at_s=10.0)
+    node = view.get("s", "a")
+    assert node is not None and node.offer("m", 12.9) is not None  # valid_for_s = 3 from receipt
+    # A gateway that (re)connects gets the retained report with the remaining MessageExpiryInterval.
+    view.ingest(f"{ROOT}/s/a/capacity", capacity(1, 3, valid_for_s=30), 20.0, expiry_s=2)
+    assert node.offer("m", 21.9) is not None and node.offer("m", 22.1) is None
+    assert node.effective_state(22.1) == ("offline", SILENT)
+    # An expiry longer than valid_for_s (or none, from a 3.1.1 broker) leaves valid_for_s in charge.
+    view.ingest(f"{ROOT}/s/a/capacity", capacity(1, 4, valid_for_s=3), 30.0, expiry_s=60)
+    assert node.offer("m", 32.9) is not None and node.offer("m", 33.1) is None
+
+
+def test_a_model_name_no_node_reports_any_more_is_forgotten() -> None:
+    view = PoolView(ROOT)
+    online(view)
+    for seq in range(3, 1003):  # a node naming a new model in every report
+        report = message(session=1, seq=seq, valid_for_s=3, models={f"m{seq}": {"spare_ips_at_slo": 1.0}})
+        view.ingest(f"{ROOT}/s/a/capacity", report, 0.0)
+    assert view.models() == ["m1002"] and list(view._offering) == ["m1002"]

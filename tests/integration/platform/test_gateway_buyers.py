@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from pool_recorder import Names
 
 from appliance.platform.buyers import token_digest
 from appliance.platform.watch import watch_gateway
+from appliance.pool import identity, signing
 from appliance.protocol import codec
 
 
@@ -184,3 +187,146 @@ async def test_a_gateway_on_a_tls_broker_with_passwords_serves_buyers(
         for (x, _, _), answer in zip(jobs, answers, strict=True):
             assert answer.status_code == 200, answer.text
             assert answer.json()["outputs"][0]["data"] == (x * 2 + 1).ravel().tolist()
+
+
+@pytest.mark.asyncio
+async def test_a_strangers_births_and_reports_break_nothing_for_buyers(
+    tmp_path: Path, pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """One node's birth or capacity report of the wrong shape, or a birth describing the model wrongly,
+    must cost the buyers of the honest nodes nothing: no 500, no 400, no other signature."""
+    sha256 = hashlib.sha256((pool_repository / "batchable" / "1" / "model.onnx").read_bytes()).hexdigest()
+    # The stranger listens only to its commands: its own messages would fail the recorder's schemas.
+    stranger = await recorder_factory(
+        broker, Names(names.root, names.site, "evil"), f"{names.root}/{names.site}/evil/cmd/#"
+    )
+    seq = itertools.count()
+    key = signing.public_key_text(identity.generate())
+    idle = {"spare_ips_at_slo": 0.0, "accepts_pool_jobs": False}  # it reports the model, takes no jobs
+    wrong_inputs = [{"name": "x", "datatype": "INT8", "shape": [1]}]
+    with run_gateway(broker, names) as gateway:
+        view = gateway.gateway.view
+
+        async def publish(kind: str, **fields: Any) -> None:
+            """Publish, then a state behind it: once the gateway has that, it has read the first."""
+            topic = f"{names.root}/{names.site}/evil"
+            stranger.publish(f"{topic}/{kind}", {"session": 1, "seq": next(seq), **fields}, retain=True)
+            marker = next(seq)
+            stranger.publish(f"{topic}/state", {"session": 1, "seq": marker, "state": "online"}, retain=True)
+
+            def has_read() -> bool:
+                found = view.get(names.site, "evil")
+                return found is not None and found.seqs.get("state") == marker
+
+            await until(has_read, what=f"the gateway reading {kind} {fields}")
+
+        # Heard of before the honest node, trusted, describing the model otherwise: heard, not believed.
+        await publish("capacity", valid_for_s=600, models={"batchable": idle})
+        await publish(
+            "birth", models={"batchable": {"sha256": sha256, "inputs": wrong_inputs}}, public_key=key
+        )
+        await until(lambda: view.get(names.site, "evil").is_trusted, what="the stranger's key pinned")
+        with run_nodes(tmp_path, pool_repository, broker, names, 1) as _:
+            await until(offering(gateway, 1), what="node-0 offering")
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+
+                async def described() -> dict[str, Any]:
+                    metadata = await http.get("/v2/models/batchable")
+                    assert metadata.status_code == 200, metadata.text
+                    return {k: v for k, v in metadata.json().items() if k != "parameters"}
+
+                told = await described()
+                assert told["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+
+                async def buyers_are_served() -> None:
+                    x, body, headers = request_body(2)
+                    answer = await http.post("/v2/models/batchable/infer", content=body, headers=headers)
+                    assert answer.status_code == 200, answer.text
+                    assert answer.json()["outputs"][0]["data"] == (x * 2 + 1).ravel().tolist()
+                    assert await described() == told
+                    index = await http.post("/v2/repository/index")
+                    assert index.status_code == 200 and [m["name"] for m in index.json()] == ["batchable"]
+                    assert (await http.get("/v2/pool/nodes")).status_code == 200
+
+                await buyers_are_served()
+                births = [
+                    "zz",
+                    {"batchable": "zz"},
+                    {"batchable": {"sha256": sha256, "inputs": [{"name": "x"}]}},
+                    {
+                        "batchable": {
+                            "sha256": sha256,
+                            "inputs": [{"name": "x", "datatype": "FP32", "shape": "N"}],
+                        }
+                    },
+                ]
+                for models in births:
+                    await publish("birth", models=models, public_key=key)
+                    await buyers_are_served()
+                reports: list[Any] = [
+                    [1],
+                    {"spare_ips_at_slo": "lots", "accepts_pool_jobs": True},
+                    {"spare_ips_at_slo": 5.0, "accepts_pool_jobs": True, "slo_p99_ms": "fast"},
+                    {"spare_ips_at_slo": 1e300, "accepts_pool_jobs": True, "slo_p99_ms": 1e12},
+                ]
+                for report in reports:
+                    await publish("capacity", valid_for_s=60, models={"batchable": report})
+                    await buyers_are_served()
+                metrics = (await http.get("/metrics")).text
+            assert 'appliance_gateway_reports_rejected_total{kind="birth"} 4.0' in metrics
+            assert 'appliance_gateway_reports_rejected_total{kind="capacity"} 4.0' in metrics
+            assert gateway.node("evil")["models"] == {}
+            assert gateway.node("node-0")["models"]["batchable"]["jobs_sent"] == 9
+
+
+@pytest.mark.asyncio
+async def test_a_200_the_gateway_cannot_decode_is_refused_and_the_job_moves_on(
+    tmp_path: Path, pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """A node that answers 200 with a body the codec chokes on is refused like a bad signature: the
+    buyer gets the next node's answer, the node is quarantined and gets nothing more."""
+    with (
+        run_nodes(tmp_path, pool_repository, broker, names, 1) as _,
+        run_gateway(broker, names) as gateway,
+    ):
+        await until(offering(gateway, 1), what="node-0 offering")
+        born = gateway.gateway.view.get(names.site, "node-0").model_birth("batchable")
+        stranger = await recorder_factory(
+            broker, Names(names.root, names.site, "evil"), f"{names.root}/{names.site}/evil/cmd/#"
+        )
+        base = f"{names.root}/{names.site}/evil"
+        models = {"batchable": {key: born[key] for key in ("sha256", "inputs", "outputs", "slo_p99_ms")}}
+        key = signing.public_key_text(identity.generate())
+        stranger.publish(f"{base}/birth", {"session": 1, "seq": 0, "models": models, "public_key": key})
+        stranger.publish(f"{base}/state", {"session": 1, "seq": 1, "state": "online"})
+        offer = {"spare_ips_at_slo": 1e6, "accepts_pool_jobs": True, "slo_p99_ms": 100.0}  # it wins the picks
+        stranger.publish(
+            f"{base}/capacity", {"session": 1, "seq": 2, "valid_for_s": 60, "models": {"batchable": offer}}
+        )
+        await until(offering(gateway, 2), what="the stranger offering")
+
+        async def answer_garbage() -> None:
+            seen = 0
+            while True:
+                job = await stranger.expect(lambda m: "/cmd/infer/" in m.topic, since=seen, timeout_s=3600)
+                seen = stranger.messages.index(job) + 1
+                stranger.publish(
+                    job.response_topic or "", b"[]", correlation=job.correlation, user={"status": "200"}
+                )
+
+        answering = asyncio.create_task(answer_garbage())
+        try:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+                for _ in range(20):
+                    _, body, headers = request_body(1)
+                    answer = await http.post("/v2/models/batchable/infer", content=body, headers=headers)
+                    assert answer.status_code == 200, answer.text
+                    assert answer.json()["parameters"]["pool_node"] == f"{names.site}/node-0"
+                    if gateway.node("evil")["quarantine"]:
+                        break
+        finally:
+            answering.cancel()
+        evil = gateway.node("evil")
+        assert "cannot be decoded" in evil["quarantine"] and evil["models"]["batchable"]["jobs_sent"] == 1
+        assert gateway.gateway.view.get(names.site, "evil").jobs["batchable"]["unverified"] == 1
+        assert gateway.gateway.metrics.jobs[("batchable", "bad_signature")] == 1

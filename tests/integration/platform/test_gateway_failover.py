@@ -132,6 +132,41 @@ async def test_expired_offers_are_never_used(
 
 
 @pytest.mark.asyncio
+async def test_a_retained_offer_holds_no_longer_than_the_broker_keeps_it(
+    broker: Broker, names: Names, recorder_factory: Any
+) -> None:
+    """The broker forwards a retained report with what is left of its message expiry: a gateway that
+    (re)connects late must not count the report's whole valid_for_s again from its own receipt."""
+    if not broker.is_v5:
+        pytest.skip("message expiry is MQTT 5")
+    node = Names(names.root, names.site, "n")
+    publisher = await recorder_factory(broker, node, f"{node.base}/cmd/#")
+    report = {"spare_ips_at_slo": 10.0, "accepts_pool_jobs": True, "slo_p99_ms": 100.0}
+    publisher.publish(f"{node.base}/state", {"session": 1, "seq": 1, "state": "online"}, retain=True)
+    document = {"session": 1, "seq": 2, "valid_for_s": 3600, "models": {"batchable": report}}
+    publisher.publish(f"{node.base}/capacity", document, retain=True, expiry_s=600)
+    overrides = {"gateway": {"broker": broker.url, "topic_root": names.root, "site": names.site}}
+    settings = PlatformSettings.load(None, environ={}, overrides=overrides).gateway
+    view = PoolView(names.root)
+    link = GatewayLink(
+        settings,
+        view,
+        Presence(names.root, settings.gateway_id),
+        on_answer=lambda *_: None,
+        on_state=lambda: None,
+    )
+    link.start(asyncio.get_running_loop())
+    try:
+        found = await until(
+            lambda: view.get(names.site, "n") if view.ingested >= 2 else None,
+            what="the retained state and report ingested",
+        )
+        assert found.capacity is not None and 0 < found.capacity_valid_for_s <= 600
+    finally:
+        await link.close()
+
+
+@pytest.mark.asyncio
 async def test_a_broker_restart_is_survived(
     tmp_path: Path, pool_repository: Path, broker: Broker, names: Names
 ) -> None:
