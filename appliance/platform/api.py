@@ -7,6 +7,7 @@ time per job (bench/swarm.py --profile). Everything else goes through FastAPI.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -22,7 +23,7 @@ from appliance.platform import fleet
 from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
 from appliance.platform.fleet import Gateway
-from appliance.protocol import codec
+from appliance.protocol import codec, nonfinite
 from appliance.server.body import BodyReceiver, ClientDisconnected, header, read_body
 from appliance.server.errors import appliance_error_response, error_after_body, error_response, install
 from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
@@ -205,20 +206,31 @@ def _response(answer: Answer, job: Job) -> Response:
     payload = answer.payload
     header = payload[: answer.header_length] if answer.header_length is not None else payload
     rest = payload[answer.header_length :] if answer.header_length is not None else b""
+    dumps = orjson.dumps
     try:
         document = orjson.loads(header)
     except orjson.JSONDecodeError:
-        return error_response(502, f"node {answer.node.name} sent an answer that is not JSON")
+        try:  # NaN or Infinity in tensor data, written as Triton writes them: kept so, not made null
+            document = nonfinite.loads(header)
+        except orjson.JSONDecodeError:
+            return error_response(502, f"node {answer.node.name} sent an answer that is not JSON")
+        dumps = _dumps_with_tokens
     if not isinstance(document, dict):
         return error_response(502, f"node {answer.node.name} sent an answer that is not a JSON object")
     if answer.status != 200:
         return error_response(answer.status, f"node {answer.node.name}: {document.get('error', '')}")
     parameters = document.get("parameters") if isinstance(document.get("parameters"), dict) else {}
     document["parameters"] = {**parameters, "pool_node": answer.node.name, "pool_job_id": job.id}
-    new_header = orjson.dumps(document)
+    new_header = dumps(document)
     headers = {}
     media_type = codec.JSON_TYPE
     if rest:
         headers[codec.HEADER_LENGTH] = str(len(new_header))
         media_type = codec.BINARY_TYPE
     return Response(new_header + rest, media_type=media_type, headers=headers)
+
+
+def _dumps_with_tokens(document: Any) -> bytes:
+    """JSON with NaN, Infinity and -Infinity tokens (Python's json writes them; orjson writes null), for
+    an answer that held them: at most nonfinite.FALLBACK_LIMIT_BYTES, so the slower writer costs little."""
+    return json.dumps(document, separators=(",", ":")).encode()

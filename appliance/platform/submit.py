@@ -16,7 +16,7 @@ from appliance.platform.client import PlatformClient, PoolUnreachable
 from appliance.platform.view import NodeView, PoolView
 from appliance.pool.topics import NodeTopics, node_filter
 from appliance.pool.wire import HEADER_LENGTH, Inbound, Outbound
-from appliance.protocol import codec
+from appliance.protocol import codec, nonfinite
 
 
 class JobFailed(ApplianceError):
@@ -111,7 +111,7 @@ def _exchange(
     answer = answers[0]
     raw_length = answer.user.get(HEADER_LENGTH)
     header_length = int(raw_length) if raw_length else None
-    document = orjson.loads(answer.payload[:header_length] if header_length else answer.payload)
+    document = nonfinite.loads(answer.payload[:header_length] if header_length else answer.payload)
     if "error" in document:
         raise JobFailed(
             f"node {topics.site}/{topics.node}: {document['error']}", int(document.get("status", 500))

@@ -13,12 +13,11 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.platform.view import NodeView
 from appliance.pool import signing
-from appliance.protocol import codec
+from appliance.protocol import codec, nonfinite
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +64,7 @@ def check(
     except ValueError as exc:
         raise Refused(f"node {node.name}'s device key cannot verify anything: {exc}") from None
     try:
-        document = orjson.loads(payload[:header_length] if header_length is not None else payload)
+        document = nonfinite.loads(payload[:header_length] if header_length is not None else payload)
         outputs = codec.decode_response(payload, header_length)
     except Exception as exc:  # noqa: BLE001 - the codec raises more than ApplianceError on hostile bytes
         raise Refused(f"the answer cannot be decoded: {type(exc).__name__}: {exc}") from None

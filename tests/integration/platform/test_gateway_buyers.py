@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ async def test_buyers_call_the_pool_as_one_kserve_server(
             outputs = codec.decode_response(answer.content, length)
             np.testing.assert_array_equal(outputs["y"], x * 2 + 1)
 
+            # NaN and infinities cross as Triton's JSON tokens: buyer -> gateway -> node -> gateway -> buyer.
+            odd = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": %s}]}' % (
+                b"[NaN, Infinity, -Infinity, 1]"
+            )
+            answer = await http.post("/v2/models/batchable/infer", content=odd)
+            assert answer.status_code == 200, answer.text
+            assert b'"data":[NaN,Infinity,-Infinity,3.0]' in answer.content
+            assert json.loads(answer.content)["parameters"]["pool_node"].startswith(names.site)
+
             # Bad input never reaches a node: precise 4xx from the gateway itself.
             bad = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [0.0] * 5}]}
             refused = await http.post("/v2/models/batchable/infer", json=bad)
@@ -82,7 +92,7 @@ async def test_buyers_call_the_pool_as_one_kserve_server(
             fleet = gateway.nodes()
             sent = sum(n["models"]["batchable"]["jobs_sent"] for n in fleet["nodes"])
             answered = sum(n["models"]["batchable"]["jobs_answered"] for n in fleet["nodes"])
-            assert (sent, answered) == (2, 2)  # the refused requests cost the nodes nothing
+            assert (sent, answered) == (3, 3)  # the refused requests cost the nodes nothing
             assert {n["state"] for n in fleet["nodes"]} == {"online"}
             assert all(n["report_age_s"] is not None and n["session"] >= 1 for n in fleet["nodes"])
             model = fleet["nodes"][0]["models"]["batchable"]
@@ -94,7 +104,7 @@ async def test_buyers_call_the_pool_as_one_kserve_server(
             assert wrong.status_code == 401
             assert (await http.get("/v2/health/ready")).status_code == 200  # open, as /metrics
             metrics = (await http.get("/metrics")).text
-            assert 'appliance_gateway_jobs_total{model="batchable",outcome="answered"} 2.0' in metrics
+            assert 'appliance_gateway_jobs_total{model="batchable",outcome="answered"} 3.0' in metrics
             assert "appliance_gateway_reports_ingested_total" in metrics
 
             slim = {"Authorization": "Bearer slim-secret"}
