@@ -57,6 +57,20 @@ def any_width() -> onnx.ModelProto:
     )
 
 
+def paired() -> onnx.ModelProto:
+    """ids, mask: FP32 [batch, seq] (input_ids / attention_mask: one symbolic "seq" on both) ->
+    out = ids * mask [batch, seq]. The runtime fails (not a clean refusal) when the two seqs differ."""
+    shape = ["batch", "seq"]
+    return _model(
+        [helper.make_node("Mul", ["ids", "mask"], ["out"])],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, shape),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+    )
+
+
 def fixed_batch() -> onnx.ModelProto:
     """x: FP32 [1, 3] -> y = -x."""
     return _model(

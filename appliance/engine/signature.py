@@ -12,12 +12,18 @@ from appliance.engine.manifest import InputOverride
 from appliance.errors import ConfigError, InvalidInput, ModelLoadError
 from appliance.tensors import DYNAMIC, ONNX_TO_OIP, TensorSpec, oip_datatype
 
+Place = tuple[str, int]  # an input's name and one of its axes
+
 
 @dataclass(frozen=True, slots=True)
 class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     is_batchable: bool  # every input has a shared dynamic first dim
+    # Symbolic dimensions the graph names in more than one place (input_ids and attention_mask share
+    # "seq"): each name with its places. TensorSpec keeps -1 for them (the KServe metadata reports -1);
+    # the runtime fails (a 500) on unequal sizes, so `check` refuses them first, with a 400.
+    shared_dims: tuple[tuple[str, tuple[Place, ...]], ...] = ()
 
     @property
     def input_names(self) -> list[str]:
@@ -52,7 +58,25 @@ class Signature:
                 raise InvalidInput(f"input {spec.name!r} has {array.shape[0]} rows; other inputs have {rows}")
         if rows == 0:
             raise InvalidInput("inputs have 0 rows; send at least one")
+        self._check_shared_dims(inputs)
         return rows or 1
+
+    def _check_shared_dims(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Within one request only: requests are batched together only with equal non-batch shapes
+        (the batcher's groups), and a batched first dim is the same concatenated total on every input."""
+        for dim, places in self.shared_dims:
+            (first, first_axis), *others = places
+            size = inputs[first].shape[first_axis]
+            for name, axis in others:
+                if inputs[name].shape[axis] != size:
+                    where = (
+                        f"input {name!r} axes {first_axis} and {axis}"
+                        if name == first
+                        else f"inputs {first!r} and {name!r}"
+                    )
+                    raise InvalidInput(
+                        f"{where} share dimension {dim!r}: {size} and {inputs[name].shape[axis]}"
+                    )
 
     def check_declared(self, name: str, datatype: str, shape: Sequence[int], max_rows: int | None) -> None:
         """Validate one input as a request declares it, before its data is decoded."""
@@ -96,13 +120,26 @@ def read_signature(session: Any, overrides: Mapping[str, InputOverride]) -> Sign
     first_dims = {
         arg.shape[0] if arg.shape and not isinstance(arg.shape[0], int) else None for arg in raw_inputs
     }
+    shared_dims = _shared_dims(raw_inputs)
     is_batchable = (
         bool(narrowed)
         and all(spec.shape and spec.shape[0] == DYNAMIC for spec in narrowed)
         and len(first_dims) == 1  # the same symbolic name on every input, or all unnamed
+        # and nowhere but first: concatenating rows would leave another axis named the same behind
+        and all(axis == 0 for name, places in shared_dims if name in first_dims for _, axis in places)
     )
     outputs = tuple(_spec(arg) for arg in session.get_outputs())
-    return Signature(tuple(narrowed), outputs, is_batchable)
+    return Signature(tuple(narrowed), outputs, is_batchable, shared_dims)
+
+
+def _shared_dims(raw_inputs: Sequence[Any]) -> tuple[tuple[str, tuple[Place, ...]], ...]:
+    """The symbolic dimension names the graph's inputs use more than once, with their places."""
+    places: dict[str, list[Place]] = {}
+    for arg in raw_inputs:
+        for axis, dim in enumerate(arg.shape or ()):
+            if isinstance(dim, str) and dim:
+                places.setdefault(dim, []).append((arg.name, axis))
+    return tuple((dim, tuple(found)) for dim, found in places.items() if len(found) > 1)
 
 
 def _narrow(spec: TensorSpec, shape: list[int]) -> TensorSpec:

@@ -213,7 +213,7 @@ def _decode_input(
         raise InvalidInput(f"{owner} has more than one of 'data', binary_data_size and shared_memory_region")
     if region is not None:
         assert regions is not None
-        return name, _from_buffer(owner, regions.view(region), datatype, shape)
+        return name, _from_buffer(owner, regions.read(region), datatype, shape)  # a copy: see Regions
     if size is not None:
         if type(size) is not int or size < 0:
             raise InvalidInput(f"{owner} binary_data_size must be a non-negative integer")
@@ -251,7 +251,7 @@ def _requested_outputs(raw: Any, regions: Regions | None) -> list[RequestedOutpu
             if binary:  # tritonclient sends binary_data false beside a region
                 raise InvalidInput(f"{owner} sets both shared_memory_region and binary_data true")
             assert regions is not None
-            regions.view(region, writable=True)  # a region that cannot take it fails before compute
+            regions.check(region, writable=True)  # a region that cannot take it fails before compute
         outputs.append(RequestedOutput(item["name"], binary, region))
     return outputs
 

@@ -24,10 +24,19 @@ class RegionRef:
 
 
 class Regions(Protocol):
-    """The registered shared-memory regions (dataplane/regions.py)."""
+    """The registered shared-memory regions (dataplane/regions.py). Never a view of a client's object:
+    one it shrinks would stop the service (SIGBUS) when a later read or write touched it."""
 
-    def view(self, ref: RegionRef, *, writable: bool = False) -> memoryview:
-        """The bytes `ref` names; InvalidInput for an unknown region or bytes past its end."""
+    def check(self, ref: RegionRef, *, writable: bool = False) -> None:
+        """InvalidInput for an unknown region, bytes past its end or, with `writable`, a read-only one."""
+        ...
+
+    def read(self, ref: RegionRef) -> memoryview:
+        """A private copy of the bytes `ref` names (InvalidInput as `check`, or the object shrank)."""
+        ...
+
+    def write(self, ref: RegionRef, data: bytes | memoryview) -> None:
+        """Write `data` where `ref` names (InvalidInput as `check`, or the object shrank)."""
         ...
 
 
@@ -52,14 +61,13 @@ def region_ref(parameters: Mapping[str, Any], owner: str, regions: Regions | Non
 
 
 def write_region(regions: Regions, ref: RegionRef, name: str, array: np.ndarray) -> dict[str, Any]:
-    """Write an output where the client asked (one copy, from the runtime's buffer to the region);
-    the answer's parameters for it: the region and the bytes written."""
+    """Write an output where the client asked (one copy, from the runtime's buffer to the object, once,
+    right after inference); the answer's parameters for it: the region and the bytes written."""
     blob = tensors.to_bytes(array)
     if len(blob) > ref.byte_size:
         raise InvalidInput(
             f"output {name!r} takes {len(blob)} bytes; its shared_memory_byte_size in region "
             f"{ref.region!r} is {ref.byte_size}"
         )
-    view = regions.view(RegionRef(ref.region, len(blob), ref.offset), writable=True)
-    view[:] = blob
+    regions.write(RegionRef(ref.region, len(blob), ref.offset), blob)
     return {"shared_memory_region": ref.region, "shared_memory_byte_size": len(blob)}

@@ -500,3 +500,31 @@ def test_a_request_whose_timeout_passes_in_the_queue_is_a_503_and_never_runs(
     )
     assert [answers[0].status_code for _, answers in (first, second)] == [200, 200]
     assert [batch.marks for batch in batches.of("batchable")] == [(0.0,), (1.0,)]
+
+
+def test_inputs_that_share_a_symbolic_dimension_must_agree_on_it(serve, tmp_path) -> None:
+    """input_ids / attention_mask: both [batch, seq]. Unequal seqs are the client's error (a 400 that
+    names both inputs and the dimension), not the runtime's (a 500); equal ones of any length serve."""
+    repo = tmp_path / "pair-repo"
+    modelzoo.write(repo, "paired", modelzoo.paired(), manifest="[batching]\nmax_batch_size = 4\n")
+    with serve(repo) as running, httpx.Client(base_url=running.url, timeout=30.0) as client:
+        metadata = client.get("/v2/models/paired").json()
+        assert [i["shape"] for i in metadata["inputs"]] == [[-1, -1], [-1, -1]]
+        for seq in (4, 3):
+            ids, mask = np.arange(2 * seq, dtype=np.float32).reshape(2, seq), np.ones((2, seq), np.float32)
+            np.testing.assert_array_equal(
+                outputs_of(infer(client, "paired", {"ids": ids, "mask": mask}))["out"], ids
+            )
+        for binary in (False, True):
+            unequal = {"ids": np.ones((1, 4), np.float32), "mask": np.ones((1, 3), np.float32)}
+            refused = infer(client, "paired", unequal, binary=binary)
+            assert refused.status_code == 400, refused.text
+            assert refused.json() == {"error": "inputs 'ids' and 'mask' share dimension 'seq': 4 and 3"}
+        rows = infer(
+            client, "paired", {"ids": np.ones((2, 4), np.float32), "mask": np.ones((1, 4), np.float32)}
+        )
+        assert rows.status_code == 400 and "has 1 rows; other inputs have 2" in rows.json()["error"]
+        ids = np.ones((1, 5), np.float32)
+        np.testing.assert_array_equal(
+            outputs_of(infer(client, "paired", {"ids": ids, "mask": ids}))["out"], ids
+        )

@@ -3,10 +3,13 @@ tritonclient.http unchanged; bad regions get a precise 4xx and lose nothing."""
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import holds
 import httpx
 import numpy as np
 import pytest
@@ -158,3 +161,51 @@ def test_registration_needs_the_api_token(serve: Any, repository: Any) -> None:
         client.register_system_shared_memory("r", obj.key, 64, headers=headers)
         assert client.get_system_shared_memory_status(headers=headers)[0]["name"] == "r"
         client.close()
+
+
+def test_a_client_that_shrinks_its_objects_while_a_request_waits_does_not_stop_the_service(
+    server: Any,
+) -> None:
+    """The object a queued request's input came from, or its output goes to, is truncated (a client
+    crashed and re-created it) while the batch waits at the worker: no SIGBUS (exit -7) for the whole
+    service. The input was copied when decoded; the output is refused with a 400 naming its region."""
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with (
+        shm_object(4096) as inputs,
+        shm_object(4096) as outputs,
+        httpx.Client(base_url=server.url, timeout=30.0) as http,
+        holds.installed() as batches,
+    ):
+        inputs.write(x.tobytes())
+        for name, obj in (("in", inputs), ("out", outputs)):
+            body = {"key": obj.key, "byte_size": 4096}
+            assert http.post(f"/v2/systemsharedmemory/region/{name}/register", json=body).status_code == 200
+        placed = {"shared_memory_region": "in", "shared_memory_byte_size": x.nbytes}
+        tensor = {"name": "x", "datatype": "FP32", "shape": [2, 4], "parameters": placed}
+
+        def held(request: dict[str, Any], shrink: Any) -> httpx.Response:
+            answers: list[httpx.Response] = []
+            with batches.holding(lambda batch: True):
+                post = threading.Thread(
+                    target=lambda: answers.append(http.post("/v2/models/batchable/infer", json=request))
+                )
+                post.start()
+                batches.wait_held(1)  # decoded, admitted, at the worker: not yet run
+                shrink()
+            post.join()
+            return answers[0]
+
+        answer = held({"inputs": [tensor]}, lambda: inputs.truncate(0))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["data"] == (x * 2 + 1).ravel().tolist()  # the bytes at decode
+
+        inputs.truncate(4096)
+        inputs.write(x.tobytes())
+        wanted = [{"name": "y", "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 32}}]
+        answer = held({"inputs": [tensor], "outputs": wanted}, lambda: outputs.truncate(0))
+        assert answer.status_code == 400
+        assert "shrank to 0 bytes under region 'out'" in answer.json()["error"]
+        assert os.path.getsize(outputs.path) == 0  # nothing written into the object the client shrank
+
+        after = http.post("/v2/models/batchable/infer", json={"inputs": [tensor]})  # still serving
+        assert after.status_code == 200 and after.json()["outputs"][0]["data"] == (x * 2 + 1).ravel().tolist()

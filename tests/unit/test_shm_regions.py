@@ -1,5 +1,6 @@
 """Shared-memory regions (dataplane/regions.py) on real /dev/shm objects: keys are names, never paths;
-every access is bounds-checked against the region and the object's size now; the limits hold."""
+every access is bounds-checked; inputs are copied out and outputs written with pread/pwrite, never
+through a mapping, so an object its client shrinks fails one access, not the service; the limits hold."""
 
 from __future__ import annotations
 
@@ -28,18 +29,20 @@ def obj() -> Iterator[ShmObject]:
         yield made
 
 
-def test_a_view_is_the_objects_memory_not_a_copy(regions: SharedMemory, obj: ShmObject) -> None:
-    regions.register("in", obj.key, 5000, 64)  # not page-aligned: mapped from the page below
-    view = regions.view(RegionRef("in", 16, 8))
-    array = np.frombuffer(view, np.float32)
-    obj.write(np.arange(4, dtype=np.float32).tobytes(), 5008)  # written after the view was taken
+def test_an_input_is_a_private_copy_of_the_objects_bytes(regions: SharedMemory, obj: ShmObject) -> None:
+    regions.register("in", obj.key, 5000, 64)  # not page-aligned
+    obj.write(np.arange(4, dtype=np.float32).tobytes(), 5008)
+    copy = regions.read(RegionRef("in", 16, 8))
+    array = np.frombuffer(copy, np.float32)
+    obj.write(np.full(4, 7, np.float32).tobytes(), 5008)  # the client reuses its buffer meanwhile
+    obj.truncate(0)  # or shrinks it: a view of the mapping would now be SIGBUS to read
     assert array.tolist() == [0.0, 1.0, 2.0, 3.0]
-    assert view.readonly and not array.flags.writeable
+    assert copy.readonly and not array.flags.writeable
 
 
 def test_outputs_are_written_into_the_object(regions: SharedMemory, obj: ShmObject) -> None:
     regions.register("out", obj.key, 4096, 4096)
-    regions.view(RegionRef("out", 3, 10), writable=True)[:] = b"abc"
+    regions.write(RegionRef("out", 3, 10), b"abc")
     assert obj.read(3, 4106) == b"abc"
 
 
@@ -130,28 +133,34 @@ def test_region_count_and_mapped_bytes_are_limited(obj: ShmObject) -> None:
 
 def test_every_access_is_bounds_checked(regions: SharedMemory, obj: ShmObject) -> None:
     regions.register("r", obj.key, 4096, 100)
-    with pytest.raises(InvalidInput, match="offset 96 \\+ shared_memory_byte_size 8 is past the end"):
-        regions.view(RegionRef("r", 8, 96))
-    with pytest.raises(InvalidInput, match="no shared-memory region 'x' is registered"):
-        regions.view(RegionRef("x", 1, 0))
-    assert len(regions.view(RegionRef("r", 4, 96))) == 4
+    for access in (regions.read, regions.check, lambda ref: regions.write(ref, bytes(ref.byte_size))):
+        with pytest.raises(InvalidInput, match="offset 96 \\+ shared_memory_byte_size 8 is past the end"):
+            access(RegionRef("r", 8, 96))
+        with pytest.raises(InvalidInput, match="no shared-memory region 'x' is registered"):
+            access(RegionRef("x", 1, 0))
+    assert len(regions.read(RegionRef("r", 4, 96))) == 4
 
 
 def test_an_object_shrunk_under_its_region_is_refused_not_a_crash(
     regions: SharedMemory, obj: ShmObject
 ) -> None:
     regions.register("r", obj.key, 4096, 4096)
-    obj.truncate(4096)  # reading the region's pages now would be SIGBUS
+    obj.truncate(4096)  # touching the region's pages through a mapping now would be SIGBUS
     with pytest.raises(InvalidInput, match="shrank to 4096 bytes under region 'r'"):
-        regions.view(RegionRef("r", 4, 0))
+        regions.read(RegionRef("r", 4, 0))
+    with pytest.raises(InvalidInput, match="shrank to 4096 bytes under region 'r'"):
+        regions.write(RegionRef("r", 4, 0), b"abcd")
+    assert os.path.getsize(obj.path) == 4096  # a refused write did not grow the client's object
 
 
-def test_a_view_in_use_outlives_its_unregistration(regions: SharedMemory, obj: ShmObject) -> None:
+def test_an_input_read_outlives_its_unregistration(regions: SharedMemory, obj: ShmObject) -> None:
     obj.write(b"kept")
     regions.register("r", obj.key, 0, 4)
-    array = np.frombuffer(regions.view(RegionRef("r", 4, 0)), np.uint8)
-    regions.unregister("r")  # a request still computing on it keeps the pages mapped
+    array = np.frombuffer(regions.read(RegionRef("r", 4, 0)), np.uint8)
+    regions.unregister("r")  # a request still computing on it has its own bytes
     assert bytes(array) == b"kept"
+    with pytest.raises(InvalidInput, match="no shared-memory region 'r' is registered"):
+        regions.read(RegionRef("r", 4, 0))
 
 
 def test_the_services_user_must_be_allowed_to_open_it(obj: ShmObject) -> None:
