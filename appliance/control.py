@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from appliance import __version__
 from appliance.errors import InvalidInput
 from appliance.providers.registry import Registry
-from appliance.scheduler.hub import ModelHub, State
+from appliance.scheduler.hub import ModelHub
 from appliance.scheduler.view import ModelView, line_load
 from appliance.settings import Settings
 from appliance.system.admin import MAX_WAIT_S, AdminServer
@@ -158,7 +158,8 @@ class Control:
 
 
 def _inflight(hub: ModelHub) -> int:
-    return sum(e.scheduler.inflight for e in hub if e.scheduler is not None and e.state is State.READY)
+    """Every admitted request not yet answered, a retiring version's too: `drain`'s answer rests on it."""
+    return hub.inflight
 
 
 def _known(args: dict[str, Any], verb: str, known: set[str]) -> None:

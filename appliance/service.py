@@ -271,5 +271,5 @@ class Service:
         )
 
     def _inflight(self) -> int:
-        """Requests admitted and not yet answered, over every model (line and pool)."""
-        return sum(e.scheduler.inflight for e in self.hub if e.scheduler is not None)
+        """Requests admitted and not yet answered, over every model (line and pool), retiring versions too."""
+        return self.hub.inflight

@@ -158,10 +158,15 @@ class Replica:
         with self._lock:
             self._current()
 
-    def run(self, channel: int, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    def run(
+        self, channel: int, feed: Mapping[str, np.ndarray], wait_s: float | None = None
+    ) -> tuple[dict[str, np.ndarray], float]:
         """Run one batch in the child: its outputs and ORT's time on it there.
 
-        Raises the child's InvalidInput or InferenceFailed as its own.
+        Raises the child's InvalidInput or InferenceFailed as its own. A child that has not answered
+        within `wait_s` (the caller's: past the batch's last deadline) is taken as hung, killed and
+        started again for the next batch; this one gets DeadlineExceeded. An idle-priority child is
+        slow while line work keeps the cores: only the deadline says when slow is no use.
         """
         with self._lock:
             child = self._current()
@@ -174,7 +179,19 @@ class Replica:
                     raise errors.ModelNotReady(f"model {self.name!r}: pool process: {header['message']}")
                 child.ready[channel] = True
             send_message(sock, {"inputs": list(feed)}, list(feed.values()))
+            sock.settimeout(wait_s)
             header, arrays = receive_message(sock)
+            sock.settimeout(None)
+        except TimeoutError:
+            child.process.kill()  # a stopped or spinning child ends at once; its other batches fail too
+            self._lost(child)
+            log.warning(
+                "model %s: the pool process did not answer in %.1f s; started again", self.name, wait_s
+            )
+            raise errors.DeadlineExceeded(
+                f"model {self.name!r}: the pool process did not answer this batch in {wait_s:.1f} s "
+                "(past its deadline; hung); it was killed and is started again for the next one"
+            ) from None
         except (OSError, EOFError) as exc:
             code = self._lost(child)
             if self.failure is not None:  # another channel read why the child could not serve

@@ -41,6 +41,7 @@ class Batcher:
         self.rules = rules
         self.profile = profile
         self.is_flushing = False  # draining: nothing new will come, so never wait for more rows
+        self.is_one_request_per_batch = False  # set once a batch's outputs did not follow its rows
 
     @property
     def row_limit(self) -> int:
@@ -54,13 +55,17 @@ class Batcher:
         take_line: bool = True,
         take_pool: bool = True,
         share_rows: int | None = None,
+        starts_s: float | None = None,
     ) -> Decision:
         """Decide for one free worker (one that takes line work, pool work or both). `share_rows`
         (from share()) caps its line batch when several workers take from the queue in turn.
+        `starts_s`: when a busy worker will start the batch (queued ahead). The batch is formed as of
+        then, but late work is judged as of `now_s`: another worker may still run it in time.
 
         Pool work is considered only when no line work waits, whoever asks.
         """
         decision = Decision(expired=self.expire(queues, now_s))
+        now_s = now_s if starts_s is None else max(now_s, starts_s)
         if len(queues.line):
             if not take_line:
                 return decision
@@ -121,11 +126,19 @@ class Batcher:
     def _form(
         self, queue: ClassQueue, now_s: float, row_limit: int, hard_limit: int, *, may_wait: bool = True
     ) -> tuple[Batch | None, float | None]:
-        """A batch of about `row_limit` rows (a bigger request, up to `hard_limit`, runs alone)."""
+        """A batch of about `row_limit` rows (a bigger request runs alone).
+
+        A head over `hard_limit` runs alone too: pool work admitted under the profile of its time may
+        exceed the limit of a profile refit since (pool_row_limit); left in place, it would hold its
+        whole queue, the pool worker idle, until it expired.
+        """
         head = queue.head()
-        if head is None or hard_limit < head.rows:
+        if head is None:
             return None, None
-        row_limit = max(row_limit, head.rows)
+        if hard_limit < head.rows:
+            queue.remove(head)
+            return Batch([head], head.rows, head.priority, self.profile.expected_s(head.rows)), None
+        row_limit = head.rows if self.is_one_request_per_batch else max(row_limit, head.rows)
         items: list[Work] = []
         rows = 0
         for work in queue:

@@ -67,6 +67,10 @@ class ModelHub:
         self.is_loaded = False
         self.cores = settings.scheduler.cpu_threads or instance_choice.usable_cores()
         self.cpu_budget = CpuBudget(self.cores)
+        # Versions swapped out or unloaded whose admitted requests are still being answered: until each is
+        # closed, drain waits for it and the in-flight count includes it, so a drain that overlaps a reload
+        # never reports drained (an OTA hook's cue to reboot) while the old version is still computing.
+        self._retiring: set[ModelScheduler] = set()
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(list(self._entries.values()))
@@ -200,10 +204,27 @@ class ModelHub:
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def _retire(self, scheduler: ModelScheduler) -> None:
-        drained = await scheduler.drain(self.settings.server.drain_timeout_s)
-        if not drained:
-            log.warning("model %s: %d requests still running at unload", scheduler.name, scheduler.inflight)
-        await scheduler.close()
+        """Drain and close a scheduler no longer served; it counts as in flight until it is closed."""
+        self._retiring.add(scheduler)  # before the first await: no drain can miss it
+        try:
+            drained = await scheduler.drain(self.settings.server.drain_timeout_s)
+            if not drained:
+                log.warning(
+                    "model %s: %d requests still running at unload", scheduler.name, scheduler.inflight
+                )
+            await scheduler.close()
+        finally:
+            self._retiring.discard(scheduler)
+
+    def _schedulers(self) -> list[ModelScheduler]:
+        """Every scheduler with requests to answer: those serving and those being retired."""
+        serving = [e.scheduler for e in self if e.scheduler is not None]
+        return serving + [s for s in self._retiring if s not in serving]
+
+    @property
+    def inflight(self) -> int:
+        """Requests admitted and not yet answered, over every model, retiring versions included."""
+        return sum(scheduler.inflight for scheduler in self._schedulers())
 
     def _load_model(
         self, source: ModelSource, serving: tuple[int, list[instance_choice.Trial]] | None = None
@@ -266,11 +287,10 @@ class ModelHub:
         return self.settings.scheduler.pool_process and pool.broker is not None and pool.accept_jobs
 
     async def drain(self, timeout_s: float) -> bool:
-        """Stop admitting everywhere and wait for every admitted request to be answered."""
+        """Stop admitting everywhere and wait for every admitted request to be answered, those of
+        versions a reload or unload is retiring too."""
         self.is_draining = True
-        results = await asyncio.gather(
-            *(e.scheduler.drain(timeout_s) for e in self if e.scheduler is not None)
-        )
+        results = await asyncio.gather(*(scheduler.drain(timeout_s) for scheduler in self._schedulers()))
         return all(results)
 
     def resume(self) -> None:
@@ -280,9 +300,9 @@ class ModelHub:
                 entry.scheduler.resume()
 
     async def close(self) -> None:
-        for entry in self:
-            if entry.scheduler is not None:
-                await entry.scheduler.close()
+        """Close every scheduler, retiring ones too (closing twice is harmless: _retire may be at it)."""
+        for scheduler in self._schedulers():
+            await scheduler.close()
         self._entries.clear()
 
     def observe_cpu(self, wall_s: float, own_cpu_s: float, loop_cpu_s: float, busy_cpu_s: float) -> None:

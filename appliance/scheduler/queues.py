@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
+
+import numpy as np
 
 from appliance.errors import QueueFull
 
@@ -128,3 +130,8 @@ class Queues:
     def rows_ahead(self, priority: Priority) -> int:
         """Rows that run before new work of `priority` (its own class and every higher one)."""
         return sum(q.rows for p, q in self.by_class.items() if p <= priority)
+
+
+def group_of(inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """What requests must share to share a batch: input names, dtypes and every dimension after rows."""
+    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())

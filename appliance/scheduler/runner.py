@@ -19,7 +19,7 @@ from appliance.scheduler.batcher import Batcher, BatchRules
 from appliance.scheduler.capacity import Capacity, Ceiling, CompanyRate, CpuBudget, RateMeter, spare
 from appliance.scheduler.placement import PoolRules, Where, pool_may_take_a_worker, rules_for, should_preempt
 from appliance.scheduler.profile import LatencyProfile
-from appliance.scheduler.queues import Priority, Queues, Work
+from appliance.scheduler.queues import Priority, Queues, Work, group_of
 from appliance.scheduler.stats import ModelStats
 from appliance.scheduler.worker import BatchRun, Worker
 
@@ -177,7 +177,7 @@ class ModelScheduler:
             priority,
             deadline_s,
             now,
-            group=_group(inputs),
+            group=group_of(inputs),
             payload=job,
             expects_company=expects_company,
         )
@@ -234,30 +234,36 @@ class ModelScheduler:
         """
         busy = [w for w in self.line_workers if len(w.runs) == 1 and w.runs[0].priority is Priority.LINE]
         share = self.batcher.share(self.queues, len(busy))
-        for worker in busy:
-            if len(self.queues.line) == 0:
+        for worker in sorted(busy, key=lambda w: w.runs[0].started_s + w.runs[0].predicted_s):
+            if len(self.queues.line) == 0:  # the soonest free first: it gets the most urgent work
                 return
-            running = worker.runs[0]
-            starts_s = max(now_s, running.started_s + running.predicted_s)
-            self._submit_next(worker, starts_s, take_pool=False, share_rows=share)
+            starts_s = max(now_s, worker.runs[0].started_s + worker.runs[0].predicted_s)
+            self._submit_next(worker, now_s, take_pool=False, share_rows=share, starts_s=starts_s)
 
     def _submit_next(
         self,
         worker: Worker,
-        starts_s: float,
+        now_s: float,
         *,
         take_line: bool = True,
         take_pool: bool = True,
         share_rows: int | None = None,
+        starts_s: float | None = None,
     ) -> bool:
-        """Form the next batch as of `starts_s` and hand it to `worker`, its line rows capped at
-        `share_rows` (Batcher.share); False when nothing is due."""
+        """Form the next batch as of `starts_s` (default now: `worker` is idle) and hand it to `worker`,
+        its line rows capped at `share_rows` (Batcher.share); False when nothing is due. What has
+        expired is judged as of `now_s`, never of a busy worker's end: another may run it in time."""
         while True:
             decision = self.batcher.next(
-                self.queues, starts_s, take_line=take_line, take_pool=take_pool, share_rows=share_rows
+                self.queues,
+                now_s,
+                take_line=take_line,
+                take_pool=take_pool,
+                share_rows=share_rows,
+                starts_s=starts_s,
             )
             for work in decision.expired:
-                self._expire(work, starts_s)
+                self._expire(work, now_s)
             batch = decision.batch
             if batch is None:
                 if decision.wake_s is not None:
@@ -284,7 +290,7 @@ class ModelScheduler:
             control=RunControl() if is_preemptible else None,
             is_solo=not is_pool and self._is_alone(worker),
         )
-        run.started_s = max(dispatched, starts_s)
+        run.started_s = max(dispatched, now_s if starts_s is None else starts_s)
         worker.submit(run)
         return True
 
@@ -334,6 +340,9 @@ class ModelScheduler:
 
     def _settle(self, worker: Worker, run: BatchRun) -> None:
         worker.settled(run)
+        if run.ignores_rows and not self.batcher.is_one_request_per_batch:
+            self.batcher.is_one_request_per_batch = True  # each of that batch ran alone (Worker._execute)
+            log.warning("model %s: outputs do not follow the batch dimension; not batching", self.name)
         for work, error in run.expired:
             if not work.payload.future.done():
                 work.payload.future.set_exception(error)
@@ -348,7 +357,6 @@ class ModelScheduler:
                 # Not a solo batch (all cores: not what K workers' batches take), nor a pool batch
                 # slowed by line work.
                 if not run.is_solo and not (worker.is_background and any(w.runs for w in self.line_workers)):
-                    # not a pool batch slowed by line work
                     self.profile.observe(run.rows, run.compute_s, now)
                 self.stats.record_batch(run.rows, run.compute_s, len(run.items))
                 self.busy.add(now, run.compute_s)
@@ -452,7 +460,3 @@ class ModelScheduler:
 
 def _inputs_of(work: Work) -> Mapping[str, np.ndarray]:
     return work.payload.inputs
-
-
-def _group(inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
-    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())

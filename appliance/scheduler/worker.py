@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +29,12 @@ Outcome = dict[str, np.ndarray] | ApplianceError
 before_batch: Callable[[Worker, BatchRun], None] | None = None
 
 
+# How long a pool process may take past a batch's last deadline before it is taken as hung (and the
+# most it may take at all): its answer is no use by then, and its worker serves no other pool work.
+REPLICA_GRACE_S = 1.0
+REPLICA_WAIT_MAX_S = 600.0
+
+
 def _gone(_worker: Worker, _run: BatchRun) -> None:
     """The callback of a released worker: it has stopped, so nothing calls it."""
 
@@ -47,6 +53,7 @@ class BatchRun:
     started_s: float = 0.0
     is_preempted: bool = False
     is_whole: bool = True  # False when the batch failed and items ran one by one
+    ignores_rows: bool = False  # its outputs did not follow the batch dimension: the model must not batch
     is_solo: bool = False  # alone on the box: run on the model's all-cores session (LoadedModel.solo)
     expired: list[tuple[Work, ApplianceError]] = field(default_factory=list)  # dropped before running
 
@@ -155,11 +162,19 @@ class Worker:
             started = time.perf_counter()  # copies in and out count: they grow with the batch too
             self._away_s = 0.0
             feed = self._assemble(run.items, run.rows)
-            results = self._run(feed, run.control, is_solo=run.is_solo)
+            results = self._run(feed, run.control, is_solo=run.is_solo, items=run.items)
+            if len(run.items) > 1 and not _follow_rows(results, run.rows):
+                # A dynamic non-batch dimension can hide this from warm-up: the batch's outputs cannot
+                # be split, but each request alone has its own. The scheduler stops batching the model.
+                run.is_whole, run.ignores_rows = False, True
+                run.outcomes = [self._run_alone(work) for work in run.items]
+                return
             run.outcomes = self._split(results, run)
             run.compute_s = time.perf_counter() - started - self._away_s
         except Terminated:
             run.is_preempted = True
+        except DeadlineExceeded as exc:  # the pool process hung (Replica.run): alone, each would again
+            run.outcomes = [exc] * len(run.items)
         except ApplianceError as exc:
             if len(run.items) == 1:
                 run.outcomes = [exc]
@@ -168,14 +183,21 @@ class Worker:
                 run.outcomes = [self._run_alone(work) for work in run.items]
 
     def _run(
-        self, feed: dict[str, np.ndarray], control: RunControl | None, *, is_solo: bool = False
+        self,
+        feed: dict[str, np.ndarray],
+        control: RunControl | None,
+        *,
+        is_solo: bool = False,
+        items: Sequence[Work] = (),
     ) -> dict[str, np.ndarray]:
         replica = self.replica
         if replica is not None and replica.is_usable:
             sent = time.perf_counter()
             try:
                 channel = self.index % replica.channels  # pool workers are numbered K..2K-1
-                results, compute_s = replica.run(channel, feed)
+                latest_s = max((w.deadline_s for w in items), default=self._clock())
+                wait_s = min(REPLICA_WAIT_MAX_S, max(0.0, latest_s - self._clock()) + REPLICA_GRACE_S)
+                results, compute_s = replica.run(channel, feed, wait_s)
                 # the socket and the child's wait for an idle core are not what the batch costs
                 self._away_s += time.perf_counter() - sent - compute_s
                 return results
@@ -205,7 +227,7 @@ class Worker:
 
     def _run_alone(self, work: Work) -> Outcome:
         try:
-            return self._run(dict(self._inputs_of(work)), None)
+            return self._run(dict(self._inputs_of(work)), None, items=[work])
         except ApplianceError as exc:
             return exc
 
@@ -233,18 +255,18 @@ class Worker:
         return buffers
 
     def _split(self, results: dict[str, np.ndarray], run: BatchRun) -> list[Outcome]:
-        if not self.model.limits.is_batched:
+        """Each request's rows of the outputs, as views. A request alone gets them whole, whatever their
+        shape: they are its own, as when it runs alone after a failed batch (`_run_alone`)."""
+        if not self.model.limits.is_batched or len(run.items) == 1:
             return [results]
-        for name, array in results.items():
-            if array.ndim == 0 or array.shape[0] != run.rows:
-                failure = InferenceFailed(
-                    f"model {self.model.name!r} output {name!r} has shape {list(array.shape)} "
-                    f"for a batch of {run.rows} rows; its outputs do not follow the batch dimension"
-                )
-                return [failure] * len(run.items)
         outcomes: list[Outcome] = []
         offset = 0
         for work in run.items:
             outcomes.append({name: array[offset : offset + work.rows] for name, array in results.items()})
             offset += work.rows
         return outcomes
+
+
+def _follow_rows(results: dict[str, np.ndarray], rows: int) -> bool:
+    """Whether every output has the batch's rows first, so that it splits back by request."""
+    return all(array.ndim > 0 and array.shape[0] == rows for array in results.values())

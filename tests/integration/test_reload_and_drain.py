@@ -199,3 +199,37 @@ def test_a_retired_version_frees_its_sessions_and_buffers_at_once(tmp_path, sett
         await hub.close()
 
     asyncio.run(scenario())
+
+
+def test_a_drain_overlapping_a_reload_waits_for_the_retiring_version(serve, tmp_path, batches) -> None:
+    """An OTA hook reboots on `drained: true`: a request still computing on the version a reload is
+    retiring must keep the drain from reporting it, and count in `inflight`."""
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="slo_p99_ms = 600000.0\ninstances = 1\n")
+    answers: list[httpx.Response] = []
+    with serve(repo, server={"drain_timeout_s": 3600.0}) as running:
+        hub, control = running.service.hub, running.service.control
+        url = f"{running.url}/v2/models/batchable/infer"
+        body = _body(np.full((1, 4), 5.0, np.float32))
+
+        def post() -> httpx.Response:
+            return httpx.post(url, content=body, timeout=60)
+
+        with batches.holding(lambda batch: batch.version == "1"):
+            request = threading.Thread(target=lambda: answers.append(post()))
+            request.start()
+            batches.wait_held()
+            old = hub.entry("batchable").scheduler
+            reload = threading.Thread(
+                target=lambda: running.call(lambda: hub.load("batchable"), timeout_s=60)
+            )
+            reload.start()
+            wait_until(lambda: hub.entry("batchable").scheduler is not old, "the new version swapped in")
+            held = running.call(lambda: control.drain({"timeout_s": 0.2}))
+            assert held == {"drained": False, "inflight": 1}
+            assert answers == []
+        request.join(60)
+        reload.join(60)
+        assert running.call(lambda: control.drain({"timeout_s": 60})) == {"drained": True, "inflight": 0}
+        running.call(lambda: control.resume({}))
+    assert answers[0].status_code == 200 and answers[0].json()["model_version"] == "1"

@@ -17,7 +17,7 @@ from tests_support import load_model
 
 from appliance.engine import frames as wire
 from appliance.engine.replica import ReplicaSpec
-from appliance.errors import InferenceFailed
+from appliance.errors import DeadlineExceeded, InferenceFailed
 from appliance.scheduler.placement import PoolRules, Where
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
@@ -161,6 +161,35 @@ def test_a_killed_pool_process_is_replaced_and_every_job_gets_one_answer(tmp_pat
         np.testing.assert_array_equal(mid_run["y"], rows(2)["x"] * 2 + 1)
     np.testing.assert_array_equal(last["y"], rows(3)["x"] * 2 + 1)
     assert len({first, second, third}) == 3
+
+
+def test_a_hung_pool_process_is_killed_past_the_deadline_and_its_batch_answered(tmp_path: Path) -> None:
+    """A child that stops answering (SIGSTOP stands in for a hang) must not keep its batch unanswered
+    for ever, nor every later pool job: past the batch's deadline it is killed and started again."""
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
+
+    async def scenario():
+        scheduler = pool_scheduler(model, instances=1)
+        try:
+            await scheduler.infer(rows(0), priority=Priority.POOL)
+            hung = scheduler.replica._child.process
+            hung.send_signal(signal.SIGSTOP)
+            stuck = await asyncio.gather(
+                scheduler.infer(rows(1), priority=Priority.POOL, timeout_s=0.2), return_exceptions=True
+            )
+            line = await scheduler.infer(rows(2))
+            after = await scheduler.infer(rows(3), priority=Priority.POOL)
+            assert await scheduler.drain(60.0) and scheduler.inflight == 0
+            return hung, stuck[0], line, after, scheduler.replica
+        finally:
+            await scheduler.close()
+
+    hung, stuck, line, after, replica = asyncio.run(scenario())
+    assert isinstance(stuck, DeadlineExceeded) and "did not answer" in str(stuck), stuck
+    assert hung.poll() is not None  # killed, not left stopped
+    np.testing.assert_array_equal(line["y"], rows(2)["x"] * 2 + 1)
+    np.testing.assert_array_equal(after["y"], rows(3)["x"] * 2 + 1)
+    assert replica.restarts == 1
 
 
 def test_a_child_that_cannot_open_the_model_leaves_pool_work_in_process(tmp_path: Path) -> None:

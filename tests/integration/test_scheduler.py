@@ -11,6 +11,7 @@ from pathlib import Path
 import modelzoo
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 from tests_support import load_model as load
 
 from appliance.engine.model import LoadedModel
@@ -341,3 +342,95 @@ def test_a_request_learns_where_its_time_went(tmp_path: Path) -> None:
 
     timing = asyncio.run(scenario())
     assert timing.batch_rows == 3 and timing.compute_s > 0 and timing.queue_s >= 0
+
+
+def test_queue_ahead_never_expires_what_another_worker_runs_in_time(tmp_path: Path, batches) -> None:
+    """Two busy workers, ending at 9 ms and 2 ms; a request due in 8 ms fits on the second. Queued
+    ahead, it must go to the one that frees first, and never be expired against the other one's end."""
+    manifest = "slo_p99_ms = 60000\n[batching]\nmax_batch_size = 8\nmax_queue_delay_ms = 0\n"
+    model = load(tmp_path, modelzoo.batchable(), manifest)
+    clock = FakeClock()
+
+    async def scenario() -> list[object]:
+        scheduler = ModelScheduler(model, SchedulerConfig(instances=2), clock=clock)
+        profile = scheduler.profile  # l(rows) = 1 ms + 1 ms per row, exactly
+        profile.intercept_s, profile.per_row_s, profile.per_row2_s, profile.margin_ratio = (
+            1e-3,
+            1e-3,
+            0.0,
+            1.0,
+        )
+        profile._best_rows.clear()
+        scheduler.start()
+        try:
+            with batches.holding(lambda batch: batch.marks in {(1.0,), (2.0,)}):
+                long = asyncio.create_task(scheduler.infer(x(8, 1.0), timeout_s=1.0))  # ends at 9 ms
+                await batches.held_async(1)
+                short = asyncio.create_task(scheduler.infer(x(1, 2.0), timeout_s=1.0))  # ends at 2 ms
+                await batches.held_async(2)
+                urgent = asyncio.create_task(scheduler.infer(x(1, 3.0), timeout_s=0.008))
+                await until(lambda: scheduler.inflight == 3, "admitted the urgent request")
+                await asyncio.sleep(0)  # its dispatch has run
+                assert not urgent.done()
+            return await gather_outcomes(long, short, urgent)
+        finally:
+            await scheduler.close()
+
+    outcomes = asyncio.run(scenario())
+    assert [type(o).__name__ for o in outcomes] == ["dict"] * 3, outcomes
+    assert outcomes[2]["y"][0, 0] == 7.0  # y = 2x + 1, its own row
+
+
+def _total() -> object:
+    """Batchable by its signature (x: [N, D]), but its one output is [1, 1] whatever N: the sum of all."""
+    return modelzoo._model(
+        [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "D"])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [1, 1])],
+    )
+
+
+def test_a_batch_whose_outputs_ignore_its_rows_answers_each_request_alone(tmp_path: Path, batches) -> None:
+    """Warm-up cannot see it through a dynamic non-batch dimension: two requests that each succeed
+    alone must not both fail when they share a batch. Each runs alone, and the model batches no more.
+    (The first request behind the held opener is queued ahead on its own; the next two share a batch.)"""
+    model = load(tmp_path, _total(), "slo_p99_ms = 60000\n")
+    assert model.limits.is_batched
+
+    async def scenario() -> list[object]:
+        scheduler = await started(model, instances=1)
+        try:
+            with batches.holding(lambda batch: batch.marks == (9.0,)):
+                opener = asyncio.create_task(scheduler.infer({"x": np.full((1, 3), 9.0, np.float32)}))
+                await batches.held_async()
+                behind = [
+                    asyncio.create_task(scheduler.infer({"x": np.full((1, 3), v, np.float32)}))
+                    for v in (1, 2, 3)
+                ]
+                await until(lambda: scheduler.inflight == 4, "admitted the three")
+            outcomes = await gather_outcomes(opener, *behind)
+            assert scheduler.batcher.is_one_request_per_batch
+            with batches.holding(lambda batch: batch.marks == (9.0,)):
+                opener = asyncio.create_task(scheduler.infer({"x": np.full((1, 3), 9.0, np.float32)}))
+                await batches.held_async()
+                behind = [
+                    asyncio.create_task(scheduler.infer({"x": np.full((1, 3), v, np.float32)}))
+                    for v in (4, 5, 6)
+                ]
+                await until(lambda: scheduler.inflight == 4, "admitted three more")
+            return outcomes + await gather_outcomes(opener, *behind)
+        finally:
+            await scheduler.close()
+
+    outcomes = asyncio.run(scenario())
+    assert [type(o).__name__ for o in outcomes] == ["dict"] * 8, outcomes
+    assert [float(o["total"][0, 0]) for o in outcomes] == [27.0, 3.0, 6.0, 9.0, 27.0, 12.0, 15.0, 18.0]
+    assert [batch.marks for batch in batches.seen] == [
+        (9.0,),
+        (1.0,),
+        (2.0, 3.0),
+        (9.0,),
+        (4.0,),
+        (5.0,),
+        (6.0,),
+    ]

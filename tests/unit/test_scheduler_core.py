@@ -104,6 +104,23 @@ def test_pool_work_runs_one_row_at_a_time_when_a_row_outlasts_the_interference_b
     assert batch is not None and batch.priority is Priority.POOL and batch.rows == 1
 
 
+def test_a_pool_head_over_a_refit_limit_runs_alone_and_does_not_block_its_queue() -> None:
+    """Admitted when 4 rows fit the interference bound; the profile refit slower since. The head must
+    still run (alone), and the work behind it after it: not wait, the pool worker idle, until it expires."""
+    batcher = Batcher(BatchRules(max_rows=8, max_queue_delay_s=0.0, max_interference_s=0.0065), profile())
+    queues = Queues(line_max_requests=16, pool_max_requests=16)
+    assert batcher.pool_row_limit() == 4  # 2 ms + 1 ms/row
+    big, small = work(4, 10.0, Priority.POOL), work(1, 20.0, Priority.POOL)
+    queues.push(big)
+    queues.push(small)
+    batcher.profile = profile(intercept_s=0.003, per_row_s=0.0015)  # the refit: 4 rows take 9 ms now
+    assert batcher.pool_row_limit() == 2
+    first = batcher.next(queues, 0.0)
+    assert first.batch is not None and first.batch.items == [big] and not first.expired
+    second = batcher.next(queues, 0.0).batch
+    assert second is not None and second.items == [small] and not len(queues.pool)
+
+
 def test_waits_for_more_rows_only_while_the_deadline_holds() -> None:
     p = profile(intercept_s=0.002, per_row_s=0.001)
     batcher = Batcher(BatchRules(max_rows=8, max_queue_delay_s=0.005, max_interference_s=1.0), p)
