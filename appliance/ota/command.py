@@ -10,6 +10,7 @@ from pathlib import Path
 
 from appliance.errors import ApplianceError
 from appliance.ota import verbs
+from appliance.ota.link import printable
 from appliance.settings import SYSTEM_CONFIG_FILE, Settings
 
 log = logging.getLogger(__name__)
@@ -66,3 +67,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.setFormatter(logging.Formatter("appliance ota: %(levelname)s %(message)s"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        """One line per record: what the service's status says cannot start a line of its own."""
+        return printable(super().format(record))

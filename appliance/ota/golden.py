@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 
 from appliance.engine.repository import SAMPLES_FILE, ModelSource, Repository
 from appliance.errors import ApplianceError
+from appliance.ota import repofiles
 from appliance.protocol import codec
 
 INPUT_PREFIX = "input__"
@@ -43,21 +43,16 @@ def base_url(http: dict[str, Any]) -> str:
     return f"http://{host}:{int(http['port'])}"
 
 
-def read_samples(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(inputs, expected outputs) by tensor name; ValueError naming what is wrong with the file."""
-    try:
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is not an .npz archive (np.savez writes one)")
-        with np.load(path, allow_pickle=False) as archive:  # no pickle: samples arrive with updates
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path} cannot be read as .npz ({exc})") from exc
-    except ValueError as exc:
-        if "allow_pickle" not in str(exc):
-            raise
-        raise ValueError(
-            f"{path} holds object arrays; store strings as fixed-width bytes (numpy 'S')"
-        ) from exc
+def read_samples(
+    path: Path, repository: Path | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(inputs, expected outputs) by tensor name; ValueError naming what is wrong with the file.
+
+    `path` lies in the service user's `repository` (default: its own folder) and root reads it: it
+    is opened without following links and its arrays are bounded before they are allocated (see
+    repofiles.load_npz).
+    """
+    arrays = repofiles.load_npz(path.parent if repository is None else repository, path)
     inputs = {k.removeprefix(INPUT_PREFIX): v for k, v in arrays.items() if k.startswith(INPUT_PREFIX)}
     outputs = {k.removeprefix(OUTPUT_PREFIX): v for k, v in arrays.items() if k.startswith(OUTPUT_PREFIX)}
     if not inputs or not outputs:
@@ -109,10 +104,11 @@ def run(
     atol: float,
     rtol: float,
     timed_requests: int,
+    repository: Path | None = None,
 ) -> GoldenRun:
     """Send the samples once to check the outputs, then `timed_requests` times to time them."""
     try:
-        inputs, expected = read_samples(samples)
+        inputs, expected = read_samples(samples, repository)
     except ValueError as exc:
         return GoldenRun(model, problems=(str(exc),))
     encoded = codec.encode_request(inputs, outputs=sorted(expected))
@@ -172,7 +168,13 @@ def run_all(
                 continue
             tolerance = source.manifest.samples
             runs[name] = run(
-                client, name, samples, atol=tolerance.atol, rtol=tolerance.rtol, timed_requests=timed_requests
+                client,
+                name,
+                samples,
+                atol=tolerance.atol,
+                rtol=tolerance.rtol,
+                timed_requests=timed_requests,
+                repository=repository,
             )
     return runs
 

@@ -73,8 +73,22 @@ class ServiceLink:
 
 
 def describe_instance(status: dict[str, Any], socket_path: Path | None) -> str:
-    """`appliance pid 42 (config /etc/appliance/appliance.toml, http://127.0.0.1:8000) on <socket>`."""
+    """`appliance pid 42 (config /etc/appliance/appliance.toml, http://127.0.0.1:8000) on <socket>`.
+
+    The fields are the service's word and go into root's hook log: control characters are escaped,
+    so that a newline in them cannot forge a line (a verdict) of that log.
+    """
     http = status.get("http") if isinstance(status.get("http"), dict) else {}
-    address = f"http://{http.get('host')}:{http.get('port')}" if http else "no HTTP address"
-    config = status.get("config_file") or "no config file"
-    return f"appliance pid {status.get('pid')} ({config}, {address}) on admin socket {socket_path}"
+    address = (
+        f"http://{printable(http.get('host'))}:{printable(http.get('port'))}" if http else "no HTTP address"
+    )
+    config = printable(status.get("config_file") or "no config file")
+    return f"appliance pid {printable(status.get('pid'))} ({config}, {address}) on admin socket {socket_path}"
+
+
+def printable(value: object) -> str:
+    """`value` as text, with control characters (newlines included) escaped as repr() escapes them."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -36,25 +36,38 @@ def config_file(store: Store, before: dict[str, Any], target: Path | None) -> bo
         log.warning("rollback: removed %s, which the update added (kept as %s)", target, kept)
         return True
     wanted = store.read_config_copy()
-    if current == wanted:
+    mode, owner = _mode_and_owner(record)
+    if current == wanted and _has_mode_and_owner(target, mode, owner):
         return False
-    if current is not None:
+    if current is not None and current != wanted:
         store.keep_rejected_config(current)
-    mode, owner = _mode_and_owner(target, record)
     write_atomically(target, wanted, mode=mode, owner=owner)
-    log.warning("rollback: restored %s from the snapshot of %s", target, before.get("taken_at"))
+    log.warning(
+        "rollback: restored %s (mode %04o%s) from the snapshot of %s",
+        target,
+        mode,
+        f", owner {owner[0]}:{owner[1]}" if owner else "",
+        before.get("taken_at"),
+    )
     return True
 
 
-def _mode_and_owner(target: Path, record: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
-    """Those of the file being replaced; if the update removed it, the snapshot's (root's own
-    record), never group- or world-writable; the owner is only set when running as root."""
-    try:
-        st = target.stat()
-        mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-    except FileNotFoundError:
-        mode, uid, gid = int(record.get("mode", 0o600)), int(record.get("uid", 0)), int(record.get("gid", 0))
+def _mode_and_owner(record: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
+    """The mode and owner the snapshot recorded (root's own record, not the file the update left:
+    an update that made the config 0600 root:root would otherwise lock the service out of it),
+    never group- or world-writable; the owner is only set when running as root."""
+    mode, uid, gid = int(record.get("mode", 0o600)), int(record.get("uid", 0)), int(record.get("gid", 0))
     return mode & 0o755, ((uid, gid) if os.geteuid() == 0 else None)
+
+
+def _has_mode_and_owner(target: Path, mode: int, owner: tuple[int, int] | None) -> bool:
+    try:
+        st = target.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != mode:
+        return False
+    return owner is None or (st.st_uid, st.st_gid) == owner
 
 
 def report_models_not_restored(before: dict[str, Any], repository: Path) -> None:

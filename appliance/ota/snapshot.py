@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
-from appliance.engine.repository import Repository, file_digest
+from appliance.engine.repository import Repository
 from appliance.errors import ApplianceError
+from appliance.ota import repofiles
 from appliance.ota.checks import OnDisk
 from appliance.ota.golden import GoldenRun
 from appliance.ota.store import SNAPSHOT_FORMAT, OtaError
@@ -81,13 +82,17 @@ def config_record(path: Path | None) -> tuple[dict[str, Any] | None, bytes | Non
 
 
 def digests_on_disk(repository: Path, names: list[str] | None = None) -> dict[str, OnDisk]:
-    """The version each model of the repository would serve, and its model.onnx sha256."""
+    """The version each model of the repository would serve, and its model.onnx sha256.
+
+    A model whose file root may not read (a symlink, not a regular file, too large: see repofiles)
+    is left out with a warning, as one that cannot be read is: the caller goes on without it.
+    """
     repo = Repository(repository)
     found = {}
     for name in repo.names() if names is None else names:
         try:
             source = repo.source(name)
-            found[name] = OnDisk(str(source.version), file_digest(source.path))
+            found[name] = OnDisk(str(source.version), repofiles.digest(repository, source.path))
         except (ApplianceError, OSError) as exc:
             log.warning("model %s: no digest on disk: %s", name, exc)
     return found

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from appliance.ota import golden
@@ -14,9 +17,13 @@ from appliance.ota.link import ServiceLink
 from appliance.ota.snapshot import digests_on_disk
 from appliance.ota.store import OtaError, Store
 from appliance.settings import Settings
+from appliance.system.provision import CREDSTORE
 
 log = logging.getLogger(__name__)
 
+# Where `appliance provision --api-token-file` puts the token (mode 0600, root's) for LoadCredential=.
+CREDSTORE_TOKEN = Path("/", CREDSTORE, "appliance.server.api_token")
+MAX_TOKEN_BYTES = 4096
 POLL_S = 0.5  # between status requests while the service starts; each costs one admin round trip
 
 
@@ -102,4 +109,41 @@ def inspect(status: dict[str, Any], snapshot: dict[str, Any] | None, settings: S
 
 
 def api_token(settings: Settings) -> str | None:
-    return settings.server.api_token.get_secret_value() if settings.server.api_token else None
+    """The API token the golden requests send.
+
+    The service gets it from LoadCredential=; the update frameworks' hooks (Mender, SWUpdate,
+    RAUC) run as root without $CREDENTIALS_DIRECTORY, so root reads the provisioned credential from
+    the credstore itself (see credstore_token) rather than have every golden request refused.
+    """
+    if settings.server.api_token:
+        return settings.server.api_token.get_secret_value()
+    if os.geteuid() == 0 and "CREDENTIALS_DIRECTORY" not in os.environ:
+        return credstore_token(CREDSTORE_TOKEN)
+    return None
+
+
+def credstore_token(path: Path) -> str | None:
+    """The token in `path`, None when there is none; OtaError unless it is a regular file, not a
+    symlink, owned by root, readable by no one else and at most MAX_TOKEN_BYTES."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise OtaError(f"API token credential {path}: cannot be opened ({exc.strerror})") from exc
+    with os.fdopen(fd, "rb") as stream:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OtaError(f"API token credential {path} is not a regular file")
+        if st.st_uid != 0 or st.st_mode & 0o077:
+            raise OtaError(
+                f"API token credential {path} is owned by uid {st.st_uid} with mode "
+                f"{stat.S_IMODE(st.st_mode):04o}; expected root's, readable by root only (0600)"
+            )
+        raw = stream.read(MAX_TOKEN_BYTES + 1)
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise OtaError(f"API token credential {path} is longer than {MAX_TOKEN_BYTES} bytes")
+    try:
+        return raw.decode().strip() or None
+    except UnicodeDecodeError as exc:
+        raise OtaError(f"API token credential {path} is not UTF-8 text") from exc

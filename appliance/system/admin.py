@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -149,14 +150,25 @@ class AdminServer:
 def admin_request(
     path: Path, verb: str, args: Mapping[str, Any] | None = None, *, timeout_s: float = 60.0
 ) -> dict[str, Any]:
-    """Send one request and return the reply (with "ok": True); raise AdminError on any failure."""
+    """Send one request and return the reply (with "ok": True); raise AdminError on any failure.
+
+    The folder holding the socket belongs to the service's user, who could put a symlink to some
+    other socket there (root would then talk, as uid 0, to whatever listens on it) or answer slowly
+    or absurdly. So the socket must be a socket, not a symlink, owned by the folder's owner; the
+    peer (SO_PEERCRED) must run as that uid before anything is sent; `timeout_s` bounds the whole
+    exchange, not each recv(); and a reply JSON cannot parse is an AdminError, however deep.
+    """
     line = json.dumps({"verb": verb, "args": dict(args or {})}).encode() + b"\n"
+    deadline_s = time.monotonic() + timeout_s
     try:
+        owner_uid = _socket_owner(path)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout_s)
+            sock.settimeout(_left_s(deadline_s))
             sock.connect(str(path))
+            _check_peer(sock, path, owner_uid)
+            sock.settimeout(_left_s(deadline_s))
             sock.sendall(line)
-            reply_line = _read_line(sock)
+            reply_line = _read_line(sock, deadline_s)
     except FileNotFoundError as exc:
         raise AdminError(f"admin socket {path} does not exist; is appliance.service running?") from exc
     except PermissionError as exc:
@@ -170,13 +182,48 @@ def admin_request(
         raise AdminError(f"admin socket {path}: {exc.strerror or exc}") from exc
     try:
         reply = json.loads(reply_line)
-    except json.JSONDecodeError as exc:
-        raise AdminError(f"admin socket {path}: reply to {verb!r} is not JSON: {reply_line[:200]!r}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdminError(
+            f"admin socket {path}: reply to {verb!r} is not JSON it can read: {reply_line[:200]!r}"
+        ) from exc
     if not isinstance(reply, dict) or "ok" not in reply:
-        raise AdminError(f"admin socket {path}: reply to {verb!r} has no 'ok' field: {reply!r}")
+        raise AdminError(f"admin socket {path}: reply to {verb!r} has no 'ok' field: {reply_line[:200]!r}")
     if reply["ok"] is not True:
         raise AdminError(f"{verb}: {reply.get('error', 'failed without a reason')}")
     return reply
+
+
+def _socket_owner(path: Path) -> int:
+    """The uid that must serve `path`: the owner of its folder, if `path` is a socket it owns."""
+    st = os.lstat(path)  # FileNotFoundError: not running
+    if stat.S_ISLNK(st.st_mode):
+        raise AdminError(f"admin socket {path} is a symlink; refusing to follow it")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AdminError(f"admin socket {path} is not a socket")
+    folder = os.stat(path.parent)
+    if st.st_uid != folder.st_uid:
+        raise AdminError(
+            f"admin socket {path} is owned by uid {st.st_uid}, its folder {path.parent} by uid "
+            f"{folder.st_uid}; expected the service's user to own both"
+        )
+    return folder.st_uid
+
+
+def _check_peer(sock: socket.socket, path: Path, owner_uid: int) -> None:
+    _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if uid != owner_uid:
+        raise AdminError(
+            f"admin socket {path}: the process listening runs as uid {uid}, not uid {owner_uid} who owns "
+            f"{path.parent}; not sending it anything"
+        )
+
+
+def _left_s(deadline_s: float) -> float:
+    """Seconds left before `deadline_s`; TimeoutError once none are."""
+    left_s = deadline_s - time.monotonic()
+    if left_s <= 0:
+        raise TimeoutError
+    return left_s
 
 
 def check_private_folder(folder: Path) -> None:
@@ -323,10 +370,11 @@ def _parse(line: bytes) -> tuple[str, dict[str, Any]] | str:
     return request["verb"], args
 
 
-def _read_line(sock: socket.socket) -> bytes:
+def _read_line(sock: socket.socket, deadline_s: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while not chunks or not chunks[-1].endswith(b"\n"):
+        sock.settimeout(_left_s(deadline_s))  # one deadline for the reply, however it is dripped
         chunk = sock.recv(65536)
         if not chunk:
             break

@@ -1,0 +1,170 @@
+"""Files of the service user's model repository as root reads them: no symlinks, regular files only,
+bounded in size.
+
+The repository belongs to the service user (`appliance`), who can put anything there: a symlink to
+a root-only file (whose digest would then land in the world-readable snapshot), a FIFO that blocks
+open() forever, a sparse file of terabytes that takes root days to hash, an .npz whose header
+claims terabytes. The verbs run as root, so they walk from the configured repository root (root's
+own setting) one component at a time with O_NOFOLLOW, open without blocking, and refuse anything
+that is not a regular file or is larger than a cap.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import math
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from appliance.ota.store import OtaError
+
+MAX_MODEL_BYTES = 8 << 30  # model.onnx; protobuf caps an ONNX file at 2 GiB, larger weights are external
+MAX_SAMPLES_BYTES = 256 << 20  # samples.npz on disk, and the arrays it declares, all together
+_CHUNK = 1 << 20
+
+
+def open_file(repository: Path, path: Path, max_bytes: int) -> int:
+    """A read-only fd of the regular file `path` inside `repository`; OtaError otherwise.
+
+    Every component below `repository` is opened with O_NOFOLLOW (a symlinked folder or file is
+    refused, not followed), the file with O_NONBLOCK (a FIFO cannot hold root in open()); the
+    caller closes the fd.
+    """
+    try:
+        parts = path.relative_to(repository).parts
+    except ValueError:
+        raise OtaError(f"{path} is not inside the model repository {repository}") from None
+    if not parts or ".." in parts:
+        raise OtaError(f"{path}: not a file inside the model repository {repository}")
+    try:
+        folder = os.open(repository, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OtaError(f"model repository {repository}: cannot be opened ({exc.strerror})") from exc
+    try:
+        for name in parts[:-1]:
+            below = _open_at(folder, name, os.O_DIRECTORY, path)
+            os.close(folder)
+            folder = below
+        fd = _open_at(folder, parts[-1], os.O_NONBLOCK, path)
+    finally:
+        os.close(folder)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OtaError(f"{path} is not a regular file; refusing to read it as root")
+        if st.st_size > max_bytes:
+            raise OtaError(
+                f"{path} is {st.st_size} bytes, more than the {max_bytes} bytes root reads from the "
+                "service user's model repository"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_at(folder: int, name: str, flags: int, path: Path) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and _is_link_at(folder, name)):
+            raise OtaError(
+                f"{path}: {name} is a symlink; root does not follow links in the service user's model "
+                "repository"
+            ) from exc
+        if exc.errno == errno.ENOTDIR:
+            raise OtaError(f"{path}: {name} is not a folder") from exc
+        raise OtaError(f"{path}: cannot be opened ({exc.strerror})") from exc
+
+
+def _is_link_at(folder: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def digest(repository: Path, path: Path, max_bytes: int = MAX_MODEL_BYTES) -> str:
+    """sha256 hex of `path` inside `repository`, read as `open_file` allows and never past `max_bytes`
+    (a file that grows while being read is refused rather than hashed without end)."""
+    fd = open_file(repository, path, max_bytes)
+    sha256, size = hashlib.sha256(), 0
+    try:
+        while chunk := _read(fd, path):
+            size += len(chunk)
+            if size > max_bytes:
+                raise OtaError(f"{path} grew past {max_bytes} bytes while root read it")
+            sha256.update(chunk)
+    finally:
+        os.close(fd)
+    return sha256.hexdigest()
+
+
+def _read(fd: int, path: Path) -> bytes:
+    try:
+        return os.read(fd, _CHUNK)
+    except OSError as exc:
+        raise OtaError(f"{path}: cannot be read ({exc.strerror})") from exc
+
+
+def load_npz(repository: Path, path: Path, max_bytes: int = MAX_SAMPLES_BYTES) -> dict[str, np.ndarray]:
+    """The arrays of the .npz `path` inside `repository`; ValueError naming what is wrong.
+
+    Each member's .npy header (shape, dtype) is read before its data, and the arrays' declared
+    sizes together may not exceed `max_bytes`: np.load would allocate whatever a header claims.
+    Object arrays (pickles) are refused.
+    """
+    try:
+        fd = open_file(repository, path, max_bytes)
+    except OtaError as exc:
+        raise ValueError(str(exc)) from exc
+    with os.fdopen(fd, "rb") as stream:
+        try:
+            if not zipfile.is_zipfile(stream):
+                raise ValueError(f"{path} is not an .npz archive (np.savez writes one)")
+            with zipfile.ZipFile(stream) as archive:
+                return _arrays(archive, path, max_bytes)
+        except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+            raise ValueError(f"{path} cannot be read as .npz ({exc})") from exc
+
+
+def _arrays(archive: zipfile.ZipFile, path: Path, max_bytes: int) -> dict[str, np.ndarray]:
+    members = archive.infolist()
+    if sum(member.file_size for member in members) > max_bytes:
+        raise ValueError(f"{path} declares more than {max_bytes} bytes of members; refusing to unpack it")
+    arrays, total = {}, 0
+    for member in members:
+        if not member.filename.endswith(".npy"):
+            raise ValueError(f"{path}: member {member.filename!r} is not an .npy array")
+        with archive.open(member) as npy:
+            shape, dtype = _header(npy, path, member.filename)
+            total += math.prod(shape) * dtype.itemsize
+            if total > max_bytes:
+                raise ValueError(
+                    f"{path}: its arrays declare more than {max_bytes} bytes (member {member.filename!r}, "
+                    f"shape {shape}, dtype {dtype}); refusing to load them"
+                )
+        with archive.open(member) as npy:
+            arrays[member.filename.removesuffix(".npy")] = np.lib.format.read_array(npy, allow_pickle=False)
+    return arrays
+
+
+def _header(npy: zipfile.ZipExtFile, path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        version = np.lib.format.read_magic(npy)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(npy)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(npy)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except ValueError as exc:
+        raise ValueError(f"{path}: member {name!r} has no valid .npy header ({exc})") from exc
+    if dtype.hasobject:
+        raise ValueError(f"{path} holds object arrays; store strings as fixed-width bytes (numpy 'S')")
+    return tuple(shape), dtype
