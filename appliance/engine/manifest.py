@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from appliance.errors import ConfigError
 
 MANIFEST_NAME = "model.toml"
+# A manifest runs to a few hundred bytes; this bounds what is read (root reads it too, in `appliance ota`:
+# a sparse file of terabytes in the service user's repository must not hold an update).
+MAX_MANIFEST_BYTES = 1024 * 1024
 # Bounds that keep one model's typo (1e12 rows, microseconds written as milliseconds) a load error of
 # that model rather than a MemoryError or a queue that never flushes. Each Field says why its bound.
 MAX_BATCH_ROWS = 4096
@@ -125,7 +128,13 @@ def read_manifest(model_dir: Path) -> Manifest:
     if not path.is_file():
         return Manifest()
     try:
-        data: dict[str, Any] = tomllib.loads(path.read_text())
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ConfigError(
+                f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; expected a manifest of a few KiB"
+            )
+        data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read as TOML ({exc})") from exc
     try:

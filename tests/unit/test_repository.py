@@ -151,6 +151,16 @@ def test_batching_values_are_bounded(tmp_path: Path, manifest: str, message: str
     assert message in str(raised.value)
 
 
+def test_a_model_toml_larger_than_any_manifest_is_refused_unread(tmp_path: Path) -> None:
+    """Regression: model.toml was read whole; root reads it too (`appliance ota snapshot`), and a sparse
+    file of terabytes in the service user's repository would have held the update."""
+    modelzoo.write(tmp_path, "m", modelzoo.batchable())
+    with (tmp_path / "m" / "model.toml").open("wb") as stream:
+        stream.truncate(1 << 40)  # sparse: no disk used
+    with pytest.raises(ConfigError, match="larger than 1048576 bytes; expected a manifest of a few KiB"):
+        Repository(tmp_path).source("m")
+
+
 def test_open_refuses_a_repository_that_is_not_there(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=f"^{re.escape(f'model repository {tmp_path}/nowhere does not exist')}$"
