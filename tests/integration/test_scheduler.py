@@ -399,26 +399,23 @@ def test_a_batch_whose_outputs_ignore_its_rows_answers_each_request_alone(tmp_pa
 
     async def scenario() -> list[object]:
         scheduler = await started(model, instances=1)
+
+        async def behind_an_opener(values: tuple[float, ...]) -> list[object]:
+            """A request held at the worker, then `values` admitted behind it; all their outcomes."""
+            with batches.holding(lambda batch: batch.marks == (9.0,)):
+                opener = asyncio.create_task(scheduler.infer({"x": np.full((1, 3), 9.0, np.float32)}))
+                await batches.held_async()
+                behind = [
+                    asyncio.create_task(scheduler.infer({"x": np.full((1, 3), v, np.float32)}))
+                    for v in values
+                ]
+                await until(lambda: scheduler.inflight == 1 + len(values), f"admitted {values}")
+            return await gather_outcomes(opener, *behind)
+
         try:
-            with batches.holding(lambda batch: batch.marks == (9.0,)):
-                opener = asyncio.create_task(scheduler.infer({"x": np.full((1, 3), 9.0, np.float32)}))
-                await batches.held_async()
-                behind = [
-                    asyncio.create_task(scheduler.infer({"x": np.full((1, 3), v, np.float32)}))
-                    for v in (1, 2, 3)
-                ]
-                await until(lambda: scheduler.inflight == 4, "admitted the three")
-            outcomes = await gather_outcomes(opener, *behind)
+            outcomes = await behind_an_opener((1, 2, 3))
             assert scheduler.batcher.is_one_request_per_batch
-            with batches.holding(lambda batch: batch.marks == (9.0,)):
-                opener = asyncio.create_task(scheduler.infer({"x": np.full((1, 3), 9.0, np.float32)}))
-                await batches.held_async()
-                behind = [
-                    asyncio.create_task(scheduler.infer({"x": np.full((1, 3), v, np.float32)}))
-                    for v in (4, 5, 6)
-                ]
-                await until(lambda: scheduler.inflight == 4, "admitted three more")
-            return outcomes + await gather_outcomes(opener, *behind)
+            return outcomes + await behind_an_opener((4, 5, 6))
         finally:
             await scheduler.close()
 

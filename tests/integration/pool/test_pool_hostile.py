@@ -253,6 +253,16 @@ async def test_jobs_per_sender_are_rate_limited(
         assert running.service.pool.session == birth["session"]
 
 
+async def replies(recorder: Recorder, reply_topic: str, mark: int, count: int) -> list[Any]:
+    """Every message on `reply_topic` from index `mark` on, once there are at least `count` of them."""
+
+    def enough(_message: Any) -> bool:
+        return sum(m.topic == reply_topic for m in recorder.messages[mark:]) >= count
+
+    await recorder.expect(enough, since=mark)
+    return [m for m in recorder.messages[mark:] if m.topic == reply_topic]
+
+
 @pytest.mark.asyncio
 async def test_a_burst_of_jobs_starts_one_per_loop_turn_and_each_is_answered_once(
     serve: Callable[..., Any], pool_repository: Path, broker: Broker, names: Names, recorder_factory: Any
@@ -299,13 +309,8 @@ async def test_a_burst_of_jobs_starts_one_per_loop_turn_and_each_is_answered_onc
                 correlation=correlation,
                 user=user,
             )
-
-        def all_answered(_message: Any) -> bool:
-            return sum(m.topic == reply_topic for m in recorder.messages[mark:]) >= burst
-
-        await recorder.expect(all_answered, since=mark)
+        answers = await replies(recorder, reply_topic, mark, burst)
         turn[0] = -(10**9)  # stops the ticking
-        answers = [m for m in recorder.messages[mark:] if m.topic == reply_topic]
         assert sorted(int(m.correlation) for m in answers) == list(range(burst))  # each once
         statuses = {m.document.get("status", 200) for m in answers}
         assert statuses <= {200, 503}, statuses
@@ -343,14 +348,9 @@ async def test_jobs_past_the_waiting_bound_are_refused_unread(
                 running.service.pool.jobs.submit("batchable", message)
 
         running.call(arrive_at_once)
-
-        def all_answered(_message: Any) -> bool:
-            return sum(m.topic == reply_topic for m in recorder.messages[mark:]) >= count
-
-        await recorder.expect(all_answered, since=mark)
-        replies = [m for m in recorder.messages[mark:] if m.topic == reply_topic]
-        answers = {int(m.correlation): m.document for m in replies}
-        assert sorted(answers) == list(range(count)) and len(replies) == count  # each once
+        answered = await replies(recorder, reply_topic, mark, count)
+        answers = {int(m.correlation): m.document for m in answered}
+        assert sorted(answers) == list(range(count)) and len(answered) == count  # each once
         refused = [i for i, document in answers.items() if "waiting to start" in document.get("error", "")]
         assert refused == list(range(MAX_WAITING_JOBS, count))
         assert {answers[i]["status"] for i in refused} == {503} and answers[count - 1]["retry_after_s"] > 0
