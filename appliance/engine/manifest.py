@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from appliance.engine.files import FOLLOW, Files
 from appliance.errors import ConfigError
 
 MANIFEST_NAME = "model.toml"
@@ -122,14 +123,13 @@ class Manifest(BaseModel):
     )
 
 
-def read_manifest(model_dir: Path) -> Manifest:
+def read_manifest(model_dir: Path, files: Files = FOLLOW) -> Manifest:
     """The manifest of a model folder (defaults when there is none); ConfigError names the key."""
     path = model_dir / MANIFEST_NAME
-    if not path.is_file():
+    if not files.is_file(path):
         return Manifest()
     try:
-        with path.open("rb") as stream:
-            raw = stream.read(MAX_MANIFEST_BYTES + 1)
+        raw = files.read(path, MAX_MANIFEST_BYTES + 1)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise ConfigError(
                 f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; expected a manifest of a few KiB"

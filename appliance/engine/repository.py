@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.engine.files import FOLLOW, Files
 from appliance.engine.manifest import MANIFEST_NAME, Manifest, read_manifest
 from appliance.engine.triton_config import CONFIG_NAME, read_triton_config
 from appliance.errors import ApplianceError, ConfigError, ModelLoadError, ModelNotFound
@@ -45,10 +46,15 @@ class ModelSource:
 
 
 class Repository:
-    """Reads a repository folder; it never loads models itself."""
+    """Reads a repository folder; it never loads models itself.
 
-    def __init__(self, root: Path) -> None:
+    `files` is how it touches the disk: the service follows symlinks; root's OTA verbs pass one that
+    follows none (see `appliance.engine.files`).
+    """
+
+    def __init__(self, root: Path, files: Files = FOLLOW) -> None:
         self.root = root
+        self.files = files
         self._warned: set[str] = set()  # said once: the index route reads every model on each call
 
     @classmethod
@@ -66,11 +72,18 @@ class Repository:
 
     def names(self) -> list[str]:
         """Every folder that looks like a model: a manifest, a config.pbtxt, a model.onnx or a version."""
-        if not self.root.is_dir():
+        files = self.files
+        if not files.is_dir(self.root):
             return []
         names = []
-        for child in sorted(self.root.iterdir()):
-            if child.is_dir() and _NAME.match(child.name) and _looks_like_model(child):
+        for child in sorted(files.iterdir(self.root)):
+            if not _NAME.match(child.name):
+                continue
+            try:
+                looks = files.is_dir(child) and _looks_like_model(files, child)
+            except ApplianceError:  # `files` refuses to look inside: source() gives the reason
+                looks = True
+            if looks:
                 names.append(child.name)
         return names
 
@@ -79,18 +92,19 @@ class Repository:
         if not _NAME.match(name):
             return False
         directory = self.root / name
-        return directory.is_dir() and _looks_like_model(directory)
+        return self.files.is_dir(directory) and _looks_like_model(self.files, directory)
 
     def source(self, name: str) -> ModelSource:
         """The version to serve: ModelNotFound if no such folder, ModelLoadError/ConfigError if bad."""
         if not _NAME.match(name):
             raise ModelNotFound(f"model name {name!r} is not valid")
         directory = self.root / name
-        if not directory.is_dir() or not _looks_like_model(directory):
+        files = self.files
+        if not files.is_dir(directory) or not _looks_like_model(files, directory):
             raise ModelNotFound(f"model {name!r} is not in repository {self.root}")
         manifest = self._manifest(name, directory)
-        versions = _versions(directory)
-        is_bare = (directory / MODEL_FILE).is_file()
+        versions = _versions(files, directory)
+        is_bare = files.is_file(directory / MODEL_FILE)
         if versions and is_bare:
             self._warn(
                 "model %s: %s is ignored; version folders %s are served",
@@ -127,18 +141,18 @@ class Repository:
     def _manifest(self, name: str, directory: Path) -> Manifest:
         """model.toml if there is one (it wins over config.pbtxt), else what config.pbtxt maps to."""
         config = directory / CONFIG_NAME
-        if (directory / MANIFEST_NAME).is_file():
-            if config.is_file():
+        if self.files.is_file(directory / MANIFEST_NAME):
+            if self.files.is_file(config):
                 self._warn(
                     "model %s: model.toml and %s both present; model.toml wins, %s is ignored",
                     name,
                     config,
                     CONFIG_NAME,
                 )
-            return read_manifest(directory)
-        if not config.is_file():
+            return read_manifest(directory, self.files)
+        if not self.files.is_file(config):
             return Manifest()
-        triton = read_triton_config(config, name)
+        triton = read_triton_config(config, name, self.files)
         if triton.ignored:
             self._warn("model %s: %s fields not honoured: %s", name, config, "; ".join(triton.ignored))
         return triton.manifest
@@ -152,19 +166,19 @@ class Repository:
             log.warning("%s", text)
 
 
-def _looks_like_model(directory: Path) -> bool:
+def _looks_like_model(files: Files, directory: Path) -> bool:
     markers = (MANIFEST_NAME, CONFIG_NAME, MODEL_FILE)
-    return any((directory / marker).is_file() for marker in markers) or bool(_versions(directory))
+    return any(files.is_file(directory / marker) for marker in markers) or bool(_versions(files, directory))
 
 
-def _versions(directory: Path) -> tuple[int, ...]:
+def _versions(files: Files, directory: Path) -> tuple[int, ...]:
     found = []
-    for child in directory.iterdir():
+    for child in files.iterdir(directory):
         if (
             child.name.isascii()
             and child.name.isdigit()
             and int(child.name) > 0
-            and (child / MODEL_FILE).is_file()
+            and files.is_file(child / MODEL_FILE)
         ):
             found.append(int(child.name))
     return tuple(sorted(found))

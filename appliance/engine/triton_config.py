@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from appliance.engine import pbtxt
+from appliance.engine.files import FOLLOW, Files
 from appliance.engine.manifest import Manifest, problems
 from appliance.errors import ConfigError
 
@@ -72,11 +73,10 @@ class TritonConfig:
     ignored: tuple[str, ...]  # 'platform "tensorrt_plan" (line 2: ...)'
 
 
-def read_triton_config(path: Path, model: str) -> TritonConfig:
+def read_triton_config(path: Path, model: str, files: Files = FOLLOW) -> TritonConfig:
     """Read `path`, the config.pbtxt of model folder `model`; ConfigError names file, line and expectation."""
     try:
-        with path.open("rb") as stream:
-            data = stream.read(MAX_CONFIG_BYTES + 1)
+        data = files.read(path, MAX_CONFIG_BYTES + 1)
         if len(data) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; expected a config of a few KiB")
         text = data.decode("utf-8")

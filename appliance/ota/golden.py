@@ -151,7 +151,7 @@ def run_all(
     port = http_port(status)
     if port is None:
         return {}
-    source_of = Repository(repository)
+    source_of = Repository(repository, repofiles.RootFiles(repository))
     headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
     runs: dict[str, GoldenRun] = {}
     with httpx.Client(base_url=base_url({"host": host, "port": port}), headers=headers) as client:
@@ -164,7 +164,7 @@ def run_all(
                 runs[name] = GoldenRun(name, problems=(f"tolerances unknown: {exc}",))
                 continue
             samples = _samples(source, model.get("version"))
-            if not samples.is_file():
+            if not source_of.files.is_file(samples):
                 continue
             tolerance = source.manifest.samples
             runs[name] = run(

@@ -17,15 +17,74 @@ import math
 import os
 import stat
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from appliance.engine.files import Files
 from appliance.ota.store import OtaError
 
 MAX_MODEL_BYTES = 8 << 30  # model.onnx; protobuf caps an ONNX file at 2 GiB, larger weights are external
 MAX_SAMPLES_BYTES = 256 << 20  # samples.npz on disk, and the arrays it declares, all together
 _CHUNK = 1 << 20
+
+
+class RootFiles(Files):
+    """The repository as root's verbs see it (`Repository(root, RootFiles(root))`).
+
+    A symlink counts as present (as a folder or a file) so that the model is not silently something
+    else, but walking into it or reading it is an OtaError that names it: the caller leaves that model
+    out with the reason. Every read goes through `open_file`.
+    """
+
+    def __init__(self, repository: Path) -> None:
+        self.repository = repository
+
+    def is_dir(self, path: Path) -> bool:
+        return self._kind(path) in (stat.S_IFDIR, stat.S_IFLNK)
+
+    def is_file(self, path: Path) -> bool:
+        return self._kind(path) in (stat.S_IFREG, stat.S_IFLNK)
+
+    def iterdir(self, path: Path) -> Iterator[Path]:
+        folder = _open_folder(self.repository, _parts(self.repository, path, allow_root=True), path)
+        try:
+            with os.scandir(folder) as entries:
+                names = sorted(entry.name for entry in entries)
+        except OSError as exc:
+            raise OtaError(f"{path}: cannot be listed ({exc.strerror})") from exc
+        finally:
+            os.close(folder)
+        return iter([path / name for name in names])
+
+    def read(self, path: Path, limit: int) -> bytes:
+        fd = open_file(self.repository, path, limit)
+        try:
+            chunks, size = [], 0
+            while size < limit and (chunk := _read(fd, path, min(_CHUNK, limit - size))):
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+
+    def _kind(self, path: Path) -> int | None:
+        """The type of `path` itself (S_IFLNK for a link); None if nothing is there. OtaError if a
+        folder above it is a symlink."""
+        if path == self.repository:  # root's own setting: followed, as root's config names it
+            try:
+                return stat.S_IFMT(os.stat(path).st_mode)
+            except OSError:
+                return None
+        parent = path.parent
+        folder = _open_folder(self.repository, _parts(self.repository, parent, allow_root=True), path)
+        try:
+            return stat.S_IFMT(os.stat(path.name, dir_fd=folder, follow_symlinks=False).st_mode)
+        except OSError:
+            return None
+        finally:
+            os.close(folder)
 
 
 def open_file(repository: Path, path: Path, max_bytes: int) -> int:
@@ -35,21 +94,9 @@ def open_file(repository: Path, path: Path, max_bytes: int) -> int:
     refused, not followed), the file with O_NONBLOCK (a FIFO cannot hold root in open()); the
     caller closes the fd.
     """
+    parts = _parts(repository, path, allow_root=False)
+    folder = _open_folder(repository, parts[:-1], path)
     try:
-        parts = path.relative_to(repository).parts
-    except ValueError:
-        raise OtaError(f"{path} is not inside the model repository {repository}") from None
-    if not parts or ".." in parts:
-        raise OtaError(f"{path}: not a file inside the model repository {repository}")
-    try:
-        folder = os.open(repository, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise OtaError(f"model repository {repository}: cannot be opened ({exc.strerror})") from exc
-    try:
-        for name in parts[:-1]:
-            below = _open_at(folder, name, os.O_DIRECTORY, path)
-            os.close(folder)
-            folder = below
         fd = _open_at(folder, parts[-1], os.O_NONBLOCK, path)
     finally:
         os.close(folder)
@@ -66,6 +113,33 @@ def open_file(repository: Path, path: Path, max_bytes: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _parts(repository: Path, path: Path, allow_root: bool) -> tuple[str, ...]:
+    try:
+        parts = path.relative_to(repository).parts
+    except ValueError:
+        raise OtaError(f"{path} is not inside the model repository {repository}") from None
+    if (not parts and not allow_root) or ".." in parts:
+        raise OtaError(f"{path}: not a file inside the model repository {repository}")
+    return parts
+
+
+def _open_folder(repository: Path, parts: tuple[str, ...], path: Path) -> int:
+    """An fd of the folder `parts` below `repository`, each component opened with O_NOFOLLOW."""
+    try:
+        folder = os.open(repository, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OtaError(f"model repository {repository}: cannot be opened ({exc.strerror})") from exc
+    try:
+        for name in parts:
+            below = _open_at(folder, name, os.O_DIRECTORY, path)
+            os.close(folder)
+            folder = below
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder
 
 
 def _open_at(folder: int, name: str, flags: int, path: Path) -> int:
@@ -95,7 +169,7 @@ def digest(repository: Path, path: Path, max_bytes: int = MAX_MODEL_BYTES) -> st
     fd = open_file(repository, path, max_bytes)
     sha256, size = hashlib.sha256(), 0
     try:
-        while chunk := _read(fd, path):
+        while chunk := _read(fd, path, _CHUNK):
             size += len(chunk)
             if size > max_bytes:
                 raise OtaError(f"{path} grew past {max_bytes} bytes while root read it")
@@ -105,9 +179,9 @@ def digest(repository: Path, path: Path, max_bytes: int = MAX_MODEL_BYTES) -> st
     return sha256.hexdigest()
 
 
-def _read(fd: int, path: Path) -> bytes:
+def _read(fd: int, path: Path, size: int) -> bytes:
     try:
-        return os.read(fd, _CHUNK)
+        return os.read(fd, size)
     except OSError as exc:
         raise OtaError(f"{path}: cannot be read ({exc.strerror})") from exc
 

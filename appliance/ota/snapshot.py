@@ -87,7 +87,7 @@ def digests_on_disk(repository: Path, names: list[str] | None = None) -> dict[st
     A model whose file root may not read (a symlink, not a regular file, too large: see repofiles)
     is left out with a warning, as one that cannot be read is: the caller goes on without it.
     """
-    repo = Repository(repository)
+    repo = Repository(repository, repofiles.RootFiles(repository))
     found = {}
     for name in repo.names() if names is None else names:
         try:

@@ -106,6 +106,55 @@ def test_symlinked_samples_are_not_read(tmp_path: Path) -> None:
         golden.read_samples(repo / "samples.npz", repo)
 
 
+def test_a_manifest_linked_to_a_root_only_file_is_not_read(tmp_path: Path, caplog) -> None:
+    secret = tmp_path / "secret.toml"
+    secret.write_text('version = "TOPSECRET"\n')  # a validation error would quote the value
+    secret.chmod(0o600)
+    repo = tmp_path / "repo"
+    model(repo)
+    (repo / "m" / "model.toml").symlink_to(secret)
+    (repo / "m" / "config.pbtxt").symlink_to(secret)
+    model(repo, "other")
+    assert list(snapshot.digests_on_disk(repo)) == ["other"]
+    assert "model.toml is a symlink" in caplog.text
+    assert "TOPSECRET" not in caplog.text
+
+
+def test_a_symlinked_version_folder_leaves_its_model_out_with_the_reason(tmp_path: Path, caplog) -> None:
+    repo = tmp_path / "repo"
+    model(repo)
+    newer = model(tmp_path / "elsewhere").parent
+    (repo / "m" / "2").symlink_to(newer)
+    assert snapshot.digests_on_disk(repo) == {}
+    assert "2 is a symlink" in caplog.text
+
+
+def test_a_symlinked_model_folder_is_named_not_walked(tmp_path: Path, caplog) -> None:
+    repo = tmp_path / "repo"
+    model(repo)
+    (repo / "linked").symlink_to(model(tmp_path / "elsewhere").parent.parent)
+    assert list(snapshot.digests_on_disk(repo)) == ["m"]
+    assert "model linked: no digest on disk" in caplog.text
+    assert "linked is a symlink" in caplog.text
+
+
+def test_root_reads_a_manifest_no_further_than_its_cap(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    model(repo)
+    manifest = repo / "m" / "model.toml"
+    manifest.write_text("[batching]\nmax_batch_size = 4\n")
+    files = repofiles.RootFiles(repo)
+    assert files.read(manifest, 100) == manifest.read_bytes()
+    os.truncate(manifest, 1 << 40)  # sparse; root reads none of it
+    with pytest.raises(OtaError, match="more than the 100 bytes"):
+        files.read(manifest, 100)
+    os.unlink(manifest)
+    os.mkfifo(manifest)  # swapped in after a check: open() must not block
+    with pytest.raises(OtaError, match="not a regular file"):
+        files.read(manifest, 100)
+    assert not files.is_file(manifest)
+
+
 # 2. The admin socket
 
 
