@@ -18,10 +18,12 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from appliance.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 OOM_SCORE_ADJ = 500  # short of memory, the kernel kills pool work before the line; raising needs no right
+LOAD_LIMIT_S = 300.0  # a child not ready by then is given up (killed): pool work runs in-process
 
 _ERRORS: dict[str, type[errors.ApplianceError]] = {
     "InvalidInput": errors.InvalidInput,
@@ -105,6 +108,7 @@ class _Child:
         with contextlib.suppress(OSError):  # first for the OOM killer from its start (it writes it too)
             Path(f"/proc/{self.process.pid}/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
         self.ready = [False] * channels
+        self.started_s = time.monotonic()
         send_frame(self.sockets[0], pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
 
     @property
@@ -173,11 +177,7 @@ class Replica:
         sock = child.sockets[channel]
         try:
             if not child.ready[channel]:
-                header, _ = receive_message(sock)
-                if "error" in header:
-                    self._give_up(header["message"])
-                    raise errors.ModelNotReady(f"model {self.name!r}: pool process: {header['message']}")
-                child.ready[channel] = True
+                self._await_ready(child, channel, wait_s)
             send_message(sock, {"inputs": list(feed)}, list(feed.values()))
             sock.settimeout(wait_s)
             header, arrays = receive_message(sock)
@@ -206,6 +206,30 @@ class Replica:
             pid = int(header.get("pid", 0))
             self.ran[pid] = self.ran.get(pid, 0) + 1
         return dict(zip(header["outputs"], arrays, strict=True)), header["compute_s"]
+
+    def _await_ready(self, child: _Child, channel: int, wait_s: float | None) -> None:
+        """The child's word that it opened the model, waited for no longer than the batch may wait.
+
+        A child still loading fails this batch (DeadlineExceeded) and keeps loading: at idle priority
+        on busy cores a load can take longer than one deadline. One not ready `LOAD_LIMIT_S` after its
+        start is hung (or starved for good): it is given up, and pool work runs in-process.
+        """
+        sock = child.sockets[channel]
+        readable, _, _ = select.select([sock], [], [], wait_s)
+        if not readable:
+            loading_s = time.monotonic() - child.started_s
+            if loading_s > LOAD_LIMIT_S:
+                self._give_up(f"not ready {loading_s:.0f} s after its start (limit {LOAD_LIMIT_S:.0f} s)")
+                raise errors.ModelNotReady(f"model {self.name!r}: pool process: {self.failure}")
+            raise errors.DeadlineExceeded(
+                f"model {self.name!r}: the pool process is still loading the model ({loading_s:.1f} s "
+                f"after its start); this batch could not wait {wait_s:.1f} s more"
+            )
+        header, _ = receive_message(sock)
+        if "error" in header:
+            self._give_up(header["message"])
+            raise errors.ModelNotReady(f"model {self.name!r}: pool process: {header['message']}")
+        child.ready[channel] = True
 
     def close(self, timeout_s: float = 10.0) -> None:
         with self._lock:

@@ -192,6 +192,42 @@ def test_a_hung_pool_process_is_killed_past_the_deadline_and_its_batch_answered(
     assert replica.restarts == 1
 
 
+def test_a_pool_process_hung_while_loading_fails_batches_then_is_given_up(tmp_path, monkeypatch) -> None:
+    """A child that never says it is ready (stopped before it could load) must not hold a pool batch
+    past its deadline, and is given up once loading has taken longer than the limit."""
+    from appliance.engine import replica as replicas
+
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
+
+    async def scenario():
+        scheduler = pool_scheduler(model, instances=1)
+        hung = scheduler.replica._child.process
+        hung.send_signal(signal.SIGSTOP)  # at once: the interpreter has not even imported numpy yet
+        try:
+            loading = await asyncio.gather(
+                scheduler.infer(rows(1), priority=Priority.POOL, timeout_s=0.2), return_exceptions=True
+            )
+            line = await scheduler.infer(rows(2))
+            monkeypatch.setattr(replicas, "LOAD_LIMIT_S", 0.0)
+            given_up = await asyncio.gather(
+                scheduler.infer(rows(3), priority=Priority.POOL, timeout_s=0.2), return_exceptions=True
+            )
+            after = await scheduler.infer(rows(4), priority=Priority.POOL)
+            assert await scheduler.drain(60.0) and scheduler.inflight == 0
+            return hung, loading[0], line, given_up[0], after, scheduler.replica
+        finally:
+            await scheduler.close()
+
+    hung, loading, line, given_up, after, replica = asyncio.run(scenario())
+    assert isinstance(loading, DeadlineExceeded) and "still loading" in str(loading), loading
+    np.testing.assert_array_equal(line["y"], rows(2)["x"] * 2 + 1)
+    assert not isinstance(given_up, DeadlineExceeded) or "still loading" not in str(given_up), given_up
+    np.testing.assert_array_equal(after["y"], rows(4)["x"] * 2 + 1)  # in-process now
+    assert replica.failure is not None and "not ready" in replica.failure
+    assert hung.poll() is not None  # killed, not left stopped
+    assert replica.pid is None
+
+
 def test_a_child_that_cannot_open_the_model_leaves_pool_work_in_process(tmp_path: Path) -> None:
     model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
     model.source.path.write_bytes(modelzoo.batchable().SerializeToString() + b"\x00")  # not what was served
