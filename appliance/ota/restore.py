@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from appliance.ota.checks import OnDisk
 from appliance.ota.link import ServiceLink
-from appliance.ota.snapshot import digests_on_disk
 from appliance.ota.store import OtaError, Store, write_atomically
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ def _has_mode_and_owner(target: Path, mode: int, owner: tuple[int, int] | None) 
     return owner is None or (st.st_uid, st.st_gid) == owner
 
 
-def report_models_not_restored(before: dict[str, Any], repository: Path) -> None:
-    on_disk = digests_on_disk(repository)
+def report_models_not_restored(before: dict[str, Any], on_disk: Mapping[str, OnDisk]) -> None:
     for name, then in before.get("models", {}).items():
         disk = on_disk.get(name)
         if then.get("sha256") and (disk is None or disk.sha256 != then["sha256"]):
@@ -86,12 +86,11 @@ def report_models_not_restored(before: dict[str, Any], repository: Path) -> None
             )
 
 
-def reload_if_stale(link: ServiceLink, status: dict[str, Any], repository: Path) -> None:
+def reload_if_stale(link: ServiceLink, status: dict[str, Any], on_disk: Mapping[str, OnDisk]) -> None:
     """Reload when the service serves files other than those on disk (restored, removed or new ones).
 
     Models the service could not load are left out: a reload would fail them again the same way.
     """
-    on_disk = digests_on_disk(repository)
     models = status.get("models", {})
     served = {name: m.get("sha256") for name, m in models.items() if m.get("state") == "READY"}
     changed = {

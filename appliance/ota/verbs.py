@@ -177,10 +177,11 @@ def rollback(settings: Settings, config_file: Path | None = None) -> int:
     status = link.status()
     repository = settings.models.repository
     if before is not None:
-        restore.report_models_not_restored(before, repository)
+        on_disk = snapshot.digests_on_disk(repository)  # once: a file root refuses is logged once
+        restore.report_models_not_restored(before, on_disk)
     if status is not None:
         if before is not None:
-            restore.reload_if_stale(link, status, repository)
+            restore.reload_if_stale(link, status, on_disk)
         _resume_our_drain(link, store, status)
         if is_config_restored:
             log.warning("rollback: restart appliance.service to apply the restored config")

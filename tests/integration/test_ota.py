@@ -228,6 +228,19 @@ def test_rollback_reloads_models_the_framework_restored_and_is_idempotent(serve,
         assert "reloading" not in messages(caplog)
 
 
+def test_rollback_names_once_a_model_file_root_would_not_read(serve, tmp_path, caplog) -> None:
+    repo = golden_repository(tmp_path)
+    with serve(repo, ota=FAST) as running:
+        settings = running.service.settings
+        assert verbs.take_snapshot(settings) == verbs.EX_OK
+        path = repo / "batchable" / "1" / "model.onnx"
+        path.rename(tmp_path / "elsewhere.onnx")
+        path.symlink_to(tmp_path / "elsewhere.onnx")
+        caplog.clear()
+        assert verbs.rollback(settings) == verbs.EX_OK
+    assert messages(caplog).count("model.onnx is a symlink") == 1
+
+
 def test_rollback_restores_the_config_file_and_says_to_restart(serve, tmp_path, caplog) -> None:
     config = tmp_path / "appliance.toml"
     config.write_text("[server]\nretry_after_s = 2.0\n")
