@@ -122,6 +122,13 @@ class ServerSettings(BaseModel):
         "no shape can ask for a huge buffer; checked before anything is allocated. The default holds "
         "any tensor a 64 MiB body can carry.",
     )
+    max_bytes_elements: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Most elements a BYTES (string) request tensor may have; beyond it 413. Each element "
+        "is a Python object of 33 bytes or more for the request's life, so a body of short strings takes "
+        "ten times its size in memory; the default keeps one tensor's strings near 64 MiB.",
+    )
     grpc_port: int = Field(
         8001,
         ge=-1,

@@ -82,8 +82,9 @@ class ShapeLimits:
 
     max_rank: int = 16
     max_elements: int = 64 * 1024 * 1024
+    max_bytes_elements: int = 1024 * 1024  # BYTES: one Python object of 33 bytes or more per element
 
-    def check(self, name: str, shape: Sequence[int]) -> None:
+    def check(self, name: str, shape: Sequence[int], datatype: str | None = None) -> None:
         """InvalidInput for too many dimensions; RequestTooLarge for too many elements. A zero
         dimension counts as 1, so that [0, 1e10, 1e10] cannot ask for a huge per-row buffer."""
         if len(shape) > self.max_rank:
@@ -99,6 +100,11 @@ class ShapeLimits:
                     f"input {name!r} shape {list(shape)} has more than {self.max_elements} elements "
                     "(server.max_tensor_elements)"
                 )
+        if datatype == "BYTES" and count > self.max_bytes_elements:
+            raise RequestTooLarge(
+                f"input {name!r} shape {list(shape)} has more than {self.max_bytes_elements} BYTES "
+                "elements (server.max_bytes_elements); each is a separate object in memory"
+            )
 
 
 def format_shape(shape: Sequence[int | str]) -> str:

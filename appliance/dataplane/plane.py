@@ -127,7 +127,9 @@ class DataPlane:
         self.hub = hub
         server = settings.server
         self.max_body_bytes = server.max_body_bytes
-        self.limits = ShapeLimits(server.max_tensor_rank, server.max_tensor_elements)
+        self.limits = ShapeLimits(
+            server.max_tensor_rank, server.max_tensor_elements, server.max_bytes_elements
+        )
         self.retry_after_s = server.retry_after_s
         self.refusals = Refusals(hub.is_served)
         self.regions = SharedMemory(server.max_shm_regions, server.max_shm_bytes)

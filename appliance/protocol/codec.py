@@ -202,7 +202,7 @@ def _decode_input(
         raise InvalidInput(
             f"input {name!r} 'shape' must be a list of non-negative integers, got {shape!r:.80}"
         )
-    limits.check(name, shape)
+    limits.check(name, shape, datatype)
     if expect is not None:
         expect(name, datatype, shape)
     owner = f"input {name!r}"

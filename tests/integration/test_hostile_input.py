@@ -38,6 +38,22 @@ def test_a_shape_of_1e20_elements_behind_a_zero_is_refused_before_any_allocation
     assert "server.max_tensor_elements" in response.json()["error"]
 
 
+def test_a_bytes_tensor_of_more_strings_than_the_cap_is_refused_before_its_data_is_read(
+    client: httpx.Client,
+) -> None:
+    # 8 MiB of binary empty strings would be 2 Mi objects; each is refused before one is made
+    header = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2 << 20], "parameters": {}}]}
+    header["inputs"][0]["parameters"]["binary_data_size"] = 4 * (2 << 20)
+    encoded = json.dumps(header).encode()
+    response = client.post(
+        "/v2/models/strings/infer",
+        content=encoded + bytes(4 * (2 << 20)),
+        headers={codec.HEADER_LENGTH: str(len(encoded))},
+    )
+    assert response.status_code == 413, response.text
+    assert "more than 1048576 BYTES elements (server.max_bytes_elements)" in response.json()["error"]
+
+
 @pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "-1", "1e3", "99999999999999999999999"])
 def test_header_lengths_are_parsed_as_ascii_digits(client: httpx.Client, value: str) -> None:
     encoded = codec.encode_request({"x": np.ones((1, 4), np.float32)})
