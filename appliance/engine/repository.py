@@ -81,7 +81,7 @@ class Repository:
                 continue
             try:
                 looks = files.is_dir(child) and _looks_like_model(files, child)
-            except ApplianceError:  # `files` refuses to look inside: source() gives the reason
+            except (ApplianceError, OSError):  # cannot look inside: source() gives the reason
                 looks = True
             if looks:
                 names.append(child.name)
@@ -92,7 +92,10 @@ class Repository:
         if not _NAME.match(name):
             return False
         directory = self.root / name
-        return self.files.is_dir(directory) and _looks_like_model(self.files, directory)
+        try:
+            return self.files.is_dir(directory) and _looks_like_model(self.files, directory)
+        except OSError:  # there, but unreadable: source() says so
+            return True
 
     def source(self, name: str) -> ModelSource:
         """The version to serve: ModelNotFound if no such folder, ModelLoadError/ConfigError if bad."""
@@ -100,11 +103,16 @@ class Repository:
             raise ModelNotFound(f"model name {name!r} is not valid")
         directory = self.root / name
         files = self.files
-        if not files.is_dir(directory) or not _looks_like_model(files, directory):
-            raise ModelNotFound(f"model {name!r} is not in repository {self.root}")
-        manifest = self._manifest(name, directory)
-        versions = _versions(files, directory)
-        is_bare = files.is_file(directory / MODEL_FILE)
+        try:
+            if not files.is_dir(directory) or not _looks_like_model(files, directory):
+                raise ModelNotFound(f"model {name!r} is not in repository {self.root}")
+            manifest = self._manifest(name, directory)
+            versions = _versions(files, directory)
+            is_bare = files.is_file(directory / MODEL_FILE)
+        except OSError as exc:  # a folder the service may not read: this model is UNAVAILABLE, not all
+            raise ModelLoadError(
+                f"model {name!r}: {exc.filename or directory} cannot be read ({exc.strerror})"
+            ) from None
         if versions and is_bare:
             self._warn(
                 "model %s: %s is ignored; version folders %s are served",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import modelzoo
@@ -172,3 +176,37 @@ def test_open_refuses_a_repository_that_is_not_there(tmp_path: Path) -> None:
     ):
         Repository.open(tmp_path / "file")
     assert Repository.open(tmp_path).names() == []  # an empty folder is a repository with no models yet
+
+
+@contextlib.contextmanager
+def unprivileged() -> Iterator[None]:
+    """Root reads any folder: checks of file modes run with the effective uid of nobody."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_an_unreadable_model_folder_is_that_models_error_not_the_repositorys() -> None:
+    repo = Path(tempfile.mkdtemp(prefix="appliance-repo-"))  # tmp_path is root's own 0700 folder
+    try:
+        repo.chmod(0o755)
+        bare(repo, "good").parent.chmod(0o755)
+        (repo / "bad").mkdir(mode=0o000)
+        with unprivileged():
+            repository = Repository(repo)
+            assert repository.names() == ["bad", "good"]
+            assert repository.has("bad")
+            index = repository.index()
+        assert index["good"].version == 1
+        assert isinstance(index["bad"], ModelLoadError)
+        assert "cannot be read (Permission denied)" in str(index["bad"])
+    finally:
+        (repo / "bad").chmod(0o700)
+        for path in sorted(repo.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        repo.rmdir()
