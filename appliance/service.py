@@ -39,6 +39,10 @@ _LOAD_ALLOWANCE_S = 300.0  # asked of systemd per model: loading and warming one
 _CPU_SAMPLE_S = 2.0
 
 
+class _StopRequested(Exception):
+    """A stop came while models were still loading: load no more of them."""
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the service drains first, then stops the server."""
 
@@ -122,6 +126,8 @@ class Service:
         if self._stop is not None and not self._stop.is_set():
             self._stop_reason = reason
             self._stop.set()
+            if not self.ready.is_set():  # at once: systemd must not take the next load's extension
+                self.notifier.stopping(f"stopping ({reason}) while starting")
 
     async def run(self, *, install_signal_handlers: bool = True) -> int:
         self._loop = asyncio.get_running_loop()
@@ -158,13 +164,17 @@ class Service:
                 await self.grpc.start()
             self.started.set()
             await self._start_admin(admin)
-            await self.hub.load_all(before_each=self._loading)
-            summary = self.summary()
-            log.info("ready on http://%s:%d: %s", server_settings.host, self.port, summary)
-            if self.pool is not None:
+            try:
+                await self.hub.load_all(before_each=self._loading)
+            except _StopRequested:
+                log.info("stop requested (%s) while loading models; loading no more", self._stop_reason)
+            if self.pool is not None and not self._stop.is_set():
                 await self.pool.start()
-            self.notifier.ready(summary)
-            self.ready.set()
+            if not self._stop.is_set():  # a stop during start-up sent STOPPING=1 already: no READY=1
+                summary = self.summary()
+                log.info("ready on http://%s:%d: %s", server_settings.host, self.port, summary)
+                self.notifier.ready(summary)
+                self.ready.set()
             await self._stop.wait()
         finally:
             await self._shutdown(serving, watchdog)
@@ -184,6 +194,8 @@ class Service:
         await admin.start()
 
     def _loading(self, name: str) -> None:
+        if self._stop is not None and self._stop.is_set():
+            raise _StopRequested(name)
         self.notifier.status(f"loading {name}")
         self.notifier.extend_timeout(_LOAD_ALLOWANCE_S)
 

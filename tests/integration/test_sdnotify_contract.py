@@ -168,6 +168,22 @@ def test_loading_then_ready_then_watchdog_then_stopping_on_sigterm(tmp_path: Pat
     assert sum(is_ready(m) for m in manager.messages) == 1
 
 
+def test_sigterm_while_loading_loads_no_more_models_and_never_says_ready(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for name in ("a", "b", "c"):
+        modelzoo.write(repo, name, modelzoo.batchable())
+    with serving(tmp_path, repo, watchdog_usec=0) as (manager, _, popen):
+        manager.wait_for(lambda m: "STATUS=loading a" in m, what="STATUS=loading a")
+        popen.send_signal(signal.SIGTERM)
+        stopping = manager.wait_for(is_stopping, what="STOPPING=1")
+        assert manager.messages[stopping] == ["STOPPING=1", "STATUS=stopping (SIGTERM) while starting"]
+        assert popen.wait(WAIT_S) == 0
+    after = [field for message in manager.messages[stopping + 1 :] for field in message]
+    assert not any(f.startswith(("STATUS=loading", "EXTEND_TIMEOUT_USEC=")) for f in after), after
+    assert not any(is_ready(m) for m in manager.messages), manager.messages
+    assert "stop requested (SIGTERM) while loading models" in (tmp_path / "serve.log").read_text()
+
+
 def test_watchdog_pings_stop_while_a_worker_hangs_and_resume_after(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     modelzoo.write(repo, "batchable", modelzoo.batchable(), manifest="slo_p99_ms = 600000.0\n")
