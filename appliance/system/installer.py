@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from appliance.errors import ConfigError
+from appliance.ota.store import write_atomically
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,27 @@ def install(
             digests[str(item.path)] = _digest(item.content)
     for path in removals:
         (root / path).unlink()
+        _sync_folder((root / path).parent)
         del digests[str(path)]
         report.removed.append("/" + str(path))
     if digests != before:
-        content = (json.dumps(digests, indent=2, sort_keys=True) + "\n").encode()
-        _write(root, ManagedFile(stamp, content, 0o644))
+        _save(root, stamp, digests)
     return report
+
+
+def read_record(root: Path, stamp: PurePosixPath, key: str) -> Any:
+    """What `write_record` kept under `key` in the stamp, or None. Keys of records are not paths
+    (they hold a space), so no managed file's digest can collide with one."""
+    return _load(root / stamp).get(key)
+
+
+def write_record(root: Path, stamp: PurePosixPath, key: str, value: Any) -> None:
+    """Keep `value` (JSON) under `key` in the stamp, beside the digests, e.g. what was applied."""
+    if " " not in key:
+        raise ValueError(f"record key {key!r} must hold a space: keys without one are paths")
+    digests = _load(root / stamp)
+    if digests.get(key) != value:
+        _save(root, stamp, {**digests, key: value})
 
 
 _edited = "edited since appliance provision wrote it; keep the edit or pass --force to replace it"
@@ -94,7 +110,7 @@ _foreign = "exists and was not written by appliance provision; pass --force to r
 
 
 def _wants_write(
-    root: Path, item: ManagedFile, digests: dict[str, str], force: bool, report: InstallReport
+    root: Path, item: ManagedFile, digests: dict[str, Any], force: bool, report: InstallReport
 ) -> bool:
     target = root / item.path
     shown = "/" + str(item.path)
@@ -116,7 +132,7 @@ def _wants_write(
     return False
 
 
-def _load(path: Path) -> dict[str, str]:
+def _load(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
@@ -128,21 +144,38 @@ def _load(path: Path) -> dict[str, str]:
     return digests
 
 
+def _save(root: Path, stamp: PurePosixPath, digests: dict[str, Any]) -> None:
+    content = (json.dumps(digests, indent=2, sort_keys=True) + "\n").encode()
+    _write(root, ManagedFile(stamp, content, 0o644))
+
+
 def _write(root: Path, item: ManagedFile) -> None:
-    """Replace atomically: a temporary file in the same directory, then a rename over the target."""
+    """Replace durably: a temporary file in the same folder, fsync, rename over the target, fsync the
+    folder (and each folder it had to create), so a power cut leaves the old file or the new one,
+    never an empty one."""
     target = root / item.path
     # Directories we create get the file's read bits as search bits: 0700 for secrets.
-    dir_mode = 0o755 if item.mode & 0o044 else 0o700
-    target.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-    fd, scratch = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    _make_folders(target.parent, 0o755 if item.mode & 0o044 else 0o700)
+    write_atomically(target, item.content, mode=item.mode)
+
+
+def _make_folders(folder: Path, mode: int) -> None:
+    """`mkdir -p` that fsyncs the parent of every folder it makes, so the new entries survive too."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(mode=mode, exist_ok=True)
+        _sync_folder(made.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with os.fdopen(fd, "wb") as stream:
-            os.fchmod(stream.fileno(), item.mode)
-            stream.write(item.content)
-        os.replace(scratch, target)
-    except BaseException:
-        Path(scratch).unlink(missing_ok=True)
-        raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _digest(content: bytes) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from appliance.errors import ApplianceError, ConfigError
 from appliance.pool import identity, signing
 from appliance.settings import INSTALLED_MODELS, SYSTEM_CONFIG_FILE, Settings
-from appliance.system.installer import InstallReport, ManagedFile, install
+from appliance.system.installer import InstallReport, ManagedFile, install, read_record, write_record
 
 SHIPPED_EXECUTABLE = "/usr/bin/appliance"
 UNIT_DIR = PurePosixPath("usr/lib/systemd/system")  # vendor units; /etc stays the admin's to override
@@ -27,6 +27,7 @@ STAMP = CONFIG.parent / "provisioned.json"
 CREDSTORE = PurePosixPath("etc/credstore")  # LoadCredential= finds appliance.* there (systemd >= 251)
 DEVICE_KEY = CREDSTORE / f"appliance.{identity.CREDENTIAL}"  # LoadCredential=pool.device_key:...
 UNITS = ("appliance.service", "appliance.socket", "appliance-healthcheck.service")
+PRESET_RECORD = "systemctl preset"  # in provisioned.json: the units whose preset has been applied
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # one MQTT topic level, no wildcards
 _EXEC_PATH = re.compile(r"^/[A-Za-z0-9._/+-]+$")  # needs no quoting or %-escaping in a unit file
 _HIDDEN = {  # where the hardened unit cannot see the host's files, and the setting that hides them
@@ -92,8 +93,8 @@ def provision(
 
     Files this function wrote before (their sha256 is in /etc/appliance/provisioned.json) are
     updated; files edited since, or not written by it, are refused unless `force`, and then
-    nothing at all is written. With `apply`, systemd-sysusers, systemd-tmpfiles and (for units
-    new in this run) `systemctl preset` run against `root`.
+    nothing at all is written. With `apply`, systemd-sysusers, systemd-tmpfiles and `systemctl
+    preset` (once per unit, see `_units_to_preset`) run against `root`.
     """
     source = source or units_source()
     executable = executable or default_executable()
@@ -112,9 +113,11 @@ def provision(
 
     removable = [DROPIN_DIR / f"{name}.conf" for name in known]
     report = install(root, files, stamp=STAMP, removable=removable, force=force)
+    is_first_install = all("/" + str(UNIT_DIR / unit) in report.created for unit in UNITS)
+    if report.is_complete and is_first_install and read_record(root, STAMP, PRESET_RECORD) is None:
+        write_record(root, STAMP, PRESET_RECORD, [])  # no preset applied yet: `_apply` does it, now or later
     if apply and report.is_complete:
-        new_units = [u for u in UNITS if "/" + str(UNIT_DIR / u) in report.created]
-        _apply(root, new_units, run or _run, report)
+        _apply(root, run or _run, report)
     return report
 
 
@@ -164,8 +167,14 @@ def _config(
             )
     if broker is not None and not re.match(r"^mqtts?://[^/\s]+$", broker):
         raise ConfigError(f"broker {broker!r}: expected mqtt://host:port or mqtts://host:port")
-    if model_repository is not None and not model_repository.is_absolute():
-        raise ConfigError(f"model repository {model_repository}: expected an absolute path on the box")
+    if model_repository is not None:
+        if not model_repository.is_absolute():
+            raise ConfigError(f"model repository {model_repository}: expected an absolute path on the box")
+        _check_visible(
+            f"model repository {model_repository}",
+            model_repository,
+            f"put the models under {INSTALLED_MODELS}",
+        )
     sections: dict[str, dict[str, Any]] = {
         "server": {"host": host, "port": port},
         "models": {"repository": str(model_repository or INSTALLED_MODELS)},  # never the bundled demo
@@ -208,34 +217,91 @@ def _check_executable(executable: Path) -> None:
     text = str(executable)
     if not _EXEC_PATH.match(text):
         raise ConfigError(f"executable {text!r}: expected an absolute path of letters, digits and ._/+-")
-    normalized = posixpath.normpath(text) + "/"
+    _check_visible(
+        f"executable {text}", executable, "install appliance under /opt or /usr and pass --executable"
+    )
+
+
+def _check_visible(what: str, path: Path, instead: str) -> None:
+    """ConfigError unless the hardened unit can see `path` (ProtectHome=, PrivateTmp= hide some)."""
+    normalized = posixpath.normpath(str(path)) + "/"
     for hidden, setting in _HIDDEN.items():
         if normalized.startswith(hidden):
-            raise ConfigError(
-                f"executable {text} is under {hidden}, which {setting} hides from the service; "
-                "install appliance under /opt or /usr and pass --executable"
-            )
+            raise ConfigError(f"{what} is under {hidden}, which {setting} hides from the service; {instead}")
 
 
 def _read_secret(path: Path) -> bytes:
+    """The secret as the service will read it back: UTF-8, without surrounding whitespace (one final
+    newline is dropped). Anything the reader would change or fail on is refused, never altered."""
     try:
-        return path.read_bytes().rstrip(b"\r\n")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"secret file {path}: cannot be read ({exc.strerror})") from exc
+    body = raw.removesuffix(b"\n").removesuffix(b"\r") if raw.endswith(b"\n") else raw
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        # `from None`: the decode error's repr holds the secret's bytes
+        raise ConfigError(f"secret file {path}: not UTF-8 text; the service reads secrets as UTF-8") from None
+    if not text.strip():
+        raise ConfigError(f"secret file {path}: empty, or only whitespace")
+    if text != text.strip():
+        raise ConfigError(
+            f"secret file {path}: starts or ends with whitespace (beyond one final newline), which the "
+            "service strips when it reads the secret; remove it from the file"
+        )
+    return body
 
 
-def _apply(root: Path, new_units: list[str], run: Runner, report: InstallReport) -> None:
-    commands = [
+def _apply(root: Path, run: Runner, report: InstallReport) -> None:
+    for command in (
         ["systemd-sysusers", f"--root={root}", "appliance.conf"],
         ["systemd-tmpfiles", "--create", f"--root={root}", "appliance.conf"],
-    ]
-    if new_units:  # presets are for first install; later runs keep what the admin enabled
-        commands.append(["systemctl", f"--root={root}", "preset", *new_units])
-    for command in commands:
-        result = run(command)
-        report.commands.append(" ".join(command))
-        if result.returncode != 0:
-            raise ApplianceError(f"{' '.join(command)} exited {result.returncode}: {result.stderr.strip()}")
+    ):
+        _checked(run, command, report)
+    recorded = read_record(root, STAMP, PRESET_RECORD)
+    if recorded is not None and not (
+        isinstance(recorded, list) and all(isinstance(unit, str) for unit in recorded)
+    ):
+        raise ConfigError(f"/{STAMP}: {PRESET_RECORD!r} must be a list of unit names; delete the entry")
+    pending = _units_to_preset(root, recorded, run, report)
+    if pending:
+        _checked(run, ["systemctl", f"--root={root}", "preset", *pending], report)
+    # Only now, after the preset succeeded: a run that failed before it presets on the next run.
+    write_record(root, STAMP, PRESET_RECORD, sorted({*(recorded or []), *UNITS}))
+
+
+def _units_to_preset(root: Path, recorded: list[str] | None, run: Runner, report: InstallReport) -> list[str]:
+    """Units whose preset was never applied. Presets are for first install: afterwards the units'
+    enablement is the admin's (`systemctl disable appliance.service` stays disabled across runs).
+
+    provisioned.json records the units once their preset succeeded ([] when provision installed
+    them, so a --no-apply run or one that failed before the preset leaves them to the next run). A
+    root without the record was provisioned before it existed: there the units tell. If every one
+    is still "disabled", nothing ever enabled them and all get their preset; any other state
+    (enabled, masked) is a choice to keep, and only units new in this run get theirs.
+    """
+    if recorded is not None:
+        return [unit for unit in UNITS if unit not in recorded]
+    present = [unit for unit in UNITS if "/" + str(UNIT_DIR / unit) not in report.created]
+    command = ["systemctl", f"--root={root}", "is-enabled", *present]
+    result = _checked(run, command, report, allowed_returncodes=(0, 1))  # 1: none is enabled
+    states = result.stdout.split()
+    if len(states) != len(present):
+        raise ApplianceError(f"{' '.join(command)}: no state for every unit: {result.stderr.strip()}")
+    if all(state == "disabled" for state in states):
+        return list(UNITS)
+    return [unit for unit in UNITS if unit not in present]  # keep the others as someone left them
+
+
+def _checked(
+    run: Runner, command: list[str], report: InstallReport, allowed_returncodes: Sequence[int] = (0,)
+) -> subprocess.CompletedProcess[str]:
+    result = run(command)
+    report.commands.append(" ".join(command))
+    if result.returncode not in allowed_returncodes:
+        raise ApplianceError(f"{' '.join(command)} exited {result.returncode}: {result.stderr.strip()}")
+    return result
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,45 @@ def test_health_check_gates_boot_complete() -> None:
     unit = (units_source() / "appliance-healthcheck.service").read_text()
     for line in ("After=appliance.service", "Before=boot-complete.target", "RequiredBy=boot-complete.target"):
         assert f"\n{line}\n" in unit
+
+
+def provision_command(root: Path, path: str) -> subprocess.CompletedProcess[str]:
+    """`appliance provision` as an installer runs it, finding systemd's tools on `path`."""
+    argv = [
+        sys.executable,
+        "-m",
+        "appliance",
+        "provision",
+        "--root",
+        str(root),
+        "--executable",
+        str(EXECUTABLE),
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PATH": path}, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="systemd-tmpfiles must chown to the appliance user: needs root")
+def test_a_provision_that_failed_is_finished_by_the_next_run(root: Path, tmp_path: Path) -> None:
+    """The first run writes every file and stops where systemctl is missing; the retry presets, and
+    a later run keeps what the admin changed since."""
+    without_systemctl = tmp_path / "bin"
+    without_systemctl.mkdir()
+    for tool in ("systemd-sysusers", "systemd-tmpfiles"):
+        (without_systemctl / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    first = provision_command(root, str(without_systemctl))
+    assert first.returncode == 2
+    assert first.stderr == "appliance: systemctl not found; install systemd or pass --no-apply\n"
+    assert (root / "usr/lib/systemd/system/appliance.service").is_file()
+
+    retry = provision_command(root, os.environ["PATH"])
+    assert retry.returncode == 0, retry.stderr
+    assert f"ran       systemctl --root={root} preset {' '.join(UNITS)}\n" in retry.stdout
+    states = systemd("systemctl", f"--root={root}", "is-enabled", *UNITS).stdout.split()
+    assert states == ["enabled", "disabled", "enabled"]
+
+    assert systemd("systemctl", f"--root={root}", "disable", "appliance.service").returncode == 0
+    again = provision_command(root, os.environ["PATH"])
+    assert again.returncode == 0, again.stderr
+    assert " preset " not in again.stdout
+    states = systemd("systemctl", f"--root={root}", "is-enabled", *UNITS).stdout.split()
+    assert states == ["disabled", "disabled", "enabled"]

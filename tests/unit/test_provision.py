@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +301,247 @@ def test_units_are_found_where_a_wheel_installs_them(tmp_path: Path, monkeypatch
     shared = tmp_path / "venv/share/appliance/systemd"
     shutil.copytree(Path(__file__).resolve().parents[2] / "systemd", shared)
     assert prov.units_source() == shared
+
+
+class Systemd:
+    """A stand-in for systemd's tools: records each command, fails the ones named in `failing`, and
+    keeps enablement the way `systemctl preset`, `disable` and `is-enabled` would."""
+
+    def __init__(self) -> None:
+        self.ran: list[list[str]] = []
+        self.failing: set[str] = set()
+        self.enabled = {unit: False for unit in prov.UNITS}
+
+    def __call__(self, command: list[str]) -> subprocess.CompletedProcess[str]:
+        self.ran.append(command)
+        verb = command[0] if command[0] != "systemctl" else command[2]
+        if verb in self.failing:
+            return subprocess.CompletedProcess(command, 1, "", f"{verb}: simulated failure")
+        if verb == "preset":
+            self.enabled.update({unit: unit != "appliance.socket" for unit in command[3:]})
+        if verb == "is-enabled":
+            states = ["enabled" if self.enabled[unit] else "disabled" for unit in command[3:]]
+            return subprocess.CompletedProcess(
+                command, 0 if "enabled" in states else 1, "\n".join(states), ""
+            )
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    def verbs(self) -> list[str]:
+        return [c[0] if c[0] != "systemctl" else c[2] for c in self.ran]
+
+
+def test_a_provision_that_failed_before_the_preset_presets_on_the_next_run(tmp_path: Path) -> None:
+    systemd = Systemd()
+    systemd.failing.add("systemd-tmpfiles")
+    with pytest.raises(prov.ApplianceError, match="systemd-tmpfiles: simulated failure"):
+        run_provision(tmp_path, apply=True, run=systemd)
+    assert "preset" not in systemd.verbs()
+    systemd.failing.clear()
+    report = run_provision(tmp_path, apply=True, run=systemd)
+    assert report.created == []  # every file is there from the failed run
+    assert systemd.verbs()[-1] == "preset"
+    assert systemd.ran[-1][3:] == list(prov.UNITS)
+    assert systemd.enabled["appliance.service"] and systemd.enabled["appliance-healthcheck.service"]
+    systemd.ran.clear()
+    run_provision(tmp_path, apply=True, run=systemd)
+    assert systemd.verbs() == ["systemd-sysusers", "systemd-tmpfiles"]  # once applied, never again
+
+
+def test_a_failed_preset_is_tried_again(tmp_path: Path) -> None:
+    systemd = Systemd()
+    systemd.failing.add("preset")
+    with pytest.raises(prov.ApplianceError, match="preset: simulated failure"):
+        run_provision(tmp_path, apply=True, run=systemd)
+    systemd.failing.clear()
+    run_provision(tmp_path, apply=True, run=systemd)
+    assert systemd.verbs()[-1] == "preset" and systemd.enabled["appliance.service"]
+
+
+def test_a_no_apply_run_leaves_the_preset_to_the_first_run_that_applies(tmp_path: Path) -> None:
+    run_provision(tmp_path)  # apply=False: files only
+    systemd = Systemd()
+    run_provision(tmp_path, apply=True, run=systemd)
+    assert systemd.verbs() == ["systemd-sysusers", "systemd-tmpfiles", "preset"]
+
+
+def test_a_unit_the_admin_disabled_stays_disabled(tmp_path: Path) -> None:
+    systemd = Systemd()
+    run_provision(tmp_path, apply=True, run=systemd)
+    systemd.enabled["appliance.service"] = False  # systemctl disable appliance.service
+    systemd.ran.clear()
+    run_provision(tmp_path, apply=True, run=systemd, site="line-4")
+    assert "preset" not in systemd.verbs()
+    assert not systemd.enabled["appliance.service"]
+
+
+@pytest.mark.parametrize("was_preset", [True, False], ids=["preset before", "never preset"])
+def test_a_root_provisioned_before_the_preset_record_keeps_its_enablement(
+    tmp_path: Path, was_preset: bool
+) -> None:
+    systemd = Systemd()
+    run_provision(tmp_path, apply=was_preset, run=systemd)
+    stamp = tmp_path / "etc/appliance/provisioned.json"
+    digests = json.loads(stamp.read_text())
+    del digests[prov.PRESET_RECORD]  # a provisioned.json as earlier versions wrote it
+    stamp.write_text(json.dumps(digests))
+    systemd.enabled["appliance.service"] = False  # the admin's choice, if it was ever preset
+    systemd.ran.clear()
+    run_provision(tmp_path, apply=True, run=systemd)
+    assert "is-enabled" in systemd.verbs()
+    assert ("preset" in systemd.verbs()) is not was_preset
+    assert systemd.enabled["appliance.service"] is not was_preset
+    assert systemd.enabled["appliance-healthcheck.service"]
+    assert sorted(json.loads(stamp.read_text())[prov.PRESET_RECORD]) == sorted(prov.UNITS)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"p\xe4ss\n", "not UTF-8 text"),
+        (b"  pass word\n", "starts or ends with whitespace"),
+        (b"pass word \n", "starts or ends with whitespace"),
+        (b"pass\n\n", "starts or ends with whitespace"),
+        (b"\tpass", "starts or ends with whitespace"),
+        (b"\n", "empty"),
+        (b"", "empty"),
+    ],
+)
+def test_a_secret_the_service_would_read_differently_is_refused(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_bytes(content)
+    root = tmp_path / "root"
+    with pytest.raises(ConfigError) as raised:
+        run_provision(root, mqtt_password_file=secret)
+    assert str(raised.value).startswith(f"secret file {secret}: {message}")
+    assert "p\\xe4ss" not in str(raised.value) and "pass" not in str(raised.value)
+    chained = raised.value.__cause__ or (
+        None if raised.value.__suppress_context__ else raised.value.__context__
+    )
+    assert chained is None  # a traceback shows no UnicodeDecodeError holding the secret's bytes
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("content", [b"s3cret", b"s3cret\n", b"s3cret\r\n", "pässwörd\n".encode(), b"a b"])
+def test_an_installed_secret_reads_back_as_it_was_given(tmp_path: Path, content: bytes) -> None:
+    secret = tmp_path / "pw"
+    secret.write_bytes(content)
+    root = tmp_path / "root"
+    run_provision(root, mqtt_password_file=secret)
+    credentials = tmp_path / "credentials"  # what LoadCredential= hands the service
+    credentials.mkdir()
+    shutil.copy(root / "etc/credstore/appliance.pool.password", credentials / "pool.password")
+    empty = tmp_path / "appliance.toml"
+    empty.write_text("")
+    settings = Settings.load(empty, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert settings.pool.password is not None
+    expected = content.decode().removesuffix("\n").removesuffix("\r")
+    assert settings.pool.password.get_secret_value() == expected
+
+
+@pytest.mark.parametrize(
+    ("repository", "hidden"),
+    [
+        ("/home/me/models", "/home/, which ProtectHome=yes"),
+        ("/root/models", "/root/, which ProtectHome=yes"),
+        ("/run/user/0/models", "/run/user/, which ProtectHome=yes"),
+        ("/tmp/models", "/tmp/, which PrivateTmp=yes"),
+        ("/var/tmp/models", "/var/tmp/, which PrivateTmp=yes"),
+        ("/srv/../tmp/models", "/tmp/, which PrivateTmp=yes"),
+        ("/tmp", "/tmp/, which PrivateTmp=yes"),
+    ],
+)
+def test_a_model_repository_the_unit_cannot_see_is_refused(
+    tmp_path: Path, repository: str, hidden: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        run_provision(tmp_path, model_repository=Path(repository))
+    assert str(raised.value) == (
+        f"model repository {repository} is under {hidden} hides from the service; "
+        f"put the models under {INSTALLED_MODELS}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def assert_durable(events: list[tuple[str, ...]], root: Path, paths: set[str]) -> None:
+    """Each file was fsynced under its temporary name, renamed over its path, and its folder fsynced."""
+    for path in paths:
+        target = str(root) + path
+        renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == target]
+        assert renames, f"{path} was not renamed into place: {events}"
+        at = renames[-1]
+        scratch = events[at][1]
+        assert Path(scratch).parent == Path(target).parent and Path(scratch).name.startswith(".")
+        assert ("fsync", scratch) in events[:at], f"{path}: no fsync of {scratch} before the rename"
+        assert ("fsync", str(Path(target).parent)) in events[at:], f"{path}: folder not fsynced after"
+    for folder in {str(Path(str(root) + path).parent) for path in paths}:  # folders it made, too
+        made = Path(folder)
+        while made != root:
+            assert ("fsync", str(made.parent)) in events, f"{made.parent} not fsynced after making {made}"
+            made = made.parent
+
+
+STAMPED = SHIPPED | {"/etc/appliance/provisioned.json"}
+
+
+def test_every_file_is_fsynced_before_and_its_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.fsync and os.replace watched in-process (the strace test below sees the system calls)."""
+    events: list[tuple[str, ...]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def watched_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def watched_replace(source: Any, target: Any) -> None:
+        replace(source, target)
+        events.append(("rename", str(source), str(target)))
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    monkeypatch.setattr(os, "replace", watched_replace)
+    root = tmp_path / "root"
+    root.mkdir()
+    run_provision(root)
+    assert_durable(events, root, STAMPED)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_the_system_calls_make_every_file_durable(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    trace = tmp_path / "trace"
+    argv = ["provision", "--root", str(root), "--executable", str(EXE), "--node-id", "box-17", "--no-apply"]
+    syscalls = "trace=fsync,fdatasync,rename,renameat,renameat2"
+    result = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-y",
+            "-qq",
+            "-e",
+            syscalls,
+            "-o",
+            str(trace),
+            sys.executable,
+            "-m",
+            "appliance",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0 and "ptrace" in result.stderr:
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    events: list[tuple[str, ...]] = []
+    for line in trace.read_text().splitlines():
+        if synced := re.search(r"\b(?:fsync|fdatasync)\(\d+<(.+)>\)\s+= 0$", line):
+            events.append(("fsync", synced.group(1)))
+        elif renamed := re.search(r"\brename\w*\((.*)\)\s+= 0$", line):
+            source, target = re.findall(r'"([^"]*)"', renamed.group(1))[-2:]
+            events.append(("rename", source, target))
+    assert_durable(events, root, STAMPED)
