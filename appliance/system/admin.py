@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_LINE_BYTES = 64 * 1024
+MAX_ERROR_CHARS = 2000  # longest error text the server sends, or the client shows from a reply
 MAX_WAIT_S = 86400.0  # longest drain wait the verbs accept: one that waits longer is a mistake, not a plan
 
 
@@ -101,8 +102,7 @@ class AdminServer:
         assert task is not None
         self._connections.add(task)
         try:
-            reply = await self._answer(reader, writer.get_extra_info("socket"))
-            writer.write(json.dumps(reply).encode() + b"\n")
+            writer.write(await self._reply_line(reader, writer.get_extra_info("socket")))
             await writer.drain()
         except ConnectionError as exc:
             logger.debug("admin client went away: %s", exc)
@@ -111,6 +111,17 @@ class AdminServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _reply_line(self, reader: asyncio.StreamReader, sock: Any) -> bytes:
+        """The reply to send: whatever goes wrong in answering is an ok=false reply, never a hang-up."""
+        try:
+            return json.dumps(await self._answer(reader, sock)).encode() + b"\n"
+        except ConnectionError:
+            raise
+        except Exception as exc:  # one bad request is one error reply; the server keeps serving
+            logger.exception("admin request failed")
+            message = f"request failed: {type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            return json.dumps(_error(message)).encode() + b"\n"
 
     async def _answer(self, reader: asyncio.StreamReader, sock: Any) -> dict[str, Any]:
         # Read the line even from a peer about to be refused: closing a unix socket with unread
@@ -189,7 +200,8 @@ def admin_request(
     if not isinstance(reply, dict) or "ok" not in reply:
         raise AdminError(f"admin socket {path}: reply to {verb!r} has no 'ok' field: {reply_line[:200]!r}")
     if reply["ok"] is not True:
-        raise AdminError(f"{verb}: {reply.get('error', 'failed without a reason')}")
+        # The service's words, shown to root: control characters escaped, so they forge no line.
+        raise AdminError(f"{verb}: {_printable(reply.get('error', 'failed without a reason'))}")
     return reply
 
 
@@ -360,7 +372,9 @@ def _parse(line: bytes) -> tuple[str, dict[str, Any]] | str:
     """(verb, args) from a request line, or the error message to send back."""
     try:
         request = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        return 'request is nested too deeply to parse; expected {"verb": ..., "args": {...}}'
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return f'request is not valid JSON ({exc}); expected {{"verb": ..., "args": {{...}}}}'
     if not isinstance(request, dict) or not isinstance(request.get("verb"), str):
         return "request must be a JSON object with a string 'verb'"
@@ -387,3 +401,10 @@ def _read_line(sock: socket.socket, deadline_s: float) -> bytes:
 
 def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
+
+
+def _printable(value: object) -> str:
+    """`value` as text with control characters escaped as repr() escapes them (ota.link.printable,
+    which imports this module, does the same for the verbs' logs)."""
+    text = str(value)[:MAX_ERROR_CHARS]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

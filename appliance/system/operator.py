@@ -9,14 +9,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.ota.link import NotRunning, ServiceLink, describe_instance
+from appliance.ota.link import NotRunning, ServiceLink, describe_instance, printable
 from appliance.settings import Settings
-from appliance.system.admin import MAX_WAIT_S
+from appliance.system.admin import MAX_WAIT_S, AdminError
 
 EX_OK = 0
 EX_FAILED = 1
 EX_NOT_RUNNING = 3  # LSB `status`: program is not running
 EX_TEMPFAIL = 75  # sysexits.h: drain asked for, requests still in flight
+
+
+class MalformedReply(AdminError):
+    """The service answered ok=true, but with a document of a shape these verbs do not know."""
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -58,19 +62,27 @@ def run_status(args: argparse.Namespace) -> int:
     if status is None:
         print(f"appliance: not running (nothing listens on {link.socket_path})", file=sys.stderr)
         return EX_NOT_RUNNING
-    print(json.dumps(status, indent=2) if args.json else summary(status, link.socket_path))
+    try:
+        # --json: json.dumps escapes every control character the service may have put in a string
+        print(json.dumps(status, indent=2) if args.json else summary(status, link.socket_path))
+    except MalformedReply as exc:
+        return _malformed(exc)
     return EX_OK
 
 
 def run_reload(args: argparse.Namespace) -> int:
     """0 when every model is READY after the reload, 1 otherwise (the old version keeps serving)."""
     link = _running(_link(args))
-    results = link.reload().get("models", {})
-    width = max((len(name) for name in results), default=0)
+    try:
+        results = _models(link.reload(), "reload reply")
+    except MalformedReply as exc:
+        return _malformed(exc)
+    names = {name: printable(name) for name in results}
+    width = max((len(shown) for shown in names.values()), default=0)
     for name, result in results.items():
         state = result.get("state")
         detail = f"version {result.get('version')}" if state == "READY" else result.get("reason") or ""
-        print(f"{name:<{width}}  {state}  {detail}".rstrip())
+        print(f"{names[name]:<{width}}  {printable(state)}  {printable(detail)}".rstrip())
     return EX_OK if all(result.get("state") == "READY" for result in results.values()) else EX_FAILED
 
 
@@ -80,55 +92,88 @@ def run_drain(args: argparse.Namespace) -> int:
     link = _running(ServiceLink.from_settings(settings))
     timeout_s = settings.server.drain_timeout_s if args.timeout_s is None else args.timeout_s
     reply = link.drain(timeout_s, args.reason)
-    if reply.get("drained"):
+    if reply.get("drained") is True:
         print("drained: no request in flight; none is admitted until `appliance resume`")
         return EX_OK
     print(
-        f"draining: {reply.get('inflight')} request(s) still in flight after {timeout_s:g} s; none is "
-        "admitted until `appliance resume`"
+        f"draining: {printable(reply.get('inflight'))} request(s) still in flight after {timeout_s:g} s; "
+        "none is admitted until `appliance resume`"
     )
     return EX_TEMPFAIL
 
 
 def run_resume(args: argparse.Namespace) -> int:
     link = _running(_link(args))
-    print(f"state: {link.resume().get('state')}")
+    print(f"state: {printable(link.resume().get('state'))}")
     return EX_OK
 
 
 def summary(status: dict[str, Any], socket_path: Path | None) -> str:
-    """The status document as a person reads it: the instance, line load, providers, one line per model."""
-    line = status.get("line") or {}
-    providers = status.get("providers") or {}
-    available = [name for name, is_available in providers.items() if is_available]
-    missing = [name for name, is_available in providers.items() if not is_available]
+    """The status document as a person reads it: the instance, line load, providers, one line per model.
+
+    Every value is the service's word: control characters are escaped (printable()), so that it
+    cannot rewrite root's terminal or forge lines; a part of the wrong shape is a MalformedReply."""
+    line = _object(status.get("line"), "status reply's 'line'")
+    providers = _object(status.get("providers"), "status reply's 'providers'")
+    available = [printable(name) for name, is_available in providers.items() if is_available]
+    missing = [printable(name) for name, is_available in providers.items() if not is_available]
+    p = printable
     lines = [
         f"{describe_instance(status, socket_path)}",
-        f"state      {status.get('state')} (version {status.get('version')}, up {status.get('uptime_s')} s)",
-        f"repository {status.get('repository')}",
-        f"line       {line.get('queue_depth')} queued, {line.get('served_ips')} inferences/s, "
-        f"{line.get('inflight')} in flight",
+        f"state      {p(status.get('state'))} (version {p(status.get('version'))}, "
+        f"up {p(status.get('uptime_s'))} s)",
+        f"repository {p(status.get('repository'))}",
+        f"line       {p(line.get('queue_depth'))} queued, {p(line.get('served_ips'))} inferences/s, "
+        f"{p(line.get('inflight'))} in flight",
         f"providers  {', '.join(available) or 'none'}"
         + (f" (unavailable: {', '.join(missing)})" if missing else ""),
         "models",
     ]
-    models = status.get("models") or {}
-    width = max((len(name) for name in models), default=0)
+    models = _models(status, "status reply")
+    names = {name: p(name) for name in models}
+    width = max((len(shown) for shown in names.values()), default=0)
     for name, model in models.items():
+        shown = names[name]
         if model.get("state") != "READY":
-            lines.append(
-                f"  {name:<{width}}  {model.get('state')}: {model.get('reason') or 'no reason given'}"
-            )
+            reason = model.get("reason") or "no reason given"
+            lines.append(f"  {shown:<{width}}  {p(model.get('state'))}: {p(reason)}")
             continue
-        provider = (model.get("placement") or {}).get("provider")
+        placement = _object(model.get("placement"), f"status reply's model {shown}: 'placement'")
+        provider = placement.get("provider")
         lines.append(
-            f"  {name:<{width}}  READY  version {model.get('version')} on {provider}, "
-            f"SLO p99 {model.get('slo_p99_ms')} ms, {model.get('line_served_ips')} inferences/s, "
-            f"{model.get('line_queue_depth')} queued"
+            f"  {shown:<{width}}  READY  version {p(model.get('version'))} on {p(provider)}, "
+            f"SLO p99 {p(model.get('slo_p99_ms'))} ms, {p(model.get('line_served_ips'))} inferences/s, "
+            f"{p(model.get('line_queue_depth'))} queued"
         )
     if not models:
         lines.append("  none")
     return "\n".join(lines)
+
+
+def _models(reply: dict[str, Any], what: str) -> dict[str, dict[str, Any]]:
+    """The reply's `models`: an object of objects (absent: none); MalformedReply otherwise."""
+    models = _object(reply.get("models"), f"{what}'s 'models'")
+    for name, model in models.items():
+        _object(model, f"{what}'s model {printable(name)}", required=True)
+    return models
+
+
+def _object(value: Any, what: str, *, required: bool = False) -> dict[str, Any]:
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedReply(f"{what} is {_json_type(value)}, expected a JSON object")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _malformed(exc: MalformedReply) -> int:
+    print(f"appliance: the service's answer makes no sense: {exc}", file=sys.stderr)
+    return EX_FAILED
 
 
 def _seconds(text: str) -> float:

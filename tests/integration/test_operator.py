@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import modelzoo
@@ -192,3 +197,121 @@ def test_admin_verbs_check_every_argument_before_changing_anything(server, verb,
     assert expected in str(caught.value)
     assert admin_request(path, "status")["state"] == before
     admin_request(path, "resume")
+
+
+ESC = "\x1b"
+
+
+@contextlib.contextmanager
+def answering(path: Path, replies: dict[str, Any]) -> Iterator[None]:
+    """A service of the service's user that answers each verb with `replies[verb]` as it likes."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection, connection.makefile("rb") as stream:
+                verb = json.loads(stream.readline())["verb"]
+                connection.sendall(json.dumps({"ok": True, **replies[verb]}).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+
+
+def operator(tmp_path: Path, path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**environment(tmp_path), "APPLIANCE_SYSTEM__ADMIN_SOCKET": str(path)}
+    argv = [sys.executable, "-m", "appliance", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+
+
+HOSTILE = {
+    "status": {
+        "state": "ready",
+        "pid": 42,
+        "version": f"1{ESC}[8m",
+        "repository": f"/var/lib/appliance/models{ESC}]0;owned-title\x07",
+        "line": {"queue_depth": 0, "served_ips": 0, "inflight": f"0\r{ESC}[2K"},
+        "providers": {f"cpu{ESC}[1A": True},
+        "models": {
+            f"m\n  fake  READY  version 9 on TensorrtExecutionProvider{ESC}[8m": {
+                "state": "FAILED",
+                "reason": f"x{ESC}[2K\rall good",
+            },
+            "ok": {"state": "READY", "version": "2\n", "placement": {"provider": f"cuda{ESC}[0m"}},
+        },
+    },
+    "reload": {"models": {"m\r": {"state": "FAILED", "reason": f"{ESC}[1A{ESC}[2K\rm  READY  version 3"}}},
+    "drain": {"drained": False, "inflight": f"1\nappliance: drained{ESC}[2K"},
+    "resume": {"state": f"ready\n{ESC}[31mforged"},
+}
+
+
+@pytest.mark.parametrize("verb", ["status", "reload", "drain", "resume"])
+def test_what_a_service_answers_is_printed_escaped(tmp_path, verb) -> None:
+    folder = tmp_path / "svc"
+    folder.mkdir(mode=0o700)
+    with answering(folder / "admin.sock", HOSTILE):
+        result = operator(tmp_path, folder / "admin.sock", verb)
+    assert "Traceback" not in result.stderr
+    for stream in (result.stdout, result.stderr):
+        assert ESC not in stream and "\r" not in stream and "\x07" not in stream
+    lines = result.stdout.splitlines()
+    if verb == "status":
+        assert result.returncode == 0, result.stderr
+        assert lines[1] == "state      ready (version 1\\x1b[8m, up None s)"
+        assert lines[2] == "repository /var/lib/appliance/models\\x1b]0;owned-title\\x07"
+        assert lines[-2].startswith(
+            "  m\\n  fake  READY  version 9 on TensorrtExecutionProvider\\x1b[8m  FAILED: "
+        )
+        assert lines[-1].endswith(
+            "READY  version 2\\n on cuda\\x1b[0m, SLO p99 None ms, None inferences/s, None queued"
+        )
+        assert len(lines) == 8  # instance, state, repository, line, providers, "models", two models
+    elif verb == "reload":
+        assert result.returncode == 1
+        assert lines == ["m\\r  FAILED  \\x1b[1A\\x1b[2K\\rm  READY  version 3"]
+    elif verb == "drain":
+        assert result.returncode == 75
+        assert len(lines) == 1 and lines[0].startswith("draining: 1\\nappliance: drained\\x1b[2K request(s)")
+    else:
+        assert (result.returncode, lines) == (0, ["state: ready\\n\\x1b[31mforged"])
+
+
+@pytest.mark.parametrize(
+    ("verb", "replies", "expected"),
+    [
+        ("status", {"line": []}, "status reply's 'line' is an array, expected a JSON object"),
+        ("status", {"providers": "cpu"}, "status reply's 'providers' is a string, expected a JSON object"),
+        ("status", {"models": ["m"]}, "status reply's 'models' is an array, expected a JSON object"),
+        ("status", {"models": {"m": "x"}}, "status reply's model m is a string, expected a JSON object"),
+        ("status", {"models": {"m\n": 1}}, "status reply's model m\\n is a number, expected a JSON object"),
+        (
+            "status",
+            {"models": {"m": {"state": "READY", "placement": [1]}}},
+            "status reply's model m: 'placement' is an array, expected a JSON object",
+        ),
+        ("reload", {"models": ["m"]}, "reload reply's 'models' is an array, expected a JSON object"),
+        ("reload", {"models": {"m": None}}, "reload reply's model m is null, expected a JSON object"),
+    ],
+)
+def test_a_reply_of_the_wrong_shape_fails_in_one_line(tmp_path, verb, replies, expected) -> None:
+    folder = tmp_path / "svc"
+    folder.mkdir(mode=0o700)
+    answers = {"status": {"state": "ready", "pid": 42}, "reload": {"models": {}}}
+    answers[verb] = {**answers[verb], **replies}
+    with answering(folder / "admin.sock", answers):
+        result = operator(tmp_path, folder / "admin.sock", verb)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"appliance: the service's answer makes no sense: {expected}"
+    assert "Traceback" not in result.stderr and result.stdout == ""

@@ -97,6 +97,9 @@ def test_unknown_verb_names_the_known_ones(tmp_path: Path) -> None:
         (b"[1, 2]\n", "request must be a JSON object with a string 'verb'"),
         (b'{"verb": "drain", "args": [1]}\n', "'args' must be a JSON object, got list"),
         (b'{"verb": "status"}', None),  # no newline, then EOF: still one request
+        (b"[" * 30000 + b"]" * 30000 + b"\n", "request is nested too deeply to parse"),
+        (b'{"verb": "status", "args": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001 + b"\n", "nested too deeply"),
+        (b"\xff\xfe\n", "request is not valid JSON"),
     ],
 )
 def test_malformed_requests_get_an_error_reply(tmp_path: Path, line: bytes, expected: str | None) -> None:
@@ -295,3 +298,46 @@ def test_a_socket_that_cannot_be_created_names_its_path(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("a file where the folder should be")
     with pytest.raises(AdminError, match=rf"admin socket folder {tmp_path / 'file'}: cannot create it"):
         start_and_close(tmp_path / "file" / "admin.sock")
+
+
+async def unserialisable(_: dict[str, Any]) -> dict[str, Any]:
+    return {"pids": {1, 2}}  # a set: json.dumps cannot write it
+
+
+async def too_deep(_: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for _ in range(100_000):
+        nested = {"a": nested}
+    return nested
+
+
+def test_a_reply_that_cannot_be_written_is_an_error_reply_and_the_server_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "admin.sock"
+
+    async def body(_: AdminServer) -> None:
+        reply = await raw(path, b'{"verb": "drain"}\n')
+        assert reply == {
+            "ok": False,
+            "error": "request failed: TypeError: Object of type set is not JSON serializable",
+        }
+        reply = await raw(path, b'{"verb": "reload"}\n')
+        assert reply["ok"] is False and reply["error"].startswith("request failed: RecursionError")
+        assert await request(path, "status") == {"ok": True, "state": "serving"}
+
+    serving(path, body, {**HANDLERS, "drain": unserialisable, "reload": too_deep})
+
+
+def test_the_error_a_service_sends_cannot_forge_lines_or_escapes(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+
+    async def hostile(_: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("no\nappliance: drained\x1b[2K\r")
+
+    async def body(_: AdminServer) -> None:
+        with pytest.raises(AdminError) as raised:
+            await request(path, "drain")
+        assert str(raised.value) == "drain: drain failed: no\\nappliance: drained\\x1b[2K\\r"
+
+    serving(path, body, {**HANDLERS, "drain": hostile})
