@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import os
+import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,9 @@ ENV_PREFIX = "APPLIANCE_"
 ENV_NESTING = "__"
 NOT_SETTINGS = frozenset({"APPLIANCE_BIN"})  # the firmware hooks' override of the command to run
 SECRETS = {("pool", "password"), ("pool", "username"), ("server", "api_token")}
+# Settings whose values are never repeated in an error message, on the box or the gateway.
+SECRET_NAMES = frozenset({"password", "username", "api_token", "token", "tokens", "key", "secret"})
+MAX_CREDENTIAL_BYTES = 64 * 1024
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -26,6 +33,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from None
 
 
 def read_environ(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -36,8 +45,12 @@ def read_environ(environ: Mapping[str, str]) -> dict[str, Any]:
         path = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
         if not all(path):
             raise ConfigError(f"environment variable {name}: empty section name")
-        _assign(data, path, _env_value(raw))
+        _assign(data, path, raw if _is_secret(path) else _env_value(raw))  # a password may look like JSON
     return data
+
+
+def _is_secret(path: Sequence[Any]) -> bool:
+    return bool(path) and str(path[-1]) in SECRET_NAMES
 
 
 def _env_value(raw: str) -> Any:
@@ -50,15 +63,67 @@ def _env_value(raw: str) -> Any:
 
 
 def read_credentials(directory: Path) -> dict[str, Any]:
-    """Secrets from systemd LoadCredential=: a file named `pool.password` sets pool.password."""
+    """Secrets from systemd LoadCredential=: a file named `pool.password` sets pool.password.
+
+    Surrounding whitespace is stripped (`appliance provision` refuses secrets that have any, so what
+    it installs reads back unchanged). A credential that cannot be read, or is not UTF-8 text, is a
+    ConfigError naming the credential, never showing its content.
+    """
     data: dict[str, Any] = {}
     if not directory.is_dir():
         return data
     for entry in sorted(directory.iterdir()):
         path = tuple(entry.name.split("."))
         if path in SECRETS:
-            _assign(data, list(path), entry.read_text().strip())
+            _assign(data, list(path), _credential_text(directory, entry))
     return data
+
+
+def _credential_text(directory: Path, entry: Path) -> str:
+    where = f"credential {entry.name} in $CREDENTIALS_DIRECTORY ({directory})"
+    try:  # never blocks on a FIFO, never reads without end
+        fd = os.open(entry, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise ConfigError(f"{where}: not a regular file")
+            raw = stream.read(MAX_CREDENTIAL_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CREDENTIAL_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CREDENTIAL_BYTES} bytes; expected a secret")
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        # `from None`: the decode error's repr would carry the secret's bytes into a traceback
+        raise ConfigError(f"{where}: not UTF-8 text; write it again as UTF-8") from None
+
+
+# systemd sets RUNTIME_DIRECTORY, STATE_DIRECTORY and CACHE_DIRECTORY for the unit that runs a
+# process: they name the service's folders only in the service itself. A client of the service (the
+# `appliance ota` verbs, run by update hooks from whatever unit the update agent runs in) ignores
+# them and finds the service's folders from its settings or where provisioning puts them.
+_honour_unit_directories: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "appliance_honour_unit_directories", default=True
+)
+
+
+def unit_directory(variable: str) -> str:
+    """The first folder in $`variable` (a systemd *_DIRECTORY variable), or "" when it is unset or
+    the caller is a client of the service (inside `ignoring_unit_directories()`)."""
+    if not _honour_unit_directories.get():
+        return ""
+    return os.environ.get(variable, "").split(":")[0]
+
+
+@contextlib.contextmanager
+def ignoring_unit_directories() -> Iterator[None]:
+    """Settings loaded inside this block take no folder from $RUNTIME_DIRECTORY, $STATE_DIRECTORY or
+    $CACHE_DIRECTORY: those belong to the unit running this process, not to appliance.service."""
+    token = _honour_unit_directories.set(False)
+    try:
+        yield
+    finally:
+        _honour_unit_directories.reset(token)
 
 
 def _assign(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -105,9 +170,19 @@ def describe(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> 
         where = f" (from {origin})" if origin else ""
         if error["type"] == "extra_forbidden":
             lines.append(f"unknown setting {key!r}{where}")
+        elif _is_secret(loc):
+            lines.append(f"setting {key!r}{where}: {error['msg']} (its value is a secret: not shown)")
         else:
-            lines.append(f"setting {key!r}{where}: {error['msg']}, got {error.get('input')!r}")
+            lines.append(f"setting {key!r}{where}: {error['msg']}, got {_shown(error.get('input'))!r}")
     return "; ".join(lines)
+
+
+def _shown(value: Any) -> Any:
+    """A value as an error may repeat it: a URL's user and password are left out."""
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return value
 
 
 def topic_level(value: str) -> str:

@@ -21,6 +21,7 @@ from appliance.config_sources import (
     read_toml,
     topic_level,
     topic_prefix,
+    unit_directory,
 )
 from appliance.errors import ConfigError
 
@@ -41,8 +42,9 @@ BUNDLED_MODELS = _bundled_models()
 
 def _runtime_dir() -> Path:
     """A runtime folder only this user can write: systemd's, the provisioned one, or one under the
-    user's own runtime or home folder. /tmp is never used: anyone could create the folder first."""
-    value = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    user's own runtime or home folder. /tmp is never used: anyone could create the folder first.
+    $RUNTIME_DIRECTORY counts only in the service (see config_sources.ignoring_unit_directories)."""
+    value = unit_directory("RUNTIME_DIRECTORY")
     if value:
         return Path(value)
     installed = "/run/appliance"
@@ -70,6 +72,7 @@ class ServerSettings(BaseModel):
         None,
         description="If set, every route but health and metrics requires 'Authorization: Bearer <token>'.",
     )
+
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long accepted requests may take to finish."
     )
@@ -149,6 +152,13 @@ class ServerSettings(BaseModel):
         description="Bytes all registered shared-memory regions may map together; a registration past "
         "it is refused with 413. The memory is the client's; the service maps it, never allocates it.",
     )
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: no client could send it; leave it unset for no token")
+        return value
 
 
 class ModelSettings(BaseModel):
@@ -300,6 +310,10 @@ class PoolSettings(BaseModel):
         if not value:
             return None
         parts = urlsplit(value)
+        if "@" in parts.netloc:  # not repeated: the URL holds a password
+            raise ValueError(
+                "credentials in the broker URL are not used; give them as pool.username and pool.password"
+            )
         try:
             has_port = parts.port is not None or not parts.netloc.endswith(":")
         except ValueError:
@@ -331,15 +345,18 @@ class SystemSettings(BaseModel):
         default_factory=lambda: _systemd_dir(
             "STATE_DIRECTORY", "/var/lib/appliance", "~/.local/state/appliance"
         ),
-        description="Persistent state (pool session counter, OTA snapshots); $STATE_DIRECTORY wins.",
+        description="Persistent state (pool session counter, OTA snapshots); $STATE_DIRECTORY wins in the "
+        "service (not in `appliance ota`).",
     )
     cache_dir: Path = Field(
         default_factory=lambda: _systemd_dir("CACHE_DIRECTORY", "/var/cache/appliance", "~/.cache/appliance"),
-        description="Caches (compiled engines); $CACHE_DIRECTORY wins.",
+        description="Caches (compiled engines); $CACHE_DIRECTORY wins in the service (not in "
+        "`appliance ota`).",
     )
     runtime_dir: Path = Field(
         default_factory=_runtime_dir,
-        description="Runtime files (admin socket): $RUNTIME_DIRECTORY, else /run/appliance where this "
+        description="Runtime files (admin socket): $RUNTIME_DIRECTORY (in the service, not in `appliance "
+        "ota`), else /run/appliance where this "
         "user may use it, else $XDG_RUNTIME_DIR/appliance, else ~/.local/state/appliance/run. Never a "
         "predictable folder in /tmp.",
     )
@@ -501,8 +518,9 @@ class _Layer(PydanticBaseSettingsSource):
 def _systemd_dir(variable: str, installed: str, fallback: str) -> Path:
     """$VARIABLE (systemd sets it for the service), else the provisioned folder if this user may use it
     (so `appliance ota`, run by an update hook or the health check, finds the service's socket and
-    state), else a per-user fallback."""
-    value = os.environ.get(variable, "").split(":")[0]
+    state), else a per-user fallback. $VARIABLE counts only in the service, not in `appliance ota`
+    (see config_sources.ignoring_unit_directories)."""
+    value = unit_directory(variable)
     if value:
         return Path(value)
     if os.path.isdir(installed) and os.access(installed, os.R_OK | os.X_OK):

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.config_sources import ignoring_unit_directories
 from appliance.errors import ApplianceError
 from appliance.ota import verbs
 from appliance.ota.link import printable
@@ -47,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
     logger.setLevel(logging.INFO)
     verb = args.ota_verb
     try:
-        settings = Settings.load(args.config)
+        # The update agent's unit may have a RuntimeDirectory= or StateDirectory= of its own, which
+        # systemd hands to this hook as $RUNTIME_DIRECTORY / $STATE_DIRECTORY: the service's folders
+        # come from the settings (and where provisioning puts them), never from those variables.
+        with ignoring_unit_directories():
+            settings = Settings.load(args.config)
         logger.setLevel(settings.system.log_level)
         # The config file the service reads, and the only one a rollback may write: never one named
         # by the service's status or by a record the service user could have written.

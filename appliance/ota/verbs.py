@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,15 @@ EX_OK = 0
 EX_FAILED = 1
 EX_TEMPFAIL = 75  # sysexits.h: not now, try again later (Mender's shims turn it into 21)
 
+UNIT = "appliance.service"
+SYSTEMD_RUNTIME = Path("/run/systemd/system")  # exists only when systemd runs the box (sd_booted(3))
+UNIT_QUERY_TIMEOUT_S = 10.0
+_ANSWERING_STATES = ("active", "reloading")  # the admin socket listens before READY=1, closes after stop
+
 
 def gate(settings: Settings, config_file: Path | None = None) -> int:
     """0 when an update may start now, 75 while line traffic is busy."""
-    status = _link(settings).status()
+    status = _status_or_stopped(_link(settings))
     if status is None:
         log.info("gate: the service is not running; no line traffic to protect: go")
         return EX_OK
@@ -45,7 +52,7 @@ def gate(settings: Settings, config_file: Path | None = None) -> int:
 def drain(settings: Settings, config_file: Path | None = None) -> int:
     """0 once admitted work is done and no more is admitted; 75 (serving again) if it took too long."""
     link, store = _link(settings), _store(settings)
-    status = link.status()
+    status = _status_or_stopped(link)
     if status is None:
         log.info("drain: the service is not running; nothing to drain")
         return EX_OK
@@ -204,6 +211,45 @@ def _resume_our_drain(link: ServiceLink, store: Store, status: dict[str, Any]) -
         return
     link.resume()
     log.info("the service admits requests again")
+
+
+def _status_or_stopped(link: ServiceLink) -> dict[str, Any] | None:
+    """The service's status; None only when nothing answers and systemd does not say appliance.service
+    is up. A silent socket while the unit is active means this verb looks in the wrong place (its
+    settings are not the service's): saying "not running: go" then would update a box under load."""
+    status = link.status()
+    if status is not None:
+        return status
+    state = unit_state()
+    if state in _ANSWERING_STATES:
+        raise OtaError(
+            f"systemd says {UNIT} is {state}, but nothing answers on admin socket {link.socket_path}: "
+            "the verb cannot tell what the service is doing. It finds the socket from the config file "
+            "(--config, else /etc/appliance/appliance.toml) and APPLIANCE_ variables, never from the "
+            f"unit's environment: set [system] runtime_dir or admin_socket there as {UNIT} has it"
+        )
+    return None
+
+
+def unit_state() -> str | None:
+    """`systemctl is-active appliance.service` (systemd's word, not the service user's), or None
+    where systemd does not run this box or cannot be asked."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None or not SYSTEMD_RUNTIME.is_dir():
+        return None
+    try:
+        result = subprocess.run(
+            [systemctl, "is-active", UNIT],
+            capture_output=True,
+            text=True,
+            timeout=UNIT_QUERY_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("cannot ask systemd whether %s runs: %s", UNIT, exc)
+        return None
+    state = result.stdout.strip()
+    return state or None
 
 
 def _pid(status: dict[str, Any]) -> int:

@@ -33,6 +33,11 @@ class Broker:
     def parse(cls, url: str) -> Broker:
         """mqtt://host[:port] (1883) or mqtts://host[:port] (8883); ConfigError naming the URL otherwise."""
         parts = urlsplit(url)
+        if "@" in parts.netloc:  # said without the URL, which holds a password
+            raise ConfigError(
+                "broker URL: credentials in it are not used; give them as pool.username and "
+                "pool.password (gateway.username and gateway.password on the platform)"
+            )
         try:
             port = parts.port
         except ValueError:
