@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from appliance.errors import InvalidInput
-from appliance.platform.verify import Proof
+from appliance.platform.verify import Proof, Refused
 from appliance.platform.view import NodeView
 from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound
 from appliance.protocol import codec
@@ -27,6 +27,7 @@ class Answer:
     job_id: str = ""  # the attempt's CorrelationData: what the node signed as the job id
     attempt: int = 0
     proof: Proof | None = None  # set once the signature is verified
+    refusal: Refused | None = None  # set once the node's signed answer is found wrong
 
 
 @dataclass
@@ -53,11 +54,15 @@ class Job:
 
 @dataclass(eq=False)
 class Attempt:
+    """One send of a job. Its CorrelationData is `<job>/<number>/<nonce>`, the nonce random: only the
+    node it went to (and the broker) ever sees it, so no other node can answer in its name."""
+
     job: Job
     node: NodeView
     correlation: bytes
     sent_s: float
     reply: asyncio.Future[Answer]
+    number: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,7 @@ class Finished:
     node: NodeView
     correlation: bytes
     sent_s: float
+    number: int
 
     @classmethod
     def of(cls, attempt: Attempt) -> Finished:
@@ -92,6 +98,7 @@ class Finished:
             attempt.node,
             attempt.correlation,
             attempt.sent_s,
+            attempt.number,
         )
 
     @property
@@ -125,7 +132,6 @@ def answer_of(message: Inbound, attempt: Attempt | Finished) -> Answer:
         if isinstance(document, dict) and isinstance(document.get("retry_after_s"), int | float):
             retry_after_s = float(document["retry_after_s"])
     latency_ms = (time.perf_counter() - attempt.sent_s) * 1e3
-    job_id = attempt.correlation.decode()
     return Answer(
         status,
         message.payload,
@@ -133,8 +139,8 @@ def answer_of(message: Inbound, attempt: Attempt | Finished) -> Answer:
         attempt.node,
         latency_ms,
         retry_after_s,
-        job_id=job_id,
-        attempt=int(job_id.rpartition("/")[2]),
+        job_id=attempt.correlation.decode(),
+        attempt=attempt.number,
     )
 
 

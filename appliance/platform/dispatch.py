@@ -1,16 +1,20 @@
 """Buyer jobs to nodes: credit, refusals that move a job, failover once, exactly one answer per job.
 
-Runs on the event loop. Each send of a job is an attempt with its own CorrelationData (`<job>/<n>`);
-answers come back from the link. The buyer gets the first success of any attempt; every later answer,
-and any answer after the job is over, is a late duplicate and is dropped. Nothing waits in a queue: a
-job either finds a node with credit now or its buyer gets 503 + Retry-After now. A 200 counts only once
-its signature verifies (`verify`); a bad one bars that node and moves the job on, as a refusal does.
+Runs on the event loop. Each send of a job is an attempt with its own CorrelationData
+(`<job>/<n>/<nonce>`, the nonce random: only the node the attempt went to can answer it); answers come
+back from the link. The buyer gets the first success of any attempt; every later answer, and any
+answer after the job is over, is a late duplicate and is dropped. Nothing waits in a queue: a job either
+finds a node with credit now or its buyer gets 503 + Retry-After now. A 200 counts only once its
+signature verifies (`verify`). One that cannot be verified may come from any peer on the broker: it is
+counted as noise and the attempt goes on waiting for its node's answer. One the node signed but that is
+wrong (verify.Refused) bars that node and moves the job on, as a refusal does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,7 +23,7 @@ from appliance import errors
 from appliance.platform.attempts import Answer, Attempt, Finished, Job, answer_of
 from appliance.platform.credit import CreditBook
 from appliance.platform.settings import GatewaySettings
-from appliance.platform.verify import Proof, Refused
+from appliance.platform.verify import Proof, Refused, Unverified
 from appliance.platform.view import NodeView
 from appliance.pool.topics import NodeTopics
 from appliance.pool.wire import HEADER_LENGTH, Inbound, Outbound
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 REFUSALS = (403, 404, 429, 503)  # the node will not run it: move the job, withhold the node's credit
 BUYER_ERRORS = (400, 413)  # the job itself is wrong: the buyer hears it as the node said it
 FINISHED_KEPT = 10_000  # finished attempts remembered (2 job timeouts at most): a late answer is recorded
+NONCE_BYTES = 12  # of each attempt's CorrelationData: 96 random bits no other node can guess
 
 
 class NodeLost(Exception):
@@ -60,9 +65,10 @@ class Dispatcher:
         self.reply_base = reply_base
         self.on_event = on_event
         self.verify = verify
-        self.on_refused = on_refused  # a 200 whose proof failed: recorded, the node checked
+        self.on_refused = on_refused  # a 200 the node signed but that is wrong: recorded, the node checked
         self.on_late = on_late  # a 200 after its job was over: recorded, never billed
         self.late_answers = 0
+        self.unverified_answers = 0  # 200s that could not be verified: noise, held against nobody
         self._jobs: dict[str, Job] = {}
         self._attempts: dict[bytes, Attempt] = {}
         self._finished: OrderedDict[bytes, Finished] = OrderedDict()
@@ -132,8 +138,8 @@ class Dispatcher:
                     answer.node.count(job.model, "answered")
                     self.on_event(job.model, "answered")
                     return answer
-                answer.node.count(job.model, "unverified")  # whose answer it is: see `answered`
-                self.on_event(job.model, "bad_signature")
+                answer.node.count(job.model, "refused_answer")  # signed with its key: its own answer
+                self.on_event(job.model, "bad_answer")
                 self.on_refused(job, answer, why)
                 barred.add((answer.node.site, answer.node.node))
                 moves += 1
@@ -170,23 +176,26 @@ class Dispatcher:
             self.on_event(job.model, "resent")
 
     def _refusal(self, job: Job, answer: Answer) -> Refused | None:
-        """Why a 200 cannot be accepted (None: verified, its proof set on the answer)."""
+        """Why a 200 cannot be accepted (None: verified, its proof set on the answer); checked once."""
         if self.verify is None or answer.proof is not None:
             return None
-        try:
-            answer.proof = self.verify(job, answer)
-        except Refused as exc:
-            return exc
-        return None
+        if answer.refusal is None:
+            try:
+                answer.proof = self.verify(job, answer)
+            except Refused as exc:
+                answer.refusal = exc
+        return answer.refusal
 
     async def _attempt(self, job: Job, node: NodeView) -> Answer | None:
         """One send and its outcome: the node's answer, or None when the node was lost meanwhile."""
+        number = len(job.attempts)
         attempt = Attempt(
             job,
             node,
-            f"{job.id}/{len(job.attempts)}".encode(),
+            f"{job.id}/{number}/{secrets.token_urlsafe(NONCE_BYTES)}".encode(),
             time.perf_counter(),
             asyncio.get_running_loop().create_future(),
+            number,
         )
         message = Outbound(
             NodeTopics(self.settings.topic_root, node.site, node.node).command("infer", job.model),
@@ -237,7 +246,9 @@ class Dispatcher:
         job = attempt.job
         answer = answer_of(message, attempt)
         current = job.current
-        if attempt is current and not attempt.reply.done():
+        if answer.status == 200 and isinstance(self._refusal(job, answer), Unverified):
+            self._noise(job, answer)  # not its node's answer, as far as anyone can tell: wait for that
+        elif attempt is current and not attempt.reply.done():
             attempt.reply.set_result(answer)
         elif answer.status == 200 and current is not None and not current.reply.done():
             # An earlier node answered after all: take its answer if it verifies. One that does not is
@@ -249,6 +260,19 @@ class Dispatcher:
         else:
             self.late_answers += 1
             self._late(attempt, answer)
+
+    def _noise(self, job: Job, answer: Answer) -> None:
+        """A 200 under a live attempt's CorrelationData that cannot be verified: counted, logged, and
+        held against nobody (only the node it names would be hurt, and anyone could have sent it)."""
+        self.unverified_answers += 1
+        answer.node.count(job.model, "unverified")
+        self.on_event(job.model, "unverified_answer")
+        log.info(
+            "unverified answer to attempt %s (sent to node %s) ignored: %s",
+            answer.job_id,
+            answer.node.name,
+            answer.refusal,
+        )
 
     def _late(self, attempt: Attempt | Finished, answer: Answer) -> None:
         if answer.status == 200 and self._refusal(attempt.job, answer) is None:

@@ -133,14 +133,17 @@ class Gateway:
             answer.header_length,
             input_sha256=job.input_sha256,
             files=job.files,
+            latency_ms=answer.latency_ms,
         )
 
     def _refused(self, job: Job, answer: Answer, refusal: verify.Refused) -> None:
-        """A 200 that does not verify: recorded (never billed), the node quarantined, the job moved on."""
+        """A 200 signed with the node's own key but wrong (a file the job may not run on, figures no
+        honest node signs): recorded (never billed), the node quarantined, the job moved on. An answer
+        that cannot be verified never comes here: anyone could have sent it (dispatch counts it)."""
         receipt = self.metering.receipt(
             job,
             answer,
-            receipts.BAD_SIGNATURE,
+            receipts.REFUSED,
             detail=str(refusal),
             statement=refusal.statement,
             signature=refusal.signature,
@@ -181,6 +184,7 @@ class Gateway:
         return {
             "jobs_in_flight": self.dispatcher.in_flight,
             "late_answers_dropped_total": self.dispatcher.late_answers,
+            "unverified_answers_total": self.dispatcher.unverified_answers,
             "live_gateways": len(self.presence.live()),
             "broker_connected": float(self.link.connected.is_set()),
             "broker_connections_total": self.link.connections,

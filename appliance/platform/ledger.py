@@ -3,7 +3,9 @@
 The gateway calls these from one writer thread (platform/writer.py); the CLI calls them directly.
 Every change is one transaction: a batch of receipts, a pin, a quarantine with the flags it sets.
 Receipts are inserted with ON CONFLICT DO NOTHING on their job id, so writing one twice (a retry after
-a lost connection) never makes a duplicate.
+a lost connection) never makes a duplicate. When a batch fails for one of its rows rather than for the
+database (`is_unavailable`), `write_each` writes the batch again with each row on its own, so that the
+row fails alone.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Ledger:
             f"VALUES ({', '.join([marker] * len(COLUMNS))}, false) ON CONFLICT (job_id) DO NOTHING"
         )
         self._receipts: Any = None  # the DBAPI connection receipts are written on (see write)
+        dbapi = engine.dialect.loaded_dbapi
+        self._unavailable = (dbapi.OperationalError, dbapi.InterfaceError)
 
     @classmethod
     def open(cls, url: str, *, is_writer: bool = True) -> Ledger:
@@ -131,6 +135,51 @@ class Ledger:
             with contextlib.suppress(Exception):
                 connection.invalidate()  # rolls back what is open, and never returns it to the pool
             raise
+
+    def write_each(self, batch: Iterable[Receipt]) -> list[Exception | None]:
+        """Insert receipts in one transaction, each under its own savepoint: a row the database refuses
+        (a number out of range, a string too long) is left out and its error returned in its place,
+        None for each row written. What fails for the database as a whole (`is_unavailable`, or the
+        commit) is raised, and then nothing was written."""
+        rows = [_values(receipt) for receipt in batch]
+        if self._receipts is None:
+            self._receipts = self.engine.raw_connection()
+        connection = self._receipts
+        outcomes: list[Exception | None] = []
+        try:
+            cursor = connection.cursor()
+            try:
+                if self.is_sqlite:
+                    cursor.execute("BEGIN IMMEDIATE")
+                for row in rows:
+                    cursor.execute("SAVEPOINT receipt")
+                    try:
+                        cursor.execute(self._insert_sql, row)
+                    except Exception as exc:
+                        if self.is_unavailable(exc):
+                            raise
+                        cursor.execute("ROLLBACK TO SAVEPOINT receipt")
+                        outcomes.append(exc)
+                    else:
+                        outcomes.append(None)
+                    cursor.execute("RELEASE SAVEPOINT receipt")
+                if self.is_sqlite:
+                    cursor.execute("COMMIT")
+                else:
+                    connection.commit()
+            finally:
+                cursor.close()
+        except Exception:
+            self._receipts = None
+            with contextlib.suppress(Exception):
+                connection.invalidate()
+            raise
+        return outcomes
+
+    def is_unavailable(self, exc: BaseException) -> bool:
+        """Whether an error from `write` is the database's (unreachable, locked, its disk) rather than
+        one of the rows' (the DBAPI's OperationalError and InterfaceError, as PEP 249 defines them)."""
+        return isinstance(exc, self._unavailable)
 
     def register_gateway(self, gateway: str, public_key: str) -> None:
         """Record the key this gateway signs receipts with (its old keys stay: old receipts verify)."""

@@ -11,6 +11,7 @@ from appliance.platform import receipts
 from appliance.platform.attempts import Answer, Job
 from appliance.platform.ledger import now_ms
 from appliance.platform.receipts import Receipt
+from appliance.platform.verify import MAX_SESSION
 from appliance.platform.writer import LedgerWriter
 from appliance.pool import signing
 
@@ -37,7 +38,12 @@ class Metering:
         statement: signing.Statement | None = None,
         signature: str = "",
     ) -> Receipt:
-        """The signed receipt of one answered attempt; billed only for a buyer's accepted answer."""
+        """The signed receipt of one answered attempt; billed only for a buyer's accepted answer.
+
+        The node's figures come from a statement verify.check let through (its session, file and times
+        are in bounds and fit the gateway's own latency); a refused answer whose figures could not be
+        recorded as they are comes without one, and its receipt holds none of them (the detail quotes
+        them)."""
         proof = answer.proof
         statement = statement or (proof.statement if proof is not None else None)
         signature = signature or (proof.signature if proof is not None else "")
@@ -53,7 +59,7 @@ class Metering:
             billed=job.kind == receipts.BUYER and verdict == receipts.ACCEPTED,
             buyer=job.buyer,
             node=node.name,
-            session=statement.session if statement else node.session,
+            session=statement.session if statement else min(max(node.session, 0), MAX_SESSION),
             model=job.model,
             model_sha256=statement.model_sha256 if statement else "",
             rows=job.rows,
@@ -66,7 +72,7 @@ class Metering:
             slo_met=statement is not None and queue_ms + compute_ms <= slo_ms,
             node_signature=signature,
             verdict=verdict,
-            detail=detail[:2000],
+            detail=detail[:2000].replace("\x00", "\\0"),  # PostgreSQL text holds no NUL
             gateway=self.gateway_id,
             created_ms=now_ms(),
         ).signed(self.key)

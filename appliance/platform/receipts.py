@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 CONTEXT = b"ecp-receipt-v1\n"
 
 BUYER, CANARY, SECOND_OPINION = "buyer", "canary", "second_opinion"
-ACCEPTED, BAD_SIGNATURE, LATE = "accepted", "bad_signature", "late_duplicate"
+ACCEPTED, REFUSED, LATE = "accepted", "refused", "late_duplicate"
+BAD_SIGNATURE = "bad_signature"  # older gateways: unverifiable answers, now noise and not recorded
 CANARY_PASSED, CANARY_FAILED = "canary_passed", "canary_failed"
 AGREED, DISAGREED, DISPUTED = "agreed", "disagreed", "disputed"
 
@@ -29,7 +30,7 @@ AGREED, DISAGREED, DISPUTED = "agreed", "disagreed", "disputed"
 class Receipt:
     """What a gateway records of one answered attempt of a job (the ledger's `receipts` row)."""
 
-    job_id: str  # what the node signed: <job>/<attempt>
+    job_id: str  # what the node signed: the attempt's CorrelationData, <job>/<attempt>/<nonce>
     job: str
     attempt: int
     kind: str  # buyer, canary, second_opinion

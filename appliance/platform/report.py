@@ -1,9 +1,12 @@
 """The ledger per node and model: what `appliance platform ledger` prints and bills from.
 
 `jobs`, `rows`, `compute_s` and `slo_met_pct` count billed receipts only (a buyer's job, once, for
-the answer the buyer got). `flagged_jobs` are billed jobs done since a check the node later failed:
-hold them back from payment. `unbilled_answers` are answers recorded but never billed: canaries,
-second opinions, late duplicates of re-sent jobs and refused (badly signed) answers.
+the answer the buyer got). `compute_s` is what the gateway can stand behind: each job's `compute_ms` as
+the node signed it, but never more than the gateway's own `latency_ms` for it (send to answer) nor less
+than 0 (gateways refuse such claims; this also bounds any receipt a gateway wrote before they did).
+`flagged_jobs` are billed jobs done since a check the node later failed: hold them back from payment.
+`unbilled_answers` are answers recorded but never billed: canaries, second opinions, late duplicates of
+re-sent jobs and refused answers (signed by the node, but wrong).
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ def summary(ledger: Ledger, since_ms: int | None = None, until_ms: int | None = 
     def billed(value: Any) -> Any:
         return func.coalesce(func.sum(case((c.billed.is_(True), value), else_=0)), 0)
 
+    # min(max(compute_ms, 0), latency_ms) in SQL both databases speak
+    compute_ms = case(
+        (c.compute_ms > c.latency_ms, c.latency_ms), (c.compute_ms < 0, 0.0), else_=c.compute_ms
+    )
+
     query = (
         select(
             c.node,
             c.model,
             count(c.billed.is_(True)).label("jobs"),
             billed(c.rows).label("rows"),
-            billed(c.compute_ms).label("compute_ms"),
+            billed(compute_ms).label("compute_ms"),
             count(c.billed.is_(True) & c.slo_met.is_(True)).label("slo_met"),
             count((c.kind == kinds.CANARY) & (c.verdict == kinds.CANARY_PASSED)).label("canaries_passed"),
             count((c.kind == kinds.CANARY) & (c.verdict == kinds.CANARY_FAILED)).label("canaries_failed"),

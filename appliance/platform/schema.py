@@ -43,7 +43,7 @@ receipts = Table(
     "receipts",
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("job_id", String(200), nullable=False, unique=True),  # what the node signed: <job>/<attempt>
+    Column("job_id", String(200), nullable=False, unique=True),  # the node signed it: <job>/<attempt>/<nonce>
     Column("job", String(64), nullable=False),  # the gateway's job id, shared by its attempts
     Column("attempt", Integer, nullable=False),
     Column("kind", String(16), nullable=False),  # buyer, canary, second_opinion

@@ -4,7 +4,9 @@ A buyer's answer waits for `commit(receipt)`, which returns only once the transa
 receipt has committed: the receipt is on disk before the buyer has the answer. Receipts that arrive
 while a transaction runs go into the next one together (group commit), so the cost of a commit (an
 fsync on SQLite, a round trip on PostgreSQL) is shared by every job that waited for it; that is how
-one gateway writes thousands of receipts a second (bench/ledger.py).
+one gateway writes thousands of receipts a second (bench/ledger.py). A group that fails for one of
+its receipts (a value the database will not hold) rather than for the database is written again with
+each receipt on its own: that receipt fails alone, and the others are committed.
 """
 
 from __future__ import annotations
@@ -103,12 +105,30 @@ class LedgerWriter:
         try:
             self.ledger.write(receipt for receipt, _ in group)
         except Exception as exc:  # noqa: BLE001 - every waiter hears it; the thread goes on
+            if len(group) > 1 and not self.ledger.is_unavailable(exc):
+                log.warning("ledger: a group of %d receipts failed (%s); writing each alone", len(group), exc)
+                self._write_each(group)
+                return
             log.error("ledger: %d receipts not written: %s", len(group), exc)
-            _settle([done for _, done in group], exc)
+            _settle([(done, exc) for _, done in group])
             return
         self.committed += len(group)
         self.groups += 1
-        _settle([done for _, done in group], None)
+        _settle([(done, None) for _, done in group])
+
+    def _write_each(self, group: list[tuple[Receipt, asyncio.Future[None]]]) -> None:
+        try:
+            outcomes = self.ledger.write_each(receipt for receipt, _ in group)
+        except Exception as exc:  # noqa: BLE001 - the database itself failed: every waiter hears it
+            log.error("ledger: %d receipts not written: %s", len(group), exc)
+            _settle([(done, exc) for _, done in group])
+            return
+        for (receipt, _), error in zip(group, outcomes, strict=True):
+            if error is not None:
+                log.error("ledger: receipt %s not written: %s", receipt.job_id, error)
+        self.committed += outcomes.count(None)
+        self.groups += 1
+        _settle([(done, error) for (_, done), error in zip(group, outcomes, strict=True)])
 
     @staticmethod
     def _run(function: Callable[..., Any], args: tuple[Any, ...], done: Future[Any]) -> None:
@@ -120,18 +140,21 @@ class LedgerWriter:
             done.set_exception(exc)
 
 
-def _settle(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
+Outcome = tuple[asyncio.Future[None], Exception | None]  # a waiter, and its receipt's error (None: written)
+
+
+def _settle(outcomes: list[Outcome]) -> None:
     """From the writer thread: one call into each waiting loop settles all of its waiters."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-    for done in waiters:
-        by_loop.setdefault(done.get_loop(), []).append(done)
-    for loop, futures in by_loop.items():
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+    for loop, settled in by_loop.items():
         with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits there any more
-            loop.call_soon_threadsafe(_resolve, futures, error)
+            loop.call_soon_threadsafe(_resolve, settled)
 
 
-def _resolve(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
-    for done in futures:
+def _resolve(outcomes: list[Outcome]) -> None:
+    for done, error in outcomes:
         if done.done():  # its waiter was cancelled
             continue
         if error is None:

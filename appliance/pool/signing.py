@@ -14,7 +14,7 @@ Signed bytes: b"ecp-answer-v1\\n" followed by the JSON object of the eight field
 and no spaces (orjson's output): compute_ms, input_sha256, job_id, model_sha256, node, output_sha256,
 queue_ms, session. The signature is Ed25519 over those bytes, base64 (standard alphabet, padded).
 
-`job_id` is the job's MQTT 5 CorrelationData as UTF-8 text (the gateway sends `<job>/<attempt>`;
+`job_id` is the job's MQTT 5 CorrelationData as UTF-8 text (the gateway sends `<job>/<attempt>/<nonce>`;
 `hex:` + its hex digits when it is not UTF-8), the 3.1.1 `corr_id` as text, else the request's `id`.
 `queue_ms` and `compute_ms` are the node's own figures, in milliseconds rounded to 3 decimals; `node`
 is the node id and `session` the pool session the answer is sent in. Only successful answers (status

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import secrets
 from types import SimpleNamespace
 from typing import Any
 
@@ -225,7 +226,7 @@ class Signing(Fixture):
         }
         return node
 
-    def signed(self, job: Outbound) -> bytes:
+    def signed(self, job: Outbound, *, session: int = 1) -> bytes:
         """What an honest node answers: outputs, with its signature over them."""
         name = job.topic.split("/")[3]
         outputs = {"y": np.ones((1, 2), np.float32)}
@@ -234,7 +235,14 @@ class Signing(Fixture):
         encoded = codec.encode_response(model_name="m", model_version="1", request=request, outputs=outputs)
         assert encoded.header_length is None  # JSON: the signed header is the whole answer
         statement = signing.Statement(
-            (job.correlation or b"").decode(), "a" * 64, "", signing.tensor_digest(outputs), 0.0, 1.0, name, 1
+            (job.correlation or b"").decode(),
+            "a" * 64,
+            "",
+            signing.tensor_digest(outputs),
+            0.0,
+            0.1,
+            name,
+            session,
         )
         proof = {**statement.fields(), "signature": signing.sign(self.keys[name], statement)}
         return signing.attach(encoded.body(), proof)
@@ -247,32 +255,92 @@ class Signing(Fixture):
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("body", "key_text"),
-    [(b"[]", None), (b'{"outputs": 5}', None), (SIGNED_LOOKING, "ed25519:not-base64!!")],
-    ids=["list", "outputs-number", "key-not-base64"],
+    [(b"[]", None), (b'{"outputs": 5}', None), (SIGNED_LOOKING, None), (SIGNED_LOOKING, "ed25519:no!!")],
+    ids=["list", "outputs-number", "bad-signature", "key-not-base64"],
 )
-async def test_a_200_that_cannot_be_verified_is_refused_and_the_job_moves_on(
+async def test_a_200_that_cannot_be_verified_is_noise_held_against_nobody(
     body: bytes, key_text: str | None
 ) -> None:
-    f = Signing()
-    evil = f.node("evil", key_text)
+    """Anyone on the broker may publish under a reply topic: an answer that cannot be verified is
+    counted and ignored, and the attempt still waits for its node, which is never refused for it."""
+    f = Signing(job_timeout_s=0.2)
+    slow = f.node("slow", key_text)
     f.node("honest")
-    f.credit.withhold(f.view.get("s", "honest"), "m", 1.0)  # so that the job goes to evil first
+    f.credit.withhold(f.view.get("s", "honest"), "m", 1.0)  # so that the job goes to slow first
     running = asyncio.create_task(f.dispatcher.run(job()))
     first = await f.next_job(1)
-    assert first.topic.split("/")[3] == "evil"
+    assert first.topic.split("/")[3] == "slow"
     f.clock_s = 2.0
     f.reply(first, body, status="200")
+    assert not running.done() and len(f.sent) == 1  # still slow's job
+    assert f.dispatcher.unverified_answers == 1 and slow.jobs["m"]["unverified"] == 1
+    if key_text is None:  # slow's own answer comes after the noise and is the one taken
+        f.reply(first, f.signed(first), status="200")
+        answer = await running
+        assert answer.node is slow and answer.proof is not None and answer.attempt == 0
+    else:  # slow never answers verifiably: it times out, and the job moves on as after any timeout
+        second = await f.next_job(2)
+        assert second.topic.split("/")[3] == "honest"
+        f.reply(second, f.signed(second), status="200")
+        answer = await running
+        assert answer.node.node == "honest" and answer.proof is not None
+    assert f.refused == [] and "refused_answer" not in slow.jobs["m"]
+
+
+@pytest.mark.asyncio
+async def test_no_node_can_answer_an_attempt_it_was_not_sent() -> None:
+    """Node a refuses its attempt, which moves the job to b, then answers b's attempt with junk under
+    every CorrelationData it can make of its own: none is b's, and b's answer is the buyer's."""
+    f = Signing()
+    f.node("a")
+    b = f.node("b")
+    f.credit.withhold(b, "m", 1.0)  # the job goes to a first
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    assert first.topic.split("/")[3] == "a"
+    f.clock_s = 2.0
+    f.reply(first, orjson.dumps({"error": "busy", "retry_after_s": 0.01}), status="503")
     second = await f.next_job(2)
-    assert second.topic.split("/")[3] == "honest"
+    assert second.topic.split("/")[3] == "b"
+    mine = (first.correlation or b"").decode()
+    job_id, _, rest = mine.partition("/")
+    nonce = rest.partition("/")[2]
+    assert len(nonce) >= 16 and nonce not in (second.correlation or b"").decode()  # 96 random bits
+    for guess in (f"{job_id}/1", f"{job_id}/1/{nonce}", f"{job_id}/1/{secrets.token_urlsafe(12)}"):
+        forged = Inbound(
+            second.response_topic or "",
+            b'{"outputs": []}',
+            correlation=guess.encode(),
+            user={"status": "200"},
+        )
+        f.dispatcher.answered(forged, 0.0)
     f.reply(second, f.signed(second), status="200")
     answer = await running
-    assert answer.status == 200 and answer.node.node == "honest" and answer.proof is not None
-    assert f.refused == ["evil"] and evil.jobs["m"]["unverified"] == 1
+    assert answer.node is b and answer.proof is not None and answer.attempt == 1
+    assert f.refused == [] and f.dispatcher.late_answers == 3 and "unverified" not in b.jobs["m"]
+
+
+@pytest.mark.asyncio
+async def test_a_signed_answer_that_is_wrong_is_refused_and_the_job_moves_on() -> None:
+    """A node's own signature on an impossible claim is its word: refused (for the gateway to record and
+    quarantine), and the job moves on."""
+    f = Signing()
+    liar, honest = f.node("liar"), f.node("honest")
+    f.credit.withhold(honest, "m", 1.0)
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    f.clock_s = 2.0
+    f.reply(first, f.signed(first, session=2**63), status="200")
+    second = await f.next_job(2)
+    assert (first.topic.split("/")[3], second.topic.split("/")[3]) == ("liar", "honest")
+    f.reply(second, f.signed(second), status="200")
+    answer = await running
+    assert answer.node is honest and f.refused == ["liar"] and liar.jobs["m"]["refused_answer"] == 1
 
 
 def test_a_status_or_header_length_that_is_not_a_decimal_number_is_still_an_answer() -> None:
     node = NodeView("s", "a")
-    attempt = SimpleNamespace(node=node, correlation=b"job/0", sent_s=0.0)
+    attempt = SimpleNamespace(node=node, correlation=b"job/0/nonce", sent_s=0.0, number=0)
     for user, expected in [
         ({"status": "\u00b2"}, (502, None)),  # str.isdigit() says yes, int() says no
         ({"status": "2" * 5000}, (502, None)),  # past int()'s 4300 digits
@@ -285,9 +353,10 @@ def test_a_status_or_header_length_that_is_not_a_decimal_number_is_still_an_answ
 
 
 @pytest.mark.asyncio
-async def test_a_late_answer_that_does_not_verify_is_late_and_never_costs_the_current_node() -> None:
+async def test_a_late_answer_that_does_not_verify_is_noise_and_never_costs_the_current_node() -> None:
     f = Signing()
-    a, b = f.node("a"), f.node("b")
+    f.node("a")
+    b = f.node("b")
     f.credit.withhold(b, "m", 1.0)  # the job goes to a first
     running = asyncio.create_task(f.dispatcher.run(job()))
     first = await f.next_job(1)
@@ -296,13 +365,11 @@ async def test_a_late_answer_that_does_not_verify_is_late_and_never_costs_the_cu
     f.dispatcher.sweep()  # a is lost: the job is re-sent to b
     second = await f.next_job(2)
     assert (first.topic.split("/")[3], second.topic.split("/")[3]) == ("a", "b")
-    f.reply(first, b'{"outputs": []}', status="200")  # a answers after all, unsigned: only late
+    f.reply(first, b'{"outputs": []}', status="200")  # a answers after all, unsigned: only noise
     f.reply(second, f.signed(second), status="200")
     answer = await running
     assert answer.node is b and answer.proof is not None and f.refused == []
-    assert (
-        "unverified" not in a.jobs["m"] and "unverified" not in b.jobs["m"] and f.dispatcher.late_answers == 1
-    )
+    assert "unverified" not in b.jobs["m"] and f.dispatcher.unverified_answers == 1
 
 
 @pytest.mark.asyncio
