@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -75,11 +76,11 @@ def read_credentials(directory: Path) -> dict[str, Any]:
     for entry in sorted(directory.iterdir()):
         path = tuple(entry.name.split("."))
         if path in SECRETS:
-            _assign(data, list(path), _credential_text(directory, entry))
+            _assign(data, list(path), credential_text(directory, entry))
     return data
 
 
-def _credential_text(directory: Path, entry: Path) -> str:
+def credential_text(directory: Path, entry: Path) -> str:
     where = f"credential {entry.name} in $CREDENTIALS_DIRECTORY ({directory})"
     try:  # never blocks on a FIFO, never reads without end
         fd = os.open(entry, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -182,6 +183,23 @@ def _shown(value: Any) -> Any:
     if isinstance(value, str) and "://" in value and "@" in value:
         scheme, _, rest = value.partition("://")
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return value
+
+
+def broker_url(value: str | None) -> str | None:
+    """mqtt://host[:port] or mqtts://host[:port] (blank: None); ValueError otherwise, never repeating a
+    URL that holds credentials."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if "@" in parts.netloc:  # not repeated: the URL holds a password
+        raise ValueError("credentials in the broker URL are not used; give them as username and password")
+    try:
+        has_port = parts.port is not None or not parts.netloc.endswith(":")
+    except ValueError:
+        has_port = False
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or not has_port or parts.path.strip("/"):
+        raise ValueError(f"expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
     return value
 
 

@@ -228,6 +228,7 @@ def one_run(nodes: int, args: argparse.Namespace, scratch: Path) -> dict[str, ob
                "APPLIANCE_GATEWAY__GATEWAY_ID": f"swarm-{n}",
                "APPLIANCE_GATEWAY__MAX_JOBS_IN_FLIGHT": "20000",
                "APPLIANCE_GATEWAY__DEFAULT_RATE_PER_S": "100000",
+               "APPLIANCE_GATEWAY__DEFAULT_MAX_REQUESTS_IN_PROGRESS": "20000",  # the load is one buyer
                "APPLIANCE_GATEWAY__STATE_DIR": str(scratch / f"gateway{n}"),  # its key and SQLite ledger
                "APPLIANCE_CANARY__SECOND_OPINION_PROBABILITY": "0"}  # fmt: skip
         gateways.append(subprocess.Popen([sys.executable, "-m", "appliance", "platform", "gateway",

@@ -1,4 +1,5 @@
-"""Buyers: bearer tokens (kept as sha256 digests), each with a job rate quota and a body limit."""
+"""Buyers: bearer tokens (kept as sha256 digests), each with a job rate quota, a body limit and perhaps
+its own limit on requests in progress (admission.py holds them to it)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class Buyer:
     name: str
     rate_per_s: float
     max_body_bytes: int
+    max_requests_in_progress: int | None = None  # None: gateway.default_max_requests_in_progress
 
 
 class Bucket:
@@ -77,9 +79,8 @@ class Buyers:
         """The buyer a bearer token belongs to; None for a missing or unknown token."""
         if self._by_digest is None:
             return self.default
-        if not authorization or not authorization.startswith(b"Bearer "):
-            return None
-        return self._by_digest.get(hashlib.sha256(authorization[7:].strip()).hexdigest())
+        digest = bearer_digest(authorization)
+        return None if digest is None else self._by_digest.get(digest)
 
     def admit(self, buyer: Buyer) -> float | None:
         """Take one job from the buyer's quota: None if it may start, else seconds to wait."""
@@ -87,6 +88,13 @@ class Buyers:
         if bucket is None:
             bucket = self._buckets[buyer.name] = Bucket(buyer.rate_per_s, self._clock)
         return bucket.take()
+
+
+def bearer_digest(authorization: bytes | None) -> str | None:
+    """The sha256 (hex) of an Authorization header's bearer token; None when it holds none."""
+    if not authorization or not authorization.startswith(b"Bearer "):
+        return None
+    return hashlib.sha256(authorization[7:].strip()).hexdigest()
 
 
 def token_digest(token: str) -> str:
@@ -104,13 +112,15 @@ def _digest(path: Path, name: str, entry: Any) -> str:
 def _buyer(path: Path, name: str, entry: dict[str, Any], default: Buyer) -> Buyer:
     if not name or any(c in name for c in "/+#$\0"):
         raise ConfigError(f"buyers file {path}: buyer name {name!r} must be one MQTT topic level")
-    unknown = set(entry) - {"token_sha256", "rate_per_s", "max_body_bytes"}
+    unknown = set(entry) - {"token_sha256", "rate_per_s", "max_body_bytes", "max_requests_in_progress"}
     if unknown:
         raise ConfigError(f"buyers file {path}: unknown key buyers.{name}.{sorted(unknown)[0]}")
     rate = entry.get("rate_per_s", default.rate_per_s)
     limit = entry.get("max_body_bytes", default.max_body_bytes)
+    places = entry.get("max_requests_in_progress", default.max_requests_in_progress)
     if not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
         raise ConfigError(f"buyers file {path}: buyers.{name}.rate_per_s must be a number > 0")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-        raise ConfigError(f"buyers file {path}: buyers.{name}.max_body_bytes must be an integer > 0")
-    return Buyer(name, float(rate), limit)
+    for key, value in (("max_body_bytes", limit), ("max_requests_in_progress", places)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"buyers file {path}: buyers.{name}.{key} must be an integer > 0")
+    return Buyer(name, float(rate), limit, places)

@@ -25,7 +25,7 @@ from appliance.platform import receipts
 from appliance.platform.attempts import Answer, Job
 from appliance.platform.catalogue import Catalogue, Entry, provider_class
 from appliance.platform.dispatch import Dispatcher
-from appliance.platform.golden import Golden, References
+from appliance.platform.golden import Golden, References, exposure
 from appliance.platform.ledger import KEY
 from appliance.platform.metering import Metering
 from appliance.platform.settings import CanarySettings
@@ -93,6 +93,17 @@ class Checks:
             for name, entry in (catalogue.entries or {}).items()
             if entry.samples is not None and entry.model_files
         }
+        for name, golden in self.golden.items():
+            why = exposure(golden.path, self._entry(name).files)
+            if why is not None:
+                log.warning(
+                    "model %r: nodes can tell its canaries from buyer work, as their golden samples %s "
+                    "are not secret: %s. Draw golden samples like buyers' inputs and keep them on the "
+                    "gateway only; until then, only second opinions check the answers buyers get",
+                    name,
+                    golden.path,
+                    why,
+                )
         self._buyer = "anonymous"  # the last buyer seen: a recheck canary goes under a real buyer's name
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -11,12 +11,24 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from appliance.config_sources import deep_copy, describe, read_environ, read_toml, topic_level, topic_prefix
+from appliance.config_sources import (
+    NOT_SETTINGS,
+    broker_url,
+    credential_text,
+    deep_copy,
+    describe,
+    read_environ,
+    read_toml,
+    topic_level,
+    topic_prefix,
+)
 from appliance.errors import ConfigError
+from appliance.settings import Settings  # the box's sections, only to tell them from typos
 
 SECTIONS = ("gateway", "ledger", "canary")  # the only APPLIANCE_<SECTION>__ variables the platform reads
 SECRETS = {"gateway.password": ("gateway", "password")}  # credential file name -> setting
 KEY_CREDENTIAL = "gateway.key"  # $CREDENTIALS_DIRECTORY/gateway.key: the Ed25519 key receipts are signed with
+HEX = "0123456789abcdef"  # the digits of a sha256 digest as buyers files and catalogues write it
 
 
 def _section(title: str) -> ConfigDict:
@@ -64,6 +76,31 @@ class GatewaySettings(BaseModel):
     default_max_body_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Largest request body of a buyer whose entry sets none."
     )
+    default_max_requests_in_progress: int = Field(
+        64,
+        ge=1,
+        description="Inference requests of one buyer in progress at once (from its headers to its "
+        "answer), for a buyer whose entry sets none; beyond it 429 + Retry-After.",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time a buyer has to send a whole request body once its headers are in; then 408 "
+        "and the connection closes (as the box's server.body_timeout_s).",
+    )
+    max_reading_bytes: int = Field(
+        512 * 1024 * 1024,
+        gt=0,
+        description="Request body bytes all buyers together may have on their way in at once (a body's "
+        "Content-Length counts from its headers, a chunked body as it comes); beyond it 503 + "
+        "Retry-After.",
+    )
+    operator_token_sha256: list[str] = Field(
+        default_factory=list,
+        description="sha256 digests (hex) of the bearer tokens that may read the fleet view (GET "
+        "/v2/pool/nodes); buyers get 403 there. Empty: only a gateway without buyers_file shows it, "
+        "to every caller.",
+    )
     job_timeout_s: float = Field(
         10.0, gt=0, le=3600, description="A node must answer a job within it (also the job's MQTT expiry)."
     )
@@ -100,10 +137,30 @@ class GatewaySettings(BaseModel):
     def _topic_level(cls, value: str) -> str:
         return topic_level(value)
 
+    @field_validator("site")
+    @classmethod
+    def _site(cls, value: str) -> str:
+        return value if value == "+" else topic_level(value)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        return broker_url(value)
+
     @field_validator("topic_root")
     @classmethod
     def _topic_prefix(cls, value: str) -> str:
         return topic_prefix(value)
+
+    @field_validator("operator_token_sha256", mode="before")
+    @classmethod
+    def _digests(cls, value: Any) -> Any:
+        found = [value] if isinstance(value, str) else value
+        if isinstance(found, list):
+            for digest in found:
+                if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set(HEX)):
+                    raise ValueError(f"{str(digest)[:80]!r} is not a sha256 digest (64 lowercase hex digits)")
+        return found
 
 
 class LedgerSettings(BaseModel):
@@ -165,6 +222,7 @@ class PlatformSettings(BaseModel):
             for k, v in environ.items()
             if k.startswith(tuple(f"APPLIANCE_{s.upper()}__" for s in SECTIONS))
         }
+        _no_strays(environ)
         layers.append(("environment", read_environ(own)))
         layers.append(("command line", deep_copy(overrides or {})))
         merged: dict[str, Any] = {}
@@ -180,9 +238,24 @@ def _credentials(directory: Path) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for name, (section, key) in SECRETS.items():
         path = directory / name
-        if path.is_file():
-            data.setdefault(section, {})[key] = path.read_text().strip()
+        if path.exists():
+            data.setdefault(section, {})[key] = credential_text(directory, path)
     return data
+
+
+def _no_strays(environ: Mapping[str, str]) -> None:
+    """An APPLIANCE_ variable that is neither the platform's nor the box's (which may share the host's
+    environment) is a misspelling: APPLIANCE_GATWAY__PORT would otherwise be ignored without a word."""
+    known = {*SECTIONS, *Settings.model_fields}
+    for name in environ:
+        if not name.startswith("APPLIANCE_") or name in NOT_SETTINGS:
+            continue
+        section = name[len("APPLIANCE_") :].split("__")[0].lower()
+        if section not in known or "__" not in name:
+            raise ConfigError(
+                f"environment variable {name}: not a setting (expected APPLIANCE_<SECTION>__<KEY> with a "
+                f"section of {', '.join(sorted(SECTIONS))} or the box's)"
+            )
 
 
 def _merge(into: dict[str, Any], data: Mapping[str, Any]) -> None:

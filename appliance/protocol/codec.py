@@ -363,7 +363,10 @@ def encode_request(
 
 def decode_response(body: bytes | memoryview, header_length: int | None = None) -> dict[str, np.ndarray]:
     """Decode a v2 response into arrays (the client side: a pool node's or a box's answer, both
-    untrusted); raises InvalidInput on a malformed one, whatever its JSON holds."""
+    untrusted); raises InvalidInput on a malformed one, whatever its JSON holds.
+
+    An output named twice is malformed: readers disagree on which one counts (tritonclient takes the
+    first, a dict built in order the last), so a node could have one checked and the other read."""
     view = memoryview(body)
     if header_length is not None and not 0 <= header_length <= len(view):
         raise InvalidInput(f"response header length is {header_length}; the answer has {len(view)} bytes")
@@ -384,5 +387,7 @@ def decode_response(body: bytes | memoryview, header_length: int | None = None) 
     arrays: dict[str, np.ndarray] = {}
     for raw in raw_outputs:
         name, array = _decode_input(raw, payload)
+        if name in arrays:
+            raise InvalidInput(f"output {name!r} appears more than once in the response")
         arrays[name] = array
     return arrays

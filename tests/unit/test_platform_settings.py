@@ -77,3 +77,36 @@ def test_cli_verbs() -> None:
         ["pool", "submit", "--broker", "mqtt://h", "--model", "m", "--input", "x.npy"],
     ):
         assert callable(parser.parse_args(argv).func)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"APPLIANCE_GATWAY__PORT": "9"}, "APPLIANCE_GATWAY__PORT: not a setting"),
+        ({"APPLIANCE_GATEWAY_PORT": "9"}, "APPLIANCE_GATEWAY_PORT: not a setting"),
+        ({"APPLIANCE_GATEWAY__SITE": "#"}, "one non-empty MQTT topic level"),
+        ({"APPLIANCE_GATEWAY__SITE": "a/b"}, "one non-empty MQTT topic level"),
+        ({"APPLIANCE_GATEWAY__BROKER": "not a url"}, "expected mqtt://host"),
+        ({"APPLIANCE_GATEWAY__BROKER": "mqtts://gw:pw-secret@pool:8883"}, "credentials in the broker URL"),
+    ],
+)
+def test_what_the_gateway_would_have_ignored_or_choked_on_is_refused(environ: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        PlatformSettings.load(None, environ=environ)
+    assert "pw-secret" not in str(caught.value)
+
+
+def test_the_box_s_variables_and_every_site_stay_accepted() -> None:
+    environ = {"APPLIANCE_POOL__BROKER": "mqtt://b:1883", "APPLIANCE_BIN": "/usr/bin/appliance"}
+    assert PlatformSettings.load(None, environ=environ).gateway.site == "+"
+    one_site = PlatformSettings.load(None, environ={"APPLIANCE_GATEWAY__SITE": "plant-7"})
+    assert one_site.gateway.site == "plant-7"
+
+
+def test_a_gateway_credential_that_is_not_text_is_one_error_without_its_bytes(tmp_path: Path) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "gateway.password").write_bytes(b"p\xe4ss")
+    with pytest.raises(ConfigError, match=r"gateway\.password.*not UTF-8 text") as caught:
+        PlatformSettings.load(None, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert "\\xe4" not in str(caught.value)
