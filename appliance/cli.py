@@ -54,13 +54,16 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.scheduler.hub import exit_if_loads_stuck
     from appliance.service import Service
 
     settings = _settings(args)
     logs.configure(settings.system.log_level, settings.system.log_format)
     service = Service(settings, sockets=_activated_sockets(), config_file=_config_file(args))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(service.run())
+        code = runner.run(service.run())
+    exit_if_loads_stuck(code)  # a load stuck in ONNX Runtime would abort the interpreter's teardown
+    return code
 
 
 def _activated_sockets() -> list[socket.socket] | None:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_LOAD_ALLOWANCE_S = 300.0  # asked of systemd per model: loading and warming one up
+_LOAD_MARGIN_S = 30.0  # asked of systemd per model beyond models.load_timeout_s: the hub's deadline first
 _CPU_SAMPLE_S = 2.0
 
 
@@ -197,7 +197,7 @@ class Service:
         if self._stop is not None and self._stop.is_set():
             raise _StopRequested(name)
         self.notifier.status(f"loading {name}")
-        self.notifier.extend_timeout(_LOAD_ALLOWANCE_S)
+        self.notifier.extend_timeout(self.hub.load_timeout_s + _LOAD_MARGIN_S)
 
     def _reload_in_background(self) -> None:
         task = asyncio.create_task(self.control.reload({}), name="reload")

@@ -8,12 +8,12 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.config_sources import (
+    broker_url,
     deep_copy,
     describe,
     read_credentials,
@@ -189,6 +189,13 @@ class ModelSettings(BaseModel):
     warmup_runs: int = Field(
         3, ge=1, description="Timed runs per warm-up batch size; they seed the latency profile."
     )
+    load_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest one model may take to load, warm up and be measured; past it the model is "
+        "UNAVAILABLE and the next loads (the stuck load cannot be stopped: that model loads again only "
+        "after a restart). A first TensorRT engine build takes minutes.",
+    )
 
 
 class SchedulerSettings(BaseModel):
@@ -307,25 +314,7 @@ class PoolSettings(BaseModel):
     @field_validator("broker")
     @classmethod
     def _broker_url(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        parts = urlsplit(value)
-        if "@" in parts.netloc:  # not repeated: the URL holds a password
-            raise ValueError(
-                "credentials in the broker URL are not used; give them as pool.username and pool.password"
-            )
-        try:
-            has_port = parts.port is not None or not parts.netloc.endswith(":")
-        except ValueError:
-            has_port = False
-        if (
-            parts.scheme not in ("mqtt", "mqtts")
-            or not parts.hostname
-            or not has_port
-            or parts.path.strip("/")
-        ):
-            raise ValueError(f"expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
-        return value
+        return broker_url(value)
 
     @field_validator("site", "node_id")
     @classmethod

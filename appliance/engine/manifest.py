@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ MAX_BATCH_ROWS = 4096
 MAX_PREFERRED_SIZES = 16
 MAX_WAIT_MS = 600_000.0  # 10 minutes
 MAX_INSTANCES = 64
+_LONG_NUMBER = re.compile(rb"[0-9][0-9_]{40,}")  # far longer than any setting's value
 
 
 class Batching(BaseModel):
@@ -128,19 +130,73 @@ def read_manifest(model_dir: Path, files: Files = FOLLOW) -> Manifest:
     path = model_dir / MANIFEST_NAME
     if not files.is_file(path):
         return Manifest()
+    return parse_manifest(read_manifest_bytes(path, files), path)
+
+
+def read_manifest_bytes(path: Path, files: Files = FOLLOW) -> bytes:
+    """The bytes of model.toml `path`, bounded; ConfigError if it cannot be read or is too large."""
     try:
         raw = files.read(path, MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ConfigError(
-                f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; expected a manifest of a few KiB"
-            )
-        data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot be read as TOML ({exc})") from exc
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; expected a manifest of a few KiB")
+    return raw
+
+
+def parse_manifest(raw: bytes, path: Path) -> Manifest:
+    """The manifest that the bytes of model.toml `path` say; ConfigError names the key or line."""
+    try:
+        text = raw.decode("utf-8")
+        data: dict[str, Any] = tomllib.loads(text)
+    except ValueError as exc:  # UnicodeDecodeError, TOMLDecodeError, and int()'s refusal of 4300+ digits
+        raise ConfigError(f"{path}: cannot be read as TOML ({_toml_problem(exc, raw)})") from exc
+    if wide := _wide_integer(data):  # hex, octal and binary have no digit limit in int()
+        key, value = wide
+        raise ConfigError(
+            f"{path}: {key!r}: an integer of {value.bit_length()} bits; expected at most 64 bits"
+        )
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: " + "; ".join(problems(exc))) from exc
+
+
+def _toml_problem(exc: ValueError, raw: bytes) -> str:
+    """tomllib's reason; for an integer it cannot convert (it says neither line nor key), the line."""
+    if isinstance(exc, UnicodeDecodeError | tomllib.TOMLDecodeError):
+        return str(exc)
+    if found := _LONG_NUMBER.search(raw):
+        line = raw.count(b"\n", 0, found.start()) + 1
+        start = raw.rfind(b"\n", 0, found.start()) + 1
+        shown = raw[start : found.start() + 20].decode("utf-8", "replace").strip()
+        digits = len(found.group())
+        return f"line {line}: {shown}...: an integer of {digits} digits; expected at most 64 bits"
+    return str(exc)
+
+
+def _wide_integer(value: object, key: str = "") -> tuple[str, int] | None:
+    """The first integer (and its key) that does not fit in 64 bits, anywhere in the TOML data."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return key, value
+    if isinstance(value, dict):
+        items = [(f"{key}.{k}" if key else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    for item_key, item in items:
+        if found := _wide_integer(item, item_key):
+            return found
+    return None
+
+
+def _shown(value: object) -> str:
+    """repr of a value given, shortened: repr() of an int of more than 4300 digits is a ValueError."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + f"... ({len(text)} characters)"
 
 
 def problems(exc: ValidationError) -> list[str]:
@@ -153,5 +209,5 @@ def problems(exc: ValidationError) -> list[str]:
         elif error["type"] == "value_error":  # our validators name the values themselves
             found.append(f"{key!r}: {error['msg'].removeprefix('Value error, ')}")
         else:
-            found.append(f"{key!r}: {error['msg']}, got {error.get('input')!r}")
+            found.append(f"{key!r}: {error['msg']}, got {_shown(error.get('input'))}")
     return found

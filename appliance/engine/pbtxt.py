@@ -59,6 +59,9 @@ _TOKEN = re.compile(
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
 _CLOSE = {"{": "}", "<": ">"}
 MAX_DEPTH = 32  # Triton's deepest config (ensemble steps, queue policies) nests 4; this stops runaway input
+# Every integer field of a protobuf message is 64 bits at most (int64, uint64): a longer literal is an error
+# of that field. Checked on the digits before int() sees them, which refuses over 4300 of them (ValueError).
+MAX_INTEGER = 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,7 @@ class _Parser:
             for value, line in self._list(name.text, has_colon, depth):
                 message.fields.append(Field(name.text, value, line))
         elif has_colon:
-            message.fields.append(Field(name.text, self._scalar(), name.line))
+            message.fields.append(Field(name.text, self._scalar(name.text), name.line))
         else:
             raise self._expected(f"':' or '{{' after field {name.text!r}")
 
@@ -171,7 +174,7 @@ class _Parser:
                 self.at += 1
                 values.append((self._fields(Message(token.line), _CLOSE[token.text], depth + 1), token.line))
             elif has_colon:
-                values.append((self._scalar(), token.line))
+                values.append((self._scalar(name), token.line))
             else:  # only a list of messages may leave out the colon
                 raise self._expected(f"'{{' (or ':' before the list of field {name!r})")
             if self._accept("]"):
@@ -179,7 +182,7 @@ class _Parser:
             if not self._accept(","):
                 raise self._expected(f"',' or ']' in the list of field {name!r}")
 
-    def _scalar(self) -> Scalar:
+    def _scalar(self, name: str) -> Scalar:
         token = self._next()
         if token.kind == "string":
             text = self._string(token)
@@ -192,12 +195,32 @@ class _Parser:
         if negative:
             token = self._next()
         if token.kind == "number":
-            value = _number(token.text)
+            value = self._number(token, name)
             return -value if negative else value
         if negative and token.kind == "ident" and token.text.lower() in ("inf", "infinity", "nan"):
             return -float(token.text)
         self.at -= 1
         raise self._expected("a value (number, quoted string or identifier)")
+
+    def _number(self, token: _Token, name: str) -> int | float:
+        """The value of a number token; ConfigError naming the line and field for an integer over 64 bits."""
+        text = token.text
+        if text[:2] in ("0x", "0X"):
+            digits, base = text[2:], 16
+        elif re.fullmatch(r"0[0-7]+", text):
+            digits, base = text[1:], 8
+        elif re.fullmatch(r"[0-9]+", text):
+            digits, base = text, 10
+        else:
+            return float(text.rstrip("fF"))  # float() has no digit limit: a long one is inf or 0.0
+        digits = digits.lstrip("0") or "0"
+        if len(digits) > 22 or int(digits, base) > MAX_INTEGER:  # 22: 2**64 - 1 in octal, the longest
+            shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+            raise self._error(
+                token.line,
+                f"{name}: integer {shown} is out of range; expected at most 64 bits ({MAX_INTEGER})",
+            )
+        return int(digits, base)
 
     def _string(self, token: _Token) -> str:
         body = token.text[1:-1]
@@ -224,13 +247,3 @@ class _Parser:
             else:
                 raise self._error(token.line, f"unknown escape '\\{escape}' in string {token.text}")
         return "".join(out)
-
-
-def _number(text: str) -> int | float:
-    if text[:2] in ("0x", "0X"):
-        return int(text, 16)
-    if re.fullmatch(r"0[0-7]+", text):
-        return int(text, 8)
-    if re.fullmatch(r"[0-9]+", text):
-        return int(text)
-    return float(text.rstrip("fF"))

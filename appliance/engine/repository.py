@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.engine.files import FOLLOW, Files
-from appliance.engine.manifest import MANIFEST_NAME, Manifest, read_manifest
-from appliance.engine.triton_config import CONFIG_NAME, read_triton_config
+from appliance.engine.manifest import MANIFEST_NAME, Manifest, parse_manifest, read_manifest_bytes
+from appliance.engine.triton_config import CONFIG_NAME, parse_triton_config, read_config_bytes
 from appliance.errors import ApplianceError, ConfigError, ModelLoadError, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,12 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 SAMPLES_FILE = "samples.npz"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # bounded: a file name has at most 255 bytes
+MAX_VERSION = 2**63 - 1  # Triton's versions are int64; a longer folder name is no version
+# Parsed manifests and configs kept by content (repository._Parsed): the index route reads every model's
+# on each call, and config.pbtxt's parser costs about 1 s per MiB. Bounded in entries and in the bytes
+# they were parsed from, so a repository whose files keep changing cannot grow it.
+CACHE_ENTRIES = 256
+CACHE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,8 @@ class Repository:
         self.root = root
         self.files = files
         self._warned: set[str] = set()  # said once: the index route reads every model on each call
+        self._parsed = _Parsed()
+        self._lock = threading.Lock()  # index() runs on a worker thread while a load reads a source
 
     @classmethod
     def open(cls, root: Path) -> Repository:
@@ -107,12 +118,21 @@ class Repository:
             if not files.is_dir(directory) or not _looks_like_model(files, directory):
                 raise ModelNotFound(f"model {name!r} is not in repository {self.root}")
             manifest = self._manifest(name, directory)
-            versions = _versions(files, directory)
+            versions, odd = _versions(files, directory)
             is_bare = files.is_file(directory / MODEL_FILE)
         except OSError as exc:  # a folder the service may not read: this model is UNAVAILABLE, not all
             raise ModelLoadError(
                 f"model {name!r}: {exc.filename or directory} cannot be read ({exc.strerror})"
             ) from None
+        if odd:
+            self._warn(
+                "model %s: version folders %s under %s are ignored: a version is a positive integer "
+                "without leading zeros, at most %d (Triton ignores them too)",
+                name,
+                [_shortened(folder) for folder in odd],
+                directory,
+                MAX_VERSION,
+            )
         if versions and is_bare:
             self._warn(
                 "model %s: %s is ignored; version folders %s are served",
@@ -130,7 +150,9 @@ class Repository:
             )
             versions = (1,)
         if not versions:
-            raise ModelLoadError(f"model {name!r} has no <version>/{MODEL_FILE} under {directory}")
+            shown = ", ".join(_shortened(folder) for folder in odd)
+            ignored = f" (ignored: {shown}: not a version number as written)" if odd else ""
+            raise ModelLoadError(f"model {name!r} has no <version>/{MODEL_FILE} under {directory}{ignored}")
         version = manifest.version or versions[-1]
         if version not in versions:
             raise ModelLoadError(f"model {name!r}: version {version} is pinned; available: {list(versions)}")
@@ -142,14 +164,19 @@ class Repository:
         for name in self.names():
             try:
                 entries[name] = self.source(name)
-            except (ModelLoadError, ConfigError) as exc:
+            except ModelNotFound:  # gone since names() listed it
+                continue
+            except ApplianceError as exc:
                 entries[name] = exc
         return entries
 
     def _manifest(self, name: str, directory: Path) -> Manifest:
-        """model.toml if there is one (it wins over config.pbtxt), else what config.pbtxt maps to."""
+        """model.toml if there is one (it wins over config.pbtxt), else what config.pbtxt maps to.
+
+        Each is read every time (a few KiB) and parsed only when its bytes changed since."""
         config = directory / CONFIG_NAME
-        if self.files.is_file(directory / MANIFEST_NAME):
+        path = directory / MANIFEST_NAME
+        if self.files.is_file(path):
             if self.files.is_file(config):
                 self._warn(
                     "model %s: model.toml and %s both present; model.toml wins, %s is ignored",
@@ -157,39 +184,100 @@ class Repository:
                     config,
                     CONFIG_NAME,
                 )
-            return read_manifest(directory, self.files)
+            raw = read_manifest_bytes(path, self.files)
+            manifest, _ = self._parsed.get(path, raw, lambda: (parse_manifest(raw, path), ()))
+            return manifest
         if not self.files.is_file(config):
             return Manifest()
-        triton = read_triton_config(config, name, self.files)
-        if triton.ignored:
-            self._warn("model %s: %s fields not honoured: %s", name, config, "; ".join(triton.ignored))
-        return triton.manifest
+        raw = read_config_bytes(config, self.files)
+
+        def parse() -> tuple[Manifest, tuple[str, ...]]:
+            triton = parse_triton_config(raw, config, name)
+            return triton.manifest, triton.ignored
+
+        manifest, ignored = self._parsed.get(config, raw, parse)
+        if ignored:
+            self._warn("model %s: %s fields not honoured: %s", name, config, "; ".join(ignored))
+        return manifest
 
     def _warn(self, message: str, *args: object) -> None:
         text = message % args
-        if text not in self._warned:
+        with self._lock:
+            if text in self._warned:
+                return
             if len(self._warned) > 1024:  # files that keep changing: say it again rather than grow
                 self._warned.clear()
             self._warned.add(text)
-            log.warning("%s", text)
+        log.warning("%s", text)
+
+
+_Result = tuple[Manifest, tuple[str, ...]]  # the manifest and the config.pbtxt fields not honoured
+
+
+class _Parsed:
+    """What each manifest or config parsed to (or the ConfigError it raised), by path and content.
+
+    Keyed by a digest of the bytes rather than by mtime, size and inode: an update that keeps all three
+    (rsync -t, a copy within one mtime tick) still reads as the new file, and it needs no stat, which
+    root's no-follow `Files` would have to provide too. Thread-safe; parsing happens outside the lock.
+    """
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[str, bytes], tuple[_Result | str, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, raw: bytes, parse: Callable[[], _Result]) -> _Result:
+        key = (str(path), hashlib.blake2b(raw, digest_size=16).digest())
+        with self._lock:
+            if (found := self._entries.get(key)) is not None:
+                self._entries.move_to_end(key)
+        if found is None:
+            try:
+                outcome: _Result | str = parse()
+            except ConfigError as exc:
+                outcome = str(exc)
+            found = (outcome, len(raw))
+            self._keep(key, found)
+        outcome = found[0]
+        if isinstance(outcome, str):
+            raise ConfigError(outcome)  # a new one each time: a raised exception keeps its traceback
+        manifest, ignored = outcome
+        return manifest.model_copy(deep=True), ignored  # the caller's own: nothing shares a cached one
+
+    def _keep(self, key: tuple[str, bytes], entry: tuple[_Result | str, int]) -> None:
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = entry
+            self._bytes += entry[1]
+            while len(self._entries) > CACHE_ENTRIES or self._bytes > CACHE_BYTES:
+                _, (_, size) = self._entries.popitem(last=False)
+                self._bytes -= size
 
 
 def _looks_like_model(files: Files, directory: Path) -> bool:
     markers = (MANIFEST_NAME, CONFIG_NAME, MODEL_FILE)
-    return any(files.is_file(directory / marker) for marker in markers) or bool(_versions(files, directory))
+    return any(files.is_file(directory / marker) for marker in markers) or any(_versions(files, directory))
 
 
-def _versions(files: Files, directory: Path) -> tuple[int, ...]:
-    found = []
+def _versions(files: Files, directory: Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The versions of a model folder, and the names of folders holding a model.onnx that look like one
+    but are not: `007` (the load would read `7/`), `0`, or a number past int64. Triton ignores those too."""
+    found, odd = [], []
     for child in files.iterdir(directory):
-        if (
-            child.name.isascii()
-            and child.name.isdigit()
-            and int(child.name) > 0
-            and files.is_file(child / MODEL_FILE)
-        ):
-            found.append(int(child.name))
-    return tuple(sorted(found))
+        name = child.name
+        if not (name.isascii() and name.isdigit()) or not files.is_file(child / MODEL_FILE):
+            continue
+        if name.startswith("0") or len(name) > len(str(MAX_VERSION)) or int(name) > MAX_VERSION:
+            odd.append(name)
+        else:
+            found.append(int(name))
+    return tuple(sorted(found)), tuple(sorted(odd))
+
+
+def _shortened(folder: str) -> str:
+    return folder if len(folder) <= 24 else f"{folder[:20]}... ({len(folder)} digits)"
 
 
 def file_digest(path: Path) -> str:

@@ -19,7 +19,10 @@ from appliance.engine.manifest import Manifest, problems
 from appliance.errors import ConfigError
 
 CONFIG_NAME = "config.pbtxt"
-MAX_CONFIG_BYTES = 1024 * 1024  # Triton's own configs run to a few KiB; this bounds what is read
+# Triton's configs run to a few KiB (labels live in their own file); the largest ensembles to tens of KiB.
+# The parser is pure Python (about 1 s per MiB), so the bound is also what one parse may cost: a worker
+# thread's quarter-second at most, and once per change of the file (engine/repository.py caches it).
+MAX_CONFIG_BYTES = 256 * 1024
 
 _NO_EQUIVALENT = "no equivalent"
 # Top-level ModelConfig fields read elsewhere in this module are absent; every other one is named here
@@ -75,12 +78,25 @@ class TritonConfig:
 
 def read_triton_config(path: Path, model: str, files: Files = FOLLOW) -> TritonConfig:
     """Read `path`, the config.pbtxt of model folder `model`; ConfigError names file, line and expectation."""
+    return parse_triton_config(read_config_bytes(path, files), path, model)
+
+
+def read_config_bytes(path: Path, files: Files = FOLLOW) -> bytes:
+    """The bytes of config.pbtxt `path`, bounded; ConfigError if it cannot be read or is too large."""
     try:
         data = files.read(path, MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; expected a config of a few KiB")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; expected a config of a few KiB")
+    return data
+
+
+def parse_triton_config(data: bytes, path: Path, model: str) -> TritonConfig:
+    """What the bytes of config.pbtxt `path` of model folder `model` mean here; ConfigError as above."""
+    try:
         text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
     return _Mapper(path, model).map(pbtxt.parse(text, str(path)))
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from appliance.engine.repository import ModelSource
 from appliance.errors import ApplianceError, ModelLoadError
 from appliance.scheduler.hub import ModelEntry, ModelHub, State
 from appliance.server.responses import json_response
@@ -14,14 +17,22 @@ router = APIRouter()
 
 @router.post("/v2/repository/index")
 async def index(request: Request) -> Response:
-    return json_response(listing(request.app.state.hub))
+    return json_response(await index_listing(request.app.state.hub))
 
 
-def listing(hub: ModelHub) -> list[dict[str, str]]:
+async def index_listing(hub: ModelHub) -> list[dict[str, str]]:
+    """listing() with the repository read on a worker thread: it reads every model's manifest or
+    config.pbtxt from disk (parsing those that changed), which must not hold the event loop."""
+    return listing(hub, await asyncio.to_thread(hub.repository.index))
+
+
+def listing(
+    hub: ModelHub, on_disk: dict[str, ModelSource | ApplianceError] | None = None
+) -> list[dict[str, str]]:
     """Every model on disk or in memory: name, version, state and the reason it is not READY (the
-    index over HTTP and gRPC)."""
+    index over HTTP and gRPC). `on_disk` is hub.repository.index(), read here if not given."""
     listed: dict[str, dict[str, str]] = {}
-    for name, source in hub.repository.index().items():
+    for name, source in (hub.repository.index() if on_disk is None else on_disk).items():
         version = "" if isinstance(source, ApplianceError) else str(source.version)
         listed[name] = {
             "name": name,

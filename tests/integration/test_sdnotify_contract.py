@@ -152,9 +152,9 @@ def test_loading_then_ready_then_watchdog_then_stopping_on_sigterm(tmp_path: Pat
         loading = [f for f in before if f.startswith(("STATUS=loading", "EXTEND_TIMEOUT_USEC="))]
         assert loading == [
             "STATUS=loading batchable",
-            "EXTEND_TIMEOUT_USEC=300000000",
+            "EXTEND_TIMEOUT_USEC=630000000",
             "STATUS=loading fixed",
-            "EXTEND_TIMEOUT_USEC=300000000",
+            "EXTEND_TIMEOUT_USEC=630000000",
         ]
         assert "READY=1" not in before
         assert manager.messages[ready] == ["READY=1", "STATUS=2 model(s) ready"]

@@ -210,3 +210,121 @@ def test_an_unreadable_model_folder_is_that_models_error_not_the_repositorys() -
         for path in sorted(repo.rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
         repo.rmdir()
+
+
+def version_folder(repo: Path, name: str, folder: str) -> Path:
+    (repo / name / folder).mkdir(parents=True)
+    path = repo / name / folder / "model.onnx"
+    path.write_bytes(modelzoo.batchable().SerializeToString())
+    return path
+
+
+def test_version_folders_are_canonical_numbers_and_others_are_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`007/` is not version 7 (the load would read `7/`), nor `01/` a second version 1: as in Triton,
+    a folder name with leading zeros, `0` or a number past int64 is ignored, with one warning naming it."""
+    served = version_folder(tmp_path, "both", "1")
+    version_folder(tmp_path, "both", "01")
+    version_folder(tmp_path, "padded", "007")
+    version_folder(tmp_path, "padded", "0")
+    version_folder(tmp_path, "huge", "9" * 20)
+    repository = Repository(tmp_path)
+    assert repository.names() == ["both", "huge", "padded"]  # listed, so the reason shows in the index
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            source = repository.source("both")
+            assert (source.versions, source.path) == ((1,), served)
+    assert caplog.text.count("model both: version folders ['01'] under") == 1
+    assert "are ignored: a version is a positive integer without leading zeros" in caplog.text
+    with pytest.raises(ModelLoadError, match=r"has no <version>/model.onnx under .*padded \(ignored: 0, 007"):
+        repository.source("padded")
+    with pytest.raises(ModelLoadError, match=r"\(ignored: 9{20}: not a version number as written\)"):
+        repository.source("huge")
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (
+            "version = " + "9" * 5000,
+            "line 1: version = 9{20}...: an integer of 5000 digits; expected at most 64",
+        ),
+        ('description = "x"\nversion = 1_' + "0" * 5000, "line 2: version = 1_0{18}...: an integer of 5002"),
+        ("version = 0x" + "f" * 5000, "'version': an integer of 20000 bits; expected at most 64 bits"),
+        ("[inputs.x]\nshape = [-1, 0o" + "7" * 30 + "]", "'inputs.x.shape\\[1\\]': an integer of 90 bits"),
+    ],
+)
+def test_an_integer_too_long_in_model_toml_is_that_models_config_error(
+    tmp_path: Path, manifest: str, message: str
+) -> None:
+    """int() refuses more than 4300 digits with a ValueError, which tomllib lets through: it escaped
+    Repository.index() and made /v2/repository/index a 500."""
+    modelzoo.write(tmp_path, "long", modelzoo.batchable(), manifest=manifest)
+    modelzoo.write(tmp_path, "good", modelzoo.batchable())
+    index = Repository(tmp_path).index()
+    assert isinstance(index["long"], ConfigError)
+    assert re.search(message, str(index["long"])), str(index["long"])
+    assert str(index["long"]).startswith(f"{tmp_path / 'long' / 'model.toml'}: ")
+    assert index["good"].version == 1
+
+
+@contextlib.contextmanager
+def counted_parses() -> Iterator[list[str]]:
+    """The sources config.pbtxt's parser is given while the block runs."""
+    from appliance.engine import pbtxt
+
+    parsed: list[str] = []
+    original = pbtxt.parse
+
+    def parse(text: str, source: str) -> pbtxt.Message:
+        parsed.append(Path(source).parent.name)
+        return original(text, source)
+
+    pbtxt.parse = parse  # type: ignore[assignment]
+    try:
+        yield parsed
+    finally:
+        pbtxt.parse = original  # type: ignore[assignment]
+
+
+def test_index_parses_a_config_again_only_when_its_bytes_change(tmp_path: Path) -> None:
+    """/v2/repository/index reads every model's config on each call, and the parser takes about a second
+    per MiB: what did not change is not parsed again, a broken config included, and a change is seen
+    even where size and mtime stay the same."""
+    for name in ("a", "b"):
+        modelzoo.write(tmp_path, name, modelzoo.batchable())
+    config = tmp_path / "a" / "config.pbtxt"
+    config.write_text("max_batch_size: 4\n")
+    (tmp_path / "b" / "config.pbtxt").write_text("max_batch_size: [\n")
+    repository = Repository(tmp_path)
+    with counted_parses() as parsed:
+        for _ in range(3):
+            index = repository.index()
+            assert index["a"].manifest.batching.max_batch_size == 4
+            assert "line 2: expected a value" in str(index["b"])
+        assert sorted(parsed) == ["a", "b"]
+        before = config.stat()
+        config.write_text("max_batch_size: 2\n")  # same size; same mtime below
+        os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert repository.index()["a"].manifest.batching.max_batch_size == 2
+        assert sorted(parsed) == ["a", "a", "b"]
+
+
+def test_the_parse_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.engine import repository as repository_module
+
+    monkeypatch.setattr(repository_module, "CACHE_ENTRIES", 2)
+    for name in ("a", "b", "c"):
+        modelzoo.write(tmp_path, name, modelzoo.batchable())
+        (tmp_path / name / "config.pbtxt").write_text("max_batch_size: 4\n")
+    repository = Repository(tmp_path)
+    with counted_parses() as parsed:
+        repository.index()
+        repository.index()  # three configs through two places, least recently used first out: all again
+    assert parsed == ["a", "b", "c"] * 2
+    monkeypatch.setattr(repository_module, "CACHE_BYTES", 10)
+    with counted_parses() as parsed:
+        repository.index()
+        repository.index()
+    assert parsed == ["a", "b", "c"] * 2  # 18 bytes each: nothing is kept

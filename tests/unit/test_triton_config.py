@@ -181,3 +181,35 @@ def test_unreadable_configs_are_config_errors(tmp_path: Path) -> None:
     path.write_bytes(b"#" * (MAX_CONFIG_BYTES + 1))
     with pytest.raises(ConfigError, match=f"larger than {MAX_CONFIG_BYTES} bytes"):
         read_triton_config(path, "detector")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            "max_batch_size: " + "9" * 5000,
+            "line 1: max_batch_size: integer " + "9" * 20 + "... (5000 characters)",
+        ),
+        (
+            "\ndynamic_batching { preferred_batch_size: [ 1, 0x" + "f" * 17 + " ] }",
+            "line 2: preferred_batch_size: integer 0x" + "f" * 17,
+        ),
+        (
+            "instance_group [ { count: 18446744073709551616 } ]",
+            "line 1: count: integer 18446744073709551616",
+        ),
+        (
+            "max_batch_size: -0" + "7" * 30,
+            "line 1: max_batch_size: integer 0" + "7" * 19 + "... (31 characters)",
+        ),
+    ],
+)
+def test_an_integer_past_64_bits_names_the_file_line_and_field(tmp_path: Path, text: str, where: str) -> None:
+    """int() refuses more than 4300 decimal digits with a ValueError, which escaped as a 500 of
+    /v2/repository/index: every protobuf integer is 64 bits at most, and a longer one is this error."""
+    with pytest.raises(ConfigError) as caught:
+        read(tmp_path, text)
+    expected = f"{tmp_path / 'config.pbtxt'}, {where} is out of range; expected at most 64 bits "
+    assert str(caught.value) == expected + "(18446744073709551615)"
+    leading_zeros = "max_batch_size: 0x" + "0" * 5000 + "8"
+    assert read(tmp_path, leading_zeros).manifest.batching.max_batch_size == 8

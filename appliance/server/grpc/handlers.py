@@ -206,7 +206,7 @@ class Handlers:
         return _from_json({"model_stats": stats}, messages.response_of("ModelStatistics"))
 
     async def repository_index(self, request: Any) -> Any:
-        listed = repository.listing(self.hub)
+        listed = await repository.index_listing(self.hub)
         if request.ready:
             listed = [m for m in listed if m["state"] == "READY"]
         return _from_json({"models": listed}, messages.response_of("RepositoryIndex"))
