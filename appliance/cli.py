@@ -85,6 +85,7 @@ def _config_file(args: argparse.Namespace) -> Path | None:
 
 def cmd_models_check(args: argparse.Namespace) -> int:
     """Load each model of DIR (no warm-up timing) and print its signature or why it fails."""
+    from appliance.engine.bounds import request_bytes_limit
     from appliance.engine.model import LoadedModel
     from appliance.engine.repository import Repository
     from appliance.providers.registry import Registry
@@ -108,6 +109,7 @@ def cmd_models_check(args: argparse.Namespace) -> int:
                 provider_configs=configs,
                 cache_dir=settings.system.cache_dir,
                 threads_per_call=1,
+                max_request_bytes=request_bytes_limit(settings.server),
             )
         except ApplianceError as exc:
             failures += 1

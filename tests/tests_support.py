@@ -29,16 +29,22 @@ def strip_scheme(url: str) -> str:
 
 def load_model(tmp_path: Path, model: onnx.ModelProto, manifest: str = "", name: str = "m") -> LoadedModel:
     """A LoadedModel on the CPU provider, one thread per call, warmed up, from <tmp_path>/repo/<name>."""
-    repo = tmp_path / "repo"
-    modelzoo.write(repo, name, model, manifest=manifest)
+    modelzoo.write(tmp_path / "repo", name, model, manifest=manifest)
+    loaded = load_written(tmp_path, name)
+    loaded.warm_up(2)
+    return loaded
+
+
+def load_written(tmp_path: Path, name: str = "m", **options: object) -> LoadedModel:
+    """The model already in <tmp_path>/repo/<name>, loaded on the CPU provider, one thread per call, not
+    warmed up; `options` go to LoadedModel.load."""
     registry = Registry.discover()
-    loaded = LoadedModel.load(
-        Repository(repo).source(name),
+    return LoadedModel.load(
+        Repository(tmp_path / "repo").source(name),
         registry=registry,
         settings=ModelSettings(),
         provider_configs=registry.configs({}),
         cache_dir=tmp_path / "cache",
         threads_per_call=1,
+        **options,  # type: ignore[arg-type]
     )
-    loaded.warm_up(2)
-    return loaded

@@ -13,16 +13,27 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from appliance.engine.bounds import (
+    Deadline,
+    RunTooLong,
+    cut_batches,
+    first_run_limit_s,
+    host_eps,
+    powers,
+    request_bytes_limit,
+    row_bytes,
+    warmup_limit_s,
+)
 from appliance.engine.manifest import Batching, InputOverride
-from appliance.engine.precision import detect_precision
-from appliance.engine.repository import ModelSource, file_digest
+from appliance.engine.modelfiles import ModelFiles, read_model
+from appliance.engine.repository import ModelSource
 from appliance.engine.signature import Signature, read_signature
 from appliance.errors import ApplianceError, InferenceFailed, InvalidInput, ModelLoadError
 from appliance.providers.base import SessionContext
 from appliance.providers.host import ort_reason
 from appliance.providers.registry import Registry
 from appliance.providers.selection import Fallback, Placement, open_session
-from appliance.settings import ModelSettings
+from appliance.settings import ModelSettings, ServerSettings
 from appliance.tensors import DYNAMIC, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -61,6 +72,9 @@ class LoadedModel:
     solo: ort.InferenceSession | None = None
     solo_threads: int = 0
     solo_bytes: int = 0  # what the second session cost, as the process's RSS grew when it opened
+    max_request_bytes: int = 0  # the largest request the data plane accepts: no batch holds more
+    run_limit_s: float = 60.0  # a warm-up run past it is stopped (engine/bounds.py)
+    build_limit_s: float = 600.0  # a device provider's first run of a size, past it (models.load_timeout_s)
 
     @property
     def name(self) -> str:
@@ -99,47 +113,66 @@ class LoadedModel:
         cache_dir: Path,
         threads_per_call: int,
         providers: Sequence[str] | None = None,
+        max_request_bytes: int | None = None,
+        expected_digest: str | None = None,
+        run_limit_s: float | None = None,
     ) -> LoadedModel:
         """Verify, open and inspect a model; ModelLoadError with ORT's reason if it cannot serve.
 
         `providers` pins the chain (a replica reopens the model on the provider that took it).
+        `max_request_bytes`: the largest request the data plane accepts (request_bytes_limit; unset:
+        that of the default server settings). `expected_digest`: the digest the model must still have
+        (a replica's). `run_limit_s`: the deadline of each warm-up run (unset: engine/bounds.py).
         """
         started = time.perf_counter()
         manifest = source.manifest
         try:
-            digest = file_digest(source.path)
-        except OSError as exc:
-            raise ModelLoadError(f"model {source.name!r}: cannot read {source.path}: {exc.strerror}") from exc
+            files = read_model(source.path)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model {source.name!r}: {exc}") from None
+        digest = file_digest(files)
+        if expected_digest and expected_digest != digest:
+            raise ModelLoadError(
+                f"{source.path} changed since the service loaded it (sha256 {digest} of "
+                f"{files.described}, served {expected_digest})"
+            )
         if manifest.sha256 and manifest.sha256 != digest:
             raise ModelLoadError(
-                f"model {source.name!r}: {source.path.name} has sha256 {digest}; "
-                f"model.toml expects {manifest.sha256}"
+                f"model {source.name!r}: {files.described} has sha256 {digest}; model.toml expects "
+                f"{manifest.sha256}"
             )
+        slo_p99_ms = manifest.slo_p99_ms or settings.default_slo_p99_ms
+        limit_s = run_limit_s or warmup_limit_s(slo_p99_ms, settings.load_timeout_s)
+        build_s = max(limit_s, settings.load_timeout_s)
+        bound = request_bytes_limit(ServerSettings()) if max_request_bytes is None else max_request_bytes
         chain = registry.chain(list(providers) if providers else manifest.providers or settings.providers)
         try:
             placement = open_session(
-                source.path,
+                files.model,
                 chain=chain,
                 registry=registry,
                 configs=provider_configs,  # type: ignore[arg-type]
                 context=SessionContext(source.name, digest, cache_dir),
-                session_options=lambda: session_options(threads_per_call),
-                verify=_first_run(manifest.inputs),
+                session_options=lambda: files.add_to(session_options(threads_per_call)),
+                verify=_first_run(manifest.inputs, bound, (limit_s, build_s), host_eps(registry, chain)),
             )
         except ModelLoadError as exc:
             raise ModelLoadError(f"model {source.name!r} failed to load: {exc}") from exc
         signature = read_signature(placement.session, manifest.inputs)
-        limits = _limits(signature, manifest.batching, settings)
+        limits = cut_batches(source.name, signature, _limits(signature, manifest.batching, settings), bound)
         return cls(
             source=source,
             placement=placement,
             signature=signature,
             digest=digest,
-            precision=manifest.precision or detect_precision(source.path),
+            precision=manifest.precision or files.precision,
             limits=limits,
-            slo_p99_ms=manifest.slo_p99_ms or settings.default_slo_p99_ms,
+            slo_p99_ms=slo_p99_ms,
             threads_per_call=threads_per_call,
             load_s=time.perf_counter() - started,
+            max_request_bytes=bound,
+            run_limit_s=limit_s,
+            build_limit_s=build_s,
         )
 
     def open_solo(self, threads: int) -> None:
@@ -147,16 +180,19 @@ class LoadedModel:
         failure leaves the model without one (a lone request then runs as any other)."""
         before = _rss_bytes()
         try:
+            files = read_model(self.source.path)  # read again, never mapped: the same digest or none
+            if file_digest(files) != self.digest:
+                raise ModelLoadError(f"{self.source.path} changed since it was loaded ({files.digest})")
             # It runs only while nothing else does, so its threads may spin between operators: the
             # lone request's latency, not the shared cores, is what it is for. Without spinning the
             # 224 model took 3.3 ms here against raw ORT's 2.8 (its default spins).
-            options = session_options(threads, spinning=True)
-            solo = ort.InferenceSession(
-                str(self.source.path), options, providers=self.session.get_providers()
-            )
+            options = files.add_to(session_options(threads, spinning=True))
+            solo = ort.InferenceSession(files.model, options, providers=self.session.get_providers())
+            del files  # ORT has copied what it needs
             feed = self.example_inputs(1)
             if feed is not None:
-                solo.run(None, feed)  # first run allocates
+                with Deadline(self._limit_s(first=True), 1) as deadline:  # first run allocates
+                    solo.run(None, feed, deadline.options)
         except Exception as exc:  # noqa: BLE001 - an optimisation: without it the model serves as before
             log.warning(
                 "model %s: no %d-thread session for requests alone: %s", self.name, threads, ort_reason(exc)
@@ -192,7 +228,9 @@ class LoadedModel:
         """Run every preferred batch size `runs` times; check batched outputs keep their rows.
 
         Returns (rows, seconds) observations that seed the latency profile. A model whose
-        outputs do not follow the batch dimension is downgraded to one request at a time.
+        outputs do not follow the batch dimension is downgraded to one request at a time. Each run
+        has a deadline (`run_limit_s`): past it at the first size the model cannot serve
+        (ModelLoadError); at a larger size, batches stop short of it.
         """
         sizes = self.limits.preferred_batch_sizes if self.limits.is_batched else (1,)
         observations: list[tuple[int, float]] = []
@@ -202,24 +240,47 @@ class LoadedModel:
                 log.warning("model %s: warm-up skipped; set input shapes in model.toml", self.name)
                 return observations
             try:
-                results = self.run(feed)  # first run allocates; not timed
-            except ApplianceError as exc:
-                log.warning("model %s: warm-up with %d rows failed: %s", self.name, rows, exc)
+                with Deadline(self._limit_s(first=True), rows) as deadline:  # first run allocates; not timed
+                    results = self.session.run(None, feed, deadline.options)
+                if self.limits.is_batched and rows > 1 and not _rows_follow(results, rows):
+                    log.warning(
+                        "model %s: outputs do not follow the batch dimension; not batching", self.name
+                    )
+                    self.limits = BatchLimits(0, (), 0.0)
+                    return self.warm_up(runs)
+                for _ in range(runs):
+                    with Deadline(self.run_limit_s, rows) as deadline:
+                        started = time.perf_counter()
+                        self.session.run(None, feed, deadline.options)
+                        observations.append((rows, time.perf_counter() - started))
+            except RunTooLong as exc:
+                if rows == sizes[0]:
+                    raise ModelLoadError(f"model {self.name!r} cannot serve: {exc}") from None
+                smaller = tuple(size for size in sizes if size < rows)
+                log.warning("model %s: %s; batches stop at %d rows", self.name, exc, smaller[-1])
+                self.limits = BatchLimits(smaller[-1], smaller, self.limits.max_queue_delay_ms)
+                break
+            except ModelLoadError:  # the downgraded warm-up's own
+                raise
+            except Exception as exc:  # noqa: BLE001 - ORT raises many types; the model serves what it can
+                log.warning("model %s: warm-up with %d rows failed: %s", self.name, rows, ort_reason(exc))
                 return observations
-            if self.limits.is_batched and rows > 1 and not _rows_follow(results, rows):
-                log.warning("model %s: outputs do not follow the batch dimension; not batching", self.name)
-                self.limits = BatchLimits(0, (), 0.0)
-                return self.warm_up(runs)
-            for _ in range(runs):
-                started = time.perf_counter()
-                self.run(feed)
-                observations.append((rows, time.perf_counter() - started))
         self.warmup = observations
         return observations
+
+    def _limit_s(self, *, first: bool) -> float:
+        builds = first and not self.placement.uses_host_cores
+        return first_run_limit_s(self.run_limit_s, self.build_limit_s, builds=builds)
 
     def example_inputs(self, rows: int) -> dict[str, np.ndarray] | None:
         """Zero inputs of `rows` rows; None when a non-batch dim is dynamic (size unknown)."""
         return example_feed(self.signature, rows if self.limits.is_batched else None)
+
+
+def file_digest(files: ModelFiles) -> str:
+    """The sha256 a model is served under: model.onnx's and its external data's (engine/modelfiles.py).
+    A seam: the platform tests' dishonest node replaces it (tests/integration/platform/dishonest)."""
+    return files.digest
 
 
 def example_feed(signature: Signature, rows: int | None) -> dict[str, np.ndarray] | None:
@@ -236,20 +297,35 @@ def example_feed(signature: Signature, rows: int | None) -> dict[str, np.ndarray
     return feed
 
 
-def _first_run(overrides: Mapping[str, InputOverride]) -> Callable[[ort.InferenceSession], None]:
+def _first_run(
+    overrides: Mapping[str, InputOverride],
+    max_bytes: int,
+    limits_s: tuple[float, float],
+    host_eps: frozenset[str],
+) -> Callable[[ort.InferenceSession], None]:
     """One run right after session creation: some EPs (TensorRT, CUDA out of memory) fail only then.
 
     A provider that fails it falls back to the next. A rejection of the zero inputs themselves
     (INVALID_ARGUMENT, e.g. a shape input of 0) says nothing about the provider and is ignored.
+    Inputs larger than any request are not made (the load then says why the model cannot serve); the
+    run is stopped past its deadline (a device provider's first run may build its engine).
     """
 
     def verify(session: ort.InferenceSession) -> None:
         signature = read_signature(session, overrides)
-        feed = example_feed(signature, 1 if signature.is_batchable else None)
+        rows = 1 if signature.is_batchable else None
+        size = row_bytes(signature, rows is not None)
+        if size is not None and size > max_bytes:
+            return
+        feed = example_feed(signature, rows)
         if feed is None:
             return
+        builds = session.get_providers()[0] not in host_eps
         try:
-            session.run(None, feed)
+            with Deadline(first_run_limit_s(*limits_s, builds=builds), 1) as deadline:
+                session.run(None, feed, deadline.options)
+        except RunTooLong:
+            raise
         except Exception as exc:
             if "INVALID_ARGUMENT" not in str(exc):
                 raise
@@ -303,12 +379,9 @@ def _limits(signature: Signature, batching: Batching, settings: ModelSettings) -
     if max_rows == 0:
         return BatchLimits(0, (), 0.0)
     preferred = tuple(size for size in batching.preferred_batch_sizes if size <= max_rows)
-    if not preferred:
-        preferred = tuple(
-            sorted({1, *(2**k for k in range(max_rows.bit_length()) if 2**k <= max_rows), max_rows})
-        )
     delay = batching.max_queue_delay_ms
-    return BatchLimits(max_rows, preferred, settings.default_max_queue_delay_ms if delay is None else delay)
+    default_delay = settings.default_max_queue_delay_ms
+    return BatchLimits(max_rows, preferred or powers(max_rows), default_delay if delay is None else delay)
 
 
 def _example_shape(spec: TensorSpec, rows: int | None) -> tuple[int, ...] | None:
@@ -320,8 +393,8 @@ def _example_shape(spec: TensorSpec, rows: int | None) -> tuple[int, ...] | None
     return tuple(dims)
 
 
-def _rows_follow(results: Mapping[str, np.ndarray], rows: int) -> bool:
-    return all(array.ndim >= 1 and array.shape[0] == rows for array in results.values())
+def _rows_follow(results: Sequence[np.ndarray], rows: int) -> bool:
+    return all(array.ndim >= 1 and array.shape[0] == rows for array in results)
 
 
 def _ort_value(name: str, array: np.ndarray) -> np.ndarray:

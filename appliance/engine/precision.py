@@ -36,6 +36,11 @@ def detect_precision(path: Path) -> str:
     except Exception as exc:  # noqa: BLE001 - ORT already loaded it; this is only a label
         log.debug("precision of %s unknown: %s", path, exc)
         return "unknown"
+    return precision_of(model)
+
+
+def precision_of(model: onnx.ModelProto) -> str:
+    """detect_precision of a model already parsed (the engine parses model.onnx once, from memory)."""
     if any(node.op_type in _QUANTISED_OPS for node in model.graph.node):
         return "int8"
     weights: Counter[str] = Counter()

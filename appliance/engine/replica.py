@@ -8,8 +8,10 @@ take CPU time that line work leaves, and never a lock line work waits for.
 
 This module is the service's side: it starts the child (engine/replica_main.py) with a small spec of the
 model, talks to it in frames (engine/frames.py), one Unix stream socket per pool worker, and restarts it
-when it dies. The child reopens the same file (same digest) on the same provider with the same threads
-per call, so its outputs are the parent's.
+when it dies. The child reopens the same files (same digest, external data included) on the same provider
+with the same threads per call and the same request bound, so its outputs are the parent's. The spec is
+sent from a thread of its own: the child reads it only after its imports, at idle priority, so a caller
+(the event loop, a worker holding the replica's lock) must never wait for that.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from appliance.settings import ModelSettings
 log = logging.getLogger(__name__)
 OOM_SCORE_ADJ = 500  # short of memory, the kernel kills pool work before the line; raising needs no right
 LOAD_LIMIT_S = 300.0  # a child not ready by then is given up (killed): pool work runs in-process
+SPEC_JOIN_S = 5.0  # the spec's sender ends at once when its socket is shut down; this only bounds it
 
 _ERRORS: dict[str, type[errors.ApplianceError]] = {
     "InvalidInput": errors.InvalidInput,
@@ -61,8 +64,9 @@ class ReplicaSpec:
     models: ModelSettings
     cache_dir: Path
     threads_per_call: int
-    digest: str
+    digest: str  # of model.onnx and its external data (engine/modelfiles.py): the child checks it
     idle_priority: bool = True  # the child computes at idle CPU priority
+    max_request_bytes: int | None = None  # the parent's bound on warm-up feeds and batches (engine/bounds.py)
 
     @classmethod
     def of(
@@ -74,8 +78,13 @@ class ReplicaSpec:
         cache_dir: Path,
         idle_priority: bool = True,
     ) -> ReplicaSpec:
+        # Free text (labels: up to a MiB of them; the description, parameters) is for people and model
+        # metadata: the child does not need it, and every byte of the spec is one it must read.
+        manifest = model.source.manifest.model_copy(
+            update={"description": "", "labels": [], "parameters": {}}
+        )
         return cls(
-            model.source,
+            replace(model.source, manifest=manifest),
             model.provider,
             dict(provider_options),
             models,
@@ -83,6 +92,7 @@ class ReplicaSpec:
             model.threads_per_call,
             model.digest,
             idle_priority,
+            model.max_request_bytes or None,
         )
 
 
@@ -109,7 +119,16 @@ class _Child:
             Path(f"/proc/{self.process.pid}/oom_score_adj").write_text(str(OOM_SCORE_ADJ))
         self.ready = [False] * channels
         self.started_s = time.monotonic()
-        send_frame(self.sockets[0], pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
+        # Nothing is sent on channel 0 before the child's ready, which it sends once it has read this.
+        self.sending = threading.Thread(
+            target=self._send_spec, args=(spec,), name=f"replica-spec-{self.process.pid}", daemon=True
+        )
+        self.sending.start()
+
+    def _send_spec(self, spec: ReplicaSpec) -> None:
+        """Send the spec; the child reads it when it gets to it (or dies, or is closed: then nothing)."""
+        with contextlib.suppress(OSError):
+            send_frame(self.sockets[0], pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
 
     @property
     def has_exited(self) -> bool:
@@ -118,7 +137,9 @@ class _Child:
     def close(self, timeout_s: float) -> int | None:
         for sock in self.sockets:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)  # a spec still being sent fails at once (EPIPE)
+        self.sending.join(SPEC_JOIN_S)  # before the close: its fd must not be reused while it sends
+        for sock in self.sockets:
             sock.close()
         try:
             return self.process.wait(timeout_s)  # it exits once its sockets close

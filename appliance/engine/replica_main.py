@@ -25,23 +25,15 @@ from appliance.engine.frames import receive_frame, receive_message, send_message
 from appliance.engine.model import LoadedModel
 from appliance.engine.priority import lower_priority
 from appliance.engine.replica import OOM_SCORE_ADJ, ReplicaSpec
-from appliance.engine.repository import file_digest
 
 log = logging.getLogger(__name__)
 
 
 def open_model(spec: ReplicaSpec) -> LoadedModel:
-    """The parent's model, reopened exactly: same file (digest checked), provider and threads."""
+    """The parent's model, reopened exactly: same files (the digest of model.onnx and its external data,
+    checked on the very bytes the session is made from), provider, threads and request bound."""
     from appliance.providers.registry import Registry  # the child's own discovery of plugins and EPs
 
-    try:
-        digest = file_digest(spec.source.path)
-    except OSError as exc:
-        raise errors.ModelLoadError(f"cannot read {spec.source.path}: {exc.strerror}") from exc
-    if digest != spec.digest:
-        raise errors.ModelLoadError(
-            f"{spec.source.path} changed since the service loaded it (sha256 {digest}, served {spec.digest})"
-        )
     registry = Registry.discover()
     model = LoadedModel.load(
         spec.source,
@@ -51,6 +43,8 @@ def open_model(spec: ReplicaSpec) -> LoadedModel:
         cache_dir=spec.cache_dir,
         threads_per_call=spec.threads_per_call,
         providers=[spec.provider],
+        max_request_bytes=spec.max_request_bytes,
+        expected_digest=spec.digest,
     )
     model.warm_up(0)  # first runs allocate; the parent's profile is the one that counts
     return model

@@ -22,7 +22,7 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class OnDisk:
-    """The version the repository would serve now, and the sha256 of its model.onnx."""
+    """The version the repository would serve now, and its digest (model.onnx with its external data)."""
 
     version: str
     sha256: str

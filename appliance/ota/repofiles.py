@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from appliance.engine.files import Files
+from appliance.errors import ApplianceError
 from appliance.ota.store import OtaError
 
-MAX_MODEL_BYTES = 8 << 30  # model.onnx; protobuf caps an ONNX file at 2 GiB, larger weights are external
+MAX_MODEL_BYTES = 2**31 - 1  # model.onnx: protobuf's 2 GiB limit, as the service's (engine/modelfiles.py)
+MAX_WEIGHTS_BYTES = 64 << 30  # one external data file beside it
 MAX_SAMPLES_BYTES = 256 << 20  # samples.npz on disk, and the arrays it declares, all together
 _CHUNK = 1 << 20
 
@@ -161,6 +163,26 @@ def _is_link_at(folder: int, name: str) -> bool:
         return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
     except OSError:
         return False
+
+
+def model_digest(repository: Path, path: Path) -> str:
+    """The served digest of model.onnx `path` (engine.modelfiles.ModelFiles.digest): model.onnx's
+    sha256, or with external data the digest of its listing, every file read as `open_file` allows."""
+    from appliance.engine import modelfiles  # parses ONNX (onnxruntime, onnx): only where a verb needs it
+
+    fd = open_file(repository, path, MAX_MODEL_BYTES)
+    with os.fdopen(fd, "rb") as stream:
+        data = stream.read(MAX_MODEL_BYTES + 1)
+    if len(data) > MAX_MODEL_BYTES:
+        raise OtaError(f"{path} grew past {MAX_MODEL_BYTES} bytes while root read it")
+    try:
+        locations = modelfiles.external_locations(data)
+    except ApplianceError as exc:
+        raise OtaError(str(exc)) from None
+    external = [
+        (location, digest(repository, path.parent / location, MAX_WEIGHTS_BYTES)) for location in locations
+    ]
+    return modelfiles.listing_digest(hashlib.sha256(data).hexdigest(), external)
 
 
 def digest(repository: Path, path: Path, max_bytes: int = MAX_MODEL_BYTES) -> str:

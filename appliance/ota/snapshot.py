@@ -82,7 +82,8 @@ def config_record(path: Path | None) -> tuple[dict[str, Any] | None, bytes | Non
 
 
 def digests_on_disk(repository: Path, names: list[str] | None = None) -> dict[str, OnDisk]:
-    """The version each model of the repository would serve, and its model.onnx sha256.
+    """The version each model of the repository would serve, and its digest as the service reports it
+    (model.onnx, with its external data where it has some).
 
     A model whose file root may not read (a symlink, not a regular file, too large: see repofiles)
     is left out with a warning, as one that cannot be read is: the caller goes on without it.
@@ -92,7 +93,7 @@ def digests_on_disk(repository: Path, names: list[str] | None = None) -> dict[st
     for name in repo.names() if names is None else names:
         try:
             source = repo.source(name)
-            found[name] = OnDisk(str(source.version), repofiles.digest(repository, source.path))
+            found[name] = OnDisk(str(source.version), repofiles.model_digest(repository, source.path))
         except (ApplianceError, OSError) as exc:
             log.warning("model %s: no digest on disk: %s", name, exc)
     return found

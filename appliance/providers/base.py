@@ -29,7 +29,7 @@ class SessionContext:
     """What a provider may need to build options for one model load."""
 
     model_name: str
-    model_digest: str  # sha256 hex of the model file
+    model_digest: str  # sha256 hex of model.onnx and its external data (engine/modelfiles.py)
     # Given to open_session: the cache root. A provider sees `<root>/<its key>`; it keys entries under
     # that by model digest and runtime versions (see caches.keyed_dir).
     cache_dir: Path

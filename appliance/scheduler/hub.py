@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from appliance.engine.bounds import request_bytes_limit
 from appliance.engine.model import LoadedModel, return_freed_memory
 from appliance.engine.replica import ReplicaSpec
 from appliance.engine.repository import ModelSource, Repository
@@ -332,6 +333,7 @@ class ModelHub:
                 provider_configs=self.provider_configs,
                 cache_dir=self.settings.system.cache_dir,
                 threads_per_call=threads,
+                max_request_bytes=request_bytes_limit(self.settings.server),
             )
             model.warm_up(self.settings.models.warmup_runs)
             return model

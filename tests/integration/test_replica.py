@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import modelzoo
 import numpy as np
+import onnx
 import pytest
+from external_weights import external_model, set_weights
 from tests_support import load_model
 
 from appliance.engine import frames as wire
-from appliance.engine.replica import ReplicaSpec
+from appliance.engine.replica import Replica, ReplicaSpec
 from appliance.errors import DeadlineExceeded, InferenceFailed
 from appliance.scheduler.placement import PoolRules, Where
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
-from appliance.settings import Settings
+from appliance.settings import ModelSettings, Settings
 from appliance.system import cpu
 
 FAR_SLO = "slo_p99_ms = 60000\n"  # these tests are about where work runs, never about its deadline
+WAIT_S = 60.0  # how long a failing test waits for what a passing one gets at once
 
 
 def pool_scheduler(model, instances: int = 2, *, idle_priority: bool = False) -> ModelScheduler:
@@ -246,6 +252,90 @@ def test_a_child_that_cannot_open_the_model_leaves_pool_work_in_process(tmp_path
     np.testing.assert_array_equal(again["y"], rows(6)["x"] * 2 + 1)
     assert failure is not None and "changed since the service loaded it" in failure
     assert pid is None
+
+
+def test_the_pool_child_refuses_weights_changed_since_the_service_loaded_them(tmp_path: Path) -> None:
+    """The digest covers external data: a child that would reopen other weights than the service's
+    (model.onnx untouched) cannot serve, and pool work runs in-process on the served ones."""
+    version = tmp_path / "repo" / "m" / "1"
+    external_model(version, weight=2.0)
+    model = load_model(tmp_path, onnx.load(str(version / "model.onnx"), load_external_data=False), FAR_SLO)
+    set_weights(version, -5.0)  # after the service loaded them
+
+    async def scenario():
+        scheduler = pool_scheduler(model, instances=1)
+        try:
+            outputs = await scheduler.infer({"x": np.ones((1, 4), np.float32)}, priority=Priority.POOL)
+            return outputs, scheduler.replica.failure
+        finally:
+            await scheduler.close()
+
+    outputs, failure = asyncio.run(scenario())
+    np.testing.assert_array_equal(outputs["y"], np.full((1, 4), 2.0))
+    assert failure is not None and "changed since the service loaded it" in failure, failure
+    assert "weights.bin" in failure
+
+
+LABELS = "labels = [" + ", ".join(f'"label-{i:06d}"' for i in range(60_000)) + "]\n"  # ~900 KB of text
+
+
+def test_the_spec_leaves_free_text_out_and_the_child_serves_without_it(tmp_path: Path) -> None:
+    """The child reads its spec after its imports, at idle priority: each byte is one it must read."""
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO + LABELS + 'description = "bolts"\n')
+    assert len(model.source.manifest.labels) == 60_000
+    spec = ReplicaSpec.of(model, models=Settings().models, provider_options={}, cache_dir=tmp_path / "c")
+    assert len(pickle.dumps(spec)) < 16 * 1024
+    assert (spec.source.manifest.labels, spec.source.manifest.description) == ([], "")
+    assert spec.source.manifest.slo_p99_ms == model.slo_p99_ms and spec.digest == model.digest
+    assert len(model.source.manifest.labels) == 60_000  # the served model keeps them
+
+    async def scenario():
+        scheduler = pool_scheduler(model, instances=1)
+        try:
+            return await scheduler.infer(rows(7), priority=Priority.POOL), scheduler.replica
+        finally:
+            await scheduler.close()
+
+    outputs, replica = asyncio.run(scenario())
+    np.testing.assert_array_equal(outputs["y"], rows(7)["x"] * 2 + 1)
+    assert replica.failure is None and sum(replica.ran.values()) == 1
+
+
+def test_starting_a_pool_process_never_waits_for_it_to_read_its_spec(tmp_path: Path, monkeypatch) -> None:
+    """Replica.start runs on the event loop (ModelScheduler.start) and a restart under the replica's
+    lock: neither may wait for a child that is slow to read, here one stopped before its imports,
+    with a spec larger than a socket's buffer (a long provider list: any spec that size)."""
+    from appliance.engine import replica as replicas
+
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
+    spec = dataclasses.replace(
+        ReplicaSpec.of(model, models=Settings().models, provider_options={}, cache_dir=tmp_path / "c"),
+        models=ModelSettings(providers=[f"provider-{i}" for i in range(100_000)]),
+    )
+    assert len(pickle.dumps(spec)) > 1 << 20
+    stopped: list[int] = []
+
+    def stop(pid: int | None = None) -> None:  # where the child is lowered to idle priority, at its start
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    monkeypatch.setattr(replicas, "lower_priority", stop)
+    replica = Replica(spec, 1)
+    started = threading.Event()
+    starter = threading.Thread(target=lambda: (replica.start(), started.set()), daemon=True)
+    try:
+        starter.start()
+        has_started = started.wait(WAIT_S)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)  # a blocked start (the bug) can now finish
+    assert has_started, "Replica.start waited for the child to read its spec"
+    starter.join(WAIT_S)
+    try:
+        outputs, _ = replica.run(0, rows(8), wait_s=WAIT_S)
+    finally:
+        replica.close()
+    np.testing.assert_array_equal(outputs["y"], rows(8)["x"] * 2 + 1)
 
 
 @pytest.mark.parametrize(
