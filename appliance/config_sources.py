@@ -116,6 +116,35 @@ def unit_directory(variable: str) -> str:
     return os.environ.get(variable, "").split(":")[0]
 
 
+def runtime_dir() -> Path:
+    """A runtime folder only this user can write: systemd's, the provisioned one, or one under the
+    user's own runtime or home folder. /tmp is never used: anyone could create the folder first.
+    $RUNTIME_DIRECTORY counts only in the service (see ignoring_unit_directories)."""
+    value = unit_directory("RUNTIME_DIRECTORY")
+    if value:
+        return Path(value)
+    installed = "/run/appliance"
+    if os.path.isdir(installed) and os.access(installed, os.R_OK | os.W_OK | os.X_OK):
+        return Path(installed)
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "appliance"
+    return Path("~/.local/state/appliance/run").expanduser()
+
+
+def systemd_dir(variable: str, installed: str, fallback: str) -> Path:
+    """$VARIABLE (systemd sets it for the service), else the provisioned folder if this user may use it
+    (so `appliance ota`, run by an update hook or the health check, finds the service's socket and
+    state), else a per-user fallback. $VARIABLE counts only in the service, not in `appliance ota`
+    (see ignoring_unit_directories)."""
+    value = unit_directory(variable)
+    if value:
+        return Path(value)
+    if os.path.isdir(installed) and os.access(installed, os.R_OK | os.X_OK):
+        return Path(installed)
+    return Path(fallback).expanduser()
+
+
 @contextlib.contextmanager
 def ignoring_unit_directories() -> Iterator[None]:
     """Settings loaded inside this block take no folder from $RUNTIME_DIRECTORY, $STATE_DIRECTORY or

@@ -19,9 +19,10 @@ from appliance.config_sources import (
     read_credentials,
     read_environ,
     read_toml,
+    runtime_dir,
+    systemd_dir,
     topic_level,
     topic_prefix,
-    unit_directory,
 )
 from appliance.errors import ConfigError
 
@@ -38,22 +39,6 @@ def _bundled_models() -> Path:
 
 
 BUNDLED_MODELS = _bundled_models()
-
-
-def _runtime_dir() -> Path:
-    """A runtime folder only this user can write: systemd's, the provisioned one, or one under the
-    user's own runtime or home folder. /tmp is never used: anyone could create the folder first.
-    $RUNTIME_DIRECTORY counts only in the service (see config_sources.ignoring_unit_directories)."""
-    value = unit_directory("RUNTIME_DIRECTORY")
-    if value:
-        return Path(value)
-    installed = "/run/appliance"
-    if os.path.isdir(installed) and os.access(installed, os.R_OK | os.W_OK | os.X_OK):
-        return Path(installed)
-    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "appliance"
-    return Path("~/.local/state/appliance/run").expanduser()
 
 
 def _section(title: str) -> ConfigDict:
@@ -331,19 +316,19 @@ class SystemSettings(BaseModel):
     model_config = _section("System")
 
     state_dir: Path = Field(
-        default_factory=lambda: _systemd_dir(
+        default_factory=lambda: systemd_dir(
             "STATE_DIRECTORY", "/var/lib/appliance", "~/.local/state/appliance"
         ),
         description="Persistent state (pool session counter, OTA snapshots); $STATE_DIRECTORY wins in the "
         "service (not in `appliance ota`).",
     )
     cache_dir: Path = Field(
-        default_factory=lambda: _systemd_dir("CACHE_DIRECTORY", "/var/cache/appliance", "~/.cache/appliance"),
+        default_factory=lambda: systemd_dir("CACHE_DIRECTORY", "/var/cache/appliance", "~/.cache/appliance"),
         description="Caches (compiled engines); $CACHE_DIRECTORY wins in the service (not in "
         "`appliance ota`).",
     )
     runtime_dir: Path = Field(
-        default_factory=_runtime_dir,
+        default_factory=runtime_dir,
         description="Runtime files (admin socket): $RUNTIME_DIRECTORY (in the service, not in `appliance "
         "ota`), else /run/appliance where this "
         "user may use it, else $XDG_RUNTIME_DIR/appliance, else ~/.local/state/appliance/run. Never a "
@@ -502,19 +487,6 @@ class _Layer(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return deep_copy(self._data)
-
-
-def _systemd_dir(variable: str, installed: str, fallback: str) -> Path:
-    """$VARIABLE (systemd sets it for the service), else the provisioned folder if this user may use it
-    (so `appliance ota`, run by an update hook or the health check, finds the service's socket and
-    state), else a per-user fallback. $VARIABLE counts only in the service, not in `appliance ota`
-    (see config_sources.ignoring_unit_directories)."""
-    value = unit_directory(variable)
-    if value:
-        return Path(value)
-    if os.path.isdir(installed) and os.access(installed, os.R_OK | os.X_OK):
-        return Path(installed)
-    return Path(fallback).expanduser()
 
 
 def config_schema() -> dict[str, Any]:
