@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,8 +113,37 @@ class Ledger:
         cost the gateway more CPU per receipt than the database did (bench/swarm.py). A connection
         that fails is dropped and the next batch opens another."""
         rows = [_values(receipt) for receipt in batch]
-        if not rows:
-            return
+        if rows:
+            self._in_transaction(lambda cursor: cursor.executemany(self._insert_sql, rows))
+
+    def write_each(self, batch: Iterable[Receipt]) -> list[Exception | None]:
+        """Insert receipts in one transaction, each under its own savepoint: a row the database refuses
+        (a number out of range, a string too long) is left out and its error returned in its place,
+        None for each row written. What fails for the database as a whole (`is_unavailable`, or the
+        commit) is raised, and then nothing was written."""
+        rows = [_values(receipt) for receipt in batch]
+        outcomes: list[Exception | None] = []
+
+        def insert_each(cursor: Any) -> None:
+            for row in rows:
+                cursor.execute("SAVEPOINT receipt")
+                try:
+                    cursor.execute(self._insert_sql, row)
+                except Exception as exc:
+                    if self.is_unavailable(exc):
+                        raise
+                    cursor.execute("ROLLBACK TO SAVEPOINT receipt")
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(None)
+                cursor.execute("RELEASE SAVEPOINT receipt")
+
+        self._in_transaction(insert_each)
+        return outcomes
+
+    def _in_transaction(self, work: Callable[[Any], object]) -> None:
+        """`work(cursor)` in one committed transaction on the receipts connection; a connection on
+        which anything fails is dropped (its open transaction rolled back) and the error raised."""
         if self._receipts is None:
             self._receipts = self.engine.raw_connection()
         connection = self._receipts
@@ -123,7 +152,7 @@ class Ledger:
             try:
                 if self.is_sqlite:  # autocommit mode (see _sqlite_setup): the transaction is ours
                     cursor.execute("BEGIN IMMEDIATE")
-                cursor.executemany(self._insert_sql, rows)
+                work(cursor)
                 if self.is_sqlite:
                     cursor.execute("COMMIT")
                 else:
@@ -135,46 +164,6 @@ class Ledger:
             with contextlib.suppress(Exception):
                 connection.invalidate()  # rolls back what is open, and never returns it to the pool
             raise
-
-    def write_each(self, batch: Iterable[Receipt]) -> list[Exception | None]:
-        """Insert receipts in one transaction, each under its own savepoint: a row the database refuses
-        (a number out of range, a string too long) is left out and its error returned in its place,
-        None for each row written. What fails for the database as a whole (`is_unavailable`, or the
-        commit) is raised, and then nothing was written."""
-        rows = [_values(receipt) for receipt in batch]
-        if self._receipts is None:
-            self._receipts = self.engine.raw_connection()
-        connection = self._receipts
-        outcomes: list[Exception | None] = []
-        try:
-            cursor = connection.cursor()
-            try:
-                if self.is_sqlite:
-                    cursor.execute("BEGIN IMMEDIATE")
-                for row in rows:
-                    cursor.execute("SAVEPOINT receipt")
-                    try:
-                        cursor.execute(self._insert_sql, row)
-                    except Exception as exc:
-                        if self.is_unavailable(exc):
-                            raise
-                        cursor.execute("ROLLBACK TO SAVEPOINT receipt")
-                        outcomes.append(exc)
-                    else:
-                        outcomes.append(None)
-                    cursor.execute("RELEASE SAVEPOINT receipt")
-                if self.is_sqlite:
-                    cursor.execute("COMMIT")
-                else:
-                    connection.commit()
-            finally:
-                cursor.close()
-        except Exception:
-            self._receipts = None
-            with contextlib.suppress(Exception):
-                connection.invalidate()
-            raise
-        return outcomes
 
     def is_unavailable(self, exc: BaseException) -> bool:
         """Whether an error from `write` is the database's (unreachable, locked, its disk) rather than
