@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from appliance.errors import ConfigError
+
 
 class Files:
     """The service's view: ordinary path operations, symlinks followed."""
@@ -31,3 +33,15 @@ class Files:
 
 
 FOLLOW = Files()
+
+
+def read_bounded(files: Files, path: Path, limit: int, read_as: str, expected: str) -> bytes:
+    """`path` whole through `files`, at most `limit` bytes; ConfigError if it cannot be read ("cannot
+    be read as <read_as>") or is larger ("expected <expected>")."""
+    try:
+        data = files.read(path, limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read as {read_as} ({exc})") from exc
+    if len(data) > limit:
+        raise ConfigError(f"{path}: larger than {limit} bytes; expected {expected}")
+    return data

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.engine.files import FOLLOW, Files
+from appliance.engine.files import FOLLOW, Files, read_bounded
 from appliance.errors import ConfigError
 
 MANIFEST_NAME = "model.toml"
@@ -135,13 +135,7 @@ def read_manifest(model_dir: Path, files: Files = FOLLOW) -> Manifest:
 
 def read_manifest_bytes(path: Path, files: Files = FOLLOW) -> bytes:
     """The bytes of model.toml `path`, bounded; ConfigError if it cannot be read or is too large."""
-    try:
-        raw = files.read(path, MAX_MANIFEST_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read as TOML ({exc})") from exc
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; expected a manifest of a few KiB")
-    return raw
+    return read_bounded(files, path, MAX_MANIFEST_BYTES, "TOML", "a manifest of a few KiB")
 
 
 def parse_manifest(raw: bytes, path: Path) -> Manifest:

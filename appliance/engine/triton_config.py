@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from appliance.engine import pbtxt
-from appliance.engine.files import FOLLOW, Files
+from appliance.engine.files import FOLLOW, Files, read_bounded
 from appliance.engine.manifest import Manifest, problems
 from appliance.errors import ConfigError
 
@@ -83,13 +83,7 @@ def read_triton_config(path: Path, model: str, files: Files = FOLLOW) -> TritonC
 
 def read_config_bytes(path: Path, files: Files = FOLLOW) -> bytes:
     """The bytes of config.pbtxt `path`, bounded; ConfigError if it cannot be read or is too large."""
-    try:
-        data = files.read(path, MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; expected a config of a few KiB")
-    return data
+    return read_bounded(files, path, MAX_CONFIG_BYTES, "UTF-8 text", "a config of a few KiB")
 
 
 def parse_triton_config(data: bytes, path: Path, model: str) -> TritonConfig:
