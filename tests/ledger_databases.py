@@ -6,17 +6,38 @@ schema (search_path in the URL), dropped afterwards, so tests run side by side o
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 
 POSTGRES = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 KINDS = ("sqlite", "postgresql")
+
+
+@asynccontextmanager
+async def writer_held(writer: Any) -> AsyncIterator[None]:
+    """A LedgerWriter's thread busy until the block ends: what is sent to it inside queues up."""
+    busy, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        busy.set()
+        release.wait(30)
+
+    held = asyncio.ensure_future(writer.call(hold))
+    assert await asyncio.to_thread(busy.wait, 30)
+    try:
+        yield
+    finally:
+        release.set()
+        await held
 
 
 def _admin() -> object:

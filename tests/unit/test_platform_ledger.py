@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from ledger_databases import KINDS, ledger_url
+from ledger_databases import KINDS, ledger_url, writer_held
 from sqlalchemy import select, text
 
 from appliance.errors import ConfigError
@@ -179,23 +178,14 @@ def test_a_lost_database_connection_fails_its_batch_and_the_next_one_reconnects(
 @pytest.mark.asyncio
 async def test_a_waiter_cancelled_while_the_writer_is_busy_does_not_stop_the_writer(tmp_path: Path) -> None:
     writer = LedgerWriter(Ledger.open(str(tmp_path / "ledger.sqlite3")))
-    busy, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        busy.set()
-        release.wait(30)
-
-    held = asyncio.ensure_future(writer.call(hold))
-    assert await asyncio.to_thread(busy.wait, 30)
-    cancelled = [
-        asyncio.ensure_future(writer.commit(receipt("j1/0"))),
-        asyncio.ensure_future(writer.call(writer.ledger.pin, "s/n1", KEY_A)),
-    ]
-    await asyncio.sleep(0)  # both are queued behind `hold`
-    for task in cancelled:
-        task.cancel()
-    release.set()
-    await held
+    async with writer_held(writer):
+        cancelled = [
+            asyncio.ensure_future(writer.commit(receipt("j1/0"))),
+            asyncio.ensure_future(writer.call(writer.ledger.pin, "s/n1", KEY_A)),
+        ]
+        await asyncio.sleep(0)  # both are queued behind the hold
+        for task in cancelled:
+            task.cancel()
     await asyncio.wait_for(writer.commit(receipt("j2/0")), 30)  # the writer goes on
     assert (await asyncio.wait_for(writer.call(writer.ledger.pin, "s/n2", KEY_B), 30)).public_key == KEY_B
     writer.close()

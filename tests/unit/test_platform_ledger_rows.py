@@ -4,13 +4,12 @@ PostgreSQL); and the ledger report bills no more compute than the gateway saw.""
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ledger_databases import KINDS, ledger_url
+from ledger_databases import KINDS, ledger_url, writer_held
 from sqlalchemy import select, text
 from test_platform_ledger import receipt
 
@@ -41,19 +40,10 @@ BAD_ROWS = [
 
 async def committed_together(writer: LedgerWriter, receipts: list[object]) -> list[BaseException | None]:
     """Commit the receipts in one group: the writer is held until every one of them waits for it."""
-    busy, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        busy.set()
-        release.wait(30)
-
-    held = asyncio.ensure_future(writer.call(hold))
-    assert await asyncio.to_thread(busy.wait, 30)
-    waiting = [asyncio.ensure_future(writer.commit(r)) for r in receipts]  # type: ignore[arg-type]
-    while writer.waiting < len(receipts):
-        await asyncio.sleep(0)  # each commit queues its receipt on its first step
-    release.set()
-    await held
+    async with writer_held(writer):
+        waiting = [asyncio.ensure_future(writer.commit(r)) for r in receipts]  # type: ignore[arg-type]
+        while writer.waiting < len(receipts):
+            await asyncio.sleep(0)  # each commit queues its receipt on its first step
     return await asyncio.gather(*waiting, return_exceptions=True)
 
 
