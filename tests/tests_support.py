@@ -23,6 +23,21 @@ JSON_VALUES = st.recursive(
 )
 
 
+def buyers_file(tmp_path: Path, **entries: str) -> Path:
+    """<tmp_path>/buyers.toml with one buyer per entry, its token `<name>-secret`, and the entry's extra
+    TOML lines."""
+    from appliance.platform.buyers import token_digest
+
+    path = tmp_path / "buyers.toml"
+    path.write_text(
+        "".join(
+            f'[buyers.{name}]\ntoken_sha256 = "{token_digest(name + "-secret")}"\n{extra}\n'
+            for name, extra in entries.items()
+        )
+    )
+    return path
+
+
 def strip_scheme(url: str) -> str:
     return url.split("://", 1)[1]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests_support import buyers_file
 
 from appliance import errors
 from appliance.platform.admission import Admission, ReadingBudgetSpent
@@ -22,17 +23,6 @@ from appliance.platform.settings import GatewaySettings, PlatformSettings
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 INT8, SAMPLES = MODELS / "surface_defect/1/model.onnx", MODELS / "surface_defect/1/samples.npz"
-
-
-def buyers_file(tmp_path: Path, **entries: str) -> Path:
-    path = tmp_path / "buyers.toml"
-    path.write_text(
-        "".join(
-            f'[buyers.{name}]\ntoken_sha256 = "{token_digest(name + "-secret")}"\n{extra}\n'
-            for name, extra in entries.items()
-        )
-    )
-    return path
 
 
 def admission(buyers: Buyers, **settings: Any) -> Admission:

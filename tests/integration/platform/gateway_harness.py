@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import socket
 import tempfile
@@ -22,6 +23,7 @@ from pool_recorder import Names, pool_section
 
 from appliance.platform.gateway import Gateway
 from appliance.platform.settings import PlatformSettings
+from appliance.platform.watch import watch_gateway
 from appliance.protocol import codec
 
 WAIT_S = 60.0
@@ -150,6 +152,14 @@ def run_nodes(
         for node in nodes:
             node.process.wait_for(READY, WAIT_S)
         yield nodes
+
+
+async def watched(url: str, token: str) -> tuple[int, str]:
+    """`appliance platform watch --gateway URL --once` with an operator's token: its exit code and what
+    it printed."""
+    out = io.StringIO()
+    code = await asyncio.to_thread(watch_gateway, url, token=token, once=True, out=out)
+    return code, out.getvalue()
 
 
 def request_body(rows: int = 1, *, binary: bool = False) -> tuple[np.ndarray, bytes, dict[str, str]]:

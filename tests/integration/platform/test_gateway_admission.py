@@ -14,12 +14,12 @@ import numpy as np
 import orjson
 import pytest
 from checks_fixtures import INT8, NAME, SAMPLES, sha256
-from gateway_harness import RunningGateway, run_gateway, until
+from gateway_harness import RunningGateway, run_gateway, until, watched
 from pool_brokers import Broker
 from pool_recorder import Names, Recorder
+from tests_support import buyers_file
 
 from appliance.platform.buyers import token_digest
-from appliance.platform.watch import watch_gateway
 from appliance.pool import identity, signing
 from appliance.protocol import codec
 
@@ -81,14 +81,7 @@ def admission(gateway: RunningGateway) -> Any:
 
 
 def buyers(tmp_path: Path, **entries: str) -> str:
-    path = tmp_path / "buyers.toml"
-    path.write_text(
-        "".join(
-            f'[buyers.{name}]\ntoken_sha256 = "{token_digest(name + "-secret")}"\n{extra}\n'
-            for name, extra in entries.items()
-        )
-    )
-    return str(path)
+    return str(buyers_file(tmp_path, **entries))
 
 
 @pytest.mark.asyncio
@@ -182,17 +175,8 @@ async def test_the_fleet_view_is_for_operators_only(tmp_path: Path, broker: Brok
                 await http.post("/v2/repository/index", headers={"Authorization": "Bearer ops-secret"})
             ).status_code == 401
         assert gateway.nodes()["gateway"] == gateway.gateway.settings.gateway_id  # the operator's token
-        lines: list[str] = []
-
-        class Sink:
-            def write(self, text: str) -> None:
-                lines.append(text)
-
-            def flush(self) -> None:
-                pass
-
-        code = await asyncio.to_thread(watch_gateway, gateway.url, token="ops-secret", once=True, out=Sink())  # type: ignore[arg-type]
-        assert code == 0 and "gateways:" in "".join(lines)
+        code, printed = await watched(gateway.url, "ops-secret")
+        assert code == 0 and "gateways:" in printed
     # No buyers file (no token asked anywhere) but an operator listed: the view is the operator's only.
     with run_gateway(broker, names, operator_token_sha256=ops) as gateway:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:

@@ -12,12 +12,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from gateway_harness import request_body, run_gateway, run_nodes, until
+from gateway_harness import request_body, run_gateway, run_nodes, until, watched
 from pool_brokers import Broker
 from pool_recorder import Names
 
 from appliance.platform.buyers import token_digest
-from appliance.platform.watch import watch_gateway
 from appliance.pool import identity, signing
 from appliance.protocol import codec
 
@@ -136,18 +135,7 @@ async def test_buyers_call_the_pool_as_one_kserve_server(
             over = await http.post("/v2/models/batchable/infer", json=bad, headers=tiny)
             assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
 
-        lines: list[str] = []
-
-        class Sink:
-            def write(self, text: str) -> None:
-                lines.append(text)
-
-            def flush(self) -> None:
-                pass
-
-        token = "ops-secret"
-        await asyncio.to_thread(watch_gateway, gateway.url, token=token, once=True, out=Sink())  # type: ignore[arg-type]
-        table = "".join(lines)
+        _, table = await watched(gateway.url, "ops-secret")
         assert f"{names.site}/node-0" in table and f"{names.site}/node-1" in table and "online" in table
 
 
