@@ -54,7 +54,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.scheduler.hub import exit_if_loads_stuck
+    from appliance.scheduler.loading import exit_if_loads_stuck
     from appliance.service import Service
 
     settings = _settings(args)

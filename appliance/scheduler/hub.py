@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
-import os
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -27,6 +23,7 @@ from appliance.errors import (
 from appliance.providers.registry import Registry
 from appliance.scheduler import instances as instance_choice
 from appliance.scheduler.capacity import CpuBudget
+from appliance.scheduler.loading import DeadlineLoads
 from appliance.scheduler.placement import rules_for
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
 from appliance.scheduler.view import ModelView, pool_where
@@ -35,7 +32,6 @@ from appliance.settings import Settings
 log = logging.getLogger(__name__)
 
 _Loaded = tuple[LoadedModel, int, list[instance_choice.Trial]]
-_abandoned_loads: list[tuple[str, threading.Thread]] = []  # every hub's, for the exit (stuck_loads)
 
 
 class State(StrEnum):
@@ -82,9 +78,7 @@ class ModelHub:
         # models.load_timeout_s: ten minutes by default, since the TensorRT provider builds an engine on a
         # model's first load (minutes on a Jetson; seconds once it is in the engine cache).
         self.load_timeout_s = settings.models.load_timeout_s
-        # Loads that passed their deadline and are still running, by model: a thread cannot be stopped,
-        # so no further load of that model starts while its last one runs (one stuck thread per model).
-        self._abandoned: dict[str, threading.Thread] = {}
+        self.loads: DeadlineLoads[_Loaded] = DeadlineLoads(lambda loaded: loaded[0].close())
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(list(self._entries.values()))
@@ -159,7 +153,9 @@ class ModelHub:
             try:
                 source = await asyncio.to_thread(self.repository.source, name)  # parses: off the loop
                 kept = None if old is None or old.scheduler is None else (old.scheduler.instances, old.trials)
-                model, count, trials = await self._load_in_time(name, source, kept)
+                model, count, trials = await self.loads.run(
+                    name, lambda: self._load_model(source, kept), self.load_timeout_s
+                )
             except ModelNotFound:
                 if old is None or old.scheduler is None:
                     self._entries.pop(name, None)
@@ -241,80 +237,6 @@ class ModelHub:
     def inflight(self) -> int:
         """Requests admitted and not yet answered, over every model, retiring versions included."""
         return sum(scheduler.inflight for scheduler in self._schedulers())
-
-    async def _load_in_time(
-        self, name: str, source: ModelSource, serving: tuple[int, list[instance_choice.Trial]] | None
-    ) -> _Loaded:
-        """_load_model on a daemon thread of its own, awaited for at most `load_timeout_s`.
-
-        Past the deadline (or when the caller is cancelled: a stop while loading) the thread is left
-        behind: nothing can stop a thread inside ONNX Runtime. Being a daemon, it does not hold the
-        process's exit (the default executor's threads are joined at exit, and by asyncio.run); if it
-        ever finishes, its model is closed there and then, never served. ModelLoadError at the deadline.
-        """
-        if (stuck := self._abandoned.get(name)) is not None:
-            if stuck.is_alive():
-                raise ModelLoadError(
-                    f"model {name!r}: its last load passed the {self.load_timeout_s:g} s deadline and is "
-                    "still running; restart the service to load it again"
-                )
-            del self._abandoned[name]
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[_Loaded] = loop.create_future()
-        lock = threading.Lock()
-        state = {"finished": False, "abandoned": False}
-
-        def settle(outcome: _Loaded | None, error: BaseException | None) -> None:  # on the loop
-            if error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(outcome)  # type: ignore[arg-type]
-
-        def work() -> None:
-            outcome, error = None, None
-            try:
-                outcome = self._load_model(source, serving)
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task as it is
-                error = exc
-            with lock:
-                state["finished"] = True
-                if not state["abandoned"]:
-                    try:
-                        loop.call_soon_threadsafe(settle, outcome, error)
-                        return
-                    except RuntimeError:  # the loop is closed: nobody waits for it any more
-                        pass
-            _discard(name, outcome, error)
-
-        thread = threading.Thread(target=work, name=f"load {name}", daemon=True)
-        thread.start()
-        try:
-            return await asyncio.wait_for(asyncio.shield(done), self.load_timeout_s)
-        except BaseException as exc:
-            if done.done() and exc is done.exception():
-                raise  # the load's own failure
-            with lock:
-                state["abandoned"] = not state["finished"]
-            if state["abandoned"]:
-                self._abandoned[name] = thread
-                _keep_abandoned(name, thread)
-            elif isinstance(exc, TimeoutError):
-                return await done  # it finished at the deadline: its result is on the way
-            else:  # cancelled as it finished: close what it loaded when it arrives
-                done.add_done_callback(
-                    lambda f: _discard(name, None if f.exception() else f.result(), f.exception())
-                )
-            if isinstance(exc, TimeoutError):
-                log.error(
-                    "model %s did not load in %g s (models.load_timeout_s); its loading thread is left to "
-                    "end on its own, and what it loads is discarded",
-                    name,
-                    self.load_timeout_s,
-                )
-                raise ModelLoadError(
-                    f"model {name!r} did not load in {self.load_timeout_s:g} s (models.load_timeout_s)"
-                ) from None
-            raise
 
     def _load_model(
         self, source: ModelSource, serving: tuple[int, list[instance_choice.Trial]] | None = None
@@ -410,41 +332,6 @@ class ModelHub:
             if entry.scheduler is not None and (workers := entry.scheduler.hung_workers(hang_s)):
                 hung[entry.name] = workers
         return hung
-
-
-def stuck_loads() -> list[str]:
-    """The models whose load passed its deadline and whose thread still runs, in any hub."""
-    _abandoned_loads[:] = [(name, thread) for name, thread in _abandoned_loads if thread.is_alive()]
-    return [name for name, _ in _abandoned_loads]
-
-
-def exit_if_loads_stuck(status: int) -> None:
-    """End the process now with `status` if a load thread is stuck, without the interpreter's teardown.
-
-    That thread is inside ONNX Runtime: a normal exit tears the runtime down under it, and the process
-    dies of SIGABRT ("terminate called without an active exception") instead of exiting. The service
-    calls this once it has stopped; an exit hook calls it with 1 where nothing did."""
-    if names := stuck_loads():
-        log.warning("exiting with the load of %s still stuck: skipping ONNX Runtime's teardown", names)
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(status)
-
-
-def _keep_abandoned(name: str, thread: threading.Thread) -> None:
-    atexit.unregister(exit_if_loads_stuck)
-    atexit.register(exit_if_loads_stuck, 1)  # runs before the teardown (once: unregistered first)
-    _abandoned_loads.append((name, thread))
-
-
-def _discard(name: str, outcome: _Loaded | None, error: BaseException | None) -> None:
-    """What a load finished with after nobody waited for it any more: closed, never served."""
-    if outcome is not None:
-        outcome[0].close()
-        log.warning("model %s: a load abandoned at its deadline finished after all; discarded", name)
-    else:
-        log.warning("model %s: a load abandoned at its deadline ended: %s", name, error)
 
 
 def _describe(name: str, exc: BaseException) -> str:

@@ -27,7 +27,8 @@ from appliance.engine.model import LoadedModel
 from appliance.engine.repository import Repository
 from appliance.errors import ModelLoadError
 from appliance.providers.registry import Registry
-from appliance.scheduler.hub import ModelHub, State, stuck_loads
+from appliance.scheduler.hub import ModelHub, State
+from appliance.scheduler.loading import stuck_loads
 
 WAIT_S = 60.0  # how long a failing test waits for what a passing one gets at once
 
@@ -62,7 +63,7 @@ def hung_warm_up(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[Hang]:
 
 async def loading_ends(hub: ModelHub, name: str) -> None:
     """Until the thread of the abandoned load of `name` has returned."""
-    thread = hub._abandoned[name]
+    thread = hub.loads.abandoned[name]
     await asyncio.to_thread(thread.join, WAIT_S)
     assert not thread.is_alive()
 
@@ -146,7 +147,7 @@ def test_a_load_that_fails_in_time_is_that_failure_alone(
     entry = hub.entry("corrupt")
     assert entry.state is State.UNAVAILABLE and "INVALID_PROTOBUF" in entry.reason
     assert "abandoned" not in caplog.text and "did not load" not in caplog.text
-    assert "corrupt" not in hub._abandoned and stuck_loads() == []
+    assert "corrupt" not in hub.loads.abandoned and stuck_loads() == []
 
 
 def spinning() -> onnx.ModelProto:
@@ -194,7 +195,8 @@ sys.path.insert(0, {tests!r})
 from services import make_settings
 from appliance.engine.repository import Repository
 from appliance.providers.registry import Registry
-from appliance.scheduler.hub import ModelHub, exit_if_loads_stuck
+from appliance.scheduler.hub import ModelHub
+from appliance.scheduler.loading import exit_if_loads_stuck
 
 repo, tmp = Path({repo!r}), Path({tmp!r})
 hub = ModelHub(make_settings(tmp, repo), Registry.discover(), Repository(repo))
