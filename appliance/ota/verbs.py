@@ -81,7 +81,7 @@ def take_snapshot(settings: Settings, config_file: Path | None = None) -> int:
     paths the service's status names.
     """
     store = _store(settings)
-    status = _link(settings).status()
+    status = _status_or_stopped(_link(settings))  # never a snapshot without the baseline of a live service
     runs: dict[str, golden.GoldenRun] = {}
     if status is None:
         log.warning("snapshot: the service is not running; saving the config and digests on disk only")
@@ -159,10 +159,13 @@ def verify(settings: Settings, config_file: Path | None = None) -> int:
 
 
 def commit(settings: Settings, config_file: Path | None = None) -> int:
-    """Keep the update: drop the snapshot and admit requests again if `ota drain` stopped them."""
+    """Keep the update: drop the snapshot and admit requests again if `ota drain` stopped them.
+
+    A service that systemd says is up but that does not answer cannot be told to admit again: the
+    snapshot goes (the update is kept either way), the drain record stays, and the verb fails (1)."""
     store, link = _store(settings), _link(settings)
     existed = store.discard()
-    status = link.status()
+    status = _status_or_stopped(link)
     if status is not None:
         _resume_our_drain(link, store, status)
     store.clear_drained()
@@ -172,7 +175,8 @@ def commit(settings: Settings, config_file: Path | None = None) -> int:
 
 def rollback(settings: Settings, config_file: Path | None = None) -> int:
     """Restore the configured config file, make the service serve what is on disk, admit again,
-    discard. A config that cannot be restored fails the verb (1) and keeps the snapshot."""
+    discard. A config that cannot be restored fails the verb (1) and keeps the snapshot, as does a
+    service that systemd says is up but that does not answer (it cannot be told to reload or admit)."""
     store, link = _store(settings), _link(settings)
     before = store.read_snapshot()
     is_config_restored, config_error = False, None
@@ -181,7 +185,7 @@ def rollback(settings: Settings, config_file: Path | None = None) -> int:
             is_config_restored = restore.config_file(store, before, config_file)
         except OtaError as exc:
             config_error = exc
-    status = link.status()
+    status = _status_or_stopped(link)
     repository = settings.models.repository
     if before is not None:
         on_disk = snapshot.digests_on_disk(repository)  # once: a file root refuses is logged once

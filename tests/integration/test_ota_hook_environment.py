@@ -107,7 +107,17 @@ def _systemctl(folder: Path, state: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("verb", ["gate", "drain"])
+# What each verb says when nothing answers and systemd does not say the unit is up.
+STOPPED = {
+    "gate": "the service is not running",
+    "drain": "the service is not running",
+    "snapshot": "the service is not running",
+    "commit": "commit: no snapshot; nothing to discard",
+    "rollback": "rollback: no snapshot; nothing to restore",
+}
+
+
+@pytest.mark.parametrize("verb", list(STOPPED))
 @pytest.mark.parametrize(
     ("unit", "booted", "expected"),
     [
@@ -146,5 +156,6 @@ def test_a_silent_socket_of_a_unit_systemd_says_is_up_is_no_go(
             "set [system] runtime_dir or admin_socket there as appliance.service has it"
         )
         assert not (tmp_path / "state-ota" / "drained.json").exists()
+        assert not (tmp_path / "state-ota" / "snapshot.json").exists()
     else:
-        assert "the service is not running" in err
+        assert STOPPED[verb] in err
