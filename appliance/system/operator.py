@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from appliance.config_sources import ignoring_unit_directories
 from appliance.ota.link import NotRunning, ServiceLink, describe_instance, printable
 from appliance.settings import Settings
 from appliance.system.admin import MAX_WAIT_S, AdminError
@@ -88,7 +89,7 @@ def run_reload(args: argparse.Namespace) -> int:
 
 def run_drain(args: argparse.Namespace) -> int:
     """0 once nothing is in flight, 75 if requests still were after the wait (it stays draining)."""
-    settings = Settings.load(args.config)
+    settings = _settings(args)
     link = _running(ServiceLink.from_settings(settings))
     timeout_s = settings.server.drain_timeout_s if args.timeout_s is None else args.timeout_s
     reply = link.drain(timeout_s, args.reason)
@@ -186,8 +187,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    """The service's settings as a client reads them: run from another unit (a health check, an
+    update agent), its $RUNTIME_DIRECTORY names that unit's folder, not the service's admin socket."""
+    with ignoring_unit_directories():
+        return Settings.load(args.config)
+
+
 def _link(args: argparse.Namespace) -> ServiceLink:
-    return ServiceLink.from_settings(Settings.load(args.config))
+    return ServiceLink.from_settings(_settings(args))
 
 
 def _running(link: ServiceLink) -> ServiceLink:

@@ -31,14 +31,15 @@ def small_repository(tmp_path: Path) -> Path:
     return repo
 
 
-def appliance(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m appliance ARGS` with the service's runtime dir (RUNTIME_DIRECTORY=<tmp_path>/run)."""
+def appliance(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m appliance ARGS` told the service's runtime dir (<tmp_path>/run) by its settings, as an
+    operator's shell is by /etc/appliance/appliance.toml; `env` on top."""
     return subprocess.run(
         [sys.executable, "-m", "appliance", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env=environment(tmp_path),
+        env={**environment(tmp_path, system__runtime_dir=str(tmp_path / "run")), **env},
     )
 
 
@@ -153,6 +154,28 @@ def test_the_operator_verbs_against_a_running_service(serve, tmp_path) -> None:
             "got 'nan'"
         )
         assert admin_request(socket_path, "status")["state"] == "ready"
+
+
+@pytest.mark.skipif(os.path.isdir("/run/appliance"), reason="a provisioned box: /run/appliance comes first")
+@pytest.mark.parametrize("verb", ["status", "reload", "drain", "resume"])
+def test_the_verbs_never_take_the_admin_socket_from_the_callers_unit(serve, tmp_path, verb) -> None:
+    """Run from another unit (a health check, an update agent) with nothing configured, a verb finds
+    the service where it would be ($XDG_RUNTIME_DIR/appliance here, /run/appliance on a provisioned
+    box): $RUNTIME_DIRECTORY is the caller's unit's folder, and a verb that took the socket from it
+    would say "not running" of a service that serves."""
+    runtime_dir = tmp_path / "xdg" / "appliance"
+    with serve(small_repository(tmp_path), system={"runtime_dir": runtime_dir}):
+        agent = tmp_path / "agent-run"
+        agent.mkdir()
+        env = {
+            **environment(tmp_path),
+            "RUNTIME_DIRECTORY": str(agent),
+            "XDG_RUNTIME_DIR": str(runtime_dir.parent),
+        }
+        argv = [sys.executable, "-m", "appliance", verb]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr
+        assert f"on admin socket {runtime_dir / 'admin.sock'}" in result.stdout + result.stderr
 
 
 def test_status_of_no_service_says_where_it_looked(tmp_path) -> None:
