@@ -16,12 +16,10 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from appliance.config_sources import read_toml
 from appliance.errors import ConfigError
@@ -178,16 +176,15 @@ def majority_birth(
 ) -> tuple[bytes, dict[str, Any]] | None:
     """(signature, birth entry) of `name` as most nodes in good standing serving one of `files` describe
     it (see `Catalogue.described`); `nodes` in the order they were heard of."""
-    standing = []
+    standing = []  # (node, its birth entry, the entry's signature), each made once per birth
     for node in nodes:
         born = node.model_birth(name)
-        if in_good_standing(node) and born.get("sha256") in files and born.get("inputs") is not None:
-            standing.append((node, born))
-    offering = [(node, born) for node, born in standing if node.offer(name, now_s) is not None]
+        if in_good_standing(node) and born.get("sha256") in files and (sig := node.signature(name)):
+            standing.append((node, born, sig))
+    offering = [entry for entry in standing if entry[0].refusal(name, now_s) is None]
     counts: Counter[bytes] = Counter()
-    first: dict[bytes, dict[str, Any]] = {}
-    for _, born in offering or standing:
-        signature = orjson.dumps([born["inputs"], born.get("outputs")], option=orjson.OPT_SORT_KEYS)
+    first: dict[bytes, Mapping[str, Any]] = {}
+    for _, born, signature in offering or standing:
         counts[signature] += 1
         first.setdefault(signature, born)
     if not counts:
@@ -195,7 +192,7 @@ def majority_birth(
     most = max(counts.values())
     tied = [signature for signature, count in counts.items() if count == most]  # in the order first heard
     chosen = incumbent if incumbent in tied else tied[0]
-    return chosen, first[chosen]
+    return chosen, dict(first[chosen])  # a copy: what buyers are told stays as it was counted
 
 
 def _keep(kept: dict[str, tuple[float, Any]], name: str, until_s: float, value: Any, now_s: float) -> None:

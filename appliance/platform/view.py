@@ -12,8 +12,9 @@ import logging
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SILENT = "reports stopped"  # the reason of a node whose last capacity report has expired
 SHOWN = 5  # problems of one message a log line shows
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,10 @@ class NodeView:
     quarantine: str | None = None  # why the node gets no buyer jobs (canary failed, key changed)
     needs_key: bool = False  # the gateway's view: no job until the birth's key is the pinned one
     trusted_key: str | None = None  # the key pinned in the ledger, once checked
+    # (the birth they were made from, model -> signature): kept until the birth is replaced
+    _signatures: tuple[dict[str, Any] | None, dict[str, bytes | None]] = field(
+        default=(None, {}), repr=False, compare=False
+    )
 
     @property
     def public_key(self) -> str | None:
@@ -87,8 +93,27 @@ class NodeView:
             return "offline", SILENT
         return self.state, self.reason
 
-    def model_birth(self, model: str) -> dict[str, Any]:
-        return dict(((self.birth or {}).get("models", {}).get(model)) or {})
+    def model_birth(self, model: str) -> Mapping[str, Any]:
+        """The birth's entry for `model` ({} when none), read-only: the node's own, not a copy (it is
+        looked at several times per job and per vote)."""
+        return ((self.birth or _EMPTY).get("models", _EMPTY).get(model)) or _EMPTY
+
+    def signature(self, model: str) -> bytes | None:
+        """The birth's inputs and outputs of `model` in one canonical form (keys sorted), what nodes are
+        counted by when the gateway tells buyers what a model takes; None when the birth has no inputs.
+        Made once per birth: a count over a thousand nodes would otherwise serialise each every time."""
+        birth, made = self._signatures
+        if birth is not self.birth:
+            birth, made = self.birth, {}
+            self._signatures = (birth, made)
+        if model not in made:
+            entry = self.model_birth(model)
+            made[model] = (
+                None
+                if entry.get("inputs") is None
+                else orjson.dumps([entry["inputs"], entry.get("outputs")], option=orjson.OPT_SORT_KEYS)
+            )
+        return made[model]
 
     def offer(self, model: str, now_s: float, *, is_check: bool = False) -> Offer | None:
         """The node's offer for `model` if a job may use it now: online, fresh, accepting, its key trusted

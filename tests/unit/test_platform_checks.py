@@ -210,6 +210,38 @@ def test_what_buyers_must_send_is_what_most_nodes_in_good_standing_say() -> None
         signature(gateway, "m", files)  # type: ignore[arg-type]
 
 
+def test_a_node_born_again_is_counted_by_its_new_birth() -> None:
+    """Each node's signature is made once per birth: a new birth (a reconnect, an OTA) must replace it."""
+    view, now = PoolView("ecp/v1", needs_key=True), [1.0]
+    gateway = SimpleNamespace(view=view, catalogue=Catalogue(None, clock=lambda: now[0]))
+    files = frozenset({"a" * 64})
+    nodes = [described_by(view, name, "INT8") for name in ("one", "two", "three")]
+    assert [spec.datatype for spec in signature(gateway, "m", files)] == ["INT8"]  # type: ignore[arg-type]
+    assert [node.signature("m") for node in nodes] == [nodes[0].signature("m")] * 3
+    for node in nodes[:2]:  # two of three born again with an FP32 input, in a later session
+        birth = {
+            "session": 2,
+            "public_key": node.public_key,
+            "models": {
+                "m": {"sha256": "a" * 64, "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]}
+            },
+        }
+        assert view.ingest(f"ecp/v1/s/{node.node}/birth", orjson.dumps(birth), 0.0) is node
+        view.ingest(
+            f"ecp/v1/s/{node.node}/state", orjson.dumps({"session": 2, "seq": 1, "state": "online"}), 0.0
+        )
+        document = {
+            "session": 2,
+            "seq": 2,
+            "valid_for_s": 60,
+            "models": {"m": {"spare_ips_at_slo": 100.0, "accepts_pool_jobs": True}},
+        }
+        view.ingest(f"ecp/v1/s/{node.node}/capacity", orjson.dumps(document), 0.0)
+    now[0] += catalogues.RECOUNT_S
+    assert [spec.datatype for spec in signature(gateway, "m", files)] == ["FP32"]  # type: ignore[arg-type]
+    assert b"FP32" in nodes[0].signature("m") and b"INT8" in nodes[2].signature("m")  # type: ignore[operator]
+
+
 def test_names_no_node_serves_are_never_kept_and_the_rest_are_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
