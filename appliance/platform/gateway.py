@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 import uvicorn
 
+from appliance import errors
+from appliance.dataplane.outcomes import outcome_of
 from appliance.errors import ApplianceError, ConfigError
 from appliance.platform import api, receipts, verify
 from appliance.platform.attempts import Answer, Job
@@ -35,11 +37,22 @@ from appliance.platform.writer import LedgerWriter
 from appliance.pool import identity, signing
 from appliance.pool.wire import Outbound
 from appliance.protocol.codec import InferenceRequest
+from appliance.server.connections import BodyLate, HeadersLate, bounded_protocol
+from appliance.server.gate import ConnectionGate
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # whatever a buyer's own limit says
-STOP_TIMEOUT_S = 10.0
+# The buyer API answers a late inference body itself at gateway.body_timeout_s (408, or the 413 whose
+# body's rest it was reading): the connection's own body deadline comes this much later, for bodies no
+# route reads (server/connections.py).
+BODY_GRACE_S = 1.0
+# Refusals made by the connections themselves, as /metrics labels them (else the status table's reason).
+CONNECTION_REASONS: dict[type[BaseException], str] = {
+    HeadersLate: "header_timeout",
+    BodyLate: "body_timeout",
+    errors.HeaderTooLarge: "header_too_large",
+}
 # Each job's receipt crosses to the ledger thread and back (MQTT runs on the loop itself since
 # 2026-12-06; before, each job also crossed to paho's thread). With CPython's default 5 ms GIL switch
 # interval a busy loop holds the other thread off for up to 5 ms each time (bench/swarm.py, with
@@ -112,6 +125,8 @@ class Gateway:
             count=self.metrics.job,
         )
         self.app = api.create_app(self)
+        # Buyer API connections, in all and per client address (server/gate.py).
+        self.gate = ConnectionGate(settings.max_connections, settings.max_connections_per_peer, "gateway")
         self.started = asyncio.Event()
         self._server: uvicorn.Server | None = None
 
@@ -180,8 +195,14 @@ class Gateway:
     def _state_changed(self) -> None:
         self.dispatcher.sweep()
 
+    def _refused_connection(self, model: str | None, priority: object, exc: BaseException) -> None:
+        """A refusal made by a connection itself (header size and time, body time, connection limits,
+        malformed HTTP, stopping), counted with the buyer refusals."""
+        self.metrics.refused(CONNECTION_REASONS.get(type(exc)) or outcome_of(exc).reason)
+
     def _gauges(self) -> dict[str, float]:
         return {
+            "http_connections_open": self.gate.open,
             "jobs_in_flight": self.dispatcher.in_flight,
             "late_answers_dropped_total": self.dispatcher.late_answers,
             "unverified_answers_total": self.dispatcher.unverified_answers,
@@ -213,7 +234,17 @@ class Gateway:
             log_config=None,
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=STOP_TIMEOUT_S,
+            # Header size and time, body time and connection limits, as on the box (server/connections.py).
+            http=bounded_protocol(
+                self.settings,
+                self.gate,
+                self._refused_connection,
+                section="gateway",
+                body_grace_s=BODY_GRACE_S,
+            ),
+            ws="none",  # no WebSocket route: an upgrade request is served as plain HTTP
+            timeout_keep_alive=self.settings.idle_timeout_s,  # type: ignore[arg-type]
+            timeout_graceful_shutdown=self.settings.drain_timeout_s,  # type: ignore[arg-type]
         )
         self._server = uvicorn.Server(config)
         # uvicorn would re-raise SIGTERM after its shutdown (exit -15); a stop we asked for exits 0.

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import resource
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,39 @@ def run_gateway(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     logs.configure(args.log_level, "text")
+    open_files_for(settings.gateway.max_connections)
     gateway = Gateway(settings)
     _freeze_startup_heap()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(gateway.run())
+
+
+# Files besides buyer connections: the listening socket, the broker link, the ledger, logs, the loop's own.
+OTHER_FILES = 64
+
+
+def open_files_for(max_connections: int) -> int:
+    """Raise this process's open-files limit (RLIMIT_NOFILE, systemd's LimitNOFILE=, 1024 by default) as
+    far as its hard limit allows towards what `max_connections` needs: each buyer connection is a file,
+    and so is each refused one while it lingers to deliver its 503. Below that, accepting fails (EMFILE)
+    before gateway.max_connections refuses anyone, and so may the broker link's reconnection. Returns the
+    limit now in force; a warning says when it is short."""
+    needed = 2 * max_connections + OTHER_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if wanted > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open files limited to %d, below the %d that gateway.max_connections = %d needs: connections "
+            "fail (EMFILE) before the limit refuses them; raise LimitNOFILE= or lower max_connections",
+            soft,
+            needed,
+            max_connections,
+        )
+    return soft
 
 
 def _freeze_startup_heap() -> None:

@@ -88,6 +88,47 @@ class GatewaySettings(BaseModel):
         description="Time a buyer has to send a whole request body once its headers are in; then 408 "
         "and the connection closes (as the box's server.body_timeout_s).",
     )
+    # The buyer API's connections, held to the box's [server] bounds of the same names
+    # (server/connections.py, server/gate.py).
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest HTTP request line plus headers; beyond it 431 and the connection closes.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a client has to send a whole request line and headers, from its connection "
+        "opening (after the TLS handshake) or from the end of its previous request; then 408 and the "
+        "connection closes, however the bytes trickle.",
+    )
+    idle_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="An idle keep-alive connection is closed after this long; a client that takes none "
+        "of its unsent answer for this long is reset.",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open HTTP connections in all; beyond it 503 + Retry-After and the connection "
+        "closes. Each takes a file descriptor, and a refused one another while it lingers: keep the "
+        "process's open-files limit above twice this.",
+    )
+    max_connections_per_peer: int = Field(
+        256,
+        ge=1,
+        description="Open HTTP connections from one client address, so one buyer (or anyone) cannot "
+        "take every place; beyond it 503 + Retry-After and the connection closes. Buyers behind one "
+        "NAT or proxy share it.",
+    )
+    drain_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="On SIGTERM, how long requests in progress may take to finish; a request still "
+        "incomplete then gets 503 and its connection closes.",
+    )
     max_reading_bytes: int = Field(
         512 * 1024 * 1024,
         gt=0,
@@ -113,7 +154,12 @@ class GatewaySettings(BaseModel):
     timeout_withhold_s: float = Field(
         10.0, ge=0, description="A node that missed a job's timeout gets no job of that model for this long."
     )
-    retry_after_s: float = Field(1.0, gt=0, description="Retry-After of a 503 when no node has credit.")
+    retry_after_s: float = Field(
+        1.0,
+        gt=0,
+        description="Retry-After of the gateway's own 503s and 429s (no node has credit, too many "
+        "jobs, connections or body bytes, a buyer's places all taken, stopping).",
+    )
     sample_nodes: int = Field(
         4, ge=1, description="Nodes drawn at random per job; the one with most free credit wins."
     )

@@ -1,9 +1,11 @@
 """Bounded HTTP connections: header size, read timeouts, connection counts and a bounded drain.
 
 uvicorn's httptools protocol reads headers of any size, waits forever for slow headers or bodies and
-takes every connection offered. `BoundedHttpProtocol` adds the bounds of `[server]` settings; give it to
-`uvicorn.Config(http=bounded_protocol(...))`. Every refusal made here is counted by the data plane under
-model "" and priority class `line`, and answered from the one status table with the OIP body.
+takes every connection offered. `BoundedHttpProtocol` adds the bounds of `[server]` settings (the box's)
+or of any settings with the same names (`ConnectionBounds`: the platform gateway's `[gateway]`); give it
+to `uvicorn.Config(http=bounded_protocol(...))`. Every refusal made here is counted by `refuse` (on the
+box, the data plane's, under model "" and priority class `line`), and answered from the one status table
+with the OIP body.
 
 A connection has one timer for what it reads, armed at most once per deadline it has to watch: a
 request only notes its deadline when a read leaves it incomplete, and a timer that fires early re-arms
@@ -23,7 +25,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 from uvicorn.config import Config
@@ -32,10 +34,8 @@ from uvicorn.server import ServerState
 
 from appliance import errors
 from appliance.dataplane.outcomes import NO_MODEL
-from appliance.scheduler.queues import Priority
 from appliance.server.errors import appliance_error_response
 from appliance.server.gate import ConnectionGate
-from appliance.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,58 @@ log = logging.getLogger(__name__)
 LINGER_S = 5.0
 _CLOCK_SLACK_S = 0.001  # asyncio runs a timer up to its clock's resolution early
 
-Refuse = Callable[[str | None, Priority | str, BaseException], None]
+# (model, priority class label, refusal): a connection's refusals are the line's, under no model. The
+# label, not the scheduler's Priority: the platform's gateway serves through this module too.
+Refuse = Callable[[str | None, str, BaseException], None]
+LINE = "line"
+
+
+class ConnectionBounds(Protocol):
+    """The settings a server's connections are held to: the box's `ServerSettings`, the gateway's
+    `GatewaySettings`; messages name them under the section given to `bounded_protocol`."""
+
+    max_header_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    idle_timeout_s: float
+    drain_timeout_s: float
+    retry_after_s: float
+
+
+class HeadersLate(errors.RequestTimeout):
+    """The request line and headers were not in within header_timeout_s (408)."""
+
+
+class BodyLate(errors.RequestTimeout):
+    """A request body was not in whole within body_timeout_s of its headers (408)."""
 
 
 def bounded_protocol(
-    server: ServerSettings, gate: ConnectionGate, refuse: Refuse
+    server: ConnectionBounds,
+    gate: ConnectionGate,
+    refuse: Refuse,
+    *,
+    section: str = "server",
+    body_grace_s: float = 0.0,
 ) -> Callable[..., BoundedHttpProtocol]:
-    """What `uvicorn.Config(http=...)` takes: uvicorn calls it once per accepted connection."""
-    return functools.partial(BoundedHttpProtocol, settings=server, gate=gate, refuse=refuse)
+    """What `uvicorn.Config(http=...)` takes: uvicorn calls it once per accepted connection.
+
+    `section` names the settings in refusals (`server.header_timeout_s`). `body_grace_s` is for an app
+    that answers a late body itself on the routes that read one (408, or the answer to a refusal it was
+    reading the body's rest for): the connection's own body deadline comes that much later, and ends
+    bodies no route reads."""
+    return functools.partial(
+        BoundedHttpProtocol,
+        settings=server,
+        gate=gate,
+        refuse=refuse,
+        section=section,
+        body_grace_s=body_grace_s,
+    )
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol within `[server]` bounds.
+    """uvicorn's httptools protocol within `[server]` bounds (or `section`'s, of the same names).
 
     - request line and headers: at most `max_header_bytes` (431), within `header_timeout_s` of the
       connection opening or of the request's first byte (408);
@@ -77,12 +117,16 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
-        settings: ServerSettings,
+        settings: ConnectionBounds,
         gate: ConnectionGate,
         refuse: Refuse,
+        section: str = "server",
+        body_grace_s: float = 0.0,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.settings = settings
+        self.section = section
+        self.body_grace_s = body_grace_s
         self.gate = gate
         self._count = refuse
         self._peer: str | None = None  # set while this connection holds a place at the gate
@@ -106,7 +150,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         peer = self.client[0] if self.client else ""
         refusal = self.gate.admit(peer, self.settings.retry_after_s)
         if refusal is not None:
-            self._count(NO_MODEL, Priority.LINE, refusal)
+            self._count(NO_MODEL, LINE, refusal)
             may_linger = self.gate.lingering < self.gate.max_connections
             if may_linger:
                 self.gate.lingering += 1
@@ -159,7 +203,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 self._headers_due = self.loop.time() + self.settings.header_timeout_s
                 self._watch(self._headers_due)
         elif self._in_body and self._body_due is None:
-            self._body_due = self.loop.time() + self.settings.body_timeout_s
+            self._body_due = self.loop.time() + self.settings.body_timeout_s + self.body_grace_s
             self._watch(self._body_due)
 
     # httptools callbacks
@@ -237,14 +281,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             late()
 
     def _headers_late(self) -> None:
-        exc = errors.RequestTimeout(
+        exc = HeadersLate(
             f"request line and headers not received within {self.settings.header_timeout_s:g} s "
-            "(server.header_timeout_s)"
+            f"({self.section}.header_timeout_s)"
         )
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # The next request stalls while this one is answered: close after the answer.
-            self._count(NO_MODEL, Priority.LINE, exc)
+            self._count(NO_MODEL, LINE, exc)
             cycle.keep_alive = False
             self._is_refused = True
             return
@@ -252,13 +296,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _body_late(self) -> None:
         if self.flow.read_paused:  # the service stopped reading, not the client: not the client's delay
-            self._body_due = self.loop.time() + self.settings.body_timeout_s
+            self._body_due = self.loop.time() + self.settings.body_timeout_s + self.body_grace_s
             self._watch(self._body_due)
             return
         self._refuse(
-            errors.RequestTimeout(
+            BodyLate(
                 f"request body not received whole within {self.settings.body_timeout_s:g} s of its "
-                "headers (server.body_timeout_s)"
+                f"headers ({self.section}.body_timeout_s)"
             )
         )
 
@@ -278,10 +322,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._watch_send()  # the client takes its answer, if slowly: as long as it takes some
             return
         log.debug(
-            "%s took none of %d unsent bytes in %g s (server.idle_timeout_s): reset",
+            "%s took none of %d unsent bytes in %g s (%s.idle_timeout_s): reset",
             self.client,
             unsent,
             self.settings.idle_timeout_s,
+            self.section,
         )
         self._reset()
 
@@ -297,7 +342,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._refuse(
             errors.Draining(
                 f"the service is stopping and the request was not complete within "
-                f"{self.settings.drain_timeout_s:g} s (server.drain_timeout_s)",
+                f"{self.settings.drain_timeout_s:g} s ({self.section}.drain_timeout_s)",
                 retry_after_s=self.settings.retry_after_s,
             )
         )
@@ -307,7 +352,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _too_large(self) -> errors.HeaderTooLarge:
         return errors.HeaderTooLarge(
             f"request line and headers are larger than {self.settings.max_header_bytes} bytes "
-            "(server.max_header_bytes)"
+            f"({self.section}.max_header_bytes)"
         )
 
     def _measured_header_bytes(self) -> int:
@@ -317,7 +362,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, exc: errors.ApplianceError) -> None:
         """Count a refusal; answer it unless an answer has begun, then close the connection."""
-        self._count(NO_MODEL, Priority.LINE, exc)
+        self._count(NO_MODEL, LINE, exc)
         self._cancel_timer()
         self._unset_keepalive_if_required()
         cycle = self.cycle

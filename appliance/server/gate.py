@@ -9,9 +9,10 @@ from appliance.settings import ServerSettings
 class ConnectionGate:
     """Open connections of one server, in all and per client address. Used on the event loop only."""
 
-    def __init__(self, max_connections: int, max_per_peer: int) -> None:
+    def __init__(self, max_connections: int, max_per_peer: int, section: str = "server") -> None:
         self.max_connections = max_connections
         self.max_per_peer = max_per_peer
+        self.section = section  # where the two limits are set, for refusals to name them
         self.open = 0
         self.lingering = 0  # refused connections still open to deliver their answer
         self.stop_by: float | None = None  # loop time by which a stopping server closes every connection
@@ -27,13 +28,13 @@ class ConnectionGate:
         if from_peer >= self.max_per_peer:
             return errors.ConnectionLimit(
                 f"too many connections from {peer}: {from_peer} open, at most {self.max_per_peer} "
-                "per client address (server.max_connections_per_peer)",
+                f"per client address ({self.section}.max_connections_per_peer)",
                 retry_after_s=retry_after_s,
             )
         if self.open >= self.max_connections:
             return errors.ConnectionLimit(
                 f"too many connections: {self.open} open, at most {self.max_connections} "
-                "(server.max_connections)",
+                f"({self.section}.max_connections)",
                 retry_after_s=retry_after_s,
             )
         self.open += 1

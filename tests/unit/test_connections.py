@@ -113,8 +113,8 @@ def test_a_timer_armed_for_a_met_deadline_still_ends_a_late_body() -> None:
     answer = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b'within 0.2 s of its headers (server.body_timeout_s)"}')
-    assert [(model, str(priority), outcome_of(exc).reason) for model, priority, exc in counted] == [
-        ("", str(Priority.LINE), "timeout")
+    assert [(model, priority, outcome_of(exc).reason) for model, priority, exc in counted] == [
+        ("", Priority.LINE.label, "timeout")
     ]
 
 
