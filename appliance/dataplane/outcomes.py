@@ -14,6 +14,14 @@ from dataclasses import dataclass
 
 from appliance import errors
 
+
+class CallAbandoned(Exception):
+    """Raised by a transport's reader when its client has gone: nothing to answer, nothing to count
+    (a transport that cut the client off, e.g. for a slow body, counted that refusal itself). Here, not
+    in plane.py, so that a transport's body reader (server/body.py, which the platform's gateway uses
+    too) does not bring the box's scheduler and engine with it."""
+
+
 # Refusal and failure reasons, as /metrics and the statistics label them.
 REASONS = (
     "bad_request",

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from appliance import errors
-from appliance.dataplane.outcomes import Refusals
+from appliance.dataplane.outcomes import CallAbandoned, Refusals
 from appliance.dataplane.regions import SharedMemory
 from appliance.protocol import codec
 from appliance.protocol.shared_memory import Regions
@@ -38,11 +38,6 @@ HEADER_ALLOWANCE_BYTES = 64 * 1024  # the JSON around the tensors: names, parame
 DECODE_ON_THREAD_BYTES = 1024 * 1024
 
 Reader = Callable[[int], Awaitable[bytes | bytearray | memoryview]]
-
-
-class CallAbandoned(Exception):
-    """Raised by a transport's reader when its client has gone: nothing to answer, nothing to count
-    (a transport that cut the client off, e.g. for a slow body, counted that refusal itself)."""
 
 
 Check = Callable[[ModelScheduler], None]

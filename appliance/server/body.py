@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import Message, Receive, Scope
 
-from appliance.dataplane.plane import CallAbandoned
+from appliance.dataplane.outcomes import CallAbandoned
 from appliance.errors import InvalidInput, RequestTooLarge
 from appliance.protocol.codec import decimal
 

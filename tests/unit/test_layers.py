@@ -4,6 +4,8 @@ platform side never reaches into the box's scheduler or engine."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "appliance"
@@ -96,3 +98,18 @@ def test_the_import_graph_has_no_circle() -> None:
         if module not in state:
             visit(module)
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_platform_side_does_not_reach_the_box_through_what_it_imports() -> None:
+    """The rule above holds for whole import chains too: a gateway (every platform module imported)
+    loads none of the box's scheduler, engine or providers, nor ONNX Runtime (canaries import it when
+    they first run: platform/golden.py). One shared helper importing the data plane would undo it."""
+    platform = sorted(name for name in _modules() if name.startswith("appliance.platform"))
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {platform!r}: importlib.import_module(name)\n"
+        "print('\\n'.join(sorted(m for m in sys.modules if m == 'onnxruntime' or m.startswith(("
+        "'appliance.scheduler', 'appliance.engine', 'appliance.providers', 'appliance.dataplane.plane')))))"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert found.split() == []
