@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +79,10 @@ class Catalogue:
     ) -> None:
         self.entries = entries
         self.clock = clock
-        self._chosen: dict[str, tuple[float, Files]] = {}  # name -> (until, {sha256}), unpinned
-        self._described: dict[str, tuple[float, _Described]] = {}  # name -> (until, what buyers see)
+        # name -> (until, {sha256}), unpinned; and name -> (until, what buyers see): the least recently
+        # counted first (_keep)
+        self._chosen: OrderedDict[str, tuple[float, Files]] = OrderedDict()
+        self._described: OrderedDict[str, tuple[float, _Described]] = OrderedDict()
 
     @property
     def is_pinned(self) -> bool:
@@ -115,7 +117,7 @@ class Catalogue:
             self._chosen.pop(name, None)
             return None
         chosen = frozenset((majority,))  # one set per recount, not one per job
-        _keep(self._chosen, name, now_s + RECOUNT_S, chosen, now_s)
+        _keep(self._chosen, name, now_s + RECOUNT_S, chosen)
         return chosen
 
     def described(self, name: str, files: Files, view: PoolView) -> dict[str, Any] | None:
@@ -142,7 +144,7 @@ class Catalogue:
                 name,
                 signature.decode()[:300],
             )
-        _keep(self._described, name, now_s + RECOUNT_S, _Described(files, signature, born), now_s)
+        _keep(self._described, name, now_s + RECOUNT_S, _Described(files, signature, born))
         return born
 
 
@@ -195,15 +197,15 @@ def majority_birth(
     return chosen, dict(first[chosen])  # a copy: what buyers are told stays as it was counted
 
 
-def _keep(kept: dict[str, tuple[float, Any]], name: str, until_s: float, value: Any, now_s: float) -> None:
-    """Keep a name's vote until `until_s`, at most MAX_KEPT names: expired votes go first, then the
-    oldest."""
-    if name not in kept and len(kept) >= MAX_KEPT:
-        for stale in [key for key, (until, _) in kept.items() if until <= now_s]:
-            del kept[stale]
-        while len(kept) >= MAX_KEPT:
-            del kept[next(iter(kept))]
+def _keep(kept: OrderedDict[str, tuple[float, Any]], name: str, until_s: float, value: Any) -> None:
+    """Keep a name's vote until `until_s`, at most MAX_KEPT names, in O(1). Every vote is kept for
+    RECOUNT_S, so the one counted least recently is also the first to expire: a recounted name moves to
+    the end, and a full table forgets its first. Expired votes wait there, unread (callers check
+    `until`), until they are recounted or pushed out; a scan for them made every new name O(MAX_KEPT)."""
     kept[name] = (until_s, value)
+    kept.move_to_end(name)
+    while len(kept) > MAX_KEPT:
+        kept.popitem(last=False)
 
 
 def _entry(path: Path, name: str, raw: Any) -> Entry:

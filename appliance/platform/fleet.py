@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Protocol
+
+import orjson
 
 from appliance import errors
 from appliance.platform.attempts import Answer, Job
@@ -14,9 +17,11 @@ from appliance.platform.credit import CreditBook
 from appliance.platform.metrics import GatewayMetrics
 from appliance.platform.presence import Presence
 from appliance.platform.settings import GatewaySettings
-from appliance.platform.view import PoolView
+from appliance.platform.view import NodeView, PoolView
 from appliance.protocol.codec import InferenceRequest
 from appliance.tensors import TensorSpec
+
+log = logging.getLogger(__name__)
 
 
 class Link(Protocol):
@@ -42,52 +47,73 @@ class Gateway(Protocol):
 
 
 def nodes(gateway: Gateway) -> dict[str, Any]:
-    """GET /v2/pool/nodes: every node with its state, session, report age and per-model figures."""
+    """GET /v2/pool/nodes: every node with its state, session, report age and per-model figures. Each
+    node's part is written on its own (an orjson Fragment), so that one node's part, should it ever fail
+    to build or to serialise, shows as that node's error and every other node as usual."""
     now_s = time.monotonic()
-    found = []
-    for node in gateway.view.nodes():
-        state, reason = node.effective_state(now_s)
-        seen_s = node.last_received_s
-        models = {}
-        for name, report in ((node.capacity or {}).get("models") or {}).items():
-            born = node.model_birth(name)
-            counts = node.jobs.get(name, {})
-            models[name] = {
-                "sha256": born.get("sha256"),
-                "precision": report.get("precision", born.get("precision")),
-                "provider": report.get("provider", born.get("provider")),
-                "max_ips_at_slo": report.get("max_ips_at_slo", 0.0),
-                "spare_ips_at_slo": report.get("spare_ips_at_slo", 0.0),
-                "accepts_pool_jobs": bool(report.get("accepts_pool_jobs")),
-                "is_offer_usable": node.offer(name, now_s) is not None,
-                "credit_rows": round(gateway.credit.credit_rows(node, name, now_s), 3),
-                "in_flight_rows": gateway.credit.in_flight(node, name),
-                "withheld_for_s": round(gateway.credit.withheld_for_s(node, name), 3),
-                "jobs_sent": counts.get("sent", 0),
-                "jobs_answered": counts.get("answered", 0),
-                "jobs_refused": counts.get("refused", 0),
-                "jobs_lost": counts.get("lost", 0),
-            }
-        found.append(
-            {
-                "site": node.site,
-                "node": node.node,
-                "state": state,
-                "reason": reason,
-                "session": node.session,
-                "report_age_s": None if seen_s is None else round(now_s - seen_s, 3),
-                "capacity_age_s": None if node.age_s(now_s) is None else round(node.age_s(now_s) or 0.0, 3),
-                "quarantine": node.quarantine,
-                "public_key": (node.birth or {}).get("public_key"),
-                "models": models,
-            }
-        )
     return {
         "gateway": gateway.settings.gateway_id,
         "gateways": gateway.presence.live(),
         "share": gateway.presence.share(),
         "broker_connected": gateway.link.connected.is_set(),
-        "nodes": found,
+        "nodes": [_node_part(gateway, node, now_s) for node in gateway.view.nodes()],
+    }
+
+
+def _node_part(gateway: Gateway, node: NodeView, now_s: float) -> orjson.Fragment:
+    try:
+        return orjson.Fragment(orjson.dumps(_node(gateway, node, now_s)))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # JSONEncodeError is a TypeError
+        log.warning("fleet view: node %s cannot be shown: %s", node.name, exc)
+        failed = {
+            "site": node.site,
+            "node": node.node,
+            "state": "unknown",
+            "reason": f"cannot be shown: {type(exc).__name__}: {str(exc)[:200]}",
+            "session": node.session,
+            "report_age_s": None,
+            "capacity_age_s": None,
+            "quarantine": node.quarantine if isinstance(node.quarantine, str) else None,
+            "public_key": None,
+            "models": {},
+        }
+        return orjson.Fragment(orjson.dumps(failed))
+
+
+def _node(gateway: Gateway, node: NodeView, now_s: float) -> dict[str, Any]:
+    state, reason = node.effective_state(now_s)
+    seen_s = node.last_received_s
+    models = {}
+    for name, report in ((node.capacity or {}).get("models") or {}).items():
+        born = node.model_birth(name)
+        counts = node.jobs.get(name, {})
+        models[name] = {
+            "sha256": born.get("sha256"),
+            "precision": report.get("precision", born.get("precision")),
+            "provider": report.get("provider", born.get("provider")),
+            "max_ips_at_slo": report.get("max_ips_at_slo", 0.0),
+            "spare_ips_at_slo": report.get("spare_ips_at_slo", 0.0),
+            "accepts_pool_jobs": bool(report.get("accepts_pool_jobs")),
+            "is_offer_usable": node.offer(name, now_s) is not None,
+            "credit_rows": round(gateway.credit.credit_rows(node, name, now_s), 3),
+            "in_flight_rows": gateway.credit.in_flight(node, name),
+            "withheld_for_s": round(gateway.credit.withheld_for_s(node, name), 3),
+            "jobs_sent": counts.get("sent", 0),
+            "jobs_answered": counts.get("answered", 0),
+            "jobs_refused": counts.get("refused", 0),
+            "jobs_lost": counts.get("lost", 0),
+        }
+    return {
+        "site": node.site,
+        "node": node.node,
+        "state": state,
+        "reason": reason,
+        "session": node.session,
+        "report_age_s": None if seen_s is None else round(now_s - seen_s, 3),
+        "capacity_age_s": None if node.age_s(now_s) is None else round(node.age_s(now_s) or 0.0, 3),
+        "quarantine": node.quarantine,
+        "public_key": node.public_key,
+        "models": models,
     }
 
 

@@ -2,16 +2,20 @@
 
 Ordering rules: a message of an older `session` than the one known is late (a Last Will of a connection
 the node has since replaced, a retained report of a previous run) and is ignored; within a session each
-kind's `seq` only rises. Staleness goes by receive time here, never by the node's clock. A birth or
-report whose shape the gateway cannot use is ignored, in whole or in part (intake.py), and counted.
+kind's `seq` only rises. Staleness goes by receive time here, never by the node's clock. A message
+whose topic, size, identity or shape the gateway cannot use is ignored, in whole or in part (intake.py),
+and counted in `rejected`.
+
+The view is bounded whatever the pool sends: at most `max_nodes` nodes (a new node beyond them is
+ignored and counted until one is forgotten), and a node heard nothing from for `forget_after_s` is
+forgotten (the ledger keeps its record; heard again, it is a new node of the view).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,12 +24,18 @@ from typing import Any
 import orjson
 
 from appliance.platform import intake
-from appliance.pool.topics import parse_node_topic
+from appliance.platform.intake import printable
+from appliance.platform.offering import Key, Offering
+from appliance.pool.topics import NodeMessage, parse_node_topic
 
 log = logging.getLogger(__name__)
 
 SILENT = "reports stopped"  # the reason of a node whose last capacity report has expired
 SHOWN = 5  # problems of one message a log line shows
+MAX_NODES = 20_000  # gateway.max_nodes' default
+FORGET_AFTER_S = 3600.0  # gateway.forget_after_s' default
+MAX_WARNED = 4096  # (site, node, kind) whose first rejection is logged as a warning; later ones at debug
+CHECKS = {"birth": intake.birth, "state": intake.state, "capacity": intake.capacity}
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -112,7 +122,7 @@ class NodeView:
                 None
                 if entry.get("inputs") is None
                 else orjson.dumps([entry["inputs"], entry.get("outputs")], option=orjson.OPT_SORT_KEYS)
-            )
+            )  # (intake.py keeps only names, datatypes and shapes: always serialisable)
         return made[model]
 
     def offer(self, model: str, now_s: float, *, is_check: bool = False) -> Offer | None:
@@ -156,14 +166,26 @@ class PoolView:
     """Every node heard of under `root`. `ingest` takes a lock: `watch` calls it from paho's thread while
     its table is drawn on another (the gateway calls it on its event loop)."""
 
-    def __init__(self, root: str, *, needs_key: bool = False) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        needs_key: bool = False,
+        max_nodes: int = MAX_NODES,
+        forget_after_s: float = FORGET_AFTER_S,
+    ) -> None:
         self.root = root
         self.needs_key = needs_key
+        self.max_nodes = max_nodes
+        self.forget_after_s = forget_after_s
         self.ingested = 0  # messages taken (not ignored), for /metrics
-        self.rejected: Counter[str] = Counter()  # kind -> messages ignored in whole or in part (intake)
+        # Messages ignored in whole or in part: by kind for their size, identity or shape (intake), and
+        # "topic" (a reserved or unusable site or node) or "node_limit" (a new node beyond max_nodes).
+        self.rejected: Counter[str] = Counter()
+        self.forgotten = 0  # nodes forgotten after forget_after_s of silence
         self._warned: set[tuple[str, str, str]] = set()  # (site, node, kind) whose rejection was logged
-        self._nodes: dict[tuple[str, str], NodeView] = {}
-        self._offering: dict[str, _Holders] = {}  # model -> nodes reporting it
+        self._nodes: OrderedDict[Key, NodeView] = OrderedDict()  # the least recently heard first
+        self._offering: Offering[NodeView] = Offering()
         self._lock = threading.Lock()
 
     def nodes(self) -> list[NodeView]:
@@ -183,82 +205,109 @@ class PoolView:
         origin = parse_node_topic(self.root, topic)
         if origin is None or origin.kind == "evt" or not payload:
             return None
+        problem = intake.topic_problem(origin.site, origin.node)
+        if problem is not None:
+            return self._ignored(origin, "topic", [problem])
+        problem = intake.size_problem(origin.kind, payload)
+        if problem is not None:
+            return self._ignored(origin, origin.kind, [problem])
         try:
             document = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return None
         session = document.get("session") if isinstance(document, dict) else None
-        if not isinstance(session, int) or isinstance(session, bool):
+        if not isinstance(session, int) or isinstance(session, bool) or session < 0:
             return None
-        if origin.kind in ("birth", "capacity"):
-            check = intake.birth if origin.kind == "birth" else intake.capacity
-            document, problems = check(document)
-            if problems:
-                taken = document is not None
-                with self._lock:
-                    self._rejected(origin.site, origin.node, origin.kind, problems, taken=taken)
-            if document is None:
-                return None
+        problem = intake.identity_problem(document, origin.site, origin.node)
+        if problem is not None:
+            return self._ignored(origin, origin.kind, [problem])
+        kept, problems = CHECKS[origin.kind](document)
+        if problems:
+            with self._lock:
+                self._rejected(origin, origin.kind, problems, taken=kept is not None)
+        if kept is None:
+            return None
         seq = document.get("seq")
         with self._lock:
+            self._forget(received_s)
             key = (origin.site, origin.node)
-            view = self._nodes.get(key) or self._nodes.setdefault(
-                key, NodeView(*key, needs_key=self.needs_key)
-            )
+            view = self._nodes.get(key)
+            if view is None:
+                if len(self._nodes) >= self.max_nodes:
+                    limit = f"the view holds {self.max_nodes} nodes already (gateway.max_nodes)"
+                    self._rejected(origin, "node_limit", [limit], taken=False)
+                    return None
+                view = self._nodes[key] = NodeView(*key, needs_key=self.needs_key)
             if session < view.session:
                 return None  # late: from before the node's last reconnect (an old Last Will included)
             if session > view.session:
                 view.session, view.seqs = session, {}
-                view.capacity = view.capacity_received_s = None  # an old session's offer is void
+                if view.capacity is not None:  # an old session's offer is void
+                    view.capacity = view.capacity_received_s = None
+                    self._offering.update(key, view, frozenset())
             if isinstance(seq, int):
                 if seq <= view.seqs.get(origin.kind, -1):
                     return None  # a repeat or out of order within the session
                 view.seqs[origin.kind] = seq
             view.last_received_s = received_s
+            self._nodes.move_to_end(key)
             if origin.kind == "state":
-                view.state, view.reason = (
-                    str(document.get("state", "unknown")),
-                    str(document.get("reason", "")),
-                )
+                view.state, view.reason = kept["state"], kept["reason"]
             elif origin.kind == "birth":
-                view.birth = document
+                view.birth = kept
             else:
-                view.capacity, view.capacity_received_s = document, received_s
-                view.capacity_valid_for_s = document["valid_for_s"]
+                view.capacity, view.capacity_received_s = kept, received_s
+                view.capacity_valid_for_s = kept["valid_for_s"]
                 if expiry_s is not None and 0 <= expiry_s < view.capacity_valid_for_s:
                     view.capacity_valid_for_s = expiry_s
-            self._index(key, view)
+                self._offering.update(key, view, frozenset(kept["models"]))
             self.ingested += 1
             return view
 
-    def _rejected(self, site: str, node: str, kind: str, problems: list[str], *, taken: bool) -> None:
+    def forget(self, now_s: float) -> None:
+        """Forget the nodes heard nothing from for forget_after_s (ingest does it as it goes, in O(1) per
+        message: the nodes are kept least recently heard first)."""
+        with self._lock:
+            self._forget(now_s)
+
+    def _forget(self, now_s: float) -> None:
+        cutoff_s = now_s - self.forget_after_s
+        while self._nodes:
+            key, oldest = next(iter(self._nodes.items()))
+            if oldest.last_received_s is not None and oldest.last_received_s >= cutoff_s:
+                return
+            del self._nodes[key]
+            self._offering.update(key, oldest, frozenset())
+            for kind in CHECKS:
+                self._warned.discard((*key, kind))
+            self._warned.discard(("", "", "node_limit"))
+            self.forgotten += 1
+
+    def _ignored(self, origin: NodeMessage, reason: str, problems: list[str]) -> None:
+        with self._lock:
+            self._rejected(origin, reason, problems, taken=False)
+
+    def _rejected(self, origin: NodeMessage, reason: str, problems: list[str], *, taken: bool) -> None:
         """Count a message ignored in whole or in part; log it once per node and kind (a node that keeps
-        sending it would fill the log), later ones at debug level."""
-        self.rejected[kind] += 1
-        first = (site, node, kind) not in self._warned
+        sending it would fill the log), later ones, and those past MAX_WARNED, at debug level."""
+        self.rejected[reason] += 1
+        # Names made up by the thousand get one warning per site; a full view one until it has room.
+        warned = {"topic": (origin.site, "", reason), "node_limit": ("", "", reason)}.get(
+            reason, (origin.site, origin.node, origin.kind)
+        )
+        first = warned not in self._warned and len(self._warned) < MAX_WARNED
         if first:
-            self._warned.add((site, node, kind))
+            self._warned.add(warned)
         log.log(
             logging.WARNING if first else logging.DEBUG,
             "node %s/%s: %s %s: %s",
-            site,
-            node,
-            kind,
+            printable(origin.site[: intake.MAX_LEVEL_CHARS]),
+            printable(origin.node[: intake.MAX_LEVEL_CHARS]),
+            origin.kind,
             "taken in part" if taken else "ignored",
             "; ".join(problems[:SHOWN])
             + (f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""),
         )
-
-    def _index(self, key: tuple[str, str], view: NodeView) -> None:
-        models = set((view.capacity or {}).get("models", {}))
-        for model in [name for name in self._offering if name not in models]:
-            holders = self._offering[model]
-            holders.drop(key)
-            if not holders.views:
-                del self._offering[model]  # no node reports it now: a node renaming models keeps no trail
-        for model in models:
-            holders = self._offering.get(model) or self._offering.setdefault(model, _Holders())
-            holders.put(key, view)
 
     def offering(self, model: str) -> list[NodeView]:
         """Nodes whose last report names `model` (fresh or not: callers check the offer)."""
@@ -280,7 +329,7 @@ class PoolView:
 
     def models(self) -> list[str]:
         with self._lock:
-            return sorted(name for name, holders in self._offering.items() if holders.views)
+            return self._offering.models()
 
     def best(self, model: str, now_s: float) -> NodeView | None:
         """The node with the most spare capacity for `model` now, or None when no node has any."""
@@ -294,44 +343,8 @@ class PoolView:
         return table(self.nodes(), now_s)
 
 
-class _Holders:
-    """The nodes reporting one model, drawn at random in O(count) (a key list kept beside the views,
-    removal by swapping in the last key): a fleet of thousands is never copied per job."""
-
-    __slots__ = ("_at", "_keys", "views")
-
-    def __init__(self) -> None:
-        self.views: dict[tuple[str, str], NodeView] = {}
-        self._keys: list[tuple[str, str]] = []
-        self._at: dict[tuple[str, str], int] = {}
-
-    def put(self, key: tuple[str, str], view: NodeView) -> None:
-        if key not in self._at:
-            self._at[key] = len(self._keys)
-            self._keys.append(key)
-        self.views[key] = view
-
-    def drop(self, key: tuple[str, str]) -> None:
-        index = self._at.pop(key, None)
-        if index is None:
-            return
-        last = self._keys.pop()
-        if last != key:
-            self._keys[index] = last
-            self._at[last] = index
-        del self.views[key]
-
-    def draw(self, count: int) -> list[NodeView]:
-        """`count` nodes at random: distinct in a small fleet, with replacement in a large one."""
-        keys = self._keys
-        if len(keys) <= count:
-            return [self.views[k] for k in keys]
-        if len(keys) < 64:
-            return [self.views[k] for k in random.sample(keys, count)]
-        return [self.views[keys[random.randrange(len(keys))]] for _ in range(count)]
-
-
 def table(nodes: list[NodeView], now_s: float) -> str:
+    """The nodes as `watch` shows them, every control character a node could send escaped."""
     rows = [("node", "state", "session", "age_s", "spare/max inferences/s at SLO")]
     for view in nodes:
         age_s = view.age_s(now_s)
@@ -351,7 +364,8 @@ def table(nodes: list[NodeView], now_s: float) -> str:
         state = view.state + (f" ({view.reason})" if view.reason and view.state != "online" else "")
         if view.quarantine:
             state += f" [quarantined: {view.quarantine}]"
-        rows.append((view.name, state, str(view.session), "-" if age_s is None else f"{age_s:.1f}", models))
+        age = "-" if age_s is None else f"{age_s:.1f}"
+        rows.append((printable(view.name), printable(state), str(view.session), age, printable(models)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 
+from appliance.platform import intake
 from appliance.platform.client import PlatformClient
+from appliance.platform.intake import printable
 from appliance.platform.view import PoolView
 from appliance.pool.topics import node_filter, parse_node_topic, shared
 from appliance.pool.wire import Inbound
@@ -45,9 +47,10 @@ def watch(
 
     def on_message(message: Inbound, received_s: float) -> None:
         view.ingest(message.topic, message.payload, received_s, message.expiry_s)
-        if as_json:
+        line = _json_line(root, message) if as_json else None
+        if line is not None:
             with lock:
-                out.write(_json_line(root, message) + "\n")
+                out.write(line + "\n")
                 out.flush()
 
     client.on_message = on_message
@@ -69,20 +72,29 @@ def watch(
     return 0
 
 
-def _json_line(root: str, message: Inbound) -> str:
+def _json_line(root: str, message: Inbound) -> str | None:
+    """The message as one JSON line; None for a topic no node may publish under (intake.py). A document
+    too large to read, or one nested too deep to write again, is shown as its error."""
     origin = parse_node_topic(root, message.topic)
-    try:
-        document = orjson.loads(message.payload) if message.payload else None
-    except orjson.JSONDecodeError:
-        document = None
-    record = {
+    if origin is None or intake.topic_problem(origin.site, origin.node) is not None:
+        return None
+    record: dict[str, Any] = {
         "received_ms": int(time.time() * 1000),
-        "site": origin.site if origin else None,
-        "node": origin.node if origin else None,
-        "kind": origin.kind if origin else None,
-        "document": document,
+        "site": origin.site,
+        "node": origin.node,
+        "kind": origin.kind,
+        "document": None,
     }
-    return orjson.dumps(record).decode()
+    problem = intake.size_problem(origin.kind, message.payload)
+    if problem is not None:
+        return orjson.dumps({**record, "error": problem}).decode()
+    try:
+        record["document"] = orjson.loads(message.payload) if message.payload else None
+        return orjson.dumps(record).decode()
+    except orjson.JSONDecodeError:
+        return orjson.dumps(record).decode()  # not JSON: shown as no document, as before
+    except orjson.JSONEncodeError as exc:
+        return orjson.dumps({**record, "document": None, "error": f"cannot be written: {exc}"}).decode()
 
 
 def watch_gateway(
@@ -119,11 +131,12 @@ def watch_gateway(
                 return 0
 
 
-def gateway_table(document: dict[str, object]) -> str:
-    """The fleet view as a terminal table: node, state, session, report age, per-model figures."""
+def gateway_table(document: dict[str, Any]) -> str:
+    """The fleet view as a terminal table: node, state, session, report age, per-model figures; every
+    control character a node (or the gateway) could put in a cell escaped."""
     rows = [("node", "state", "session", "age_s", "spare/max at SLO, jobs sent/answered/refused")]
-    for node in document.get("nodes", []):  # type: ignore[union-attr]
-        state = node["state"] + (
+    for node in document.get("nodes", []):
+        state = f"{node['state']}" + (
             f" ({node['reason']})" if node["reason"] and node["state"] != "online" else ""
         )
         if node.get("quarantine"):
@@ -137,11 +150,12 @@ def gateway_table(document: dict[str, object]) -> str:
             or "-"
         )
         age = "-" if node["report_age_s"] is None else f"{node['report_age_s']:.1f}"
-        rows.append((f"{node['site']}/{node['node']}", state, str(node["session"]), age, models))
+        name = f"{node['site']}/{node['node']}"
+        rows.append((printable(name), printable(state), str(node["session"]), age, printable(models)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4] for row in rows
     ]
     gateways = document.get("gateways", [])
-    lines.append(f"gateways: {', '.join(gateways)}")  # type: ignore[arg-type]
+    lines.append(printable(f"gateways: {', '.join(gateways)}"))
     return "\n".join(lines)

@@ -176,4 +176,4 @@ def test_a_model_name_no_node_reports_any_more_is_forgotten() -> None:
     for seq in range(3, 1003):  # a node naming a new model in every report
         report = message(session=1, seq=seq, valid_for_s=3, models={f"m{seq}": {"spare_ips_at_slo": 1.0}})
         view.ingest(f"{ROOT}/s/a/capacity", report, 0.0)
-    assert view.models() == ["m1002"] and list(view._offering) == ["m1002"]
+    assert view.models() == ["m1002"] and list(view._offering._holders) == ["m1002"]
