@@ -73,8 +73,12 @@ class Gateway:
         self.platform = platform
         self.settings = settings
         self.max_body_bytes = MAX_BODY_BYTES
-        self.view = PoolView(settings.topic_root, needs_key=True)
-        self.presence = Presence(settings.topic_root, settings.gateway_id)
+        self.view = PoolView(
+            settings.topic_root,
+            needs_key=True,
+            max_nodes=settings.max_nodes,
+            forget_after_s=settings.forget_after_s,
+        )
         self.catalogue = Catalogue.load(settings.catalogue)
         self.key = identity.device_key(
             settings.state_dir,
@@ -82,8 +86,17 @@ class Gateway:
             credential=KEY_CREDENTIAL,
             state_file="gateway-key.pem",
         )
+        # Presence is signed with the gateway key; peers count it if the shared ledger lists that key.
+        self.presence = Presence(
+            settings.topic_root,
+            settings.gateway_id,
+            key=self.key,
+            max_gateways=settings.max_gateways,
+            refresh_s=settings.presence_refresh_s,
+        )
         ledger = Ledger.open(platform.ledger.url or str(settings.state_dir / "ledger.sqlite3"))
         ledger.register_gateway(settings.gateway_id, signing.public_key_text(self.key))
+        self.presence.known(ledger.gateway_keys())
         self.writer = LedgerWriter(ledger)
         self.buyers = Buyers.load(
             settings.buyers_file,
@@ -93,7 +106,9 @@ class Gateway:
         self.credit = CreditBook(
             self.view, share=self.presence.share, sample_nodes=settings.sample_nodes, clock=time.monotonic
         )
-        self.metrics = GatewayMetrics(self.view, self._gauges)
+        self.metrics = GatewayMetrics(
+            self.view, self._gauges, catalogue=self.catalogue, max_models=settings.max_metric_models
+        )
         self.link = GatewayLink(
             settings,
             self.view,
@@ -200,6 +215,9 @@ class Gateway:
         malformed HTTP, stopping), counted with the buyer refusals."""
         self.metrics.refused(CONNECTION_REASONS.get(type(exc)) or outcome_of(exc).reason)
 
+    async def _gateway_keys(self) -> dict[str, list[str]]:
+        return await self.writer.call(self.writer.ledger.gateway_keys)
+
     def _gauges(self) -> dict[str, float]:
         return {
             "http_connections_open": self.gate.open,
@@ -212,6 +230,9 @@ class Gateway:
             "receipts_committed_total": self.writer.committed,
             "ledger_transactions_total": self.writer.groups,
             "ledger_commits_waiting": self.writer.waiting,
+            "ledger_calls_waiting": self.writer.calls_waiting,
+            "node_pins_waiting": self.trust.pins_waiting,
+            "presences_ignored_total": self.presence.ignored,
             "quarantined_nodes": self.trust.quarantined(),
         }
 
@@ -224,6 +245,9 @@ class Gateway:
         background = [
             asyncio.create_task(self.trust.refresh_forever(), name="gateway-ledger-refresh"),
             asyncio.create_task(self.checks.recheck_forever(), name="gateway-recheck"),
+            asyncio.create_task(
+                self.presence.refresh_forever(self.link.publish, self._gateway_keys), name="gateway-presence"
+            ),
         ]
         config = uvicorn.Config(
             self.app,

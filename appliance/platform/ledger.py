@@ -177,6 +177,15 @@ class Ledger:
         with self.engine.begin() as connection:
             connection.execute(insert.values(**row).on_conflict_do_nothing())
 
+    def gateway_keys(self) -> dict[str, list[str]]:
+        """Every gateway's keys as registered (gateway id -> keys): what its presence may be signed with."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(gateways.c.gateway, gateways.c.public_key))
+            found: dict[str, list[str]] = {}
+            for gateway, public_key in rows:
+                found.setdefault(gateway, []).append(public_key)
+            return found
+
     def pin(self, node: str, public_key: str) -> NodeRecord:
         """The node's record after showing `public_key`: pinned if new; a different key than the pinned
         one is kept as `offered_key` and quarantines the node until an operator trusts it."""

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from appliance.errors import ModelNotReady
 from appliance.platform import presence
@@ -66,6 +68,7 @@ class GatewayLink:
         )
         self.root = settings.topic_root
         self.reply_base = f"{self.root}/_reply/{settings.gateway_id}"
+        self._answers = f"{self.reply_base}/"  # not the answers of a gateway whose id starts with ours
         self.presence_topic = presence.topic(self.root, settings.gateway_id)
         self._on_answer = on_answer
         self._on_state = on_state
@@ -82,9 +85,7 @@ class GatewayLink:
         self._is_closing = False
         self._client = paho_client(f"gateway-{settings.gateway_id}", mqtt.MQTTv5)
         self.security.apply(self._client)
-        self._client.will_set(
-            self.presence_topic, presence.document(settings.gateway_id, presence.OFFLINE), qos=1, retain=True
-        )
+        self._client.will_set(self.presence_topic, gateways.document(presence.OFFLINE), qos=1, retain=True)
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(10000)
         self._client.on_socket_open = self._socket_open
@@ -100,7 +101,13 @@ class GatewayLink:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._lost = asyncio.Event()
-        self._client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
+        properties = Properties(PacketTypes.CONNECT)
+        # The broker never sends the gateway a larger packet (MQTT 5 section 3.1.2.11.4): one peer's
+        # retained megabytes are not read, parsed and kept at every (re)connect.
+        properties.MaximumPacketSize = self.settings.max_packet_bytes
+        self._client.connect_async(
+            self.broker.host, self.broker.port, keepalive=KEEPALIVE_S, properties=properties
+        )
         self._supervisor = loop.create_task(self._supervise(), name="gateway-mqtt")
 
     async def _supervise(self) -> None:
@@ -110,6 +117,11 @@ class GatewayLink:
         failures = 0
         while not self._is_closing:
             self._lost.clear()
+            # A Will made now: a peer takes one Will per run of this gateway and by its time, so a Will
+            # from before this connection (replayed) cannot count this gateway gone while it runs.
+            self._client.will_set(
+                self.presence_topic, self.gateways.document(presence.OFFLINE), qos=1, retain=True
+            )
             try:
                 await asyncio.to_thread(self._client.reconnect)  # blocking connect (and TLS handshake)
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried
@@ -124,6 +136,7 @@ class GatewayLink:
                     await asyncio.wait_for(self._lost.wait(), MISC_INTERVAL_S)
                 if not self._lost.is_set():
                     self._client.loop_misc()
+                    self.view.forget(time.monotonic())  # ingest forgets too, but only as messages come
             if not self._is_closing:
                 await asyncio.sleep(self._delay_s)
                 self._delay_s = min(2 * self._delay_s, RECONNECT_MAX_S)
@@ -144,7 +157,11 @@ class GatewayLink:
         if not self.connected.is_set():
             raise BrokerAway(f"the gateway is not connected to broker {self.broker}", retry_after_s=1.0)
         info = self._client.publish(
-            message.topic, message.payload, qos=message.qos, properties=publish_properties(message)
+            message.topic,
+            message.payload,
+            qos=message.qos,
+            retain=message.retain,
+            properties=publish_properties(message),
         )
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerAway(f"broker {self.broker} did not take a job: {mqtt.error_string(info.rc)}")
@@ -156,7 +173,7 @@ class GatewayLink:
         if self.connected.is_set():
             info = self._client.publish(
                 self.presence_topic,
-                presence.document(self.settings.gateway_id, presence.OFFLINE),
+                self.gateways.document(presence.OFFLINE),
                 qos=1,
                 retain=True,
             )
@@ -258,7 +275,7 @@ class GatewayLink:
         client.subscribe(filters)
         client.publish(
             self.presence_topic,
-            presence.document(self.settings.gateway_id, presence.ONLINE),
+            self.gateways.document(presence.ONLINE),
             qos=1,
             retain=True,
         )
@@ -276,7 +293,7 @@ class GatewayLink:
     def _received(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         received_s = time.monotonic()
         topic = message.topic
-        if topic.startswith(self.reply_base):
+        if topic.startswith(self._answers):
             self._call(self._on_answer, inbound(message), received_s)
         elif self.gateways.ingest(topic, bytes(message.payload)):
             return

@@ -1,13 +1,50 @@
-"""Gateway presence: each instance announces itself (retained, with a Last Will) and takes 1/N of offers."""
+"""Gateway presence: each instance announces itself (retained, signed, refreshed) and takes 1/N of offers.
+
+Anyone who may publish under `<root>/_gateways/` could otherwise set every gateway's share: a flood of
+`online`s under made-up ids shrinks it towards 0 (the market stops selling), and an `offline` under a live
+peer's id grows it past its due (two gateways book the same capacity). So a presence counts only when
+it is signed (Ed25519, CONTEXT and the sorted JSON of `gateway`, `state`, `ts_ms`, `run`) with a key the
+shared ledger lists for that gateway id (the `gateways` table every gateway registers its key in at
+start), its `gateway` is the id in its topic, and it is newer than what that gateway said before. A
+gateway re-announces itself every REFRESH_S; one not heard from for EXPIRY_ROUNDS of them is gone. Its
+Last Will, signed when its run began, is taken once per run (an older `ts_ms` than its refreshes, so it
+could not count as newer): a replayed copy after the gateway reconnected changes nothing. At most
+`max_gateways` gateways are counted, this one included, so the share is never below 1/max_gateways.
+Gateways that do not share a ledger do not count each other.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from appliance.errors import ApplianceError
+from appliance.pool import signing
+from appliance.pool.wire import Outbound
+
+log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = "online", "offline"
+CONTEXT = b"ecp-presence-v1\n"
+REFRESH_S = 10.0  # a gateway re-announces itself this often
+EXPIRY_ROUNDS = 3  # a gateway not heard from for this many refreshes is no longer counted
+MAX_GATEWAYS = 64  # gateways counted at most, this one included (gateway.max_gateways)
+MAX_PAYLOAD_BYTES = 1024  # a presence is ~250 bytes; a larger one is not parsed
+KEYS_READ_MIN_S = 1.0  # signers the ledger did not list make it be read again, at most this often
+MAX_UNKNOWN = 64  # presences from signers not yet known, kept to be taken once the ledger lists them
 
 
 def topic(root: str, gateway_id: str = "+") -> str:
@@ -15,46 +52,267 @@ def topic(root: str, gateway_id: str = "+") -> str:
     return f"{root}/_gateways/{gateway_id}"
 
 
-def document(gateway_id: str, state: str) -> bytes:
-    return orjson.dumps({"gateway": gateway_id, "state": state, "ts_ms": int(time.time() * 1000)})
+@dataclass(slots=True)
+class _Peer:
+    state: str
+    ts_ms: int  # the newest `ts_ms` taken from it
+    run: str
+    until_s: float  # monotonic: counted until then unless it refreshes
+    will_taken: str | None = None  # the run whose Last Will was taken
+
+
+@dataclass(frozen=True, slots=True)
+class _Said:
+    gateway: str
+    state: str
+    ts_ms: int
+    run: str
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        fields = {"gateway": self.gateway, "run": self.run, "state": self.state, "ts_ms": self.ts_ms}
+        return CONTEXT + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
 
 
 class Presence:
     """Live gateways by id, this one always counted; `ingest` runs on the gateway's event loop (the lock
     keeps reads from other threads safe)."""
 
-    def __init__(self, root: str, own_id: str) -> None:
+    def __init__(
+        self,
+        root: str,
+        own_id: str,
+        *,
+        key: Ed25519PrivateKey | None = None,
+        max_gateways: int = MAX_GATEWAYS,
+        refresh_s: float = REFRESH_S,
+        clock_ms: Callable[[], int] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.root = root
         self.own_id = own_id
-        self._states: dict[str, str] = {}
-        self._share = 1.0  # kept with _states: dispatch reads it for every node it weighs
+        self.key = key
+        self.max_gateways = max(1, max_gateways)
+        self.refresh_s = refresh_s
+        self.expiry_s = refresh_s * EXPIRY_ROUNDS
+        self.run = secrets.token_hex(8)  # this instance: tells its Last Will from an older run's
+        self.ignored = 0  # presence messages not counted (unsigned, unknown signer, stale...), for /metrics
+        self._clock_ms = clock_ms or _now_ms
+        self._monotonic = monotonic
+        self._prefix = f"{root}/_gateways/"
+        self._keys: dict[str, list[Ed25519PublicKey]] = {}
+        self._peers: dict[str, _Peer] = {}
+        self._online = 0  # peers counted now (kept with _peers: no count over them per message)
+        self._share = 1.0  # kept with _online: dispatch reads it for every node it weighs
+        self._unknown: dict[str, bytes] = {}  # signer id -> its latest presence, until the ledger lists it
+        self._warned: set[str] = set()  # unknown signers named in the log (at most MAX_UNKNOWN)
+        self._wake: asyncio.Event | None = None  # refresh_forever's: keys to read, or peers to greet
+        self._is_keys_wanted = False
+        self._is_greeting_due = False
         self._lock = threading.Lock()
 
+    def document(self, state: str) -> bytes:
+        """This gateway's presence, signed with its key when it has one."""
+        if self.key is None:
+            return orjson.dumps({"gateway": self.own_id, "state": state, "ts_ms": self._clock_ms()})
+        said = _Said(self.own_id, state, self._clock_ms(), self.run, b"")
+        signature = base64.b64encode(self.key.sign(said.signed_bytes())).decode("ascii")
+        fields = {"gateway": self.own_id, "state": state, "ts_ms": said.ts_ms, "run": self.run}
+        return orjson.dumps({**fields, "signature": signature})
+
+    def known(self, keys: Mapping[str, Iterable[str]]) -> None:
+        """The gateways' keys as the ledger lists them (id -> every key it has had); presences that were
+        waiting for their signer to be listed are taken now."""
+        parsed: dict[str, list[Ed25519PublicKey]] = {}
+        for gateway_id, texts in keys.items():
+            for text in texts:
+                with contextlib.suppress(ValueError):
+                    parsed.setdefault(gateway_id, []).append(signing.parse_public_key(text))
+        self._keys = parsed
+        waiting = [(gid, payload) for gid, payload in self._unknown.items() if gid in parsed]
+        for gateway_id, payload in waiting:
+            del self._unknown[gateway_id]
+            self._take(gateway_id, payload)
+
     def ingest(self, topic_name: str, payload: bytes) -> bool:
-        """Take a presence message; True when it was one (whatever it said)."""
-        prefix = f"{self.root}/_gateways/"
-        if not topic_name.startswith(prefix):
+        """Take a presence message; True when it was one (whatever it said, counted or not)."""
+        if not topic_name.startswith(self._prefix):
             return False
-        gateway_id = topic_name[len(prefix) :]
-        state = OFFLINE
-        if payload:
-            try:
-                found = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                found = None
-            if isinstance(found, dict) and found.get("state") == ONLINE:
-                state = ONLINE
-        with self._lock:
-            self._states[gateway_id] = state
-            others = sum(1 for g, seen in self._states.items() if seen == ONLINE and g != self.own_id)
-            self._share = 1.0 / (1 + others)
+        gateway_id = topic_name[len(self._prefix) :]
+        if gateway_id != self.own_id:  # this gateway is always counted, whatever is said under its id
+            self._take(gateway_id, payload)
         return True
 
-    def live(self) -> list[str]:
+    def _take(self, gateway_id: str, payload: bytes) -> None:
+        said = _parse(payload)
+        if said is None or said.gateway != gateway_id:
+            self.ignored += 1
+            return
+        keys = self._keys.get(gateway_id)
+        if keys is None:
+            self.ignored += 1
+            if len(self._unknown) >= MAX_UNKNOWN and gateway_id not in self._unknown:
+                del self._unknown[next(iter(self._unknown))]
+            self._unknown[gateway_id] = payload
+            self._want(keys=True)
+            return
+        if not _verifies(keys, said):
+            self.ignored += 1
+            self._want(keys=True)  # perhaps a key it registered since
+            return
+        peer = self._peers.get(gateway_id)
+        now_s = self._monotonic()
+        is_newer = peer is None or said.ts_ms > peer.ts_ms
+        if peer is not None and _is_will(peer, said):
+            peer.will_taken = said.run
+            self._set(gateway_id, peer, OFFLINE)
+        elif is_newer and said.ts_ms >= self._clock_ms() - self.expiry_s * 1000:
+            if peer is None:
+                peer = self._peers[gateway_id] = _Peer(OFFLINE, said.ts_ms, said.run, now_s)
+            was_online = peer.state == ONLINE
+            peer.ts_ms, peer.run, peer.until_s = said.ts_ms, said.run, now_s + self.expiry_s
+            self._set(gateway_id, peer, said.state if said.state == ONLINE else OFFLINE)
+            if said.state == ONLINE and not was_online:
+                self._want(greeting=True)  # a gateway that just started counts this one at once
+        else:
+            self.ignored += 1  # older than what it said before, or too old to be counted: a replay
+
+    def _set(self, gateway_id: str, peer: _Peer, state: str) -> None:
+        if peer.state == state:
+            return
         with self._lock:
-            others = {g for g, state in self._states.items() if state == ONLINE and g != self.own_id}
-        return sorted({self.own_id, *others})
+            peer.state = state
+            self._online += 1 if state == ONLINE else -1
+            self._share = 1.0 / min(1 + self._online, self.max_gateways)
+        log.info("gateway %s is %s: this gateway's share is now %.4f", gateway_id, state, self._share)
+
+    def expire(self) -> None:
+        """Stop counting gateways not heard from for EXPIRY_ROUNDS refreshes."""
+        now_s = self._monotonic()
+        for gateway_id, peer in list(self._peers.items()):
+            if peer.state == ONLINE and peer.until_s <= now_s:
+                self._set(gateway_id, peer, OFFLINE)
+
+    def live(self) -> list[str]:
+        """This gateway and the others counted (at most max_gateways in all)."""
+        with self._lock:
+            others = sorted(g for g, peer in self._peers.items() if peer.state == ONLINE)
+        return sorted([self.own_id, *others[: self.max_gateways - 1]])
 
     def share(self) -> float:
         """This gateway's share of every node's offer: 1/N of the live gateways."""
         return self._share
+
+    def _want(self, *, keys: bool = False, greeting: bool = False) -> None:
+        self._is_keys_wanted |= keys
+        self._is_greeting_due |= greeting
+        if self._wake is not None:
+            self._wake.set()
+
+    async def refresh_forever(
+        self,
+        publish: Callable[[Outbound], None],
+        read_keys: Callable[[], Awaitable[Mapping[str, Iterable[str]]]],
+    ) -> None:
+        """Re-announce this gateway every refresh_s (and at once, at most every KEYS_READ_MIN_S, when a
+        peer comes online, so that a gateway just started counts this one), stop counting peers that
+        stopped, and read the gateways' keys again every round and when an unknown signer appears."""
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        while True:
+            self._announce(publish)
+            self.expire()
+            await self._read_keys(read_keys)
+            round_ends = loop.time() + self.refresh_s
+            while (left := round_ends - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(left):  # not wait_for: on 3.11 it may swallow a cancel
+                        await self._wake.wait()
+                except TimeoutError:
+                    break
+                await asyncio.sleep(KEYS_READ_MIN_S)  # what came meanwhile is handled together
+                self._wake.clear()
+                if self._is_keys_wanted:
+                    await self._read_keys(read_keys)
+                if self._is_greeting_due:
+                    self._announce(publish)
+
+    def _announce(self, publish: Callable[[Outbound], None]) -> None:
+        self._is_greeting_due = False
+        message = Outbound(
+            topic(self.root, self.own_id),
+            self.document(ONLINE),
+            retain=True,
+            expiry_s=int(self.expiry_s),
+        )
+        try:
+            publish(message)
+        except ApplianceError as exc:  # not connected: the link announces it again on connecting
+            log.debug("gateway presence not refreshed: %s", exc)
+
+    async def _read_keys(self, read_keys: Callable[[], Awaitable[Mapping[str, Iterable[str]]]]) -> None:
+        self._is_keys_wanted = False
+        try:
+            keys = await read_keys()
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.warning("ledger: cannot read the gateways' keys: %s", exc)
+            return
+        self.known(keys)
+        for gateway_id in self._unknown:
+            if gateway_id not in self._warned and len(self._warned) < MAX_UNKNOWN:
+                self._warned.add(gateway_id)
+                log.warning(
+                    "gateway %r announces itself but its key is not in this gateway's ledger: it is not "
+                    "counted (gateways on one broker share one ledger, or they book nodes twice)",
+                    gateway_id[:100],
+                )
+
+
+def _is_will(peer: _Peer, said: _Said) -> bool:
+    """A counted gateway's Last Will: `offline` from its current run, signed when the run began (so no
+    newer than what it has said since), taken once per run."""
+    return (
+        said.state == OFFLINE
+        and peer.state == ONLINE
+        and said.run == peer.run
+        and said.ts_ms <= peer.ts_ms
+        and peer.will_taken != said.run
+    )
+
+
+def _parse(payload: bytes) -> _Said | None:
+    if not payload or len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    try:
+        found: Any = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(found, dict):
+        return None
+    gateway, state, ts_ms, run, signature = (
+        found.get(name) for name in ("gateway", "state", "ts_ms", "run", "signature")
+    )
+    if not (isinstance(gateway, str) and isinstance(run, str) and isinstance(signature, str)):
+        return None
+    if state not in (ONLINE, OFFLINE) or not isinstance(ts_ms, int) or isinstance(ts_ms, bool):
+        return None
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return _Said(gateway, state, ts_ms, run, raw)
+
+
+def _verifies(keys: list[Ed25519PublicKey], said: _Said) -> bool:
+    signed = said.signed_bytes()
+    for key in keys:
+        try:
+            key.verify(said.signature, signed)
+        except InvalidSignature:
+            continue
+        return True
+    return False
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

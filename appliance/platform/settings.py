@@ -172,6 +172,52 @@ class GatewaySettings(BaseModel):
     sweep_interval_s: float = Field(
         0.25, gt=0, description="How often nodes holding jobs are checked for silence (failover)."
     )
+    # What the pool may make the gateway hold (view.py, intake.py): every pool message is hostile.
+    max_nodes: int = Field(
+        20_000,
+        ge=1,
+        description="Nodes the gateway's view holds at once; a new node beyond them is ignored (counted "
+        'as appliance_gateway_reports_rejected{kind="node_limit"}) until one is forgotten. Each costs a '
+        "few kB of memory and a few hundred bytes of the fleet view per model it offers.",
+    )
+    forget_after_s: float = Field(
+        3600.0,
+        ge=60,
+        description="A node heard nothing from for this long (offline, or its reports stopped) is dropped "
+        "from the view, not from the ledger; heard again, it is back. Keep it well above the nodes' "
+        "pool.report_interval_s.",
+    )
+    max_packet_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        le=268_435_455,
+        description="Largest MQTT packet the gateway takes (MQTT 5 Maximum Packet Size, sent in its "
+        "CONNECT): the broker drops a larger one instead of sending it. Job answers come on the same "
+        "connection, so keep it above the largest answer a model the pool sells gives (a dropped answer "
+        "is a job lost at job_timeout_s); the default is the largest request body the gateway reads. "
+        "Births, states and reports are bounded far lower besides.",
+    )
+    # What other gateways and /metrics may hold (presence.py, metrics.py).
+    max_gateways: int = Field(
+        64,
+        ge=1,
+        description="Gateways counted when sharing each node's offer, this one included: each takes "
+        "1/N of every offer, N never above this. Only gateways whose presence is signed with a key the "
+        "shared ledger lists for them are counted.",
+    )
+    presence_refresh_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="How often the gateway announces its presence again; a gateway not heard from for "
+        "3 times this is no longer counted (its share goes back to the others).",
+    )
+    max_metric_models: int = Field(
+        256,
+        ge=1,
+        description="Model names /metrics labels: catalogue names, or with no catalogue names a node in "
+        'good standing offers. Any other name is counted under model="_other".',
+    )
     state_dir: Path = Field(
         default_factory=_state_dir,
         description="The gateway's own files: its key (gateway-key.pem, mode 0600, unless the credential "
@@ -186,6 +232,8 @@ class GatewaySettings(BaseModel):
     @field_validator("site")
     @classmethod
     def _site(cls, value: str) -> str:
+        if value.startswith("_"):  # <root>/_reply/, _gateways/, _sync/: the platform's, no site's
+            raise ValueError(f"a site starting with _ is reserved for the platform's topics, got {value!r}")
         return value if value == "+" else topic_level(value)
 
     @field_validator("broker")

@@ -8,6 +8,12 @@ what the ledger says every `ledger.refresh_s`, so a quarantine by one is a quara
 of a node's standing is published on
 `<root>/_gateways/<id>/evt/<event>` (`node_quarantined`, `node_released`, `receipts_flagged`) by each gateway
 that applies it.
+
+Births are the pool's to send, as often as it likes, so what they make the ledger do is bounded: a birth
+whose key the node's record already holds (pinned, or offered and refused) writes nothing; other births
+wait in one slot per node, where a later birth's key replaces an earlier one's, and one pin at a time
+goes to the ledger; a birth serving a file the catalogue does not list quarantines its node once, not
+once per birth.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ class Trust:
         self.records: dict[str, NodeRecord] = {record.node: record for record in writer.ledger.nodes()}
         self._seen_ms = now_ms()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._pins: dict[str, tuple[NodeView, str]] = {}  # node -> the latest key its births want pinned
+        self._pinner: asyncio.Task[None] | None = None  # the one task taking them to the ledger
+        self._pinning: str | None = None  # the node whose pin the ledger is writing now
+        # node -> (reason, when) of the file quarantine this gateway asked the ledger for, until lifted
+        self._files_failed: dict[str, tuple[str, int]] = {}
 
     def quarantined(self) -> int:
         return sum(1 for node in self.view.nodes() if node.quarantine is not None)
@@ -68,17 +79,43 @@ class Trust:
             self._set(node, f"{BAD_KEY}: {exc}")
             return
         record = self.records.get(node.name)
-        if record is not None and record.public_key == key and record.offered_key is None:
+        is_pinning = node.name == self._pinning or node.name in self._pins
+        # The pinned key never changes the record; an offered one does not either, unless a pin under
+        # way changes what is offered: then it waits its turn, and is looked at again then.
+        if record is not None and (
+            key == record.public_key or (key == record.offered_key and not is_pinning)
+        ):
             self._apply(node, record)
             self._check_files(node)
-        else:
-            self._spawn(self._pin(node, key))
+            return
+        self._pins[node.name] = (node, key)  # a later birth's key replaces the one waiting
+        if self._pinner is None or self._pinner.done():
+            self._pinner = self._spawn(self._pin_waiting())
 
-    async def _pin(self, node: NodeView, key: str) -> None:
-        record = await self.writer.call(self.writer.ledger.pin, node.name, key)
-        self.records[node.name] = record
-        self._apply(node, record)
-        self._check_files(node)
+    @property
+    def pins_waiting(self) -> int:
+        """Nodes whose birth waits to be pinned (one each, whatever they sent), for /metrics."""
+        return len(self._pins)
+
+    async def _pin_waiting(self) -> None:
+        """Pin the waiting births' keys one after the other, the oldest node first; a key the record
+        came to hold meanwhile (the same key born twice) writes nothing."""
+        while self._pins:
+            name = next(iter(self._pins))
+            node, key = self._pins.pop(name)
+            record = self.records.get(name)
+            if record is None or key not in (record.public_key, record.offered_key):
+                self._pinning = name
+                try:
+                    record = await self.writer.call(self.writer.ledger.pin, name, key)
+                except Exception as exc:  # noqa: BLE001 - the node's next birth tries again
+                    log.error("ledger: node %s not pinned: %s", name, exc)
+                    continue
+                finally:
+                    self._pinning = None
+                self.records[name] = record
+            self._apply(node, record)
+            self._check_files(node)
 
     def _check_files(self, node: NodeView) -> None:
         if self.catalogue.entries is None:
@@ -87,6 +124,11 @@ class Trust:
             served = node.model_birth(name).get("sha256")
             if served is not None and served not in entry.files:
                 reason = f"serves model {name!r} from file {served}, which the catalogue does not list"
+                asked = self._files_failed.get(node.name)
+                if asked is not None and asked[0] == reason:  # asked already: births repeat themselves
+                    self._set(node, reason)
+                    return
+                self._files_failed[node.name] = (reason, now_ms())
                 self.fail(node, reason, FILE)
                 return
 
@@ -97,7 +139,13 @@ class Trust:
         self._spawn(self._fail(node, reason, kind))
 
     async def _fail(self, node: NodeView, reason: str, kind: str) -> None:
-        flagged = await self.writer.call(self.writer.ledger.quarantine, node.name, reason, kind)
+        try:
+            flagged = await self.writer.call(self.writer.ledger.quarantine, node.name, reason, kind)
+        except Exception:
+            asked = self._files_failed.get(node.name)
+            if asked is not None and asked[0] == reason:
+                del self._files_failed[node.name]  # not in the ledger: the next birth asks again
+            raise
         log.warning("node %s quarantined: %s (%d receipts flagged)", node.name, reason, flagged)
         if flagged:
             self.emit("receipts_flagged", node=node.name, reason=reason, flagged=flagged)
@@ -107,11 +155,16 @@ class Trust:
         record = await self.writer.call(self.writer.ledger.passed, node.name)
         if record is not None:
             self.records[node.name] = record
+            if record.quarantine is None:
+                self._files_failed.pop(node.name, None)
             self._apply(node, record)
 
     def _apply(self, node: NodeView, record: NodeRecord) -> None:
+        """The record's key and standing on the node; a file quarantine this gateway asked for holds
+        until the ledger lifts one (a record read before it was written does not lift it)."""
         node.trusted_key = record.public_key
-        self._set(node, record.quarantine)
+        asked = self._files_failed.get(node.name)
+        self._set(node, record.quarantine or (asked[0] if asked is not None else None))
 
     def _set(self, node: NodeView, reason: str | None) -> None:
         before, node.quarantine = node.quarantine, reason
@@ -132,15 +185,19 @@ class Trust:
                 continue
             for record in changed:
                 self.records[record.node] = record
+                asked = self._files_failed.get(record.node)
+                if asked is not None and record.quarantine is None and record.updated_ms > asked[1]:
+                    del self._files_failed[record.node]  # lifted since (a check passed on some gateway)
                 site, _, name = record.node.partition("/")
                 node = self.view.get(site, name)
                 if node is not None and node.public_key is not None:
                     self._apply(node, record)
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -1,4 +1,4 @@
-"""The gateway's one ledger thread: receipts committed in groups, other ledger calls in turn.
+"""The gateway's one ledger thread: receipts committed in groups and first, other ledger calls between.
 
 A buyer's answer waits for `commit(receipt)`, which returns only once the transaction holding the
 receipt has committed: the receipt is on disk before the buyer has the answer. Receipts that arrive
@@ -7,6 +7,11 @@ fsync on SQLite, a round trip on PostgreSQL) is shared by every job that waited 
 one gateway writes thousands of receipts a second (bench/ledger.py). A group that fails for one of
 its receipts (a value the database will not hold) rather than for the database is written again with
 each receipt on its own: that receipt fails alone, and the others are committed.
+
+Receipts and other calls (pins, quarantines, reads: `call`) wait in two queues, and the thread takes
+every receipt waiting (up to MAX_GROUP) before each call, one call at a time: a receipt waits for at
+most one call's transaction, however many calls are queued. What nodes' messages drive (pins from
+births) is coalesced before it gets here (trust.py), so the calls queued stay few.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -28,7 +33,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_GROUP = 1000  # receipts in one transaction at most
-_STOP = object()
+
+Waiting = tuple[Receipt, asyncio.Future[None]]
+Call = tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]
 
 
 class LedgerUnavailable(ModelNotReady):
@@ -43,9 +50,17 @@ class LedgerWriter:
         self.committed = 0  # receipts, for /metrics
         self.groups = 0
         self.waiting = 0  # receipts queued or being written: answers held back until they commit
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._receipts: deque[Waiting] = deque()
+        self._calls: deque[Call] = deque()
+        self._wake = threading.Condition()
+        self._is_stopping = False
         self._thread = threading.Thread(target=self._work, name="ledger-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def calls_waiting(self) -> int:
+        """Ledger calls queued behind the receipts (pins, quarantines, reads), for /metrics."""
+        return len(self._calls)
 
     async def commit(self, receipt: Receipt) -> None:
         """Return once the receipt is committed; LedgerUnavailable when the database refused it.
@@ -53,7 +68,9 @@ class LedgerWriter:
         The waiter is a plain asyncio future: the writer settles a whole group with one call into the
         loop, and a waiter that was cancelled meanwhile is skipped."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put((receipt, done))
+        with self._wake:
+            self._receipts.append((receipt, done))
+            self._wake.notify()
         self.waiting += 1
         try:
             await done
@@ -65,43 +82,38 @@ class LedgerWriter:
             self.waiting -= 1
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a Ledger method on the ledger thread (pins, quarantines, reads)."""
+        """Run a Ledger method on the ledger thread (pins, quarantines, reads), after the receipts
+        waiting when its turn comes."""
         done: Future[T] = Future()
-        self._queue.put((function, args, done))
+        with self._wake:
+            self._calls.append((function, args, done))
+            self._wake.notify()
         return await asyncio.wrap_future(done)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Finish what is queued, then stop the thread and close the database."""
-        self._queue.put(_STOP)
+        with self._wake:
+            self._is_stopping = True
+            self._wake.notify()
         self._thread.join(timeout_s)
         self.ledger.close()
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            if len(item) == 3:
-                self._run(*item)
-                continue
-            group = [item]
-            held = None
-            while len(group) < MAX_GROUP:
-                try:
-                    following = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if following is _STOP or len(following) == 3:
-                    held = following
-                    break
-                group.append(following)
-            self._write(group)
-            if held is _STOP:
-                return
-            if held is not None:
-                self._run(*held)
+            with self._wake:
+                while not (self._receipts or self._calls or self._is_stopping):
+                    self._wake.wait()
+                count = min(len(self._receipts), MAX_GROUP)
+                group = [self._receipts.popleft() for _ in range(count)]
+                call = self._calls.popleft() if self._calls else None
+                if not group and call is None:  # stopping, and nothing is left
+                    return
+            if group:
+                self._write(group)
+            if call is not None:
+                self._run(*call)
 
-    def _write(self, group: list[tuple[Receipt, asyncio.Future[None]]]) -> None:
+    def _write(self, group: list[Waiting]) -> None:
         try:
             self.ledger.write(receipt for receipt, _ in group)
         except Exception as exc:  # noqa: BLE001 - every waiter hears it; the thread goes on
@@ -116,7 +128,7 @@ class LedgerWriter:
         self.groups += 1
         _settle([(done, None) for _, done in group])
 
-    def _write_each(self, group: list[tuple[Receipt, asyncio.Future[None]]]) -> None:
+    def _write_each(self, group: list[Waiting]) -> None:
         try:
             outcomes = self.ledger.write_each(receipt for receipt, _ in group)
         except Exception as exc:  # noqa: BLE001 - the database itself failed: every waiter hears it

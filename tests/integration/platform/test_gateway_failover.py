@@ -195,12 +195,13 @@ async def test_a_broker_restart_is_survived(
 async def test_two_gateways_share_each_offer_and_both_serve(
     tmp_path: Path, pool_repository: Path, broker: Broker, names: Names
 ) -> None:
+    shared = {"url": str(tmp_path / "ledger.sqlite3")}  # each counts the other: its key is in the ledger
     with (
         run_nodes(tmp_path, pool_repository, broker, names, 1) as (node,),
-        run_gateway(broker, names, gateway_id="gw-a") as first,
+        run_gateway(broker, names, gateway_id="gw-a", ledger=shared) as first,
     ):
         await until(usable(first, node.name), what="the node offering")
-        with run_gateway(broker, names, gateway_id="gw-b") as second:
+        with run_gateway(broker, names, gateway_id="gw-b", ledger=shared) as second:
             for gateway in (first, second):
                 await until(lambda g=gateway: g.nodes()["gateways"] == ["gw-a", "gw-b"], what="presence")
             for gateway in (first, second):
