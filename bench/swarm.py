@@ -13,7 +13,8 @@ Figures: reports ingested/s (the gateway's counter), jobs/s, dispatch overhead (
 direct p50/p99), the gateway's RSS, every process's CPU over the gateway phase. Every process shares
 the same cores; the whole bench runs at nice 19 so that others' work on a shared box goes first.
 `--gateways N` runs N gateway processes on the broker (each takes 1/N of every offer, each with its own
-key and ledger) and spreads the load generator's connections over them.
+key, all sharing one SQLite ledger as gateways on one broker must) and spreads the load generator's
+connections over them.
 """
 
 from __future__ import annotations
@@ -229,7 +230,9 @@ def one_run(nodes: int, args: argparse.Namespace, scratch: Path) -> dict[str, ob
                "APPLIANCE_GATEWAY__MAX_JOBS_IN_FLIGHT": "20000",
                "APPLIANCE_GATEWAY__DEFAULT_RATE_PER_S": "100000",
                "APPLIANCE_GATEWAY__DEFAULT_MAX_REQUESTS_IN_PROGRESS": "20000",  # the load is one buyer
-               "APPLIANCE_GATEWAY__STATE_DIR": str(scratch / f"gateway{n}"),  # its key and SQLite ledger
+               "APPLIANCE_GATEWAY__STATE_DIR": str(scratch / f"gateway{n}"),  # its key
+               # one ledger for all: gateways count only peers whose keys their ledger lists
+               "APPLIANCE_LEDGER__URL": str(scratch / "ledger.sqlite3"),
                "APPLIANCE_CANARY__SECOND_OPINION_PROBABILITY": "0"}  # fmt: skip
         gateways.append(subprocess.Popen([sys.executable, "-m", "appliance", "platform", "gateway",
             "--broker", broker, "--port", "0"], env=env, stderr=subprocess.PIPE, text=True))  # fmt: skip
