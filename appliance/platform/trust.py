@@ -58,8 +58,8 @@ class Trust:
         self._pins: dict[str, tuple[NodeView, str]] = {}  # node -> the latest key its births want pinned
         self._pinner: asyncio.Task[None] | None = None  # the one task taking them to the ledger
         self._pinning: str | None = None  # the node whose pin the ledger is writing now
-        # node -> (reason, when) of the file quarantine this gateway asked the ledger for, until lifted
-        self._files_failed: dict[str, tuple[str, int]] = {}
+        # node -> (reason, when) of the quarantine this gateway asked the ledger for, until it is lifted
+        self._asked: dict[str, tuple[str, int]] = {}
 
     def quarantined(self) -> int:
         return sum(1 for node in self.view.nodes() if node.quarantine is not None)
@@ -124,11 +124,10 @@ class Trust:
             served = node.model_birth(name).get("sha256")
             if served is not None and served not in entry.files:
                 reason = f"serves model {name!r} from file {served}, which the catalogue does not list"
-                asked = self._files_failed.get(node.name)
+                asked = self._asked.get(node.name)
                 if asked is not None and asked[0] == reason:  # asked already: births repeat themselves
                     self._set(node, reason)
                     return
-                self._files_failed[node.name] = (reason, now_ms())
                 self.fail(node, reason, FILE)
                 return
 
@@ -136,15 +135,18 @@ class Trust:
         """Quarantine the node at once here, then in the ledger (which flags its receipts since its
         last passed check)."""
         self._set(node, reason)
+        # Held here until the ledger lifts it: a record read before this quarantine was written (a
+        # refresh in flight) must not release the node it just caught.
+        self._asked[node.name] = (reason, now_ms())
         self._spawn(self._fail(node, reason, kind))
 
     async def _fail(self, node: NodeView, reason: str, kind: str) -> None:
         try:
             flagged = await self.writer.call(self.writer.ledger.quarantine, node.name, reason, kind)
         except Exception:
-            asked = self._files_failed.get(node.name)
+            asked = self._asked.get(node.name)
             if asked is not None and asked[0] == reason:
-                del self._files_failed[node.name]  # not in the ledger: the next birth asks again
+                del self._asked[node.name]  # not in the ledger: the next birth asks again
             raise
         log.warning("node %s quarantined: %s (%d receipts flagged)", node.name, reason, flagged)
         if flagged:
@@ -156,14 +158,14 @@ class Trust:
         if record is not None:
             self.records[node.name] = record
             if record.quarantine is None:
-                self._files_failed.pop(node.name, None)
+                self._asked.pop(node.name, None)
             self._apply(node, record)
 
     def _apply(self, node: NodeView, record: NodeRecord) -> None:
-        """The record's key and standing on the node; a file quarantine this gateway asked for holds
-        until the ledger lifts one (a record read before it was written does not lift it)."""
+        """The record's key and standing on the node; a quarantine this gateway asked for holds until
+        the ledger lifts one (a record read before it was written does not lift it)."""
         node.trusted_key = record.public_key
-        asked = self._files_failed.get(node.name)
+        asked = self._asked.get(node.name)
         self._set(node, record.quarantine or (asked[0] if asked is not None else None))
 
     def _set(self, node: NodeView, reason: str | None) -> None:
@@ -185,9 +187,9 @@ class Trust:
                 continue
             for record in changed:
                 self.records[record.node] = record
-                asked = self._files_failed.get(record.node)
+                asked = self._asked.get(record.node)
                 if asked is not None and record.quarantine is None and record.updated_ms > asked[1]:
-                    del self._files_failed[record.node]  # lifted since (a check passed on some gateway)
+                    del self._asked[record.node]  # lifted since (a check passed on some gateway)
                 site, _, name = record.node.partition("/")
                 node = self.view.get(site, name)
                 if node is not None and node.public_key is not None:
