@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 from checks_fixtures import DISHONEST, FP32, INT8, NAME, catalogue, repository, request, sha256
-from gateway_harness import run_gateway, run_nodes, until
+from gateway_harness import WAIT_S, run_gateway, run_nodes, until
 from pool_brokers import Broker
 from pool_recorder import Names, validate
 from sqlalchemy import select
@@ -79,6 +79,22 @@ async def checks_done(gateway: Any) -> None:
     await until(
         lambda: not gateway.gateway.checks._tasks and not gateway.gateway.metering._pending, what="checks"
     )
+
+
+async def checks_settled(gateway: Any) -> None:
+    """Every check started so far has ended and its receipt is committed. Unlike `checks_done`, this
+    needs no moment with no check running: a quarantined node gets a recheck canary every
+    recheck_interval_s, and on a busy box one may start before the last has ended."""
+    inner = gateway.gateway
+
+    async def settle() -> None:  # on the gateway's loop, which owns the tasks (waited for, never cancelled)
+        if checks := set(inner.checks._tasks):
+            await asyncio.wait(checks)
+        if receipts := set(inner.metering._pending):  # theirs among them, recorded as they ended
+            await asyncio.wait(receipts)
+
+    settled = asyncio.run_coroutine_threadsafe(settle(), inner.link._loop)
+    await asyncio.wait_for(asyncio.wrap_future(settled), WAIT_S)
 
 
 @pytest.mark.asyncio
@@ -179,14 +195,16 @@ async def test_a_node_serving_another_file_is_quarantined_and_its_receipts_flagg
             # It stays quarantined: every recheck canary fails again.
             await until(lambda: by_node(gateway)["node-1"]["canaries_failed"] >= 3, what="rechecks failing")
             assert gateway.node("node-1")["quarantine"] is not None
-            await checks_done(gateway)
-        figures = by_node(gateway)
+            await checks_settled(gateway)
+        # Published once the ledger has flagged its receipts (trust.py): the figures below count them.
         seen = await events.expect(
             lambda m: (
                 orjson.loads(m.payload)["event"] == "receipts_flagged"
                 and orjson.loads(m.payload)["node"].endswith("node-1")
-            )
+            ),
+            timeout_s=WAIT_S,
         )
+        figures = by_node(gateway)
     cheated = sum(1 for a in before if node_of(a).endswith("node-1"))
     assert figures["node-1"]["jobs"] == cheated and figures["node-1"]["flagged_jobs"] == cheated
     assert figures["node-0"]["flagged_jobs"] == 0 and figures["node-0"]["jobs"] == 24 - cheated
