@@ -239,6 +239,21 @@ def topic_level(value: str) -> str:
     return value
 
 
+MAX_NODE_LEVEL_CHARS = 128  # a site or node id: twice a Linux host name (HOST_NAME_MAX), the default id
+
+
+def node_level(value: str) -> str:
+    """A box's site or node id: one topic level (topic_level), printable, at most MAX_NODE_LEVEL_CHARS
+    characters, not starting with _ (the platform's own topics, <root>/_reply/ and _gateways/: a gateway
+    takes no node from under them). A box with such an id would serve while no gateway ever saw it."""
+    topic_level(value)
+    if value.startswith("_"):
+        raise ValueError(f"must not start with _ (reserved for the platform's topics), got {value!r}")
+    if len(value) > MAX_NODE_LEVEL_CHARS or not value.isprintable():
+        raise ValueError(f"must be at most {MAX_NODE_LEVEL_CHARS} printable characters, got {value!r}")
+    return value
+
+
 def topic_prefix(value: str) -> str:
     """Topic levels before <site>/<node>/ (pool.topic_root, the gateway's), without empty levels."""
     value = value.strip("/")

@@ -16,12 +16,12 @@ from appliance.config_sources import (
     broker_url,
     deep_copy,
     describe,
+    node_level,
     read_credentials,
     read_environ,
     read_toml,
     runtime_dir,
     systemd_dir,
-    topic_level,
     topic_prefix,
 )
 from appliance.errors import ConfigError
@@ -303,8 +303,8 @@ class PoolSettings(BaseModel):
 
     @field_validator("site", "node_id")
     @classmethod
-    def _topic_level(cls, value: str) -> str:
-        return topic_level(value)
+    def _node_level(cls, value: str) -> str:
+        return node_level(value)
 
     @field_validator("topic_root")
     @classmethod

@@ -27,6 +27,7 @@ import reprlib
 from collections.abc import Callable
 from typing import Any
 
+from appliance.config_sources import MAX_NODE_LEVEL_CHARS
 from appliance.tensors import ONNX_TO_OIP
 
 # Inferences/s or milliseconds: orders of magnitude above any box, and small enough that credit
@@ -43,7 +44,7 @@ MAX_BYTES = {"birth": 1024 * 1024, "capacity": 512 * 1024, "state": 16 * 1024, "
 # dozen is a large repository. The bound keeps one node's share of the model index, of the catalogue's
 # votes and of the fleet view small, whatever it claims.
 MAX_MODELS = 256
-MAX_LEVEL_CHARS = 128  # a site or node id; twice a Linux host name (HOST_NAME_MAX), the box's default id
+MAX_LEVEL_CHARS = MAX_NODE_LEVEL_CHARS  # a site or node id, as a box's settings allow (config_sources)
 MAX_TENSORS = 256  # inputs or outputs of one model; an 80-layer decoder with its KV cache has 160
 MAX_RANK = 32  # the box takes at most 32 dimensions (server.max_tensor_rank)
 MAX_TENSOR_NAME_CHARS = 255

@@ -12,6 +12,7 @@ from paho.mqtt.properties import MQTTException, Properties
 from pydantic import ValidationError
 
 from appliance.errors import ConfigError
+from appliance.platform import intake
 from appliance.platform.view import PoolView
 from appliance.pool.wire import Broker, FastProperties, Outbound, Security, publish_properties
 from appliance.settings import PoolSettings, Settings
@@ -50,6 +51,24 @@ def test_blank_broker_means_no_pool_link() -> None:
 def test_site_and_node_are_single_topic_levels(field: str, value: str) -> None:
     with pytest.raises(ValidationError, match="one non-empty MQTT topic level"):
         PoolSettings(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("site", "_reply", "must not start with _"),
+        ("node_id", "_gateways", "must not start with _"),
+        ("node_id", "n" * 129, "at most 128 printable characters"),
+        ("site", "plant\x1b[2J", "at most 128 printable characters"),
+    ],
+)
+def test_site_and_node_are_ids_a_gateway_takes(field: str, value: str, says: str) -> None:
+    """What the gateway ignores as no node (platform/intake.py) a box refuses at start, rather than
+    serving while no gateway ever sees it."""
+    with pytest.raises(ValidationError, match=says):
+        PoolSettings(**{field: value})
+    assert intake.topic_problem(value, "n") if field == "site" else intake.topic_problem("s", value)
+    assert PoolSettings(**{field: "n" * 128}).model_dump()[field] == "n" * 128
 
 
 def test_topic_root_is_trimmed_and_checked() -> None:
