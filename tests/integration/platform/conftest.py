@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -19,3 +20,6 @@ broker = _pool.broker
 names = _pool.names
 pool_repository = _pool.pool_repository
 recorder_factory = _pool.recorder_factory
+
+_acl = importlib.import_module("acl_pool")  # after the pool tests' folder is on sys.path
+acl_broker = _acl.acl_broker

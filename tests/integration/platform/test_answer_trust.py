@@ -9,7 +9,6 @@ answers never billed, never in the way of anyone else's receipts) and quarantine
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,21 +18,19 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from acl_pool import login
 from checks_fixtures import DISHONEST, INT8, NAME, catalogue, repository, request
 from gateway_harness import run_gateway, run_nodes, until
 from ledger_databases import ledger_url
-from pool_brokers import Broker, default_kind
+from pool_brokers import Broker
 from pool_recorder import Names
 from sim_nodes import INFER, MODEL, SimNode, buyer_body, refusal
 from sqlalchemy import select
-from test_pool_acl import acl_recipe
 
 from appliance.platform import receipts as kinds
 from appliance.platform.ledger import Ledger
 from appliance.platform.report import summary
 from appliance.platform.schema import receipts
-
-PASSWORDS = {"platform": "pl4tform-pw", "honest": "h0nest-pw", "evil": "ev1l-pw"}
 
 
 def offering(gateway: Any, name: str) -> Callable[[], Any]:
@@ -52,15 +49,6 @@ def ledger_of(gateway: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, A
         ledger.close()
 
 
-@pytest.fixture
-def acl_broker(broker_factory: Callable[..., Broker], names: Names) -> Broker:
-    """mosquitto with the README's ACL: the platform, and nodes `honest` and `evil` as themselves."""
-    if default_kind() != "mosquitto":
-        pytest.skip("the ACL recipe is for mosquitto, which is not installed (or POOL_TEST_BROKER is set)")
-    recipe = acl_recipe(dataclasses.replace(names, node="honest"), "evil")
-    return broker_factory(users=PASSWORDS, acl=recipe)
-
-
 async def buy(http: httpx.AsyncClient, body: bytes, headers: dict[str, str]) -> httpx.Response:
     """One job; a 503 for want of credit (two shared cores, nodes at idle priority) is tried again after
     its Retry-After, as a buyer would. A job both its nodes lost is a 503 too, and fails the test."""
@@ -70,10 +58,6 @@ async def buy(http: httpx.AsyncClient, body: bytes, headers: dict[str, str]) -> 
             break
         await asyncio.sleep(float(answer.headers.get("retry-after", "1")))
     return answer
-
-
-def login(user: str) -> dict[str, str]:
-    return {"username": user, "password": PASSWORDS[user]}
 
 
 @pytest.mark.asyncio

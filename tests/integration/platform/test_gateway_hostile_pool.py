@@ -5,28 +5,22 @@ makes the gateway hold more than its bounds."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from acl_pool import login
 from gateway_harness import run_gateway, until
-from pool_brokers import Broker, default_kind
+from pool_brokers import Broker
 from pool_recorder import Names, Recorder
 from sim_nodes import INFER, MODEL, SHA, SPEC, SimNode, buyer_body
-from test_pool_acl import acl_recipe
 
 from appliance.pool import identity, signing
 
-PASSWORDS = {"platform": "pl4tform-pw", "honest": "h0nest-pw", "evil": "ev1l-pw"}
 OTHER = "c" * 64  # a file of the intruder's choosing
 DEEP = b"[" * 300 + b"]" * 300  # orjson reads 1024 levels but writes only 254
-
-
-def login(user: str) -> dict[str, str]:
-    return {"username": user, "password": PASSWORDS[user]}
 
 
 def offering(gateway: Any, name: str) -> Callable[[], Any]:
@@ -60,15 +54,6 @@ async def buy_from(honest: SimNode, http: httpx.AsyncClient) -> httpx.Response:
     else:
         job.cancel()
     return await buying
-
-
-@pytest.fixture
-def acl_broker(broker_factory: Callable[..., Broker], names: Names) -> Broker:
-    """mosquitto with the README's ACL: the platform, and nodes `honest` and `evil` as themselves."""
-    if default_kind() != "mosquitto":
-        pytest.skip("the ACL recipe is for mosquitto, which is not installed (or POOL_TEST_BROKER is set)")
-    recipe = acl_recipe(dataclasses.replace(names, node="honest"), "evil")
-    return broker_factory(users=PASSWORDS, acl=recipe)
 
 
 @pytest.mark.asyncio
