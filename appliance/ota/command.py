@@ -11,8 +11,8 @@ from pathlib import Path
 from appliance.config_sources import ignoring_unit_directories
 from appliance.errors import ApplianceError
 from appliance.ota import verbs
-from appliance.ota.link import printable
 from appliance.settings import SYSTEM_CONFIG_FILE, Settings
+from appliance.text import printable
 
 log = logging.getLogger(__name__)
 

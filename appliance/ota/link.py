@@ -8,6 +8,7 @@ from typing import Any
 
 from appliance.settings import Settings
 from appliance.system.admin import AdminError, admin_request
+from appliance.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,3 @@ def describe_instance(status: dict[str, Any], socket_path: Path | None) -> str:
     )
     config = printable(status.get("config_file") or "no config file")
     return f"appliance pid {printable(status.get('pid'))} ({config}, {address}) on admin socket {socket_path}"
-
-
-def printable(value: object) -> str:
-    """`value` as text, with control characters (newlines included) escaped as repr() escapes them."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -129,13 +129,6 @@ def state(document: dict[str, Any]) -> Checked:
     return {"state": value, "reason": reason}, problems
 
 
-def printable(text: str) -> str:
-    """`text` with every control character escaped, as a terminal may be shown it."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
-
-
 def _models(
     document: dict[str, Any], check: Callable[[dict[str, Any]], tuple[dict[str, Any] | None, str | None]]
 ) -> Checked:

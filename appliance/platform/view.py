@@ -24,9 +24,9 @@ from typing import Any
 import orjson
 
 from appliance.platform import intake
-from appliance.platform.intake import printable
 from appliance.platform.offering import Key, Offering
 from appliance.pool.topics import NodeMessage, parse_node_topic
+from appliance.text import printable
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import orjson
 
 from appliance.platform import intake
 from appliance.platform.client import PlatformClient
-from appliance.platform.intake import printable
 from appliance.platform.view import PoolView
 from appliance.pool.topics import node_filter, parse_node_topic, shared
 from appliance.pool.wire import Inbound
+from appliance.text import printable
 
 KINDS = ("birth", "state", "capacity")
 _CLEAR = "\x1b[H\x1b[2J"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError
+from appliance.text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +405,5 @@ def _error(message: str) -> dict[str, Any]:
 
 
 def _printable(value: object) -> str:
-    """`value` as text with control characters escaped as repr() escapes them (ota.link.printable,
-    which imports this module, does the same for the verbs' logs)."""
-    text = str(value)[:MAX_ERROR_CHARS]
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """`value` as text, at most MAX_ERROR_CHARS of it, with control characters escaped."""
+    return printable(str(value)[:MAX_ERROR_CHARS])

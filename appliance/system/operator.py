@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config_sources import ignoring_unit_directories
-from appliance.ota.link import NotRunning, ServiceLink, describe_instance, printable
+from appliance.ota.link import NotRunning, ServiceLink, describe_instance
 from appliance.settings import Settings
 from appliance.system.admin import MAX_WAIT_S, AdminError
+from appliance.text import printable
 
 EX_OK = 0
 EX_FAILED = 1
