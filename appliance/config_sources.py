@@ -232,25 +232,40 @@ def broker_url(value: str | None) -> str | None:
     return value
 
 
+NOT_IN_LEVEL = "/+#$\0"  # what no topic level of ours holds: a separator, wildcards, $SYS, NUL
+TOPIC_LEVEL = "must be one non-empty MQTT topic level without / + # $ or NUL"
+
+
 def topic_level(value: str) -> str:
     """One MQTT topic level (a site, a node, a gateway id); ValueError naming what it may not hold."""
-    if not value or any(c in value for c in "/+#$\0"):
-        raise ValueError(f"must be one non-empty MQTT topic level without / + # $ or NUL, got {value!r}")
+    if not value or any(c in value for c in NOT_IN_LEVEL):
+        raise ValueError(f"{TOPIC_LEVEL}, got {value!r}")
     return value
 
 
 MAX_NODE_LEVEL_CHARS = 128  # a site or node id: twice a Linux host name (HOST_NAME_MAX), the default id
 
 
-def node_level(value: str) -> str:
-    """A box's site or node id: one topic level (topic_level), printable, at most MAX_NODE_LEVEL_CHARS
-    characters, not starting with _ (the platform's own topics, <root>/_reply/ and _gateways/: a gateway
-    takes no node from under them). A box with such an id would serve while no gateway ever saw it."""
-    topic_level(value)
+def node_level_problem(value: str) -> str | None:
+    """Why `value` is no site or node id (None: it is one): one topic level, printable, at most
+    MAX_NODE_LEVEL_CHARS characters, not starting with _ (the platform's own topics, <root>/_reply/ and
+    _gateways/). The box's settings refuse such an id (node_level) and a gateway takes no node by it
+    (platform/intake.py): a box with one would serve while no gateway ever saw it. The value itself is
+    not in the text: a gateway logs what a stranger's topic holds only shortened."""
+    if not value or any(c in value for c in NOT_IN_LEVEL):
+        return TOPIC_LEVEL
     if value.startswith("_"):
-        raise ValueError(f"must not start with _ (reserved for the platform's topics), got {value!r}")
+        return "must not start with _ (reserved for the platform's topics)"
     if len(value) > MAX_NODE_LEVEL_CHARS or not value.isprintable():
-        raise ValueError(f"must be at most {MAX_NODE_LEVEL_CHARS} printable characters, got {value!r}")
+        return f"must be at most {MAX_NODE_LEVEL_CHARS} printable characters"
+    return None
+
+
+def node_level(value: str) -> str:
+    """A box's site or node id (see node_level_problem); ValueError naming what is wrong with it."""
+    problem = node_level_problem(value)
+    if problem is not None:
+        raise ValueError(f"{problem}, got {value!r}")
     return value
 
 

@@ -2,9 +2,10 @@
 and capacity report only the fields it reads, each checked once at ingest, so that one node's malformed,
 absurd or huge message is ignored rather than breaking a model for every buyer on every request.
 
-A topic's site and node are one printable level of at most MAX_LEVEL_CHARS characters, without + # $,
-and never start with `_`: `<root>/_reply/`, `_gateways/` and `_sync/` are the platform's, and a node
-allowed to write answers under `_reply/#` must not pass for a node of site `_reply`. A payload that
+A topic's site and node are ids a box's settings would take (config_sources.node_level_problem): one
+printable level of at most MAX_LEVEL_CHARS characters, without + # $, never starting with `_`:
+`<root>/_reply/`, `_gateways/` and `_sync/` are the platform's, and a node allowed to write answers
+under `_reply/#` must not pass for a node of site `_reply`. A payload that
 names another node (or site) than its topic is not that node's.
 
 What is kept is built anew from checked fields; everything else a node sends is dropped, so what the
@@ -27,7 +28,7 @@ import reprlib
 from collections.abc import Callable
 from typing import Any
 
-from appliance.config_sources import MAX_NODE_LEVEL_CHARS
+from appliance.config_sources import MAX_NODE_LEVEL_CHARS, node_level_problem
 from appliance.tensors import ONNX_TO_OIP
 
 # Inferences/s or milliseconds: orders of magnitude above any box, and small enough that credit
@@ -55,7 +56,6 @@ MAX_REASON_CHARS = 200  # the box's own bound on a reason it is given (pool/comm
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _KNOWN = ", ".join(sorted(DATATYPES))
-_NOT_IN_LEVEL = frozenset("+#$")
 
 Checked = tuple[dict[str, Any] | None, list[str]]
 
@@ -63,10 +63,9 @@ Checked = tuple[dict[str, Any] | None, list[str]]
 def topic_problem(site: str, node: str) -> str | None:
     """Why a topic's site or node level is not one the gateway takes from nodes (None: it is)."""
     for what, level in (("site", site), ("node", node)):
-        if level.startswith("_"):
-            return f"{what} {_shown(level)} starts with _, which is reserved for the platform's topics"
-        if not 0 < len(level) <= MAX_LEVEL_CHARS or not level.isprintable() or _NOT_IN_LEVEL & set(level):
-            return f"{what} {_shown(level)} is not 1 to {MAX_LEVEL_CHARS} printable characters without + # $"
+        problem = node_level_problem(level)  # the rule a box's settings hold its own ids to
+        if problem is not None:
+            return f"{what} {_shown(level)} {problem}"
     return None
 
 
