@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -27,6 +26,7 @@ from appliance.platform.admission import Admission, ReadingBudgetSpent
 from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
 from appliance.platform.fleet import Gateway
+from appliance.platform.kept import Kept
 from appliance.protocol import codec, nonfinite
 from appliance.server.body import BodyReceiver, ClientDisconnected, header
 from appliance.server.errors import appliance_error_response, error_after_body, error_response, install
@@ -34,10 +34,6 @@ from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
 
 OPEN_PATHS = ("/v2/health/", "/metrics")
 FLEET_PATH = "/v2/pool/nodes"
-# The fleet view is kept this many times as long as it took to build: however often operators ask,
-# building it takes at most 1/KEEP_FACTOR of the event loop (5,000 nodes of 4 models: ~0.1 s to build,
-# kept ~2 s), and a small fleet's view stays fresh.
-KEEP_FACTOR = 20.0
 LIMITS = ShapeLimits()
 INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
@@ -114,27 +110,6 @@ async def metrics(request: Request) -> Response:
 async def nodes(request: Request) -> Response:
     """The fleet view (operators only: BuyerToken), built at most once per KEEP_FACTOR times its cost."""
     return Response(request.app.state.fleet.get(), media_type="application/json")
-
-
-class Kept:
-    """A document rebuilt only once it is older than KEEP_FACTOR times what building it took."""
-
-    def __init__(self, build: Callable[[], bytes], clock: Callable[[], float] = time.perf_counter) -> None:
-        self.build = build
-        self.clock = clock
-        self.builds = 0
-        self._body = b""
-        self._until = float("-inf")
-
-    def get(self) -> bytes:
-        started = self.clock()
-        if started < self._until:
-            return self._body
-        self._body = self.build()
-        self.builds += 1
-        ended = self.clock()
-        self._until = ended + (ended - started) * KEEP_FACTOR
-        return self._body
 
 
 @router.post("/v2/repository/index")

@@ -4,7 +4,7 @@ Model names come from nodes and buyers, so a series is labelled with a model onl
 serves it (a catalogue name, or with no catalogue a name some node in good standing offers), and with
 at most `max_models` of them; every other name is counted under OTHER. Once the labels are all taken,
 names no longer served give theirs up (their job counts move to OTHER) at the next scrape. The page is
-kept KEEP_FACTOR times as long as building it took (as the fleet view is, api.py), so however often it
+kept KEEP_FACTOR times as long as building it took (kept.py, as the fleet view is), so however often it
 is scraped (it needs no token) building it takes at most 1/KEEP_FACTOR of the event loop.
 """
 
@@ -20,12 +20,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from appliance.platform.catalogue import Catalogue, in_good_standing
+from appliance.platform.kept import Kept
 from appliance.platform.view import PoolView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER = "_other"  # the label of every model name that is not served, or beyond max_models
 MAX_MODELS = 256  # model labels at most (gateway.max_metric_models)
-KEEP_FACTOR = 20.0  # as api.KEEP_FACTOR: 100,000 nodes take ~0.3 s to count, kept ~6 s
 UNSERVED_RECHECK_S = 1.0  # a name found not served is looked up again after this long
 MAX_UNSERVED = 4096  # names remembered as not served; more and the memory starts over
 
@@ -49,7 +49,6 @@ class GatewayMetrics(Collector):
         self.clock = clock
         self.jobs: Counter[tuple[str, str]] = Counter()  # (model label, outcome)
         self.refusals: Counter[str] = Counter()  # buyer-side refusals by reason, before any dispatch
-        self.builds = 0  # pages built (the others were the kept one)
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "appliance_gateway_job_seconds",
@@ -61,8 +60,7 @@ class GatewayMetrics(Collector):
         self.registry.register(self)
         self._models: set[str] = set()  # names with a label of their own
         self._unserved: dict[str, float] = {}  # name -> until when it counts as not served (clock)
-        self._page = b""
-        self._until = float("-inf")
+        self.page = Kept(self._build, clock)  # 100,000 nodes take ~0.3 s to count: kept ~6 s
 
     def label(self, model: str) -> str:
         """The label `model` is counted under: its own name if it has one or may take one, else OTHER."""
@@ -84,16 +82,12 @@ class GatewayMetrics(Collector):
 
     def exposition(self) -> bytes:
         """The page, built anew once the last one is older than KEEP_FACTOR times its building took."""
-        started = self.clock()
-        if started < self._until:
-            return self._page
+        return self.page.get()
+
+    def _build(self) -> bytes:
         if len(self._models) >= self.max_models:
             self._release_unserved()
-        self._page = generate_latest(self.registry)
-        self.builds += 1
-        ended = self.clock()
-        self._until = ended + (ended - started) * KEEP_FACTOR
-        return self._page
+        return generate_latest(self.registry)
 
     def _is_served(self, model: str) -> bool:
         if self.catalogue is not None and self.catalogue.entries is not None:

@@ -16,9 +16,9 @@ from tests_support import buyers_file
 
 from appliance import errors
 from appliance.platform.admission import Admission, ReadingBudgetSpent
-from appliance.platform.api import KEEP_FACTOR, Kept
 from appliance.platform.buyers import Buyers, token_digest
 from appliance.platform.golden import exposure
+from appliance.platform.kept import KEEP_FACTOR, Kept
 from appliance.platform.settings import GatewaySettings, PlatformSettings
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
