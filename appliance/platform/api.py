@@ -35,7 +35,7 @@ from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
 OPEN_PATHS = ("/v2/health/", "/metrics")
 FLEET_PATH = "/v2/pool/nodes"
 LIMITS = ShapeLimits()
-INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
+INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -84,14 +84,14 @@ def _gateway(request: Request) -> Gateway:
 
 @router.get("/v2/health/live")
 async def live() -> Response:
-    return Response(b"{}", media_type="application/json")
+    return Response(b'{"live":true}', media_type="application/json")
 
 
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> Response:
     if not _gateway(request).link.connected.is_set():
         return error_response(503, "not connected to the broker", retry_after_s=1.0)
-    return Response(b"{}", media_type="application/json")
+    return Response(b'{"ready":true}', media_type="application/json")
 
 
 @router.get("/v2")
@@ -120,15 +120,34 @@ async def index(request: Request) -> Response:
 
 @router.get("/v2/models/{name}")
 async def model_metadata(name: str, request: Request) -> Response:
-    return Response(orjson.dumps(fleet.metadata(_gateway(request), name)), media_type="application/json")
+    return _metadata(request, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}")
+async def model_version_metadata(name: str, version: str, request: Request) -> Response:
+    return _metadata(request, name, version)
+
+
+def _metadata(request: Request, name: str, version: str | None) -> Response:
+    document = fleet.metadata(_gateway(request), name, version)
+    return Response(orjson.dumps(document), media_type="application/json")
 
 
 @router.get("/v2/models/{name}/ready")
 async def model_ready(name: str, request: Request) -> Response:
-    document = fleet.metadata(_gateway(request), name)
+    return _ready(request, name, None)
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def model_version_ready(name: str, version: str, request: Request) -> Response:
+    return _ready(request, name, version)
+
+
+def _ready(request: Request, name: str, version: str | None) -> Response:
+    document = fleet.metadata(_gateway(request), name, version)
     if document["parameters"]["pool_spare_ips_at_slo"] <= 0:
         return error_response(503, f"no node has spare capacity for model {name!r} now", retry_after_s=1.0)
-    return Response(b"{}", media_type="application/json")
+    return Response(orjson.dumps({"name": name, "ready": True}), media_type="application/json")
 
 
 class BuyerInference:
@@ -145,7 +164,8 @@ class BuyerInference:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":
-            answer = error_response(405, f"{scope['method']} is not allowed on {scope['path']}; use POST")
+            message = f"{scope['method']} is not allowed on {scope['path']}; use POST"
+            answer = error_response(405, message, headers={"Allow": "POST"})
             await answer(scope, receive, send)
             return
         buyer: Buyer = scope["state"]["buyer"]
@@ -156,11 +176,13 @@ class BuyerInference:
             await appliance_error_response(exc)(scope, receive, send)  # its body is dropped as it comes
             return
         try:
-            await self._infer(scope, receive, send, buyer, match.group(1))
+            await self._infer(scope, receive, send, buyer, match.group(1), match.group(2))
         finally:
             self.admission.leave(buyer)
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, buyer: Buyer, name: str) -> None:
+    async def _infer(
+        self, scope: Scope, receive: Receive, send: Send, buyer: Buyer, name: str, version: str | None
+    ) -> None:
         body = BodyReceiver(receive)
         deadline = asyncio.get_running_loop().time() + self.gateway.settings.body_timeout_s
 
@@ -169,7 +191,8 @@ class BuyerInference:
             return await self.admission.read(scope, body, limit_bytes, deadline=deadline, limit_says=says)
 
         try:
-            answer = await infer(self.gateway, buyer, name, read, header(scope, _HEADER_LENGTH))
+            length = header(scope, _HEADER_LENGTH)
+            answer = await infer(self.gateway, buyer, name, read, length, version=version)
         except ClientDisconnected:
             return
         except errors.RequestTimeout as exc:
@@ -192,9 +215,16 @@ class BuyerInference:
 
 
 async def infer(
-    gateway: Gateway, buyer: Buyer, name: str, read: Any, header_length_text: str | None
+    gateway: Gateway,
+    buyer: Buyer,
+    name: str,
+    read: Any,
+    header_length_text: str | None,
+    *,
+    version: str | None = None,
 ) -> Response:
-    """One buyer job, from admission to the node's answer (`read(limit)` gives the body)."""
+    """One buyer job, from admission to the node's answer (`read(limit)` gives the body; `version`, from
+    /versions/{v}/infer, must be the one the model's metadata names)."""
     wait_s = gateway.buyers.admit(buyer)
     if wait_s is not None:
         gateway.metrics.refused("rate_limited")
@@ -205,6 +235,8 @@ async def infer(
     files = gateway.catalogue.files(name, gateway.view)
     if files is None:
         raise fleet.not_served(gateway, name)
+    if version is not None:
+        fleet.check_version(gateway, name, files, version)
     inputs = fleet.signature(gateway, name, files)
     header_length = codec.decimal(header_length_text, "Inference-Header-Content-Length")
     body = await read(min(buyer.max_body_bytes, gateway.max_body_bytes))

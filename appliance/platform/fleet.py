@@ -146,13 +146,15 @@ def index(gateway: Gateway) -> list[dict[str, Any]]:
     return found
 
 
-def metadata(gateway: Gateway, name: str) -> dict[str, Any]:
-    """GET /v2/models/{name}: the model's signature from its nodes' births (Catalogue.described), plus
-    the pool's spare capacity."""
+def metadata(gateway: Gateway, name: str, version: str | None = None) -> dict[str, Any]:
+    """GET /v2/models/{name}[/versions/{version}]: the model's signature from its nodes' births
+    (Catalogue.described), plus the pool's spare capacity."""
     files = gateway.catalogue.files(name, gateway.view)
     born = _birth(gateway, name, files)
     if files is None or born is None:
         raise not_served(gateway, name)
+    if version is not None:
+        check_version(gateway, name, files, version)
     return {
         "name": name,
         "versions": [str(born.get("version", ""))],
@@ -173,6 +175,17 @@ def not_served(gateway: Gateway, name: str) -> errors.ApplianceError:
             retry_after_s=1.0,
         )
     return errors.ModelNotFound(f"model {name!r} is not served by the pool (see POST /v2/repository/index)")
+
+
+def check_version(gateway: Gateway, name: str, files: Files, version: str) -> None:
+    """A request naming a version (Triton's /versions/{v} routes) is served only under the one the
+    model's metadata names: a pool sells a model name by its file (sha256), and lists under it the
+    version most nodes in good standing give that file."""
+    served = _version(gateway, name, files)
+    if served is not None and version != served:  # None: no node serves it now, which says so itself
+        raise errors.ModelNotFound(
+            f"model {name!r} has no version {version!r} in the pool; it serves version {served!r}"
+        )
 
 
 def signature(gateway: Gateway, name: str, files: Files) -> list[TensorSpec]:
