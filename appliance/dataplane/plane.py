@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from appliance import errors
 from appliance.dataplane.outcomes import CallAbandoned, Refusals
 from appliance.dataplane.regions import SharedMemory
-from appliance.protocol import codec
+from appliance.protocol import classification, codec
 from appliance.protocol.shared_memory import Regions
 from appliance.scheduler.hub import ModelHub
 from appliance.scheduler.queues import Priority
@@ -110,7 +110,7 @@ class Answer:
     encoded: codec.EncodedResponse
     request: codec.InferenceRequest
     model_version: str
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # as the model answered, before encoding
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # as answered (classification applied)
     timing: Timing = field(default_factory=Timing)  # where the request's time went (signed pool answers)
     model_sha256: str = ""
 
@@ -173,11 +173,20 @@ class DataPlane:
         if call.is_json_only:
             request.parameters["binary_data_output"] = False
             if request.outputs:
-                request.outputs = [codec.RequestedOutput(o.name, False) for o in request.outputs]
+                request.outputs = [replace(o, binary=False) for o in request.outputs]
         timing = Timing()
         outputs = await scheduler.infer(
             request.inputs, priority=progress.priority, timeout_s=_timeout_s(call, request), timing=timing
         )
+        if classification.is_asked(request):
+            model = scheduler.model
+            outputs = await asyncio.to_thread(
+                classification.classified,
+                request,
+                outputs,
+                is_batched=model.limits.is_batched,
+                labels=model.source.manifest.labels,
+            )
         encoded = call.framing.encode(
             model_name=call.model,
             model_version=scheduler.model.version,

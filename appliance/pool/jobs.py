@@ -149,7 +149,10 @@ class JobIntake:
         self._emit("job_done", model=model, job_id=request.id, status=200, latency_ms=_ms_since(started_s))
 
     def _signed(self, answer: Answer, reply: Reply) -> codec.EncodedResponse:
-        """The answer with parameters.pool_signature: what this node vouches for, signed."""
+        """The answer with parameters.pool_signature: what this node vouches for, signed.
+
+        `answer.outputs` are the tensors the answer carries (an output asked for as classes is its
+        classes: classification.classified), which is what the gateway digests from the decoded answer."""
         request = answer.request
         wanted = codec.wanted_outputs(request, answer.outputs)
         sent = {output.name: answer.outputs[output.name] for output in wanted}

@@ -1,5 +1,5 @@
 """KServe v2 inference request/response codecs: JSON, the binary tensor extension and Triton's
-shared-memory parameters, both ways."""
+shared-memory parameters, both ways (Triton's classification of outputs: classification.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import orjson
 from appliance import tensors
 from appliance.errors import InvalidInput
 from appliance.protocol import bulk_json, nonfinite
+from appliance.protocol.classification import MAX_CLASSES
 from appliance.protocol.shared_memory import RegionRef, Regions, region_ref, write_region
 from appliance.protocol.tensor_data import from_json_data, json_data
 
@@ -28,6 +29,7 @@ class RequestedOutput:
     name: str
     binary: bool | None = None  # None: follow the request's binary_data_output
     region: RegionRef | None = None  # written into shared memory, answered without data
+    class_count: int = 0  # answered as its top classes (Triton's classification); 0: as the model answers
 
 
 @dataclass(slots=True)
@@ -238,6 +240,7 @@ def _requested_outputs(raw: Any, regions: Regions | None) -> list[RequestedOutpu
     if not isinstance(raw, list):
         raise InvalidInput("request 'outputs' must be a list")
     outputs = []
+    class_counts: dict[str, int] = {}
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput(f"each requested output needs a 'name' string, got {item!r:.80}")
@@ -247,13 +250,37 @@ def _requested_outputs(raw: Any, regions: Regions | None) -> list[RequestedOutpu
         if binary is not None and not isinstance(binary, bool):
             raise InvalidInput(f"{owner} binary_data must be true or false")
         region = region_ref(parameters, owner, regions)
+        class_count = _class_count(parameters, owner)
         if region is not None:
             if binary:  # tritonclient sends binary_data false beside a region
                 raise InvalidInput(f"{owner} sets both shared_memory_region and binary_data true")
+            if class_count:
+                raise InvalidInput(
+                    f"{owner} sets both shared_memory_region and classification; a region holds the "
+                    "tensor as the model answers it (as Triton), ask for its classes without one"
+                )
             assert regions is not None
             regions.check(region, writable=True)  # a region that cannot take it fails before compute
-        outputs.append(RequestedOutput(item["name"], binary, region))
+        asked = class_counts.setdefault(item["name"], class_count)
+        if asked != class_count:
+            raise InvalidInput(
+                f"{owner} is requested twice, with classification {asked} and {class_count}; "
+                "an answer holds one tensor of each name"
+            )
+        outputs.append(RequestedOutput(item["name"], binary, region, class_count))
     return outputs
+
+
+def _class_count(parameters: Mapping[str, Any], owner: str) -> int:
+    """parameters.classification: how many classes to answer, 0 (or absent) for the tensor itself, as
+    Triton's HTTP endpoint reads it (its gRPC endpoint refuses 0; tritonclient never sends 0)."""
+    value = parameters.get("classification", 0)
+    if type(value) is not int or not 0 <= value <= MAX_CLASSES:
+        raise InvalidInput(
+            f"{owner} classification must be an integer from 0 to {MAX_CLASSES} (the number of classes to "
+            f"answer), got {value!r:.40}"
+        )
+    return value
 
 
 def _parameters(raw: Any, owner: str) -> dict[str, Any]:
