@@ -19,6 +19,10 @@ class HeaderTooLarge(RequestTooLarge):
     """An HTTP request line and headers are larger than server.max_header_bytes."""
 
 
+class UnsupportedEncoding(InvalidInput):
+    """A request body's Content-Encoding is not one the service inflates (HTTP 415)."""
+
+
 class RequestTimeout(InvalidInput):
     """A client did not send its whole request in time (slow headers or body)."""
 

@@ -61,6 +61,7 @@ TABLE: dict[type[errors.ApplianceError], Outcome] = {
     errors.RequestTooLarge: Outcome(413, "RESOURCE_EXHAUSTED", "too_large"),
     errors.HeaderTooLarge: Outcome(431, "RESOURCE_EXHAUSTED", "too_large"),
     errors.RequestTimeout: Outcome(408, "DEADLINE_EXCEEDED", "timeout"),
+    errors.UnsupportedEncoding: Outcome(415, "UNIMPLEMENTED", "bad_request"),
     errors.Unauthorised: Outcome(401, "UNAUTHENTICATED", "unauthorised"),
     errors.Forbidden: Outcome(403, "PERMISSION_DENIED", "forbidden"),
     errors.ModelNotFound: Outcome(404, "NOT_FOUND", "not_found"),

@@ -26,6 +26,7 @@ from appliance.platform.buyers import Buyer, Buyers, bearer_digest
 from appliance.platform.settings import GatewaySettings
 from appliance.protocol.codec import decimal
 from appliance.server.body import header, read_body
+from appliance.server.encoding import coding_of
 
 
 class ReadingBudgetSpent(errors.Overloaded):
@@ -105,10 +106,17 @@ class Admission:
         self, scope: Scope, receive: Receive, limit_bytes: int, *, deadline: float, limit_says: str
     ) -> bytes:
         """The whole body (server/body.py's read_body, under `limit_bytes`), within the reading budget
-        and by `deadline` (loop time): Overloaded or RequestTimeout otherwise."""
+        and by `deadline` (loop time): Overloaded or RequestTimeout otherwise. A body in a
+        Content-Encoding (gzip, deflate) is inflated as it comes; what it inflates to is not known
+        before, so it holds its whole limit of the budget."""
+        coding = coding_of(scope)  # UnsupportedEncoding (415) for one it cannot inflate
         declared = decimal(header(scope, b"content-length"), "Content-Length")
         reserved = received = 0
-        if declared is not None and declared <= limit_bytes:  # a larger one is refused unread (413)
+        if coding is not None:
+            if not self.reading.take(limit_bytes):
+                raise self._short(limit_bytes)
+            reserved = limit_bytes
+        elif declared is not None and declared <= limit_bytes:  # a larger one is refused unread (413)
             if not self.reading.take(declared):
                 raise self._short(declared)
             reserved = declared
@@ -125,7 +133,7 @@ class Admission:
 
         try:
             async with asyncio.timeout_at(deadline):
-                return await read_body(scope, counted, limit_bytes, limit_says=limit_says)
+                return await read_body(scope, counted, limit_bytes, limit_says=limit_says, coding=coding)
         except TimeoutError:
             raise errors.RequestTimeout(
                 f"request body not received whole within {self.settings.body_timeout_s:g} s of its "

@@ -30,6 +30,7 @@ from appliance.scheduler.view import ModelView, pool_where
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
+UNLOADED = "unloaded"  # the reason of a model unloaded on request (readiness skips it, as Triton's does)
 
 _Loaded = tuple[LoadedModel, int, list[instance_choice.Trial]]
 
@@ -148,7 +149,7 @@ class ModelHub:
         """Load or reload `name`; the old scheduler (if any) keeps serving until the new one is ready."""
         async with self._lock(name):
             old = self._entries.get(name)
-            if old is None:
+            if old is None or old.scheduler is None:  # new, unloaded or failed: LOADING until it is known
                 self._entries[name] = ModelEntry(name, State.LOADING)
             try:
                 source = await asyncio.to_thread(self.repository.source, name)  # parses: off the loop
@@ -196,11 +197,15 @@ class ModelHub:
         return entry
 
     async def unload(self, name: str) -> None:
-        """Stop serving `name`; requests already admitted finish first. It stays listed as unloaded."""
+        """Stop serving `name`; requests already admitted finish first. It stays listed as unloaded
+        (UNLOADED) while its folder is in the repository; one deleted from disk is forgotten."""
         self.entry(name)  # ModelNotFound before anything is kept for the name
         async with self._lock(name):
             entry = self.entry(name)
-            self._entries[name] = ModelEntry(name, State.UNAVAILABLE, "unloaded")
+            if await asyncio.to_thread(self.repository.has, name):
+                self._entries[name] = ModelEntry(name, State.UNAVAILABLE, UNLOADED)
+            else:
+                self._entries.pop(name, None)
         if entry.scheduler is not None:
             await self._retire(entry.scheduler)
             del entry

@@ -7,6 +7,7 @@ from starlette.types import Message, Receive, Scope
 from appliance.dataplane.outcomes import CallAbandoned
 from appliance.errors import InvalidInput, RequestTooLarge
 from appliance.protocol.codec import decimal
+from appliance.server.encoding import Inflater
 
 # A refused body up to this long is read and dropped before the answer: closing a socket with unread
 # bytes makes the kernel send a reset, which can reach the client before it reads the answer (it sees
@@ -72,12 +73,15 @@ async def read_body(
     *,
     model: str | None = None,
     limit_says: str | None = None,
+    coding: str | None = None,
 ) -> bytes:
     """The whole body; RequestTooLarge as soon as Content-Length or the bytes received pass the limit.
 
     The limit is the model's (what a request to it can need) or server.max_body_bytes; reads stop
     there, so a client cannot make the service hold more than that for one request. `limit_says`
-    words the limit in the refusal for another caller (the gateway: a buyer's limit).
+    words the limit in the refusal for another caller (the gateway: a buyer's limit). `coding` (from
+    encoding.coding_of) is the body's Content-Encoding: it is inflated as it comes, and the limit holds
+    for the bytes received and for the inflated ones.
     """
     if limit_says is None:
         whose = f"model {model!r} takes" if model else "the limit is"
@@ -85,6 +89,7 @@ async def read_body(
     declared = decimal(header(scope, b"content-length"), "Content-Length")
     if declared is not None and declared > limit_bytes:
         raise RequestTooLarge(f"request body of {declared} bytes is too large: {limit_says}")
+    inflater = None if coding is None else Inflater(coding, limit_bytes, limit_says)
     chunks: list[bytes] = []
     received = 0
     while True:
@@ -95,7 +100,12 @@ async def read_body(
         received += len(chunk)
         if received > limit_bytes:
             raise RequestTooLarge(f"request body is too large: {limit_says}")
-        chunks.append(chunk)
+        if inflater is None:
+            chunks.append(chunk)
+        else:
+            await inflater.feed(chunk)
         if not message.get("more_body", False):
             break
+    if inflater is not None:
+        return inflater.finish()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

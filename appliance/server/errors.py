@@ -14,6 +14,7 @@ from starlette.types import Scope
 from appliance import errors
 from appliance.dataplane import outcomes
 from appliance.server.body import BodyReceiver, discard_rest
+from appliance.server.encoding import ACCEPT_ENCODING
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ def appliance_error_response(
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Unauthorised):
         headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
-    if isinstance(exc, errors.Draining) or (isinstance(exc, errors.RequestTooLarge) and not body_read):
+    if isinstance(exc, errors.UnsupportedEncoding):
+        headers["Accept-Encoding"] = ACCEPT_ENCODING  # what it takes (RFC 9110 §12.5.3)
+    unread = errors.RequestTooLarge | errors.UnsupportedEncoding  # refused before its body was read
+    if isinstance(exc, errors.Draining) or (isinstance(exc, unread) and not body_read):
         # Draining: keep-alive clients move on. Too large: the rest of the body is never read (a
         # refused 40 MB body would otherwise still be read, to be thrown away).
         headers["Connection"] = "close"
@@ -61,7 +65,7 @@ async def error_after_body(
     """The answer to an error raised while the request's body may be partly unread. The errors whose
     answer closes the connection (draining, a body too large) first read and drop the rest of the body,
     up to body.DRAIN_BYTES: a socket closed on unread bytes sends a reset, which can beat the answer."""
-    closes = isinstance(exc, errors.Draining | errors.RequestTooLarge)
+    closes = isinstance(exc, errors.Draining | errors.RequestTooLarge | errors.UnsupportedEncoding)
     body_read = closes and await discard_rest(scope, body)
     return appliance_error_response(exc, default_retry_after_s, body_read=body_read)
 

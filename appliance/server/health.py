@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from appliance import __version__
-from appliance.scheduler.hub import ModelHub, State
+from appliance.scheduler.hub import UNLOADED, ModelEntry, ModelHub, State
 from appliance.scheduler.report import capacity_report
 from appliance.server import metrics
 from appliance.server.errors import error_response
@@ -22,6 +22,7 @@ EXTENSIONS = [
     "model_configuration",
     "schedule_policy",
     "system_shared_memory",
+    "classification",
 ]
 
 
@@ -49,19 +50,30 @@ async def ready(request: Request) -> Response:
 def not_ready(hub: ModelHub, is_strict: bool) -> str | None:
     """Why the service is not ready, or None (HTTP's and gRPC's readiness): as Triton, never while
     loading, draining or serving no model; with server.strict_readiness (Triton's default) only while
-    every model is READY."""
+    every model is READY but those unloaded on request (Triton's InferenceServer::IsReady skips a model
+    whose reason is "unloaded"): a model that failed to load or is loading still counts."""
     if hub.is_draining:
         return "draining: not accepting requests"
     if not hub.is_loaded:
         return "loading models"
     entries = list(hub)
-    unready = [f"{e.name} ({e.state.value})" for e in entries if e.state is not State.READY]
+    unready = [e for e in entries if e.state is not State.READY]
     if len(unready) == len(entries):
-        found = f"; models: {', '.join(unready)}" if unready else f" in {hub.repository.root}"
+        found = f"; models: {_listed(unready)}" if unready else f" in {hub.repository.root}"
         return f"no model is READY{found}"
-    if unready and is_strict:
-        return f"not every model is READY (server.strict_readiness): {', '.join(unready)}"
+    missed = [e for e in unready if not _is_unloaded(e)]
+    if missed and is_strict:
+        return f"not every model is READY (server.strict_readiness): {_listed(missed)}"
     return None
+
+
+def _listed(entries: list[ModelEntry]) -> str:
+    return ", ".join(f"{e.name} ({e.state.value})" for e in entries)
+
+
+def _is_unloaded(entry: ModelEntry) -> bool:
+    """Unloaded by a request (hub.unload's reason): not READY on purpose, not a failure."""
+    return entry.state is State.UNAVAILABLE and entry.scheduler is None and entry.reason == UNLOADED
 
 
 @router.get("/metrics")

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from appliance.dataplane.plane import Call, DataPlane
 from appliance.errors import ApplianceError
 from appliance.protocol import codec
+from appliance.server import encoding
 from appliance.server.body import BodyReceiver, ClientDisconnected, header, read_body
 from appliance.server.errors import error_after_body, error_response
 
@@ -35,15 +36,15 @@ class InferenceRoute:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":
-            await error_response(405, f"{scope['method']} is not allowed on {scope['path']}; use POST")(
-                scope, receive, send
-            )
+            message = f"{scope['method']} is not allowed on {scope['path']}; use POST"
+            await error_response(405, message, headers={"Allow": "POST"})(scope, receive, send)
             return
         model, version = match.group(1), match.group(2)
         body = BodyReceiver(receive)
 
         async def read(limit_bytes: int) -> bytes:
-            return await read_body(scope, body, limit_bytes, model=model)
+            coding = encoding.coding_of(scope)  # UnsupportedEncoding: 415, counted as the plane's refusal
+            return await read_body(scope, body, limit_bytes, model=model, coding=coding)
 
         try:
             call = Call(

@@ -3,27 +3,50 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from appliance.engine.repository import ModelSource
-from appliance.errors import ApplianceError, ModelLoadError
+from appliance.errors import ApplianceError, InvalidInput, ModelLoadError
 from appliance.scheduler.hub import ModelEntry, ModelHub, State
+from appliance.server.body import DRAIN_BYTES, BodyReceiver, read_body
+from appliance.server.errors import error_after_body
 from appliance.server.responses import json_response
 
 router = APIRouter()
 
+MAX_INDEX_BODY_BYTES = 64 * 1024  # an index request is {"ready": true}
+# A load request is {} or {"parameters": {}}; up to this, one carrying Triton's overrides (a model file
+# in base64 under "file:...") is read and refused naming them, and a larger one gets 413 saying so too.
+MAX_LOAD_BODY_BYTES = DRAIN_BYTES
+NO_OVERRIDES = "config and file: overrides are not supported; edit the model folder"
+
 
 @router.post("/v2/repository/index")
 async def index(request: Request) -> Response:
-    return json_response(await index_listing(request.app.state.hub))
+    """Every model, or with {"ready": true} only the READY ones (Triton's HTTP index ignores the
+    body's other keys, and so does this)."""
+    body = BodyReceiver(request.receive)
+    try:
+        document = await _document(request, body, MAX_INDEX_BODY_BYTES, "index")
+        only_ready = document.get("ready", False)
+        if not isinstance(only_ready, bool):
+            raise InvalidInput(f"index request's 'ready' is {_kind(only_ready)}; expected true or false")
+    except ApplianceError as exc:
+        return await _refusal(exc, request, body)
+    return json_response(await index_listing(request.app.state.hub, only_ready=only_ready))
 
 
-async def index_listing(hub: ModelHub) -> list[dict[str, str]]:
+async def index_listing(hub: ModelHub, *, only_ready: bool = False) -> list[dict[str, str]]:
     """listing() with the repository read on a worker thread: it reads every model's manifest or
-    config.pbtxt from disk (parsing those that changed), which must not hold the event loop."""
-    return listing(hub, await asyncio.to_thread(hub.repository.index))
+    config.pbtxt from disk (parsing those that changed), which must not hold the event loop. The index
+    over HTTP and gRPC; `only_ready` keeps the READY models alone (the request's `ready`)."""
+    listed = listing(hub, await asyncio.to_thread(hub.repository.index))
+    return [m for m in listed if m["state"] == State.READY.value] if only_ready else listed
 
 
 def listing(
@@ -52,8 +75,33 @@ def listing(
 
 @router.post("/v2/repository/models/{name}/load")
 async def load(name: str, request: Request) -> Response:
+    body = BodyReceiver(request.receive)
+    limit_says = f"a load request takes at most {MAX_LOAD_BODY_BYTES} bytes: {NO_OVERRIDES}"
+    try:
+        document = await _document(request, body, MAX_LOAD_BODY_BYTES, "load", limit_says)
+        parameters = document.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidInput(f"load request's 'parameters' is {_kind(parameters)}; expected an object")
+        check_load_parameters(parameters)
+    except ApplianceError as exc:
+        return await _refusal(exc, request, body)
     entry = await load_model(request.app.state.hub, name)
     return json_response({"name": name, "version": entry.version, "state": entry.state.value})
+
+
+def check_load_parameters(names: Iterable[str]) -> None:
+    """Refuse every load parameter (HTTP's body and gRPC's message). Triton's are `config`, a model
+    configuration that replaces the one on disk, and `file:<path>`, a file of the model folder: a load
+    that cannot honour them must fail rather than load what is on disk and answer success. Any other
+    name is refused as Triton's gRPC refuses it ("unrecognized load parameter")."""
+    names = sorted(names)
+    overrides = [n for n in names if n == "config" or n.startswith("file:")]
+    if overrides:
+        raise InvalidInput(f"load parameter {_names(overrides)}: {NO_OVERRIDES}")
+    if names:
+        raise InvalidInput(
+            f"unrecognized load parameter {_names(names)}: a load here takes none ({NO_OVERRIDES})"
+        )
 
 
 async def load_model(hub: ModelHub, name: str) -> ModelEntry:
@@ -70,3 +118,40 @@ async def unload(name: str, request: Request) -> Response:
     hub: ModelHub = request.app.state.hub
     await hub.unload(name)
     return json_response({"name": name, "state": State.UNAVAILABLE.value})
+
+
+async def _document(
+    request: Request, body: BodyReceiver, limit_bytes: int, what: str, limit_says: str | None = None
+) -> dict[str, Any]:
+    """The JSON object a repository request's body holds; {} for an empty body (what tritonclient
+    sends). RequestTooLarge past `limit_bytes`, InvalidInput for anything but one JSON object."""
+    data = await read_body(request.scope, body, limit_bytes, limit_says=limit_says)
+    if not data:
+        return {}
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput(f"{what} request body is {_kind(document)}; expected a JSON object")
+    return document
+
+
+async def _refusal(exc: ApplianceError, request: Request, body: BodyReceiver) -> Response:
+    """The answer to a refused request; a 413 first reads and drops what is left of the body, up to
+    body.DRAIN_BYTES, so that the client reads the answer rather than a connection reset."""
+    return await error_after_body(exc, request.scope, body, request.app.state.settings.server.retry_after_s)
+
+
+def _kind(value: object) -> str:
+    """A JSON value's kind as a refusal names it."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
+    return kinds.get(type(value), "an object")
+
+
+def _names(names: list[str]) -> str:
+    """Parameter names from a request, quoted, each cut to 64 characters and at most five of them."""
+    shown = [repr(n if len(n) <= 64 else f"{n[:61]}...") for n in names[:5]]
+    return ", ".join(shown) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -4,6 +4,7 @@ and its keeping, the buyers file's and settings' new keys, and golden samples no
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import shutil
 from collections.abc import Iterator
@@ -130,6 +131,29 @@ async def test_bodies_being_read_stay_within_the_budget_declared_or_chunked() ->
     assert door.reading.taken_bytes == 0
     assert await read(Body(b"d" * 600, b"d" * 400), None) == b"d" * 1000
     assert await read(Body(b"e" * 1000), 1000) == b"e" * 1000
+    assert door.reading.taken_bytes == 0
+
+
+@pytest.mark.asyncio
+async def test_a_compressed_body_holds_its_whole_limit_of_the_budget() -> None:
+    """What a gzip body inflates to is known only once inflated: 20 bytes may become the buyer's whole
+    limit in memory, so it takes that limit of the budget, not the bytes it declares."""
+    door = admission(Buyers.load(None, rate_per_s=50, max_body_bytes=1000), max_reading_bytes=1000)
+    far = asyncio.get_running_loop().time() + 3600
+    packed = gzip.compress(b"z" * 600)
+    gzipped = {"type": "http", "headers": [(b"content-encoding", b"gzip")]}
+    held = asyncio.create_task(
+        door.read(gzipped, Body(packed[:5], stalls=True), 600, deadline=far, limit_says="-")
+    )
+    while door.reading.taken_bytes != 600:
+        await asyncio.sleep(0)
+    with pytest.raises(ReadingBudgetSpent):
+        await door.read(gzipped, Body(packed), 600, deadline=far, limit_says="-")
+    assert await door.read(scope(400), Body(b"p" * 400), 600, deadline=far, limit_says="-") == b"p" * 400
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    assert await door.read(gzipped, Body(packed), 600, deadline=far, limit_says="-") == b"z" * 600
     assert door.reading.taken_bytes == 0
 
 

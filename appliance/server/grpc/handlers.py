@@ -119,12 +119,26 @@ class Handlers:
 
     async def infer(self, data: bytes) -> Answer:
         """One ModelInferRequest through the data plane; counted once whatever refuses it."""
+        return await self._infer(data, *self._parse(data))
+
+    async def infer_in_stream(self, data: bytes) -> Answer:
+        """infer() for ModelStreamInfer: a refusal after the request parsed is streams.RequestFailed,
+        which names the request in its error response."""
+        message, raw = self._parse(data)
         try:
-            message, raw = wire.parse_infer_request(data)
+            return await self._infer(data, message, raw)
+        except errors.ApplianceError as exc:
+            raise streams.RequestFailed(exc, message) from exc
+
+    def _parse(self, data: bytes) -> tuple[Any, list[memoryview]]:
+        try:
+            return wire.parse_infer_request(data)
         except DecodeError as exc:
             failure = errors.InvalidInput(f"request is not a valid inference.ModelInferRequest: {exc}")
             self.plane.refuse(None, Priority.LINE, failure)
             raise failure from None
+
+    async def _infer(self, data: bytes, message: Any, raw: list[memoryview]) -> Answer:
         model = message.model_name
 
         async def read(limit_bytes: int) -> bytes:
@@ -148,12 +162,12 @@ class Handlers:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """Each request answered as it completes, in a ModelStreamInferResponse; an error ends only
-        its own request (error_message), as Triton's stream does."""
+        its own request (error_message, with the request's id and model), as Triton's stream does."""
         try:
             self.authorise(context, b"", messages.ModelInferRequest)
         except errors.ApplianceError as exc:
             await abort(context, exc, self.settings.server.retry_after_s)
-        async for response in streams.answer_each(requests, self.infer):
+        async for response in streams.answer_each(requests, self.infer_in_stream):
             yield response
 
     # Health, metadata, statistics, repository --------------------------------------------------
@@ -206,12 +220,11 @@ class Handlers:
         return _from_json({"model_stats": stats}, messages.response_of("ModelStatistics"))
 
     async def repository_index(self, request: Any) -> Any:
-        listed = await repository.index_listing(self.hub)
-        if request.ready:
-            listed = [m for m in listed if m["state"] == "READY"]
+        listed = await repository.index_listing(self.hub, only_ready=request.ready)
         return _from_json({"models": listed}, messages.response_of("RepositoryIndex"))
 
     async def repository_load(self, request: Any) -> Any:
+        repository.check_load_parameters(request.parameters.keys())
         await repository.load_model(self.hub, request.model_name)
         return messages.response_of("RepositoryModelLoad")()
 

@@ -1,8 +1,10 @@
-"""Stock clients against the gateway: tritonclient.http with versioned routes, and KServe's health bodies."""
+"""Stock clients against the gateway: tritonclient.http with versioned routes and compressed requests,
+and KServe's health bodies."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 from pathlib import Path
 
 import httpx
@@ -38,6 +40,11 @@ def _tritonclient_calls(url: str) -> dict[str, object]:
             wanted = triton_http.InferRequestedOutput("y", binary_data=binary)
             result = client.infer("batchable", [given], outputs=[wanted], model_version=version)
             found[f"y_binary_{binary}"] = result.as_numpy("y")
+            for algorithm in ("gzip", "deflate"):  # inflated by the gateway, sent on to the node as it is
+                result = client.infer(
+                    "batchable", [given], outputs=[wanted], request_compression_algorithm=algorithm
+                )
+                found[f"y_binary_{binary}_{algorithm}"] = result.as_numpy("y")
         try:
             client.infer("batchable", [given], model_version="99")
         except InferenceServerException as exc:
@@ -60,8 +67,9 @@ async def test_tritonclient_names_the_version_and_kserve_reads_the_health_bodies
         assert found["ready"] is True and found["ready_other"] is False
         assert found["metadata"] == "batchable"
         expected = np.arange(8, dtype=np.float32).reshape(2, 4) * 2 + 1
-        np.testing.assert_array_equal(found["y_binary_False"], expected)
-        np.testing.assert_array_equal(found["y_binary_True"], expected)
+        for binary in (False, True):
+            for way in ("", "_gzip", "_deflate"):
+                np.testing.assert_array_equal(found[f"y_binary_{binary}{way}"], expected)
         status, message = found["other_version"]  # type: ignore[misc]
         assert "404" in str(status) and f"serves version '{found['version']}'" in message
 
@@ -74,3 +82,12 @@ async def test_tritonclient_names_the_version_and_kserve_reads_the_health_bodies
             assert gone.status_code == 404 and "has no version '99'" in gone.json()["error"]
             got = await http.get(f"/v2/models/batchable/versions/{found['version']}/infer")
             assert got.status_code == 405 and got.headers["allow"] == "POST"
+
+            infer = "/v2/models/batchable/infer"
+            body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
+            other = await http.post(infer, content=body, headers={"Content-Encoding": "br"})
+            assert other.status_code == 415 and other.headers["accept-encoding"] == "gzip, deflate"
+            limit = 4 * 1024 * 1024  # gateway.default_max_body_bytes
+            bomb = gzip.compress(b" " * (limit + 1))  # 4 KB that would inflate past the buyer's limit
+            refused = await http.post(infer, content=bomb, headers={"Content-Encoding": "gzip"})
+            assert refused.status_code == 413 and f"may send {limit} bytes" in refused.json()["error"]

@@ -69,9 +69,11 @@ async def test_a_reload_that_changes_what_is_served_is_born_again(
         # old batchable: wait for the one that lists both as the reload left them
         again = await recorder.node(
             "birth",
-            lambda d: d["seq"] > birth["seq"]
-            and d["models"].get("newmodel", {}).get("state") == "READY"
-            and d["models"]["batchable"].get("version") == "2",
+            lambda d: (
+                d["seq"] > birth["seq"]
+                and d["models"].get("newmodel", {}).get("state") == "READY"
+                and d["models"]["batchable"].get("version") == "2"
+            ),
         )
         served = running.service.hub.scheduler("batchable").model
         assert again["session"] == birth["session"]
