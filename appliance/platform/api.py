@@ -27,7 +27,7 @@ from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
 from appliance.platform.fleet import Gateway
 from appliance.platform.kept import Kept
-from appliance.protocol import codec, nonfinite
+from appliance.protocol import classification, codec, nonfinite
 from appliance.server.body import BodyReceiver, ClientDisconnected, header
 from appliance.server.errors import appliance_error_response, error_after_body, error_response, install
 from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
@@ -244,6 +244,13 @@ async def infer(
     missing = [spec.name for spec in inputs if spec.name not in decoded.inputs]
     if missing:
         raise errors.InvalidInput(f"model {name!r} needs input(s) {missing}")
+    if classification.is_asked(decoded):
+        # Not one of the gateway's extensions: a node's classes are text its checks cannot compare with
+        # another node's (int8 against fp32) or with a trusted run, so they could not be checked at all.
+        raise errors.InvalidInput(
+            "the pool gateway does not offer Triton's classification extension: ask for the output "
+            "itself (no parameters.classification) and rank it yourself"
+        )
     job = Job(name, buyer.name, body, header_length, _rows(decoded, inputs), files)
     started_s = time.perf_counter()
     answer = await gateway.dispatch(job, decoded)

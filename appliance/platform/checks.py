@@ -107,13 +107,20 @@ class Checks:
         self._buyer = "anonymous"  # the last buyer seen: a recheck canary goes under a real buyer's name
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def after(self, job: Job, answer: Answer, inputs: dict[str, np.ndarray]) -> None:
-        """A buyer's job was answered: maybe a canary, maybe a second opinion."""
+    def after(
+        self,
+        job: Job,
+        answer: Answer,
+        inputs: dict[str, np.ndarray],
+        asked: frozenset[str] | None = None,
+    ) -> None:
+        """A buyer's job was answered: maybe a canary, maybe a second opinion. `asked`: the outputs the
+        buyer asked for (None: all of them), which are all a second opinion's referee compares."""
         self._buyer = job.buyer
         if job.model in self.golden and self.rng.random() < self.settings.probability:
             self._spawn(self.canary(job.model, job.rows, job.buyer, binary=job.header_length is not None))
         if self.rng.random() < self.settings.second_opinion_probability:
-            self._spawn(self.second_opinion(job, answer, inputs))
+            self._spawn(self.second_opinion(job, answer, inputs, asked))
 
     async def canary(
         self, model: str, rows: int, buyer: str, *, binary: bool = True, target: NodeView | None = None
@@ -154,7 +161,9 @@ class Checks:
             self.trust.fail(node, f"canary failed on model {model!r}: {detail}")
         return verdict
 
-    async def second_opinion(self, first: Job, answer: Answer, inputs: dict[str, np.ndarray]) -> str | None:
+    async def second_opinion(
+        self, first: Job, answer: Answer, inputs: dict[str, np.ndarray], asked: frozenset[str] | None = None
+    ) -> str | None:
         """Run a buyer's job again on another node and compare; the verdict (None: no other node)."""
         assert answer.proof is not None
         job = Job(first.model, first.buyer, first.body, first.header_length, first.rows, first.files,
@@ -168,7 +177,8 @@ class Checks:
         problems = compare(answer.proof.outputs, other.proof.outputs, *entry.tolerance(*pair))
         verdict, detail = receipts.AGREED, f"agrees with {answer.node.name} ({answer.job_id})"
         if problems:
-            verdict, detail = await self._referee(entry, first.model, inputs, (answer, other), problems)
+            pair_of = (answer, other)
+            verdict, detail = await self._referee(entry, first.model, inputs, pair_of, problems, asked)
         self.metering.record(self.metering.receipt(job, other, verdict, detail=detail))
         self.count(first.model, verdict)
         return verdict
@@ -180,8 +190,10 @@ class Checks:
         inputs: dict[str, np.ndarray],
         answers: tuple[Answer, Answer],
         problems: list[str],
+        asked: frozenset[str] | None = None,
     ) -> tuple[str, str]:
-        """Two answers disagree: a trusted run of each node's file says which node is wrong."""
+        """Two answers disagree: a trusted run of each node's file says which node is wrong, on the
+        outputs the buyer asked for (`asked`; None: all)."""
         said = f"differs from {answers[0].node.name} ({answers[0].job_id}): {'; '.join(problems)}"
         judged = []
         for answer in answers:
@@ -193,6 +205,8 @@ class Checks:
                     f"{said}; no trusted copy of file {answer.proof.statement.model_sha256}",
                 )
             expected = await asyncio.to_thread(self.references.run, path, inputs)
+            if asked is not None:
+                expected = {name: value for name, value in expected.items() if name in asked}
             mine = precision_class(answer.node, model)
             wrong = compare(
                 expected, answer.proof.outputs, *entry.tolerance(mine, f"{mine.partition('/')[0]}/cpu")

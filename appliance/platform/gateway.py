@@ -152,7 +152,8 @@ class Gateway:
         answer = await self.dispatcher.run(job)
         if answer.status == 200:
             await self.metering.commit(self.metering.receipt(job, answer, receipts.ACCEPTED))
-            self.checks.after(job, answer, decoded.inputs)
+            asked = None if not decoded.outputs else frozenset(o.name for o in decoded.outputs)
+            self.checks.after(job, answer, decoded.inputs, asked)
         return answer
 
     def _verify(self, job: Job, answer: Answer) -> verify.Proof:

@@ -289,3 +289,27 @@ async def test_the_recheck_loop_outlives_a_node_whose_offer_cannot_be_read() -> 
     loop.cancel()
     with pytest.raises(asyncio.CancelledError):
         await loop
+
+
+@pytest.mark.asyncio
+async def test_a_referee_judges_only_the_outputs_the_buyer_asked_for() -> None:
+    """Regression: a trusted run gives every output, an answer only those asked for; the tie-break held
+    the rest against both nodes ("shape None") and quarantined honest ones."""
+    failed: list[str] = []
+    trust = SimpleNamespace(fail=lambda node, why: failed.append(node.name))
+    checks = Checks(CanarySettings(), Catalogue(None), None, None, trust)  # type: ignore[arg-type]
+    trusted = {"prob": np.array([[0.9]], np.float32), "map": np.zeros((1, 4), np.float32)}
+    checks.references = SimpleNamespace(run=lambda path, inputs: trusted)  # type: ignore[assignment]
+    entry = SimpleNamespace(model_files={"f" * 64: Path("m.onnx")}, tolerance=lambda *_: (0.01, 0.0))
+
+    def answered(name: str, prob: float) -> object:
+        node = SimpleNamespace(name=name, model_birth=lambda model: {"precision": "fp32", "provider": "cpu"})
+        statement = SimpleNamespace(model_sha256="f" * 64)
+        outputs = {"prob": np.array([[prob]], np.float32)}
+        return SimpleNamespace(
+            node=node, job_id=f"{name}/0", proof=SimpleNamespace(statement=statement, outputs=outputs)
+        )
+
+    answers = (answered("honest", 0.9), answered("liar", 0.1))
+    verdict, detail = await checks._referee(entry, "m", {}, answers, ["prob differs"], frozenset({"prob"}))  # type: ignore[arg-type]
+    assert verdict == "disagreed" and failed == ["liar"] and detail.endswith("wrong by a trusted run: liar")
