@@ -53,6 +53,12 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get 413."
     )
+    max_inflating_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="What compressed bodies being read (Content-Encoding) may inflate to, all together; "
+        "beyond it 503 + Retry-After. A few KB of gzip can become max_body_bytes.",
+    )
     api_token: SecretStr | None = Field(
         None,
         description="If set, every route but health and metrics requires 'Authorization: Bearer <token>'.",

@@ -186,6 +186,7 @@ class DataPlane:
                 outputs,
                 is_batched=model.limits.is_batched,
                 labels=model.source.manifest.labels,
+                max_classes=classification.MAX_ANSWERED_CLASSES[progress.priority.label],
             )
         encoded = call.framing.encode(
             model_name=call.model,

@@ -36,6 +36,11 @@ MAX_CLASSIFIED_ELEMENTS = 1_000_000
 # Classes answered per row: Triton has no such limit, but each is a string made in Python, and ImageNet's
 # 1,000 classes all fit. A larger k is refused (400) at decode (codec), before any compute.
 MAX_CLASSES = 1_000
+# Classes one answer may hold, over its rows and outputs. Ranking runs on a worker thread, but the answer's
+# strings are encoded (and, for a pool job, digested to be signed) on the event loop, about 1 us each: a
+# line request may ask for up to ~4 ms of that (16 rows of the 16x16 defect map ranked whole), a pool
+# job, whose sender is a stranger, for under 0.3 ms.
+MAX_ANSWERED_CLASSES = {"line": 4096, "pool": 256}
 
 
 def is_asked(request: InferenceRequest) -> bool:
@@ -49,10 +54,18 @@ def classified(
     *,
     is_batched: bool,
     labels: Sequence[str] = (),
+    max_classes: int = MAX_ANSWERED_CLASSES["line"],
 ) -> dict[str, np.ndarray]:
     """The outputs as the answer carries them: each one the request asks classification of replaced by
     its top classes (`top_classes`), the rest as the model answered them. Raises InvalidInput for an
-    output that cannot be ranked."""
+    output that cannot be ranked, and for more than `max_classes` classes in all."""
+    asked = [(r.name, r.class_count) for r in request.outputs or () if r.class_count]
+    count = sum(_classes(outputs[name], k, is_batched) for name, k in asked)
+    if count > max_classes:
+        raise InvalidInput(
+            f"classification would answer {count} classes (rows x classification, over the outputs); "
+            f"at most {max_classes} for a request of this priority: ask for fewer classes or rows"
+        )
     answered = dict(outputs)
     for requested in request.outputs or ():
         if requested.class_count:
@@ -64,6 +77,14 @@ def classified(
                 labels=labels,
             )
     return answered
+
+
+def _classes(array: np.ndarray, class_count: int, is_batched: bool) -> int:
+    """How many classes top_classes answers for `array`: rows x min(class_count, elements per row)."""
+    has_rows = is_batched and array.ndim > 0
+    rows = array.shape[0] if has_rows else 1
+    per_row = tensors.element_count(array.shape[1:] if has_rows else array.shape)
+    return rows * min(class_count, per_row)
 
 
 def top_classes(

@@ -7,7 +7,7 @@ from starlette.types import Message, Receive, Scope
 from appliance.dataplane.outcomes import CallAbandoned
 from appliance.errors import InvalidInput, RequestTooLarge
 from appliance.protocol.codec import decimal
-from appliance.server.encoding import Inflater
+from appliance.server.encoding import Inflater, InflatingBudget
 
 # A refused body up to this long is read and dropped before the answer: closing a socket with unread
 # bytes makes the kernel send a reset, which can reach the client before it reads the answer (it sees
@@ -74,6 +74,7 @@ async def read_body(
     model: str | None = None,
     limit_says: str | None = None,
     coding: str | None = None,
+    budget: InflatingBudget | None = None,
 ) -> bytes:
     """The whole body; RequestTooLarge as soon as Content-Length or the bytes received pass the limit.
 
@@ -81,7 +82,8 @@ async def read_body(
     there, so a client cannot make the service hold more than that for one request. `limit_says`
     words the limit in the refusal for another caller (the gateway: a buyer's limit). `coding` (from
     encoding.coding_of) is the body's Content-Encoding: it is inflated as it comes, and the limit holds
-    for the bytes received and for the inflated ones.
+    for the bytes received and for the inflated ones; `budget` bounds what all compressed bodies being
+    read hold inflated.
     """
     if limit_says is None:
         whose = f"model {model!r} takes" if model else "the limit is"
@@ -89,7 +91,16 @@ async def read_body(
     declared = decimal(header(scope, b"content-length"), "Content-Length")
     if declared is not None and declared > limit_bytes:
         raise RequestTooLarge(f"request body of {declared} bytes is too large: {limit_says}")
-    inflater = None if coding is None else Inflater(coding, limit_bytes, limit_says)
+    if coding is None:
+        return await _read(receive, limit_bytes, limit_says, None)
+    inflater = Inflater(coding, limit_bytes, limit_says, budget)
+    try:
+        return await _read(receive, limit_bytes, limit_says, inflater)
+    finally:
+        inflater.release()
+
+
+async def _read(receive: Receive, limit_bytes: int, limit_says: str, inflater: Inflater | None) -> bytes:
     chunks: list[bytes] = []
     received = 0
     while True:

@@ -19,7 +19,7 @@ import zlib
 
 from starlette.types import Scope
 
-from appliance.errors import InvalidInput, RequestTooLarge, UnsupportedEncoding
+from appliance.errors import InvalidInput, Overloaded, RequestTooLarge, UnsupportedEncoding
 
 CODINGS = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}  # RFC 9110 §8.4.1.3: x-gzip is gzip
 ACCEPT_ENCODING = "gzip, deflate"  # what a 415 lists (RFC 9110 §12.5.3: Accept-Encoding in a response)
@@ -54,19 +54,53 @@ def coding_of(scope: Scope) -> str | None:
     )
 
 
+class InflationBudgetSpent(Overloaded):
+    """The compressed bodies being read hold server.max_inflating_bytes inflated: 503, try again."""
+
+
+class InflatingBudget:
+    """What the compressed bodies being read have inflated to, all of them together (event loop only).
+
+    Each body is bounded by its limit, but a few KB of gzip can become that limit: without a bound over
+    all of them, a client holding a hundred such bodies open, each never finished, holds a hundred limits
+    of the box's memory for the price of a few hundred KB sent."""
+
+    def __init__(self, limit_bytes: int, retry_after_s: float = 1.0) -> None:
+        self.limit_bytes = limit_bytes
+        self.retry_after_s = retry_after_s
+        self.taken_bytes = 0
+
+    def take(self, size: int) -> None:
+        if self.taken_bytes + size > self.limit_bytes:
+            raise InflationBudgetSpent(
+                f"compressed request bodies being read have inflated to {self.taken_bytes} bytes; {size} "
+                f"more would pass server.max_inflating_bytes ({self.limit_bytes}): try again",
+                retry_after_s=self.retry_after_s,
+            )
+        self.taken_bytes += size
+
+    def give(self, size: int) -> None:
+        self.taken_bytes -= size
+
+
 class Inflater:
     """One request body's coding undone as its chunks come: `feed` each, then `finish` for the body.
 
     RequestTooLarge as soon as the inflated bytes pass `limit_bytes` (`limit_says` words the limit, as
     body.read_body's refusal does); InvalidInput for a stream zlib cannot read, one that ends early and
     bytes after its end (a second gzip member included: no client sends one, and each costs a new
-    zlib stream)."""
+    zlib stream). With a `budget`, what it inflates is taken from it as it comes (InflationBudgetSpent
+    once spent) until `release()`, which the reader calls however the body ends."""
 
-    def __init__(self, coding: str, limit_bytes: int, limit_says: str) -> None:
+    def __init__(
+        self, coding: str, limit_bytes: int, limit_says: str, budget: InflatingBudget | None = None
+    ) -> None:
         self.coding = coding
         self.limit_bytes = limit_bytes
         self.limit_says = limit_says
+        self.budget = budget
         self.size = 0
+        self._held = 0
         self._pieces: list[bytes] = []
         self._zlib = zlib.decompressobj(_ZLIB_OR_GZIP)
 
@@ -89,6 +123,9 @@ class Inflater:
                     raise RequestTooLarge(
                         f"request body is too large once inflated ({self.coding}): {self.limit_says}"
                     )
+                if self.budget is not None:
+                    self.budget.take(len(piece))
+                    self._held += len(piece)
                 self._pieces.append(piece)
                 if self._zlib.eof:
                     if self._zlib.unused_data:
@@ -106,6 +143,13 @@ class Inflater:
                 f"request body ends before its {self.coding} stream does: truncated, or not {self.coding}"
             )
         return self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+
+    def release(self) -> None:
+        """Give back to the budget what this body took (once read, it is the request's, which the data
+        plane bounds; refused, it is dropped)."""
+        if self.budget is not None:
+            self.budget.give(self._held)
+        self._held = 0
 
     def _after_end(self) -> InvalidInput:
         return InvalidInput(f"request body has bytes after the end of its {self.coding} stream")

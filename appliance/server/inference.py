@@ -26,9 +26,10 @@ _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
 class InferenceRoute:
     """ASGI middleware answering inference requests itself and passing every other request on."""
 
-    def __init__(self, app: ASGIApp, plane: DataPlane) -> None:
+    def __init__(self, app: ASGIApp, plane: DataPlane, inflating_bytes: int) -> None:
         self.app = app
         self.plane = plane
+        self.inflating = encoding.InflatingBudget(inflating_bytes, plane.retry_after_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = ROUTE.match(scope["path"]) if scope["type"] == "http" else None
@@ -44,7 +45,9 @@ class InferenceRoute:
 
         async def read(limit_bytes: int) -> bytes:
             coding = encoding.coding_of(scope)  # UnsupportedEncoding: 415, counted as the plane's refusal
-            return await read_body(scope, body, limit_bytes, model=model, coding=coding)
+            return await read_body(
+                scope, body, limit_bytes, model=model, coding=coding, budget=self.inflating
+            )
 
         try:
             call = Call(

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from appliance.engine.repository import ModelSource
 from appliance.errors import ApplianceError, InvalidInput, ModelLoadError
 from appliance.scheduler.hub import ModelEntry, ModelHub, State
-from appliance.server.body import DRAIN_BYTES, BodyReceiver, read_body
+from appliance.server.body import DRAIN_BYTES, BodyReceiver, ClientDisconnected, read_body
 from appliance.server.errors import error_after_body
 from appliance.server.responses import json_response
 
@@ -24,6 +24,7 @@ MAX_INDEX_BODY_BYTES = 64 * 1024  # an index request is {"ready": true}
 # in base64 under "file:...") is read and refused naming them, and a larger one gets 413 saying so too.
 MAX_LOAD_BODY_BYTES = DRAIN_BYTES
 NO_OVERRIDES = "config and file: overrides are not supported; edit the model folder"
+CLIENT_GONE = 499  # what the access log shows for a request whose client left before its body was in
 
 
 @router.post("/v2/repository/index")
@@ -36,6 +37,8 @@ async def index(request: Request) -> Response:
         only_ready = document.get("ready", False)
         if not isinstance(only_ready, bool):
             raise InvalidInput(f"index request's 'ready' is {_kind(only_ready)}; expected true or false")
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_GONE)
     except ApplianceError as exc:
         return await _refusal(exc, request, body)
     return json_response(await index_listing(request.app.state.hub, only_ready=only_ready))
@@ -83,6 +86,8 @@ async def load(name: str, request: Request) -> Response:
         if not isinstance(parameters, dict):
             raise InvalidInput(f"load request's 'parameters' is {_kind(parameters)}; expected an object")
         check_load_parameters(parameters)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_GONE)
     except ApplianceError as exc:
         return await _refusal(exc, request, body)
     entry = await load_model(request.app.state.hub, name)

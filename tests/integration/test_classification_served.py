@@ -211,3 +211,34 @@ def test_a_pool_nodes_signed_classes_verify_as_the_gateway_checks_them(
     # Break it on purpose: the scores the model computed are not what the node signed.
     scores = {"y": X, "s": proof.outputs["s"]}
     assert proof.statement.output_sha256 != signing.tensor_digest(scores)
+
+
+def test_a_pool_job_may_ask_for_fewer_classes_than_the_line(
+    running: RunningService, http: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stranger's pool job is held to MAX_ANSWERED_CLASSES["pool"] (its strings cost the loop), the
+    line to the larger "line" bound: the same request is answered locally and refused as a pool job
+    (the pool's bound set to 3 here, under the request's 2 rows x 2 classes)."""
+    monkeypatch.setitem(classification.MAX_ANSWERED_CLASSES, "pool", 3)
+    assert texts(http_infer(http, "scores", 2).as_numpy("y")) == TOP_2
+    sent: list[Outbound] = []
+    intake = JobIntake(
+        running.service.plane, running.service.settings, send=sent.append, emit=lambda *_, **__: None
+    )
+    document = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": X.ravel().tolist()}],
+        "outputs": [{"name": "y", "parameters": {"classification": 2}}],
+    }
+    message = Inbound("jobs", orjson.dumps(document), response_topic="buyer/b1/answers", correlation=b"job-8")
+
+    async def serve() -> None:
+        intake.submit("scores", message)
+        async with asyncio.timeout(30):
+            assert await intake.wait(30)
+
+    running.call(serve)
+    [answer] = sent
+    assert answer.user["status"] == "400", answer.payload
+    assert (
+        b"would answer 4 classes" in answer.payload and b"at most 3 for a request of this" in answer.payload
+    )

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +203,18 @@ def test_a_model_deleted_from_disk_is_forgotten_when_unloaded(
     ]
     http.load_model("batchable")
     assert http.is_model_ready("batchable")
+
+
+@pytest.mark.parametrize("path", ["/v2/repository/index", "/v2/repository/models/batchable/load"])
+def test_a_client_gone_mid_body_is_no_error(
+    running: Any, clients: Any, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: ClientDisconnected from a repository request's body escaped as a 500 and a logged
+    traceback per request, which any client could repeat to flood the logs."""
+    host, port = running.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+    _, _, raw = clients
+    assert raw.get("/v2/health/live").status_code == 200  # served after it
+    assert [m["name"] for m in raw.post("/v2/repository/index").json()] == ["batchable", "fixed"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

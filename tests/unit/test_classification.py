@@ -178,3 +178,18 @@ def test_the_answer_carries_exactly_what_classified_returns(binary: bool) -> Non
         ["10.000000:2", "5.000000:1:dog"],
         ["8.000000:1:dog", "3.000000:3"],
     ]
+
+
+def test_an_answer_holds_at_most_so_many_classes_a_pool_job_fewer() -> None:
+    """The strings are encoded, and for a pool job digested, on the event loop: their number is bounded
+    per answer, more tightly for a stranger's pool job than for the line."""
+    decoded = request([{"name": "y", "parameters": {"classification": 3}}])
+    rows = np.zeros((100, 8), np.float32)  # 300 classes
+    assert classification.classified(decoded, {"y": rows}, is_batched=True)["y"].shape == (100, 3)
+    pool = classification.MAX_ANSWERED_CLASSES["pool"]
+    with pytest.raises(InvalidInput, match=rf"would answer 300 classes .* at most {pool} for a request of"):
+        classification.classified(decoded, {"y": rows}, is_batched=True, max_classes=pool)
+    assert (
+        classification.classified(decoded, {"y": rows[:85]}, is_batched=True, max_classes=pool)["y"].size
+        == 255
+    )

@@ -182,3 +182,37 @@ def test_read_body_without_a_coding_hands_back_the_chunk_it_received() -> None:
         return await read_body(scope(length=len(BODY)), receiver(BODY, len(BODY)), len(BODY))
 
     assert asyncio.run(read()) is BODY
+
+
+@pytest.mark.asyncio
+async def test_compressed_bodies_being_read_share_one_budget_of_inflated_bytes() -> None:
+    """A few KB of gzip per body, each never finished, must not hold a body limit of memory apiece: the
+    bodies being read share server.max_inflating_bytes, and a refused or finished one gives its bytes back."""
+    budget = encoding.InflatingBudget(300_000, retry_after_s=2.0)
+    packed = gzip.compress(b" " * 200_000)
+    stalled = asyncio.Event()
+
+    async def never_ends() -> dict[str, object]:
+        if stalled.is_set():
+            await asyncio.Event().wait()
+        stalled.set()
+        return {"type": "http.request", "body": packed, "more_body": True}
+
+    gz = scope(b"gzip")
+    held = asyncio.create_task(read_body(gz, never_ends, 1 << 20, coding="gzip", budget=budget))
+    await stalled.wait()
+    while budget.taken_bytes < 200_000:
+        await asyncio.sleep(0)
+    with pytest.raises(
+        encoding.InflationBudgetSpent, match=r"server\.max_inflating_bytes \(300000\)"
+    ) as spent:
+        await read_body(gz, receiver(packed, 4096), 1 << 20, coding="gzip", budget=budget)
+    assert spent.value.retry_after_s == 2.0 and budget.taken_bytes == 200_000  # the refused one gave back
+    assert await read_body(scope(), receiver(b"x" * 250_000, 4096), 1 << 20, budget=budget) == b"x" * 250_000
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    assert budget.taken_bytes == 0
+    small = gzip.compress(BODY)
+    assert await read_body(gz, receiver(small, 100), 1 << 20, coding="gzip", budget=budget) == BODY
+    assert budget.taken_bytes == 0
