@@ -99,8 +99,10 @@ def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
 
 def _spec(arg: Any) -> TensorSpec:
     datatype = ONNX_TO_OIP.get(arg.type)
-    if datatype is None or datatype == "BF16":
+    if datatype is None:
         raise ModelLoadError(f"tensor {arg.name!r} has type {arg.type}, which the protocol cannot carry")
+    if datatype == "BF16":  # the protocol has BF16; numpy has no such type to decode it into
+        raise ModelLoadError(f"tensor {arg.name!r} is BF16, which this server does not serve (no numpy bf16)")
     return TensorSpec(arg.name, datatype, _dims(arg.shape))
 
 

@@ -328,3 +328,21 @@ def test_the_parse_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         repository.index()
         repository.index()
     assert parsed == ["a", "b", "c"] * 2  # 18 bytes each: nothing is kept
+
+
+@pytest.mark.parametrize(
+    ("onnx_type", "says"),
+    [
+        ("tensor(bfloat16)", "tensor 'x' is BF16, which this server does not serve (no numpy bf16)"),
+        ("tensor(float8e4m3fn)", "tensor 'x' has type tensor(float8e4m3fn), which the protocol cannot carry"),
+    ],
+)
+def test_a_tensor_type_not_served_names_why(onnx_type: str, says: str) -> None:
+    """The protocol has BF16 (Triton carries it): refusing it is this server's limit, and says so."""
+    from types import SimpleNamespace
+
+    from appliance.engine.signature import _spec
+
+    with pytest.raises(ModelLoadError) as refused:
+        _spec(SimpleNamespace(name="x", type=onnx_type, shape=[1, 4]))
+    assert str(refused.value) == says
