@@ -71,6 +71,7 @@ async def answer_each(
             log.exception("ModelStreamInfer: a request's answer failed unexpectedly")
             failure = f"internal error: {type(exc).__name__}: {exc}"
             response = messages.ModelStreamInferResponse(error_message=failure)
+            response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
         done.put_nowait(response.SerializeToString())
 
     async def read() -> None:
