@@ -218,3 +218,24 @@ def test_a_client_gone_mid_body_is_no_error(
     assert raw.get("/v2/health/live").status_code == 200  # served after it
     assert [m["name"] for m in raw.post("/v2/repository/index").json()] == ["batchable", "fixed"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.parametrize("rpc", ["RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"])
+def test_a_grpc_repository_request_naming_a_repository_is_refused(running: Any, rpc: str) -> None:
+    """As Triton refuses it; before, it was answered for the one repository there is (an unload included)."""
+    fields = (
+        {"repository_name": "other"}
+        if rpc == "RepositoryIndex"
+        else {"repository_name": "other", "model_name": "fixed"}
+    )
+    request = messages.request_of(rpc)(**fields)
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{running.service.grpc.port}") as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        channel.unary_unary(f"/{messages.SERVICE}/{rpc}")(request.SerializeToString(), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "repository_name 'other' is not supported: this server has one repository" in refused.value.details()
+    )
+    assert running.service.hub.entry("fixed").scheduler is not None  # still served

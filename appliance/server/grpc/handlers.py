@@ -220,15 +220,18 @@ class Handlers:
         return _from_json({"model_stats": stats}, messages.response_of("ModelStatistics"))
 
     async def repository_index(self, request: Any) -> Any:
+        _one_repository(request.repository_name)
         listed = await repository.index_listing(self.hub, only_ready=request.ready)
         return _from_json({"models": listed}, messages.response_of("RepositoryIndex"))
 
     async def repository_load(self, request: Any) -> Any:
+        _one_repository(request.repository_name)
         repository.check_load_parameters(request.parameters.keys())
         await repository.load_model(self.hub, request.model_name)
         return messages.response_of("RepositoryModelLoad")()
 
     async def repository_unload(self, request: Any) -> Any:
+        _one_repository(request.repository_name)
         await self.hub.unload(request.model_name)
         return messages.response_of("RepositoryModelUnload")()
 
@@ -282,3 +285,14 @@ async def abort(context: grpc.aio.ServicerContext, exc: errors.ApplianceError, r
     if wait_s is not None:
         trailing = (("retry-after", outcomes.retry_after_header(wait_s)),)
     await context.abort(grpc.StatusCode[outcome.grpc_code], str(exc), trailing_metadata=trailing)
+
+
+def _one_repository(name: str) -> None:
+    """A repository request naming a repository is refused, as Triton refuses it ("'repository_name'
+    specification is not supported"), rather than answered for the one repository this server has."""
+    if name:
+        shown = name if len(name) <= 64 else f"{name[:61]}..."
+        raise errors.InvalidInput(
+            f"repository_name {shown!r} is not supported: this server has one repository "
+            "(models.repository); leave it empty"
+        )
