@@ -16,6 +16,7 @@ from appliance.scheduler.hub import ModelEntry, ModelHub, State
 from appliance.server.body import DRAIN_BYTES, BodyReceiver, ClientDisconnected, read_body
 from appliance.server.errors import error_after_body
 from appliance.server.responses import json_response
+from appliance.text import json_kind
 
 router = APIRouter()
 
@@ -36,7 +37,7 @@ async def index(request: Request) -> Response:
         document = await _document(request, body, MAX_INDEX_BODY_BYTES, "index")
         only_ready = document.get("ready", False)
         if not isinstance(only_ready, bool):
-            raise InvalidInput(f"index request's 'ready' is {_kind(only_ready)}; expected true or false")
+            raise InvalidInput(f"index request's 'ready' is {json_kind(only_ready)}; expected true or false")
     except ClientDisconnected:
         return Response(status_code=CLIENT_GONE)
     except ApplianceError as exc:
@@ -84,7 +85,7 @@ async def load(name: str, request: Request) -> Response:
         document = await _document(request, body, MAX_LOAD_BODY_BYTES, "load", limit_says)
         parameters = document.get("parameters", {})
         if not isinstance(parameters, dict):
-            raise InvalidInput(f"load request's 'parameters' is {_kind(parameters)}; expected an object")
+            raise InvalidInput(f"load request's 'parameters' is {json_kind(parameters)}; expected an object")
         check_load_parameters(parameters)
     except ClientDisconnected:
         return Response(status_code=CLIENT_GONE)
@@ -138,7 +139,7 @@ async def _document(
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"{what} request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise InvalidInput(f"{what} request body is {_kind(document)}; expected a JSON object")
+        raise InvalidInput(f"{what} request body is {json_kind(document)}; expected a JSON object")
     return document
 
 
@@ -146,14 +147,6 @@ async def _refusal(exc: ApplianceError, request: Request, body: BodyReceiver) ->
     """The answer to a refused request; a 413 first reads and drops what is left of the body, up to
     body.DRAIN_BYTES, so that the client reads the answer rather than a connection reset."""
     return await error_after_body(exc, request.scope, body, request.app.state.settings.server.retry_after_s)
-
-
-def _kind(value: object) -> str:
-    """A JSON value's kind as a refusal names it."""
-    if value is None:
-        return "null"
-    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
-    return kinds.get(type(value), "an object")
 
 
 def _names(names: list[str]) -> str:

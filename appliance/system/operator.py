@@ -13,7 +13,7 @@ from appliance.config_sources import ignoring_unit_directories
 from appliance.ota.link import NotRunning, ServiceLink, describe_instance
 from appliance.settings import Settings
 from appliance.system.admin import MAX_WAIT_S, AdminError
-from appliance.text import printable
+from appliance.text import json_kind, printable
 
 EX_OK = 0
 EX_FAILED = 1
@@ -164,13 +164,8 @@ def _object(value: Any, what: str, *, required: bool = False) -> dict[str, Any]:
     if value is None and not required:
         return {}
     if not isinstance(value, dict):
-        raise MalformedReply(f"{what} is {_json_type(value)}, expected a JSON object")
+        raise MalformedReply(f"{what} is {json_kind(value)}, expected a JSON object")
     return value
-
-
-def _json_type(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _malformed(exc: MalformedReply) -> int:
