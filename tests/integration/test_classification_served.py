@@ -171,16 +171,29 @@ def test_a_negative_class_count_over_grpc_is_refused(grpc: Any) -> None:
     assert "output 'y' classification must be an integer from 0 to 1000" in caught.value.message()
 
 
+def pool_answer(running: RunningService, model: str, message: Inbound) -> tuple[Outbound, JobIntake]:
+    """The one answer the service's pool intake sends to `message`, a job for `model`, and the intake."""
+    sent: list[Outbound] = []
+    intake = JobIntake(
+        running.service.plane, running.service.settings, send=sent.append, emit=lambda *_, **__: None
+    )
+
+    async def serve() -> None:
+        intake.submit(model, message)
+        async with asyncio.timeout(30):
+            assert await intake.wait(30)
+
+    running.call(serve)
+    [answer] = sent
+    return answer, intake
+
+
 @pytest.mark.parametrize("mqtt_5", [True, False], ids=["mqtt5-binary", "mqtt3-json"])
 def test_a_pool_nodes_signed_classes_verify_as_the_gateway_checks_them(
     running: RunningService, mqtt_5: bool
 ) -> None:
     """The node signs the classes it sends, not the scores it computed: the gateway digests the decoded
     answer. Over MQTT 3.1.1 the answer is JSON only, and the classification must survive that too."""
-    sent: list[Outbound] = []
-    intake = JobIntake(
-        running.service.plane, running.service.settings, send=sent.append, emit=lambda *_, **__: None
-    )
     parameters = {"classification": 2, "binary_data": mqtt_5}
     document = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": X.ravel().tolist()}],
@@ -195,13 +208,7 @@ def test_a_pool_nodes_signed_classes_verify_as_the_gateway_checks_them(
             "jobs", orjson.dumps({**document, "reply_to": "buyer/b1/answers", "corr_id": "job-7"})
         )
 
-    async def serve() -> None:
-        intake.submit("scores", message)
-        async with asyncio.timeout(30):
-            assert await intake.wait(30)
-
-    running.call(serve)
-    [answer] = sent
+    answer, intake = pool_answer(running, "scores", message)
     header_length = int(answer.user[codec.HEADER_LENGTH]) if codec.HEADER_LENGTH in answer.user else None
     assert (header_length is not None) == mqtt_5
     node = NodeView("site", running.service.settings.pool.node_id, birth={"public_key": intake.public_key})
@@ -221,23 +228,12 @@ def test_a_pool_job_may_ask_for_fewer_classes_than_the_line(
     (the pool's bound set to 3 here, under the request's 2 rows x 2 classes)."""
     monkeypatch.setitem(classification.MAX_ANSWERED_CLASSES, "pool", 3)
     assert texts(http_infer(http, "scores", 2).as_numpy("y")) == TOP_2
-    sent: list[Outbound] = []
-    intake = JobIntake(
-        running.service.plane, running.service.settings, send=sent.append, emit=lambda *_, **__: None
-    )
     document = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": X.ravel().tolist()}],
         "outputs": [{"name": "y", "parameters": {"classification": 2}}],
     }
     message = Inbound("jobs", orjson.dumps(document), response_topic="buyer/b1/answers", correlation=b"job-8")
-
-    async def serve() -> None:
-        intake.submit("scores", message)
-        async with asyncio.timeout(30):
-            assert await intake.wait(30)
-
-    running.call(serve)
-    [answer] = sent
+    answer, _ = pool_answer(running, "scores", message)
     assert answer.user["status"] == "400", answer.payload
     assert (
         b"would answer 4 classes" in answer.payload and b"at most 3 for a request of this" in answer.payload
