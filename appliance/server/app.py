@@ -29,7 +29,9 @@ def create_app(plane: DataPlane, settings: Settings) -> ASGIApp:
     for router in (health.router, models.router, repository.router, shm.router):
         app.include_router(router)
     errors.install(app, settings.server.retry_after_s)
-    asgi: ASGIApp = InferenceRoute(app, plane, settings.server.max_inflating_bytes)
+    inference = InferenceRoute(app, plane, settings.server.max_inflating_bytes)
+    app.state.inflating = inference.inflating  # one server.max_inflating_bytes for every route's bodies
+    asgi: ASGIApp = inference
     token = settings.server.api_token
     if token is not None:
         asgi = BearerToken(asgi, token=token.get_secret_value(), plane=plane)

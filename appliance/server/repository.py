@@ -13,6 +13,7 @@ from starlette.responses import Response
 from appliance.engine.repository import ModelSource
 from appliance.errors import ApplianceError, InvalidInput, ModelLoadError
 from appliance.scheduler.hub import ModelEntry, ModelHub, State
+from appliance.server import encoding
 from appliance.server.body import DRAIN_BYTES, BodyReceiver, ClientDisconnected, read_body
 from appliance.server.errors import error_after_body
 from appliance.server.responses import json_response
@@ -130,8 +131,14 @@ async def _document(
     request: Request, body: BodyReceiver, limit_bytes: int, what: str, limit_says: str | None = None
 ) -> dict[str, Any]:
     """The JSON object a repository request's body holds; {} for an empty body (what tritonclient
-    sends). RequestTooLarge past `limit_bytes`, InvalidInput for anything but one JSON object."""
-    data = await read_body(request.scope, body, limit_bytes, limit_says=limit_says)
+    sends). A gzip or deflate body (Content-Encoding) is inflated as the inference route's is: under
+    `limit_bytes` counted inflated, from the same server.max_inflating_bytes; UnsupportedEncoding (415)
+    for another coding. RequestTooLarge past `limit_bytes`, InvalidInput for anything but one JSON
+    object."""
+    coding = encoding.coding_of(request.scope)
+    data = await read_body(
+        request.scope, body, limit_bytes, limit_says=limit_says, coding=coding, budget=inflating(request)
+    )
     if not data:
         return {}
     try:
@@ -141,6 +148,14 @@ async def _document(
     if not isinstance(document, dict):
         raise InvalidInput(f"{what} request body is {json_kind(document)}; expected a JSON object")
     return document
+
+
+def inflating(request: Request) -> encoding.InflatingBudget | None:
+    """What the compressed bodies being read may inflate to, all together (server.max_inflating_bytes):
+    the inference route's budget, which create_app leaves in the app's state for the other routes that
+    read a body (here and shm). None in an app without it: each body is then bounded by its own limit
+    alone."""
+    return getattr(request.app.state, "inflating", None)
 
 
 async def _refusal(exc: ApplianceError, request: Request, body: BodyReceiver) -> Response:

@@ -13,8 +13,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from appliance.dataplane.regions import RegionStatus, SharedMemory
-from appliance.errors import InvalidInput
-from appliance.server.body import read_body
+from appliance.errors import ApplianceError, InvalidInput
+from appliance.server import encoding
+from appliance.server.body import BodyReceiver, ClientDisconnected, read_body
+from appliance.server.errors import error_after_body
+from appliance.server.repository import CLIENT_GONE, inflating
 from appliance.server.responses import json_response
 
 router = APIRouter()
@@ -50,8 +53,21 @@ async def status_one(name: str, request: Request) -> Response:
 
 @router.post("/v2/systemsharedmemory/region/{name}/register")
 async def register(name: str, request: Request) -> Response:
-    """{"key": POSIX shm name, "offset": bytes into the object, "byte_size": bytes of the region}."""
-    body = await read_body(request.scope, request.receive, MAX_REGISTER_BYTES)
+    """{"key": POSIX shm name, "offset": bytes into the object, "byte_size": bytes of the region}, in a
+    Content-Encoding (gzip, deflate) or none, read as the inference route reads its body."""
+    receiver = BodyReceiver(request.receive)
+    try:
+        coding = encoding.coding_of(request.scope)  # UnsupportedEncoding: 415 with Accept-Encoding
+        body = await read_body(
+            request.scope, receiver, MAX_REGISTER_BYTES, coding=coding, budget=inflating(request)
+        )
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_GONE)
+    except ApplianceError as exc:
+        # A 413 or 415 first reads and drops the rest of the body (up to body.DRAIN_BYTES), so that
+        # the client reads the answer rather than a connection reset.
+        retry_after_s = request.app.state.settings.server.retry_after_s
+        return await error_after_body(exc, request.scope, receiver, retry_after_s)
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
