@@ -233,12 +233,13 @@ def broker_url(value: str | None) -> str | None:
 
 
 NOT_IN_LEVEL = "/+#$\0"  # what no topic level of ours holds: a separator, wildcards, $SYS, NUL
+_NOT_IN_LEVEL = frozenset(NOT_IN_LEVEL)
 TOPIC_LEVEL = "must be one non-empty MQTT topic level without / + # $ or NUL"
 
 
 def topic_level(value: str) -> str:
     """One MQTT topic level (a site, a node, a gateway id); ValueError naming what it may not hold."""
-    if not value or any(c in value for c in NOT_IN_LEVEL):
+    if not value or not _NOT_IN_LEVEL.isdisjoint(value):
         raise ValueError(f"{TOPIC_LEVEL}, got {value!r}")
     return value
 
@@ -252,7 +253,7 @@ def node_level_problem(value: str) -> str | None:
     _gateways/). The box's settings refuse such an id (node_level) and a gateway takes no node by it
     (platform/intake.py): a box with one would serve while no gateway ever saw it. The value itself is
     not in the text: a gateway logs what a stranger's topic holds only shortened."""
-    if not value or any(c in value for c in NOT_IN_LEVEL):
+    if not value or not _NOT_IN_LEVEL.isdisjoint(value):
         return TOPIC_LEVEL
     if value.startswith("_"):
         return "must not start with _ (reserved for the platform's topics)"

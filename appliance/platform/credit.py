@@ -60,9 +60,15 @@ class CreditBook:
         return self.credit_rows(node, model, now_s) - self.in_flight(node, model)
 
     def can_take(self, node: NodeView, model: str, rows: int, now_s: float) -> bool:
+        return self._free_for(node, model, rows, now_s) is not None
+
+    def _free_for(self, node: NodeView, model: str, rows: int, now_s: float) -> float | None:
+        """The node's free rows for the model if a job of `rows` rows may go to it now, else None."""
         credit = self.credit_rows(node, model, now_s)
         held = self.in_flight(node, model)
-        return credit > 0 and (held + rows <= credit or held == 0)
+        if credit > 0 and (held + rows <= credit or held == 0):
+            return credit - held
+        return None
 
     def pick(
         self, model: str, rows: int, files: frozenset[str] | None, excluded: Iterable[tuple[str, str]] = ()
@@ -86,11 +92,14 @@ class CreditBook:
     ) -> NodeView | None:
         eligible: list[tuple[NodeView, float]] = []
         for node in nodes:
-            if (node.site, node.node) in barred or not self.can_take(node, model, rows, now_s):
+            if (node.site, node.node) in barred:
+                continue
+            free = self._free_for(node, model, rows, now_s)
+            if free is None:
                 continue
             if files is not None and node.model_birth(model).get("sha256") not in files:
                 continue
-            eligible.append((node, max(self.free_rows(node, model, now_s), 1e-9)))
+            eligible.append((node, max(free, 1e-9)))
         if not eligible:
             return None
         return random.choices([n for n, _ in eligible], weights=[free for _, free in eligible])[0]

@@ -40,6 +40,15 @@ class NodeLost(Exception):
     """The node went offline (Last Will, `offline`, or its reports stopped) with the attempt in flight."""
 
 
+class TimedOut(Exception):
+    """The node did not answer the attempt within gateway.job_timeout_s."""
+
+
+def _expire(reply: asyncio.Future[Answer]) -> None:
+    if not reply.done():
+        reply.set_exception(TimedOut())
+
+
 class JobLost(errors.Overloaded):
     """Two nodes in a row lost the job (offline or past the timeout): 503, try again."""
 
@@ -217,15 +226,17 @@ class Dispatcher:
         self._attempts[attempt.correlation] = attempt
         self._by_node.setdefault(key, set()).add(attempt)
         node.count(job.model, "sent")
+        # A timer on the reply itself: cheaper per job than asyncio.timeout's scope around the await.
+        timer = asyncio.get_running_loop().call_later(self.settings.job_timeout_s, _expire, attempt.reply)
         try:
-            async with asyncio.timeout(self.settings.job_timeout_s):
-                return await attempt.reply
-        except TimeoutError:
+            return await attempt.reply
+        except TimedOut:
             self.credit.withhold(node, job.model, self.settings.timeout_withhold_s)
             return None
         except NodeLost:
             return None
         finally:
+            timer.cancel()
             self.credit.release(node, job.model, job.rows)
             held = self._by_node.get(key)
             if held is not None:

@@ -258,6 +258,9 @@ class Gateway:
             ssl_keyfile=self.settings.tls_key_file,
             log_config=None,
             access_log=False,
+            # Nothing here reads the client's address from the request (limits go by the connection's
+            # peer, server/gate.py), so uvicorn's X-Forwarded-* rewriting would be a layer for nothing.
+            proxy_headers=False,
             lifespan="off",
             # Header size and time, body time and connection limits, as on the box (server/connections.py).
             http=bounded_protocol(

@@ -51,7 +51,8 @@ class Metering:
         slo_ms = float(node.model_birth(job.model).get("slo_p99_ms") or DEFAULT_SLO_MS)
         queue_ms = statement.queue_ms if statement else 0.0
         compute_ms = statement.compute_ms if statement else 0.0
-        return Receipt(
+        return Receipt.signed_by(
+            self.key,
             job_id=answer.job_id,
             job=job.id,
             attempt=answer.attempt,
@@ -75,7 +76,7 @@ class Metering:
             detail=detail[:2000].replace("\x00", "\\0"),  # PostgreSQL text holds no NUL
             gateway=self.gateway_id,
             created_ms=now_ms(),
-        ).signed(self.key)
+        )
 
     async def commit(self, receipt: Receipt) -> None:
         """Return once the receipt is in the ledger (LedgerUnavailable when it cannot be)."""

@@ -62,12 +62,25 @@ class Receipt:
         return CONTEXT + orjson.dumps(self.signed_fields(), option=orjson.OPT_SORT_KEYS)
 
     def signed(self, key: Ed25519PrivateKey) -> Receipt:
-        signature = base64.b64encode(key.sign(self.canonical())).decode("ascii")
-        return replace(self, gateway_signature=signature)
+        return replace(self, gateway_signature=_signature(key, self.signed_fields()))
+
+    @classmethod
+    def signed_by(cls, key: Ed25519PrivateKey, **fields: object) -> Receipt:
+        """The receipt of these fields (every one but gateway_signature), signed: what `signed` gives,
+        built once instead of twice (a receipt per answer)."""
+        if fields.keys() != _SIGNED_SET:
+            raise TypeError(f"a receipt signs exactly {sorted(_SIGNED_SET)}; got {sorted(fields)}")
+        return cls(**fields, gateway_signature=_signature(key, fields))  # type: ignore[arg-type]
 
 
 COLUMNS = tuple(Receipt.__dataclass_fields__)
 SIGNED = COLUMNS[:-1]  # all but gateway_signature
+_SIGNED_SET = frozenset(SIGNED)
+
+
+def _signature(key: Ed25519PrivateKey, fields: dict[str, object]) -> str:
+    canonical = CONTEXT + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    return base64.b64encode(key.sign(canonical)).decode("ascii")
 
 
 def from_row(row: dict[str, object]) -> Receipt:

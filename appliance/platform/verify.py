@@ -121,7 +121,7 @@ def check(
     )
     try:
         canonical = statement.canonical()
-        is_signed = signing.verify(key, statement, signature)
+        is_signed = signing.verify_canonical(key, canonical, signature)
     except (TypeError, ValueError, OverflowError):  # a number or string JSON cannot carry as signed
         is_signed = False
     if not is_signed:
