@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__, errors
 from appliance.dataplane import outcomes
-from appliance.platform import fleet
+from appliance.platform import classes, fleet
 from appliance.platform.admission import Admission, ReadingBudgetSpent
 from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
@@ -96,7 +96,8 @@ async def ready(request: Request) -> Response:
 
 @router.get("/v2")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "appliance-gateway", "version": __version__, "extensions": ["binary_tensor_data"]}
+    extensions = ["binary_tensor_data", "classification"]  # classes ranked here: classes.py
+    return {"name": "appliance-gateway", "version": __version__, "extensions": extensions}
 
 
 @router.get("/metrics")
@@ -244,18 +245,28 @@ async def infer(
     missing = [spec.name for spec in inputs if spec.name not in decoded.inputs]
     if missing:
         raise errors.InvalidInput(f"model {name!r} needs input(s) {missing}")
-    if classification.is_asked(decoded):
-        # Not one of the gateway's extensions: a node's classes are text its checks cannot compare with
-        # another node's (int8 against fp32) or with a trusted run, so they could not be checked at all.
+    named = [requested.name for requested in decoded.outputs or ()]
+    if len(set(named)) != len(named):  # a node would answer it twice, which no answer may hold (verify)
+        twice = next(name for name in named if named.count(name) > 1)
         raise errors.InvalidInput(
-            "the pool gateway does not offer Triton's classification extension: ask for the output "
-            "itself (no parameters.classification) and rank it yourself"
+            f"output {twice!r} is requested twice; an answer holds one tensor of each name"
         )
-    job = Job(name, buyer.name, body, header_length, _rows(decoded, inputs), files)
+    rows = _rows(decoded, inputs)
+    ranking = None
+    if classification.is_asked(decoded):
+        # Nodes compute and sign the tensors (which checks can compare), the gateway ranks them.
+        outputs = fleet.outputs(gateway, name, files)
+        labels = gateway.catalogue.labels(name)
+        batches = fleet.is_batched(gateway, name, files)
+        ranking = classes.planned(name, decoded, inputs, outputs, labels, rows, batches=batches)
+        body, header_length = await classes.sent(body, header_length, decoded)
+    job = Job(name, buyer.name, body, header_length, rows, files)
     started_s = time.perf_counter()
     answer = await gateway.dispatch(job, decoded)
     if answer.status == 200:
         gateway.metrics.answered(name, time.perf_counter() - started_s)
+        if ranking is not None:
+            return await classes.answered(answer, job, decoded, ranking)
     return _response(answer, job)
 
 

@@ -8,6 +8,9 @@ and decide nothing buyers see, while one in good standing serves the name.
 One name may stand for several files (an int8 and an fp32 build of the same model): the operator says
 so by listing them, and states how far their answers may differ in `tolerances`, keyed by pairs of
 "precision/provider class" (`int8/cpu~fp32/cpu`; class cpu, gpu or npu, see `provider_class`).
+
+An entry may also name its classes (`labels`, in output order): the gateway appends them to the classes
+it ranks for Triton's classification extension. Labels come from here only, never from nodes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ RECOUNT_S = 1.0
 MAX_KEPT = 4096
 GPU = ("cuda", "tensorrt", "rocm", "migraphx", "directml", "coreml")
 NPU = ("openvino", "qnn", "cann", "rknpu", "vitisai", "nnapi")
+# An entry's labels: ImageNet-21k's 21,843 classes fit; each is a short printable name ("" for none).
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 256
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class Entry:
     samples: Path | None = None
     model_files: dict[str, Path] = field(default_factory=dict)  # sha256 -> the trusted copy of that file
     tolerances: dict[str, Tolerance] = field(default_factory=dict)  # "fp32/cpu~int8/cpu" -> (atol, rtol)
+    labels: tuple[str, ...] = ()  # the label of each class index, "" for none (classification)
 
     def tolerance(self, first: str, second: str) -> Tolerance:
         """Tolerance between two answers by their "precision/provider class" (order does not matter)."""
@@ -96,6 +103,11 @@ class Catalogue:
         if not isinstance(models, dict):
             raise ConfigError(f"catalogue {path}: expected [models.NAME] tables with sha256")
         return cls({name: _entry(path, name, raw) for name, raw in models.items()})
+
+    def labels(self, name: str) -> tuple[str, ...]:
+        """The labels the catalogue gives `name`'s classes; none without a catalogue or an entry's list."""
+        entry = (self.entries or {}).get(name)
+        return entry.labels if entry is not None else ()
 
     def names(self, view: PoolView) -> list[str]:
         """Every model name buyers may call now (pinned ones even while no node offers them)."""
@@ -212,7 +224,7 @@ def _entry(path: Path, name: str, raw: Any) -> Entry:
     where = f"catalogue {path}: models.{name}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(raw) - {"sha256", "samples", "model_files", "tolerances"}
+    unknown = set(raw) - {"sha256", "samples", "model_files", "tolerances", "labels"}
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     digests = raw.get("sha256")
@@ -245,7 +257,21 @@ def _entry(path: Path, name: str, raw: Any) -> Entry:
         samples=_path(path, raw.get("samples")),
         model_files=model_files,
         tolerances=tolerances,
+        labels=_labels(where, raw.get("labels", [])),
     )
+
+
+def _labels(where: str, value: Any) -> tuple[str, ...]:
+    """An entry's labels: a list of at most MAX_LABELS printable strings of up to MAX_LABEL_CHARS each."""
+    if not isinstance(value, list) or len(value) > MAX_LABELS:
+        raise ConfigError(f"{where}.labels must be a list of at most {MAX_LABELS} strings, one per class")
+    for index, label in enumerate(value):
+        if not (isinstance(label, str) and len(label) <= MAX_LABEL_CHARS and label.isprintable()):
+            raise ConfigError(
+                f"{where}.labels[{index}] is {label!r:.60}; expected a printable string of up to "
+                f'{MAX_LABEL_CHARS} characters ("" for a class without one)'
+            )
+    return tuple(value)
 
 
 def _is_digest(value: Any) -> bool:

@@ -199,6 +199,23 @@ def signature(gateway: Gateway, name: str, files: Files) -> list[TensorSpec]:
     ]
 
 
+def outputs(gateway: Gateway, name: str, files: Files) -> list[TensorSpec] | None:
+    """The outputs the model gives, from the same birth entry as `signature`'s inputs (what buyers are
+    told); None when that entry names none."""
+    born = _birth(gateway, name, files)
+    if born is None or "outputs" not in born:
+        return None
+    return [TensorSpec(spec["name"], spec["datatype"], tuple(spec["shape"])) for spec in born["outputs"]]
+
+
+def is_batched(gateway: Gateway, name: str, files: Files) -> bool | None:
+    """Whether the model batches (its birth's max_batch_size above 0), from the same birth entry as
+    `signature`; None when that entry does not say."""
+    born = _birth(gateway, name, files)
+    batch = None if born is None else born.get("max_batch_size")
+    return None if batch is None else batch > 0
+
+
 def _shown(files: Files | None) -> str | None:
     """The sha256 of the file a name runs on (several, comma-separated: a parameter is one string)."""
     return None if files is None else ",".join(sorted(files))

@@ -34,6 +34,7 @@ from appliance.tensors import ONNX_TO_OIP
 # Inferences/s or milliseconds: orders of magnitude above any box, and small enough that credit
 # (spare x SLO, summed over a fleet) can never overflow a float.
 MAX_FIGURE = 1e9
+MAX_BATCH_SIZE = 2**31 - 1  # an ONNX dimension's (int32 in most runtimes) largest value
 DATATYPES = frozenset(ONNX_TO_OIP.values())  # every datatype a node can put in its birth
 FIGURES = ("spare_ips_at_slo", "max_ips_at_slo", "served_ips")
 STATES = frozenset(("online", "draining", "offline"))  # what a box publishes (pool/messages.py)
@@ -161,6 +162,14 @@ def _model_birth(entry: dict[str, Any]) -> tuple[dict[str, Any] | None, str | No
         if not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
             return None, f"sha256 is {_shown(digest)}; expected 64 lowercase hex digits"
         kept["sha256"] = digest
+    batch = entry.get("max_batch_size")
+    if batch is not None:
+        if not (_is_int(batch) and 0 <= batch <= MAX_BATCH_SIZE):
+            return (
+                None,
+                f"max_batch_size is {_shown(batch)}; expected a whole number from 0 to {MAX_BATCH_SIZE}",
+            )
+        kept["max_batch_size"] = batch  # classification ranks row by row where it is above 0, as the box
     for field in ("inputs", "outputs"):
         if field in entry:
             specs, problem = _tensors(entry[field])

@@ -89,6 +89,7 @@ def test_a_birth_and_a_report_keep_only_the_checked_fields_the_gateway_reads() -
         "precision": "fp32",
         "provider": "cpu",
         "slo_p99_ms": 50,
+        "max_batch_size": 8,
         "inputs": [{**SPEC, "doc": "@deep"}],
         "outputs": [{**SPEC, "name": "y", "extra": {"a": ["@deep"]}}],
         "profile": {"intercept_ms": "@deep"},
@@ -104,6 +105,7 @@ def test_a_birth_and_a_report_keep_only_the_checked_fields_the_gateway_reads() -
                 "precision": "fp32",
                 "provider": "cpu",
                 "slo_p99_ms": 50,
+                "max_batch_size": 8,
                 "inputs": [SPEC],
                 "outputs": [{**SPEC, "name": "y"}],
             }
@@ -132,6 +134,9 @@ def test_what_fails_its_check_is_dropped_and_counted() -> None:
         "../etc": {"sha256": SHA},
         "a b": {"sha256": SHA},
         "x" * 129: {"sha256": SHA},
+        "batch": {"max_batch_size": -1},
+        "batch-text": {"max_batch_size": "8"},
+        "batch-bool": {"max_batch_size": True},
     }
     good = {"sha256": SHA, "inputs": [{**SPEC, "shape": [1] * intake.MAX_RANK}]}
     birth = message(session=1, seq=0, models={"m": good, **broken}, public_key=["not", "text"])
