@@ -221,7 +221,7 @@ class LoadedModel:
         except Exception as exc:
             if control is not None and control.is_terminated:
                 raise Terminated(f"model {self.name!r}: run stopped to make way for line work") from exc
-            raise _translate(self.name, exc) from exc
+            raise _translate(self.name, exc, has_open_shapes=self.signature.has_open_shapes) from exc
         return dict(zip(names, results, strict=True))
 
     def warm_up(self, runs: int) -> list[tuple[int, float]]:
@@ -412,12 +412,26 @@ def _decode(item: bytes | str) -> str:
 
 
 _INPUT_ERRORS = ("INVALID_ARGUMENT", "InvalidArgument", "invalid argument")
+# ORT's kernels report a size they cannot compute with (MatMul's inner dimensions, a broadcast, a
+# reshape) as FAIL, as they report the model's own faults: the request's where the client chose that size
+# (an open dimension besides the batch's), else the model's (a 500). Indices out of bounds (Gather's) are
+# INVALID_ARGUMENT already.
+_SHAPE_ERRORS = (
+    "dimension mismatch",
+    "broadcast",
+    "cannot be reshaped",
+    "ncompatible dimensions",
+    "invalid dimensions",
+    "shape mismatch",
+)
 
 
-def _translate(model: str, exc: Exception) -> ApplianceError:
+def _translate(model: str, exc: Exception, *, has_open_shapes: bool = False) -> ApplianceError:
     text = ort_reason(exc)
     if any(marker in text for marker in _INPUT_ERRORS) or type(exc).__name__ == "InvalidArgument":
         return InvalidInput(f"model {model!r} rejected the input: {text}")
+    if has_open_shapes and any(marker in text for marker in _SHAPE_ERRORS):
+        return InvalidInput(f"model {model!r} cannot compute with the input's sizes: {text}")
     return InferenceFailed(f"model {model!r} failed: {text}")
 
 

@@ -26,6 +26,13 @@ class Signature:
     shared_dims: tuple[tuple[str, tuple[Place, ...]], ...] = ()
 
     @property
+    def has_open_shapes(self) -> bool:
+        """Whether a client chooses some input dimension besides the batch's (a -1 the graph leaves open):
+        then a size the graph cannot compute with is the request's, not the model's, fault."""
+        first = 1 if self.is_batchable else 0
+        return any(DYNAMIC in spec.shape[first:] for spec in self.inputs)
+
+    @property
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]
 

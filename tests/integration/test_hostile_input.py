@@ -208,3 +208,41 @@ def test_readiness_is_strict_or_not_and_never_ready_without_a_model(
     assert response.status_code == status, response.text
     if status == 503:
         assert response.headers["retry-after"]
+
+
+def test_a_size_the_graph_cannot_compute_with_is_a_400_where_the_client_chose_it(
+    tmp_path: Path, serve
+) -> None:
+    """x is [N, D] with D left open, and the graph multiplies it by a [4, 3] weight: D = 5 is the
+    request's fault (ORT reports it as FAIL, as it reports a model's own): a 400 naming it, and D = 4
+    is still answered."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = modelzoo._model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "D"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [weight],
+    )
+    repo = tmp_path / "repo"
+    modelzoo.write(repo, "open", graph, manifest="[batching]\nmax_batch_size = 8\n")
+    with serve(repo) as running, httpx.Client(base_url=running.url, timeout=30.0) as http:
+        wrong = http.post("/v2/models/open/infer", content=_declared("x", "FP32", [1, 5], [1.0] * 5))
+        assert wrong.status_code == 400, wrong.text
+        assert "cannot compute with the input's sizes" in wrong.json()["error"]
+        assert "MatMul dimension mismatch" in wrong.json()["error"]
+        right = http.post("/v2/models/open/infer", content=_declared("x", "FP32", [1, 4], [1.0] * 4))
+        assert right.status_code == 200 and right.json()["outputs"][0]["data"] == [4.0, 4.0, 4.0]
+
+
+def test_a_size_failure_of_a_graph_whose_sizes_are_all_fixed_stays_the_models_fault() -> None:
+    from appliance.engine import model
+    from appliance.errors import InferenceFailed, InvalidInput
+
+    class Fail(Exception):  # the name ORT's pybind layer gives its FAIL status
+        pass
+
+    failure = Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code ... MatMul dimension mismatch")
+    assert isinstance(model._translate("m", failure, has_open_shapes=False), InferenceFailed)
+    assert isinstance(model._translate("m", failure, has_open_shapes=True), InvalidInput)
