@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from itertools import islice
 
 import numpy as np
 
@@ -15,48 +17,17 @@ from appliance.engine.model import LoadedModel, RunControl
 from appliance.engine.replica import Replica
 from appliance.errors import DeadlineExceeded, Draining, ModelNotReady
 from appliance.scheduler import admission
+from appliance.scheduler.activity import LINE_ACTIVITY, LineActivity
 from appliance.scheduler.batcher import Batcher, BatchRules
 from appliance.scheduler.capacity import Capacity, Ceiling, CompanyRate, CpuBudget, RateMeter, spare
-from appliance.scheduler.placement import PoolRules, Where, pool_may_take_a_worker, rules_for, should_preempt
+from appliance.scheduler.jobs import Job, SchedulerConfig, Timing
+from appliance.scheduler.placement import Where, pool_may_take_a_worker, rules_for, should_preempt
 from appliance.scheduler.profile import LatencyProfile
 from appliance.scheduler.queues import Priority, Queues, Work, group_of
 from appliance.scheduler.stats import ModelStats
 from appliance.scheduler.worker import BatchRun, Worker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    """What one model's scheduler is tuned by (from settings and model.toml)."""
-
-    instances: int = 1
-    line_max_requests: int = 512
-    pool_max_requests: int = 256
-    profile_window: int = 256
-    max_interference_ms: float = 10.0
-    pool: PoolRules | None = None  # where pool work runs (scheduler/placement.py); None: by the provider
-
-
-@dataclass(slots=True, eq=False)
-class Job:
-    """The shell's part of a queued request."""
-
-    inputs: Mapping[str, np.ndarray]
-    future: asyncio.Future[dict[str, np.ndarray]]
-    priority: Priority
-    arrived_s: float
-    dispatched_s: float | None = None
-    timing: Timing | None = None
-
-
-@dataclass(slots=True)
-class Timing:
-    """Where one request's time went, filled in when it is answered (what a signed pool answer states)."""
-
-    queue_s: float = 0.0  # from admission to its batch's dispatch
-    compute_s: float = 0.0  # its batch's compute (shared by the requests of that batch)
-    batch_rows: int = 0
 
 
 class ModelScheduler:
@@ -69,6 +40,7 @@ class ModelScheduler:
         *,
         clock: Callable[[], float] = time.monotonic,
         cpu_budget: CpuBudget | None = None,
+        line_activity: LineActivity = LINE_ACTIVITY,
     ) -> None:
         self.model = model
         self.config = config
@@ -96,7 +68,10 @@ class ModelScheduler:
         )
         self.stats = ModelStats()
         self.served = {p: RateMeter() for p in Priority}
-        self.company = CompanyRate()  # arrivals while others are out: whether waiting may fill a batch
+        # Arrivals while others of their class are out: whether waiting may fill a batch. Pool jobs are
+        # no company for line work (they never share its batches), nor line requests for pool work.
+        self.company = CompanyRate()  # line requests'
+        self.pool_company = CompanyRate()  # pool jobs'
         self.busy = RateMeter()  # worker-seconds per second
         k = config.instances
         self.line_workers = [Worker(i, model, self._worker_done, _inputs_of, clock) for i in range(k)]
@@ -121,7 +96,13 @@ class ModelScheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_s = math.inf
         self._inflight = 0
+        self._inflight_by = dict.fromkeys(Priority, 0)
         self._settled = asyncio.Event()
+        self.line_activity = line_activity  # whether a pool batch ran undisturbed (scheduler/activity.py)
+        # Its line batches take the host's cores from every idle-priority pool batch of the process.
+        self._line_uses_host_cores = model.placement.uses_host_cores
+        if self._line_uses_host_cores:
+            line_activity.join(self)
         self.is_accepting = False
 
     @property
@@ -141,6 +122,10 @@ class ModelScheduler:
     def pool_threads(self) -> int:
         """Threads of its own that run pool work (K on CPU providers, else 0: pool work shares)."""
         return len(self.pool_workers)
+
+    def line_runs(self) -> list[deque[BatchRun]]:
+        """The batches each line worker holds (LineActivity's view of this scheduler)."""
+        return [w.runs for w in self.line_workers]
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -168,21 +153,15 @@ class ModelScheduler:
         now = self.clock()
         deadline_s = now + (timeout_s if timeout_s else self.model.slo_p99_ms / 1e3)
         self._admit(rows, priority, now, deadline_s)
-        self.company.arrived(now, self._inflight)
-        expects_company = self.company.rate(now) * self.batcher.rules.max_queue_delay_s >= 1.0
         assert self._loop is not None
         job = Job(inputs, self._loop.create_future(), priority, now, timing=timing)
-        work = Work(
-            rows,
-            priority,
-            deadline_s,
-            now,
-            group=group_of(inputs),
-            payload=job,
-            expects_company=expects_company,
-        )
+        job.work = work = Work(rows, priority, deadline_s, now, group=group_of(inputs), payload=job)
         self.queues.push(work)
+        company = self.company if priority is Priority.LINE else self.pool_company
+        company.arrived(now, self._inflight_by[priority])
+        work.expects_company = company.rate(now) * self.batcher.rules.max_queue_delay_s >= 1.0
         self._inflight += 1
+        self._inflight_by[priority] += 1
         self._settled.clear()
         job.future.add_done_callback(lambda future: self._answered(job, future))
         self._dispatch()
@@ -206,6 +185,7 @@ class ModelScheduler:
 
     def _dispatch(self) -> None:
         now = self.clock()
+        self._take_back_queued_ahead(now)
         for work in self.batcher.expire(self.queues, now):
             self._expire(work, now)
         shares_workers = not self.pool_rules.has_own_threads
@@ -213,17 +193,38 @@ class ModelScheduler:
         while idle := [w for w in self.line_workers if not w.runs]:
             if not self._submit_next(idle[0], now, take_pool=shares_workers, share_rows=share):
                 break
-        if len(self.queues.line):
-            self._queue_line_work_ahead(now)
+        if len(self.queues.line) and all(w.runs for w in self.line_workers):
+            self._queue_line_work_ahead(now)  # a worker left idle is holding the rest for company
         while len(self.queues.pool) and (idle := [w for w in self.pool_workers if not w.runs]):
             if not self._submit_next(idle[0], now, take_line=False):
                 break
         line_waiting = len(self.queues.line) > 0
         if should_preempt(self.pool_rules, line_waiting=line_waiting, line_workers=self.line_workers):
             self._preempt_one_pool_batch()
-        head_deadlines = [q.head().deadline_s for q in self.queues.by_class.values() if q.head()]
-        if head_deadlines:
-            self._wake_at(min(head_deadlines))
+        deadlines = [q.head().deadline_s for q in self.queues.by_class.values() if q.head()]
+        deadlines += [w.deadline_s for _, run in self._queued_ahead() for w in run.items]
+        if deadlines:
+            self._wake_at(min(deadlines))
+
+    def _take_back_queued_ahead(self, now_s: float) -> None:
+        """Line batches queued ahead on a busy worker that have not started go back to the queue while
+        another line worker is idle (their worker may overrun its prediction for long: it ran them up to
+        half a second late while the other idled), or once a request of theirs cannot finish in time
+        (it is answered now, as in the queue, not when that worker gets to it)."""
+        is_idle = any(not w.runs for w in self.line_workers)
+        for worker, run in list(self._queued_ahead()):
+            late = any(now_s + self.profile.expected_s(w.rows) > w.deadline_s for w in run.items)
+            if (is_idle or late) and worker.withdraw(run):
+                for work in run.items:
+                    if not work.payload.future.done():
+                        self.queues.requeue(work)
+
+    def _queued_ahead(self) -> Iterator[tuple[Worker, BatchRun]]:
+        """Line workers' batches behind the one each runs (or is about to), not yet taken up."""
+        for worker in self.line_workers:
+            for run in islice(worker.runs, 1, None):
+                if not run.is_started:  # set by the worker's thread; Worker.withdraw decides under its lock
+                    yield worker, run
 
     def _queue_line_work_ahead(self, now_s: float) -> None:
         """Give a worker busy with line work its next line batch now, so it never waits for the loop.
@@ -291,6 +292,10 @@ class ModelScheduler:
             is_solo=not is_pool and self._is_alone(worker),
         )
         run.started_s = max(dispatched, now_s if starts_s is None else starts_s)
+        if worker.is_background:
+            run.line_mark = self.line_activity.mark()
+        elif not is_pool and self._line_uses_host_cores:
+            self.line_activity.line_batch_submitted()
         worker.submit(run)
         return True
 
@@ -303,7 +308,7 @@ class ModelScheduler:
     def _preempt_one_pool_batch(self) -> None:
         for worker in self.workers:
             run = worker.current
-            if run is not None and run.priority is Priority.POOL and not run.is_preempted:
+            if run is not None and run.priority is Priority.POOL and not run.stop_asked:
                 run.preempt()
                 return
 
@@ -354,9 +359,12 @@ class ModelScheduler:
         else:
             now = self.clock()
             if run.is_whole and run.compute_s > 0:
-                # Not a solo batch (all cores: not what K workers' batches take), nor a pool batch
-                # slowed by line work.
-                if not run.is_solo and not (worker.is_background and any(w.runs for w in self.line_workers)):
+                # Not a solo batch (all cores: not what K workers' batches take), nor a pool batch at
+                # idle priority that line work ran beside at any time of its life (activity.py).
+                disturbed = worker.is_background and (
+                    run.line_mark is None or self.line_activity.disturbed(run.line_mark)
+                )
+                if not run.is_solo and not disturbed:
                     self.profile.observe(run.rows, run.compute_s, now)
                 self.stats.record_batch(run.rows, run.compute_s, len(run.items))
                 self.busy.add(now, run.compute_s)
@@ -386,9 +394,14 @@ class ModelScheduler:
         queue_s = job.dispatched_s - job.arrived_s if job.dispatched_s is not None else None
         self.stats.record_request(job.priority.label, outcome, now - job.arrived_s, queue_s)
         self.stats.last_inference_ms = int(time.time() * 1e3)
+        if future.cancelled() and job.work is not None:  # its caller is gone: its queue slot is free now
+            with contextlib.suppress(ValueError):  # not queued: on a worker, or already expired
+                self.queues.by_class[job.priority].remove(job.work)
         self._inflight -= 1
+        self._inflight_by[job.priority] -= 1
+        if self._inflight_by[job.priority] == 0:
+            (self.company if job.priority is Priority.LINE else self.pool_company).idle(now)
         if self._inflight == 0:
-            self.company.idle(now)
             self._settled.set()
 
     @property
@@ -452,6 +465,7 @@ class ModelScheduler:
             await asyncio.to_thread(self.replica.close, timeout_s)
         if self._timer is not None:
             self._timer.cancel()
+        self.line_activity.leave(self)
         if not any(w.is_alive for w in self.workers):
             self.model.close()  # its sessions go now; a worker still running keeps them
             for worker in self.workers:

@@ -1,4 +1,4 @@
-"""Worker threads: assemble a batch into preallocated buffers, run ORT, split outputs back as views."""
+"""Worker threads: assemble a batch into reused buffers, run ORT, split outputs back as views."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 from appliance.engine.model import LoadedModel, RunControl, Terminated
 from appliance.engine.priority import ThreadPriority
 from appliance.engine.replica import Replica
-from appliance.errors import ApplianceError, DeadlineExceeded, InferenceFailed, ModelNotReady
+from appliance.errors import ApplianceError, DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 from appliance.scheduler.queues import Priority, Work
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,13 @@ before_batch: Callable[[Worker, BatchRun], None] | None = None
 REPLICA_GRACE_S = 1.0
 REPLICA_WAIT_MAX_S = 600.0
 
+# What a worker's batch buffers may take, kept between batches, and the most a buffer made
+# max_batch_size rows long may take: the model's request bound (LoadedModel.max_request_bytes), or
+# this where it has none. An open non-batch dimension has no size known in advance: 512 rows of the
+# first request's shape for two 64 MiB requests (32 GiB) failed both, where the 2 rows they need fit.
+BUFFER_BYTES = 64 * 1024 * 1024
+MEMORY_RETRY_S = 1.0  # Retry-After of a request that could not be given memory to run (503)
+
 
 def _gone(_worker: Worker, _run: BatchRun) -> None:
     """The callback of a released worker: it has stopped, so nothing calls it."""
@@ -51,15 +58,21 @@ class BatchRun:
     outcomes: list[Outcome] = field(default_factory=list)
     compute_s: float = 0.0
     started_s: float = 0.0
-    is_preempted: bool = False
+    is_preempted: bool = False  # stopped mid-compute (the worker saw Terminated): its items run again
+    stop_asked: bool = False  # preempt() was called; a batch that had already finished keeps its outcomes
+    is_started: bool = False  # its worker has taken it up (under the worker's lock)
+    is_withdrawn: bool = False  # taken back before it started (Worker.withdraw): its worker skips it
+    line_mark: object = None  # for a pool batch: line activity when it was dispatched (scheduler/activity.py)
     is_whole: bool = True  # False when the batch failed and items ran one by one
     ignores_rows: bool = False  # its outputs did not follow the batch dimension: the model must not batch
     is_solo: bool = False  # alone on the box: run on the model's all-cores session (LoadedModel.solo)
     expired: list[tuple[Work, ApplianceError]] = field(default_factory=list)  # dropped before running
 
     def preempt(self) -> None:
-        if self.control is not None and not self.is_preempted:
-            self.is_preempted = True
+        """Ask its run to stop (ORT checks between nodes). Only a run that was stopped is preempted:
+        one that had already finished, its outcome waiting for the event loop, is answered as it is."""
+        if self.control is not None and not self.stop_asked:
+            self.stop_asked = True
             self.control.terminate()
 
 
@@ -91,6 +104,7 @@ class Worker:
         self._inputs_of = inputs_of
         self._inbox: queue.SimpleQueue[BatchRun | None] = queue.SimpleQueue()
         self._buffers: dict[Hashable, dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()  # whether a queued batch starts or is withdrawn: one or the other
         self._away_s = 0.0  # of the batch running: time spent waiting on the pool process, not computing
         kind = "pool" if is_background else "worker"
         self._thread = threading.Thread(target=self._loop, name=f"{kind}-{model.name}-{index}", daemon=True)
@@ -111,6 +125,16 @@ class Worker:
     def settled(self, run: BatchRun) -> None:
         """Called on the event loop once `run`'s outcomes are handed out."""
         self.runs.remove(run)
+
+    def withdraw(self, run: BatchRun) -> bool:
+        """Take back a batch queued on this worker that has not started (on the event loop): True if it
+        is withdrawn, its items the caller's again; False if the worker has already taken it up."""
+        with self._lock:
+            if run.is_started:
+                return False
+            run.is_withdrawn = True
+        self.runs.remove(run)
+        return True
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -135,6 +159,10 @@ class Worker:
         if self._lowers_priority:
             self._priority = ThreadPriority(self._thread.name)
         while (run := self._inbox.get()) is not None:
+            with self._lock:
+                if run.is_withdrawn:
+                    continue  # the scheduler took it back for another worker, or to expire it
+                run.is_started = True
             self.busy_since_s = time.monotonic()
             # A batch queued ahead was given the start its predecessor's prediction implied; it
             # starts now. Left stale, a predecessor that ended early made admission see work that
@@ -173,6 +201,10 @@ class Worker:
             run.compute_s = time.perf_counter() - started - self._away_s
         except Terminated:
             run.is_preempted = True
+        except MemoryError:  # no room for the batch's buffers: each request alone runs on its own arrays
+            self._buffers.clear()
+            run.is_whole = False
+            run.outcomes = [self._run_alone(work) for work in run.items]
         except DeadlineExceeded as exc:  # the pool process hung (Replica.run): alone, each would again
             run.outcomes = [exc] * len(run.items)
         except ApplianceError as exc:
@@ -230,6 +262,11 @@ class Worker:
             return self._run(dict(self._inputs_of(work)), None, items=[work])
         except ApplianceError as exc:
             return exc
+        except MemoryError:
+            return Overloaded(
+                f"model {self.model.name!r}: not enough memory to run this request now; try again",
+                retry_after_s=MEMORY_RETRY_S,
+            )
 
     def _assemble(self, items: list[Work], rows: int) -> dict[str, np.ndarray]:
         if len(items) == 1:
@@ -242,15 +279,28 @@ class Worker:
         return feed
 
     def _buffers_for(self, head: Work, rows: int) -> dict[str, np.ndarray]:
-        buffers = self._buffers.get(head.group)
-        limit = max(rows, self.model.limits.max_batch_size)
+        """Buffers of at least `rows` rows of the head's shapes: kept per group (non-batch shapes).
+
+        Made max_batch_size rows long where that fits the model's request bound (every model whose
+        non-batch dimensions are fixed: bounds.cut_batches), else exactly `rows` long. What is kept
+        stays within the bound: older groups go first, and a buffer past it is not kept at all.
+        """
+        bound = self.model.max_request_bytes or BUFFER_BYTES
+        buffers = self._buffers.pop(head.group, None)  # back in last: the most recently used
         if buffers is None or any(b.shape[0] < rows for b in buffers.values()):
-            if len(self._buffers) >= 8:  # many distinct non-batch shapes: keep memory bounded
-                self._buffers.clear()
+            buffers = None  # an old one too short is dropped before a new one is made
+            inputs = self._inputs_of(head)
+            row_bytes = sum(array[:1].nbytes for array in inputs.values())
+            full = max(rows, self.model.limits.max_batch_size)
+            limit = full if full * row_bytes <= bound else rows
             buffers = {
-                name: np.empty((limit, *array.shape[1:]), dtype=array.dtype)
-                for name, array in self._inputs_of(head).items()
+                name: np.empty((limit, *array.shape[1:]), dtype=array.dtype) for name, array in inputs.items()
             }
+        size = sum(b.nbytes for b in buffers.values())
+        if size <= bound:
+            kept = sum(b.nbytes for group in self._buffers.values() for b in group.values())
+            while self._buffers and (len(self._buffers) >= 8 or kept + size > bound):
+                kept -= sum(b.nbytes for b in self._buffers.pop(next(iter(self._buffers))).values())
             self._buffers[head.group] = buffers
         return buffers
 

@@ -156,6 +156,40 @@ def test_a_pool_process_at_normal_priority_competes_as_the_service_does(tmp_path
     assert nices == {os.getpriority(os.PRIO_PROCESS, 0)}
 
 
+def test_a_pool_batch_in_the_child_that_line_work_ran_beside_stays_out_of_the_profile(
+    tmp_path: Path, batches
+) -> None:
+    """The child times its run by the wall clock: a line batch during its life stretches it as it does
+    a pool thread's (scheduler/activity.py), even one that ended before the pool batch was answered."""
+    model = load_model(tmp_path, modelzoo.batchable(), FAR_SLO)
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        scheduler = pool_scheduler(model, instances=1)
+        seen: list[int] = []  # the rows of each batch the profile is told of
+        observe = scheduler.profile.observe
+
+        def noting(count: int, seconds: float, now_s: float = 0.0) -> None:
+            seen.append(count)
+            observe(count, seconds, now_s)
+
+        scheduler.profile.observe = noting
+        try:
+            await scheduler.infer(rows(0, 3), priority=Priority.POOL)  # alone: observed as any batch
+            alone, seen[:] = list(seen), []
+            with batches.holding(lambda batch: batch.in_pool_process):
+                pool = asyncio.create_task(scheduler.infer(rows(1, 3), priority=Priority.POOL))
+                await batches.held_async()
+                await scheduler.infer(rows(2, 1))  # a line batch starts and ends during the pool batch
+            await pool
+            return alone, seen
+        finally:
+            await scheduler.close()
+
+    alone, beside = asyncio.run(scenario())
+    assert alone == [3]
+    assert beside == [1]  # the line batch; never the 3-row pool batch it stretched
+
+
 def test_text_tensors_cross_to_the_pool_process(tmp_path: Path) -> None:
     model = load_model(tmp_path, modelzoo.strings(), FAR_SLO)
 

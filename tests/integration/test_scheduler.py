@@ -158,8 +158,9 @@ def test_line_work_preempts_a_running_pool_batch(tmp_path: Path, batches) -> Non
                 await batches.held_async()  # the pool batch holds the one worker
                 line = asyncio.create_task(scheduler.infer(x(value=1)))
                 await until(lambda: scheduler.inflight == 2, "admitted the line request")
-                # Line work found every worker busy: the running pool batch was told to stop.
-                assert scheduler.workers[0].current.is_preempted
+                # Line work found every worker busy: the running pool batch was told to stop (it is
+                # preempted once its worker sees ORT stop it).
+                assert scheduler.workers[0].current.stop_asked
             return await line, await pool, scheduler
         finally:
             await scheduler.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -72,6 +74,87 @@ def test_max_ips_at_slo_keeps_queueing_headroom_under_the_ceiling() -> None:
     assert ips < looser < 2 * 16 / profile.expected_s(16)
     hopeless, _ = max_ips_at_slo(profile, instances=2, max_rows=16, slo_s=0.004, queue_delay_s=0.0)
     assert hopeless == 0.0
+
+
+def _max_ips_at_slo_one_size_at_a_time(
+    profile: LatencyProfile,
+    *,
+    instances: int,
+    max_rows: int,
+    slo_s: float,
+    queue_delay_s: float,
+    budget: CpuBudget | None = None,
+    compute_threads: int = 0,
+) -> tuple[float, int]:
+    """The definition, as it was first written: a loop over sizes, and a bisection for each."""
+    best_ips, best_rows = 0.0, 0
+    for rows in range(1, max(1, max_rows) + 1):
+        expected = profile.expected_s(rows)
+        if expected <= 0:
+            continue
+        fixed_s = profile.bound_s(rows) + (queue_delay_s if rows > 1 else 0.0)
+        if fixed_s > slo_s:
+            break
+        ceiling = instances * rows / expected
+        if budget is not None:
+            cpu_per_row = budget.overhead_s_per_row + compute_threads * expected / rows
+            if cpu_per_row > 0:
+                ceiling = min(ceiling, budget.available_cores / cpu_per_row)
+            if budget.overhead_s_per_row > 0:
+                ceiling = min(ceiling, 1.0 / budget.overhead_s_per_row)
+        low, high = 0.0, 1.0
+        for _ in range(30):
+            load = (low + high) / 2
+            if p99_wait_s(load, expected, instances) <= slo_s - fixed_s:
+                low = load
+            else:
+                high = load
+        if low * ceiling > best_ips:
+            best_ips, best_rows = low * ceiling, rows
+    return best_ips, best_rows
+
+
+def test_max_ips_at_slo_over_all_sizes_at_once_is_the_loop_over_each() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        profile = LatencyProfile()
+        profile.intercept_s = float(rng.choice([0.0, rng.uniform(0, 0.01)]))
+        profile.per_row_s = float(rng.choice([0.0, rng.uniform(0, 0.002)]))
+        profile.per_row2_s = float(rng.choice([0.0, rng.uniform(0, 1e-5)]))
+        profile.margin_ratio = float(rng.uniform(1.0, 3.0))
+        budget = None
+        if rng.random() < 0.6:
+            budget = CpuBudget(cores=float(rng.uniform(0.5, 8.0)))
+            budget.overhead_s_per_row = float(rng.choice([0.0, rng.uniform(0, 1e-3)]))
+            budget.others_cores = float(rng.uniform(0.0, 2.0))
+        arguments = {
+            "instances": int(rng.integers(1, 5)),
+            "max_rows": int(rng.integers(1, 300)),
+            "slo_s": float(rng.uniform(0.001, 0.5)),
+            "queue_delay_s": float(rng.choice([0.0, 0.005])),
+            "budget": budget,
+            "compute_threads": int(rng.integers(0, 3)),
+        }
+        ips, rows = max_ips_at_slo(profile, **arguments)
+        expected_ips, expected_rows = _max_ips_at_slo_one_size_at_a_time(profile, **arguments)
+        assert rows == expected_rows and math.isclose(ips, expected_ips, rel_tol=1e-12), arguments
+
+
+def test_max_ips_at_slo_costs_no_python_call_per_batch_size(monkeypatch) -> None:
+    """4096 sizes one at a time took ~80 ms of the event loop, recomputed with every CPU sample (2 s)."""
+    profile = LatencyProfile()
+    profile.seed([(rows, 0.0001 + 0.000001 * rows) for rows in (1, 64, 1024) for _ in range(3)])
+    calls: list[object] = []
+    expected_s = LatencyProfile.expected_s
+
+    def counting(self, rows):
+        calls.append(rows)
+        return expected_s(self, rows)
+
+    monkeypatch.setattr(LatencyProfile, "expected_s", counting)
+    ips, rows = max_ips_at_slo(profile, instances=1, max_rows=4096, slo_s=0.1, queue_delay_s=0.005)
+    assert ips > 0 and 1 <= rows <= 4096
+    assert len(calls) <= 2
 
 
 def test_p99_wait_grows_without_bound_near_full_load() -> None:
