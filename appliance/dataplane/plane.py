@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -17,10 +18,12 @@ from typing import Protocol
 import numpy as np
 
 from appliance import errors
+from appliance.dataplane.budget import WorkBudget
 from appliance.dataplane.outcomes import CallAbandoned, Refusals
 from appliance.dataplane.regions import SharedMemory
 from appliance.protocol import classification, codec
 from appliance.protocol.shared_memory import Regions
+from appliance.scheduler import admission
 from appliance.scheduler.hub import ModelHub
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler, Timing
@@ -34,7 +37,9 @@ log = logging.getLogger(__name__)
 JSON_BYTES_PER_ELEMENT = 64
 HEADER_ALLOWANCE_BYTES = 64 * 1024  # the JSON around the tensors: names, parameters, an id
 # Bodies above this are decoded on a worker thread, so that Python-level work on them (BYTES
-# elements, nested lists) shares the GIL with the event loop instead of holding the loop.
+# elements, nested lists) shares the GIL with the event loop instead of holding the loop. A parse in C
+# (orjson, simdjson) holds the GIL from start to end wherever it runs: what strangers send (pool jobs)
+# is bounded before it is parsed instead (Call.bounds, and the pool row limit).
 DECODE_ON_THREAD_BYTES = 1024 * 1024
 
 Reader = Callable[[int], Awaitable[bytes | bytearray | memoryview]]
@@ -98,6 +103,19 @@ class Call:
     check: Check | None = None  # the transport's admission rule, after lookup and before the body
     framing: Framing = JSON_FRAMING
     has_shared_memory: bool = False  # its clients may name shared-memory regions (local transports)
+    bounds: Bounds | None = None  # what a stranger's call (a pool job) may cost; None: a local client's
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What a call from a stranger (a pool job) may make the service do, beyond its model's limits.
+
+    Parsing and writing JSON hold the GIL, so the event loop that serves the line waits while they run,
+    on a worker thread as on the loop itself. These bound each call's share of that, and their sum."""
+
+    max_json_bytes: int  # JSON parsed: the whole body, or the header before binary tensor data
+    max_json_output_elements: int  # tensor elements answered as JSON text; more must be asked binary
+    budget: WorkBudget  # CPU for decoding (on its thread) and encoding them, all such calls together
 
 
 @dataclass(slots=True)
@@ -162,14 +180,25 @@ class DataPlane:
         if call.check is not None:
             call.check(scheduler)
         header_length = codec.decimal(call.header_length, "Inference-Header-Content-Length")
-        body = await call.read(self.body_limit(scheduler))
+        bounds = call.bounds
+        max_json_bytes = None if bounds is None else bounds.max_json_bytes
+        body = await call.read(self.body_limit(scheduler, max_json_bytes=max_json_bytes))
+        _check_json_bytes(call, body, header_length)
+        # Pool work (a class its transport fixes before decoding) is bounded by the rows it may have,
+        # by its size and then by the shapes it declares, before any of it is parsed or decoded.
+        pool_rows = None
+        if call.priority is Priority.POOL:
+            pool_rows = admission.pool_row_limit(scheduler.batcher)
+            self._check_pool_bytes(scheduler, body, pool_rows, max_json_bytes)
         regions = self.regions if call.has_shared_memory else None
-        request = await self._decode(scheduler, call.framing, body, header_length, regions)
+        request = await self._decode(scheduler, call.framing, body, header_length, regions, pool_rows, bounds)
         progress.priority = call.priority or priority_class(request.priority)
         # Look up again with no await before admission: a reload may have swapped the model meanwhile.
         scheduler = self.hub.scheduler(call.model, call.version)
         if request.outputs is not None:
             scheduler.model.signature.check_outputs([o.name for o in request.outputs])
+            if bounds is not None:
+                _check_named_once(request.outputs)
         if call.is_json_only:
             request.parameters["binary_data_output"] = False
             if request.outputs:
@@ -188,6 +217,9 @@ class DataPlane:
                 labels=model.source.manifest.labels,
                 max_classes=classification.MAX_ANSWERED_CLASSES[progress.priority.label],
             )
+        if bounds is not None:
+            _check_json_output(call, bounds, request, outputs)
+        started_s = time.thread_time()
         encoded = call.framing.encode(
             model_name=call.model,
             model_version=scheduler.model.version,
@@ -195,22 +227,54 @@ class DataPlane:
             outputs=outputs,
             regions=regions,
         )
+        if bounds is not None:
+            bounds.budget.charge(time.thread_time() - started_s)
         return Answer(encoded, request, scheduler.model.version, outputs, timing, scheduler.model.digest)
 
-    def body_limit(self, scheduler: ModelScheduler) -> int:
-        """The most bytes a request to this model can need (JSON being the larger form), capped by
-        server.max_body_bytes; a model with a dynamic or BYTES input gets the cap alone."""
+    def body_limit(
+        self, scheduler: ModelScheduler, *, max_rows: int | None = None, max_json_bytes: int | None = None
+    ) -> int:
+        """The most bytes a request to this model can need, capped by server.max_body_bytes; a model
+        with a dynamic or BYTES input gets the cap alone. Its rows are the model's max_batch_size, or
+        `max_rows` where fewer (pool work: the pool row limit). Its tensors count in their larger form,
+        JSON, unless `max_json_bytes` bounds the JSON: then as binary data after that much JSON."""
         model = scheduler.model
-        max_rows = model.limits.max_batch_size if model.limits.is_batched else None
-        needed = HEADER_ALLOWANCE_BYTES
+        rows = model.limits.max_batch_size if model.limits.is_batched else None
+        if rows is not None and max_rows is not None:
+            rows = min(rows, max_rows)
+        needed = HEADER_ALLOWANCE_BYTES if max_json_bytes is None else max_json_bytes
         for spec in model.signature.inputs:
             dims = list(spec.shape)
-            if dims and max_rows is not None and dims[0] == DYNAMIC:
-                dims[0] = max_rows
+            if dims and rows is not None and dims[0] == DYNAMIC:
+                dims[0] = rows
             if spec.datatype == "BYTES" or DYNAMIC in dims:
                 return self.max_body_bytes
-            needed += element_count(dims) * max(spec.dtype.itemsize, JSON_BYTES_PER_ELEMENT)
+            element_bytes = spec.dtype.itemsize
+            if max_json_bytes is None:
+                element_bytes = max(element_bytes, JSON_BYTES_PER_ELEMENT)
+            needed += element_count(dims) * element_bytes
         return min(self.max_body_bytes, needed)
+
+    def _check_pool_bytes(
+        self,
+        scheduler: ModelScheduler,
+        body: bytes | bytearray | memoryview,
+        pool_rows: int | None,
+        max_json_bytes: int | None,
+    ) -> None:
+        """NoPoolCapacity, as for too many rows (admission.check_pool_rows), for a body larger than
+        the most rows pool work may have can need: refused where it is, it may fit a faster node."""
+        if pool_rows is None:
+            return
+        limit_bytes = self.body_limit(scheduler, max_rows=pool_rows, max_json_bytes=max_json_bytes)
+        if len(body) > limit_bytes:
+            interference_ms = scheduler.batcher.rules.max_interference_s * 1e3
+            raise errors.NoPoolCapacity(
+                f"model {scheduler.name!r}: pool work of {len(body)} bytes holds more rows than run "
+                f"within pool.max_interference_ms={interference_ms:g}; at most {pool_rows} rows, "
+                f"{limit_bytes} bytes",
+                retry_after_s=60.0,
+            )
 
     async def _decode(
         self,
@@ -219,12 +283,19 @@ class DataPlane:
         body: bytes | bytearray | memoryview,
         header_length: int | None,
         regions: Regions | None,
+        pool_rows: int | None = None,
+        bounds: Bounds | None = None,
     ) -> codec.InferenceRequest:
+        """The request, each input's declared shape checked before its data is decoded: against the
+        model, and for pool work (`pool_rows` not None) against the pool row limit. With `bounds`, the
+        decode runs on the terms of their budget (WorkBudget.run), whatever its size."""
         model = scheduler.model
         max_rows = model.limits.max_batch_size if model.limits.is_batched else None
 
         def expect(name: str, datatype: str, shape: list[int]) -> None:
             model.signature.check_declared(name, datatype, shape, max_rows)
+            if pool_rows is not None and max_rows is not None and shape:
+                admission.check_pool_rows(scheduler.name, scheduler.batcher, shape[0], pool_rows)
 
         def decode() -> codec.InferenceRequest:
             try:
@@ -232,9 +303,73 @@ class DataPlane:
             except RecursionError:
                 raise errors.InvalidInput("request JSON is nested too deeply") from None
 
+        if bounds is not None:
+            return await bounds.budget.run(decode)
         if len(body) < DECODE_ON_THREAD_BYTES:
             return decode()
         return await asyncio.to_thread(decode)
+
+
+def _check_json_bytes(call: Call, body: bytes | bytearray | memoryview, header_length: int | None) -> None:
+    """RequestTooLarge, before any parse, for more JSON than the call's bounds take: the whole body, or
+    the header that the binary tensor data follows."""
+    size = len(body) if header_length is None else header_length
+    if call.bounds is not None and size > call.bounds.max_json_bytes:
+        raise too_much_json(call, size)
+
+
+def too_much_json(call: Call, size: int) -> errors.RequestTooLarge:
+    """The refusal of `size` bytes of JSON, more than `call.bounds` take (a transport that sees it
+    before the data plane does gives the same)."""
+    assert call.bounds is not None
+    how = (
+        "which needs MQTT 5 (the JSON's length in the inference-header-content-length user property)"
+        if call.is_json_only
+        else "each input's parameters.binary_data_size, the JSON's length in inference-header-content-length"
+    )
+    return errors.RequestTooLarge(
+        f"request JSON of {size} bytes is too large: {_whose(call)} carries at most "
+        f"{call.bounds.max_json_bytes} bytes of JSON (the whole body, or the header before binary tensor "
+        f"data); send tensor data as binary, {how}"
+    )
+
+
+def _check_named_once(outputs: list[codec.RequestedOutput]) -> None:
+    """InvalidInput for an output asked for twice: each copy would be answered, so a few bytes of
+    request could make the node write (and hold) any multiple of its largest output."""
+    seen: set[str] = set()
+    for output in outputs:
+        if output.name in seen:
+            raise errors.InvalidInput(f"output {output.name!r} is requested more than once")
+        seen.add(output.name)
+
+
+def _check_json_output(
+    call: Call, bounds: Bounds, request: codec.InferenceRequest, outputs: Mapping[str, np.ndarray]
+) -> None:
+    """RequestTooLarge, before the answer is written, for more tensor elements answered as JSON text
+    than `bounds` take (writing them holds the GIL as parsing does)."""
+    elements = 0
+    for wanted in codec.wanted_outputs(request, outputs):
+        binary = request.binary_output if wanted.binary is None else wanted.binary
+        if not binary and wanted.region is None:
+            elements += outputs[wanted.name].size
+    limit = bounds.max_json_output_elements
+    if elements <= limit:
+        return
+    how = (
+        "which needs MQTT 5"
+        if call.is_json_only
+        else "parameters.binary_data_output true, or each output's parameters.binary_data true"
+    )
+    raise errors.RequestTooLarge(
+        f"the answer would carry {elements} tensor elements as JSON: {_whose(call)} is answered with at "
+        f"most {limit} as JSON; ask for binary outputs, {how}"
+    )
+
+
+def _whose(call: Call) -> str:
+    return f"{(call.priority or Priority.LINE).label} work"
 
 
 def _timeout_s(call: Call, request: codec.InferenceRequest) -> float | None:

@@ -2,8 +2,9 @@
 
 Jobs take the data plane's path, as HTTP requests do: the same lookup, limits, decode and error
 table. This module only adds what is particular to the pool: where the answer goes (checked by
-`routes`), the MQTT side's own bounds (packet size, jobs per sender per second) and the node's own
-reasons to refuse pool work (not taking jobs, draining, no spare capacity). Every answer is signed
+`routes`), the MQTT side's own bounds (packet size, jobs per sender per second), what a stranger's
+job may cost the event loop (the data plane's `Bounds`: JSON in and out, CPU for decoding) and the
+node's own reasons to refuse pool work (not taking jobs, draining, no spare capacity). Every answer is signed
 with the node's device key (pool/signing.py says over what).
 """
 
@@ -19,11 +20,19 @@ import orjson
 
 from appliance import errors
 from appliance.dataplane import outcomes
-from appliance.dataplane.plane import Answer, Call, DataPlane
+from appliance.dataplane.budget import WorkBudget
+from appliance.dataplane.plane import Answer, Bounds, Call, DataPlane, too_much_json
 from appliance.pool import identity, signing
 from appliance.pool.routes import Reply, ReplyRules, Unanswerable, shown
 from appliance.pool.senders import SenderRates
-from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound, Outbound
+from appliance.pool.wire import (
+    HEADER_LENGTH,
+    MAX_JSON_BYTES,
+    MAX_JSON_OUTPUT_ELEMENTS,
+    STATUS,
+    Inbound,
+    Outbound,
+)
 from appliance.protocol import codec
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler
@@ -34,6 +43,14 @@ log = logging.getLogger(__name__)
 # requests are served between two jobs' routing and decoding, however many arrive at once; past this
 # many waiting, a job is refused at once (503), without being read.
 MAX_WAITING_JOBS = 64
+# CPU time the node spends decoding pool jobs and writing their answers, all senders together: 5% of
+# a core, 50 ms at once. Each decode runs on a worker thread, one at a time, and is charged what it
+# cost (dataplane/budget.py): some 30 us for a binary job, up to about 15 ms for 64 KiB of JSON. While
+# it is spent, jobs are refused (503, with when to retry) before anything of them is parsed.
+WORK_SHARE = 0.05
+WORK_BURST_S = 0.05
+# A refused job's `id` is read again for its answer and event only from a header this small.
+ID_PARSE_BYTES = 4 * 1024
 
 
 def status_of(exc: BaseException) -> int:
@@ -65,6 +82,13 @@ class JobIntake:
         self.public_key = signing.public_key_text(self.key)
         self.rules = ReplyRules(settings.pool.topic_root, settings.pool.reply_topic_prefix)
         self.rates = SenderRates(settings.pool.max_jobs_per_sender_per_s)
+        budget = WorkBudget(
+            WORK_SHARE,
+            WORK_BURST_S,
+            what="decoding pool jobs and writing their answers",
+            hint="send tensor data as binary, which costs next to nothing to decode",
+        )
+        self.bounds = Bounds(MAX_JSON_BYTES, MAX_JSON_OUTPUT_ELEMENTS, budget)
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: asyncio.Queue[tuple[str, Inbound]] = asyncio.Queue(MAX_WAITING_JOBS)
         self._starter: asyncio.Task[None] | None = None
@@ -173,14 +197,18 @@ class JobIntake:
 
     def _call(self, model: str, message: Inbound, reply: Reply) -> Call:
         async def read(limit_bytes: int) -> bytes:
-            if len(message.payload) > limit_bytes:
+            size = len(message.payload)
+            if size > limit_bytes:
+                if HEADER_LENGTH not in message.user and size > MAX_JSON_BYTES:
+                    raise too_much_json(call, size)  # all JSON: refused as the data plane refuses it
                 raise errors.RequestTooLarge(
-                    f"job of {len(message.payload)} bytes is too large: model {model!r} takes at most "
-                    f"{limit_bytes} bytes (server.max_body_bytes and the model's inputs)"
+                    f"job of {size} bytes is too large: model {model!r} takes at most {limit_bytes} bytes "
+                    f"of pool work ({MAX_JSON_BYTES} bytes of JSON, then its inputs' max_batch_size rows "
+                    "as binary tensor data; server.max_body_bytes)"
                 )
             return message.payload
 
-        return Call(
+        call = Call(
             model,
             None,
             read,
@@ -189,7 +217,9 @@ class JobIntake:
             max_timeout_s=float(message.expiry_s) if message.expiry_s else None,
             is_json_only=reply.is_in_body,  # 3.1.1 has no user properties for a header length
             check=self._check_capacity,
+            bounds=self.bounds,
         )
+        return call
 
     def _check_message(self, message: Inbound, reply: Reply) -> None:
         """The MQTT side's own bounds, before the data plane sees the job."""
@@ -297,8 +327,8 @@ def _job_id(message: Inbound) -> str | None:
         except errors.InvalidInput:
             return None
         header = message.payload[: length or 0]
-    if len(header) > 64 * 1024:
-        return None  # not worth parsing a big body again for an event's id
+    if len(header) > ID_PARSE_BYTES:
+        return None  # a second parse of a big header, for every refusal, would cost the loop more
     document = _json_document(Inbound(message.topic, header))
     job_id = document.get("id") if isinstance(document, dict) else None
     return job_id if isinstance(job_id, str) else None

@@ -22,6 +22,20 @@ from appliance.settings import PoolSettings
 HEADER_LENGTH = "inference-header-content-length"  # user property: JSON header size of a binary body
 STATUS = "status"  # user property on job responses: the HTTP-like status, "200" on success
 
+# What a node takes of a job as JSON (pool/jobs.py), on this module so that a gateway knows it without
+# importing the box.
+# The most bytes of JSON a job may carry: its whole body, or the header its binary tensor data follows.
+# A JSON parse (orjson, simdjson: C code) holds the GIL from start to end, on a worker thread as on the
+# event loop, so the line's requests wait while it runs. Decoding 64 KiB of numbers costs about 1.5 ms,
+# 5-6 ms shaped for the slowest paths (nested lists, BYTES, thousands of requested outputs; 10-14 ms on
+# a busy box), and numbers cost 20-27 ms a MiB beyond (2 shared cores of an EPYC VM). Larger tensors
+# travel as binary data, decoded as a view of the payload whatever its size. A job with more JSON is
+# refused (413) before anything of it is parsed.
+MAX_JSON_BYTES = 64 * 1024
+# The most tensor elements a job's answer carries as JSON text (more are asked for binary): writing
+# them holds the GIL as parsing does, about 1.5 ms for 32768 FP32 values, 10 ms for as many BYTES.
+MAX_JSON_OUTPUT_ELEMENTS = 32 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Broker:

@@ -51,6 +51,27 @@ def backlog_s(
     return (running + queued_s) / len(workers)
 
 
+def pool_row_limit(batcher: Batcher) -> int | None:
+    """The most rows one request of pool work may have: what the fitted profile says runs within
+    pool.max_interference_ms (Batcher.pool_row_limit); None before the profile is seeded (no bound
+    but the model's max_batch_size)."""
+    return batcher.pool_row_limit() if batcher.profile.is_seeded else None
+
+
+def check_pool_rows(model: str, batcher: Batcher, rows: int, limit: int | None) -> None:
+    """NoPoolCapacity for pool work of more rows than `limit` (pool_row_limit(batcher), which the
+    caller computes once for all the inputs of a request). The data plane asks this of a pool job's
+    declared shapes, before it decodes any tensor data; `admit` asks again of the decoded request
+    (the profile may have been refit meanwhile)."""
+    if limit is not None and rows > limit:
+        interference_ms = batcher.rules.max_interference_s * 1e3
+        raise NoPoolCapacity(
+            f"model {model!r}: pool work of {rows} rows takes longer than "
+            f"pool.max_interference_ms={interference_ms:g}; at most {limit} rows",
+            retry_after_s=60.0,
+        )
+
+
 def admit(
     model: str,
     batcher: Batcher,
@@ -66,15 +87,8 @@ def admit(
     """Raise DeadlineUnmet (with a Retry-After) for work that cannot finish by its deadline, and
     NoPoolCapacity for pool work too big for pool.max_interference_ms."""
     profile = batcher.profile
-    if priority is Priority.POOL and profile.is_seeded:
-        limit = batcher.pool_row_limit()
-        if rows > limit:
-            interference_ms = batcher.rules.max_interference_s * 1e3
-            raise NoPoolCapacity(
-                f"model {model!r}: pool work of {rows} rows takes longer than "
-                f"pool.max_interference_ms={interference_ms:g}; at most {limit} rows",
-                retry_after_s=60.0,
-            )
+    if priority is Priority.POOL:
+        check_pool_rows(model, batcher, rows, pool_row_limit(batcher))
     wait_s = backlog_s(batcher, queues, workers, priority, now_s, pool_yields=pool_yields)
     finish_s = now_s + wait_s + profile.bound_s(rows)
     if wait_s == 0 and now_s + profile.expected_s(rows) <= deadline_s:
