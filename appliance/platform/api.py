@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import __version__, errors
 from appliance.dataplane import outcomes
-from appliance.platform import classes, fleet
+from appliance.platform import classes, fleet, forwarding
 from appliance.platform.admission import Admission, ReadingBudgetSpent
 from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyer
@@ -252,21 +252,25 @@ async def infer(
             f"output {twice!r} is requested twice; an answer holds one tensor of each name"
         )
     rows = _rows(decoded, inputs)
+    is_ranked = classification.is_asked(decoded)
+    outputs = fleet.outputs(gateway, name, files) if is_ranked or forwarding.asks_json(decoded) else None
     ranking = None
-    if classification.is_asked(decoded):
+    if is_ranked:
         # Nodes compute and sign the tensors (which checks can compare), the gateway ranks them.
-        outputs = fleet.outputs(gateway, name, files)
         labels = gateway.catalogue.labels(name)
         batches = fleet.is_batched(gateway, name, files)
         ranking = classes.planned(name, decoded, inputs, outputs, labels, rows, batches=batches)
-        body, header_length = await classes.sent(body, header_length, decoded)
+    forward = forwarding.planned(body, header_length, decoded, outputs, rows, ranking)
+    if forward.is_rewritten:
+        body, header_length = await forwarding.sent(body, header_length, decoded, forward)
     job = Job(name, buyer.name, body, header_length, rows, files)
+    job.asks_binary_output = forward.binary_outputs or not forwarding.asks_json(decoded)
     started_s = time.perf_counter()
     answer = await gateway.dispatch(job, decoded)
     if answer.status == 200:
         gateway.metrics.answered(name, time.perf_counter() - started_s)
-        if ranking is not None:
-            return await classes.answered(answer, job, decoded, ranking)
+        if forward.is_rewritten:
+            return await forwarding.answered(answer, job, decoded, forward)
     return _response(answer, job)
 
 

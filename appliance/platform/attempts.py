@@ -46,6 +46,9 @@ class Job:
     attempts: list[Attempt] = field(default_factory=list)
     is_done: bool = False
     was_resent: bool = False
+    # How its body asks for outputs (forwarding.py): a canary after it asks the same way, so that a node
+    # cannot tell the two apart by it.
+    asks_binary_output: bool = True
 
     @property
     def current(self) -> Attempt | None:

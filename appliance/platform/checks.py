@@ -32,6 +32,7 @@ from appliance.platform.settings import CanarySettings
 from appliance.platform.trust import Trust
 from appliance.platform.view import NodeView
 from appliance.pool import signing
+from appliance.pool.wire import MAX_JSON_BYTES
 from appliance.protocol import codec
 
 log = logging.getLogger(__name__)
@@ -118,17 +119,34 @@ class Checks:
         buyer asked for (None: all of them), which are all a second opinion's referee compares."""
         self._buyer = job.buyer
         if job.model in self.golden and self.rng.random() < self.settings.probability:
-            self._spawn(self.canary(job.model, job.rows, job.buyer, binary=job.header_length is not None))
+            binary = job.header_length is not None
+            self._spawn(
+                self.canary(
+                    job.model, job.rows, job.buyer, binary=binary, binary_output=job.asks_binary_output
+                )
+            )
         if self.rng.random() < self.settings.second_opinion_probability:
             self._spawn(self.second_opinion(job, answer, inputs, asked))
 
     async def canary(
-        self, model: str, rows: int, buyer: str, *, binary: bool = True, target: NodeView | None = None
+        self,
+        model: str,
+        rows: int,
+        buyer: str,
+        *,
+        binary: bool = True,
+        binary_output: bool | None = None,
+        target: NodeView | None = None,
     ) -> str | None:
-        """Send one canary; its verdict (None when no node took it)."""
+        """Send one canary, its inputs and outputs as binary or JSON as the buyer job before it travelled
+        (`binary_output` None: as `binary`); its verdict (None when no node took it). Inputs go binary
+        where their JSON would pass what a node parses of a stranger's (pool.wire.MAX_JSON_BYTES)."""
         entry = self._entry(model)
         inputs = self.golden[model].draw(rows, self.rng, self.settings.perturbation)
-        encoded = codec.encode_request(inputs, binary=binary, binary_output=binary)
+        binary_output = binary if binary_output is None else binary_output
+        encoded = codec.encode_request(inputs, binary=binary, binary_output=binary_output)
+        if encoded.header_length is None and len(encoded.body()) > MAX_JSON_BYTES:
+            encoded = codec.encode_request(inputs, binary=True, binary_output=binary_output)
         files = frozenset(entry.model_files)  # only nodes serving a file the gateway holds a copy of
         job = Job(
             model,

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from tritonclient.utils import InferenceServerException
 
 from appliance.errors import ConfigError, InvalidInput
-from appliance.platform import classes
+from appliance.platform import classes, forwarding
 from appliance.platform import receipts as kinds
 from appliance.platform.catalogue import MAX_LABEL_CHARS, MAX_LABELS, Catalogue
 from appliance.platform.ledger import Ledger
@@ -175,7 +175,7 @@ async def test_the_gateway_ranks_the_tensors_nodes_computed_and_were_checked_on(
                 assert set(parameters) == {"pool_node", "pool_job_id"}, parameters
                 assert parameters["pool_node"] in {f"{names.site}/{node.name}" for node in nodes}
         assert threads == [gateway.thread.ident] * asked  # small: ranked on the gateway's loop
-        monkeypatch.setattr(classes, "INLINE_ELEMENTS", 0)  # larger ones go to a worker thread
+        monkeypatch.setattr(forwarding, "INLINE_ELEMENTS", 0)  # larger ones go to a worker thread
         pooled = await asyncio.to_thread(infer, gateway.url, "batchable", {"x": X}, {"y": 2})
         assert texts(pooled.as_numpy("y")) == TOP_2
         assert len(threads) == asked + 1 and threads[-1] != gateway.thread.ident
@@ -334,36 +334,36 @@ def test_a_node_is_sent_the_request_without_classification_and_the_same_inputs()
     header = json.dumps(document).encode()  # Python's json writes NaN and -Infinity, as Triton
     body = header + z.tobytes()
     decoded = codec.decode_request(body, len(header))
-    sent, length = classes.job_body(body, len(header), decoded)
+    sent, length = forwarding.job_body(body, len(header), decoded, forwarding.Forward())
     assert length is not None and sent[length:] == z.tobytes()
     job = codec.decode_request(sent, length)
     assert signing.tensor_digest(job.inputs) == signing.tensor_digest(decoded.inputs)
     assert [(o.name, o.binary, o.class_count) for o in job.outputs or []] == [("y", False, 0), ("s", None, 0)]
     assert (job.id, job.parameters) == ("r-1", document["parameters"])
-    json_only, none = classes.job_body(
-        orjson.dumps({**document, "inputs": document["inputs"][:1]}), None, decoded
+    json_only, none = forwarding.job_body(
+        orjson.dumps({**document, "inputs": document["inputs"][:1]}), None, decoded, forwarding.Forward()
     )
     assert none is None and not classification.is_asked(codec.decode_request(json_only))
 
 
 def test_a_large_request_header_is_written_again_on_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[int] = []
-    real = classes.job_body
+    real = forwarding.job_body
 
     def recorded(*args: Any) -> Any:
         threads.append(threading.get_ident())
         return real(*args)
 
-    monkeypatch.setattr(classes, "job_body", recorded)
-    x = np.arange(classes.THREAD_HEADER_BYTES // 4, dtype=np.float32).reshape(1, -1)  # over 64 KiB as JSON
+    monkeypatch.setattr(forwarding, "job_body", recorded)
+    x = np.arange(forwarding.THREAD_HEADER_BYTES // 4, dtype=np.float32).reshape(1, -1)  # over 64 KiB as JSON
     for rows in (x[:, :4], x):
         encoded = codec.encode_request({"x": rows}, binary=False, outputs=["y"])
         document = orjson.loads(encoded.body())
         document["outputs"][0]["parameters"]["classification"] = 1
         body = orjson.dumps(document)
         decoded = codec.decode_request(body)
-        sent, length = asyncio.run(classes.sent(body, None, decoded))
-        assert length is None and sent == real(body, None, decoded)[0]
+        sent, length = asyncio.run(forwarding.sent(body, None, decoded, forwarding.Forward()))
+        assert length is None and sent == real(body, None, decoded, forwarding.Forward())[0]
     assert threads[0] == threading.get_ident() != threads[1]
 
 
