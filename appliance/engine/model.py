@@ -28,7 +28,7 @@ from appliance.engine.manifest import Batching, InputOverride
 from appliance.engine.modelfiles import ModelFiles, read_model
 from appliance.engine.repository import ModelSource
 from appliance.engine.signature import Signature, read_signature
-from appliance.errors import ApplianceError, InferenceFailed, InvalidInput, ModelLoadError
+from appliance.errors import ApplianceError, InferenceFailed, InvalidInput, ModelLoadError, Overloaded
 from appliance.providers.base import SessionContext
 from appliance.providers.host import ort_reason
 from appliance.providers.registry import Registry
@@ -426,8 +426,15 @@ _SHAPE_ERRORS = (
 )
 
 
+# Memory the run could not get (the CPU arena's bad_alloc, a device's allocator): the box's state now,
+# not the request's fault nor the model's: 503, try again.
+_MEMORY_ERRORS = ("bad_alloc", "Failed to allocate memory", "out of memory", "ALLOC_FAILED")
+
+
 def _translate(model: str, exc: Exception, *, has_open_shapes: bool = False) -> ApplianceError:
     text = ort_reason(exc)
+    if isinstance(exc, MemoryError) or any(marker in text for marker in _MEMORY_ERRORS):
+        return Overloaded(f"model {model!r} could not get the memory to run this request now: {text}")
     if any(marker in text for marker in _INPUT_ERRORS) or type(exc).__name__ == "InvalidArgument":
         return InvalidInput(f"model {model!r} rejected the input: {text}")
     if has_open_shapes and any(marker in text for marker in _SHAPE_ERRORS):

@@ -246,3 +246,17 @@ def test_a_size_failure_of_a_graph_whose_sizes_are_all_fixed_stays_the_models_fa
     failure = Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code ... MatMul dimension mismatch")
     assert isinstance(model._translate("m", failure, has_open_shapes=False), InferenceFailed)
     assert isinstance(model._translate("m", failure, has_open_shapes=True), InvalidInput)
+
+
+def test_memory_a_run_could_not_get_is_a_503_not_a_500() -> None:
+    from appliance.dataplane.outcomes import outcome_of
+    from appliance.engine import model
+
+    class Fail(Exception):
+        pass
+
+    arena = Fail("[ONNXRuntimeError] : 1 : FAIL : bad allocation: std::bad_alloc while running MatMul")
+    for failure in (arena, Fail("Failed to allocate memory for requested buffer of size 8589934592")):
+        refusal = model._translate("m", failure)
+        assert outcome_of(refusal).http_status == 503 and refusal.retry_after_s > 0, refusal
+    assert outcome_of(model._translate("m", MemoryError())).http_status == 503
