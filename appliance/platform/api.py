@@ -245,25 +245,24 @@ async def infer(
     missing = [spec.name for spec in inputs if spec.name not in decoded.inputs]
     if missing:
         raise errors.InvalidInput(f"model {name!r} needs input(s) {missing}")
-    named = [requested.name for requested in decoded.outputs or ()]
-    if len(set(named)) != len(named):  # a node would answer it twice, which no answer may hold (verify)
-        twice = next(name for name in named if named.count(name) > 1)
-        raise errors.InvalidInput(
-            f"output {twice!r} is requested twice; an answer holds one tensor of each name"
-        )
+    asked = _named_once(decoded)
     rows = _rows(decoded, inputs)
     is_ranked = classification.is_asked(decoded)
-    outputs = fleet.outputs(gateway, name, files) if is_ranked or forwarding.asks_json(decoded) else None
+    outputs, is_batched = None, False
+    if is_ranked or forwarding.asks_json(decoded):  # what the model's answer holds matters here only
+        outputs = fleet.outputs(gateway, name, files)
+        is_batched = fleet.is_batched(gateway, name, files)
+        if is_batched is None:  # births that do not say: an input's open first dimension, as rows count
+            is_batched = any(spec.shape and spec.shape[0] == DYNAMIC for spec in inputs)
     ranking = None
     if is_ranked:
         # Nodes compute and sign the tensors (which checks can compare), the gateway ranks them.
         labels = gateway.catalogue.labels(name)
-        batches = fleet.is_batched(gateway, name, files)
-        ranking = classes.planned(name, decoded, inputs, outputs, labels, rows, batches=batches)
-    forward = forwarding.planned(body, header_length, decoded, outputs, rows, ranking)
+        ranking = classes.planned(name, decoded, inputs, outputs, labels, rows, batches=is_batched)
+    forward = forwarding.planned(body, header_length, decoded, outputs, rows, ranking, is_batched=is_batched)
     if forward.is_rewritten:
         body, header_length = await forwarding.sent(body, header_length, decoded, forward)
-    job = Job(name, buyer.name, body, header_length, rows, files)
+    job = Job(name, buyer.name, body, header_length, rows, files, outputs=asked)
     job.asks_binary_output = forward.binary_outputs or not forwarding.asks_json(decoded)
     started_s = time.perf_counter()
     answer = await gateway.dispatch(job, decoded)
@@ -272,6 +271,19 @@ async def infer(
         if forward.is_rewritten:
             return await forwarding.answered(answer, job, decoded, forward)
     return _response(answer, job)
+
+
+def _named_once(decoded: codec.InferenceRequest) -> frozenset[str] | None:
+    """The outputs asked for (None: all), each named once: a node would answer a name twice, which no
+    answer may hold (verify). One pass: a request may name thousands."""
+    seen: set[str] = set()
+    for requested in decoded.outputs or ():
+        if requested.name in seen:
+            raise errors.InvalidInput(
+                f"output {requested.name!r} is requested twice; an answer holds one tensor of each name"
+            )
+        seen.add(requested.name)
+    return frozenset(seen) if decoded.outputs else None
 
 
 def _expectation(model: str, inputs: list[TensorSpec]) -> codec.Expectation:

@@ -39,6 +39,7 @@ class Job:
     rows: int
     files: frozenset[str] | None
     input_sha256: str = ""
+    outputs: frozenset[str] | None = None  # the outputs its body names (None: all): a 200 holds just those
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     kind: str = "buyer"  # buyer, canary, second_opinion
     target: NodeView | None = None  # a check aimed at one node (a quarantined node's way back)

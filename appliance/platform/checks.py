@@ -120,11 +120,15 @@ class Checks:
         self._buyer = job.buyer
         if job.model in self.golden and self.rng.random() < self.settings.probability:
             binary = job.header_length is not None
-            self._spawn(
-                self.canary(
-                    job.model, job.rows, job.buyer, binary=binary, binary_output=job.asks_binary_output
-                )
+            canary = self.canary(
+                job.model,
+                job.rows,
+                job.buyer,
+                binary=binary,
+                binary_output=job.asks_binary_output,
+                outputs=job.outputs,
             )
+            self._spawn(canary)
         if self.rng.random() < self.settings.second_opinion_probability:
             self._spawn(self.second_opinion(job, answer, inputs, asked))
 
@@ -136,17 +140,20 @@ class Checks:
         *,
         binary: bool = True,
         binary_output: bool | None = None,
+        outputs: frozenset[str] | None = None,
         target: NodeView | None = None,
     ) -> str | None:
-        """Send one canary, its inputs and outputs as binary or JSON as the buyer job before it travelled
-        (`binary_output` None: as `binary`); its verdict (None when no node took it). Inputs go binary
-        where their JSON would pass what a node parses of a stranger's (pool.wire.MAX_JSON_BYTES)."""
+        """Send one canary, as the buyer job before it travelled: inputs and outputs as binary or JSON
+        (`binary_output` None: as `binary`), the same outputs named (None: all); its verdict (None when
+        no node took it). Inputs go binary where their JSON would pass what a node parses of a
+        stranger's (pool.wire.MAX_JSON_BYTES). Only the outputs named are compared."""
         entry = self._entry(model)
         inputs = self.golden[model].draw(rows, self.rng, self.settings.perturbation)
         binary_output = binary if binary_output is None else binary_output
-        encoded = codec.encode_request(inputs, binary=binary, binary_output=binary_output)
+        named = None if outputs is None else sorted(outputs)
+        encoded = codec.encode_request(inputs, binary=binary, binary_output=binary_output, outputs=named)
         if encoded.header_length is None and len(encoded.body()) > MAX_JSON_BYTES:
-            encoded = codec.encode_request(inputs, binary=True, binary_output=binary_output)
+            encoded = codec.encode_request(inputs, binary=True, binary_output=binary_output, outputs=named)
         files = frozenset(entry.model_files)  # only nodes serving a file the gateway holds a copy of
         job = Job(
             model,
@@ -157,6 +164,7 @@ class Checks:
             files,
             kind=receipts.CANARY,
             target=target,
+            outputs=outputs,
         )
         job.input_sha256 = signing.tensor_digest(inputs)
         answer = await self._run(job)
@@ -165,6 +173,8 @@ class Checks:
         node = answer.node
         path = entry.model_files[answer.proof.statement.model_sha256]  # verify checked it is one of them
         expected = await asyncio.to_thread(self.references.run, path, inputs)
+        if outputs is not None:
+            expected = {name: array for name, array in expected.items() if name in outputs}
         mine = precision_class(node, model)
         problems = compare(
             expected, answer.proof.outputs, *entry.tolerance(mine, f"{mine.partition('/')[0]}/cpu")
@@ -185,7 +195,7 @@ class Checks:
         """Run a buyer's job again on another node and compare; the verdict (None: no other node)."""
         assert answer.proof is not None
         job = Job(first.model, first.buyer, first.body, first.header_length, first.rows, first.files,
-                  input_sha256=first.input_sha256, kind=receipts.SECOND_OPINION,
+                  input_sha256=first.input_sha256, outputs=first.outputs, kind=receipts.SECOND_OPINION,
                   excluded=frozenset({(answer.node.site, answer.node.node)}))  # fmt: skip
         other = await self._run(job)
         if other is None or other.proof is None:

@@ -14,8 +14,10 @@ parameters.pool_node and pool_job_id). Three kinds do not:
   elements as JSON for a stranger. Where the buyer's JSON outputs could pass that (their declared shapes
   say so, or leave it open), the node is asked for binary outputs and the gateway writes the buyer's JSON.
 
-In each case `job_body` is what the node is sent, and `answered` writes the buyer's answer from the
-tensors the gateway verified (never from anything else the node wrote).
+In each case `job_body` is what the node is sent, with every input as binary tensor data (JSON written
+again from decoded numbers is longer: "1" comes back "1.0", FP16's "0.1" "0.099975586", and could pass
+the node's bound where the buyer's did not), and `answered` writes the buyer's answer from the tensors
+the gateway verified (never from anything else the node wrote).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ import orjson
 from starlette.responses import Response
 
 from appliance import tensors
+from appliance.errors import InvalidInput
 from appliance.platform import classes
 from appliance.platform.attempts import Answer, Job
 from appliance.pool.wire import MAX_JSON_BYTES, MAX_JSON_OUTPUT_ELEMENTS
 from appliance.protocol import bulk_json, classification, codec, nonfinite
-from appliance.protocol.tensor_data import json_data
 from appliance.server.errors import error_response
 from appliance.tensors import DYNAMIC, TensorSpec
 
@@ -65,13 +67,16 @@ def planned(
     outputs: list[TensorSpec] | None,
     rows: int,
     ranking: classes.Ranking | None,
+    *,
+    is_batched: bool,
 ) -> Forward:
     """How the job travels: see the module docstring. `outputs` are the model's declared outputs (None:
-    its births name none; needed only where `asks_json` or classes are asked), `rows` the job's."""
+    its births name none; needed only where `asks_json` or classes are asked), `rows` the job's,
+    `is_batched` whether the model batches (its outputs' open first dimension is then the rows)."""
     json_bytes = len(body) if header_length is None else header_length
     binary_inputs = json_bytes > MAX_JSON_BYTES
     binary_outputs = ranking is not None or (
-        asks_json(decoded) and _json_answer_may_pass(decoded, outputs, rows)
+        asks_json(decoded) and _json_answer_may_pass(decoded, outputs, rows, is_batched)
     )
     return Forward(binary_inputs, binary_outputs, ranking)
 
@@ -84,11 +89,11 @@ def asks_json(decoded: codec.InferenceRequest) -> bool:
 
 
 def _json_answer_may_pass(
-    decoded: codec.InferenceRequest, outputs: list[TensorSpec] | None, rows: int
+    decoded: codec.InferenceRequest, outputs: list[TensorSpec] | None, rows: int, is_batched: bool
 ) -> bool:
     """Whether the elements the buyer asks as JSON could be more than a node writes as JSON for a
-    stranger: more by the declared shapes (the first dimension, where open, counted as the job's rows),
-    or unknown (another open dimension, an output the births do not declare)."""
+    stranger: more by the declared shapes (an open first dimension counted as the job's rows where the
+    model batches), or unknown (another open dimension, an output the births do not declare)."""
     declared = {spec.name: spec for spec in outputs or ()}
     wanted = decoded.outputs or [codec.RequestedOutput(name) for name in declared]
     if not wanted:  # no output asked and none declared: the answer's size is unknown
@@ -99,9 +104,12 @@ def _json_answer_may_pass(
         if binary:
             continue
         spec = declared.get(requested.name)
-        if spec is None or DYNAMIC in spec.shape[1:]:
+        if spec is None:
             return True
-        dims = (rows, *spec.shape[1:]) if spec.shape and spec.shape[0] == DYNAMIC else spec.shape
+        has_rows = is_batched and len(spec.shape) > 0 and spec.shape[0] == DYNAMIC
+        if DYNAMIC in (spec.shape[1:] if has_rows else spec.shape):
+            return True
+        dims = (rows, *spec.shape[1:]) if has_rows else spec.shape
         elements += tensors.element_count(dims)
     return elements > MAX_JSON_OUTPUT_ELEMENTS
 
@@ -119,27 +127,19 @@ def job_body(
     body: bytes, header_length: int | None, decoded: codec.InferenceRequest, forward: Forward
 ) -> tuple[bytes, int | None]:
     """The request a node is sent, and its header length: the buyer's, with no output asking for classes,
-    each output named once, inputs as binary tensor data (`forward.binary_inputs`) and outputs asked as
-    binary (`forward.binary_outputs`).
-
-    Inputs are written from the arrays the gateway decoded: as binary data, or where they stay JSON as
-    the box writes tensors (NaN and Infinity as tokens), so that the node decodes exactly them and the
-    job's input digest is of what the node runs. Binary data the buyer sent goes on as it came where the
-    inputs stay as they are. Everything else in the header (id, parameters) is kept."""
+    each output named once, every input as binary tensor data written from the arrays the gateway
+    decoded (so that the node decodes exactly them: the job's input digest is of what the node runs),
+    and outputs asked as binary where `forward.binary_outputs`. Everything else in the header (id,
+    parameters) is kept. InvalidInput for a header orjson will not write again (nested past its 254
+    levels, which the codec reads)."""
     header = memoryview(body)[:header_length] if header_length is not None else memoryview(body)
     document = nonfinite.loads(header, bulk_json.loads)  # the codec read it: valid, and an object
     blobs: list[bytes | memoryview] = []
     for raw in document["inputs"]:
-        array = decoded.inputs[raw["name"]]
-        if forward.binary_inputs:
-            raw.pop("data", None)
-            blob = tensors.to_bytes(array)
-            raw["parameters"] = {**(raw.get("parameters") or {}), "binary_data_size": len(blob)}
-            blobs.append(blob)
-        elif "data" in raw:
-            raw["data"] = json_data(array)
-    if not forward.binary_inputs and header_length is not None:
-        blobs.append(memoryview(body)[header_length:])
+        raw.pop("data", None)
+        blob = tensors.to_bytes(decoded.inputs[raw["name"]])
+        raw["parameters"] = {**(raw.get("parameters") or {}), "binary_data_size": len(blob)}
+        blobs.append(blob)
     answers: dict[str, Any] = {}
     for raw in document.get("outputs") or ():
         parameters = {k: v for k, v in (raw.get("parameters") or {}).items() if k != "classification"}
@@ -151,9 +151,12 @@ def job_body(
     if forward.binary_outputs:
         parameters = document.get("parameters") if isinstance(document.get("parameters"), dict) else {}
         document["parameters"] = {**parameters, "binary_data_output": True}
-    written = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not any(len(blob) for blob in blobs):
-        return written, None
+    try:
+        written = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as exc:  # orjson's recursion limit: parameters nested deeper than it writes
+        raise InvalidInput(
+            f"the request cannot be sent on to a node: {exc} (parameters nested too deeply)"
+        ) from None
     return b"".join([written, *blobs]), len(written)
 
 

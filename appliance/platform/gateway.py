@@ -152,8 +152,7 @@ class Gateway:
         answer = await self.dispatcher.run(job)
         if answer.status == 200:
             await self.metering.commit(self.metering.receipt(job, answer, receipts.ACCEPTED))
-            asked = None if not decoded.outputs else frozenset(o.name for o in decoded.outputs)
-            self.checks.after(job, answer, decoded.inputs, asked)
+            self.checks.after(job, answer, decoded.inputs, job.outputs)
         return answer
 
     def _verify(self, job: Job, answer: Answer) -> verify.Proof:
@@ -165,6 +164,7 @@ class Gateway:
             input_sha256=job.input_sha256,
             files=job.files,
             latency_ms=answer.latency_ms,
+            asked=job.outputs,
         )
 
     def _refused(self, job: Job, answer: Answer, refusal: verify.Refused) -> None:

@@ -79,9 +79,11 @@ def check(
     input_sha256: str,
     files: frozenset[str] | None,
     latency_ms: float | None = None,
+    asked: frozenset[str] | None = None,
 ) -> Proof:
     """The answer's proof, else Unverified (noise) or Refused (the node's signed word, wrong) naming
-    what is wrong. Whatever the node sent, nothing else is raised. `latency_ms` is the gateway's own
+    what is wrong. Whatever the node sent, nothing else is raised. `asked`: the outputs the job named
+    (None: all), which an honest node answers, no fewer and no more. `latency_ms` is the gateway's own
     send-to-answer time, which the node's queue + compute must fit in (the gateway always gives it;
     None: no such bound, every other one still holds)."""
     key_text = node.trusted_key or node.public_key
@@ -130,6 +132,12 @@ def check(
     if problem is not None:
         quoted = canonical.removeprefix(signing.CONTEXT).decode()
         raise Refused(f"{problem}; it signed {quoted}", None, signature)
+    if asked is not None and set(outputs) != asked:
+        raise Refused(
+            f"the answer holds outputs {sorted(outputs)[:16]}; the job asked for {sorted(asked)[:16]}",
+            statement,
+            signature,
+        )
     if files is not None and claimed.model_sha256 not in files:
         raise Refused(
             f"the answer comes from model file {claimed.model_sha256}, not one the job may run on "

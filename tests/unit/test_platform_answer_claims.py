@@ -123,3 +123,18 @@ def test_without_a_latency_the_other_bounds_still_hold() -> None:
     assert checked(answer(compute_ms=60_000.0), latency_ms=None).statement.compute_ms == 60_000.0
     with pytest.raises(Refused, match="session"):
         checked(answer(session=2**63), latency_ms=None)
+
+
+def test_an_answer_holds_exactly_the_outputs_its_job_asked_for() -> None:
+    """Signed by the node's key but with another output than the one asked (or more of them): the
+    node's word, refused, so that the job moves on and nobody is billed for it; no asked outputs: any."""
+    payload = answer()  # it holds y
+    assert checked(payload).outputs.keys() == {"y"}
+    assert set(check(node(), "j/0/nonce", payload, None, input_sha256=INPUT_SHA, files=None,
+                     asked=frozenset({"y"})).outputs) == {"y"}  # fmt: skip
+    for asked in ({"z"}, {"y", "s"}):
+        with pytest.raises(Refused, match=r"the answer holds outputs \['y'\]; the job asked for") as caught:
+            check(
+                node(), "j/0/nonce", payload, None, input_sha256=INPUT_SHA, files=None, asked=frozenset(asked)
+            )
+        assert not isinstance(caught.value, Unverified) and caught.value.statement is not None

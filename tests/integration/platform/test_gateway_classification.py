@@ -309,9 +309,9 @@ def test_the_catalogue_gives_each_entry_its_labels_and_refuses_bad_ones(tmp_path
 
 
 def test_a_node_is_sent_the_request_without_classification_and_the_same_inputs() -> None:
-    """Binary tensor data goes on byte for byte; JSON inputs are written again from what the gateway
-    decoded (NaN and Infinity as tokens), so that the node's inputs digest as the job's; an output
-    named twice is sent once; the header length is the new header's."""
+    """Every input goes as binary data written from what the gateway decoded (NaN and Infinity kept),
+    so that the node's inputs digest as the job's; an output named twice is sent once; the header
+    length is the new header's; parameters nested deeper than orjson writes are a 400."""
     z = np.array([[7, -1]], np.int64)
     document = {
         "id": "r-1",
@@ -335,15 +335,32 @@ def test_a_node_is_sent_the_request_without_classification_and_the_same_inputs()
     body = header + z.tobytes()
     decoded = codec.decode_request(body, len(header))
     sent, length = forwarding.job_body(body, len(header), decoded, forwarding.Forward())
-    assert length is not None and sent[length:] == z.tobytes()
+    assert length is not None and sent[length:] == x_and_z(decoded)  # every input as binary data
     job = codec.decode_request(sent, length)
     assert signing.tensor_digest(job.inputs) == signing.tensor_digest(decoded.inputs)
     assert [(o.name, o.binary, o.class_count) for o in job.outputs or []] == [("y", False, 0), ("s", None, 0)]
     assert (job.id, job.parameters) == ("r-1", document["parameters"])
-    json_only, none = forwarding.job_body(
-        orjson.dumps({**document, "inputs": document["inputs"][:1]}), None, decoded, forwarding.Forward()
-    )
-    assert none is None and not classification.is_asked(codec.decode_request(json_only))
+    asked_binary = forwarding.Forward(binary_outputs=True)
+    x_only = {**document, "inputs": document["inputs"][:1]}
+    alone = json.dumps(x_only).encode()
+    json_only, length = forwarding.job_body(alone, None, codec.decode_request(alone), asked_binary)
+    job = codec.decode_request(json_only, length)
+    assert not classification.is_asked(job) and [o.binary for o in job.outputs or []] == [True, True]
+    deep: object = 1
+    for _ in range(300):  # the codec reads parameters this deep; orjson writes 254 levels at most
+        deep = {"a": deep}
+    nested = codec.decode_request(alone)
+    with pytest.raises(InvalidInput, match="nested too deeply"):
+        forwarding.job_body(
+            json.dumps({**document, "inputs": document["inputs"][:1], "parameters": {"d": deep}}).encode(),
+            None,
+            nested,
+            asked_binary,
+        )
+
+
+def x_and_z(decoded: codec.InferenceRequest) -> bytes:
+    return decoded.inputs["x"].astype("<f4").tobytes() + decoded.inputs["z"].astype("<i8").tobytes()
 
 
 def test_a_large_request_header_is_written_again_on_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -363,7 +380,7 @@ def test_a_large_request_header_is_written_again_on_a_worker_thread(monkeypatch:
         body = orjson.dumps(document)
         decoded = codec.decode_request(body)
         sent, length = asyncio.run(forwarding.sent(body, None, decoded, forwarding.Forward()))
-        assert length is None and sent == real(body, None, decoded, forwarding.Forward())[0]
+        assert (sent, length) == real(body, None, decoded, forwarding.Forward())
     assert threads[0] == threading.get_ident() != threads[1]
 
 
