@@ -42,7 +42,7 @@ class Batcher:
         self.profile = profile
         self.is_flushing = False  # draining: nothing new will come, so never wait for more rows
         self.is_one_request_per_batch = False  # set once a batch's outputs did not follow its rows
-        self._pool_limit: tuple[tuple[int, int, float], int] | None = None  # (fit, rules) -> rows
+        self._pool_limit: tuple[tuple[object, int, int, float], int] | None = None  # (fit, rules) -> rows
 
     @property
     def row_limit(self) -> int:
@@ -107,7 +107,7 @@ class Batcher:
         capacity. A one-row batch is as short as pool work gets; line work still goes first (on CPU
         it runs at idle priority, elsewhere it is preempted between nodes).
         """
-        key = (self.profile.fits, self.row_limit, self.rules.max_interference_s)
+        key = (self.profile, self.profile.fits, self.row_limit, self.rules.max_interference_s)
         if self._pool_limit is not None and self._pool_limit[0] == key:
             return self._pool_limit[1]  # asked per pool job and batch; a scan is 0.6 ms at 4096 rows
         rows = 1 if self.row_limit else 0
