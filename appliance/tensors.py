@@ -161,12 +161,18 @@ def from_buffer(data: bytes | bytearray | memoryview, datatype: str, shape: Sequ
 
 
 def decode_bytes_tensor(data: bytes | bytearray | memoryview, shape: Sequence[int]) -> np.ndarray:
-    """BYTES binary form: each element is a 4-byte little-endian length followed by its bytes."""
+    """BYTES binary form: each element is a 4-byte little-endian length followed by its bytes.
+
+    The walk stops at the shape's count: data that holds more elements (or any byte after the last) is
+    refused then, not after every element of it has been made, so the work is bounded by the shape the
+    model's limits checked, never by the data (8 MiB of empty elements were 2 Mi objects, 3.6 s)."""
     view = memoryview(data)
     count = element_count(shape)
     items: list[bytes] = []
     offset = 0
-    while offset < len(view):
+    while len(items) < count:
+        if offset == len(view):
+            raise InvalidInput(f"BYTES tensor has {len(items)} elements; shape {list(shape)} needs {count}")
         if offset + 4 > len(view):
             raise InvalidInput(f"BYTES tensor truncated: length prefix at byte {offset} is incomplete")
         length = int.from_bytes(view[offset : offset + 4], "little")
@@ -178,8 +184,11 @@ def decode_bytes_tensor(data: bytes | bytearray | memoryview, shape: Sequence[in
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length
-    if len(items) != count:
-        raise InvalidInput(f"BYTES tensor has {len(items)} elements; shape {list(shape)} needs {count}")
+    if offset != len(view):
+        raise InvalidInput(
+            f"BYTES tensor has more data than shape {list(shape)} holds: {len(view) - offset} bytes "
+            f"remain after its {count} elements"
+        )
     array = np.empty(count, dtype=object)
     array[:] = items
     return array.reshape(shape)

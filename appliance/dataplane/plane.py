@@ -41,6 +41,15 @@ HEADER_ALLOWANCE_BYTES = 64 * 1024  # the JSON around the tensors: names, parame
 # (orjson, simdjson) holds the GIL from start to end wherever it runs: what strangers send (pool jobs)
 # is bounded before it is parsed instead (Call.bounds, and the pool row limit).
 DECODE_ON_THREAD_BYTES = 1024 * 1024
+# The most bytes of JSON a stranger's answer (a pool job's) may make the node write for its text
+# (BYTES) outputs, reckoned before writing at 6 bytes a character: a control character is written as
+# a \u00XX escape, any other as at most itself (orjson writes UTF-8 as it is). The element bound
+# alone let one element of 15 MiB of control characters be written as 90 MiB of JSON, in one orjson
+# call on the event loop. 1 MiB of escapes takes about 1.2 ms to write (2 shared cores of an EPYC
+# VM), within what the element bound allows for numbers; 174762 characters of text answered as JSON
+# are ample for labels and messages, and more is asked for as binary, which is written as it is.
+MAX_JSON_OUTPUT_TEXT_BYTES = 1024 * 1024
+JSON_BYTES_PER_CHARACTER = 6
 
 Reader = Callable[[int], Awaitable[bytes | bytearray | memoryview]]
 
@@ -116,6 +125,8 @@ class Bounds:
     max_json_bytes: int  # JSON parsed: the whole body, or the header before binary tensor data
     max_json_output_elements: int  # tensor elements answered as JSON text; more must be asked binary
     budget: WorkBudget  # CPU for decoding (on its thread) and encoding them, all such calls together
+    # JSON written for text (BYTES) outputs, at JSON_BYTES_PER_CHARACTER; more must be asked binary
+    max_json_output_text_bytes: int = MAX_JSON_OUTPUT_TEXT_BYTES
 
 
 @dataclass(slots=True)
@@ -348,24 +359,49 @@ def _check_json_output(
     call: Call, bounds: Bounds, request: codec.InferenceRequest, outputs: Mapping[str, np.ndarray]
 ) -> None:
     """RequestTooLarge, before the answer is written, for more tensor elements answered as JSON text
-    than `bounds` take (writing them holds the GIL as parsing does)."""
-    elements = 0
-    for wanted in codec.wanted_outputs(request, outputs):
-        binary = request.binary_output if wanted.binary is None else wanted.binary
-        if not binary and wanted.region is None:
-            elements += outputs[wanted.name].size
-    limit = bounds.max_json_output_elements
-    if elements <= limit:
-        return
+    than `bounds` take, or text (BYTES) outputs that could be written as more bytes of JSON than they
+    take (writing them holds the GIL as parsing does)."""
+    as_json = [
+        outputs[wanted.name]
+        for wanted in codec.wanted_outputs(request, outputs)
+        if not (request.binary_output if wanted.binary is None else wanted.binary) and wanted.region is None
+    ]
     how = (
         "which needs MQTT 5"
         if call.is_json_only
         else "parameters.binary_data_output true, or each output's parameters.binary_data true"
     )
-    raise errors.RequestTooLarge(
-        f"the answer would carry {elements} tensor elements as JSON: {_whose(call)} is answered with at "
-        f"most {limit} as JSON; ask for binary outputs, {how}"
-    )
+    elements = sum(array.size for array in as_json)
+    limit = bounds.max_json_output_elements
+    if elements > limit:
+        raise errors.RequestTooLarge(
+            f"the answer would carry {elements} tensor elements as JSON: {_whose(call)} is answered with "
+            f"at most {limit} as JSON; ask for binary outputs, {how}"
+        )
+    # Only within the element bound: at most that many lengths are summed.
+    characters = sum(_text_length(array) for array in as_json if array.dtype.kind in "OSU")
+    written = characters * JSON_BYTES_PER_CHARACTER
+    limit = bounds.max_json_output_text_bytes
+    if written > limit:
+        raise errors.RequestTooLarge(
+            f"the answer would carry {characters} bytes of text as JSON, up to {written} bytes written "
+            f"(escapes take {JSON_BYTES_PER_CHARACTER} bytes a character): {_whose(call)} is answered "
+            f"with at most {limit} bytes of text outputs as JSON; ask for binary outputs, {how}"
+        )
+
+
+def _text_length(array: np.ndarray) -> int:
+    """How many characters (or bytes: each is at most one character) a text tensor is written with as
+    JSON: a bound for fixed-size strings, the sum of its elements' lengths otherwise."""
+    if array.dtype.kind == "S":
+        return array.size * array.dtype.itemsize
+    if array.dtype.kind == "U":
+        return array.size * (array.dtype.itemsize // 4)
+    flat = array.reshape(-1)
+    try:
+        return sum(map(len, flat))  # bytes and str, as the codec and ORT make them
+    except TypeError:  # other objects are written as their str()
+        return sum(len(item) if isinstance(item, (bytes, str)) else len(str(item)) for item in flat)
 
 
 def _whose(call: Call) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,14 @@ from appliance.engine.manifest import Batching, InputOverride
 from appliance.engine.modelfiles import ModelFiles, read_model
 from appliance.engine.repository import ModelSource
 from appliance.engine.signature import Signature, read_signature
-from appliance.errors import ApplianceError, InferenceFailed, InvalidInput, ModelLoadError, Overloaded
+from appliance.errors import (
+    ApplianceError,
+    InferenceFailed,
+    InvalidInput,
+    ModelLoadError,
+    Overloaded,
+    RequestTooLarge,
+)
 from appliance.providers.base import SessionContext
 from appliance.providers.host import ort_reason
 from appliance.providers.registry import Registry
@@ -429,11 +437,30 @@ _SHAPE_ERRORS = (
 # Memory the run could not get (the CPU arena's bad_alloc, a device's allocator): the box's state now,
 # not the request's fault nor the model's: 503, try again.
 _MEMORY_ERRORS = ("bad_alloc", "Failed to allocate memory", "out of memory", "ALLOC_FAILED")
+# ORT's arenas (CPU and device) name the size they could not get. One larger than all of the machine's
+# memory (a device's is not more) can never be had: the request, not the box's state, is at fault
+# (attention over an open sequence of 400,000 tokens asks 640 GB): 413, do not try again.
+_ALLOCATION_SIZE = re.compile(r"Failed to allocate memory for requested buffer of size (\d{1,30})")
+
+
+def _total_memory_bytes() -> int | None:
+    """All of the machine's memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _translate(model: str, exc: Exception, *, has_open_shapes: bool = False) -> ApplianceError:
     text = ort_reason(exc)
     if isinstance(exc, MemoryError) or any(marker in text for marker in _MEMORY_ERRORS):
+        found = _ALLOCATION_SIZE.search(str(exc))  # the size may be past ort_reason's first line
+        total = _total_memory_bytes()
+        if found is not None and total is not None and int(found.group(1)) > total:
+            return RequestTooLarge(
+                f"model {model!r} cannot run this request: it needs a buffer of {int(found.group(1))} "
+                f"bytes, more than all of this machine's memory ({total} bytes); send a smaller request"
+            )
         return Overloaded(f"model {model!r} could not get the memory to run this request now: {text}")
     if any(marker in text for marker in _INPUT_ERRORS) or type(exc).__name__ == "InvalidArgument":
         return InvalidInput(f"model {model!r} rejected the input: {text}")

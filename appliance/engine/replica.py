@@ -45,10 +45,38 @@ OOM_SCORE_ADJ = 500  # short of memory, the kernel kills pool work before the li
 LOAD_LIMIT_S = 300.0  # a child not ready by then is given up (killed): pool work runs in-process
 SPEC_JOIN_S = 5.0  # the spec's sender ends at once when its socket is shut down; this only bounds it
 
+# What a batch in the child may fail with, carried across by name (engine/replica_main.py sends the
+# nearest of these its error is): each is answered as the same error in-process would be, so a memory
+# failure is a 503 with its Retry-After (Overloaded) and a request no memory can hold a 413, not a 500.
 _ERRORS: dict[str, type[errors.ApplianceError]] = {
-    "InvalidInput": errors.InvalidInput,
-    "InferenceFailed": errors.InferenceFailed,
+    kind.__name__: kind
+    for kind in (
+        errors.InvalidInput,
+        errors.RequestTooLarge,
+        errors.InferenceFailed,
+        errors.Overloaded,
+    )
 }
+
+
+def error_header(exc: errors.ApplianceError) -> dict[str, Any]:
+    """The child's frame for a batch that failed with `exc`: the nearest error the parent knows (its
+    own class or the closest base of it in _ERRORS; InferenceFailed for none), its message and, for
+    Overloaded, when to try again."""
+    kind = next((k for k in type(exc).__mro__ if _ERRORS.get(k.__name__) is k), errors.InferenceFailed)
+    header: dict[str, Any] = {"error": kind.__name__, "message": str(exc)}
+    if isinstance(exc, errors.Overloaded):
+        header["retry_after_s"] = float(exc.retry_after_s)
+    return header
+
+
+def raised_error(header: Mapping[str, Any]) -> errors.ApplianceError:
+    """The error a child's error frame stands for, as the batch's own."""
+    kind = _ERRORS.get(str(header["error"]), errors.InferenceFailed)
+    message = str(header["message"])
+    if issubclass(kind, errors.Overloaded):
+        return kind(message, retry_after_s=float(header.get("retry_after_s", 1.0)))
+    return kind(message)
 
 
 # The parent's side.
@@ -188,10 +216,11 @@ class Replica:
     ) -> tuple[dict[str, np.ndarray], float]:
         """Run one batch in the child: its outputs and ORT's time on it there.
 
-        Raises the child's InvalidInput or InferenceFailed as its own. A child that has not answered
-        within `wait_s` (the caller's: past the batch's last deadline) is taken as hung, killed and
-        started again for the next batch; this one gets DeadlineExceeded. An idle-priority child is
-        slow while line work keeps the cores: only the deadline says when slow is no use.
+        Raises the child's InvalidInput, RequestTooLarge, InferenceFailed or Overloaded (with its
+        Retry-After) as its own. A child that has not answered within `wait_s` (the caller's: past the
+        batch's last deadline) is taken as hung, killed and started again for the next batch; this one
+        gets DeadlineExceeded. An idle-priority child is slow while line work keeps the cores: only the
+        deadline says when slow is no use.
         """
         with self._lock:
             child = self._current()
@@ -222,7 +251,7 @@ class Replica:
                 f"({type(exc).__name__}); it is started again for the next one"
             ) from None
         if "error" in header:
-            raise _ERRORS.get(header["error"], errors.InferenceFailed)(header["message"])
+            raise raised_error(header)
         with self._lock:
             pid = int(header.get("pid", 0))
             self.ran[pid] = self.ran.get(pid, 0) + 1

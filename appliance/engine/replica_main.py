@@ -24,7 +24,7 @@ from appliance import errors
 from appliance.engine.frames import receive_frame, receive_message, send_message
 from appliance.engine.model import LoadedModel
 from appliance.engine.priority import lower_priority
-from appliance.engine.replica import OOM_SCORE_ADJ, ReplicaSpec
+from appliance.engine.replica import OOM_SCORE_ADJ, ReplicaSpec, error_header
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def serve(model: LoadedModel, sock: socket.socket) -> None:
                 outputs = model.run(feed)
                 compute_s = time.perf_counter() - started
             except errors.ApplianceError as exc:
-                send_message(sock, {"error": type(exc).__name__, "message": str(exc)})
+                send_message(sock, error_header(exc))
                 continue
             except Exception as exc:  # a bug must still answer, or the parent's worker waits for ever
                 log.exception("pool process for model %s: batch failed unexpectedly", model.name)

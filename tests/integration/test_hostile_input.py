@@ -248,15 +248,47 @@ def test_a_size_failure_of_a_graph_whose_sizes_are_all_fixed_stays_the_models_fa
     assert isinstance(model._translate("m", failure, has_open_shapes=True), InvalidInput)
 
 
-def test_memory_a_run_could_not_get_is_a_503_not_a_500() -> None:
+def test_memory_a_run_could_not_get_is_a_503_not_a_500(monkeypatch: pytest.MonkeyPatch) -> None:
     from appliance.dataplane.outcomes import outcome_of
     from appliance.engine import model
 
     class Fail(Exception):
         pass
 
+    monkeypatch.setattr(model, "_total_memory_bytes", lambda: 16 << 30)  # a 16 GiB box
     arena = Fail("[ONNXRuntimeError] : 1 : FAIL : bad allocation: std::bad_alloc while running MatMul")
     for failure in (arena, Fail("Failed to allocate memory for requested buffer of size 8589934592")):
         refusal = model._translate("m", failure)
         assert outcome_of(refusal).http_status == 503 and refusal.retry_after_s > 0, refusal
     assert outcome_of(model._translate("m", MemoryError())).http_status == 503
+
+
+def test_a_buffer_larger_than_all_of_the_machines_memory_is_a_413_not_try_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attention over an open sequence of 400,000 tokens asks ORT for a 640 GB buffer: no box of this
+    size will ever have it, so the answer is the request's fault (413), not a 503 to retry."""
+    from appliance.dataplane.outcomes import outcome_of
+    from appliance.engine import model
+    from appliance.errors import Overloaded, RequestTooLarge
+
+    class Fail(Exception):
+        pass
+
+    status = (
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running FusedMatMul node. "
+        "Status Message: bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, "
+        "onnxruntime::Stream*) Failed to allocate memory for requested buffer of size {}\n"
+    )
+    monkeypatch.setattr(model, "_total_memory_bytes", lambda: 16 << 30)
+    never = model._translate("m", Fail(status.format(640_000_000_000)), has_open_shapes=True)
+    assert type(never) is RequestTooLarge and outcome_of(never).http_status == 413
+    assert "needs a buffer of 640000000000 bytes, more than all of this machine's memory" in str(never)
+    assert "(17179869184 bytes)" in str(never)
+    within = model._translate("m", Fail(status.format(16 << 30)), has_open_shapes=True)  # not more than all
+    assert type(within) is Overloaded and outcome_of(within).http_status == 503
+    monkeypatch.setattr(model, "_total_memory_bytes", lambda: None)  # the system does not say: try again
+    assert type(model._translate("m", Fail(status.format(640_000_000_000)))) is Overloaded
+    monkeypatch.undo()
+    total = model._total_memory_bytes()
+    assert total is not None and total > 0  # this machine's, as the service reads it

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import pickle
+import resource
 import signal
 import socket
 import subprocess
@@ -21,8 +22,9 @@ import pytest
 from external_weights import external_model, set_weights
 from tests_support import load_model
 
+from appliance import errors
 from appliance.engine import frames as wire
-from appliance.engine.replica import Replica, ReplicaSpec
+from appliance.engine.replica import Replica, ReplicaSpec, error_header, raised_error
 from appliance.errors import DeadlineExceeded, DeadlineUnmet, InferenceFailed
 from appliance.scheduler.placement import PoolRules, Where
 from appliance.scheduler.queues import Priority
@@ -204,6 +206,85 @@ def test_text_tensors_cross_to_the_pool_process(tmp_path: Path) -> None:
     outputs = asyncio.run(scenario())
     assert [bytes(v) if isinstance(v, bytes) else v.encode() for v in outputs["echo"]] == [b"bolt", b"nut"]
     assert outputs["n"].tolist() == [2]
+
+
+def sized() -> onnx.ModelProto:
+    """y: as many zeros as n says; the buffer ORT allocates for it is the request's to choose."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("ConstantOfShape", ["n"], ["y"])],
+        "sized",
+        [onnx.helper.make_tensor_value_info("n", onnx.TensorProto.INT64, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["K"])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def virtual_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmSize for {pid}")
+
+
+def test_memory_failures_in_the_pool_process_are_answered_as_in_process(tmp_path: Path) -> None:
+    """A run that could not get its memory is a 503 with Retry-After (Overloaded) in-process, and a
+    request that needs more than all of the machine's memory a 413 (RequestTooLarge): from the pool
+    process too, not a 500 (InferenceFailed) the platform would take as the node's failure."""
+    model = load_model(tmp_path, sized(), FAR_SLO)
+
+    async def scenario():
+        scheduler = pool_scheduler(model, instances=1)
+        try:
+            empty = await scheduler.infer({"n": np.array([0], np.int64)}, priority=Priority.POOL)
+            child = scheduler.replica._child.process
+            [never] = await asyncio.gather(  # 4 PiB of FP32 zeros (2^63 bytes would break ORT's arena)
+                scheduler.infer({"n": np.array([2**50], np.int64)}, priority=Priority.POOL),
+                return_exceptions=True,
+            )
+            # The child may take 256 MiB more address space: 1 GiB it cannot get now.
+            limit = virtual_bytes(child.pid) + (256 << 20)
+            resource.prlimit(child.pid, resource.RLIMIT_AS, (limit, limit))
+            [short] = await asyncio.gather(
+                scheduler.infer({"n": np.array([1 << 28], np.int64)}, priority=Priority.POOL),
+                return_exceptions=True,
+            )
+            again = await scheduler.infer({"n": np.array([3], np.int64)}, priority=Priority.POOL)
+            return empty, never, short, again, child, scheduler.replica
+        finally:
+            await scheduler.close()
+
+    empty, never, short, again, child, replica = asyncio.run(scenario())
+    assert empty["y"].shape == (0,)
+    assert type(never) is errors.RequestTooLarge, never
+    assert f"needs a buffer of {2**52} bytes, more than all of this machine's memory" in str(never)
+    assert type(short) is errors.Overloaded, short
+    assert "could not get the memory to run this request now" in str(short) and short.retry_after_s > 0
+    np.testing.assert_array_equal(again["y"], np.zeros(3, np.float32))  # the same child serves on
+    assert replica.restarts == 0 and replica.ran[child.pid] == 2  # it counts batches answered with outputs
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.InvalidInput("bad"),
+        errors.RequestTooLarge("too large"),
+        errors.InferenceFailed("failed"),
+        errors.Overloaded("no memory now", retry_after_s=2.5),
+    ],
+)
+def test_the_pool_processes_errors_cross_as_themselves(error: errors.ApplianceError) -> None:
+    crossed = raised_error(error_header(error))
+    assert type(crossed) is type(error) and str(crossed) == str(error)
+    assert getattr(crossed, "retry_after_s", None) == getattr(error, "retry_after_s", None)
+
+
+def test_an_error_the_parent_does_not_know_crosses_as_its_nearest_base() -> None:
+    crossed = raised_error(error_header(errors.QueueFull("full", retry_after_s=4.0)))
+    assert type(crossed) is errors.Overloaded and crossed.retry_after_s == 4.0
+    assert type(raised_error(error_header(errors.ModelLoadError("gone")))) is errors.InferenceFailed
+    assert type(raised_error({"error": "SystemExit", "message": "x"})) is errors.InferenceFailed
 
 
 def test_a_killed_pool_process_is_replaced_and_every_job_gets_one_answer(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from pool_recorder import WAIT_S, Names, Received, Recorder, ask, pool_section, 
 
 from appliance import tensors
 from appliance.dataplane.budget import WorkBudget
-from appliance.dataplane.plane import Bounds
+from appliance.dataplane.plane import JSON_BYTES_PER_CHARACTER, MAX_JSON_OUTPUT_TEXT_BYTES, Bounds
 from appliance.pool import routes
 from appliance.pool.routes import SCAN_BYTES
 from appliance.pool.wire import MAX_JSON_BYTES, MAX_JSON_OUTPUT_ELEMENTS
@@ -285,6 +285,57 @@ async def test_an_answer_is_written_as_json_only_while_small_and_each_output_onc
         body, user = binary_job(x, outputs=["y", "s", "y"])
         answer = await ask(recorder, names, "infer/wide", body, user=user)
         refusal(answer, 400, "output 'y' is requested more than once")
+        await line_serves_wide(running.url)
+
+
+@pytest.mark.asyncio
+async def test_text_answered_as_json_is_bounded_by_its_bytes_not_its_elements(
+    serve: Callable[..., Any],
+    repository: Path,
+    broker: Broker,
+    names: Names,
+    recorder_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One BYTES element is one element: 15 MiB of control characters in it were written as 90 MiB of
+    JSON escapes on the event loop (1.5 s). Text answered as JSON is bounded by its bytes, at the
+    escape's 6 bytes a character, and refused before any of it is written."""
+    if not broker.is_v5:
+        pytest.skip("binary tensors need MQTT 5 user properties")
+    written: list[int] = []
+    json_data = codec.json_data
+    test_thread = threading.current_thread()
+
+    def spy_json_data(array: np.ndarray) -> Any:
+        if threading.current_thread() is not test_thread:
+            written.append(array.size)
+        return json_data(array)
+
+    monkeypatch.setattr(codec, "json_data", spy_json_data)
+    most = MAX_JSON_OUTPUT_TEXT_BYTES // JSON_BYTES_PER_CHARACTER  # characters: each may be an escape
+    recorder = await recorder_factory(broker, names)
+    with node(serve, repository, broker, names) as running:
+        await recorder.node("birth")
+        over = np.array([b"\x01" * (most + 1)], dtype=object)
+        body, user = binary_job(over, name="text", binary_output=False)
+        answer = await ask(recorder, names, "infer/echo", body, user=user)
+        refusal(
+            answer,
+            413,
+            f"the answer would carry {most + 1} bytes of text as JSON",
+            f"at most {MAX_JSON_OUTPUT_TEXT_BYTES} bytes of text outputs as JSON",
+            "ask for binary outputs, parameters.binary_data_output true",
+        )
+        assert written == []  # refused before the answer was written
+        body, user = binary_job(over, name="text", binary_output=True)
+        answer = await ask(recorder, names, "infer/echo", body, user=user)
+        assert outputs_of(answer)["echo"].tolist() == over.tolist()
+        at_most = np.array([b"\x01" * most], dtype=object)
+        body, user = binary_job(at_most, name="text", binary_output=False)
+        answer = await ask(recorder, names, "infer/echo", body, user=user)
+        assert answer.document["outputs"][0]["data"] == ["\x01" * most]
+        assert len(answer.payload) > MAX_JSON_OUTPUT_TEXT_BYTES - 1024  # escapes: 6 bytes a character
+        assert written == [1]
         await line_serves_wide(running.url)
 
 
