@@ -93,7 +93,8 @@ def _json_answer_may_pass(
 ) -> bool:
     """Whether the elements the buyer asks as JSON could be more than a node writes as JSON for a
     stranger: more by the declared shapes (an open first dimension counted as the job's rows where the
-    model batches), or unknown (another open dimension, an output the births do not declare)."""
+    model batches), or unknown (another open dimension, an output the births do not declare, text, which
+    a node bounds by its bytes)."""
     declared = {spec.name: spec for spec in outputs or ()}
     wanted = decoded.outputs or [codec.RequestedOutput(name) for name in declared]
     if not wanted:  # no output asked and none declared: the answer's size is unknown
@@ -104,7 +105,7 @@ def _json_answer_may_pass(
         if binary:
             continue
         spec = declared.get(requested.name)
-        if spec is None:
+        if spec is None or spec.datatype == "BYTES":  # text: bounded in bytes at the node, unknown here
             return True
         has_rows = is_batched and len(spec.shape) > 0 and spec.shape[0] == DYNAMIC
         if DYNAMIC in (spec.shape[1:] if has_rows else spec.shape):

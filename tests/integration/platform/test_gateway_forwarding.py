@@ -104,6 +104,8 @@ def test_what_travels_binary_is_decided_by_what_a_node_takes_as_json() -> None:
     boxes = [TensorSpec("y", "FP32", (-1, 4))]
     assert not forwarding.planned(inputs, None, decoded, boxes, 1, None, is_batched=True).binary_outputs
     assert forwarding.planned(inputs, None, decoded, boxes, 1, None, is_batched=False).binary_outputs
+    text = [TensorSpec("y", "BYTES", (-1, 1))]  # a node bounds text answered as JSON by its bytes
+    assert forwarding.planned(inputs, None, decoded, text, 1, None, is_batched=True).binary_outputs
     binary = codec.decode_request(orjson.dumps({**document(np.zeros((1, 4), np.float32)),
                                                 "parameters": {"binary_data_output": True}}))  # fmt: skip
     assert not forwarding.planned(
