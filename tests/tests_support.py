@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import modelzoo
+import numpy as np
 import onnx
 from hypothesis import strategies as st
 
 from appliance.engine.model import LoadedModel
 from appliance.engine.repository import Repository
 from appliance.providers.registry import Registry
+from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
 from appliance.settings import ModelSettings
 
 # Any JSON value, nested a little: what a client might put where a tensor's data belongs.
@@ -63,3 +65,25 @@ def load_written(tmp_path: Path, name: str = "m", **options: object) -> LoadedMo
         threads_per_call=1,
         **options,  # type: ignore[arg-type]
     )
+
+
+class FakeClock:
+    """A scheduler's clock that moves only when a test sets `now`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def started(model: LoadedModel, clock=None, **config) -> ModelScheduler:
+    """A started ModelScheduler of `model` with SchedulerConfig(**config), on `clock` where given."""
+    scheduler = ModelScheduler(model, SchedulerConfig(**config), **({"clock": clock} if clock else {}))
+    scheduler.start()
+    return scheduler
+
+
+def x(rows: int = 1, value: float = 1.0) -> dict[str, np.ndarray]:
+    """Inputs of the `batchable` test model: `rows` rows of four `value`s."""
+    return {"x": np.full((rows, 4), value, np.float32)}

@@ -12,6 +12,7 @@ import modelzoo
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
+from tests_support import FakeClock, started, x
 from tests_support import load_model as load
 
 from appliance.engine.model import LoadedModel
@@ -20,24 +21,6 @@ from appliance.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from appliance.scheduler.placement import PoolRules, Where
 from appliance.scheduler.queues import Priority
 from appliance.scheduler.runner import ModelScheduler, SchedulerConfig, Timing
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def started(model: LoadedModel, clock=None, **config) -> ModelScheduler:
-    scheduler = ModelScheduler(model, SchedulerConfig(**config), **({"clock": clock} if clock else {}))
-    scheduler.start()
-    return scheduler
-
-
-def x(rows: int = 1, value: float = 1.0) -> dict[str, np.ndarray]:
-    return {"x": np.full((rows, 4), value, np.float32)}
 
 
 async def gather_outcomes(*coroutines) -> list[object]:

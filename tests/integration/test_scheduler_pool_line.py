@@ -12,37 +12,19 @@ import modelzoo
 import numpy as np
 import pytest
 from holds import Batches
-from tests_support import load_model, load_written
+from tests_support import FakeClock, load_model, load_written, started, x
 
 from appliance.engine.model import LoadedModel
 from appliance.errors import DeadlineExceeded, Overloaded
 from appliance.scheduler import worker as worker_module
 from appliance.scheduler.placement import PoolRules, Where
 from appliance.scheduler.queues import Priority
-from appliance.scheduler.runner import ModelScheduler, SchedulerConfig
+from appliance.scheduler.runner import ModelScheduler
 
 FAR = "slo_p99_ms = 600000\n"
 WAIT_S = 60.0  # what a failing test waits for what a passing one gets at once
 THREADS = PoolRules(Where.THREADS, idle_priority=False)  # pool threads of their own (normal priority:
 # on a busy box an idle-priority thread may get no CPU at all, and these tests are about bookkeeping)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def started(model: LoadedModel, clock=None, **config) -> ModelScheduler:
-    scheduler = ModelScheduler(model, SchedulerConfig(**config), **({"clock": clock} if clock else {}))
-    scheduler.start()
-    return scheduler
-
-
-def x(rows: int = 1, value: float = 1.0) -> dict[str, np.ndarray]:
-    return {"x": np.full((rows, 4), value, np.float32)}
 
 
 async def until(condition, what: str) -> None:
