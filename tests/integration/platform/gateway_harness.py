@@ -20,8 +20,11 @@ import numpy as np
 from pool_brokers import Broker
 from pool_process import READY, Process, node_environment, node_process
 from pool_recorder import Names, pool_section
+from sqlalchemy import select
 
 from appliance.platform.gateway import Gateway
+from appliance.platform.ledger import Ledger
+from appliance.platform.schema import receipts
 from appliance.platform.settings import PlatformSettings
 from appliance.platform.watch import watch_gateway
 from appliance.protocol import codec
@@ -183,3 +186,29 @@ async def until(condition: Callable[[], Any], timeout_s: float = WAIT_S, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout_s} s")
         await asyncio.sleep(0.05)
+
+
+def ledger_rows(gateway: RunningGateway) -> list[dict[str, Any]]:
+    """Every receipt in the gateway's own SQLite ledger, read through a second, read-only connection."""
+    ledger = Ledger.open(str(gateway.gateway.settings.state_dir / "ledger.sqlite3"), is_writer=False)
+    try:
+        with ledger.engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(select(receipts))]
+    finally:
+        ledger.close()
+
+
+async def checks_settled(gateway: RunningGateway) -> None:
+    """Every check started so far has ended and its receipt is committed. Unlike waiting for a moment with
+    no check running, this needs none: a quarantined node gets a recheck canary every
+    recheck_interval_s, and on a busy box one may start before the last has ended."""
+    inner = gateway.gateway
+
+    async def settle() -> None:  # on the gateway's loop, which owns the tasks (waited for, never cancelled)
+        if checks := set(inner.checks._tasks):
+            await asyncio.wait(checks)
+        if pending := set(inner.metering._pending):  # theirs among them, recorded as they ended
+            await asyncio.wait(pending)
+
+    settled = asyncio.run_coroutine_threadsafe(settle(), inner.link._loop)
+    await asyncio.wait_for(asyncio.wrap_future(settled), WAIT_S)

@@ -12,16 +12,14 @@ import numpy as np
 import orjson
 import pytest
 from checks_fixtures import DISHONEST, FP32, INT8, NAME, catalogue, repository, request, sha256
-from gateway_harness import WAIT_S, run_gateway, run_nodes, until
+from gateway_harness import WAIT_S, checks_settled, ledger_rows, run_gateway, run_nodes, until
 from pool_brokers import Broker
 from pool_recorder import Names, validate
-from sqlalchemy import select
 
 from appliance.platform import receipts as kinds
 from appliance.platform.ledger import Ledger
 from appliance.platform.receipts import from_row, is_signed_by
 from appliance.platform.report import summary
-from appliance.platform.schema import receipts
 from appliance.pool import signing
 
 INFER = f"/v2/models/{NAME}/infer"
@@ -33,15 +31,6 @@ def usable(gateway: Any, name: str) -> Any:
 
 def quarantined(gateway: Any, name: str) -> Any:
     return lambda: (gateway.node(name) or {}).get("quarantine")
-
-
-def ledger_rows(gateway: Any) -> list[dict[str, Any]]:
-    ledger = Ledger.open(str(gateway.gateway.settings.state_dir / "ledger.sqlite3"), is_writer=False)
-    try:
-        with ledger.engine.connect() as connection:
-            return [dict(row._mapping) for row in connection.execute(select(receipts))]
-    finally:
-        ledger.close()
 
 
 def by_node(gateway: Any) -> dict[str, dict[str, Any]]:
@@ -79,22 +68,6 @@ async def checks_done(gateway: Any) -> None:
     await until(
         lambda: not gateway.gateway.checks._tasks and not gateway.gateway.metering._pending, what="checks"
     )
-
-
-async def checks_settled(gateway: Any) -> None:
-    """Every check started so far has ended and its receipt is committed. Unlike `checks_done`, this
-    needs no moment with no check running: a quarantined node gets a recheck canary every
-    recheck_interval_s, and on a busy box one may start before the last has ended."""
-    inner = gateway.gateway
-
-    async def settle() -> None:  # on the gateway's loop, which owns the tasks (waited for, never cancelled)
-        if checks := set(inner.checks._tasks):
-            await asyncio.wait(checks)
-        if receipts := set(inner.metering._pending):  # theirs among them, recorded as they ended
-            await asyncio.wait(receipts)
-
-    settled = asyncio.run_coroutine_threadsafe(settle(), inner.link._loop)
-    await asyncio.wait_for(asyncio.wrap_future(settled), WAIT_S)
 
 
 @pytest.mark.asyncio

@@ -20,18 +20,24 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton_http
-from gateway_harness import WAIT_S, Node, RunningGateway, run_gateway, run_nodes, until
+from gateway_harness import (
+    WAIT_S,
+    Node,
+    RunningGateway,
+    checks_settled,
+    ledger_rows,
+    run_gateway,
+    run_nodes,
+    until,
+)
 from pool_brokers import Broker
 from pool_recorder import Names
-from sqlalchemy import select
 from tritonclient.utils import InferenceServerException
 
 from appliance.errors import ConfigError, InvalidInput
 from appliance.platform import classes, forwarding
 from appliance.platform import receipts as kinds
 from appliance.platform.catalogue import MAX_LABEL_CHARS, MAX_LABELS, Catalogue
-from appliance.platform.ledger import Ledger
-from appliance.platform.schema import receipts
 from appliance.pool import signing
 from appliance.protocol import classification, codec
 from appliance.tensors import TensorSpec
@@ -106,29 +112,6 @@ async def refused(url: str, model: str, inputs: dict[str, np.ndarray], outputs: 
         await asyncio.to_thread(infer, url, model, inputs, outputs)
     assert caught.value.status() == "400", caught.value
     return caught.value.message()
-
-
-def ledger_rows(gateway: RunningGateway) -> list[dict[str, Any]]:
-    ledger = Ledger.open(str(gateway.gateway.settings.state_dir / "ledger.sqlite3"), is_writer=False)
-    try:
-        with ledger.engine.connect() as connection:
-            return [dict(row._mapping) for row in connection.execute(select(receipts))]
-    finally:
-        ledger.close()
-
-
-async def checks_settled(gateway: RunningGateway) -> None:
-    """Every check started so far has ended and its receipt is committed (awaited on the gateway's loop)."""
-    inner = gateway.gateway
-
-    async def settle() -> None:
-        if checks := set(inner.checks._tasks):
-            await asyncio.wait(checks)
-        if pending := set(inner.metering._pending):
-            await asyncio.wait(pending)
-
-    settled = asyncio.run_coroutine_threadsafe(settle(), inner.link._loop)
-    await asyncio.wait_for(asyncio.wrap_future(settled), WAIT_S)
 
 
 @pytest.mark.asyncio
