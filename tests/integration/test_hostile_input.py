@@ -237,30 +237,30 @@ def test_a_size_the_graph_cannot_compute_with_is_a_400_where_the_client_chose_it
 
 
 def test_a_size_failure_of_a_graph_whose_sizes_are_all_fixed_stays_the_models_fault() -> None:
-    from appliance.engine import model
+    from appliance.engine import failures
     from appliance.errors import InferenceFailed, InvalidInput
 
     class Fail(Exception):  # the name ORT's pybind layer gives its FAIL status
         pass
 
     failure = Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code ... MatMul dimension mismatch")
-    assert isinstance(model._translate("m", failure, has_open_shapes=False), InferenceFailed)
-    assert isinstance(model._translate("m", failure, has_open_shapes=True), InvalidInput)
+    assert isinstance(failures.translate("m", failure, has_open_shapes=False), InferenceFailed)
+    assert isinstance(failures.translate("m", failure, has_open_shapes=True), InvalidInput)
 
 
 def test_memory_a_run_could_not_get_is_a_503_not_a_500(monkeypatch: pytest.MonkeyPatch) -> None:
     from appliance.dataplane.outcomes import outcome_of
-    from appliance.engine import model
+    from appliance.engine import failures
 
     class Fail(Exception):
         pass
 
-    monkeypatch.setattr(model, "_total_memory_bytes", lambda: 16 << 30)  # a 16 GiB box
+    monkeypatch.setattr(failures, "total_memory_bytes", lambda: 16 << 30)  # a 16 GiB box
     arena = Fail("[ONNXRuntimeError] : 1 : FAIL : bad allocation: std::bad_alloc while running MatMul")
     for failure in (arena, Fail("Failed to allocate memory for requested buffer of size 8589934592")):
-        refusal = model._translate("m", failure)
+        refusal = failures.translate("m", failure)
         assert outcome_of(refusal).http_status == 503 and refusal.retry_after_s > 0, refusal
-    assert outcome_of(model._translate("m", MemoryError())).http_status == 503
+    assert outcome_of(failures.translate("m", MemoryError())).http_status == 503
 
 
 def test_a_buffer_larger_than_all_of_the_machines_memory_is_a_413_not_try_again(
@@ -269,7 +269,7 @@ def test_a_buffer_larger_than_all_of_the_machines_memory_is_a_413_not_try_again(
     """Attention over an open sequence of 400,000 tokens asks ORT for a 640 GB buffer: no box of this
     size will ever have it, so the answer is the request's fault (413), not a 503 to retry."""
     from appliance.dataplane.outcomes import outcome_of
-    from appliance.engine import model
+    from appliance.engine import failures
     from appliance.errors import Overloaded, RequestTooLarge
 
     class Fail(Exception):
@@ -280,15 +280,15 @@ def test_a_buffer_larger_than_all_of_the_machines_memory_is_a_413_not_try_again(
         "Status Message: bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, "
         "onnxruntime::Stream*) Failed to allocate memory for requested buffer of size {}\n"
     )
-    monkeypatch.setattr(model, "_total_memory_bytes", lambda: 16 << 30)
-    never = model._translate("m", Fail(status.format(640_000_000_000)), has_open_shapes=True)
+    monkeypatch.setattr(failures, "total_memory_bytes", lambda: 16 << 30)
+    never = failures.translate("m", Fail(status.format(640_000_000_000)), has_open_shapes=True)
     assert type(never) is RequestTooLarge and outcome_of(never).http_status == 413
     assert "needs a buffer of 640000000000 bytes, more than all of this machine's memory" in str(never)
     assert "(17179869184 bytes)" in str(never)
-    within = model._translate("m", Fail(status.format(16 << 30)), has_open_shapes=True)  # not more than all
+    within = failures.translate("m", Fail(status.format(16 << 30)), has_open_shapes=True)  # not more than all
     assert type(within) is Overloaded and outcome_of(within).http_status == 503
-    monkeypatch.setattr(model, "_total_memory_bytes", lambda: None)  # the system does not say: try again
-    assert type(model._translate("m", Fail(status.format(640_000_000_000)))) is Overloaded
+    monkeypatch.setattr(failures, "total_memory_bytes", lambda: None)  # the system does not say: try again
+    assert type(failures.translate("m", Fail(status.format(640_000_000_000)))) is Overloaded
     monkeypatch.undo()
-    total = model._total_memory_bytes()
+    total = failures.total_memory_bytes()
     assert total is not None and total > 0  # this machine's, as the service reads it
