@@ -249,7 +249,8 @@ async def infer(
     rows = _rows(decoded, inputs)
     is_ranked = classification.is_asked(decoded)
     outputs, is_batched = None, False
-    if is_ranked or forwarding.asks_json(decoded):  # what the model's answer holds matters here only
+    asks_json = forwarding.asks_json(decoded)
+    if is_ranked or asks_json:  # what the model's answer holds matters here only
         outputs = fleet.outputs(gateway, name, files)
         is_batched = fleet.is_batched(gateway, name, files)
         if is_batched is None:  # births that do not say: an input's open first dimension, as rows count
@@ -263,7 +264,7 @@ async def infer(
     if forward.is_rewritten:
         body, header_length = await forwarding.sent(body, header_length, decoded, forward)
     job = Job(name, buyer.name, body, header_length, rows, files, outputs=asked)
-    job.asks_binary_output = forward.binary_outputs or not forwarding.asks_json(decoded)
+    job.asks_binary_output = forward.binary_outputs or not asks_json
     started_s = time.perf_counter()
     answer = await gateway.dispatch(job, decoded)
     if answer.status == 200:
