@@ -30,6 +30,23 @@ _MEMORY_ERRORS = ("bad_alloc", "Failed to allocate memory", "out of memory", "AL
 # memory (a device's is not more) can never be had: the request, not the box's state, is at fault
 # (attention over an open sequence of 400,000 tokens asks 640 GB): 413, do not try again.
 _ALLOCATION_SIZE = re.compile(r"Failed to allocate memory for requested buffer of size (\d{1,30})")
+# A size past 64 bits: SafeInt's "Integer overflow" (a shape's element count, a byte count, the arena's next
+# region) or the tensor storage check. Only the request's values make one (ConstantOfShape, Expand of a
+# shape it sends: [2^31, 2^31, 4]): 413. ORT reports both as FAIL.
+_SAFEINT_OVERFLOW = "Integer overflow"
+_OVERFLOW_ERRORS = (_SAFEINT_OVERFLOW, "Calculation for Tensor storage size overflowed")
+# Where the total is unknown, a buffer past this is still more than any box this serves on has.
+_NO_BOX_HAS_BYTES = 1 << 48
+
+# A session's memory arena can be spoiled by one such request (ORT 1.32's BFCArena, the CPU's and a
+# device's alike): to cover a request it doubles the size of its next region, curr_region_allocation_bytes_
+# (a SafeInt<size_t>), and keeps it when that allocation then fails. After a request of 2^63 bytes (2^61
+# floats) it stays at 2^63, and every later growth of the arena overflows doubling it: every run that needs
+# more memory than the arena holds free fails with "Integer overflow", n = 3 included on a session that had
+# grown none yet, until the session is made again. After a failed request of more than the machine's
+# memory but less, the next growth first asks for that size and backs off by 10% until malloc gives:
+# about all of the machine's memory reserved for a 3 MB request. So the engine replaces a session after
+# either failure (LoadedModel.run).
 
 
 def total_memory_bytes() -> int | None:
@@ -44,6 +61,11 @@ def translate(model: str, exc: Exception, *, has_open_shapes: bool = False) -> A
     """The error a run failure of `model` is answered with; `has_open_shapes`: the model leaves a
     dimension besides the batch's to the client (Signature.has_open_shapes)."""
     text = ort_reason(exc)
+    if any(marker in str(exc) for marker in _OVERFLOW_ERRORS):
+        return RequestTooLarge(
+            f"model {model!r} cannot run this request: a size computed from its values does not fit in "
+            f"64 bits ({text}); send smaller values"
+        )
     if isinstance(exc, MemoryError) or any(marker in text for marker in _MEMORY_ERRORS):
         found = _ALLOCATION_SIZE.search(str(exc))  # the size may be past ort_reason's first line
         total = total_memory_bytes()
@@ -58,3 +80,18 @@ def translate(model: str, exc: Exception, *, has_open_shapes: bool = False) -> A
     if has_open_shapes and any(marker in text for marker in _SHAPE_ERRORS):
         return InvalidInput(f"model {model!r} cannot compute with the input's sizes: {text}")
     return InferenceFailed(f"model {model!r} failed: {text}")
+
+
+def spoils_session(exc: Exception) -> bool:
+    """Whether a run failure may have spoiled its session's memory arena (above): an overflow, or a
+    buffer larger than all of the machine's memory asked of the arena."""
+    if is_overflow(exc):
+        return True
+    found = _ALLOCATION_SIZE.search(str(exc))
+    return found is not None and int(found.group(1)) > (total_memory_bytes() or _NO_BOX_HAS_BYTES)
+
+
+def is_overflow(exc: Exception) -> bool:
+    """SafeInt's overflow: a size the request made too large, or what a spoiled arena answers any run
+    that needs it to grow (the one failure a run on a new session may not meet again)."""
+    return _SAFEINT_OVERFLOW in str(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from appliance.engine.bounds import (
     row_bytes,
     warmup_limit_s,
 )
-from appliance.engine.failures import translate
+from appliance.engine.failures import is_overflow, spoils_session, translate
 from appliance.engine.manifest import Batching, InputOverride
 from appliance.engine.modelfiles import ModelFiles, read_model
 from appliance.engine.repository import ModelSource
@@ -80,6 +81,10 @@ class LoadedModel:
     max_request_bytes: int = 0  # the largest request the data plane accepts: no batch holds more
     run_limit_s: float = 60.0  # a warm-up run past it is stopped (engine/bounds.py)
     build_limit_s: float = 600.0  # a device provider's first run of a size, past it (models.load_timeout_s)
+    # Opens the model again as `load` opened it (files, digest, provider, options): a session that a run
+    # failure may have spoiled is replaced (engine/failures.py). None: it is kept.
+    reopen: Callable[[], ort.InferenceSession] | None = field(default=None, repr=False)
+    _renewal: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
@@ -96,8 +101,9 @@ class LoadedModel:
     def close(self) -> None:
         """Free both sessions now, after the scheduler's last batch, rather than whenever the cyclic
         garbage collector next finds this model: ORT's memory and threads go with them."""
-        self.solo = None
-        self.placement.session = None  # type: ignore[assignment]  # nothing runs a closed model
+        with self._renewal:  # a session renewed now would outlive the model
+            self.solo = None
+            self.placement.session = None  # type: ignore[assignment]  # nothing runs a closed model
 
     @property
     def provider(self) -> str:
@@ -164,6 +170,20 @@ class LoadedModel:
         except ModelLoadError as exc:
             raise ModelLoadError(f"model {source.name!r} failed to load: {exc}") from exc
         signature = read_signature(placement.session, manifest.inputs)
+
+        def reopen() -> ort.InferenceSession:
+            again = read_model(source.path)
+            if file_digest(again) != digest:
+                raise ModelLoadError(f"{source.path} changed since it was loaded ({again.digest})")
+            return open_session(
+                again.model,
+                chain=[placement.provider],
+                registry=registry,
+                configs=provider_configs,  # type: ignore[arg-type]
+                context=SessionContext(source.name, digest, cache_dir),
+                session_options=lambda: again.add_to(session_options(threads_per_call)),
+            ).session
+
         limits = cut_batches(source.name, signature, _limits(signature, manifest.batching, settings), bound)
         return cls(
             source=source,
@@ -178,6 +198,7 @@ class LoadedModel:
             max_request_bytes=bound,
             run_limit_s=limit_s,
             build_limit_s=build_s,
+            reopen=reopen,
         )
 
     def open_solo(self, threads: int) -> None:
@@ -185,19 +206,7 @@ class LoadedModel:
         failure leaves the model without one (a lone request then runs as any other)."""
         before = _rss_bytes()
         try:
-            files = read_model(self.source.path)  # read again, never mapped: the same digest or none
-            if file_digest(files) != self.digest:
-                raise ModelLoadError(f"{self.source.path} changed since it was loaded ({files.digest})")
-            # It runs only while nothing else does, so its threads may spin between operators: the
-            # lone request's latency, not the shared cores, is what it is for. Without spinning the
-            # 224 model took 3.3 ms here against raw ORT's 2.8 (its default spins).
-            options = files.add_to(session_options(threads, spinning=True))
-            solo = ort.InferenceSession(files.model, options, providers=self.session.get_providers())
-            del files  # ORT has copied what it needs
-            feed = self.example_inputs(1)
-            if feed is not None:
-                with Deadline(self._limit_s(first=True), 1) as deadline:  # first run allocates
-                    solo.run(None, feed, deadline.options)
+            solo = self._open_solo_session(threads)
         except Exception as exc:  # noqa: BLE001 - an optimisation: without it the model serves as before
             log.warning(
                 "model %s: no %d-thread session for requests alone: %s", self.name, threads, ort_reason(exc)
@@ -205,6 +214,22 @@ class LoadedModel:
             return
         self.solo, self.solo_threads = solo, threads
         self.solo_bytes = max(0, _rss_bytes() - before)
+
+    def _open_solo_session(self, threads: int) -> ort.InferenceSession:
+        files = read_model(self.source.path)  # read again, never mapped: the same digest or none
+        if file_digest(files) != self.digest:
+            raise ModelLoadError(f"{self.source.path} changed since it was loaded ({files.digest})")
+        # It runs only while nothing else does, so its threads may spin between operators: the
+        # lone request's latency, not the shared cores, is what it is for. Without spinning the
+        # 224 model took 3.3 ms here against raw ORT's 2.8 (its default spins).
+        options = files.add_to(session_options(threads, spinning=True))
+        solo = ort.InferenceSession(files.model, options, providers=self.session.get_providers())
+        del files  # ORT has copied what it needs
+        feed = self.example_inputs(1)
+        if feed is not None:
+            with Deadline(self._limit_s(first=True), 1) as deadline:  # first run allocates
+                solo.run(None, feed, deadline.options)
+        return solo
 
     def run(
         self,
@@ -216,18 +241,61 @@ class LoadedModel:
     ) -> dict[str, np.ndarray]:
         """Run the session; InvalidInput when ORT rejects the values, InferenceFailed otherwise.
 
-        Releases the GIL while ORT computes, so several threads may call it at once.
+        Releases the GIL while ORT computes, so several threads may call it at once. A failure that may
+        have spoiled the session's memory arena (engine/failures.py: a request for more than all of
+        memory, an overflow) replaces the session; runs already on the old one finish there. A run that
+        met an overflow runs once more on the new session: it may have met the arena another request
+        spoiled, which a new session does not have.
         """
         names = list(outputs) if outputs is not None else self.signature.output_names
         feed = {name: _ort_value(name, array) for name, array in inputs.items()}
-        session = self.solo if is_solo and self.solo is not None else self.session
-        try:
-            results = session.run(names, feed, control.options if control else None)
-        except Exception as exc:
-            if control is not None and control.is_terminated:
-                raise Terminated(f"model {self.name!r}: run stopped to make way for line work") from exc
-            raise translate(self.name, exc, has_open_shapes=self.signature.has_open_shapes) from exc
+        solo = is_solo and self.solo is not None
+        session = self.solo if solo else self.session
+        for again in (False, True):
+            try:
+                results = session.run(names, feed, control.options if control else None)
+                break
+            except Exception as exc:
+                fresh = self._renew(session, solo=solo) if spoils_session(exc) else None
+                if control is not None and control.is_terminated:
+                    raise Terminated(f"model {self.name!r}: run stopped to make way for line work") from exc
+                if again or fresh is None or not is_overflow(exc):
+                    raise translate(self.name, exc, has_open_shapes=self.signature.has_open_shapes) from exc
+                session, solo = fresh, fresh is self.solo
         return dict(zip(names, results, strict=True))
+
+    def _renew(self, spoiled: ort.InferenceSession, *, solo: bool) -> ort.InferenceSession | None:
+        """A new session in place of `spoiled` (the solo one where `solo`), or the one another run has
+        already put there; None where the model is closed or no session could be made (it keeps the old).
+        A solo session that cannot be made again is dropped: lone requests run on the shared one."""
+        with self._renewal:
+            current = self.solo if solo else self.placement.session
+            if current is not spoiled:
+                return current if current is not None else self.placement.session
+            try:
+                if solo:
+                    fresh = self._open_solo_session(self.solo_threads)
+                elif self.reopen is not None:
+                    fresh = self.reopen()
+                else:
+                    return None
+            except Exception as exc:  # noqa: BLE001 - ORT raises many types; the model serves as it can
+                log.error("model %s: could not replace a spoiled session: %s", self.name, ort_reason(exc))
+                if solo:
+                    self.solo = None
+                    return self.placement.session
+                return None
+            if solo:
+                self.solo = fresh
+            else:
+                self.placement.session = fresh
+            log.warning(
+                "model %s: a run failed in a way that can spoil its session's memory arena; the %s "
+                "session was replaced",
+                self.name,
+                "solo" if solo else "shared",
+            )
+            return fresh
 
     def warm_up(self, runs: int) -> list[tuple[int, float]]:
         """Run every preferred batch size `runs` times; check batched outputs keep their rows.
