@@ -23,11 +23,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from appliance.platform import verify
 from appliance.platform.catalogue import Catalogue
 from appliance.platform.ledger import CHECK, FILE, NodeRecord, now_ms
 from appliance.platform.view import NodeView, PoolView
 from appliance.platform.writer import LedgerWriter
-from appliance.pool import signing
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Trust:
             self._set(node, NO_KEY)
             return
         try:
-            signing.parse_public_key(key)
+            verify.node_key(key)
         except ValueError as exc:
             node.trusted_key = None
             self._set(node, f"{BAD_KEY}: {exc}")

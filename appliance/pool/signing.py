@@ -139,13 +139,8 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
 
 def verify(public_key: Ed25519PublicKey, statement: Statement, signature: str) -> bool:
     """True when `signature` is the key's signature of the statement's canonical bytes."""
-    return verify_canonical(public_key, statement.canonical(), signature)
-
-
-def verify_canonical(public_key: Ed25519PublicKey, canonical: bytes, signature: str) -> bool:
-    """`verify` for a statement whose canonical bytes the caller holds already."""
     try:
-        public_key.verify(base64.b64decode(signature, validate=True), canonical)
+        public_key.verify(base64.b64decode(signature, validate=True), statement.canonical())
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -7,6 +7,7 @@ broker could have sent it), one the node's own key signed but that claims what n
 
 from __future__ import annotations
 
+import base64
 import math
 from typing import Any
 
@@ -138,3 +139,19 @@ def test_an_answer_holds_exactly_the_outputs_its_job_asked_for() -> None:
                 node(), "j/0/nonce", payload, None, input_sha256=INPUT_SHA, files=None, asked=frozenset(asked)
             )
         assert not isinstance(caught.value, Unverified) and caught.value.statement is not None
+
+
+def test_a_key_of_small_order_verifies_nothing() -> None:
+    """The identity point as a node's key, and the signature (R = identity, S = 0) that OpenSSL accepts
+    for it over every message: whoever sent it, it binds no node, so it is noise."""
+    identity_point = bytes([1]) + bytes(31)
+    weak = NodeView(
+        "s",
+        "n1",
+        needs_key=True,
+        birth={"public_key": "ed25519:" + base64.b64encode(identity_point).decode()},
+    )
+    weak.trusted_key = weak.public_key
+    forged = base64.b64encode(identity_point + bytes(32)).decode()
+    with pytest.raises(Unverified, match="small order"):
+        check(weak, "j/0/nonce", answer(signature=forged), None, input_sha256=INPUT_SHA, files=None)
