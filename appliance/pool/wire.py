@@ -7,7 +7,7 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -171,9 +171,13 @@ class _Filters(MQTTMatcher):
         return iter(()) if self.is_empty else super().iter_match(topic)
 
 
-def paho_client(client_id: str, protocol: int, **options: object) -> mqtt.Client:
-    """A paho client (callback API 2) that leaves no garbage per received message (`_Filters`)."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **options)  # type: ignore[arg-type]
+C = TypeVar("C", bound=mqtt.Client)
+
+
+def paho_client(client_id: str, protocol: int, *, kind: type[C] = mqtt.Client, **options: object) -> C:
+    """A paho client (callback API 2) that leaves no garbage per received message (`_Filters`);
+    `kind`: a subclass of paho's Client to make instead."""
+    client = kind(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **options)  # type: ignore[arg-type]
     client._on_message_filtered = _Filters()
     return client
 
