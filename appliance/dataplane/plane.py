@@ -209,7 +209,7 @@ class DataPlane:
         if request.outputs is not None:
             scheduler.model.signature.check_outputs([o.name for o in request.outputs])
             if bounds is not None:
-                _check_named_once(request.outputs)
+                codec.named_once(request.outputs)
         if call.is_json_only:
             request.parameters["binary_data_output"] = False
             if request.outputs:
@@ -343,16 +343,6 @@ def too_much_json(call: Call, size: int) -> errors.RequestTooLarge:
         f"{call.bounds.max_json_bytes} bytes of JSON (the whole body, or the header before binary tensor "
         f"data); send tensor data as binary, {how}"
     )
-
-
-def _check_named_once(outputs: list[codec.RequestedOutput]) -> None:
-    """InvalidInput for an output asked for twice: each copy would be answered, so a few bytes of
-    request could make the node write (and hold) any multiple of its largest output."""
-    seen: set[str] = set()
-    for output in outputs:
-        if output.name in seen:
-            raise errors.InvalidInput(f"output {output.name!r} is requested more than once")
-        seen.add(output.name)
 
 
 def _check_json_output(

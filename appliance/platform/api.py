@@ -245,7 +245,7 @@ async def infer(
     missing = [spec.name for spec in inputs if spec.name not in decoded.inputs]
     if missing:
         raise errors.InvalidInput(f"model {name!r} needs input(s) {missing}")
-    asked = _named_once(decoded)
+    asked = codec.named_once(decoded.outputs)
     rows = _rows(decoded, inputs)
     is_ranked = classification.is_asked(decoded)
     outputs, is_batched = None, False
@@ -272,19 +272,6 @@ async def infer(
         if forward.is_rewritten:
             return await forwarding.answered(answer, job, decoded, forward)
     return _response(answer, job)
-
-
-def _named_once(decoded: codec.InferenceRequest) -> frozenset[str] | None:
-    """The outputs asked for (None: all), each named once: a node would answer a name twice, which no
-    answer may hold (verify). One pass: a request may name thousands."""
-    seen: set[str] = set()
-    for requested in decoded.outputs or ():
-        if requested.name in seen:
-            raise errors.InvalidInput(
-                f"output {requested.name!r} is requested twice; an answer holds one tensor of each name"
-            )
-        seen.add(requested.name)
-    return frozenset(seen) if decoded.outputs else None
 
 
 def _expectation(model: str, inputs: list[TensorSpec]) -> codec.Expectation:

@@ -271,6 +271,23 @@ def _requested_outputs(raw: Any, regions: Regions | None) -> list[RequestedOutpu
     return outputs
 
 
+def named_once(outputs: list[RequestedOutput] | None) -> frozenset[str] | None:
+    """The names of the outputs asked for (None: all), or InvalidInput for one asked twice: where only
+    one answer of each name may come back (a node's answer to a gateway: decode_response), or where
+    each copy would be written (a pool job, so that a few bytes of request could make a node write any
+    multiple of its largest output). One pass: a request may name thousands."""
+    if not outputs:
+        return None
+    seen: set[str] = set()
+    for output in outputs:
+        if output.name in seen:
+            raise InvalidInput(
+                f"output {output.name!r} is requested twice; an answer holds one tensor of each name"
+            )
+        seen.add(output.name)
+    return frozenset(seen)
+
+
 def _class_count(parameters: Mapping[str, Any], owner: str) -> int:
     """parameters.classification: how many classes to answer, 0 (or absent) for the tensor itself, as
     Triton's HTTP endpoint reads it (its gRPC endpoint refuses 0; tritonclient never sends 0)."""

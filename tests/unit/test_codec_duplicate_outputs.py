@@ -1,5 +1,6 @@
 """A response naming an output twice is refused: readers differ on which one counts (tritonclient reads
-the first, a dict built in order keeps the last), so a node could have one checked and the other read."""
+the first, a dict built in order keeps the last), so a node could have one checked and the other read.
+So is a request asking for one twice where only one answer of each name may come (codec.named_once)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,19 @@ def test_an_output_named_twice_in_binary_is_invalid_input_too() -> None:
     header = orjson.dumps({"outputs": [binary, other]})  # two names: both decoded, as before
     decoded = codec.decode_response(header + blob + blob, len(header))
     assert sorted(decoded) == ["y", "z"] and decoded["z"].tolist() == Y.tolist()
+
+
+def test_a_request_asking_for_an_output_twice_is_found_in_one_pass() -> None:
+    """A request may name tens of thousands of outputs: the repeat is found without comparing each name
+    with every other (that took the gateway's event loop 2.6 s at 10,000 names, 44 s at 40,000)."""
+    x = {"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [0.0]}
+    names = [{"name": f"o{i}"} for i in range(50_000)]
+
+    def asked(outputs: list[dict[str, str]] | None) -> frozenset[str] | None:
+        body = {"inputs": [x]} | ({"outputs": outputs} if outputs is not None else {})
+        return codec.named_once(codec.decode_request(orjson.dumps(body)).outputs)
+
+    assert asked(names) == {f"o{i}" for i in range(50_000)}
+    with pytest.raises(InvalidInput, match=r"^output 'o7' is requested twice; an answer holds one tensor"):
+        asked([*names, {"name": "o7"}])
+    assert asked(None) is None

@@ -145,17 +145,3 @@ def test_a_json_request_goes_to_the_node_as_binary_with_the_same_tensors() -> No
     assert [raw["name"] for raw in written["inputs"]] == ["x", "z", "t"]
     assert (job.id, job.binary_output, [o.binary for o in job.outputs or []]) == ("r-1", True, [True])
     assert written["parameters"] == {"priority": 0, "binary_data_output": True}
-
-
-def test_an_output_named_twice_is_found_in_one_pass() -> None:
-    """A request may name tens of thousands of outputs: the repeat is found without comparing each name
-    with every other (that took the gateway's event loop 2.6 s at 10,000 names, 44 s at 40,000)."""
-    from appliance.errors import InvalidInput
-    from appliance.platform.api import _named_once
-
-    names = [{"name": f"o{i}"} for i in range(50_000)]
-    body = {**document(np.zeros((1, 4), np.float32)), "outputs": names}
-    assert _named_once(codec.decode_request(orjson.dumps(body))) == {f"o{i}" for i in range(50_000)}
-    with pytest.raises(InvalidInput, match="output 'o7' is requested twice"):
-        _named_once(codec.decode_request(orjson.dumps({**body, "outputs": [*names, {"name": "o7"}]})))
-    assert _named_once(codec.decode_request(orjson.dumps(document(np.zeros((1, 4), np.float32))))) is None

@@ -284,7 +284,7 @@ async def test_an_answer_is_written_as_json_only_while_small_and_each_output_onc
         # A job naming an output many times would be answered with as many copies of it.
         body, user = binary_job(x, outputs=["y", "s", "y"])
         answer = await ask(recorder, names, "infer/wide", body, user=user)
-        refusal(answer, 400, "output 'y' is requested more than once")
+        refusal(answer, 400, "output 'y' is requested twice")
         await line_serves_wide(running.url)
 
 
