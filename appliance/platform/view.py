@@ -159,7 +159,10 @@ class NodeView:
         return list(self.model_birth(model).get("inputs", []))
 
     def count(self, model: str, what: str) -> None:
-        self.jobs.setdefault(model, Counter())[what] += 1
+        counts = self.jobs.get(model)  # not setdefault: that makes a Counter per call (three a job)
+        if counts is None:
+            counts = self.jobs[model] = Counter()
+        counts[what] += 1
 
 
 class PoolView:

@@ -13,9 +13,11 @@ written: Ed25519 signing releases the GIL, so the event loop goes on meanwhile (
 its time per job signing, bench/swarm.py --profile), and a receipt is signed exactly when it is
 written.
 
-Receipts and other calls (pins, quarantines, reads: `call`) wait in two queues, and the thread takes
-every receipt waiting (up to MAX_GROUP) before each call, one call at a time: a receipt waits for at
-most one call's transaction, however many calls are queued. What nodes' messages drive (pins from
+Receipts and other calls (pins, quarantines, reads: `call`) come through one queue (a SimpleQueue:
+handing one over costs the loop a C call, where a Condition's notify cost it more Python per job than
+the rest of the hand-over), and the thread takes every receipt waiting (up to MAX_GROUP) before each
+call, one call at a time: a receipt waits for at most one call's transaction, however many calls are
+queued. What nodes' messages drive (pins from
 births) is coalesced before it gets here (trust.py), so the calls queued stay few.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +46,7 @@ MAX_GROUP = 1000  # receipts in one transaction at most
 
 Waiting = tuple[Receipt, asyncio.Future[None]]
 Call = tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]
+STOP = None  # in the queue: finish what came before, then end the thread
 
 
 class LedgerUnavailable(ModelNotReady):
@@ -59,17 +63,16 @@ class LedgerWriter:
         self.committed = 0  # receipts, for /metrics
         self.groups = 0
         self.waiting = 0  # receipts queued or being written: answers held back until they commit
-        self._receipts: deque[Waiting] = deque()
-        self._calls: deque[Call] = deque()
-        self._wake = threading.Condition()
-        self._is_stopping = False
+        self._inbox: queue.SimpleQueue[Waiting | Call | None] = queue.SimpleQueue()
+        self._calls_sent = 0  # by the callers' thread
+        self._calls_taken = 0  # by the writer's thread: each count has one writer
         self._thread = threading.Thread(target=self._work, name="ledger-writer", daemon=True)
         self._thread.start()
 
     @property
     def calls_waiting(self) -> int:
         """Ledger calls queued behind the receipts (pins, quarantines, reads), for /metrics."""
-        return len(self._calls)
+        return self._calls_sent - self._calls_taken
 
     async def commit(self, receipt: Receipt) -> None:
         """Return once the receipt is committed; LedgerUnavailable when the database refused it.
@@ -77,9 +80,7 @@ class LedgerWriter:
         The waiter is a plain asyncio future: the writer settles a whole group with one call into the
         loop, and a waiter that was cancelled meanwhile is skipped."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        with self._wake:
-            self._receipts.append((receipt, done))
-            self._wake.notify()
+        self._inbox.put((receipt, done))
         self.waiting += 1
         try:
             await done
@@ -94,34 +95,38 @@ class LedgerWriter:
         """Run a Ledger method on the ledger thread (pins, quarantines, reads), after the receipts
         waiting when its turn comes."""
         done: Future[T] = Future()
-        with self._wake:
-            self._calls.append((function, args, done))
-            self._wake.notify()
+        self._calls_sent += 1
+        self._inbox.put((function, args, done))
         return await asyncio.wrap_future(done)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Finish what is queued, then stop the thread and close the database."""
-        with self._wake:
-            self._is_stopping = True
-            self._wake.notify()
+        self._inbox.put(STOP)
         self._thread.join(timeout_s)
         self.ledger.close()
 
     def _work(self) -> None:
+        receipts: deque[Waiting] = deque()
+        calls: deque[Call] = deque()
+        is_stopping = False
         while True:
-            with self._wake:
-                while not (self._receipts or self._calls or self._is_stopping):
-                    self._wake.wait()
-                count = min(len(self._receipts), MAX_GROUP)
-                group = [self._receipts.popleft() for _ in range(count)]
-                call = self._calls.popleft() if self._calls else None
-                if not group and call is None:  # stopping, and nothing is left
+            if not (receipts or calls):
+                if is_stopping:
                     return
+                is_stopping |= _sort(self._inbox.get(), receipts, calls)  # wait for work
+            while True:  # and take whatever else is waiting
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                is_stopping |= _sort(item, receipts, calls)
+            group = [receipts.popleft() for _ in range(min(len(receipts), MAX_GROUP))]
             group = self._signed(group)
             if group:
                 self._write(group)
-            if call is not None:
-                self._run(*call)
+            if calls:
+                self._calls_taken += 1
+                self._run(*calls.popleft())
 
     def _signed(self, group: list[Waiting]) -> list[Waiting]:
         """The group with its unsigned receipts signed; one that cannot be (a value its signed JSON
@@ -178,6 +183,17 @@ class LedgerWriter:
             done.set_result(function(*args))
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             done.set_exception(exc)
+
+
+def _sort(item: Waiting | Call | None, receipts: deque[Waiting], calls: deque[Call]) -> bool:
+    """Put a queued item where it waits its turn; True for STOP."""
+    if item is None:
+        return True
+    if len(item) == 2:
+        receipts.append(item)  # type: ignore[arg-type]
+    else:
+        calls.append(item)  # type: ignore[arg-type]
+    return False
 
 
 Outcome = tuple[asyncio.Future[None], Exception | None]  # a waiter, and its receipt's error (None: written)
