@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from appliance.engine.arena import ArenaKeeper, Tries
 from appliance.engine.bounds import (
     Deadline,
     RunTooLong,
@@ -25,7 +25,7 @@ from appliance.engine.bounds import (
     row_bytes,
     warmup_limit_s,
 )
-from appliance.engine.failures import is_overflow, spoils_session, translate
+from appliance.engine.failures import translate
 from appliance.engine.manifest import Batching, InputOverride
 from appliance.engine.modelfiles import ModelFiles, read_model
 from appliance.engine.repository import ModelSource
@@ -34,6 +34,7 @@ from appliance.errors import (
     InferenceFailed,
     InvalidInput,
     ModelLoadError,
+    Overloaded,
 )
 from appliance.providers.base import SessionContext
 from appliance.providers.host import ort_reason
@@ -82,9 +83,9 @@ class LoadedModel:
     run_limit_s: float = 60.0  # a warm-up run past it is stopped (engine/bounds.py)
     build_limit_s: float = 600.0  # a device provider's first run of a size, past it (models.load_timeout_s)
     # Opens the model again as `load` opened it (files, digest, provider, options): a session that a run
-    # failure may have spoiled is replaced (engine/failures.py). None: it is kept.
+    # failure spoiled, and a reset did not mend, is replaced (engine/arena.py). None: it is kept.
     reopen: Callable[[], ort.InferenceSession] | None = field(default=None, repr=False)
-    _renewal: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    arena: ArenaKeeper = field(default_factory=ArenaKeeper, repr=False)  # resets, renewals (arena.py)
 
     @property
     def name(self) -> str:
@@ -101,9 +102,10 @@ class LoadedModel:
     def close(self) -> None:
         """Free both sessions now, after the scheduler's last batch, rather than whenever the cyclic
         garbage collector next finds this model: ORT's memory and threads go with them."""
-        with self._renewal:  # a session renewed now would outlive the model
+        with self.arena.lock:  # a session renewed now would outlive the model
             self.solo = None
             self.placement.session = None  # type: ignore[assignment]  # nothing runs a closed model
+            self.arena.forget()
 
     @property
     def provider(self) -> str:
@@ -206,7 +208,7 @@ class LoadedModel:
         failure leaves the model without one (a lone request then runs as any other)."""
         before = _rss_bytes()
         try:
-            solo = self._open_solo_session(threads)
+            solo = self.new_solo_session(threads)
         except Exception as exc:  # noqa: BLE001 - an optimisation: without it the model serves as before
             log.warning(
                 "model %s: no %d-thread session for requests alone: %s", self.name, threads, ort_reason(exc)
@@ -215,7 +217,8 @@ class LoadedModel:
         self.solo, self.solo_threads = solo, threads
         self.solo_bytes = max(0, _rss_bytes() - before)
 
-    def _open_solo_session(self, threads: int) -> ort.InferenceSession:
+    def new_solo_session(self, threads: int) -> ort.InferenceSession:
+        """A solo session on `threads` threads, after its first run (open_solo; arena.py renews one)."""
         files = read_model(self.source.path)  # read again, never mapped: the same digest or none
         if file_digest(files) != self.digest:
             raise ModelLoadError(f"{self.source.path} changed since it was loaded ({files.digest})")
@@ -242,60 +245,29 @@ class LoadedModel:
         """Run the session; InvalidInput when ORT rejects the values, InferenceFailed otherwise.
 
         Releases the GIL while ORT computes, so several threads may call it at once. A failure that may
-        have spoiled the session's memory arena (engine/failures.py: a request for more than all of
-        memory, an overflow) replaces the session; runs already on the old one finish there. A run that
-        met an overflow runs once more on the new session: it may have met the arena another request
-        spoiled, which a new session does not have.
+        have spoiled the session's memory arena (engine/failures.py) resets it, or renews the session
+        where that cannot help (engine/arena.py); a run that met an overflow runs again after that: it may
+        have met the arena another request spoiled.
         """
         names = list(outputs) if outputs is not None else self.signature.output_names
         feed = {name: _ort_value(name, array) for name, array in inputs.items()}
         solo = is_solo and self.solo is not None
         session = self.solo if solo else self.session
-        for again in (False, True):
+        tries = Tries()
+        while True:
             try:
                 results = session.run(names, feed, control.options if control else None)
                 break
             except Exception as exc:
-                fresh = self._renew(session, solo=solo) if spoils_session(exc) else None
+                again = self.arena.recover(self, session, exc, solo=solo, tries=tries)
                 if control is not None and control.is_terminated:
                     raise Terminated(f"model {self.name!r}: run stopped to make way for line work") from exc
-                if again or fresh is None or not is_overflow(exc):
+                if isinstance(again, Overloaded):
+                    raise again from exc
+                if again is None:
                     raise translate(self.name, exc, has_open_shapes=self.signature.has_open_shapes) from exc
-                session, solo = fresh, fresh is self.solo
+                session, solo = again, again is self.solo
         return dict(zip(names, results, strict=True))
-
-    def _renew(self, spoiled: ort.InferenceSession, *, solo: bool) -> ort.InferenceSession | None:
-        """A new session in place of `spoiled` (the solo one where `solo`), or the one another run has
-        already put there; None where the model is closed or no session could be made (it keeps the old).
-        A solo session that cannot be made again is dropped: lone requests run on the shared one."""
-        with self._renewal:
-            current = self.solo if solo else self.placement.session
-            if current is not spoiled:
-                return current if current is not None else self.placement.session
-            try:
-                if solo:
-                    fresh = self._open_solo_session(self.solo_threads)
-                elif self.reopen is not None:
-                    fresh = self.reopen()
-                else:
-                    return None
-            except Exception as exc:  # noqa: BLE001 - ORT raises many types; the model serves as it can
-                log.error("model %s: could not replace a spoiled session: %s", self.name, ort_reason(exc))
-                if solo:
-                    self.solo = None
-                    return self.placement.session
-                return None
-            if solo:
-                self.solo = fresh
-            else:
-                self.placement.session = fresh
-            log.warning(
-                "model %s: a run failed in a way that can spoil its session's memory arena; the %s "
-                "session was replaced",
-                self.name,
-                "solo" if solo else "shared",
-            )
-            return fresh
 
     def warm_up(self, runs: int) -> list[tuple[int, float]]:
         """Run every preferred batch size `runs` times; check batched outputs keep their rows.
