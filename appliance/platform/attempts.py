@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import orjson
@@ -40,7 +40,7 @@ class Job:
     files: frozenset[str] | None
     input_sha256: str = ""
     outputs: frozenset[str] | None = None  # the outputs its body names (None: all): a 200 holds just those
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: os.urandom(16).hex())  # 128 random bits; uuid4 cost 3x
     kind: str = "buyer"  # buyer, canary, second_opinion
     target: NodeView | None = None  # a check aimed at one node (a quarantined node's way back)
     excluded: frozenset[tuple[str, str]] = frozenset()  # nodes it must not go to (a second opinion's first)
