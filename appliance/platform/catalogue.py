@@ -170,11 +170,12 @@ def majority_sha256(nodes: list[NodeView], name: str) -> str | None:
     digest), so that one name never mixes two different files. A name that only nodes out of good
     standing serve (a changed key, a failed canary) stays known by their count: none of them gets a
     job, so its buyers hear 503 (not 404) until one is back."""
+    served = set(_digests(nodes, name))
+    if len(served) <= 1:  # one file (the common case), or none: whose nodes they are changes nothing
+        return next(iter(served), None)
     counts = Counter(_digests((node for node in nodes if in_good_standing(node)), name))
     if not counts:
         counts = Counter(_digests(nodes, name))
-    if not counts:
-        return None
     return min(counts, key=lambda digest: (-counts[digest], digest))
 
 
@@ -195,6 +196,10 @@ def majority_birth(
         born = node.model_birth(name)
         if in_good_standing(node) and born.get("sha256") in files and (sig := node.signature(name)):
             standing.append((node, born, sig))
+    if len({signature for _, _, signature in standing}) == 1:  # all agree (the common case): only
+        # the entry told changes, the first offering node's: found without asking every node for its offer
+        born = next((born for node, born, _ in standing if node.refusal(name, now_s) is None), standing[0][1])
+        return standing[0][2], dict(born)
     offering = [entry for entry in standing if entry[0].refusal(name, now_s) is None]
     counts: Counter[bytes] = Counter()
     first: dict[bytes, Mapping[str, Any]] = {}

@@ -155,11 +155,12 @@ def test_an_answer_that_cannot_be_checked_is_refused_not_raised() -> None:
 
 
 def described_by(
-    view: PoolView, name: str, datatype: str, *, key: bool = True, offers: bool = True
+    view: PoolView, name: str, datatype: str, *, key: bool = True, offers: bool = True, version: str = "1"
 ) -> NodeView:
     """A node serving model m (file a*64) whose birth says its input x is `datatype`."""
     inputs = [{"name": "x", "datatype": datatype, "shape": [-1, 4]}]
-    birth = {"session": 1, "seq": 0, "models": {"m": {"sha256": "a" * 64, "inputs": inputs}}}
+    entry = {"sha256": "a" * 64, "version": version, "inputs": inputs}
+    birth = {"session": 1, "seq": 0, "models": {"m": entry}}
     if key:
         birth["public_key"] = signing.public_key_text(identity.generate())
     view.ingest(f"ecp/v1/s/{name}/birth", orjson.dumps(birth), 0.0)
@@ -208,6 +209,20 @@ def test_what_buyers_must_send_is_what_most_nodes_in_good_standing_say() -> None
     assert files == frozenset({"a" * 64})
     with pytest.raises(NoPoolCapacity, match=r"no node serves model 'm' with sha256 a{64} now"):
         signature(gateway, "m", files)  # type: ignore[arg-type]
+
+
+def test_where_all_agree_buyers_are_told_the_first_offering_nodes_entry() -> None:
+    """One signature among the nodes in good standing (the common case, counted without asking every
+    node for its offer): what buyers are told is still the entry of the first node that offers."""
+    view = PoolView("ecp/v1", needs_key=True)
+    catalogue = Catalogue(None, clock=lambda: 1.0)
+    described_by(view, "idle", "FP32", offers=False, version="7")
+    described_by(view, "busy", "FP32", version="8")
+    described_by(view, "later", "FP32", version="9")
+    files = catalogue.files("m", view)
+    assert files == frozenset({"a" * 64})
+    told = catalogue.described("m", files, view)
+    assert told is not None and told["version"] == "8"
 
 
 def test_a_node_born_again_is_counted_by_its_new_birth() -> None:
