@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 from appliance.errors import ModelNotReady
 from appliance.platform import presence
+from appliance.platform.batched import BatchedClient
 from appliance.platform.presence import Presence
 from appliance.platform.settings import GatewaySettings
 from appliance.platform.view import NodeView, PoolView
@@ -39,7 +40,6 @@ KEEPALIVE_S = 15
 MISC_INTERVAL_S = 1.0  # paho's loop_misc: keepalive pings and retries
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 2.0
 READS_PER_TURN = 64  # loop_reads in one turn of the loop while bytes are buffered (ours or TLS's)
-READ_BYTES = 65536  # one recv's worth for BufferedReads
 
 
 class BrokerAway(ModelNotReady):
@@ -84,7 +84,7 @@ class GatewayLink:
         self.connected_s: float | None = None  # monotonic, of the last connection
         self.connections = 0
         self._is_closing = False
-        self._client = paho_client(f"gateway-{settings.gateway_id}", mqtt.MQTTv5, kind=BufferedReads)
+        self._client = paho_client(f"gateway-{settings.gateway_id}", mqtt.MQTTv5, kind=BatchedClient)
         self.security.apply(self._client)
         self._client.will_set(self.presence_topic, gateways.document(presence.OFFLINE), qos=1, retain=True)
         self._client.max_inflight_messages_set(1000)
@@ -241,7 +241,7 @@ class GatewayLink:
                 self._loop.remove_writer(fd)
 
     def _readable(self) -> None:
-        """Read what came. What is buffered already (BufferedReads', or a TLS socket's decrypted bytes)
+        """Read what came. What is buffered already (BatchedClient's, or a TLS socket's decrypted bytes)
         the poller cannot see: read on while some is, and come back in a later turn after
         READS_PER_TURN reads (paho reads as few as one packet per loop_read)."""
         client = self._client
@@ -317,36 +317,6 @@ class GatewayLink:
     def _soon(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
         self._loop.call_soon(callback, *args)
-
-
-class BufferedReads(mqtt.Client):
-    """paho, reading READ_BYTES at a time. paho itself reads a packet with a recv for its first byte,
-    one per byte of its length and one for the rest, and ends each read with a recv that raises
-    BlockingIOError: about nine system calls per job at the gateway (a report, an answer and a PUBACK
-    each), a tenth of its system time. Here paho's reads are served from one recv's bytes; the link
-    reads on while `buffered()` (the poller no longer sees those bytes). Bytes read from a socket are
-    never served for another one (a reconnection)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._read = b""
-        self._read_at = 0
-        self._read_from: object = None
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        data, at = self._read, self._read_at
-        if at >= len(data) or self._read_from is not self._sock:
-            data = super()._sock_recv(max(bufsize, READ_BYTES))
-            if len(data) <= bufsize:  # all of it asked for (or the end of the stream): nothing kept
-                self._read, self._read_at = b"", 0
-                return data
-            self._read, self._read_from, at = data, self._sock, 0
-        self._read_at = at + bufsize
-        return data[at : at + bufsize]
-
-    def buffered(self) -> bool:
-        """Bytes read from the socket and not yet handed to paho."""
-        return self._read_at < len(self._read) and self._read_from is self._sock
 
 
 def _no_delay(_c: mqtt.Client, _u: Any, sock: Any) -> None:
