@@ -97,7 +97,7 @@ class Gateway:
         ledger = Ledger.open(platform.ledger.url or str(settings.state_dir / "ledger.sqlite3"))
         ledger.register_gateway(settings.gateway_id, signing.public_key_text(self.key))
         self.presence.known(ledger.gateway_keys())
-        self.writer = LedgerWriter(ledger, self.key)
+        self.writer = LedgerWriter(ledger)
         self.buyers = Buyers.load(
             settings.buyers_file,
             rate_per_s=settings.default_rate_per_s,
@@ -127,7 +127,7 @@ class Gateway:
             on_refused=self._refused,
             on_late=self._late,
         )
-        self.metering = Metering(self.writer, settings.gateway_id)
+        self.metering = Metering(self.writer, self.key, settings.gateway_id)
         self.trust = Trust(
             self.view, self.writer, self.catalogue, emit=self._emit, refresh_s=platform.ledger.refresh_s
         )

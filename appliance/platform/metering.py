@@ -1,9 +1,11 @@
-"""Receipts from answers: built here, signed with the gateway key and committed by the ledger thread."""
+"""Receipts from answers: built and signed with the gateway key here, committed by the ledger thread."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.platform import receipts
 from appliance.platform.attempts import Answer, Job
@@ -18,13 +20,11 @@ DEFAULT_SLO_MS = 100.0
 
 
 class Metering:
-    """Turns a job's answer into its receipt, which the writer signs (its key) as it writes it;
-    `commit` waits for it, `record` does not."""
+    """Turns a job's answer into its signed receipt; `commit` waits for it, `record` does not."""
 
-    def __init__(self, writer: LedgerWriter, gateway_id: str) -> None:
-        if writer.key is None:
-            raise ValueError("receipts are signed by the ledger writer: give it the gateway key")
+    def __init__(self, writer: LedgerWriter, key: Ed25519PrivateKey, gateway_id: str) -> None:
         self.writer = writer
+        self.sign = receipts.signer(key)
         self.gateway_id = gateway_id
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -38,8 +38,7 @@ class Metering:
         statement: signing.Statement | None = None,
         signature: str = "",
     ) -> Receipt:
-        """The receipt of one answered attempt (signed as it is written); billed only for a buyer's
-        accepted answer.
+        """The signed receipt of one answered attempt; billed only for a buyer's accepted answer.
 
         The node's figures come from a statement verify.check let through (its session, file and times
         are in bounds and fit the gateway's own latency); a refused answer whose figures could not be
@@ -52,7 +51,8 @@ class Metering:
         slo_ms = float(node.model_birth(job.model).get("slo_p99_ms") or DEFAULT_SLO_MS)
         queue_ms = statement.queue_ms if statement else 0.0
         compute_ms = statement.compute_ms if statement else 0.0
-        return Receipt(
+        return Receipt.signed_with(
+            self.sign,
             job_id=answer.job_id,
             job=job.id,
             attempt=answer.attempt,

@@ -11,11 +11,13 @@ it) and are not signed.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.signing import SigningKey
 
 CONTEXT = b"ecp-receipt-v1\n"
 
@@ -62,16 +64,33 @@ class Receipt:
         return CONTEXT + orjson.dumps(self.signed_fields(), option=orjson.OPT_SORT_KEYS)
 
     def signed(self, key: Ed25519PrivateKey) -> Receipt:
-        return replace(self, gateway_signature=_signature(key, self.signed_fields()))
+        return replace(self, gateway_signature=_signature(signer(key), self.signed_fields()))
+
+    @classmethod
+    def signed_with(cls, sign: Signer, **fields: object) -> Receipt:
+        """The receipt of these fields (every one but gateway_signature), signed by `sign` (`signer`):
+        what `signed` gives, built once instead of twice (a receipt per answer)."""
+        if fields.keys() != _SIGNED_SET:
+            raise TypeError(f"a receipt signs exactly {sorted(_SIGNED_SET)}; got {sorted(fields)}")
+        return cls(**fields, gateway_signature=_signature(sign, fields))  # type: ignore[arg-type]
 
 
 COLUMNS = tuple(Receipt.__dataclass_fields__)
 SIGNED = COLUMNS[:-1]  # all but gateway_signature
+_SIGNED_SET = frozenset(SIGNED)
+Signer = Callable[[bytes], bytes]
 
 
-def _signature(key: Ed25519PrivateKey, fields: dict[str, object]) -> str:
+def signer(key: Ed25519PrivateKey) -> Signer:
+    """The key's Ed25519 signatures, made by libsodium (PyNaCl): 25 us against OpenSSL's 47 here, once
+    per receipt on the event loop; the same bytes (Ed25519 signatures are deterministic)."""
+    signing_key = SigningKey(key.private_bytes_raw())
+    return lambda message: signing_key.sign(message).signature
+
+
+def _signature(sign: Signer, fields: dict[str, object]) -> str:
     canonical = CONTEXT + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
-    return base64.b64encode(key.sign(canonical)).decode("ascii")
+    return base64.b64encode(sign(canonical)).decode("ascii")
 
 
 def from_row(row: dict[str, object]) -> Receipt:

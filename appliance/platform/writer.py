@@ -8,10 +8,9 @@ one gateway writes thousands of receipts a second (bench/ledger.py). A group tha
 its receipts (a value the database will not hold) rather than for the database is written again with
 each receipt on its own: that receipt fails alone, and the others are committed.
 
-Receipts come unsigned and the thread signs each with the gateway key just before its group is
-written: Ed25519 signing releases the GIL, so the event loop goes on meanwhile (it spent about 2% of
-its time per job signing, bench/swarm.py --profile), and a receipt is signed exactly when it is
-written.
+Receipts come signed (metering.py): signing here, where the GIL is given up for each signature and
+must be taken back from a busy event loop, held a group's commit for up to the switch interval per
+receipt, and commits collapsed from thousands a second to about a hundred while the loop was saturated.
 
 Receipts and other calls (pins, quarantines, reads: `call`) come through one queue (a SimpleQueue:
 handing one over costs the loop a C call, where a Condition's notify cost it more Python per job than
@@ -33,8 +32,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from appliance.errors import ModelNotReady
 from appliance.platform.ledger import Ledger
 from appliance.platform.receipts import Receipt
@@ -54,12 +51,10 @@ class LedgerUnavailable(ModelNotReady):
 
 
 class LedgerWriter:
-    """Owns the Ledger; every call runs on its thread, so SQLite sees one writer per gateway. `key`
-    signs the receipts that come unsigned (Metering's); without it they are written as they come."""
+    """Owns the Ledger; every call runs on its thread, so SQLite sees one writer per gateway."""
 
-    def __init__(self, ledger: Ledger, key: Ed25519PrivateKey | None = None) -> None:
+    def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self.key = key
         self.committed = 0  # receipts, for /metrics
         self.groups = 0
         self.waiting = 0  # receipts queued or being written: answers held back until they commit
@@ -121,30 +116,11 @@ class LedgerWriter:
                     break
                 is_stopping |= _sort(item, receipts, calls)
             group = [receipts.popleft() for _ in range(min(len(receipts), MAX_GROUP))]
-            group = self._signed(group)
             if group:
                 self._write(group)
             if calls:
                 self._calls_taken += 1
                 self._run(*calls.popleft())
-
-    def _signed(self, group: list[Waiting]) -> list[Waiting]:
-        """The group with its unsigned receipts signed; one that cannot be (a value its signed JSON
-        cannot hold) is answered with its error here and left out."""
-        key = self.key
-        if key is None:
-            return group
-        signed: list[Waiting] = []
-        failed: list[Outcome] = []
-        for receipt, done in group:
-            try:
-                signed.append((receipt if receipt.gateway_signature else receipt.signed(key), done))
-            except Exception as exc:  # noqa: BLE001 - its waiter hears it; the thread goes on
-                log.error("ledger: receipt %s not signed: %s", receipt.job_id, exc)
-                failed.append((done, exc))
-        if failed:
-            _settle(failed)
-        return signed
 
     def _write(self, group: list[Waiting]) -> None:
         try:

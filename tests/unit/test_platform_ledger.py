@@ -22,7 +22,7 @@ from appliance.platform.catalogue import Catalogue
 from appliance.platform.ledger import CHECK, FILE, KEY, Ledger, engine_url
 from appliance.platform.trust import BAD_KEY, Trust
 from appliance.platform.view import PoolView
-from appliance.platform.writer import LedgerUnavailable, LedgerWriter
+from appliance.platform.writer import LedgerWriter
 from appliance.pool import identity, signing
 
 KEY_A = "ed25519:" + "A" * 42 + "E="
@@ -142,28 +142,18 @@ async def test_the_writer_commits_before_it_returns_and_groups_what_waits(url: s
             assert connection.execute("SELECT count(*) FROM receipts").fetchone()[0] == 300
 
 
-@pytest.mark.asyncio
-async def test_the_writer_signs_each_unsigned_receipt_as_it_writes_it(tmp_path: Path) -> None:
-    key, other = identity.device_key(tmp_path / "gw"), identity.device_key(tmp_path / "other")
-    writer = LedgerWriter(Ledger.open(str(tmp_path / "ledger.sqlite3")), key)
-    signed_before = receipt("j2/0").signed(other)  # one signed already is written as it came
-    unsignable = receipt("j5/0", rows=2**70)  # more than signed JSON holds: it fails alone
-    outcomes = await asyncio.gather(
-        *(writer.commit(receipt(f"j{i}/0")) for i in (1, 3, 4)),
-        writer.commit(signed_before),
-        writer.commit(unsignable),
-        return_exceptions=True,
-    )
-    assert outcomes[:4] == [None] * 4 and isinstance(outcomes[4], LedgerUnavailable)
-    await writer.commit(receipt("j6/0"))  # the writer goes on
-    with writer.ledger.engine.connect() as connection:
-        rows = [dict(r._mapping) for r in connection.execute(select(schema.receipts).order_by("job_id"))]
-    writer.close()
-    back = [receipts.from_row(row) for row in rows]
-    assert [r.job_id for r in back] == ["j1/0", "j2/0", "j3/0", "j4/0", "j6/0"]
-    public = signing.parse_public_key(signing.public_key_text(key))
-    assert [receipts.is_signed_by(r, public) for r in back] == [True, False, True, True, True]
-    assert back[1] == signed_before
+def test_libsodiums_receipt_signatures_are_the_keys_own_ed25519_signatures(tmp_path: Path) -> None:
+    """Receipts are signed on the loop with libsodium (receipts.signer): the very bytes OpenSSL makes
+    with the same key, so any Ed25519 verifier reads them."""
+    key = identity.device_key(tmp_path / "gw")
+    fields = {name: getattr(receipt(), name) for name in receipts.SIGNED}
+    made = receipts.Receipt.signed_with(receipts.signer(key), **fields)
+    canonical = made.canonical()
+    assert made.gateway_signature == base64.b64encode(key.sign(canonical)).decode()
+    assert made == receipt().signed(key)
+    assert receipts.is_signed_by(made, signing.parse_public_key(signing.public_key_text(key)))
+    with pytest.raises(TypeError, match="a receipt signs exactly"):
+        receipts.Receipt.signed_with(receipts.signer(key), **{**fields, "extra": 1})
 
 
 def test_a_gateway_keeps_every_key_it_signed_with(url: str) -> None:
