@@ -7,7 +7,7 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -186,6 +186,14 @@ class ModelSettings(BaseModel):
         description="Longest one model may take to load, warm up and be measured; past it the model is "
         "UNAVAILABLE and the next loads (the stuck load cannot be stopped: that model loads again only "
         "after a restart). A first TensorRT engine build takes minutes.",
+    )
+    run_memory_bytes: Annotated[int, Field(ge=1 << 20)] | Literal["auto", "off"] = Field(
+        "auto",
+        description="Bytes of CPU memory ONNX Runtime's runs may hold at once, all models of a process "
+        "together (the pool process of each model has its own): a buffer a request's values make larger "
+        "is refused (413 over this bound, 503 while other runs hold the memory) before the system is "
+        "asked for it. auto: 3/4 of the memory available when the first model loads (MemAvailable, or "
+        "less where the service's cgroup is nearer its memory.max); off: no bound (the OOM killer's).",
     )
 
 

@@ -52,14 +52,16 @@ def load_model(tmp_path: Path, model: onnx.ModelProto, manifest: str = "", name:
     return loaded
 
 
-def load_written(tmp_path: Path, name: str = "m", **options: object) -> LoadedModel:
+def load_written(
+    tmp_path: Path, name: str = "m", settings: ModelSettings | None = None, **options: object
+) -> LoadedModel:
     """The model already in <tmp_path>/repo/<name>, loaded on the CPU provider, one thread per call, not
     warmed up; `options` go to LoadedModel.load."""
     registry = Registry.discover()
     return LoadedModel.load(
         Repository(tmp_path / "repo").source(name),
         registry=registry,
-        settings=ModelSettings(),
+        settings=settings or ModelSettings(),
         provider_configs=registry.configs({}),
         cache_dir=tmp_path / "cache",
         threads_per_call=1,

@@ -21,6 +21,12 @@ met one again right after a reset. A renewal costs a model load, so a model rene
 RENEWAL_INTERVAL_S. Until a session that could not be reset is renewed, a run that meets an overflow on it
 is answered 503 with the time left (the box's state, not the request's); the failure that spoiled it keeps
 its own answer (413).
+
+A CPU session on the process's bounded arena (engine/memory.py, the default) is never spoiled so: the arena
+refuses a buffer past its bound before it doubles anything. It keeps the free regions of earlier runs, and
+may refuse a buffer under its bound that they add up to but none holds: the same reset frees them and the
+run goes again (once, unless other failures came between); refused again right after it, other runs hold
+the memory (503). A new session would share the same arena, so none is opened for that.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from appliance.engine.failures import is_overflow, spoils_session
+from appliance.engine.failures import is_overflow, needs_room, spoils_session
 from appliance.engine.signature import Signature
 from appliance.errors import Overloaded
 from appliance.providers.host import ort_reason
@@ -52,6 +58,7 @@ SHRINK_OPTION = "memory.enable_memory_arena_shrinkage"
 RENEWAL_INTERVAL_S = 60.0
 # ORT's refusals of a shrink list naming a device without an arena (checked before the run; nothing shrunk).
 _NO_ARENA = ("memory arena shrink list", "not an arena based allocator")
+_RAN = "Non-zero status code returned while running"  # ORT's failure of a node: the run had begun
 # Runs of one request, at most: the first; after a reset; again after a reset where other failures spoiled
 # the arena meanwhile (several requests at once); after a renewal.
 ATTEMPTS = 4
@@ -83,9 +90,9 @@ class Tries:
 class ArenaKeeper:
     """Resets, and where that cannot help renews, the sessions of one model (LoadedModel.arena).
 
-    Counts what it met and did: `spoils` (failures that may have spoiled an arena), `resets` (runs
-    that shrank one) and `renewals` (sessions opened again). `lock` also guards the model's sessions
-    against close (LoadedModel.close).
+    Counts what it met and did: `spoils` (failures that may have spoiled an arena, or found a bounded
+    one without room: engine/memory.py), `resets` (runs that shrank one) and `renewals` (sessions
+    opened again). `lock` also guards the model's sessions against close (LoadedModel.close).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -107,22 +114,30 @@ class ArenaKeeper:
         `tries`: the request's failed runs so far): the session to run it again on, or None (answer `exc`:
         failures.translate), or the Overloaded to answer. Only an overflow runs again: it may be what an
         arena another request spoiled answers any run that needs it to grow, which a reset (or a new
-        session) does not have."""
-        if not spoils_session(exc):
+        session) does not have. And a buffer a bounded arena refused under its bound (engine/memory.py)
+        runs again once after a reset: the arena keeps the free regions of earlier runs, which may add up
+        to what it needs but none of which holds it, and the reset frees them."""
+        crowded = needs_room(exc)
+        if not crowded and not spoils_session(exc):
             return None
         overflow = is_overflow(exc)
         with self.lock:
             others = tries.failed > 0 and self.spoils > tries.seen  # since this request's last reset
             self.spoils += 1
-        reset = self._reset(model, spoiled)  # outside the lock: ORT's shrink takes the arena's own
+        # Still no room right after a reset that no other failure followed: other runs hold the memory.
+        held = crowded and tries.failed > 0 and not others
+        reset = not held and self._reset(model, spoiled)  # outside the lock: ORT's shrink takes the arena's
         with self.lock:
             tries.failed, tries.seen = tries.failed + 1, self.spoils
             self.resets += reset
-            more = overflow and tries.failed < ATTEMPTS
+            more = (overflow or crowded) and tries.failed < ATTEMPTS
             current = model.solo if solo else model.placement.session
             if current is not spoiled:  # another run renewed (or dropped) it meanwhile; closed: None
                 again = current if current is not None else model.placement.session
                 return again if more else None
+            if crowded:  # a new session would share the same arena: only a reset makes room, or time
+                again = reset and more and (tries.failed == 1 or others)
+                return spoiled if again else None
             if reset:
                 self._unreset.pop(solo, None)
                 if tries.failed == 1 or others:  # others spoil it as fast as it is reset: once more
@@ -166,9 +181,14 @@ class ArenaKeeper:
                 text = str(exc)
                 if any(marker in text for marker in _NO_ARENA):  # the list without that device, if any
                     continue
-                # Refused before it ran (its inputs; Python's own checks), or perhaps by a kernel: take
-                # it that nothing shrank (then the session is renewed, once a minute at most).
-                if "INVALID_ARGUMENT" in text or not type(exc).__module__.startswith("onnxruntime"):
+                # A kernel that could not compute with the zeros (a 3x3 Conv over 1x1, a Gather past
+                # them: "Non-zero status code returned while running <node>", INVALID_ARGUMENT too) ran:
+                # the arena shrank at the run's end. Refused before it ran (the feed's own checks), or by
+                # Python's: nothing shrank (then the session is renewed, once a minute at most).
+                ran = _RAN in text
+                if not ran and (
+                    "INVALID_ARGUMENT" in text or not type(exc).__module__.startswith("onnxruntime")
+                ):
                     if not self._warned:
                         log.warning("model %s: no reset of a spoiled arena: %s", model.name, ort_reason(exc))
                         self._warned = True

@@ -27,6 +27,7 @@ from appliance.engine.bounds import (
 )
 from appliance.engine.failures import translate
 from appliance.engine.manifest import Batching, InputOverride
+from appliance.engine.memory import bound_host_memory, use_bounded_arena
 from appliance.engine.modelfiles import ModelFiles, read_model
 from appliance.engine.repository import ModelSource
 from appliance.engine.signature import Signature, read_signature
@@ -86,6 +87,7 @@ class LoadedModel:
     # failure spoiled, and a reset did not mend, is replaced (engine/arena.py). None: it is kept.
     reopen: Callable[[], ort.InferenceSession] | None = field(default=None, repr=False)
     arena: ArenaKeeper = field(default_factory=ArenaKeeper, repr=False)  # resets, renewals (arena.py)
+    bounded: bool = False  # its sessions' CPU memory comes from the process's bounded arena (memory.py)
 
     @property
     def name(self) -> str:
@@ -159,6 +161,7 @@ class LoadedModel:
         build_s = max(limit_s, settings.load_timeout_s)
         bound = request_bytes_limit(ServerSettings()) if max_request_bytes is None else max_request_bytes
         chain = registry.chain(list(providers) if providers else manifest.providers or settings.providers)
+        bounded = bound_host_memory(settings.run_memory_bytes) is not None
         try:
             placement = open_session(
                 files.model,
@@ -166,7 +169,7 @@ class LoadedModel:
                 registry=registry,
                 configs=provider_configs,  # type: ignore[arg-type]
                 context=SessionContext(source.name, digest, cache_dir),
-                session_options=lambda: files.add_to(session_options(threads_per_call)),
+                session_options=lambda: files.add_to(session_options(threads_per_call, bounded=bounded)),
                 verify=_first_run(manifest.inputs, bound, (limit_s, build_s), host_eps(registry, chain)),
             )
         except ModelLoadError as exc:
@@ -183,7 +186,7 @@ class LoadedModel:
                 registry=registry,
                 configs=provider_configs,  # type: ignore[arg-type]
                 context=SessionContext(source.name, digest, cache_dir),
-                session_options=lambda: again.add_to(session_options(threads_per_call)),
+                session_options=lambda: again.add_to(session_options(threads_per_call, bounded=bounded)),
             ).session
 
         limits = cut_batches(source.name, signature, _limits(signature, manifest.batching, settings), bound)
@@ -201,6 +204,7 @@ class LoadedModel:
             run_limit_s=limit_s,
             build_limit_s=build_s,
             reopen=reopen,
+            bounded=bounded,
         )
 
     def open_solo(self, threads: int) -> None:
@@ -225,7 +229,7 @@ class LoadedModel:
         # It runs only while nothing else does, so its threads may spin between operators: the
         # lone request's latency, not the shared cores, is what it is for. Without spinning the
         # 224 model took 3.3 ms here against raw ORT's 2.8 (its default spins).
-        options = files.add_to(session_options(threads, spinning=True))
+        options = files.add_to(session_options(threads, spinning=True, bounded=self.bounded))
         solo = ort.InferenceSession(files.model, options, providers=self.session.get_providers())
         del files  # ORT has copied what it needs
         feed = self.example_inputs(1)
@@ -403,7 +407,10 @@ def _rss_bytes() -> int:
         return 0
 
 
-def session_options(threads_per_call: int, *, spinning: bool = False) -> ort.SessionOptions:
+def session_options(
+    threads_per_call: int, *, spinning: bool = False, bounded: bool = False
+) -> ort.SessionOptions:
+    """`bounded`: CPU memory from the process's bounded arena (engine/memory.py), where it has one."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads_per_call
     options.inter_op_num_threads = 1
@@ -412,6 +419,8 @@ def session_options(threads_per_call: int, *, spinning: bool = False) -> ort.Ses
     # Spinning pool threads burn the cores the event loop and the other workers need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 4  # failures reach the caller with ORT's reason; no stderr noise
+    if bounded:
+        use_bounded_arena(options)
     return options
 
 

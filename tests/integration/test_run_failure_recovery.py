@@ -3,7 +3,11 @@ the model serves every later request: ORT 1.32's memory arena keeps the size of 
 the size of its next region, and every later growth then overflows ("SafeInt Integer overflow": a 500 for
 n = 3 until a reload). The engine resets the arena such a failure may have spoiled with a run that shrinks it,
 and renews the session only where that cannot help, at most once a minute (engine/arena.py): absurd requests
-cost the box about what they cost themselves. Real ORT sessions on model files written in tmp_path."""
+cost the box about what they cost themselves. Real ORT sessions on model files written in tmp_path.
+
+A session on the process's bounded arena (models.run_memory_bytes, the default: engine/memory.py) is never
+spoiled so; these sessions have arenas of their own (run_memory_bytes "off"), as a device's arena does
+(tests/integration/test_run_memory_bound.py has the bounded one). The last test serves the default."""
 
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ from appliance.engine import arena
 from appliance.engine.arena import RENEWAL_INTERVAL_S, Tries
 from appliance.engine.model import LoadedModel
 from appliance.errors import Overloaded, RequestTooLarge
+from appliance.settings import ModelSettings
 
 ABSURD = 2**61  # 2^63 bytes of FP32: the arena keeps 2^63 as its next region's size
 DOUBLED = 2**61 + 1  # the arena overflows doubling its next region's size past 2^63: it keeps 2^63
 OVER_MEMORY = 2**40  # 4 TB: the arena keeps it, and its next growth would reserve all of memory
 LARGE = 3_000_000  # 12 MB: more than the arena holds after warm-up, so it must grow
+OWN_ARENA = ModelSettings(run_memory_bytes="off")  # an arena a failure can spoil, as a device's
 
 
 def _filled(rank: int | str = 1) -> onnx.ModelProto:
@@ -50,7 +56,7 @@ def _filled(rank: int | str = 1) -> onnx.ModelProto:
 
 def _loaded(tmp_path: Path, rank: int | str = 1) -> LoadedModel:
     modelzoo.write(tmp_path / "repo", "filled", _filled(rank))
-    model = load_written(tmp_path, "filled")
+    model = load_written(tmp_path, "filled", OWN_ARENA)
     model.warm_up(1)
     model.arena.clock = FakeClock()  # a renewal a minute: the minute never passes unless a test says so
     return model
@@ -90,6 +96,53 @@ def test_a_run_on_a_session_another_request_spoiled_runs_again_after_a_reset(tmp
     assert model.run(_n(LARGE))["y"].shape == (LARGE,)
     assert model.session is spoiled and (model.arena.resets, model.arena.renewals) == (1, 0)
     assert model.run(_n(LARGE + 1))["y"].shape == (LARGE + 1,)
+
+
+def _filled_beside_a_conv() -> onnx.ModelProto:
+    """`_filled`, with an image through a 3x3 Conv beside it: the reset's zeros (every open dimension 1)
+    make the Conv fail ("Invalid input shape"), after the run began, so the arena still shrinks."""
+    value = helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0])
+    weights = onnx.numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["n"], ["y"], value=value),
+            helper.make_node("Conv", ["image", "w"], ["z"], kernel_shape=[3, 3]),
+        ],
+        "filled_conv",
+        [
+            helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, "h", "w"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k"]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1, "h2", "w2"]),
+        ],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_reset_a_kernel_fails_on_still_mends_the_arena(tmp_path: Path, caplog) -> None:
+    """Review finding: a reset run refused by a kernel (INVALID_ARGUMENT, but the run had begun) was
+    taken for no reset, and every spoiled arena of such a model (a Conv over open sizes: most vision
+    models) went the renewal's way, with 413s and 503s for ordinary requests meanwhile."""
+    modelzoo.write(tmp_path / "repo", "filled_conv", _filled_beside_a_conv())
+    model = load_written(tmp_path, "filled_conv", OWN_ARENA)
+    model.arena.clock = FakeClock()
+
+    def ordinary(n: int) -> dict[str, np.ndarray]:
+        return {"n": np.array([n], np.int64), "image": np.zeros((1, 1, 8, 8), np.float32)}
+
+    with pytest.raises(RequestTooLarge):
+        model.run(ordinary(ABSURD))
+    for i in range(3):  # another request's absurd run spoils the arena just before each ordinary one
+        with pytest.raises(Exception, match="Failed to allocate memory|Integer overflow"):
+            model.session.run(None, ordinary(ABSURD))
+        assert model.run(ordinary(LARGE + i))["y"].shape == (LARGE + i,)
+    assert model.arena.resets >= 2 and (model.arena.renewals, _renewals(caplog)) == (0, 0)
 
 
 def test_many_absurd_requests_renew_no_session_and_every_ordinary_one_runs(tmp_path: Path, caplog) -> None:
@@ -186,7 +239,7 @@ def test_absurd_requests_beside_ordinary_ones_each_get_their_own_answer(tmp_path
 
 def test_an_overflow_in_several_dimensions_is_a_413_and_spoils_nothing(tmp_path: Path) -> None:
     modelzoo.write(tmp_path / "repo", "cube", _filled(rank=3))
-    model = load_written(tmp_path, "cube")
+    model = load_written(tmp_path, "cube", OWN_ARENA)
     for absurd in ((2**31, 2**31, 4), (2**63 - 1, 2**63 - 1, 1), (2**40, 2**40, 2**40)):
         with pytest.raises(RequestTooLarge, match="does not fit in 64 bits"):
             model.run(_n(*absurd))
