@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from appliance.errors import ConfigError
 
@@ -276,3 +276,9 @@ def topic_prefix(value: str) -> str:
     if not value or any(c in value for c in "+#\0") or "//" in value:
         raise ValueError(f"must be topic levels without + # NUL or empty levels, got {value!r}")
     return value
+
+
+def section(title: str) -> ConfigDict:
+    """A settings section's pydantic config: unknown keys refused, defaults validated, `title` in the
+    JSON Schema (`appliance config-schema`)."""
+    return ConfigDict(extra="forbid", title=title, validate_default=True)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.config_sources import (
@@ -21,10 +21,12 @@ from appliance.config_sources import (
     read_environ,
     read_toml,
     runtime_dir,
+    section,
     systemd_dir,
     topic_prefix,
 )
 from appliance.errors import ConfigError
+from appliance.ota_settings import OtaSettings
 
 SYSTEM_CONFIG_FILE = Path("/etc/appliance/appliance.toml")
 INSTALLED_MODELS = Path("/var/lib/appliance/models")  # what `appliance provision` configures by default
@@ -41,12 +43,8 @@ def _bundled_models() -> Path:
 BUNDLED_MODELS = _bundled_models()
 
 
-def _section(title: str) -> ConfigDict:
-    return ConfigDict(extra="forbid", title=title, validate_default=True)
-
-
 class ServerSettings(BaseModel):
-    model_config = _section("HTTP and gRPC server")
+    model_config = section("HTTP and gRPC server")
 
     host: str = Field("127.0.0.1", description="Address the HTTP API listens on; 0.0.0.0 exposes it.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API (0 picks a free one).")
@@ -153,7 +151,7 @@ class ServerSettings(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    model_config = _section("Models")
+    model_config = section("Models")
 
     repository: Path = Field(
         BUNDLED_MODELS,
@@ -198,7 +196,7 @@ class ModelSettings(BaseModel):
 
 
 class SchedulerSettings(BaseModel):
-    model_config = _section("Scheduler")
+    model_config = section("Scheduler")
 
     instances: int = Field(
         0, ge=0, description="Worker threads per model sharing one session; 0 measures at start-up."
@@ -238,7 +236,7 @@ class SchedulerSettings(BaseModel):
 
 
 class PoolSettings(BaseModel):
-    model_config = _section("Pool link (MQTT)")
+    model_config = section("Pool link (MQTT)")
 
     broker: str | None = Field(
         None, description="mqtt://host:port or mqtts://host:port; unset runs without a pool link."
@@ -327,7 +325,7 @@ class PoolSettings(BaseModel):
 
 
 class SystemSettings(BaseModel):
-    model_config = _section("System")
+    model_config = section("System")
 
     state_dir: Path = Field(
         default_factory=lambda: systemd_dir(
@@ -371,57 +369,6 @@ class SystemSettings(BaseModel):
         if self.admin_socket is None:
             return self.runtime_dir / "admin.sock"
         return Path(self.admin_socket) if self.admin_socket else None
-
-
-class OtaSettings(BaseModel):
-    model_config = _section("OTA hooks (appliance ota)")
-
-    records_dir: Path | None = Field(
-        None,
-        description="Where `appliance ota` keeps the snapshot, the config copy and the drain marker. "
-        "Unset: beside the state dir, <state_dir>-ota (/var/lib/appliance-ota when installed). Root "
-        "restores the config from these records, so they must not be writable by the service user: "
-        "the folder and those above it must belong to root (or whoever runs the verb), else refused.",
-    )
-    gate_max_line_requests: int = Field(
-        0, ge=0, description="`ota gate` defers an update (exit 75) while more line requests than this wait."
-    )
-    gate_max_line_ips: float = Field(
-        1.0,
-        ge=0,
-        description="`ota gate` defers an update while line traffic over the last 10 s exceeds this many "
-        "inferences/s.",
-    )
-    drain_timeout_s: float | None = Field(
-        None,
-        gt=0,
-        description="How long `ota drain` waits for admitted requests before it resumes serving and exits "
-        "75; unset uses server.drain_timeout_s.",
-    )
-    verify_wait_s: float = Field(
-        120.0, gt=0, description="How long `ota verify` waits for the service to answer and be ready."
-    )
-    verify_boot_grace_s: float = Field(
-        900.0,
-        ge=0,
-        description="A service not ready after verify_wait_s makes `ota verify` exit 75 (try later) while "
-        "it (or, if it does not answer, the box) has been up less than this, 1 (failed) after; "
-        "appliance.service's TimeoutStartSec=.",
-    )
-    verify_timed_requests: int = Field(
-        5, ge=1, description="Timed requests of each model's golden samples; their median is compared."
-    )
-    verify_latency_growth_pct: float = Field(
-        50.0,
-        ge=0,
-        description="`ota verify` fails a model whose golden-sample median grew by more than this since "
-        "the snapshot (plus verify_latency_slack_ms).",
-    )
-    verify_latency_slack_ms: float = Field(
-        2.0,
-        ge=0,
-        description="Added to the allowed golden-sample latency, so timer noise on fast models passes.",
-    )
 
 
 class Settings(BaseSettings):

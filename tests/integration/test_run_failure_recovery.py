@@ -139,7 +139,7 @@ def test_a_reset_a_kernel_fails_on_still_mends_the_arena(tmp_path: Path, caplog)
     with pytest.raises(RequestTooLarge):
         model.run(ordinary(ABSURD))
     for i in range(3):  # another request's absurd run spoils the arena just before each ordinary one
-        with pytest.raises(Exception, match="Failed to allocate memory|Integer overflow"):
+        with pytest.raises(Exception, match=r"Failed to allocate memory|Integer overflow"):
             model.session.run(None, ordinary(ABSURD))
         assert model.run(ordinary(LARGE + i))["y"].shape == (LARGE + i,)
     assert model.arena.resets >= 2 and (model.arena.renewals, _renewals(caplog)) == (0, 0)

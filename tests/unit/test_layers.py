@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "appliance"
 
 # DESIGN.md "Layers": a module imports only from its own layer or the ones before it.
 LAYERS = {
-    "errors": 1, "settings": 1, "config_sources": 1, "tensors": 1, "text": 1, "": 1,
+    "errors": 1, "settings": 1, "ota_settings": 1, "config_sources": 1, "tensors": 1, "text": 1, "": 1,
     "protocol": 2, "providers": 2,
     "engine": 3,
     "scheduler": 4,
