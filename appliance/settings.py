@@ -186,12 +186,14 @@ class ModelSettings(BaseModel):
         "after a restart). A first TensorRT engine build takes minutes.",
     )
     run_memory_bytes: Annotated[int, Field(ge=1 << 20)] | Literal["auto", "off"] = Field(
-        "auto",
+        "off",
         description="Bytes of CPU memory ONNX Runtime's runs may hold at once, all models of a process "
         "together (the pool process of each model has its own): a buffer a request's values make larger "
         "is refused (413 over this bound, 503 while other runs hold the memory) before the system is "
-        "asked for it. auto: 3/4 of the memory available when the first model loads (MemAvailable, or "
-        "less where the service's cgroup is nearer its memory.max); off: no bound (the OOM killer's).",
+        "asked for it. It counts the weights ORT prepacks (MatMul, Conv) too, twice while a model "
+        "reloads: set it well above them, for past the bound ONNX Runtime 1.32 refuses nothing more. "
+        "auto: 3/4 of the memory available when the first model loads (fixed then); off (the default): "
+        "no bound (the OOM killer's).",
     )
 
 

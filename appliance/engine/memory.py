@@ -19,6 +19,13 @@ next region. The bound covers every buffer of ConstantOfShape, Expand, Tile, Ran
 memory kernels take from the heap themselves (string contents, some scratch space), nor a device's own.
 
 The bound is per process: a pool process (engine/replica.py) has its own, derived when it loads.
+
+It is off by default (models.run_memory_bytes): the arena also holds the weights ORT prepacks (MatMul,
+Conv), reserved without a check, and once they pass max_mem its accounting of what is left wraps and it
+refuses nothing more (review /tmp/review-late/m6: with two sessions of a 200 MB model under a 450 MiB
+bound, a 10 GB buffer went through); a reload holds both versions' weights; and `auto`, fixed when the
+first model loads, can be far too small on a box that was busy then. An operator who knows the weights
+sets bytes well above them.
 """
 
 from __future__ import annotations

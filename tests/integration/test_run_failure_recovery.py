@@ -5,7 +5,7 @@ n = 3 until a reload). The engine resets the arena such a failure may have spoil
 and renews the session only where that cannot help, at most once a minute (engine/arena.py): absurd requests
 cost the box about what they cost themselves. Real ORT sessions on model files written in tmp_path.
 
-A session on the process's bounded arena (models.run_memory_bytes, the default: engine/memory.py) is never
+A session on the process's bounded arena (models.run_memory_bytes set: engine/memory.py) is never
 spoiled so; these sessions have arenas of their own (run_memory_bytes "off"), as a device's arena does
 (tests/integration/test_run_memory_bound.py has the bounded one). The last test serves the default."""
 

@@ -91,10 +91,11 @@ import onnxruntime as ort
 from tests_support import load_written
 from appliance.engine.memory import bound_host_memory, use_bounded_arena
 from appliance.errors import ApplianceError
+from appliance.settings import ModelSettings
 
 bound = bound_host_memory(int(sys.argv[3]))
 tmp = Path(sys.argv[1])
-model = load_written(tmp, "inner")
+model = load_written(tmp, "inner", ModelSettings(run_memory_bytes=int(sys.argv[3])))
 model.warm_up(1)
 seen = {"bound": bound, "bounded": model.bounded}
 
