@@ -190,8 +190,8 @@ class ModelSettings(BaseModel):
         description="Bytes of CPU memory ONNX Runtime's runs may hold at once, all models of a process "
         "together (the pool process of each model has its own): a buffer a request's values make larger "
         "is refused (413 over this bound, 503 while other runs hold the memory) before the system is "
-        "asked for it. It counts the weights ORT prepacks (MatMul, Conv) too, twice while a model "
-        "reloads: set it well above them, for past the bound ONNX Runtime 1.32 refuses nothing more. "
+        "asked for it. Bounded sessions prepack no weights (ORT reserves those without a check); what runs "
+        "hold counts twice while a model reloads: set it well above what the models' runs need. "
         "auto: 3/4 of the memory available when the first model loads (fixed then); off (the default): "
         "no bound (the OOM killer's).",
     )

@@ -20,12 +20,12 @@ memory kernels take from the heap themselves (string contents, some scratch spac
 
 The bound is per process: a pool process (engine/replica.py) has its own, derived when it loads.
 
-It is off by default (models.run_memory_bytes): the arena also holds the weights ORT prepacks (MatMul,
-Conv), reserved without a check, and once they pass max_mem its accounting of what is left wraps and it
-refuses nothing more (review /tmp/review-late/m6: with two sessions of a 200 MB model under a 450 MiB
-bound, a 10 GB buffer went through); a reload holds both versions' weights; and `auto`, fixed when the
-first model loads, can be far too small on a box that was busy then. An operator who knows the weights
-sets bytes well above them.
+It is off by default (models.run_memory_bytes). A bounded session prepacks no weights: ORT reserves them in
+the arena without a check, and once they passed max_mem its count of what is left wrapped and it refused
+nothing more (review /tmp/review-late/m6: two sessions of a 200 MB model under a 450 MiB bound let a 10 GB
+buffer through). Plain weights are not held there, but a model's intermediate buffers are, twice while it
+reloads; and `auto`, fixed when the first model loads, can be far too small on a box that was busy then.
+An operator who knows the models sets bytes well above what their runs need.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 AVAILABLE_SHARE = 0.75
 MIN_BOUND_BYTES = 64 << 20  # below it no model would run; a box this short is one to fix, not to bound
 USE_ENV_ALLOCATORS = "session.use_env_allocators"
+NO_PREPACKING = "session.disable_prepacking"
 _V1_UNLIMITED = 1 << 62  # cgroup v1 says "no limit" with PAGE_COUNTER_MAX pages (about 2^63 bytes)
 
 _lock = threading.Lock()
@@ -120,9 +121,14 @@ def run_memory_bound() -> int | None:
 
 
 def use_bounded_arena(options: ort.SessionOptions) -> None:
-    """Let a session allocate its CPU tensors from the process's bounded arena (if there is one)."""
+    """Let a session allocate its CPU tensors from the process's bounded arena (if there is one), with
+    no weights prepacked: ORT reserves prepacked weights in that arena without a check, and once they
+    pass the bound its count of what is left wraps and it refuses nothing (review /tmp/review-late/m6;
+    unpacked, the bound held across 4 sessions of a 200 MB model, and surface_defect_224_u8 ran as
+    fast: 144.7 against 140.8 rows/s; a MatMul-heavy fp32 model may lose more)."""
     if _bound is not None:
         options.add_session_config_entry(USE_ENV_ALLOCATORS, "1")
+        options.add_session_config_entry(NO_PREPACKING, "1")
 
 
 def _meminfo(root: Path) -> dict[str, int]:

@@ -157,3 +157,55 @@ def test_a_buffer_under_the_bound_runs_after_a_reset_or_is_a_503_while_other_run
     assert seen["held resets"] == 2  # one reset, no second after it: other runs hold the memory
     assert seen["released"] == ["ok", 40_000_000.0]
     assert seen["last"] == ["ok", 3.0] and seen["renewals"] == 0  # a shared arena is never renewed
+
+
+WEIGHTS_CHILD = """
+import json, sys
+from pathlib import Path
+import numpy as np, onnx, onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+sys.path[:0] = [sys.argv[2], sys.argv[2] + "/integration"]
+from test_run_memory_bound import summed
+from appliance.engine.memory import bound_host_memory
+from appliance.engine.model import session_options
+
+bound_host_memory(int(sys.argv[3]))
+tmp = Path(sys.argv[1])
+def saved(model, name):
+    model.ir_version = 8
+    onnx.save(model, str(tmp / name))
+    return str(tmp / name)
+def opened(path):
+    return ort.InferenceSession(path, session_options(1, bounded=True), providers=["CPUExecutionProvider"])
+weights = numpy_helper.from_array(np.full((1024, 25600), 0.001, np.float32), "w")  # 100 MB
+graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 25600])], initializer=[weights])
+matmul = saved(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "mm.onnx")
+probe = opened(saved(summed(), "probe.onnx"))
+kept, seen = [], []
+for _ in range(4):  # 400 MB of MatMul weights against a 256 MiB bound
+    kept.append(opened(matmul))
+    kept[-1].run(None, {"x": np.ones((1, 1024), np.float32)})
+    try:
+        probe.run(None, {"n": np.array([400_000_000], np.int64)})  # 1.6 GB
+        seen.append("granted")
+    except Exception as exc:
+        seen.append("refused" if "is smaller than requested bytes" in str(exc) else str(exc)[:200])
+print(json.dumps(seen))
+"""
+
+
+def test_weights_of_many_sessions_never_use_up_the_bound(tmp_path: Path) -> None:
+    """Review finding: ORT reserves the weights it prepacks in the bounded arena without a check, and once
+    they passed the bound its count of what is left wrapped: any buffer went through. Bounded
+    sessions prepack nothing (memory.use_bounded_arena)."""
+    done = subprocess.run(
+        [sys.executable, "-c", WEIGHTS_CHILD, str(tmp_path), str(TESTS), str(BOUND)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == ["refused"] * 4
