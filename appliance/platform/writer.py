@@ -16,8 +16,8 @@ Receipts and other calls (pins, quarantines, reads: `call`) come through one que
 handing one over costs the loop a C call, where a Condition's notify cost it more Python per job than
 the rest of the hand-over), and the thread takes every receipt waiting (up to MAX_GROUP) before each
 call, one call at a time: a receipt waits for at most one call's transaction, however many calls are
-queued. What nodes' messages drive (pins from
-births) is coalesced before it gets here (trust.py), so the calls queued stay few.
+queued. What nodes' messages drive (pins from births) is coalesced before it gets here (trust.py), so
+the calls queued stay few.
 """
 
 from __future__ import annotations
