@@ -43,11 +43,10 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.engine.failures import is_overflow, needs_room, spoils_session
-from appliance.engine.signature import Signature
+from appliance.engine.signature import Signature, example_feed
 from appliance.errors import Overloaded
 from appliance.providers.host import ort_reason
 from appliance.providers.selection import Placement
-from appliance.tensors import DYNAMIC
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +246,6 @@ def shrink_lists(session: ort.InferenceSession) -> tuple[str, ...]:
 def reset_feed(model: Sessions) -> dict[str, np.ndarray]:
     """Zeros (empty strings) for every input: one row, every open dimension 1 (the cheapest inputs that
     every model takes; ORT shrinks after the run even if the model cannot compute with them)."""
-    feed = {}
-    for spec in model.signature.inputs:
-        shape = tuple(1 if dim == DYNAMIC else dim for dim in spec.shape)
-        if spec.datatype == "BYTES":
-            feed[spec.name] = np.full(shape, "", dtype=object)
-        else:
-            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    feed = example_feed(model.signature, None, open_as=1)
+    assert feed is not None  # no dimension is left open
     return feed

@@ -30,7 +30,7 @@ from appliance.engine.manifest import Batching, InputOverride
 from appliance.engine.memory import bound_host_memory, use_bounded_arena
 from appliance.engine.modelfiles import ModelFiles, read_model
 from appliance.engine.repository import ModelSource
-from appliance.engine.signature import Signature, read_signature
+from appliance.engine.signature import Signature, example_feed, read_signature
 from appliance.errors import (
     InferenceFailed,
     InvalidInput,
@@ -42,7 +42,6 @@ from appliance.providers.host import ort_reason
 from appliance.providers.registry import Registry
 from appliance.providers.selection import Fallback, Placement, open_session
 from appliance.settings import ModelSettings, ServerSettings
-from appliance.tensors import DYNAMIC, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -332,20 +331,6 @@ def file_digest(files: ModelFiles) -> str:
     return files.digest
 
 
-def example_feed(signature: Signature, rows: int | None) -> dict[str, np.ndarray] | None:
-    """Zeros (empty strings) for every input, `rows` rows if batched; None if a size is unknown."""
-    feed = {}
-    for spec in signature.inputs:
-        shape = _example_shape(spec, rows)
-        if shape is None:
-            return None
-        if spec.datatype == "BYTES":
-            feed[spec.name] = np.full(shape, "", dtype=object)
-        else:
-            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return feed
-
-
 def _first_run(
     overrides: Mapping[str, InputOverride],
     max_bytes: int,
@@ -436,15 +421,6 @@ def _limits(signature: Signature, batching: Batching, settings: ModelSettings) -
     delay = batching.max_queue_delay_ms
     default_delay = settings.default_max_queue_delay_ms
     return BatchLimits(max_rows, preferred or powers(max_rows), default_delay if delay is None else delay)
-
-
-def _example_shape(spec: TensorSpec, rows: int | None) -> tuple[int, ...] | None:
-    dims = list(spec.shape)
-    if rows is not None:
-        dims[0] = rows
-    if DYNAMIC in dims:
-        return None
-    return tuple(dims)
 
 
 def _rows_follow(results: Sequence[np.ndarray], rows: int) -> bool:

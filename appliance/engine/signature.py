@@ -159,3 +159,24 @@ def _narrow(spec: TensorSpec, shape: list[int]) -> TensorSpec:
             f"model.toml shape {shape} for input {spec.name!r} contradicts the graph's {list(spec.shape)}"
         )
     return TensorSpec(spec.name, spec.datatype, tuple(shape))
+
+
+def example_feed(
+    signature: Signature, rows: int | None, *, open_as: int | None = None
+) -> dict[str, np.ndarray] | None:
+    """Zeros (empty strings) for every input, `rows` rows if batched; a dimension still open is
+    `open_as`, or where that is None the size is unknown and there is no feed (None)."""
+    feed = {}
+    for spec in signature.inputs:
+        dims = list(spec.shape)
+        if rows is not None:
+            dims[0] = rows
+        if DYNAMIC in dims:
+            if open_as is None:
+                return None
+            dims = [open_as if dim == DYNAMIC else dim for dim in dims]
+        if spec.datatype == "BYTES":
+            feed[spec.name] = np.full(tuple(dims), "", dtype=object)
+        else:
+            feed[spec.name] = np.zeros(tuple(dims), dtype=spec.dtype)
+    return feed
