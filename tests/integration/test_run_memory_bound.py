@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import modelzoo
@@ -82,6 +83,20 @@ def test_over_http_a_buffer_past_the_bound_is_a_413_and_the_service_serves_on(tm
 
 
 # Run in a child: the bound of its arena is 256 MiB whatever this process's is.
+def _in_a_process(script: str, tmp_path: Path) -> Any:
+    """What `script` prints last (JSON), run in a process of its own: the bound is one per process. Its
+    arguments: tmp_path, the tests folder and BOUND."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(TESTS), str(BOUND)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 CHILD = """
 import json, sys
 from pathlib import Path
@@ -134,15 +149,7 @@ def test_a_buffer_under_the_bound_runs_after_a_reset_or_is_a_503_while_other_run
 ) -> None:
     modelzoo.write(tmp_path / "repo", "inner", summed())
     modelzoo.write(tmp_path / "repo", "whole", summed(inner=False))
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path), str(TESTS), str(BOUND)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout.splitlines()[-1])
+    seen = _in_a_process(CHILD, tmp_path)
     assert seen["bound"] == BOUND and seen["bounded"]
     kind, message, _ = seen["over"]
     assert (
@@ -200,12 +207,4 @@ def test_weights_of_many_sessions_never_use_up_the_bound(tmp_path: Path) -> None
     """Review finding: ORT reserves the weights it prepacks in the bounded arena without a check, and once
     they passed the bound its count of what is left wrapped: any buffer went through. Bounded
     sessions prepack nothing (memory.use_bounded_arena)."""
-    done = subprocess.run(
-        [sys.executable, "-c", WEIGHTS_CHILD, str(tmp_path), str(TESTS), str(BOUND)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == ["refused"] * 4
+    assert _in_a_process(WEIGHTS_CHILD, tmp_path) == ["refused"] * 4
