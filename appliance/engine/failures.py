@@ -53,8 +53,8 @@ _NO_BOX_HAS_BYTES = 1 << 48
 # grown none yet, until the session is made again. After a failed request of more than the machine's
 # memory but less, the next growth first asks for that size and backs off by 10% until malloc gives:
 # about all of the machine's memory reserved for a 3 MB request. So the engine resets (or replaces) a
-# session after either failure (engine/arena.py). A bounded arena (engine/memory.py: every CPU session's,
-# unless models.run_memory_bytes is "off") refuses such a buffer before it doubles anything: "Available
+# session after either failure (engine/arena.py). A bounded arena (engine/memory.py: every CPU session's
+# where models.run_memory_bytes is set) refuses such a buffer before it doubles anything: "Available
 # memory of ... is smaller than requested bytes of ...", which spoils nothing.
 
 
