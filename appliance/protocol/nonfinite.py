@@ -30,8 +30,14 @@ FALLBACK_LIMIT_BYTES = 1024 * 1024
 
 
 def fragment(flat: np.ndarray) -> orjson.Fragment:
-    """A flat float array that holds a non-finite value, as a JSON list: orjson's own text, with the
-    tokens where orjson writes null (no finite number is written with an 'n' in it)."""
+    """A flat float array that holds a non-finite value, as a JSON list (`written`)."""
+    return orjson.Fragment(written(flat))
+
+
+def written(flat: np.ndarray) -> bytes:
+    """A flat float array, as a JSON list: orjson's own text, with the tokens where orjson writes null
+    (no finite number is written with an 'n' in it). An array that holds none is written as orjson
+    writes it (tensor_data writes a large one a slice at a time, some slices without one)."""
     pieces = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY).split(b"null")
     odd = flat[~np.isfinite(flat)]
     tokens = np.where(np.isnan(odd), b"NaN", np.where(odd > 0, b"Infinity", b"-Infinity"))
@@ -39,7 +45,7 @@ def fragment(flat: np.ndarray) -> orjson.Fragment:
     parts = np.empty(2 * len(tokens) + 1, dtype=object)
     parts[0::2] = pieces
     parts[1::2] = tokens.tolist()
-    return orjson.Fragment(b"".join(parts.tolist()))
+    return b"".join(parts.tolist())
 
 
 def loads(text: bytes | bytearray | memoryview, parse: Callable[[Any], Any] = orjson.loads) -> Any:
