@@ -23,11 +23,11 @@ from appliance import __version__, errors
 from appliance.dataplane import outcomes
 from appliance.platform import classes, fleet, forwarding
 from appliance.platform.admission import Admission, ReadingBudgetSpent
-from appliance.platform.attempts import Answer, Job
+from appliance.platform.attempts import MAX_REFUSAL_BYTES, Answer, Job
 from appliance.platform.buyers import Buyer
 from appliance.platform.fleet import Gateway
 from appliance.platform.kept import Kept
-from appliance.protocol import classification, codec, nonfinite
+from appliance.protocol import classification, codec
 from appliance.server.body import BodyReceiver, ClientDisconnected, header
 from appliance.server.errors import appliance_error_response, error_after_body, error_response, install
 from appliance.tensors import DYNAMIC, ShapeLimits, TensorSpec
@@ -296,28 +296,28 @@ def _rows(decoded: codec.InferenceRequest, inputs: list[TensorSpec]) -> int:
 
 
 def _response(answer: Answer, job: Job) -> Response:
-    """The node's answer with parameters.pool_node and parameters.pool_job_id added to its JSON header."""
-    payload = answer.payload
-    header = payload[: answer.header_length] if answer.header_length is not None else payload
-    rest = payload[answer.header_length :] if answer.header_length is not None else b""
-    dumps = orjson.dumps
-    try:
-        document = orjson.loads(header)
-    except orjson.JSONDecodeError:
-        try:  # NaN or Infinity in tensor data, written as Triton writes them: kept so, not made null
-            document = nonfinite.loads(header)
-        except orjson.JSONDecodeError:
-            return error_response(502, f"node {answer.node.name} sent an answer that is not JSON")
-        dumps = _dumps_with_tokens
-    if not isinstance(document, dict):
-        return error_response(502, f"node {answer.node.name} sent an answer that is not a JSON object")
+    """The node's answer with parameters.pool_node and parameters.pool_job_id added to its JSON header:
+    the header verify.check read (a 200), or the refusal answer_of read; neither is parsed again here."""
+    node = answer.node.name
     if answer.status != 200:
-        return error_response(answer.status, f"node {answer.node.name}: {document.get('error', '')}")
+        if len(answer.payload) > MAX_REFUSAL_BYTES:
+            size = len(answer.payload)
+            return error_response(answer.status, f"node {node}: its answer of {size} bytes was not read")
+        if answer.document is None:
+            return error_response(502, f"node {node} sent an answer that is not a JSON object")
+        return error_response(answer.status, f"node {node}: {answer.document.get('error', '')}")
+    proof = answer.proof
+    if proof is None:  # the dispatcher verifies every 200: only a verified header is written on
+        return error_response(502, f"node {node} sent an answer that was not verified")
+    document = proof.document
     parameters = document.get("parameters") if isinstance(document.get("parameters"), dict) else {}
-    document["parameters"] = {**parameters, "pool_node": answer.node.name, "pool_job_id": job.id}
-    new_header = dumps(document)
+    # A new dict, in the same key order: the proof's document stays as the node signed it.
+    document = {**document, "parameters": {**parameters, "pool_node": node, "pool_job_id": job.id}}
+    # NaN or Infinity in tensor data, written as Triton writes them: kept so, not made null
+    new_header = _dumps_with_tokens(document) if proof.has_tokens else orjson.dumps(document)
     headers = {}
     media_type = codec.JSON_TYPE
+    rest = answer.payload[answer.header_length :] if answer.header_length is not None else b""
     if rest:
         headers[codec.HEADER_LENGTH] = str(len(new_header))
         media_type = codec.BINARY_TYPE

@@ -6,14 +6,22 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
 from appliance.errors import InvalidInput
 from appliance.platform.verify import Proof, Refused
 from appliance.platform.view import NodeView
-from appliance.pool.wire import HEADER_LENGTH, STATUS, Inbound
+from appliance.pool.wire import HEADER_LENGTH, MAX_JSON_BYTES, STATUS, Inbound
 from appliance.protocol import codec
+
+# A refusal (an answer other than 200) is read for its error and retry_after_s only up to this size: a
+# node writes a few hundred bytes there (pool/jobs.py `_refuse`: its message, status, retry_after_s and
+# the job's id, read from at most 4 KiB), and any peer that knows the attempt may send many answers,
+# each parsed on the event loop. A larger one counts as its status alone. The bound a node puts on a
+# stranger's JSON (pool.wire.MAX_JSON_BYTES).
+MAX_REFUSAL_BYTES = MAX_JSON_BYTES
 
 
 @dataclass
@@ -28,6 +36,8 @@ class Answer:
     attempt: int = 0
     proof: Proof | None = None  # set once the signature is verified
     refusal: Refused | None = None  # set once the node's signed answer is found wrong
+    # A refusal's JSON object, read once by answer_of (None: not one, or past MAX_REFUSAL_BYTES)
+    document: dict[str, Any] | None = None
 
 
 @dataclass
@@ -124,17 +134,21 @@ class Finished:
 
 def answer_of(message: Inbound, attempt: Attempt | Finished) -> Answer:
     """The answer an MQTT message carries to one attempt; whatever its user properties say, an answer
-    (a status that is not a decimal number is 502, a header length that is not one is no length)."""
+    (a status that is not a decimal number is 502, a header length that is not one is no length). A
+    200 is read by verify.check; another status's JSON here, where it is at most MAX_REFUSAL_BYTES."""
     header_length = _decimal(message.user.get(HEADER_LENGTH), HEADER_LENGTH)
     status = _decimal(message.user.get(STATUS), STATUS) or 502
-    retry_after_s = None
-    if status != 200:
+    document = None
+    if status != 200 and len(message.payload) <= MAX_REFUSAL_BYTES:
         try:
             document = orjson.loads(message.payload)
         except orjson.JSONDecodeError:
             document = None
-        if isinstance(document, dict) and isinstance(document.get("retry_after_s"), int | float):
-            retry_after_s = float(document["retry_after_s"])
+    if not isinstance(document, dict):
+        document = None
+    retry_after_s = None
+    if document is not None and isinstance(document.get("retry_after_s"), int | float):
+        retry_after_s = float(document["retry_after_s"])
     latency_ms = (time.perf_counter() - attempt.sent_s) * 1e3
     return Answer(
         status,
@@ -145,6 +159,7 @@ def answer_of(message: Inbound, attempt: Attempt | Finished) -> Answer:
         retry_after_s,
         job_id=attempt.correlation.decode(),
         attempt=attempt.number,
+        document=document,
     )
 
 

@@ -420,13 +420,26 @@ def decode_response(body: bytes | memoryview, header_length: int | None = None) 
         document = nonfinite.loads(header)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"response is not valid JSON: {exc}") from None
+    return response_outputs(response_entries(document), binary)
+
+
+def response_entries(document: Any) -> list[Any]:
+    """The `outputs` entries of a parsed v2 response (not yet decoded); InvalidInput for a document that
+    is not a response, or one that says `error`."""
     if not isinstance(document, dict):
         raise InvalidInput(f"response must be a JSON object, got {type(document).__name__}")
     if "error" in document:
-        raise InvalidInput(str(document["error"]))
+        error = document["error"]
+        raise InvalidInput(error[:1000] if isinstance(error, str) else "the response is an error")
     raw_outputs = document.get("outputs", [])
     if not isinstance(raw_outputs, list):
         raise InvalidInput(f"response 'outputs' must be a list, got {type(raw_outputs).__name__}")
+    return raw_outputs
+
+
+def response_outputs(raw_outputs: list[Any], binary: memoryview) -> dict[str, np.ndarray]:
+    """A response's `outputs` entries decoded into arrays (binary ones as views of `binary`, the bytes
+    after its header), each as an input is decoded."""
     payload = Payload([binary])
     arrays: dict[str, np.ndarray] = {}
     for raw in raw_outputs:
