@@ -7,6 +7,14 @@ and its PUBACK; with paho in its own thread each of them woke a second thread an
 and forth, which cost the gateway more CPU per job than paho's own work (bench/swarm.py). Reports are
 ingested on the loop as they are read; a connection attempt, which can block for its timeout, runs
 in a worker thread.
+
+The broker keeps the gateway's MQTT session (its subscriptions and the QoS 1 answers sent to it) for
+twice the job timeout after a connection drops: an answer sent while the gateway reconnects is
+delivered when it is back, not lost (the job would wait out its timeout and its node be withheld). So
+only what must not be lost comes at QoS 1: the answers. Births, states, reports and presences are
+retained and come again at every subscription (the link subscribes at every connection), so they come
+at QoS 0, and the broker does not queue them for the gap (they would crowd out the answers in its
+per-session queue). A new process starts a clean session; a clean stop ends it.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import threading
 import time
@@ -40,6 +49,7 @@ KEEPALIVE_S = 15
 MISC_INTERVAL_S = 1.0  # paho's loop_misc: keepalive pings and retries
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 2.0
 READS_PER_TURN = 64  # loop_reads in one turn of the loop while bytes are buffered (ours or TLS's)
+SESSION_JOB_TIMEOUTS = 2  # the broker keeps the session this many job timeouts after a drop
 
 
 class BrokerAway(ModelNotReady):
@@ -83,10 +93,11 @@ class GatewayLink:
         self.connected = threading.Event()
         self.connected_s: float | None = None  # monotonic, of the last connection
         self.connections = 0
+        self.drops = 0  # connections lost (not closed by the gateway): a job sent before one may miss it
+        self.session_expiry_s = max(1, math.ceil(SESSION_JOB_TIMEOUTS * settings.job_timeout_s))
         self._is_closing = False
         self._client = paho_client(f"gateway-{settings.gateway_id}", mqtt.MQTTv5, kind=BatchedClient)
         self.security.apply(self._client)
-        self._client.will_set(self.presence_topic, gateways.document(presence.OFFLINE), qos=1, retain=True)
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(10000)
         self._client.on_socket_open = self._socket_open
@@ -106,8 +117,15 @@ class GatewayLink:
         # The broker never sends the gateway a larger packet (MQTT 5 section 3.1.2.11.4): one peer's
         # retained megabytes are not read, parsed and kept at every (re)connect.
         properties.MaximumPacketSize = self.settings.max_packet_bytes
+        # Answers sent while the connection is down wait at the broker (module docstring); paho starts
+        # clean only at its first connection, so an older process's session is not taken over.
+        properties.SessionExpiryInterval = self.session_expiry_s
         self._client.connect_async(
-            self.broker.host, self.broker.port, keepalive=KEEPALIVE_S, properties=properties
+            self.broker.host,
+            self.broker.port,
+            keepalive=KEEPALIVE_S,
+            clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
         )
         self._supervisor = loop.create_task(self._supervise(), name="gateway-mqtt")
 
@@ -118,8 +136,8 @@ class GatewayLink:
         failures = 0
         while not self._is_closing:
             self._lost.clear()
-            # A Will made now: a peer takes one Will per run of this gateway and by its time, so a Will
-            # from before this connection (replayed) cannot count this gateway gone while it runs.
+            # A Will for this connection: a peer takes it only while the latest `online` it has from
+            # this gateway is this connection's (presence.py), so a replayed earlier Will changes nothing.
             self._client.will_set(
                 self.presence_topic, self.gateways.document(presence.OFFLINE), qos=1, retain=True
             )
@@ -149,6 +167,11 @@ class GatewayLink:
         if not self.connected.is_set() or since_s is None:
             return True
         return time.monotonic() - since_s < self.settings.learning_s
+
+    def was_away_since(self, drops: int) -> bool:
+        """Whether the connection dropped since `drops` was read from `self.drops`, or is down now: an
+        answer sent meanwhile may have been lost (the broker kept the session for session_expiry_s)."""
+        return self.drops != drops or not self.connected.is_set()
 
     async def wait_connected(self, timeout_s: float) -> bool:
         return await asyncio.to_thread(self.connected.wait, timeout_s)
@@ -180,7 +203,9 @@ class GatewayLink:
             )
             while not info.is_published() and self.connected.is_set() and time.monotonic() < deadline_s:
                 await asyncio.sleep(0.01)  # the loop writes it and reads its PUBACK meanwhile
-        self._client.disconnect()  # queues DISCONNECT; paho closes the socket once it is written
+        ending = Properties(PacketTypes.DISCONNECT)
+        ending.SessionExpiryInterval = 0  # nothing is left to answer: the broker drops the session now
+        self._client.disconnect(properties=ending)  # paho closes the socket once DISCONNECT is written
         while self._client.socket() is not None and time.monotonic() < deadline_s:
             await asyncio.sleep(0.01)
         if self._client.socket() is not None:
@@ -265,16 +290,25 @@ class GatewayLink:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
                 self._loop.call_soon_threadsafe(callback, *args)
 
-    def _connected(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def _connected(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             log.warning("gateway: broker %s refused the connection: %s", self.broker, reason)
             return
         self.connections += 1
         self.connected_s = time.monotonic()
         self._delay_s = RECONNECT_MIN_S
+        if self.connections > 1 and not flags.session_present:
+            log.warning(
+                "gateway: broker %s kept no session (down over %d s, restarted, or no persistent "
+                "sessions): answers sent meanwhile are lost",
+                self.broker,
+                self.session_expiry_s,
+            )
+        # Subscribed again even where the session kept the subscriptions: the same filters replace
+        # them, and the retained births, states, reports and presences come again (QoS 0: not queued).
         site = self.settings.site
-        filters = [(node_filter(self.root, kind, site=site), 1) for kind in KINDS]
-        filters += [(f"{self.reply_base}/#", 1), (presence.topic(self.root), 1)]
+        filters = [(node_filter(self.root, kind, site=site), 0) for kind in KINDS]
+        filters += [(f"{self.reply_base}/#", 1), (presence.topic(self.root), 0)]
         client.subscribe(filters)
         client.publish(
             self.presence_topic,
@@ -286,6 +320,8 @@ class GatewayLink:
         log.info("gateway: connected to %s as %s", self.broker, self.settings.gateway_id)
 
     def _disconnected(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if self.connected.is_set() and not self._is_closing:
+            self.drops += 1
         self.connected.clear()
         if not self._is_closing:
             log.warning("gateway: lost broker %s (%s); reconnecting", self.broker, reason)

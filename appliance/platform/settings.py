@@ -212,6 +212,15 @@ class GatewaySettings(BaseModel):
         description="How often the gateway announces its presence again; a gateway not heard from for "
         "3 times this is no longer counted (its share goes back to the others).",
     )
+    presence_max_clock_skew_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="A gateway's new run (a start or restart) is counted only if its clock is within this "
+        "of this gateway's: an announcement replayed from longer ago is not. A peer whose clock is further "
+        "off is not counted, so both book its share: the log says so once. Liveness itself goes by when "
+        "announcements arrive, not by the clocks.",
+    )
     max_metric_models: int = Field(
         256,
         ge=1,
