@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterable
 from appliance.platform.view import NodeView, PoolView
 
 Key = tuple[str, str, str]  # site, node, model
+Node = tuple[str, str]  # site, node
 # Far more rows than a gateway ever has in flight, and small enough that the free rows of any fleet,
 # which weigh each pick, sum to a finite number whatever an offer claims (random.choices needs one).
 MAX_CREDIT_ROWS = 1e9
+WITHHELD_CLEAN_AT = 1024  # withheld entries before the first clean-up of expired ones
 
 
 class CreditBook:
@@ -42,14 +44,20 @@ class CreditBook:
         self.sample_nodes = sample_nodes
         self.clock = clock
         self._in_flight: dict[Key, int] = {}
-        self._withheld: dict[Key, float] = {}  # until, monotonic seconds
+        # model -> node -> until (monotonic seconds). Expired entries go once the book has doubled since
+        # the last clean-up (and a model's own at each of its 503s), so it holds about what is withheld
+        # now, whatever nodes come and go.
+        self._withheld: dict[str, dict[Node, float]] = {}
+        self._withheld_count = 0
+        self._clean_at = WITHHELD_CLEAN_AT
 
     def credit_rows(self, node: NodeView, model: str, now_s: float) -> float:
         """Rows this gateway may have in flight to the node's model now (0 without a usable offer)."""
         offer = node.offer(model, now_s)
         if offer is None:
             return 0.0
-        if self._withheld.get((node.site, node.node, model), 0.0) > now_s:
+        withheld = self._withheld.get(model)
+        if withheld and withheld.get((node.site, node.node), 0.0) > now_s:
             return 0.0
         return min(offer.spare_ips * offer.slo_window_s * self.share(), MAX_CREDIT_ROWS)
 
@@ -117,19 +125,44 @@ class CreditBook:
             self._in_flight.pop(key, None)
 
     def withhold(self, node: NodeView, model: str, seconds: float) -> None:
-        """No job of `model` goes to the node for `seconds` (the retry_after_s it named)."""
-        key = (node.site, node.node, model)
-        self._withheld[key] = max(self._withheld.get(key, 0.0), self.clock() + seconds)
+        """No job of `model` goes to the node for `seconds` (the dispatcher bounds what a node names)."""
+        key = (node.site, node.node)
+        now_s = self.clock()
+        was_s = self._withheld.get(model, {}).get(key)
+        if was_s is None:
+            if self._withheld_count >= self._clean_at:
+                self._clean(now_s)
+                self._clean_at = max(WITHHELD_CLEAN_AT, 2 * self._withheld_count)
+            self._withheld_count += 1
+        elif was_s >= now_s + seconds:
+            return
+        self._withheld.setdefault(model, {})[key] = now_s + seconds
 
     def withheld_for_s(self, node: NodeView, model: str) -> float:
-        return max(0.0, self._withheld.get((node.site, node.node, model), 0.0) - self.clock())
+        until_s = self._withheld.get(model, {}).get((node.site, node.node), 0.0)
+        return max(0.0, until_s - self.clock())
+
+    def withheld_count(self) -> int:
+        """Entries the book holds, expired ones not yet cleaned up included."""
+        return self._withheld_count
+
+    def _clean(self, now_s: float, model: str | None = None) -> None:
+        """Drop the expired entries (of one model, or of all)."""
+        for name in [model] if model is not None else list(self._withheld):
+            withheld = self._withheld.get(name)
+            if withheld is None:
+                continue
+            expired = [key for key, until_s in withheld.items() if until_s <= now_s]
+            for key in expired:
+                del withheld[key]
+            self._withheld_count -= len(expired)
+            if not withheld:
+                del self._withheld[name]
 
     def retry_after_s(self, model: str, default_s: float) -> float:
         """When to try again after a 503: the earliest withheld credit of the model to come back, or the
         default when none is withheld (new capacity arrives with reports, not on a schedule)."""
         now_s = self.clock()
-        for key, until_s in list(self._withheld.items()):
-            if until_s <= now_s:
-                del self._withheld[key]
-        waits = [until_s - now_s for (_, _, name), until_s in self._withheld.items() if name == model]
+        self._clean(now_s, model)
+        waits = [until_s - now_s for until_s in self._withheld.get(model, {}).values()]
         return min([default_s, *waits]) if waits else default_s

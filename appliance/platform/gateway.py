@@ -93,6 +93,7 @@ class Gateway:
             key=self.key,
             max_gateways=settings.max_gateways,
             refresh_s=settings.presence_refresh_s,
+            max_clock_skew_s=settings.presence_max_clock_skew_s,
         )
         ledger = Ledger.open(platform.ledger.url or str(settings.state_dir / "ledger.sqlite3"))
         ledger.register_gateway(settings.gateway_id, signing.public_key_text(self.key))
@@ -126,6 +127,8 @@ class Gateway:
             verify=self._verify,
             on_refused=self._refused,
             on_late=self._late,
+            link_drops=lambda: self.link.drops,
+            was_away=self.link.was_away_since,
         )
         self.metering = Metering(self.writer, self.key, settings.gateway_id)
         self.trust = Trust(
@@ -209,7 +212,12 @@ class Gateway:
         self.dispatcher.answered(message, received_s)
 
     def _state_changed(self) -> None:
-        self.dispatcher.sweep()
+        """A node's state message other than `online`, or the broker lost: the nodes that went offline
+        since (the view keeps them) lose their jobs in flight. Nothing else is checked here (a node may
+        send state messages as fast as it likes); silence is the periodic sweep's."""
+        fallen = self.view.fallen()
+        if fallen:
+            self.dispatcher.sweep(fallen)
 
     def _refused_connection(self, model: str | None, priority: object, exc: BaseException) -> None:
         """A refusal made by a connection itself (header size and time, body time, connection limits,

@@ -94,8 +94,13 @@ class NodeView:
         return age_s is None or self.capacity is None or age_s > self.capacity_valid_for_s
 
     def is_live(self, now_s: float) -> bool:
-        """Online and still reporting: what failover and dispatch go by."""
+        """Online and still reporting: what dispatch goes by."""
         return self.state == "online" and not self.is_stale(now_s)
+
+    def is_lost(self, now_s: float) -> bool:
+        """Offline or no longer reporting: its jobs in flight will not be answered (failover goes by it).
+        A draining node finishes the jobs it holds; it only takes no new ones."""
+        return self.state == "offline" or self.is_stale(now_s)
 
     def effective_state(self, now_s: float) -> tuple[str, str]:
         """(state, reason) as the fleet view shows it: an online node whose reports stopped is offline."""
@@ -189,6 +194,7 @@ class PoolView:
         self._warned: set[tuple[str, str, str]] = set()  # (site, node, kind) whose rejection was logged
         self._nodes: OrderedDict[Key, NodeView] = OrderedDict()  # the least recently heard first
         self._offering: Offering[NodeView] = Offering()
+        self._fallen: set[Key] = set()  # nodes gone offline since the last `fallen()` (at most max_nodes)
         self._lock = threading.Lock()
 
     def nodes(self) -> list[NodeView]:
@@ -197,6 +203,13 @@ class PoolView:
 
     def get(self, site: str, node: str) -> NodeView | None:
         return self._nodes.get((site, node))
+
+    def fallen(self) -> set[Key]:
+        """The nodes whose state went to `offline` since the last call (a repeat of `offline`, or any other
+        state, is no change), emptied: the gateway fails their jobs in flight, and no one else's."""
+        with self._lock:
+            fallen, self._fallen = self._fallen, set()
+            return fallen
 
     def ingest(
         self, topic: str, payload: bytes, received_s: float, expiry_s: int | None = None
@@ -255,6 +268,8 @@ class PoolView:
             view.last_received_s = received_s
             self._nodes.move_to_end(key)
             if origin.kind == "state":
+                if kept["state"] == "offline" and view.state != "offline":
+                    self._fallen.add(key)
                 view.state, view.reason = kept["state"], kept["reason"]
             elif origin.kind == "birth":
                 view.birth = kept
@@ -281,6 +296,7 @@ class PoolView:
                 return
             del self._nodes[key]
             self._offering.update(key, oldest, frozenset())
+            self._fallen.discard(key)
             for kind in CHECKS:
                 self._warned.discard((*key, kind))
             self._warned.discard(("", "", "node_limit"))
