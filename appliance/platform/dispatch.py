@@ -53,6 +53,10 @@ MAX_NODE_RETRY_AFTER_S = 3600.0
 # of noise and then the node's own answer, or one of the largest answers a node writes (verify.py).
 MAX_UNVERIFIED_BYTES = 4 * 1024 * 1024
 MESSAGE_BYTES = 1024  # what each such answer counts for besides its payload
+# Past this much JSON read of answers not taken under one live attempt, its node's credit is withheld
+# as for a timeout: only that node and the broker know the attempt's CorrelationData, so megabytes of
+# junk under it (each parsed on the loop) are its own doing. Less (a stray small message) costs it nothing.
+NOISE_WITHHOLD_BYTES = 64 * 1024
 
 
 class NodeLost(Exception):
@@ -102,7 +106,7 @@ class Dispatcher:
         self.link_drops = link_drops
         self.was_away = was_away
         self.late_answers = 0
-        self.unverified_answers = 0  # 200s that could not be verified: noise, held against nobody
+        self.unverified_answers = 0  # 200s that could not be verified: noise (see _noise)
         self._jobs: dict[str, Job] = {}
         self._attempts: dict[bytes, Attempt] = {}
         self._finished: OrderedDict[bytes, Finished] = OrderedDict()
@@ -213,6 +217,9 @@ class Dispatcher:
                     return answer
                 node.count(job.model, "bad_job")
                 doubted = answer
+                # It has answered: a 200 under the same attempt later is not taken (nor billed) for the
+                # job, whatever it says; once the job is over it is a late answer like any other.
+                self._attempts.pop(job.attempts[answer.attempt].correlation, None)
                 job.was_resent = True
                 self.on_event(job.model, "resent")
                 continue
@@ -304,26 +311,27 @@ class Dispatcher:
         finally:
             timer.cancel()
             if answer is not None and answer.attempt != number:
-                self._hold(attempt)  # an earlier attempt's answer settled the job: this node still works
+                self._hold(attempt, drops)  # an earlier attempt settled the job: its node still works
             else:
                 self._let_go(attempt)
         return answer
 
-    def _hold(self, attempt: Attempt) -> None:
+    def _hold(self, attempt: Attempt, drops: int) -> None:
         """Keep a superseded attempt's rows until its node answers it, its timeout fires or it is lost."""
         loop = asyncio.get_running_loop()
         attempt.reply = loop.create_future()
         left_s = attempt.sent_s + self.settings.job_timeout_s - time.perf_counter()
         timer = loop.call_later(max(left_s, 0.0), _expire, attempt.reply)
-        attempt.reply.add_done_callback(functools.partial(self._held_ended, attempt, timer))
+        attempt.reply.add_done_callback(functools.partial(self._held_ended, attempt, timer, drops))
         self._held[attempt.correlation] = attempt
 
     def _held_ended(
-        self, attempt: Attempt, timer: asyncio.TimerHandle, reply: asyncio.Future[Answer]
+        self, attempt: Attempt, timer: asyncio.TimerHandle, drops: int, reply: asyncio.Future[Answer]
     ) -> None:
         timer.cancel()
         self._held.pop(attempt.correlation, None)
-        if not reply.cancelled() and isinstance(reply.exception(), TimedOut):
+        timed_out = not reply.cancelled() and isinstance(reply.exception(), TimedOut)
+        if timed_out and not self.was_away(drops):
             self.credit.withhold(attempt.node, attempt.job.model, self.settings.timeout_withhold_s)
         self._let_go(attempt)
 
@@ -364,7 +372,8 @@ class Dispatcher:
         if answer.status == 200 and isinstance(self._refusal(job, answer), Unverified):
             # not its node's answer, as far as anyone can tell: logged once per attempt
             self._noise(job, attempt.node, answer.refusal, is_first=correlation not in self._unverified_bytes)
-            self._unread(correlation, answer)
+            if self._unread(correlation, answer) >= NOISE_WITHHOLD_BYTES:
+                self.credit.withhold(attempt.node, job.model, self.settings.timeout_withhold_s)
         elif attempt is current and not attempt.reply.done():
             attempt.reply.set_result(answer)
         elif answer.status == 200 and current is not None and not current.reply.done():
@@ -384,7 +393,7 @@ class Dispatcher:
         and those read and not taken came to less than MAX_UNVERIFIED_BYTES."""
         return self._unverified_bytes.get(correlation, 0) < MAX_UNVERIFIED_BYTES
 
-    def _unread(self, correlation: bytes, answer: Answer) -> None:
+    def _unread(self, correlation: bytes, answer: Answer) -> int:
         """A 200 under `correlation` was not taken: the JSON read of it counts against the attempt (none
         where it was past what a node writes, which is refused unread), and a KiB for the message itself,
         so that a flood of empty ones ends too. Unread junk cannot use up the room of the node's own
@@ -393,12 +402,14 @@ class Dispatcher:
         read = payload_bytes if answer.header_length is None else min(answer.header_length, payload_bytes)
         if read > MAX_ANSWER_JSON_BYTES:
             read = 0
-        spent = self._unverified_bytes.get(correlation, 0)
-        self._unverified_bytes[correlation] = spent + read + MESSAGE_BYTES
+        spent = self._unverified_bytes.get(correlation, 0) + read + MESSAGE_BYTES
+        self._unverified_bytes[correlation] = spent
+        return spent
 
     def _noise(self, job: Job, node: NodeView, why: object, *, is_first: bool) -> None:
         """A 200 under a live attempt's CorrelationData that cannot be verified: counted, logged, and
-        held against nobody (only the node it names would be hurt, and anyone could have sent it)."""
+        not refused or recorded against the node (only the node it names would be hurt, and the nonce
+        could have leaked); only megabytes of it withhold the node's credit (NOISE_WITHHOLD_BYTES)."""
         self.unverified_answers += 1
         node.count(job.model, "unverified")
         self.on_event(job.model, "unverified_answer")

@@ -259,14 +259,17 @@ def _outputs(document: Any, binary: memoryview) -> dict[str, np.ndarray]:
     raw_outputs = codec.response_entries(document)
     if len(raw_outputs) > MAX_OUTPUTS:
         raise InvalidInput(f"response holds {len(raw_outputs)} outputs; a node answers at most {MAX_OUTPUTS}")
-    elements = sum(
-        len(raw["data"]) for raw in raw_outputs if isinstance(raw, dict) and type(raw.get("data")) is list
-    )
+    lists = [raw["data"] for raw in raw_outputs if isinstance(raw, dict) and type(raw.get("data")) is list]
+    elements = sum(len(data) for data in lists)
     if elements > MAX_JSON_OUTPUT_ELEMENTS:
         raise InvalidInput(
             f"response holds {elements} tensor elements as JSON; a node writes at most "
             f"{MAX_JSON_OUTPUT_ELEMENTS}"
         )
+    # A node writes tensor data flat (row-major, as the codec does): nested lists, which the count above
+    # does not see into and which would be decoded one element at a time, are no node's answer.
+    if any(type(item) is list for data in lists for item in data):
+        raise InvalidInput("response tensor data holds nested lists; a node writes it flat")
     return codec.response_outputs(raw_outputs, binary)
 
 

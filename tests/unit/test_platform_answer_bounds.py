@@ -183,6 +183,14 @@ def test_a_header_length_past_the_answer_is_not_read(parses: Counter[str]) -> No
             {"outputs": [{"name": "y", "datatype": "INT32", "shape": [32769, 1], "data": [[7]] * 32769}]},
             f"32769 tensor elements as JSON; a node writes at most {MAX_JSON_OUTPUT_ELEMENTS}",
         ),
+        (  # few elements at the top level, 300,000 within: counted flat, nested is no node's answer
+            {
+                "outputs": [
+                    {"name": "y", "datatype": "INT32", "shape": [3, 100_000], "data": [[7] * 100_000] * 3}
+                ]
+            },
+            "nested lists; a node writes it flat",
+        ),
     ],
 )
 def test_more_outputs_or_json_elements_than_a_node_writes_are_not_decoded(

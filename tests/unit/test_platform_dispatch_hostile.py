@@ -22,7 +22,7 @@ from test_platform_credit import ROOT, add
 from test_platform_dispatch import Fixture, Signing, job
 
 from appliance.platform.credit import CreditBook
-from appliance.platform.dispatch import MAX_NODE_RETRY_AFTER_S, Dispatcher
+from appliance.platform.dispatch import MAX_NODE_RETRY_AFTER_S, NOISE_WITHHOLD_BYTES, Dispatcher
 from appliance.platform.gateway import Gateway
 from appliance.platform.link import GatewayLink
 from appliance.platform.presence import Presence
@@ -114,6 +114,9 @@ async def test_a_flood_of_state_messages_checks_only_the_node_that_went_offline(
         on_state=lambda: state_changed(f),
     )
     link._loop, link._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    # The link stamps messages with time.monotonic(), the nodes were heard at 0: on a host up for more
+    # than forget_after_s the view would forget them all at the first message.
+    f.view.forget_after_s = float("inf")
     flood = [
         paho_message(f"{ROOT}/s/noisy/state", orjson.dumps({"session": 1, "state": value}))
         for value in ["draining"] * 500 + ["offline"] * 500
@@ -264,6 +267,26 @@ async def test_a_nodes_400_or_413_is_put_to_a_second_node(status: int) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_node_that_said_400_cannot_answer_the_job_after_all() -> None:
+    f = Signing()
+    a, b = f.node("a"), f.node("b")
+    f.credit.withhold(b, "m", 0.5)  # the job goes to a first
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    first = await f.next_job(1)
+    f.clock_s = 1.0
+    f.reply(first, b'{"error": "bad input"}', status="400")
+    second = await f.next_job(2)
+    assert node_of(second) == "b"
+    f.reply(first, f.signed(first), status="200")  # a answers after all: not taken, not billed
+    await turns()
+    assert not running.done()
+    f.reply(second, f.signed(second), status="200")
+    answer = await running
+    assert answer.node is b and answer.status == 200
+    assert f.credit.withheld_for_s(a, "m") == pytest.approx(f.settings.timeout_withhold_s)
+
+
+@pytest.mark.asyncio
 async def test_a_400_with_no_second_node_to_ask_is_the_buyers_answer() -> None:
     f = Fixture()
     add(f.view, "a", 1000.0)
@@ -313,6 +336,20 @@ async def test_a_node_still_working_on_a_settled_job_keeps_its_rows_until_its_ti
     async with asyncio.timeout(5):
         await asyncio.wait([held.reply])  # the attempt's own timer
     assert f.credit.in_flight(b, "m") == 0 and f.credit.withheld_for_s(b, "m") > 0
+
+
+@pytest.mark.asyncio
+async def test_a_held_attempt_timing_out_across_the_gateways_own_outage_withholds_no_node() -> None:
+    f = Fixture(job_timeout_s=0.2, timeout_withhold_s=60.0)
+    drops = [0]
+    f.dispatcher.link_drops = lambda: drops[0]
+    f.dispatcher.was_away = lambda since: drops[0] != since
+    b, _ = await settled_by_an_earlier_node(f)
+    [held] = f.dispatcher._held.values()
+    drops[0] += 1  # the gateway's link dropped while b worked on it: b's answer may have been lost
+    async with asyncio.timeout(5):
+        await asyncio.wait([held.reply])
+    assert f.credit.in_flight(b, "m") == 0 and f.credit.withheld_for_s(b, "m") == 0.0
 
 
 @pytest.mark.asyncio
@@ -417,6 +454,21 @@ async def test_noise_under_a_live_attempt_is_verified_a_bounded_number_of_times(
     assert verified[0] == 4 and f.dispatcher.unverified_answers == 20 and not running.done()
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_megabytes_of_noise_under_an_attempt_withhold_its_node_a_stray_message_does_not() -> None:
+    f = Signing()
+    a = f.node("a")
+    running = asyncio.create_task(f.dispatcher.run(job()))
+    sent = await f.next_job(1)
+    f.reply(sent, b"[]", status="200")  # a stray small message: counted, held against nobody
+    assert f.credit.withheld_for_s(a, "m") == 0.0
+    junk = b" " * NOISE_WITHHOLD_BYTES + b"[]"  # parsed on the loop: only a and the broker know the nonce
+    f.reply(sent, junk, status="200")
+    assert f.credit.withheld_for_s(a, "m") == pytest.approx(f.settings.timeout_withhold_s)
+    f.reply(sent, f.signed(sent), status="200")  # its own answer is still the buyer's
+    assert (await running).node is a
 
 
 @pytest.mark.asyncio
