@@ -12,10 +12,10 @@ wrong (verify.Refused) bars that node and moves the job on, as a refusal does.
 What a node answers costs it as its word deserves: a refusal withholds its credit for the time it names
 (bounded), a 5xx or a status the protocol does not have for as long as a timeout does. A 400 or 413 for a
 job the gateway has already checked against the model's signature is put to a second node (the job's
-one re-send): if that one answers, the first is withheld as for a timeout; if it says the same, that is
-the buyer's answer. A node gone `offline` or silent loses its jobs in flight; a draining one finishes
-them. A node whose job another node's late answer settled keeps its rows until it answers, times out or
-is lost, since it is still working on the job.
+one re-send): if that one answers, a first that said 400 is withheld as for a timeout (a 413 may be
+its own, smaller body limit); if it says the same, that is the buyer's answer. A node gone `offline` or
+silent loses its jobs in flight; a draining one finishes them. A node whose job another node's late
+answer settled keeps its rows until it answers, times out or is lost, since it is still working on it.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ class Dispatcher:
                     self.on_event(job.model, "answered")
                     if doubted is not None and answer.node is not doubted.node:  # its 400/413 was wrong
                         doubted.node.count(job.model, "bad_job_refuted")
-                        self.credit.withhold(doubted.node, job.model, self.settings.timeout_withhold_s)
+                        if doubted.status == 400:  # a 413 may be its own, smaller body limit: no fault
+                            self.credit.withhold(doubted.node, job.model, self.settings.timeout_withhold_s)
                     return answer
                 answer.node.count(job.model, "refused_answer")  # signed with its key: its own answer
                 self.on_event(job.model, "bad_answer")
