@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from appliance.platform import credit
 from appliance.platform.credit import MAX_CREDIT_ROWS, CreditBook
 from appliance.platform.view import NodeView, PoolView
 
@@ -161,3 +162,85 @@ def test_credit_is_bounded_so_that_the_weights_of_a_pick_stay_finite() -> None:
     assert book.credit_rows(nodes[1], "m", 0.0) == MAX_CREDIT_ROWS
     picks = Counter(book.pick("m", 1, None).node for _ in range(200))  # type: ignore[union-attr]
     assert set(picks) <= {"a", "b", "c"} and picks["b"] + picks["c"] > 190
+
+
+# --- a tight market: the nodes with free credit are found without walking the fleet at every pick ------
+
+
+class Walks(PoolView):
+    """A PoolView that counts the walks over every node offering a model."""
+
+    walks = 0
+
+    def offering(self, model: str) -> list[NodeView]:
+        self.walks += 1
+        return super().offering(model)
+
+
+class Costly:
+    """time.thread_time and time.perf_counter for credit.py: a walk costs 10 ms of CPU, and the wall clock
+    moves only when a test moves it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.cpu_s = 0.0
+        self.wall_s = 100.0
+        monkeypatch.setattr(credit.time, "thread_time", self.thread_time)
+        monkeypatch.setattr(credit.time, "perf_counter", lambda: self.wall_s)
+
+    def thread_time(self) -> float:
+        self.cpu_s += 0.005  # read before and after a walk: 10 ms between the two
+        return self.cpu_s
+
+
+def full_pool(monkeypatch: pytest.MonkeyPatch) -> tuple[Walks, CreditBook, list[NodeView], Costly]:
+    costly = Costly(monkeypatch)
+    view, clock = Walks(ROOT), Clock()
+    book = CreditBook(view, clock=clock, sample_nodes=0)  # no random draw: every pick looks for free nodes
+    nodes = [add(view, name, spare=10.0) for name in ("a", "b", "c")]  # 1 row each at a 100 ms SLO
+    for node in nodes:
+        book.take(node, "m", 1)
+    return view, book, nodes, costly
+
+
+def test_a_sold_out_pool_is_walked_once_per_keep_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    view, book, _, costly = full_pool(monkeypatch)
+    for _ in range(50):
+        assert book.pick("m", 1, None) is None
+    assert view.walks == 1  # 10 ms of CPU: kept for KEEP_FACTOR x 10 ms
+    costly.wall_s += credit.KEEP_FACTOR * 0.010 + 0.001
+    assert book.pick("m", 1, None) is None
+    assert view.walks == 2
+
+
+def test_a_node_whose_rows_come_back_is_picked_before_the_next_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    view, book, nodes, _ = full_pool(monkeypatch)
+    assert book.pick("m", 1, None) is None
+    book.release(nodes[1], "m", 1)
+    assert book.pick("m", 1, None) is nodes[1]
+    book.take(nodes[1], "m", 1)
+    assert book.pick("m", 1, None) is None  # full again, and dropped from the kept nodes
+    assert view.walks == 1
+
+
+def test_credit_a_report_raises_is_seen_at_the_next_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    view, book, _, costly = full_pool(monkeypatch)
+    assert book.pick("m", 1, None) is None
+    bigger = {"spare_ips_at_slo": 100.0, "accepts_pool_jobs": True, "slo_p99_ms": 100.0}
+    report = {"session": 1, "seq": 3, "valid_for_s": 3, "models": {"m": bigger}}
+    view.ingest(f"{ROOT}/s/c/capacity", orjson.dumps(report), 0.0)
+    assert book.pick("m", 1, None) is None  # not walked again yet
+    costly.wall_s += credit.KEEP_FACTOR * 0.010 + 0.001
+    found = book.pick("m", 1, None)
+    assert found is not None and found.node == "c"
+
+
+def test_a_cheap_walk_is_not_kept() -> None:
+    view, clock = Walks(ROOT), Clock()
+    book = CreditBook(view, clock=clock, sample_nodes=0)
+    node = add(view, "a", spare=10.0)
+    book.take(node, "m", 1)
+    assert book.pick("m", 1, None) is None
+    bigger = {"spare_ips_at_slo": 100.0, "accepts_pool_jobs": True, "slo_p99_ms": 100.0}
+    report = {"session": 1, "seq": 3, "valid_for_s": 3, "models": {"m": bigger}}
+    view.ingest(f"{ROOT}/s/a/capacity", orjson.dumps(report), 0.0)
+    assert book.pick("m", 1, None) is node  # a walk of one node is CPU microseconds: walked afresh

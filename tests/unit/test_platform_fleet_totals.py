@@ -41,14 +41,22 @@ class Counted(PoolView):
 
 
 class Clock:
-    """perf_counter for fleet.py: each reading 10 ms after the last, so a count costs 10 ms."""
+    """perf_counter (and thread_time) for fleet.py: each reading 10 ms after the last, so a count costs
+    10 ms of CPU, and each call moves the wall clock on by 10 ms."""
 
-    def __init__(self) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.now_s = 1000.0
+        self.cpu_s = 0.0
+        monkeypatch.setattr(fleet.time, "perf_counter", self)
+        monkeypatch.setattr(fleet.time, "thread_time", self.thread_time)
 
     def __call__(self) -> float:
         self.now_s += 0.010
         return self.now_s
+
+    def thread_time(self) -> float:
+        self.cpu_s += 0.010
+        return self.cpu_s
 
 
 def gateway_of(pool: PoolView) -> SimpleNamespace:
@@ -68,8 +76,7 @@ def test_a_cheap_total_is_counted_afresh_at_every_call() -> None:
 
 
 def test_a_costly_total_is_kept_for_keep_factor_times_its_cost(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock()
-    monkeypatch.setattr(fleet.time, "perf_counter", clock)
+    Clock(monkeypatch)
     pool = Counted(ROOT)
     offering(pool, "a", 5.0)
     place = gateway_of(pool)
@@ -81,7 +88,7 @@ def test_a_costly_total_is_kept_for_keep_factor_times_its_cost(monkeypatch: pyte
         calls += 1
         assert calls < 1000, "a kept total was never counted again"
     assert pool.walks == 2
-    # Kept from the first count's start for (1 + KEEP_FACTOR) x its 10 ms; each call reads the clock once.
+    # Kept for KEEP_FACTOR x its 10 ms from its end; each call moves the wall clock on by 10 ms.
     assert calls == pytest.approx((1 + KEEP_FACTOR) * 0.010 / 0.010 - 1, abs=1)
     # The index shows the kept total too, so a buyer asking for it in a loop counts it no more often.
     counts = []
@@ -93,7 +100,7 @@ def test_a_costly_total_is_kept_for_keep_factor_times_its_cost(monkeypatch: pyte
 
 
 def test_kept_totals_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet.time, "perf_counter", Clock())
+    Clock(monkeypatch)
     pool = PoolView(ROOT)
     offering(pool, "a", 5.0)
     place = gateway_of(pool)
