@@ -14,8 +14,8 @@ while capacity lasts.
 
 Which nodes have free credit is found by walking every node offering the model: 12.7 ms of the event loop
 at 5,000 nodes. In a tight market (the pool's idle capacity sold out, its normal state) every dispatch and
-every 503 would pay it. So where that walk costs over MIN_KEPT_COST_S of CPU, the nodes it found with free
-credit are kept for KEEP_FACTOR times that cost (as kept.Kept keeps a document): meanwhile a pick looks
+every 503 would pay it. So where that walk costs over kept.MIN_KEPT_COST_S of CPU, the nodes it found
+with free credit are kept for KEEP_FACTOR times that cost (kept.costly): meanwhile a pick looks
 only at them (dropping those that filled up), and a node whose rows come back (`release`) joins them at
 once. Credit that appears otherwise (a report raising an offer, withheld credit coming back) is seen at
 the next walk, at most KEEP_FACTOR times its cost later (a quarter of a second at 5,000 nodes); a small
@@ -25,10 +25,9 @@ fleet is walked afresh every time.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterable
 
-from appliance.platform.kept import KEEP_FACTOR
+from appliance.platform import kept
 from appliance.platform.view import NodeView, PoolView
 
 Key = tuple[str, str, str]  # site, node, model
@@ -37,7 +36,6 @@ Node = tuple[str, str]  # site, node
 # which weigh each pick, sum to a finite number whatever an offer claims (random.choices needs one).
 MAX_CREDIT_ROWS = 1e9
 WITHHELD_CLEAN_AT = 1024  # withheld entries before the first clean-up of expired ones
-MIN_KEPT_COST_S = 0.001  # CPU time of a walk over a model's nodes past which its findings are kept
 
 
 class CreditBook:
@@ -106,18 +104,17 @@ class CreditBook:
     def _free_nodes(self, model: str, now_s: float) -> list[NodeView]:
         """The nodes offering `model` that have free credit now: found by a walk over all of them, or,
         while a costly walk's findings are kept (module docstring), those of them still free."""
-        kept = self._free.get(model)
-        if kept is not None and time.perf_counter() < kept[0]:
-            nodes = kept[1]
+        free = self._free.get(model)
+        if free is not None and kept.is_fresh(free[0]):
+            nodes = free[1]
             for key in [key for key, node in nodes.items() if self.free_rows(node, model, now_s) <= 0]:
                 del nodes[key]
             return list(nodes.values())
         self._free.pop(model, None)
-        started_s = time.thread_time()  # CPU time: a walk preempted on a busy box costs no more
-        found = [node for node in self.view.offering(model) if self.free_rows(node, model, now_s) > 0]
-        cost_s = time.thread_time() - started_s
-        if cost_s >= MIN_KEPT_COST_S:
-            until_s = time.perf_counter() + cost_s * KEEP_FACTOR
+        found, until_s = kept.costly(
+            lambda: [node for node in self.view.offering(model) if self.free_rows(node, model, now_s) > 0]
+        )
+        if until_s is not None:
             self._free[model] = (until_s, {(node.site, node.node): node for node in found})
         return found
 
@@ -155,9 +152,9 @@ class CreditBook:
             self._in_flight[key] = left
         else:
             self._in_flight.pop(key, None)
-        kept = self._free.get(model)
-        if kept is not None:  # its rows are back: a pick finds it before the next walk
-            kept[1][(node.site, node.node)] = node
+        free = self._free.get(model)
+        if free is not None:  # its rows are back: a pick finds it before the next walk
+            free[1][(node.site, node.node)] = node
 
     def withhold(self, node: NodeView, model: str, seconds: float) -> None:
         """No job of `model` goes to the node for `seconds` (the dispatcher bounds what a node names)."""

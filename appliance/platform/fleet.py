@@ -11,11 +11,11 @@ from weakref import WeakKeyDictionary
 import orjson
 
 from appliance import errors
+from appliance.platform import kept
 from appliance.platform.attempts import Answer, Job
 from appliance.platform.buyers import Buyers
 from appliance.platform.catalogue import Catalogue, Files
 from appliance.platform.credit import CreditBook
-from appliance.platform.kept import KEEP_FACTOR
 from appliance.platform.metrics import GatewayMetrics
 from appliance.platform.presence import Presence
 from appliance.platform.settings import GatewaySettings
@@ -120,11 +120,10 @@ def _node(gateway: Gateway, node: NodeView, now_s: float) -> dict[str, Any]:
 
 
 # A model's spare total walks every node offering it: 26 ms of the loop at 5,000 nodes, for any buyer's
-# index, metadata or readiness call, none of which a rate quota bounds. Where it costs more than
-# MIN_KEPT_COST_S, the total is kept, as kept.Kept keeps a document, for KEEP_FACTOR times what it cost:
+# index, metadata or readiness call, none of which a rate quota bounds. Where it costs over
+# kept.MIN_KEPT_COST_S of CPU, the total is kept for KEEP_FACTOR times what it cost (kept.costly):
 # however often buyers ask, it takes at most 1/KEEP_FACTOR of the loop, and it is at most half a second
 # old at 5,000 nodes. Below that cost (small fleets) it is counted afresh at every call.
-MIN_KEPT_COST_S = 0.001
 MAX_KEPT_TOTALS = 1024  # (model, files) pairs kept per view; all are dropped past it
 _kept_totals: WeakKeyDictionary[PoolView, dict[tuple[str, Files | None], tuple[float, float]]]
 _kept_totals = WeakKeyDictionary()
@@ -132,18 +131,16 @@ _kept_totals = WeakKeyDictionary()
 
 def spare_ips(gateway: Gateway, name: str, files: Files | None) -> float:
     """The pool's total spare inferences/s for the model (whole offers, before this gateway's share),
-    kept a while where counting it is costly (MIN_KEPT_COST_S)."""
-    kept = _kept_totals.setdefault(gateway.view, {})
-    found = kept.get((name, files))
-    if found is not None and time.perf_counter() < found[0]:
+    kept a while where counting it is costly (kept.costly)."""
+    totals = _kept_totals.setdefault(gateway.view, {})
+    found = totals.get((name, files))
+    if found is not None and kept.is_fresh(found[0]):
         return found[1]
-    started_s = time.thread_time()  # CPU time: a count preempted on a busy box costs no more
-    total = _spare_ips(gateway.view, name, files)
-    cost_s = time.thread_time() - started_s
-    if cost_s >= MIN_KEPT_COST_S:
-        if len(kept) >= MAX_KEPT_TOTALS:
-            kept.clear()
-        kept[(name, files)] = (time.perf_counter() + cost_s * KEEP_FACTOR, total)
+    total, until_s = kept.costly(lambda: _spare_ips(gateway.view, name, files))
+    if until_s is not None:
+        if len(totals) >= MAX_KEPT_TOTALS:
+            totals.clear()
+        totals[(name, files)] = (until_s, total)
     return total
 
 

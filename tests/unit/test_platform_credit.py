@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from appliance.platform import credit
+from appliance.platform import kept
 from appliance.platform.credit import MAX_CREDIT_ROWS, CreditBook
 from appliance.platform.view import NodeView, PoolView
 
@@ -178,14 +178,14 @@ class Walks(PoolView):
 
 
 class Costly:
-    """time.thread_time and time.perf_counter for credit.py: a walk costs 10 ms of CPU, and the wall clock
+    """time.thread_time and time.perf_counter for kept.costly: a walk costs 10 ms of CPU, and the wall clock
     moves only when a test moves it."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.cpu_s = 0.0
         self.wall_s = 100.0
-        monkeypatch.setattr(credit.time, "thread_time", self.thread_time)
-        monkeypatch.setattr(credit.time, "perf_counter", lambda: self.wall_s)
+        monkeypatch.setattr(kept.time, "thread_time", self.thread_time)
+        monkeypatch.setattr(kept.time, "perf_counter", lambda: self.wall_s)
 
     def thread_time(self) -> float:
         self.cpu_s += 0.005  # read before and after a walk: 10 ms between the two
@@ -207,7 +207,7 @@ def test_a_sold_out_pool_is_walked_once_per_keep_window(monkeypatch: pytest.Monk
     for _ in range(50):
         assert book.pick("m", 1, None) is None
     assert view.walks == 1  # 10 ms of CPU: kept for KEEP_FACTOR x 10 ms
-    costly.wall_s += credit.KEEP_FACTOR * 0.010 + 0.001
+    costly.wall_s += kept.KEEP_FACTOR * 0.010 + 0.001
     assert book.pick("m", 1, None) is None
     assert view.walks == 2
 
@@ -229,7 +229,7 @@ def test_credit_a_report_raises_is_seen_at_the_next_walk(monkeypatch: pytest.Mon
     report = {"session": 1, "seq": 3, "valid_for_s": 3, "models": {"m": bigger}}
     view.ingest(f"{ROOT}/s/c/capacity", orjson.dumps(report), 0.0)
     assert book.pick("m", 1, None) is None  # not walked again yet
-    costly.wall_s += credit.KEEP_FACTOR * 0.010 + 0.001
+    costly.wall_s += kept.KEEP_FACTOR * 0.010 + 0.001
     found = book.pick("m", 1, None)
     assert found is not None and found.node == "c"
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from appliance.platform import fleet
+from appliance.platform import fleet, kept
 from appliance.platform.catalogue import Catalogue
 from appliance.platform.kept import KEEP_FACTOR
 from appliance.platform.view import PoolView
@@ -41,14 +41,14 @@ class Counted(PoolView):
 
 
 class Clock:
-    """perf_counter (and thread_time) for fleet.py: each reading 10 ms after the last, so a count costs
+    """perf_counter (and thread_time) for kept.costly: each reading 10 ms after the last, so a count costs
     10 ms of CPU, and each call moves the wall clock on by 10 ms."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.now_s = 1000.0
         self.cpu_s = 0.0
-        monkeypatch.setattr(fleet.time, "perf_counter", self)
-        monkeypatch.setattr(fleet.time, "thread_time", self.thread_time)
+        monkeypatch.setattr(kept.time, "perf_counter", self)
+        monkeypatch.setattr(kept.time, "thread_time", self.thread_time)
 
     def __call__(self) -> float:
         self.now_s += 0.010
