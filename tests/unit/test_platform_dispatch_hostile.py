@@ -399,9 +399,8 @@ def test_withheld_credit_is_forgotten_once_expired() -> None:
     assert book.retry_after_s("m", 5.0) == 5.0 and book.withheld_count() == 0
 
 
-@pytest.mark.asyncio
-async def test_replays_of_an_answer_are_verified_at_most_once() -> None:
-    f = Signing()
+def counting_verifications(f: Signing) -> list[int]:
+    """Make the dispatcher count the answers it verifies: the count is the list's one item."""
     verified = [0]
     check = f.dispatcher.verify
     assert check is not None
@@ -411,6 +410,13 @@ async def test_replays_of_an_answer_are_verified_at_most_once() -> None:
         return check(job, answer)
 
     f.dispatcher.verify = counting
+    return verified
+
+
+@pytest.mark.asyncio
+async def test_replays_of_an_answer_are_verified_at_most_once() -> None:
+    f = Signing()
+    verified = counting_verifications(f)
     late: list[str] = []
     f.dispatcher.on_late = lambda job, answer: late.append(answer.job_id)
     f.node("a")
@@ -438,15 +444,7 @@ async def test_replays_of_an_answer_are_verified_at_most_once() -> None:
 @pytest.mark.asyncio
 async def test_noise_under_a_live_attempt_is_verified_a_bounded_number_of_times() -> None:
     f = Signing()
-    verified = [0]
-    check = f.dispatcher.verify
-    assert check is not None
-
-    def counting(job: Any, answer: Any) -> Any:
-        verified[0] += 1
-        return check(job, answer)
-
-    f.dispatcher.verify = counting
+    verified = counting_verifications(f)
     f.node("a")
     running = asyncio.create_task(f.dispatcher.run(job()))
     sent = await f.next_job(1)

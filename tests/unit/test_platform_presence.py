@@ -19,10 +19,11 @@ ROOT = "ecp/v1"
 
 
 class Clocks:
-    """Wall clock (ms) and monotonic clock (s), moved by the test."""
+    """Wall clock (ms) and monotonic clock (s), moved by the test; one host's (the wall clock set where
+    hosts' clocks differ)."""
 
-    def __init__(self) -> None:
-        self.ms = 1_800_000_000_000
+    def __init__(self, wall_ms: int = 1_800_000_000_000) -> None:
+        self.ms = wall_ms
         self.s = 1000.0
 
     def wall(self) -> int:

@@ -12,6 +12,7 @@ import logging
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_platform_presence import Clocks as Host
 
 from appliance.platform import presence
 from appliance.platform.presence import OFFLINE, ONLINE, Presence
@@ -19,24 +20,6 @@ from appliance.pool import signing
 
 ROOT = "ecp/v1"
 TOPIC = presence.topic(ROOT, "gw-b")
-
-
-class Host:
-    """One host's clocks: a wall clock (ms) that may be off or stepped, and a monotonic clock (s)."""
-
-    def __init__(self, wall_ms: int = 1_800_000_000_000) -> None:
-        self.ms = wall_ms
-        self.s = 1000.0
-
-    def wall(self) -> int:
-        return self.ms
-
-    def monotonic(self) -> float:
-        return self.s
-
-    def advance(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
-        self.s += seconds
 
 
 class Pair:
